@@ -1,0 +1,27 @@
+"""repo-stream: stream the records of an atproto repository CAR in key order, in bounded memory.
+
+Load a CAR with :class:`DriverBuilder`; if it fits the memory limit you get a
+:class:`MemoryDriver`, else a :class:`NeedDisk` to finish into a :class:`DiskStore`
+(from :class:`DiskBuilder`), giving a :class:`DiskDriver`. Either driver yields
+``(key, value)`` records in strictly increasing key order. Every error is a
+:class:`RepoStreamError`.
+"""
+
+from .commit import Commit
+from .disk import DiskBuilder, DiskStore
+from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from .errors import *  # noqa: F403 - the error classes are part of the public API
+from .errors import __all__ as _error_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Commit",
+    "DiskBuilder",
+    "DiskDriver",
+    "DiskStore",
+    "DriverBuilder",
+    "MemoryDriver",
+    "NeedDisk",
+    *_error_names,
+]

@@ -1,0 +1,164 @@
+"""Every error repo-stream raises.
+
+All of them derive from :class:`RepoStreamError`, so an indexer can catch that one class around a
+whole repo. Each message says what was wrong and where: a byte offset into the CAR for framing
+errors, a CID for blocks, a key for MST entries and records.
+
+The hierarchy::
+
+    RepoStreamError
+    ├── SourceError            the byte source itself failed (the cause is chained)
+    ├── CarError               CAR v1 framing (spec: IPLD CARv1)
+    │   ├── TruncatedCarError
+    │   ├── VarintError
+    │   ├── BlockTooLargeError
+    │   ├── CidError
+    │   └── CarHeaderError
+    ├── CidMismatchError       a block's bytes do not hash to its CID (``with_verify_cids``)
+    ├── MissingBlockError      a block the walk needs is not in the CAR
+    ├── CommitError            the signed commit object is malformed
+    ├── MstError               Merkle Search Tree rules (spec: atproto repository, "MST structure")
+    │   ├── NodeDecodeError        not a well-formed MST node
+    │   ├── KeyOrderError          keys not strictly increasing
+    │   ├── KeyEncodingError       key bytes are not UTF-8
+    │   ├── InvalidKeyError        key is not a valid repo path (collection/rkey)
+    │   ├── PrefixError            ``p`` beyond the previous key, or compression not maximal
+    │   ├── LayerMismatchError     a key's sha256 layer differs from its node's
+    │   ├── SubtreeLayerError      a subtree is not exactly one layer below its parent
+    │   ├── EmptyNodeError         a non-root node with no entries and no ``l``
+    │   ├── EmptyRootError         a root with no entries but an ``l`` subtree
+    │   └── DepthLimitError        nesting deeper than the configured maximum
+    ├── ProcessorError         the block processor raised on an emitted record
+    └── DiskError              the SQLite spill store failed or would grow past its limit
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RepoStreamError",
+    "SourceError",
+    "CarError",
+    "TruncatedCarError",
+    "VarintError",
+    "BlockTooLargeError",
+    "CidError",
+    "CarHeaderError",
+    "CidMismatchError",
+    "MissingBlockError",
+    "CommitError",
+    "MstError",
+    "NodeDecodeError",
+    "KeyOrderError",
+    "KeyEncodingError",
+    "InvalidKeyError",
+    "PrefixError",
+    "LayerMismatchError",
+    "SubtreeLayerError",
+    "EmptyNodeError",
+    "EmptyRootError",
+    "DepthLimitError",
+    "ProcessorError",
+    "DiskError",
+]
+
+
+class RepoStreamError(Exception):
+    """Base class of every error raised by repo-stream."""
+
+
+class SourceError(RepoStreamError):
+    """The byte source raised while being read, or returned something that is not bytes.
+
+    The source's own exception is chained as ``__cause__``.
+    """
+
+
+class CarError(RepoStreamError):
+    """The input is not a well-formed CAR v1 stream."""
+
+
+class TruncatedCarError(CarError):
+    """The input ended inside the header, a section's length, its CID or its block."""
+
+
+class VarintError(CarError):
+    """An unsigned LEB128 varint is overlong (not minimal), longer than 9 bytes, or too large."""
+
+
+class BlockTooLargeError(CarError):
+    """A section declares a length above the configured maximum block size.
+
+    Raised before any memory is allocated for the section.
+    """
+
+
+class CidError(CarError):
+    """A section's CID cannot be parsed, or its multihash runs past the end of its section."""
+
+
+class CarHeaderError(CarError):
+    """The CAR header is not a DAG-CBOR map ``{version: 1, roots: [CID, ...]}`` with a root."""
+
+
+class CidMismatchError(RepoStreamError):
+    """A block's bytes do not hash to the digest in its CID (only checked with verification on)."""
+
+
+class MissingBlockError(RepoStreamError):
+    """A block the walk needs (the commit, an MST node or a record) is absent from the CAR."""
+
+
+class CommitError(RepoStreamError):
+    """The commit block is not a valid atproto v3 commit object."""
+
+
+class MstError(RepoStreamError):
+    """The Merkle Search Tree breaks a rule of the atproto repository spec."""
+
+
+class NodeDecodeError(MstError):
+    """A block reached as an MST node is not a DAG-CBOR map ``{l: CID|null, e: [{p, k, v, t}]}``."""
+
+
+class KeyOrderError(MstError):
+    """MST keys are not strictly increasing in walk order."""
+
+
+class KeyEncodingError(MstError):
+    """An MST key is not valid UTF-8."""
+
+
+class InvalidKeyError(MstError):
+    """An MST key is not a valid repo path ``<collection NSID>/<record key>`` of at most 1024 bytes."""
+
+
+class PrefixError(MstError):
+    """An entry's prefix length ``p`` exceeds the previous key, or the compression is not maximal."""
+
+
+class LayerMismatchError(MstError):
+    """A key's layer (leading zero bits of sha256(key) // 2) differs from its node's layer."""
+
+
+class SubtreeLayerError(MstError):
+    """A subtree is not exactly one layer below its parent (or sits below layer 0)."""
+
+
+class EmptyNodeError(MstError):
+    """A node other than the root of an empty repo has neither entries nor a left subtree."""
+
+
+class EmptyRootError(MstError):
+    """The root node has no entries but does have a left subtree (the tree was not trimmed)."""
+
+
+class DepthLimitError(MstError):
+    """Nodes are nested deeper than the walker's configured maximum depth."""
+
+
+class ProcessorError(RepoStreamError):
+    """The block processor raised on a record that was emitted; the original is ``__cause__``."""
+
+
+class DiskError(RepoStreamError):
+    """The SQLite spill store failed, or storing more would pass ``max_stored_mb``."""

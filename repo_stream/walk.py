@@ -1,0 +1,287 @@
+"""Ordered, iterative walk of an atproto Merkle Search Tree.
+
+Spec: atproto repository, "Merkle Search Tree" (https://atproto.com/specs/repository). A node is
+``{l: CID|null, e: [{p: int, k: bytes, v: CID, t: CID|null}, ...]}``; the walk is depth-first,
+left to right (``l``, then each entry's record followed by its ``t`` subtree), so records come out
+in strictly increasing key order. It uses an explicit stack, never recursion.
+
+Checked on the way (each rule has its own :class:`~repo_stream.errors.MstError` subclass):
+
+- keys strictly increasing (:class:`KeyOrderError`), UTF-8 (:class:`KeyEncodingError`), valid
+  ``collection/rkey`` paths of at most 1024 bytes (:class:`InvalidKeyError`);
+- ``p`` within the previous key and compression maximal (:class:`PrefixError`);
+- every key of a node on the node's layer (:class:`LayerMismatchError`); every subtree exactly one
+  layer below its parent, none below layer 0 (:class:`SubtreeLayerError`);
+- no node without entries and without ``l`` except the root of an empty repo
+  (:class:`EmptyNodeError`); a root with an ``l`` has entries (:class:`EmptyRootError`);
+- nesting at most ``max_depth`` nodes (:class:`DepthLimitError`);
+- blocks present (:class:`MissingBlockError`) and decodable as nodes (:class:`NodeDecodeError`).
+
+Because every subtree sits exactly one layer lower, no block can be visited twice along one path:
+a node that links to itself (a forged CID) fails the layer rule instead of looping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import cbor2
+
+from .cid import cid_str
+from .errors import (
+    DepthLimitError,
+    EmptyNodeError,
+    EmptyRootError,
+    InvalidKeyError,
+    KeyEncodingError,
+    KeyOrderError,
+    LayerMismatchError,
+    MissingBlockError,
+    NodeDecodeError,
+    PrefixError,
+    ProcessorError,
+    RepoStreamError,
+    SubtreeLayerError,
+)
+from .mst import MAX_KEY_BYTES, is_valid_collection
+
+__all__ = ["DEFAULT_MAX_DEPTH", "BlockLookup", "Walker", "NOT_A_NODE"]
+
+T = TypeVar("T")
+
+#: Default limit on nested MST nodes. A legal tree is as deep as its root's layer + 1, and a key of
+#: layer 32 needs 64 leading zero bits of sha256: no real repo comes near.
+DEFAULT_MAX_DEPTH = 32
+
+#: Returned by :meth:`BlockLookup.node` for a block that is present but was processed at load
+#: time because it cannot be an MST node.
+NOT_A_NODE: Any = object()
+
+_CBORTag = cbor2.CBORTag
+_loads = cbor2.loads
+_sha256 = hashlib.sha256
+_RKEY_RE = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
+
+
+class BlockLookup(Protocol):
+    """Where the walker finds blocks (a dict in memory, SQLite on disk)."""
+
+    def node(self, cid: bytes) -> bytes | None | Any:
+        """Raw bytes of a block kept raw; ``None`` if absent; :data:`NOT_A_NODE` if processed."""
+
+    def record(self, cid: bytes) -> tuple[bool, Any] | None:
+        """``(is_raw, value)`` for a block; ``None`` if absent. Raw values still need processing."""
+
+
+def _link(value: Any) -> bytes | None:
+    """Raw CID of a DAG-CBOR link (tag 42 over ``0x00 + CID``); ``None`` if not a link."""
+    if type(value) is _CBORTag and value.tag == 42:
+        raw = value.value
+        if type(raw) is bytes and len(raw) > 1 and raw[0] == 0:
+            return raw[1:]
+    return None
+
+
+class Walker(Generic[T]):
+    """An in-order MST walk that yields records in chunks and can be resumed.
+
+    Args:
+        root: raw CID bytes of the root MST node (the commit's ``data``).
+        process: the block processor applied to raw record blocks when emitted, or ``None`` to emit
+            raw bytes.
+        max_depth: the deepest node nesting accepted (root is depth 1).
+
+    After an error the walker stays failed: every later :meth:`next_chunk` raises the same error.
+    """
+
+    __slots__ = ("_stack", "_last", "_process", "_max_depth", "_failed", "records")
+
+    def __init__(
+        self,
+        root: bytes,
+        process: Callable[[bytes], T] | None = None,
+        *,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+    ) -> None:
+        # Stack items: (0, cid, expected_layer or -1 for the root, depth) for nodes,
+        #              (1, key: str, cid) for records.
+        self._stack: list[tuple] = [(0, root, -1, 1)]
+        self._last = ""
+        self._process = process
+        self._max_depth = max_depth
+        self._failed: RepoStreamError | None = None
+        #: Records emitted so far.
+        self.records = 0
+
+    @property
+    def done(self) -> bool:
+        """True once every record has been emitted."""
+        return not self._stack
+
+    def abandon(self) -> None:
+        """Stop the walk: later :meth:`next_chunk` calls return ``None``."""
+        self._stack.clear()
+
+    def next_chunk(self, n: int, blocks: BlockLookup) -> list[tuple[str, T]] | None:
+        """Emit up to ``n`` (``n`` >= 1) further ``(key, value)`` records; ``None`` when the walk is over.
+
+        Raises:
+            MstError subclasses, MissingBlockError, ProcessorError (see the module docstring).
+        """
+        if self._failed is not None:
+            raise self._failed
+        if n < 1:
+            raise ValueError(f"chunk size must be at least 1, got {n}")
+        try:
+            out = self._step(n, blocks)
+        except RepoStreamError as exc:
+            self._failed = exc
+            raise
+        if not out and not self._stack:
+            return None
+        self.records += len(out)
+        return out
+
+    def _step(self, n: int, blocks: BlockLookup) -> list[tuple[str, Any]]:
+        stack = self._stack
+        pop = stack.pop
+        push = stack.append
+        out: list[tuple[str, Any]] = []
+        emit = out.append
+        last = self._last
+        process = self._process
+        get_node = blocks.node
+        get_record = blocks.record
+        while stack and len(out) < n:
+            item = pop()
+            if item[0] == 1:
+                _, key, cid = item
+                if key <= last:
+                    raise KeyOrderError(f"key {key!r} does not follow {last!r}")
+                found = get_record(cid)
+                if found is None:
+                    raise MissingBlockError(f"record block {cid_str(cid)} for key {key!r} is not in the CAR")
+                is_raw, value = found
+                if is_raw and process is not None:
+                    try:
+                        value = process(value)
+                    except Exception as exc:
+                        raise ProcessorError(
+                            f"block processor failed on record {key!r} ({cid_str(cid)}): {type(exc).__name__}: {exc}"
+                        ) from exc
+                emit((key, value))
+                last = key
+                continue
+            _, cid, expected, depth = item
+            if depth > self._max_depth:
+                raise DepthLimitError(f"MST node {cid_str(cid)} is nested {depth} deep, over the limit of {self._max_depth}")
+            block = get_node(cid)
+            if block is None:
+                raise MissingBlockError(f"MST node {cid_str(cid)} is not in the CAR")
+            if block is NOT_A_NODE:
+                raise NodeDecodeError(f"block {cid_str(cid)} is linked as an MST node but is not one")
+            self._expand(cid, block, expected, depth, push)
+        self._last = last
+        return out
+
+    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, push: Callable[[tuple], None]) -> None:
+        """Decode one node, check its rules and push its subtrees and records (reversed)."""
+        try:
+            node = _loads(block, max_depth=8, allow_indefinite=False, strict_hashable_types=True)
+        except Exception as exc:
+            raise NodeDecodeError(f"MST node {cid_str(cid)} is not valid DAG-CBOR: {exc}") from exc
+        if type(node) is not dict or "e" not in node or "l" not in node:
+            raise NodeDecodeError(f"MST node {cid_str(cid)} is not a map with 'e' and 'l'")
+        entries = node["e"]
+        left_raw = node["l"]
+        if type(entries) is not list:
+            raise NodeDecodeError(f"MST node {cid_str(cid)}: 'e' is not a list")
+        left = None
+        if left_raw is not None:
+            left = _link(left_raw)
+            if left is None:
+                raise NodeDecodeError(f"MST node {cid_str(cid)}: 'l' is neither a CID link nor null")
+        is_root = expected < 0
+        if not entries:
+            if left is None:
+                if is_root:
+                    return  # the empty repo
+                raise EmptyNodeError(f"MST node {cid_str(cid)} has no entries and no left subtree")
+            if is_root:
+                raise EmptyRootError(f"root MST node {cid_str(cid)} has no entries, only a left subtree")
+            if expected == 0:
+                raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
+            push((0, left, expected - 1, depth + 1))
+            return
+
+        # Rebuild keys and check prefixes, layers and syntax.
+        records: list[tuple[str, bytes, bytes | None]] = []
+        prev = b""
+        layer = -1
+        for entry in entries:
+            if type(entry) is not dict:
+                raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry is not a map")
+            try:
+                p = entry["p"]
+                k = entry["k"]
+                v = entry["v"]
+                t = entry["t"]
+            except KeyError as exc:
+                raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry lacks field {exc.args[0]!r}") from None
+            if type(p) is not int or type(k) is not bytes:
+                raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 'p' must be an int and 'k' bytes")
+            if p < 0 or p > len(prev):
+                raise PrefixError(
+                    f"MST node {cid_str(cid)}: prefix length {p} is outside the previous key {prev!r}"
+                )
+            if p < len(prev) and k and k[0] == prev[p]:
+                raise PrefixError(
+                    f"MST node {cid_str(cid)}: key {prev[:p] + k!r} shares more than p={p} bytes with {prev!r}"
+                )
+            key = prev[:p] + k if p else k
+            vcid = _link(v)
+            if vcid is None:
+                raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 'v' of key {key!r} is not a CID link")
+            tcid = None
+            if t is not None:
+                tcid = _link(t)
+                if tcid is None:
+                    raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 't' of key {key!r} is neither a CID link nor null")
+            digest = _sha256(key).digest()
+            top = int.from_bytes(digest[:8], "big")
+            key_layer = (64 - top.bit_length()) >> 1 if top else (256 - int.from_bytes(digest, "big").bit_length()) >> 1
+            if layer < 0:
+                layer = key_layer
+            elif key_layer != layer:
+                raise LayerMismatchError(
+                    f"MST node {cid_str(cid)}: key {key!r} is on layer {key_layer}, the node's other keys on {layer}"
+                )
+            if len(key) > MAX_KEY_BYTES:
+                raise InvalidKeyError(f"MST key of {len(key)} bytes in node {cid_str(cid)} is over {MAX_KEY_BYTES} bytes")
+            try:
+                skey = key.decode()
+            except UnicodeDecodeError:
+                raise KeyEncodingError(f"MST key {key!r} in node {cid_str(cid)} is not UTF-8") from None
+            collection, slash, rkey = skey.partition("/")
+            if not (slash and is_valid_collection(collection) and _RKEY_RE.fullmatch(rkey) and rkey != "." and rkey != ".."):
+                raise InvalidKeyError(f"MST key {skey!r} in node {cid_str(cid)} is not a valid collection/rkey path")
+            records.append((skey, vcid, tcid))
+            prev = key
+        if not is_root and layer != expected:
+            raise SubtreeLayerError(
+                f"MST node {cid_str(cid)} holds layer-{layer} keys but sits where layer {expected} belongs"
+            )
+        child = layer - 1
+        for skey, vcid, tcid in reversed(records):
+            if tcid is not None:
+                if child < 0:
+                    raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a subtree after key {skey!r}")
+                push((0, tcid, child, depth + 1))
+            push((1, skey, vcid))
+        if left is not None:
+            if child < 0:
+                raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
+            push((0, left, child, depth + 1))
