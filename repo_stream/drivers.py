@@ -338,7 +338,7 @@ class NeedDisk(Generic[T]):
         loader = self._loader
         if store.closed:
             raise DiskError(f"SQLite spill store {store.path} is closed")
-        batch = max(64 * 1024, min(self._builder._mem_limit // 2, 8 * _MIB))
+        batch = max(1, min(self._builder._mem_limit // 2, 8 * _MIB))
         encode = self._builder._codec[0]
         await self._drain(store, loader, batch, encode)
         pending = self._pending

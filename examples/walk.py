@@ -1,0 +1,60 @@
+"""Walk a repo CAR in key order, in memory or spilled to disk, as the README's API example does.
+
+Usage: python examples/walk.py REPO.car [--mem-limit-mb N]
+
+Prints each record's key and block size, then the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import anyio
+
+from repo_stream import DiskBuilder, DriverBuilder, NeedDisk, RepoStreamError
+
+
+async def walk(path: str, mem_limit_mb: float) -> None:
+    async with await anyio.open_file(path, "rb") as f:
+        driver = await DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).load_car(f)
+        store = None
+        if isinstance(driver, NeedDisk):
+            spill_path = os.path.join(tempfile.mkdtemp(), "spill.db")
+            store = await DiskBuilder().with_cache_size_mb(32).with_max_stored_mb(10_240).open(spill_path)
+            commit, driver = await driver.finish_loading(store)
+            print(f"# spilled to {spill_path}")
+        else:
+            commit = driver.commit
+        print(f"# {commit.did} rev {commit.rev}, MST root {commit.data}")
+        records = total = 0
+        try:
+            while (chunk := await driver.next_chunk(256)) is not None:
+                for key, size in chunk:
+                    print(f"{key}\t{size}")
+                    records += 1
+                    total += size
+        finally:
+            if store is not None:
+                await store.close()
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(spill_path + suffix):
+                        os.unlink(spill_path + suffix)
+                os.rmdir(os.path.dirname(spill_path))
+    print(f"# {records} records, {total} bytes of record blocks")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("car")
+    parser.add_argument("--mem-limit-mb", type=float, default=10)
+    args = parser.parse_args()
+    try:
+        anyio.run(walk, args.car, args.mem_limit_mb)
+    except (RepoStreamError, OSError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""``python -m repo_stream stats``: output, spilling, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import sample_path
+from .helpers import record, repo_car
+
+POSTS = [(f"app.bsky.feed.post/3k{i:011d}", record(f"post number {i}")) for i in range(40)]
+LIKES = [(f"app.bsky.feed.like/3k{i:011d}", record(f"like {i}", "app.bsky.feed.like")) for i in range(25)]
+
+
+def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "repo_stream", *args],
+        input=stdin.decode("latin-1") if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        encoding="latin-1",
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def car_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "repo.car"
+    path.write_bytes(repo_car(POSTS + LIKES, order="reverse"))
+    return path
+
+
+def test_stats_json(car_path: Path) -> None:
+    done = run("stats", str(car_path), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["did"] == "did:plc:testtesttesttesttesttest"
+    assert result["rev"] == "3kaaaaaaaaaaa"
+    assert result["version"] == 3
+    assert result["records"] == 65
+    assert result["record_bytes"] == sum(len(b) for _, b in POSTS + LIKES)
+    assert result["collections"] == {"app.bsky.feed.like": 25, "app.bsky.feed.post": 40}
+    assert result["spilled"] is False
+    assert result["commit"].startswith("bafyrei") and result["data"].startswith("bafyrei")
+    assert result["seconds"] > 0
+    assert done.stderr == ""
+
+
+def test_stats_spilled_matches_and_removes_its_disk_file(car_path: Path, tmp_path: Path) -> None:
+    spill = tmp_path / "spill.db"
+    done = run("stats", str(car_path), "--json", "--mem-limit-mb", "0.001", "--disk-path", str(spill))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["spilled"] is True
+    assert result["records"] == 65
+    assert not spill.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stats_stdin_and_human_output(car_path: Path) -> None:
+    done = run("stats", "-", stdin=car_path.read_bytes())
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "records       65" in lines
+    assert "spilled       no" in lines
+    assert "  app.bsky.feed.post  40" in lines
+
+
+def test_stats_little_sample() -> None:
+    path = sample_path("little.car")
+    done = run("stats", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["records"], result["record_bytes"]) == (278, 246960)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "error: empty input: no CAR header"),
+        (b"\x05hello", "error: CAR header (bytes 1..6) is not valid CBOR"),
+        (None, "error: input ends inside the section at byte"),
+    ],
+    ids=["empty", "not-cbor", "truncated"],
+)
+def test_stats_errors_are_one_line(car_path: Path, tmp_path: Path, data: bytes | None, message: str) -> None:
+    bad = tmp_path / "bad.car"
+    bad.write_bytes(data if data is not None else car_path.read_bytes()[:-10])
+    done = run("stats", str(bad))
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith(message)
+    assert done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+
+
+def test_stats_missing_file() -> None:
+    done = run("stats", "/nonexistent/repo.car")
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
