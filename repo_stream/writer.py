@@ -471,7 +471,7 @@ def build_repo_car(
     Raises:
         InvalidKeyError: a key is not a ``str`` or not a valid repo path (the key is named).
         KeyOrderError: a key occurs twice ("duplicate key ...").
-        ValueError: ``order`` is not one of :data:`ORDERS`.
+        ValueError: ``order`` is not one of :data:`ORDERS`, or a record block is 4 GiB or more.
         TypeError: a record block is not bytes-like, or ``sign`` returned something else.
         OSError: writing the spool or the output failed.
 
@@ -482,7 +482,8 @@ def build_repo_car(
         raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
     with tempfile.TemporaryFile(prefix="repo-stream-spool-") as spool:
         # 1. Spool the record blocks, remembering where each distinct block went.
-        where: dict[bytes, tuple[int, int]] = {}  # record CID -> (offset, length) in the spool
+        # record CID -> offset << 32 | length in the spool; bitwise-inverted once placed in order
+        where: dict[bytes, int] = {}
         pairs: list[tuple[bytes, bytes]] = []
         offset = 0
         swrite = spool.write
@@ -497,9 +498,12 @@ def build_repo_car(
                 block = bytes(block)
             cid = dag_cbor_cid(block)
             if cid not in where:
-                where[cid] = (offset, len(block))
+                size = len(block)
+                if size >= 1 << 32:
+                    raise ValueError(f"record block for {key!r} is {size} bytes; at most 4 GiB - 1 is supported")
+                where[cid] = offset << 32 | size
                 swrite(block)
-                offset += len(block)
+                offset += size
             pairs.append((key.encode("utf-8"), cid))
         spool.flush()
 
@@ -520,31 +524,29 @@ def build_repo_car(
 
         # 3. Decide the block order. In pre-order each node comes right before the first block
         # of its subtree, i.e. before the record of its smallest key; nodes sharing that key
-        # come parent first (they were closed child first).
+        # come parent first (they were closed child first). Node CIDs are distinct by
+        # construction; a record is placed at its first key only (its ``where`` value is
+        # inverted to mark it placed), and never if it is byte-identical to a node or the commit.
         starts.reverse()
         starts.sort(key=lambda s: s[0])  # stable: keeps parent-before-child within one start
         sequence: list[bytes] = [commit_cid]
-        seen = {commit_cid}
+        append = sequence.append
         j = 0
         nstarts = len(starts)
         for i in range(count):
             while j < nstarts and starts[j][0] == i:
-                cid = starts[j][1]
-                if cid not in seen:
-                    seen.add(cid)
-                    sequence.append(cid)
+                append(starts[j][1])
                 j += 1
             cid = record_cids[i]
-            if cid not in seen:
-                seen.add(cid)
-                sequence.append(cid)
+            packed = where[cid]
+            if packed >= 0:
+                where[cid] = ~packed
+                if cid not in nodes and cid != commit_cid:
+                    append(cid)
         while j < nstarts:  # only the empty repo's root
-            cid = starts[j][1]
-            if cid not in seen:
-                seen.add(cid)
-                sequence.append(cid)
+            append(starts[j][1])
             j += 1
-        del seen, starts, record_cids
+        del starts, record_cids
         if order == "shuffled":
             random.Random(seed).shuffle(sequence)
         elif order == "reverse":
@@ -570,7 +572,8 @@ def build_repo_car(
                 elif cid in nodes:
                     yield cid, nodes[cid]
                 else:
-                    yield cid, read_spool(*where[cid])
+                    packed = ~where[cid]
+                    yield cid, read_spool(packed >> 32, packed & 0xFFFFFFFF)
 
         write_car(path, [commit_cid], blocks())
 
