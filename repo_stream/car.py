@@ -386,6 +386,9 @@ class CarReader:
             length = buf[pos]
             if length < 0x80:
                 pos += 1
+            elif pos + 1 < n and 0 < buf[pos + 1] < 0x80:  # two bytes: blocks of 128 B..16 KiB
+                length = (length & 0x7F) | (buf[pos + 1] << 7)
+                pos += 2
             else:
                 got = read_varint(buf, pos, offset)
                 if got is None:

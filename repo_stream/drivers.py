@@ -95,6 +95,8 @@ class _Loader:
             while i < n:
                 cid, block = sections[i]
                 i += 1
+                if cid in raw or cid in processed:
+                    continue  # a repeated CID: the first block wins, as in the disk store
                 if process is None or (block.startswith(node_start) and len(block) > 3 and block[3] & 0xE0 == 0x80):
                     raw[cid] = block
                     used += len(block) + overhead

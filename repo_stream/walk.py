@@ -23,6 +23,7 @@ a node that links to itself (a forged CID) fails the layer rule instead of loopi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable
@@ -64,6 +65,8 @@ _CBORTag = cbor2.CBORTag
 _loads = cbor2.loads
 _sha256 = hashlib.sha256
 _RKEY_RE = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
+# Repos hold a handful of collections: remember the verdicts (bounded, so hostile keys cannot grow it).
+_valid_collection = functools.lru_cache(maxsize=1024)(is_valid_collection)
 
 
 class BlockLookup(Protocol):
@@ -266,7 +269,7 @@ class Walker(Generic[T]):
             except UnicodeDecodeError:
                 raise KeyEncodingError(f"MST key {key!r} in node {cid_str(cid)} is not UTF-8") from None
             collection, slash, rkey = skey.partition("/")
-            if not (slash and is_valid_collection(collection) and _RKEY_RE.fullmatch(rkey) and rkey != "." and rkey != ".."):
+            if not (slash and _valid_collection(collection) and _RKEY_RE.fullmatch(rkey) and rkey != "." and rkey != ".."):
                 raise InvalidKeyError(f"MST key {skey!r} in node {cid_str(cid)} is not a valid collection/rkey path")
             records.append((skey, vcid, tcid))
             prev = key
