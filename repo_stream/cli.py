@@ -1,10 +1,14 @@
-"""Command line: ``python -m repo_stream stats PATH``.
+"""Command line: ``python -m repo_stream stats PATH`` and ``python -m repo_stream generate N ...``.
 
 ``stats`` walks a repo CAR (a file, or ``-`` for standard input) the way an indexer would, with
 the record block length as each record's value, and prints a summary: did, rev, commit CID,
 records, record bytes, blocks, records per collection, whether it spilled to disk, seconds and
-MB/s. ``--json`` prints one JSON object instead. Any error prints one line ``error: ...`` on
-stderr and exits with status 1.
+MB/s. ``--json`` prints one JSON object instead. On a terminal, progress (bytes read of the total
+when known, then records emitted) is drawn on stderr with tqdm; nothing extra when stderr is piped
+or with ``--json``. Any error prints one line ``error: ...`` on stderr and exits with status 1.
+
+``generate`` writes realistic generated repo CARs (see :mod:`repo_stream.generate`) into a cache
+folder (default ``.cache/cars``) and prints their paths; files already there are reused.
 """
 
 from __future__ import annotations
@@ -26,7 +30,55 @@ from .errors import RepoStreamError
 __all__ = ["main", "stats"]
 
 
-async def stats(path: str, *, mem_limit_mb: float = 64, disk_path: str | None = None, verify: bool = False) -> dict[str, Any]:
+class _Progress:
+    """tqdm bars on stderr: bytes while loading, records while walking. Inert when disabled."""
+
+    def __init__(self, enabled: bool, total_bytes: int | None) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._tqdm = tqdm
+            self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading", leave=False)
+
+    def wrap(self, source: Any) -> Any:
+        """Wrap an ``async read(n)`` source so each read advances the byte bar."""
+        if not self.enabled:
+            return source
+        progress = self
+
+        class Counted:
+            async def read(self, n: int = -1) -> bytes:
+                chunk = await source.read(n)
+                progress._bar.update(len(chunk))
+                return chunk
+
+        return Counted()
+
+    def walking(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._bar = self._tqdm(unit=" records", unit_scale=True, desc="walking", leave=False)
+
+    def records(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+async def stats(
+    path: str,
+    *,
+    mem_limit_mb: float = 64,
+    disk_path: str | None = None,
+    verify: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
     """Walk the CAR at ``path`` (``"-"``: standard input) and return its figures as a dict.
 
     Keys: ``did, rev, version, commit, data`` (CIDs as base32 strings), ``records``,
@@ -35,6 +87,7 @@ async def stats(path: str, *, mem_limit_mb: float = 64, disk_path: str | None = 
 
     A spill file made at ``disk_path`` is removed afterwards (a file that existed before is
     emptied but kept); without ``disk_path`` a temporary one is used and always removed.
+    ``progress=True`` draws tqdm bars on stderr.
 
     Raises:
         RepoStreamError: the CAR is malformed (any subclass); OSError: the file cannot be read.
@@ -42,13 +95,20 @@ async def stats(path: str, *, mem_limit_mb: float = 64, disk_path: str | None = 
     started = time.perf_counter()
     builder = DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).with_verify_cids(verify)
     if path == "-":
-        source = anyio.wrap_file(sys.stdin.buffer)
-        return await _walk(builder, source, disk_path, started)
+        bar = _Progress(progress, None)
+        try:
+            return await _walk(builder, bar.wrap(anyio.wrap_file(sys.stdin.buffer)), disk_path, started, bar)
+        finally:
+            bar.close()
     async with await anyio.open_file(path, "rb") as source:
-        return await _walk(builder, source, disk_path, started)
+        bar = _Progress(progress, os.fstat(source.wrapped.fileno()).st_size)
+        try:
+            return await _walk(builder, bar.wrap(source), disk_path, started, bar)
+        finally:
+            bar.close()
 
 
-async def _walk(builder: DriverBuilder[Any], source: Any, disk_path: str | None, started: float) -> dict[str, Any]:
+async def _walk(builder: DriverBuilder[Any], source: Any, disk_path: str | None, started: float, bar: _Progress) -> dict[str, Any]:
     driver = await builder.load_car(source)
     spilled = isinstance(driver, NeedDisk)
     collections: Counter[str] = Counter()
@@ -62,8 +122,10 @@ async def _walk(builder: DriverBuilder[Any], source: Any, disk_path: str | None,
             commit, driver = await driver.finish_loading(store)
         else:
             commit = driver.commit
+        bar.walking()
         while (chunk := await driver.next_chunk(1024)) is not None:
             records += len(chunk)
+            bar.records(len(chunk))
             for key, size in chunk:
                 collections[key.partition("/")[0]] += 1
                 record_bytes += size
@@ -121,17 +183,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mem-limit-mb", type=float, default=64, metavar="N", help="memory limit before spilling to disk, MiB (default 64)")
     p.add_argument("--disk-path", metavar="P", help="spill file (default: a temporary file, always removed)")
     p.add_argument("--verify", action="store_true", help="check every block against its CID (for untrusted CARs)")
+    g = commands.add_parser("generate", help="write realistic generated repo CARs into a cache folder")
+    g.add_argument("sizes", nargs="+", type=int, metavar="N", help="number of records, e.g. 100000 500000 2000000")
+    g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    g.add_argument("--order", choices=["preorder", "shuffled", "reverse"], default="shuffled", help="block order (default shuffled)")
+    g.add_argument("--cache-dir", default=None, help="folder for the CARs (default .cache/cars)")
     return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import generate_cached
+
+    for n in args.sizes:
+        started = time.perf_counter()
+        path = generate_cached(n, seed=args.seed, order=args.order, cache_dir=args.cache_dir)
+        size = path.stat().st_size
+        print(f"{path}\t{n} records\t{size / 1e6:.1f} MB\t{time.perf_counter() - started:.1f} s", flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
     args = _parser().parse_args(argv)
+    if args.command == "generate":
+        try:
+            return _generate(args)
+        except (ValueError, OSError, RepoStreamError) as exc:
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
     if args.mem_limit_mb <= 0:
         print("error: --mem-limit-mb must be positive", file=sys.stderr)
         return 1
     try:
-        result = anyio.run(lambda: stats(args.path, mem_limit_mb=args.mem_limit_mb, disk_path=args.disk_path, verify=args.verify))
+        show = sys.stderr.isatty() and not args.json
+        result = anyio.run(
+            lambda: stats(
+                args.path, mem_limit_mb=args.mem_limit_mb, disk_path=args.disk_path, verify=args.verify, progress=show
+            )
+        )
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

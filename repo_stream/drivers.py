@@ -42,6 +42,7 @@ T = TypeVar("T")
 _MIB = 1024 * 1024
 #: Bytes counted per kept block on top of its data: the dict slot, the CID key and object headers.
 BLOCK_OVERHEAD = 160
+_INT64 = 1 << 63  # SQLite integers are signed 64-bit
 # Every MST node starts with map(2), text(1) "e", then an array header (major type 4).
 _NODE_START = b"\xa2ae"
 
@@ -365,18 +366,26 @@ class NeedDisk(Generic[T]):
         raw = loader.raw
         processed = loader.processed
         while raw or processed:
-            rows: list[tuple[bytes, int, bytes]] = []
+            rows: list[tuple[bytes, int, Any]] = []
             size = 0
             while raw and size < batch:
                 cid, block = raw.popitem()
                 rows.append((cid, 0, block))
-                size += len(block) + BLOCK_OVERHEAD
+                size += len(cid) + len(block)
             while processed and size < batch:
                 cid, value = processed.popitem()
-                data = encode(value)
-                rows.append((cid, 1, data))
-                size += len(data) + BLOCK_OVERHEAD
-            await store._run(store.put_batch_sync, rows)
+                t = type(value)
+                if (t is int and -_INT64 <= value < _INT64) or t is float or value is None:
+                    rows.append((cid, 2, value))
+                    size += len(cid) + 8
+                elif t is bytes or t is str:
+                    rows.append((cid, 2, value))
+                    size += len(cid) + len(value)
+                else:
+                    data = encode(value)
+                    rows.append((cid, 1, data))
+                    size += len(cid) + len(data)
+            await store._run(store.put_batch_sync, rows, size)
         loader.used = 0
 
 

@@ -618,7 +618,7 @@ def generate_cached(n: int, *, seed: int = 0, order: str = "shuffled", cache_dir
         seed: the generator seed (an ``int``; it is part of the file name).
         order: ``"preorder"``, ``"shuffled"`` or ``"reverse"``.
         cache_dir: the folder, created if missing; default :data:`DEFAULT_CACHE_DIR`
-            (``<repo root>/.cache/cars``, git-ignored).
+            (``.cache/cars`` under the working directory, git-ignored in the repo).
 
     Returns:
         The CAR's :class:`~pathlib.Path`.

@@ -158,6 +158,7 @@ class Walker(Generic[T]):
         process = self._process
         get_node = blocks.node
         get_record = blocks.record
+        prefetch = getattr(blocks, "prefetch", None)
         while stack and len(out) < n:
             item = pop()
             if item[0] == 1:
@@ -186,12 +187,17 @@ class Walker(Generic[T]):
                 raise MissingBlockError(f"MST node {cid_str(cid)} is not in the CAR")
             if block is NOT_A_NODE:
                 raise NodeDecodeError(f"block {cid_str(cid)} is linked as an MST node but is not one")
-            self._expand(cid, block, expected, depth, push)
+            children = self._expand(cid, block, expected, depth, push)
+            if prefetch is not None and children:
+                prefetch(children)
         self._last = last
         return out
 
-    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, push: Callable[[tuple], None]) -> None:
-        """Decode one node, check its rules and push its subtrees and records (reversed)."""
+    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, push: Callable[[tuple], None]) -> list[bytes] | None:
+        """Decode one node, check its rules and push its subtrees and records (reversed).
+
+        Returns the CIDs it pushed (records and subtrees), for stores that fetch in batches.
+        """
         try:
             node = _loads(block, max_depth=8, allow_indefinite=False, strict_hashable_types=True)
         except Exception as exc:
@@ -211,14 +217,14 @@ class Walker(Generic[T]):
         if not entries:
             if left is None:
                 if is_root:
-                    return  # the empty repo
+                    return None  # the empty repo
                 raise EmptyNodeError(f"MST node {cid_str(cid)} has no entries and no left subtree")
             if is_root:
                 raise EmptyRootError(f"root MST node {cid_str(cid)} has no entries, only a left subtree")
             if expected == 0:
                 raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
             push((0, left, expected - 1, depth + 1))
-            return
+            return [left]
 
         # Rebuild keys and check prefixes, layers and syntax.
         records: list[tuple[str, bytes, bytes | None]] = []
@@ -278,13 +284,18 @@ class Walker(Generic[T]):
                 f"MST node {cid_str(cid)} holds layer-{layer} keys but sits where layer {expected} belongs"
             )
         child = layer - 1
+        children = []
         for skey, vcid, tcid in reversed(records):
             if tcid is not None:
                 if child < 0:
                     raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a subtree after key {skey!r}")
                 push((0, tcid, child, depth + 1))
+                children.append(tcid)
             push((1, skey, vcid))
+            children.append(vcid)
         if left is not None:
             if child < 0:
                 raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
             push((0, left, child, depth + 1))
+            children.append(left)
+        return children

@@ -135,3 +135,27 @@ async def test_need_disk_reports_commit_only_once_seen() -> None:
     assert early.commit is not None and early.commit.did == "did:plc:testtesttesttesttesttest"
     assert late.commit is None
     assert str(early.commit_cid) == str(late.commit_cid)
+
+
+@pytest.mark.parametrize(
+    "process",
+    [
+        len,
+        lambda b: b[:4],
+        lambda b: b.hex(),
+        lambda b: None,
+        lambda b: 1.5,
+        lambda b: True,
+        lambda b: -(2**63),
+        lambda b: 2**70 + len(b),
+        lambda b: [len(b), b[:2]],
+    ],
+    ids=["int", "bytes", "str", "none", "float", "bool", "int64-min", "bigint", "list"],
+)
+async def test_processed_scalars_keep_their_type_on_disk(process) -> None:
+    posts = [(f"app.bsky.feed.post/3k{i:011d}", record(f"post {i}")) for i in range(10)]
+    in_memory, on_disk = await walk_both(repo_car(posts), DriverBuilder().with_block_processor(process))
+    expected = [(key, process(block)) for key, block in posts]
+    assert in_memory == expected
+    assert on_disk == expected
+    assert [type(v) for _, v in on_disk] == [type(v) for _, v in expected]
