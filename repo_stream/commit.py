@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import cbor2
+import dag_cbor
 from multiformats import CID
 
 from .cid import cid_str, to_cid
@@ -47,17 +48,26 @@ def _link(value: object) -> bytes | None:
     return None
 
 
-def decode_commit(block: bytes, cid: bytes) -> tuple[Commit, bytes]:
+def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Commit, bytes]:
     """Decode a commit block; return the :class:`Commit` and the raw bytes of its ``data`` CID.
 
     Args:
         block: the commit block's DAG-CBOR bytes.
         cid: the commit's raw CID bytes, for error messages.
+        strict: also require canonical DAG-CBOR (checked with the ``dag-cbor`` package: minimal
+            integers, sorted map keys, no floats where ints belong...), as a signed commit is.
 
     Raises:
-        CommitError: not a CBOR map, a field missing or of the wrong type, or ``version`` != 3.
+        CommitError: not a CBOR map, a field missing or of the wrong type, ``version`` != 3, or
+            (strict) not canonical DAG-CBOR.
     """
     where = f"commit {cid_str(cid)}"
+    if strict:
+        try:
+            dag_cbor.decode(block)
+        except Exception as exc:
+            first = str(exc).splitlines()[-1].strip() if str(exc) else type(exc).__name__
+            raise CommitError(f"{where}: not canonical DAG-CBOR: {first}") from exc
     try:
         obj = cbor2.loads(block, max_depth=16, allow_indefinite=False, strict_hashable_types=True)
     except Exception as exc:

@@ -62,10 +62,13 @@ def _value_size(value: Any, encode: Callable[[Any], bytes]) -> int:
 class _Loader:
     """Sorts loaded sections into raw and processed blocks and finds the commit."""
 
-    __slots__ = ("root", "process", "encode", "raw", "processed", "used", "commit", "data_cid")
+    __slots__ = ("root", "process", "encode", "strict", "raw", "processed", "used", "commit", "data_cid")
 
-    def __init__(self, root: bytes, process: Callable[[bytes], Any] | None, encode: Callable[[Any], bytes]) -> None:
+    def __init__(
+        self, root: bytes, process: Callable[[bytes], Any] | None, encode: Callable[[Any], bytes], strict: bool = False
+    ) -> None:
         self.root = root
+        self.strict = strict
         self.process = process
         self.encode = encode
         self.raw: dict[bytes, bytes] = {}
@@ -125,7 +128,7 @@ class _Loader:
         finally:
             self.used = used
             if self.commit is None and root in raw:
-                self.commit, self.data_cid = decode_commit(raw[root], root)
+                self.commit, self.data_cid = decode_commit(raw[root], root, strict=self.strict)
 
     def lookup(self) -> _MemoryLookup:
         return _MemoryLookup(self.raw, self.processed)
@@ -205,7 +208,8 @@ class DriverBuilder(Generic[T]):
         """Check every block against its CID's sha2-256 digest while loading (default off).
 
         Turn it on for CARs from sources you do not trust; a mismatch raises
-        :class:`~repo_stream.errors.CidMismatchError`.
+        :class:`~repo_stream.errors.CidMismatchError`. The commit block must then also be
+        canonical DAG-CBOR (:class:`~repo_stream.errors.CommitError` otherwise).
         """
         self._verify_cids = verify
         return self
@@ -245,7 +249,7 @@ class DriverBuilder(Generic[T]):
             verify_cids=self._verify_cids,
         )
         roots = await reader.read_header()
-        loader = _Loader(roots[0], self._process, self._codec[0])
+        loader = _Loader(roots[0], self._process, self._codec[0], strict=self._verify_cids)
         while (sections := await reader.next_sections()) is not None:
             stop = loader.ingest(sections, 0, self._mem_limit)
             if stop is not None:
@@ -341,6 +345,8 @@ class NeedDisk(Generic[T]):
         loader = self._loader
         if store.closed:
             raise DiskError(f"SQLite spill store {store.path} is closed")
+        if store.stored_bytes:
+            await store.reset()  # left over from an earlier repo that failed part-way
         batch = max(1, min(self._builder._mem_limit // 2, 8 * _MIB))
         encode = self._builder._codec[0]
         await self._drain(store, loader, batch, encode)
