@@ -151,7 +151,6 @@ class Walker(Generic[T]):
     def _step(self, n: int, blocks: BlockLookup) -> list[tuple[str, Any]]:
         stack = self._stack
         pop = stack.pop
-        push = stack.append
         out: list[tuple[str, Any]] = []
         emit = out.append
         last = self._last
@@ -187,16 +186,17 @@ class Walker(Generic[T]):
                 raise MissingBlockError(f"MST node {cid_str(cid)} is not in the CAR")
             if block is NOT_A_NODE:
                 raise NodeDecodeError(f"block {cid_str(cid)} is linked as an MST node but is not one")
-            children = self._expand(cid, block, expected, depth, push)
-            if prefetch is not None and children:
+            children = self._expand(cid, block, expected, depth, stack, prefetch is not None)
+            if children:
                 prefetch(children)
         self._last = last
         return out
 
-    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, push: Callable[[tuple], None]) -> list[bytes] | None:
+    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, stack: list[tuple], want_children: bool) -> list[bytes] | None:
         """Decode one node, check its rules and push its subtrees and records (reversed).
 
-        Returns the CIDs it pushed (records and subtrees), for stores that fetch in batches.
+        Returns the CIDs it pushed (records and subtrees) if ``want_children``, for stores that
+        fetch in batches.
         """
         try:
             node = _loads(block, max_depth=8, allow_indefinite=False, strict_hashable_types=True)
@@ -223,13 +223,16 @@ class Walker(Generic[T]):
                 raise EmptyRootError(f"root MST node {cid_str(cid)} has no entries, only a left subtree")
             if expected == 0:
                 raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
-            push((0, left, expected - 1, depth + 1))
-            return [left]
+            stack.append((0, left, expected - 1, depth + 1))
+            return [left] if want_children else None
 
-        # Rebuild keys and check prefixes, layers and syntax.
-        records: list[tuple[str, bytes, bytes | None]] = []
+        # Rebuild keys and check prefixes, layers and syntax; collect the items in walk order.
+        items: list[tuple] = []
+        append = items.append
         prev = b""
         layer = -1
+        child = expected - 1
+        last_collection = None
         for entry in entries:
             if type(entry) is not dict:
                 raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry is not a map")
@@ -242,32 +245,35 @@ class Walker(Generic[T]):
                 raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry lacks field {exc.args[0]!r}") from None
             if type(p) is not int or type(k) is not bytes:
                 raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 'p' must be an int and 'k' bytes")
-            if p < 0 or p > len(prev):
-                raise PrefixError(
-                    f"MST node {cid_str(cid)}: prefix length {p} is outside the previous key {prev!r}"
-                )
+            if p:
+                if p < 0 or p > len(prev):
+                    raise PrefixError(f"MST node {cid_str(cid)}: prefix length {p} is outside the previous key {prev!r}")
+                key = prev[:p] + k
+            else:
+                key = k
             if p < len(prev) and k and k[0] == prev[p]:
                 raise PrefixError(
-                    f"MST node {cid_str(cid)}: key {prev[:p] + k!r} shares more than p={p} bytes with {prev!r}"
+                    f"MST node {cid_str(cid)}: key {key!r} shares more than p={p} bytes with {prev!r}"
                 )
-            key = prev[:p] + k if p else k
-            vcid = _link(v)
-            if vcid is None:
+            if type(v) is _CBORTag and v.tag == 42 and type(v.value) is bytes and len(v.value) > 1 and v.value[0] == 0:
+                vcid = v.value[1:]
+            else:
                 raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 'v' of key {key!r} is not a CID link")
-            tcid = None
-            if t is not None:
-                tcid = _link(t)
-                if tcid is None:
-                    raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 't' of key {key!r} is neither a CID link nor null")
             digest = _sha256(key).digest()
             top = int.from_bytes(digest[:8], "big")
             key_layer = (64 - top.bit_length()) >> 1 if top else (256 - int.from_bytes(digest, "big").bit_length()) >> 1
-            if layer < 0:
+            if key_layer != layer:
+                if layer >= 0:
+                    raise LayerMismatchError(
+                        f"MST node {cid_str(cid)}: key {key!r} is on layer {key_layer}, the node's other keys on {layer}"
+                    )
                 layer = key_layer
-            elif key_layer != layer:
-                raise LayerMismatchError(
-                    f"MST node {cid_str(cid)}: key {key!r} is on layer {key_layer}, the node's other keys on {layer}"
-                )
+                if is_root:
+                    child = layer - 1
+                elif layer != expected:
+                    raise SubtreeLayerError(
+                        f"MST node {cid_str(cid)} holds layer-{layer} keys but sits where layer {expected} belongs"
+                    )
             if len(key) > MAX_KEY_BYTES:
                 raise InvalidKeyError(f"MST key of {len(key)} bytes in node {cid_str(cid)} is over {MAX_KEY_BYTES} bytes")
             try:
@@ -275,27 +281,30 @@ class Walker(Generic[T]):
             except UnicodeDecodeError:
                 raise KeyEncodingError(f"MST key {key!r} in node {cid_str(cid)} is not UTF-8") from None
             collection, slash, rkey = skey.partition("/")
-            if not (slash and _valid_collection(collection) and _RKEY_RE.fullmatch(rkey) and rkey != "." and rkey != ".."):
+            if collection != last_collection:
+                if not (slash and _valid_collection(collection)):
+                    raise InvalidKeyError(f"MST key {skey!r} in node {cid_str(cid)} is not a valid collection/rkey path")
+                last_collection = collection
+            if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":
                 raise InvalidKeyError(f"MST key {skey!r} in node {cid_str(cid)} is not a valid collection/rkey path")
-            records.append((skey, vcid, tcid))
-            prev = key
-        if not is_root and layer != expected:
-            raise SubtreeLayerError(
-                f"MST node {cid_str(cid)} holds layer-{layer} keys but sits where layer {expected} belongs"
-            )
-        child = layer - 1
-        children = []
-        for skey, vcid, tcid in reversed(records):
-            if tcid is not None:
+            append((1, skey, vcid))
+            if t is not None:
+                if type(t) is _CBORTag and t.tag == 42 and type(t.value) is bytes and len(t.value) > 1 and t.value[0] == 0:
+                    tcid = t.value[1:]
+                else:
+                    raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 't' of key {key!r} is neither a CID link nor null")
                 if child < 0:
                     raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a subtree after key {skey!r}")
-                push((0, tcid, child, depth + 1))
-                children.append(tcid)
-            push((1, skey, vcid))
-            children.append(vcid)
+                append((0, tcid, child, depth + 1))
+            prev = key
         if left is not None:
             if child < 0:
                 raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
-            push((0, left, child, depth + 1))
-            children.append(left)
-        return children
+            stack.extend(items[::-1])
+            stack.append((0, left, child, depth + 1))  # walked first: on top
+            items.append(stack[-1])
+        else:
+            stack.extend(items[::-1])
+        if not want_children:
+            return None
+        return [item[1] if item[0] == 0 else item[2] for item in items]
