@@ -270,10 +270,6 @@ class Walker(Generic[T]):
                 layer = key_layer
                 if is_root:
                     child = layer - 1
-                elif layer != expected:
-                    raise SubtreeLayerError(
-                        f"MST node {cid_str(cid)} holds layer-{layer} keys but sits where layer {expected} belongs"
-                    )
             if len(key) > MAX_KEY_BYTES:
                 raise InvalidKeyError(f"MST key of {len(key)} bytes in node {cid_str(cid)} is over {MAX_KEY_BYTES} bytes")
             try:
@@ -297,6 +293,10 @@ class Walker(Generic[T]):
                     raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a subtree after key {skey!r}")
                 append((0, tcid, child, depth + 1))
             prev = key
+        if layer != expected and not is_root:  # after the loop, so a mixed node reports the mix
+            raise SubtreeLayerError(
+                f"MST node {cid_str(cid)} holds layer-{layer} keys but sits where layer {expected} belongs"
+            )
         if left is not None:
             if child < 0:
                 raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
