@@ -416,8 +416,8 @@ class CarReader:
                 )
             cid = buf[pos:cid_end]
             block = buf[cid_end:end]
-            if verify:
-                _verify(cid, block)
+            if verify and (cid_end - pos != 36 or not cid.startswith(prefix) or _SHA256(block).digest() != cid[4:]):
+                _verify(cid, block)  # another kind of CID, or a mismatch to report
             append((cid, block))
             pos = end
         self._pos = pos

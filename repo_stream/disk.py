@@ -231,13 +231,15 @@ class _DiskLookup:
     (about 40% less time than a query per block). Anything not prefetched is fetched alone.
     """
 
-    __slots__ = ("_cur", "_decode", "_ready")
+    __slots__ = ("_cur", "_decode", "_ready", "_raw_row")
 
     def __init__(self, conn: sqlite3.Connection, decode: Callable[[bytes], Any]) -> None:
         self._cur = conn.cursor()
         self._decode = decode
         # Fetched rows waiting to be used: bounded by the entries of the nodes on the walk's stack.
-        self._ready: dict[bytes, tuple[int, bytes]] = {}
+        self._ready: dict[bytes, tuple[int, Any]] = {}
+        # The raw row :meth:`processed` just passed over, for the :meth:`raw` call that follows.
+        self._raw_row: tuple[bytes, bytes] | None = None
 
     def prefetch(self, cids: list[bytes]) -> None:
         ready = self._ready
@@ -247,7 +249,7 @@ class _DiskLookup:
             for cid, processed, data in execute(_PREFETCH_SQL[len(part)], part):
                 ready[cid] = (processed, data)
 
-    def _row(self, cid: bytes) -> tuple[int, bytes] | None:
+    def _row(self, cid: bytes) -> tuple[int, Any] | None:
         row = self._ready.pop(cid, None)
         if row is None:
             row = self._cur.execute("SELECT processed, data FROM blocks WHERE cid = ?", (cid,)).fetchone()
@@ -259,15 +261,25 @@ class _DiskLookup:
             return None
         return NOT_A_NODE if row[0] else row[1]
 
-    def record(self, cid: bytes) -> tuple[bool, Any] | None:
+    def processed(self, cid: bytes, default: Any) -> Any:
         row = self._row(cid)
         if row is None:
-            return None
-        if row[0]:
-            if row[0] == 2:
-                return False, row[1]
-            try:
-                return False, self._decode(row[1])
-            except Exception as exc:
-                raise DiskError(f"stored value of block {cid_str(cid)} cannot be decoded: {exc}") from exc
-        return True, row[1]
+            return default
+        kind, data = row
+        if kind == 2:
+            return data
+        if kind == 0:
+            self._raw_row = (cid, data)
+            return default
+        try:
+            return self._decode(data)
+        except Exception as exc:
+            raise DiskError(f"stored value of block {cid_str(cid)} cannot be decoded: {exc}") from exc
+
+    def raw(self, cid: bytes) -> bytes | None:
+        held = self._raw_row
+        if held is not None and held[0] == cid:
+            self._raw_row = None
+            return held[1]
+        row = self._row(cid)
+        return row[1] if row is not None and row[0] == 0 else None

@@ -135,29 +135,22 @@ class _Loader:
 
 
 class _MemoryLookup:
-    """Block look-ups for the walker over the in-memory dicts."""
+    """Block look-ups for the walker over the in-memory dicts (plain ``dict.get`` where possible)."""
 
-    __slots__ = ("node", "_raw", "_processed")
+    __slots__ = ("node", "processed", "raw", "_raw", "_processed")
 
     def __init__(self, raw: dict[bytes, bytes], processed: dict[bytes, Any]) -> None:
         self._raw = raw
         self._processed = processed
         self.node = self._node if processed else raw.get
+        self.processed = processed.get
+        self.raw = raw.get
 
     def _node(self, cid: bytes) -> Any:
         block = self._raw.get(cid)
         if block is None and cid in self._processed:
             return NOT_A_NODE
         return block
-
-    def record(self, cid: bytes) -> tuple[bool, Any] | None:
-        processed = self._processed
-        if processed and cid in processed:
-            return False, processed[cid]
-        block = self._raw.get(cid)
-        if block is None:
-            return None
-        return True, block
 
 
 class DriverBuilder(Generic[T]):

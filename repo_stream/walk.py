@@ -60,6 +60,7 @@ DEFAULT_MAX_DEPTH = 32
 #: Returned by :meth:`BlockLookup.node` for a block that is present but was processed at load
 #: time because it cannot be an MST node.
 NOT_A_NODE: Any = object()
+_MISSING: Any = object()
 
 _CBORTag = cbor2.CBORTag
 _loads = cbor2.loads
@@ -75,8 +76,11 @@ class BlockLookup(Protocol):
     def node(self, cid: bytes) -> bytes | None | Any:
         """Raw bytes of a block kept raw; ``None`` if absent; :data:`NOT_A_NODE` if processed."""
 
-    def record(self, cid: bytes) -> tuple[bool, Any] | None:
-        """``(is_raw, value)`` for a block; ``None`` if absent. Raw values still need processing."""
+    def processed(self, cid: bytes, default: Any) -> Any:
+        """The processed value of a block processed at load time, else ``default``."""
+
+    def raw(self, cid: bytes) -> bytes | None:
+        """The bytes of a block kept raw (still to be processed), else ``None``."""
 
 
 def _link(value: Any) -> bytes | None:
@@ -156,7 +160,9 @@ class Walker(Generic[T]):
         last = self._last
         process = self._process
         get_node = blocks.node
-        get_record = blocks.record
+        get_processed = blocks.processed
+        get_raw = blocks.raw
+        missing = _MISSING
         prefetch = getattr(blocks, "prefetch", None)
         while stack and len(out) < n:
             item = pop()
@@ -164,17 +170,18 @@ class Walker(Generic[T]):
                 _, key, cid = item
                 if key <= last:
                     raise KeyOrderError(f"key {key!r} does not follow {last!r}")
-                found = get_record(cid)
-                if found is None:
-                    raise MissingBlockError(f"record block {cid_str(cid)} for key {key!r} is not in the CAR")
-                is_raw, value = found
-                if is_raw and process is not None:
-                    try:
-                        value = process(value)
-                    except Exception as exc:
-                        raise ProcessorError(
-                            f"block processor failed on record {key!r} ({cid_str(cid)}): {type(exc).__name__}: {exc}"
-                        ) from exc
+                value = get_processed(cid, missing)
+                if value is missing:
+                    value = get_raw(cid)
+                    if value is None:
+                        raise MissingBlockError(f"record block {cid_str(cid)} for key {key!r} is not in the CAR")
+                    if process is not None:
+                        try:
+                            value = process(value)
+                        except Exception as exc:
+                            raise ProcessorError(
+                                f"block processor failed on record {key!r} ({cid_str(cid)}): {type(exc).__name__}: {exc}"
+                            ) from exc
                 emit((key, value))
                 last = key
                 continue
