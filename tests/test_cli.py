@@ -102,3 +102,37 @@ def test_stats_missing_file() -> None:
     done = run("stats", "/nonexistent/repo.car")
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
+
+
+def test_stats_progress_only_on_a_terminal(car_path: Path) -> None:
+    """With stderr on a terminal, stats draws tqdm bars there; piped (above) it prints nothing."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    child = subprocess.Popen(
+        [sys.executable, "-m", "repo_stream", "stats", str(car_path)], stdout=subprocess.PIPE, stderr=follower
+    )
+    os.close(follower)
+    drawn = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child has exited and closed the terminal
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        out = child.stdout.read()
+        assert child.wait(timeout=60) == 0
+    finally:
+        child.kill()
+        child.stdout.close()
+        os.close(leader)
+    assert b"loading" in drawn and b"walking" in drawn
+    assert b"records       65" in out
