@@ -18,6 +18,7 @@ import anyio
 import cbor2
 
 from .cid import DAG_CBOR_SHA256_PREFIX, RAW_SHA256_PREFIX, cid_str
+from .dagcbor import DagCborError, StrictDecoder
 from .errors import (
     BlockTooLargeError,
     CarHeaderError,
@@ -41,7 +42,9 @@ __all__ = [
 DEFAULT_MAX_BLOCK_SIZE = 2 * 1024 * 1024
 #: Bytes requested from the source per read (256 KiB).
 DEFAULT_READ_SIZE = 256 * 1024
-# A CID is at most a few varints plus a digest; sections may exceed the block limit by this much.
+# A CID is three varints (<= 9 bytes each) and a digest of at most 64 bytes (sha2-512): <= 92 bytes.
+_MAX_DIGEST_BYTES = 64
+# Sections may exceed the block limit by this much (the CID).
 _MAX_CID_BYTES = 128
 _SHA256 = hashlib.sha256
 
@@ -53,11 +56,12 @@ class AsyncReadable(Protocol):
     async def read(self, n: int = -1, /) -> bytes: ...
 
 
-def read_varint(buf: bytes, pos: int, offset: int = 0) -> tuple[int, int] | None:
-    """Decode an unsigned LEB128 varint from ``buf`` at ``pos``.
+def read_varint(buf: bytes, pos: int, offset: int = 0, end: int | None = None) -> tuple[int, int] | None:
+    """Decode an unsigned LEB128 varint from ``buf`` at ``pos``, reading no further than ``end``.
 
-    Returns ``(value, next_pos)``, or ``None`` if ``buf`` ends before the varint does.
-    ``offset`` is the absolute stream offset of ``buf[0]``, for error messages.
+    Returns ``(value, next_pos)``, or ``None`` if the bytes end (at ``end``, default
+    ``len(buf)``) before the varint does. ``offset`` is the absolute stream offset of ``buf[0]``,
+    for error messages.
 
     Raises:
         VarintError: longer than 9 bytes, or not minimal (a trailing zero byte).
@@ -65,7 +69,8 @@ def read_varint(buf: bytes, pos: int, offset: int = 0) -> tuple[int, int] | None
     value = 0
     shift = 0
     start = pos
-    end = len(buf)
+    if end is None:
+        end = len(buf)
     while True:
         if pos >= end:
             if pos - start >= 9:
@@ -94,11 +99,13 @@ def _cid_end(buf: bytes, pos: int, end: int, offset: int) -> int:
         if pos + 34 > end:
             raise CidError(f"{where}: multihash runs past the end of its section")
         return pos + 34
-    section = buf[:end]
     fields = []
     p = pos
     for _ in range(4):  # version, codec, hash function, digest length
-        got = read_varint(section, p, offset)
+        try:
+            got = read_varint(buf, p, offset, end)
+        except VarintError as exc:
+            raise CidError(f"{where}: {exc}") from None
         if got is None:
             raise CidError(f"{where}: runs past the end of its section")
         value, p = got
@@ -106,6 +113,8 @@ def _cid_end(buf: bytes, pos: int, end: int, offset: int) -> int:
     version, _codec, _hash, digest_len = fields
     if version != 1:
         raise CidError(f"{where}: unsupported CID version {version}")
+    if digest_len > _MAX_DIGEST_BYTES:
+        raise CidError(f"{where}: a {digest_len}-byte digest is longer than any supported hash ({_MAX_DIGEST_BYTES})")
     if p + digest_len > end:
         raise CidError(f"{where}: multihash digest of {digest_len} bytes runs past the end of its section")
     return p + digest_len
@@ -250,7 +259,9 @@ class CarReader:
     :class:`CidMismatchError`, :class:`SourceError`.
     """
 
-    __slots__ = ("_source", "_buf", "_pos", "_offset", "_eof", "max_block_size", "verify_cids", "bytes_read", "blocks_read")
+    __slots__ = (
+        "_source", "_buf", "_pos", "_offset", "_eof", "_need", "max_block_size", "verify_cids", "bytes_read", "blocks_read",
+    )
 
     def __init__(
         self,
@@ -265,6 +276,7 @@ class CarReader:
         self._pos = 0
         self._offset = 0  # stream offset of self._buf[0]
         self._eof = False
+        self._need = 0  # bytes (from self._pos) the parser needs before it can go on
         self.max_block_size = max_block_size
         self.verify_cids = verify_cids
         #: Bytes received from the source so far.
@@ -278,22 +290,36 @@ class CarReader:
         return self._offset + self._pos
 
     async def _fill(self) -> bool:
-        """Append one read to the buffer (dropping parsed bytes); return False at the end of input."""
+        """Read until the buffer holds the ``_need`` bytes the parser asked for (at least one read).
+
+        Reads are gathered in a list and joined once, so a section arriving in many small
+        chunks costs linear, not quadratic, copying. Returns False at the end of input.
+        """
         if self._eof:
             return False
-        chunk = await self._source.read()
-        if not chunk:
-            self._eof = True
-            return False
-        self.bytes_read += len(chunk)
         pos = self._pos
-        if pos >= len(self._buf):
+        rest = len(self._buf) - pos
+        want = max(self._need - rest, 1)
+        chunks: list[bytes] = []
+        got = 0
+        while got < want:
+            chunk = await self._source.read()
+            if not chunk:
+                self._eof = True
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if not chunks:
+            return False
+        self.bytes_read += got
+        if rest <= 0:
             self._offset += len(self._buf)
-            self._buf = chunk
+            self._buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         else:
             self._offset += pos
-            self._buf = self._buf[pos:] + chunk
+            self._buf = b"".join([memoryview(self._buf)[pos:], *chunks])
         self._pos = 0
+        self._need = 0
         return True
 
     async def read_header(self) -> list[bytes]:
@@ -315,6 +341,7 @@ class CarReader:
                     )
                 if start + length <= len(self._buf):
                     break
+                self._need = start + length - self._pos
             if not await self._fill():
                 if self.offset == 0 and not self._buf:
                     raise TruncatedCarError("empty input: no CAR header")
@@ -322,9 +349,9 @@ class CarReader:
         raw = self._buf[start : start + length]
         self._pos = start + length
         try:
-            header = cbor2.loads(raw, max_depth=8, allow_indefinite=False, strict_hashable_types=True)
-        except Exception as exc:
-            raise CarHeaderError(f"CAR header (bytes {start}..{start + length}) is not valid CBOR: {exc}") from exc
+            header = StrictDecoder(max_depth=8).decode(raw)
+        except DagCborError as exc:
+            raise CarHeaderError(f"CAR header (bytes {start}..{start + length}) is not valid DAG-CBOR: {exc}") from exc
         if not isinstance(header, dict):
             raise CarHeaderError(f"CAR header is a {type(header).__name__}, expected a map")
         version = header.get("version")
@@ -392,6 +419,7 @@ class CarReader:
             else:
                 got = read_varint(buf, pos, offset)
                 if got is None:
+                    self._need = n - start + 1
                     break
                 length, pos = got
             if length > limit + _MAX_CID_BYTES:
@@ -401,6 +429,15 @@ class CarReader:
                 )
             end = pos + length
             if end > n:
+                if length > limit and (buf.startswith(prefix, pos) or n - pos >= _MAX_CID_BYTES):
+                    # Possibly over the limit by less than a CID: decide now, not after buffering it.
+                    cid_end = pos + 36 if buf.startswith(prefix, pos) else _cid_end(buf, pos, end, offset)
+                    if end - cid_end > limit:
+                        raise BlockTooLargeError(
+                            f"block {cid_str(buf[pos:cid_end])} at byte {offset + start} is {end - cid_end} bytes, "
+                            f"over the {limit}-byte block limit"
+                        )
+                self._need = end - start
                 pos = start
                 break
             if length == 0:

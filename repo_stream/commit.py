@@ -13,6 +13,7 @@ import dag_cbor
 from multiformats import CID
 
 from .cid import cid_str, to_cid
+from .dagcbor import DagCborError, StrictDecoder
 from .errors import CommitError
 
 __all__ = ["Commit", "decode_commit"]
@@ -69,9 +70,9 @@ def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Co
             first = str(exc).splitlines()[-1].strip() if str(exc) else type(exc).__name__
             raise CommitError(f"{where}: not canonical DAG-CBOR: {first}") from exc
     try:
-        obj = cbor2.loads(block, max_depth=16, allow_indefinite=False, strict_hashable_types=True)
-    except Exception as exc:
-        raise CommitError(f"{where}: not valid CBOR: {exc}") from exc
+        obj = StrictDecoder(max_depth=16).decode(block)
+    except DagCborError as exc:
+        raise CommitError(f"{where}: not valid DAG-CBOR: {exc}") from exc
     if not isinstance(obj, dict):
         raise CommitError(f"{where}: expected a map, got {type(obj).__name__}")
     for name, kind in (("did", str), ("version", int), ("rev", str), ("sig", bytes)):

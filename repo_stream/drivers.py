@@ -26,6 +26,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
+import anyio
 from multiformats import CID
 
 from .car import DEFAULT_MAX_BLOCK_SIZE, DEFAULT_READ_SIZE, CarReader
@@ -241,13 +242,17 @@ class DriverBuilder(Generic[T]):
             read_size=self._read_size,
             verify_cids=self._verify_cids,
         )
-        roots = await reader.read_header()
-        loader = _Loader(roots[0], self._process, self._codec[0], strict=self._verify_cids)
-        while (sections := await reader.next_sections()) is not None:
-            stop = loader.ingest(sections, 0, self._mem_limit)
-            if stop is not None:
-                return NeedDisk(self, reader, loader, sections[stop:])
-        return MemoryDriver(self, reader, loader)
+        try:
+            roots = await reader.read_header()
+            loader = _Loader(roots[0], self._process, self._codec[0], strict=self._verify_cids)
+            while (sections := await reader.next_sections()) is not None:
+                stop = loader.ingest(sections, 0, self._mem_limit)
+                if stop is not None:
+                    return NeedDisk(self, reader, loader, sections[stop:])
+            return MemoryDriver(self, reader, loader)
+        except BaseException:
+            await _close_quietly(reader)
+            raise
 
 
 class _Driver(Generic[T]):
@@ -276,6 +281,15 @@ class _Driver(Generic[T]):
                 yield record
 
 
+async def _close_quietly(reader: CarReader) -> None:
+    """Close the source's iterator after a failure or cancellation (shielded; errors ignored)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await reader.aclose()
+        except Exception:
+            pass
+
+
 def _commit_or_raise(loader: _Loader) -> tuple[Commit, bytes]:
     if loader.commit is None or loader.data_cid is None:
         raise MissingBlockError(f"commit block {cid_str(loader.root)} (the CAR's first root) is not in the CAR")
@@ -295,7 +309,7 @@ class MemoryDriver(_Driver[T]):
         self.commit_cid: CID = to_cid(loader.root)
         self._reader = reader
         self._lookup = loader.lookup()
-        self._walker = Walker(data, builder._process, max_depth=builder._max_depth)
+        self._walker = Walker(data, builder._process, max_depth=builder._max_depth, strict_tags=builder._verify_cids)
 
     async def next_chunk(self, n: int = 256) -> list[tuple[str, T]] | None:
         """Return the next up to ``n`` ``(key, value)`` records in key order, or ``None`` at the end.
@@ -346,17 +360,23 @@ class NeedDisk(Generic[T]):
         pending = self._pending
         self._pending = []
         reader = self._reader
-        while True:
-            start = 0
-            while (stop := loader.ingest(pending, start, batch)) is not None:
-                await self._drain(store, loader, batch, encode)
-                start = stop
-            sections = await reader.next_sections()
-            if sections is None:
-                break
-            pending = sections
-        await self._drain(store, loader, batch, encode)
-        commit, data = _commit_or_raise(loader)
+        try:
+            while True:
+                start = 0
+                while (stop := loader.ingest(pending, start, batch)) is not None:
+                    await self._drain(store, loader, batch, encode)
+                    start = stop
+                sections = await reader.next_sections()
+                if sections is None:
+                    break
+                pending = sections
+            await self._drain(store, loader, batch, encode)
+            commit, data = _commit_or_raise(loader)
+        except BaseException:
+            loader.raw.clear()
+            loader.processed.clear()
+            await _close_quietly(reader)
+            raise
         return commit, DiskDriver(self._builder, reader, store, data, to_cid(loader.root))
 
     @staticmethod
@@ -400,7 +420,7 @@ class DiskDriver(_Driver[T]):
         self._store = store
         self.commit_cid = commit_cid
         self._lookup = store.lookup(builder._codec[1])
-        self._walker = Walker(data, builder._process, max_depth=builder._max_depth)
+        self._walker = Walker(data, builder._process, max_depth=builder._max_depth, strict_tags=builder._verify_cids)
 
     async def next_chunk(self, n: int = 256) -> list[tuple[str, T]] | None:
         """Return the next up to ``n`` ``(key, value)`` records in key order, or ``None`` at the end.

@@ -32,6 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import cbor2
 
 from .cid import cid_str
+from .dagcbor import DagCborError, StrictDecoder
 from .errors import (
     DepthLimitError,
     EmptyNodeError,
@@ -63,7 +64,6 @@ NOT_A_NODE: Any = object()
 _MISSING: Any = object()
 
 _CBORTag = cbor2.CBORTag
-_loads = cbor2.loads
 _sha256 = hashlib.sha256
 _RKEY_RE = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 # Repos hold a handful of collections: remember the verdicts (bounded, so hostile keys cannot grow it).
@@ -100,11 +100,13 @@ class Walker(Generic[T]):
         process: the block processor applied to raw record blocks when emitted, or ``None`` to emit
             raw bytes.
         max_depth: the deepest node nesting accepted (root is depth 1).
+        strict_tags: refuse every CBOR tag but 42 in nodes (see :mod:`repo_stream.dagcbor`);
+            the drivers set it with ``with_verify_cids``.
 
     After an error the walker stays failed: every later :meth:`next_chunk` raises the same error.
     """
 
-    __slots__ = ("_stack", "_last", "_process", "_max_depth", "_failed", "records")
+    __slots__ = ("_stack", "_last", "_process", "_max_depth", "_failed", "_decoder", "records")
 
     def __init__(
         self,
@@ -112,6 +114,7 @@ class Walker(Generic[T]):
         process: Callable[[bytes], T] | None = None,
         *,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        strict_tags: bool = False,
     ) -> None:
         # Stack items: (0, cid, expected_layer or -1 for the root, depth) for nodes,
         #              (1, key: str, cid) for records.
@@ -120,6 +123,7 @@ class Walker(Generic[T]):
         self._process = process
         self._max_depth = max_depth
         self._failed: RepoStreamError | None = None
+        self._decoder = StrictDecoder(max_depth=8, all_tags=strict_tags)
         #: Records emitted so far.
         self.records = 0
 
@@ -206,11 +210,11 @@ class Walker(Generic[T]):
         fetch in batches.
         """
         try:
-            node = _loads(block, max_depth=8, allow_indefinite=False, strict_hashable_types=True)
-        except Exception as exc:
+            node = self._decoder.decode(block)
+        except DagCborError as exc:
             raise NodeDecodeError(f"MST node {cid_str(cid)} is not valid DAG-CBOR: {exc}") from exc
-        if type(node) is not dict or "e" not in node or "l" not in node:
-            raise NodeDecodeError(f"MST node {cid_str(cid)} is not a map with 'e' and 'l'")
+        if type(node) is not dict or len(node) != 2 or "e" not in node or "l" not in node:
+            raise NodeDecodeError(f"MST node {cid_str(cid)} is not a map of exactly 'e' and 'l'")
         entries = node["e"]
         left_raw = node["l"]
         if type(entries) is not list:
@@ -241,8 +245,8 @@ class Walker(Generic[T]):
         child = expected - 1
         last_collection = None
         for entry in entries:
-            if type(entry) is not dict:
-                raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry is not a map")
+            if type(entry) is not dict or len(entry) != 4:
+                raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry is not a map of exactly p, k, v, t")
             try:
                 p = entry["p"]
                 k = entry["k"]

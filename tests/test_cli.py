@@ -82,7 +82,7 @@ def test_stats_little_sample() -> None:
     "data, message",
     [
         (b"", "error: empty input: no CAR header"),
-        (b"\x05hello", "error: CAR header (bytes 1..6) is not valid CBOR"),
+        (b"\x05hello", "error: CAR header (bytes 1..6) is not valid DAG-CBOR"),
         (None, "error: input ends inside the section at byte"),
     ],
     ids=["empty", "not-cbor", "truncated"],

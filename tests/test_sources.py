@@ -8,7 +8,7 @@ import anyio
 import httpx
 import pytest
 
-from repo_stream import DriverBuilder, MemoryDriver, SourceError, TruncatedCarError
+from repo_stream import DriverBuilder, MemoryDriver, SourceError, TruncatedCarError, VarintError
 from repo_stream.writer import car_bytes, build_repo_car
 
 pytestmark = pytest.mark.anyio
@@ -127,3 +127,19 @@ async def test_source_ending_early_is_truncation(car: bytes) -> None:
 
     with pytest.raises(TruncatedCarError):
         await collect(half())
+
+
+async def test_async_generator_source_is_closed_when_loading_fails(car: bytes) -> None:
+    closed = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            yield car
+            yield b"\x80\x00"  # an overlong varint where the next section would start
+            yield car
+        finally:
+            closed.append(True)
+
+    with pytest.raises(VarintError):
+        await collect(chunks())
+    assert closed == [True]
