@@ -4,7 +4,7 @@ Load a CAR with :class:`DriverBuilder`; if it fits the memory limit you get a
 :class:`MemoryDriver`, else a :class:`NeedDisk` to finish into a :class:`DiskStore`
 (from :class:`DiskBuilder`), giving a :class:`DiskDriver`. Either driver yields
 ``(key, value)`` records in strictly increasing key order. Every error is a
-:class:`RepoStreamError`.
+:class:`RepoStreamError`. :func:`build_repo_car` writes canonical repo CARs.
 """
 
 from .commit import Commit
@@ -12,6 +12,7 @@ from .disk import DiskBuilder, DiskStore
 from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .errors import __all__ as _error_names
+from .writer import build_repo_car
 
 __version__ = "0.1.0"
 
@@ -23,5 +24,6 @@ __all__ = [
     "DriverBuilder",
     "MemoryDriver",
     "NeedDisk",
+    "build_repo_car",
     *_error_names,
 ]

@@ -31,7 +31,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable, Iterable
-from typing import IO, Any
+from typing import Any
 
 import cbor2
 

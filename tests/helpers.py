@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import anyio
 import cbor2
+import pytest
 
-from repo_stream import DiskBuilder, DriverBuilder, NeedDisk
+from repo_stream import DiskBuilder, DriverBuilder, MemoryDriver, NeedDisk
 from repo_stream.cid import dag_cbor_cid
 from repo_stream.writer import build_mst, car_bytes, encode_commit
 
@@ -54,3 +57,57 @@ async def walk_both(car: bytes, builder: DriverBuilder[Any] | None = None) -> tu
         _, disk = await spill.finish_loading(store)
         on_disk = [r async for r in disk]
     return in_memory, on_disk
+
+
+Configure = Callable[[DriverBuilder[Any]], DriverBuilder[Any]]
+
+
+async def walk(
+    mode: str,
+    car: bytes,
+    configure: Configure | None = None,
+    *,
+    limit_mb: float = 0.0001,
+    read_size: int | None = None,
+    timeout: float = 20,
+) -> list[tuple[str, Any]]:
+    """All records of ``car``, walked in memory (``mode="memory"``) or spilled to disk
+    (``"spilled"``, at ``limit_mb``, which must make it spill); errors propagate from loading,
+    finishing the load, or walking. A walk that loops is cut off after ``timeout`` seconds."""
+    builder: DriverBuilder[Any] = DriverBuilder()
+    if configure is not None:
+        builder = configure(builder)
+    with anyio.fail_after(timeout):
+        if mode == "memory":
+            driver = await builder.load_car(car)
+            assert isinstance(driver, MemoryDriver)
+            return [r async for r in driver]
+        assert mode == "spilled"
+        builder = builder.with_mem_limit_mb(limit_mb)
+        if read_size is not None:
+            builder = builder.with_read_size(read_size)
+        spill = await builder.load_car(car)
+        assert isinstance(spill, NeedDisk), "a spilled walk must spill"
+        async with await DiskBuilder().open() as store:
+            _commit, disk = await spill.finish_loading(store)
+            return [r async for r in disk]
+
+
+async def walk_error(mode: str, car: bytes, cls: type[Exception], configure: Configure | None = None, **options: Any) -> Exception:
+    """Walk ``car`` (see :func:`walk`) and check it fails with exactly ``cls``; return the error."""
+    with pytest.raises(cls) as info:
+        await walk(mode, car, configure, **options)
+    assert type(info.value) is cls, f"expected exactly {cls.__name__}, got {type(info.value).__name__}: {info.value}"
+    return info.value
+
+
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A test-side LEB128 reader, independent of repo_stream.car: ``(value, next_pos)``."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7

@@ -57,6 +57,9 @@ from repo_stream.cid import cid_str, dag_cbor_cid
 from repo_stream.mst import key_layer
 from repo_stream.writer import build_mst, build_repo_car, car_bytes, encode_commit, encode_node, encode_varint, link
 
+from . import helpers
+from .helpers import Configure, read_varint
+
 pytestmark = pytest.mark.anyio
 
 DID = "did:plc:hostilehostilehostile"
@@ -164,22 +167,11 @@ def small_car() -> bytes:
 
 def header_of(car: bytes) -> bytes:
     """The CAR's header with its length prefix."""
-    length, pos = _varint(car, 0)
+    length, pos = read_varint(car, 0)
     return car[: pos + length]
 
 
 # A test-side CAR splitter, independent of repo_stream.car.
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
 
 
 def _cid_len(buf: bytes, pos: int) -> int:
@@ -187,8 +179,8 @@ def _cid_len(buf: bytes, pos: int) -> int:
         return 34
     p = pos
     for _ in range(3):
-        _, p = _varint(buf, p)
-    digest, p = _varint(buf, p)
+        _, p = read_varint(buf, p)
+    digest, p = read_varint(buf, p)
     return p + digest - pos
 
 
@@ -203,12 +195,12 @@ class Layout:
 
 
 def layout(car: bytes) -> Layout:
-    length, pos = _varint(car, 0)
+    length, pos = read_varint(car, 0)
     header_end = pos + length
     sections = []
     start = header_end
     while start < len(car):
-        n, q = _varint(car, start)
+        n, q = read_varint(car, start)
         sections.append((start, q, q + _cid_len(car, q), q + n))
         start = q + n
     return Layout(pos, header_end, sections)
@@ -218,33 +210,13 @@ def layout(car: bytes) -> Layout:
 # Walking, in memory and spilled
 # --------------------------------------------------------------------------------------------
 
-Configure = Callable[[DriverBuilder[Any]], DriverBuilder[Any]]
-
-
 async def walk(mode: str, car: bytes, configure: Configure | None = None) -> list[tuple[str, Any]]:
-    """All records of ``car``; errors propagate from loading, finishing the load, or walking."""
-    builder: DriverBuilder[Any] = DriverBuilder()
-    if configure is not None:
-        builder = configure(builder)
-    with anyio.fail_after(10):
-        if mode == "memory":
-            driver = await builder.load_car(car)
-            assert isinstance(driver, MemoryDriver)
-            return [r async for r in driver]
-        assert mode == "spilled"
-        spill = await builder.with_mem_limit_mb(TINY_MB).with_read_size(SPILL_READ).load_car(car)
-        assert isinstance(spill, NeedDisk), "a spilled walk must spill"
-        async with await DiskBuilder().open() as store:
-            _commit, disk = await spill.finish_loading(store)
-            return [r async for r in disk]
+    """All records of ``car`` (tests.helpers.walk with this file's tiny limit and reads)."""
+    return await helpers.walk(mode, car, configure, limit_mb=TINY_MB, read_size=SPILL_READ, timeout=10)
 
 
 async def walk_error(mode: str, car: bytes, cls: type[Exception], configure: Configure | None = None) -> Exception:
-    """Walk ``car`` and check it fails with exactly ``cls``; return the error."""
-    with pytest.raises(cls) as info:
-        await walk(mode, car, configure)
-    assert type(info.value) is cls, f"expected exactly {cls.__name__}, got {type(info.value).__name__}: {info.value}"
-    return info.value
+    return await helpers.walk_error(mode, car, cls, configure, limit_mb=TINY_MB, read_size=SPILL_READ, timeout=10)
 
 
 BOTH = ("memory", "spilled")

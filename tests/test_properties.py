@@ -44,7 +44,7 @@ from repo_stream.car import DEFAULT_READ_SIZE
 from repo_stream.mst import is_valid_key
 from repo_stream.writer import build_repo_car
 
-from .helpers import DID, REV, record, repo_car
+from .helpers import DID, REV, read_varint, record, repo_car
 
 EXAMPLES = int(os.environ.get("REPO_STREAM_FUZZ_EXAMPLES", "500"))
 SPILLED_EXAMPLES = max(5, EXAMPLES // 4)
@@ -68,25 +68,14 @@ def fuzz_settings(examples: int) -> settings:
 # --------------------------------------------------------------------------------------------
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def split(car: bytes) -> tuple[bytes, list[bytes]]:
     """``(header with its length prefix, [each section with its length prefix])`` of a valid CAR."""
-    length, pos = _varint(car, 0)
+    length, pos = read_varint(car, 0)
     header = car[: pos + length]
     sections = []
     start = pos + length
     while start < len(car):
-        n, q = _varint(car, start)
+        n, q = read_varint(car, start)
         sections.append(car[start : q + n])
         start = q + n
     assert header + b"".join(sections) == car

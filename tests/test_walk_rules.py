@@ -15,7 +15,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 import cbor2
 import pytest
 
@@ -29,7 +28,6 @@ from repo_stream import (
     KeyEncodingError,
     KeyOrderError,
     LayerMismatchError,
-    MemoryDriver,
     MissingBlockError,
     NeedDisk,
     NodeDecodeError,
@@ -39,6 +37,8 @@ from repo_stream import (
 from repo_stream.cid import dag_cbor_cid
 from repo_stream.mst import key_layer
 from repo_stream.writer import build_mst, build_repo_car, car_bytes, encode_commit, encode_node, link
+
+from .helpers import walk, walk_error
 
 pytestmark = pytest.mark.anyio
 
@@ -158,37 +158,6 @@ class Repo:
 # --------------------------------------------------------------------------------------------
 # Walking both ways
 # --------------------------------------------------------------------------------------------
-
-Configure = Callable[[DriverBuilder[Any]], DriverBuilder[Any]]
-
-
-async def walk(mode: str, car: bytes, configure: Configure | None = None) -> list[tuple[str, Any]]:
-    """All records of ``car``, walked from memory or spilled to disk; errors propagate from
-    wherever they occur (loading, finishing the load, or walking)."""
-    builder: DriverBuilder[Any] = DriverBuilder()
-    if configure is not None:
-        builder = configure(builder)
-    # A walk looping on disk would be cut off here (each chunk is a thread hop, a checkpoint).
-    with anyio.fail_after(20):
-        if mode == "memory":
-            driver = await builder.load_car(car)
-            assert isinstance(driver, MemoryDriver)
-            return [r async for r in driver]
-        assert mode == "spilled"
-        spill = await builder.with_mem_limit_mb(0.0001).load_car(car)
-        assert isinstance(spill, NeedDisk)
-        async with await DiskBuilder().open() as store:
-            _commit, disk = await spill.finish_loading(store)
-            return [r async for r in disk]
-
-
-async def walk_error(mode: str, car: bytes, cls: type[Exception], configure: Configure | None = None) -> Exception:
-    """Walk ``car`` and check it fails with exactly ``cls``; return the error."""
-    with pytest.raises(cls) as excinfo:
-        await walk(mode, car, configure)
-    assert type(excinfo.value) is cls, f"expected exactly {cls.__name__}, got {type(excinfo.value).__name__}: {excinfo.value}"
-    return excinfo.value
-
 
 @pytest.fixture(params=["memory", "spilled"])
 def mode(request: pytest.FixtureRequest) -> str:
