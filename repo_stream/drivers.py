@@ -216,7 +216,7 @@ class DriverBuilder(Generic[T]):
         return self
 
     def with_read_size(self, nbytes: int) -> DriverBuilder[T]:
-        """Set how many bytes are requested from the source per read (default 256 KiB)."""
+        """Set how many bytes are requested from the source per read (default 1 MiB)."""
         if nbytes < 1:
             raise ValueError(f"read size must be positive, got {nbytes}")
         self._read_size = nbytes
