@@ -17,7 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import cbor2
 
-from .cid import DAG_CBOR_SHA256_PREFIX, RAW_SHA256_PREFIX, cid_str
+from .cid import DAG_CBOR_SHA256_PREFIX, cid_str
 from .dagcbor import DagCborError, StrictDecoder
 from .errors import (
     BlockTooLargeError,
@@ -121,31 +121,19 @@ def _cid_end(buf: bytes, pos: int, end: int, offset: int) -> int:
 
 
 def _verify(cid: bytes, block: bytes) -> None:
-    """Check ``block`` against the sha2-256 digest in ``cid``.
+    """Check ``block`` against the sha2-256 digest in ``cid`` (a CID :func:`_cid_end` accepted).
 
     Raises:
         CidMismatchError: the digest differs, or the CID does not use sha2-256.
     """
-    prefix = cid[:4]
-    if prefix == DAG_CBOR_SHA256_PREFIX or prefix == RAW_SHA256_PREFIX or (
-        len(cid) == 34 and cid[:2] == b"\x12\x20"
-    ):
-        digest = cid[-32:]
+    if len(cid) == 34 and cid.startswith(b"\x12\x20"):  # CIDv0
+        digest = cid[2:]
     else:
-        got = None
-        try:
-            p = 0
-            for _ in range(2):  # version, codec
-                _v, p = read_varint(cid, p) or (0, len(cid) + 1)
-            code, p = read_varint(cid, p) or (0, len(cid) + 1)
-            length, p = read_varint(cid, p) or (0, len(cid) + 1)
-            if code == 0x12 and length == 32 and p + 32 == len(cid):
-                got = cid[p:]
-        except Exception:
-            got = None
-        if got is None:
+        _version, p = read_varint(cid, 0) or (0, 0)
+        _codec, p = read_varint(cid, p) or (0, 0)
+        if cid[p : p + 2] != b"\x12\x20" or len(cid) != p + 34:
             raise CidMismatchError(f"block {cid_str(cid)}: CID does not use sha2-256, cannot verify it")
-        digest = got
+        digest = cid[p + 2 :]
     if _SHA256(block).digest() != digest:
         raise CidMismatchError(f"block {cid_str(cid)}: its bytes do not hash to its CID")
 

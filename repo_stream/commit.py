@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import cbor2
 import dag_cbor
 from multiformats import CID
 
 from .cid import cid_str, to_cid
-from .dagcbor import DagCborError, StrictDecoder
+from .dagcbor import DagCborError, StrictDecoder, link_cid
 from .errors import CommitError
 
 __all__ = ["Commit", "decode_commit"]
@@ -38,15 +37,6 @@ class Commit:
     rev: str
     prev: CID | None
     sig: bytes
-
-
-def _link(value: object) -> bytes | None:
-    """Return the raw CID bytes of a DAG-CBOR link (tag 42 over 0x00 + CID), else ``None``."""
-    if isinstance(value, cbor2.CBORTag) and value.tag == 42:
-        raw = value.value
-        if isinstance(raw, bytes) and len(raw) > 1 and raw[0] == 0:
-            return raw[1:]
-    return None
 
 
 def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Commit, bytes]:
@@ -84,14 +74,14 @@ def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Co
         raise CommitError(f"{where}: version is {obj['version']}, only 3 is supported")
     if "data" not in obj:
         raise CommitError(f"{where}: field 'data' is missing")
-    data = _link(obj["data"])
+    data = link_cid(obj["data"])
     if data is None:
         raise CommitError(f"{where}: field 'data' should be a CID link, got {obj['data']!r:.80}")
     if "prev" not in obj:
         raise CommitError(f"{where}: field 'prev' is missing")
     prev = None
     if obj["prev"] is not None:
-        prev = _link(obj["prev"])
+        prev = link_cid(obj["prev"])
         if prev is None:
             raise CommitError(f"{where}: field 'prev' should be a CID link or null, got {obj['prev']!r:.80}")
     try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import cbor2
 
-__all__ = ["StrictDecoder", "DagCborError"]
+__all__ = ["StrictDecoder", "DagCborError", "link_cid"]
 
 
 class DagCborError(ValueError):
@@ -101,3 +101,12 @@ class StrictDecoder:
         if end != len(block):
             raise DagCborError(f"{len(block) - end} bytes after the CBOR item (of {len(block)})")
         return value
+
+
+def link_cid(value: Any) -> bytes | None:
+    """The raw CID bytes of a DAG-CBOR link (tag 42 over ``0x00 + CID``); ``None`` if not a link."""
+    if type(value) is cbor2.CBORTag and value.tag == 42:
+        raw = value.value
+        if type(raw) is bytes and len(raw) > 1 and raw[0] == 0:
+            return raw[1:]
+    return None

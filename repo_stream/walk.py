@@ -32,7 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import cbor2
 
 from .cid import cid_str
-from .dagcbor import DagCborError, StrictDecoder
+from .dagcbor import DagCborError, StrictDecoder, link_cid
 from .errors import (
     DepthLimitError,
     EmptyNodeError,
@@ -71,7 +71,11 @@ _valid_collection = functools.lru_cache(maxsize=1024)(is_valid_collection)
 
 
 class BlockLookup(Protocol):
-    """Where the walker finds blocks (a dict in memory, SQLite on disk)."""
+    """Where the walker finds blocks (a dict in memory, SQLite on disk).
+
+    A lookup may also have ``prefetch(cids: list[bytes]) -> None``: the walker then calls it
+    with the record and subtree CIDs of each node it expands, so a store can fetch them in one go.
+    """
 
     def node(self, cid: bytes) -> bytes | None | Any:
         """Raw bytes of a block kept raw; ``None`` if absent; :data:`NOT_A_NODE` if processed."""
@@ -81,15 +85,6 @@ class BlockLookup(Protocol):
 
     def raw(self, cid: bytes) -> bytes | None:
         """The bytes of a block kept raw (still to be processed), else ``None``."""
-
-
-def _link(value: Any) -> bytes | None:
-    """Raw CID of a DAG-CBOR link (tag 42 over ``0x00 + CID``); ``None`` if not a link."""
-    if type(value) is _CBORTag and value.tag == 42:
-        raw = value.value
-        if type(raw) is bytes and len(raw) > 1 and raw[0] == 0:
-            return raw[1:]
-    return None
 
 
 class Walker(Generic[T]):
@@ -221,7 +216,7 @@ class Walker(Generic[T]):
             raise NodeDecodeError(f"MST node {cid_str(cid)}: 'e' is not a list")
         left = None
         if left_raw is not None:
-            left = _link(left_raw)
+            left = link_cid(left_raw)
             if left is None:
                 raise NodeDecodeError(f"MST node {cid_str(cid)}: 'l' is neither a CID link nor null")
         is_root = expected < 0
