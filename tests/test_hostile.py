@@ -463,11 +463,23 @@ async def _stalling(*chunks: bytes) -> AsyncIterator[bytes]:
     await anyio.sleep_forever()
 
 
+async def _load_stalled(builder: DriverBuilder[Any], mode: str, chunks: list[bytes]) -> None:
+    """Load ``chunks`` from a source that then stalls, in memory or on to disk."""
+    if mode == "memory":
+        await builder.load_car(_stalling(*chunks))
+        return
+    spill = await builder.with_mem_limit_mb(TINY_MB).load_car(_stalling(*chunks))
+    assert isinstance(spill, NeedDisk)
+    async with await DiskBuilder().open() as store:
+        await spill.finish_loading(store)
+
+
 @pytest.mark.parametrize(
     "where, mode",
     [("header", "memory"), ("section-after-commit", "memory"), ("section-after-commit", "spilled")],
     ids=["header-memory", "section-memory", "section-spilled"],
 )
+
 async def test_one_gib_claim_fails_before_allocating(where: str, mode: str) -> None:
     """A 1 GiB length prefix, then the source stalls: BlockTooLargeError at once, small peak."""
     if where == "header":
@@ -480,13 +492,7 @@ async def test_one_gib_claim_fails_before_allocating(where: str, mode: str) -> N
     try:
         with pytest.raises(BlockTooLargeError) as info:
             with anyio.fail_after(10):
-                if mode == "memory":
-                    await builder.load_car(_stalling(*chunks))
-                else:
-                    spill = await builder.with_mem_limit_mb(TINY_MB).load_car(_stalling(*chunks))
-                    assert isinstance(spill, NeedDisk)
-                    async with await DiskBuilder().open() as store:
-                        await spill.finish_loading(store)
+                await _load_stalled(builder, mode, chunks)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -507,13 +513,7 @@ async def test_block_over_limit_fails_before_its_bytes_arrive(size: int, sent: i
     builder = DriverBuilder().with_max_block_size(1000)
     with pytest.raises(BlockTooLargeError) as info:
         with anyio.fail_after(2):  # a hang shows up as TimeoutError
-            if mode == "memory":
-                await builder.load_car(_stalling(*chunks))
-            else:
-                spill = await builder.with_mem_limit_mb(TINY_MB).load_car(_stalling(*chunks))
-                assert isinstance(spill, NeedDisk)
-                async with await DiskBuilder().open() as store:
-                    await spill.finish_loading(store)
+            await _load_stalled(builder, mode, chunks)
     assert type(info.value) is BlockTooLargeError
 
 
