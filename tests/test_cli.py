@@ -136,3 +136,17 @@ def test_stats_progress_only_on_a_terminal(car_path: Path) -> None:
         os.close(leader)
     assert b"loading" in drawn and b"walking" in drawn
     assert b"records       65" in out
+
+
+def test_generate_writes_cached_repos(tmp_path: Path) -> None:
+    done = run("generate", "60", "120", "--seed", "3", "--cache-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    paths = [Path(line.split("\t")[0]) for line in done.stdout.splitlines()]
+    assert [p.name for p in paths] == ["repo-60-shuffled-s3.car", "repo-120-shuffled-s3.car"]
+    first = paths[0].read_bytes()
+    again = run("generate", "60", "--seed", "3", "--cache-dir", str(tmp_path))  # reused, not rewritten
+    assert again.returncode == 0 and paths[0].read_bytes() == first
+    result = json.loads(run("stats", str(paths[1]), "--json").stdout)
+    assert result["records"] == 120
+    bad = run("generate", "-1", "--cache-dir", str(tmp_path))
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
