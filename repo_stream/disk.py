@@ -18,6 +18,7 @@ it is rebuilt from the CAR, never trusted), ``cache_size`` from :meth:`DiskBuild
 from __future__ import annotations
 
 import os
+from operator import itemgetter
 import sqlite3
 import tempfile
 from collections.abc import Callable
@@ -42,6 +43,7 @@ Codec = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
 CBOR_CODEC: Codec = (cbor2.dumps, cbor2.loads)
 
 _MIB = 1024 * 1024
+_by_cid = itemgetter(0)
 
 
 class DiskBuilder:
@@ -164,7 +166,7 @@ class DiskStore:
                 f"over its limit of {self._max_stored // _MIB} MiB"
             )
         conn = self._connection()
-        rows.sort()  # inserting in key order touches each B-tree page once per batch (~25% faster)
+        rows.sort(key=_by_cid)  # inserting in key order touches each B-tree page once per batch (~25% faster)
         conn.execute("BEGIN")
         try:
             conn.executemany("INSERT OR IGNORE INTO blocks VALUES (?, ?, ?)", rows)

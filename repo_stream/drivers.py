@@ -48,28 +48,27 @@ _INT64 = 1 << 63  # SQLite integers are signed 64-bit
 _NODE_START = b"\xa2ae"
 
 
-def _value_size(value: Any, encode: Callable[[Any], bytes]) -> int:
-    """Bytes a processed value is counted as: its length for bytes/str, 8 for scalars, else encoded size."""
-    if isinstance(value, (bytes, bytearray, str)):
-        return len(value)
-    if value is None or isinstance(value, (int, float, bool)):
-        return 8
-    try:
-        return len(encode(value))
-    except Exception:
-        return sys.getsizeof(value)
+class _Encoded:
+    """A processed value already encoded by the codec (while spilling: encoded once, not twice)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
 
 
 class _Loader:
     """Sorts loaded sections into raw and processed blocks and finds the commit."""
 
-    __slots__ = ("root", "process", "encode", "strict", "raw", "processed", "used", "commit", "data_cid")
+    __slots__ = ("root", "process", "encode", "strict", "spilling", "raw", "processed", "used", "commit", "data_cid")
 
     def __init__(
         self, root: bytes, process: Callable[[bytes], Any] | None, encode: Callable[[Any], bytes], strict: bool = False
     ) -> None:
         self.root = root
         self.strict = strict
+        #: Set by NeedDisk.finish_loading: values that need the codec are kept encoded.
+        self.spilling = False
         self.process = process
         self.encode = encode
         self.raw: dict[bytes, bytes] = {}
@@ -115,14 +114,15 @@ class _Loader:
                         raw[cid] = block  # processed again, and the error raised, only if emitted
                         used += len(block) + overhead
                     else:
-                        processed[cid] = value
                         t = type(value)
                         if t is int or t is bool or t is float or value is None:
                             used += 8 + overhead
                         elif t is bytes or t is str:
                             used += len(value) + overhead
                         else:
-                            used += _value_size(value, self.encode) + overhead
+                            value, size = self._sized(value)
+                            used += size + overhead
+                        processed[cid] = value
                 if used >= limit:
                     return i
             return None
@@ -130,6 +130,24 @@ class _Loader:
             self.used = used
             if self.commit is None and root in raw:
                 self.commit, self.data_cid = decode_commit(raw[root], root, strict=self.strict)
+
+    def _sized(self, value: Any) -> tuple[Any, int]:
+        """``(value to keep, bytes counted)`` for a value that is not an exact int/float/str/bytes/None.
+
+        Counted as its codec-encoded size; while spilling, the encoding itself is kept, so it
+        is not encoded a second time on its way to disk.
+        """
+        if isinstance(value, (bytes, bytearray, str)):
+            return value, len(value)
+        if isinstance(value, (int, float)):
+            return value, 8
+        try:
+            data = self.encode(value)
+        except Exception:
+            return value, sys.getsizeof(value)  # the store's own encode will report it
+        if self.spilling:
+            return _Encoded(data), len(data)
+        return value, len(data)
 
     def lookup(self) -> _MemoryLookup:
         return _MemoryLookup(self.raw, self.processed)
@@ -356,6 +374,7 @@ class NeedDisk(Generic[T]):
             await store.reset()  # left over from an earlier repo that failed part-way
         batch = max(1, min(self._builder._mem_limit // 2, 8 * _MIB))
         encode = self._builder._codec[0]
+        loader.spilling = True
         await self._drain(store, loader, batch, encode)
         pending = self._pending
         self._pending = []
@@ -400,6 +419,9 @@ class NeedDisk(Generic[T]):
                 elif t is bytes or t is str:
                     rows.append((cid, 2, value))
                     size += len(cid) + len(value)
+                elif t is _Encoded:
+                    rows.append((cid, 1, value.data))
+                    size += len(cid) + len(value.data)
                 else:
                     data = encode(value)
                     rows.append((cid, 1, data))

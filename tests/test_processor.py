@@ -159,3 +159,20 @@ async def test_processed_scalars_keep_their_type_on_disk(process) -> None:
     assert in_memory == expected
     assert on_disk == expected
     assert [type(v) for _, v in on_disk] == [type(v) for _, v in expected]
+
+
+async def test_spilled_container_values_are_encoded_once() -> None:
+    posts = [(f"app.bsky.feed.post/3k{i:011d}", record(f"post {i}")) for i in range(200)]
+    calls = []
+
+    def encode(value: object) -> bytes:
+        calls.append(value)
+        return cbor2.dumps(value)
+
+    builder = DriverBuilder().with_block_processor(cbor2.loads).with_codec(encode, cbor2.loads)
+    driver = await builder.with_mem_limit_mb(0.0001).load_car(repo_car(posts))
+    assert isinstance(driver, NeedDisk)
+    async with await DiskBuilder().open() as store:
+        _, disk = await driver.finish_loading(store)
+        assert [r async for r in disk] == [(key, cbor2.loads(block)) for key, block in posts]
+    assert len(calls) == len(posts)
