@@ -8,8 +8,6 @@ Prints each record's key and block size, then the totals.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import anyio
 
@@ -21,10 +19,10 @@ async def walk(path: str, mem_limit_mb: float) -> None:
         driver = await DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).load_car(f)
         store = None
         if isinstance(driver, NeedDisk):
-            spill_path = os.path.join(tempfile.mkdtemp(), "spill.db")
-            store = await DiskBuilder().with_cache_size_mb(32).with_max_stored_mb(10_240).open(spill_path)
+            # No path: a temporary SQLite file that store.close() removes.
+            store = await DiskBuilder().with_cache_size_mb(32).with_max_stored_mb(10_240).open()
             commit, driver = await driver.finish_loading(store)
-            print(f"# spilled to {spill_path}")
+            print(f"# spilled to {store.path}")
         else:
             commit = driver.commit
         print(f"# {commit.did} rev {commit.rev}, MST root {commit.data}")
@@ -38,10 +36,6 @@ async def walk(path: str, mem_limit_mb: float) -> None:
         finally:
             if store is not None:
                 await store.close()
-                for suffix in ("", "-wal", "-shm"):
-                    if os.path.exists(spill_path + suffix):
-                        os.unlink(spill_path + suffix)
-                os.rmdir(os.path.dirname(spill_path))
     print(f"# {records} records, {total} bytes of record blocks")
 
 
