@@ -12,6 +12,7 @@ from .disk import DiskBuilder, DiskStore
 from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .errors import __all__ as _error_names
+from .implementation import IMPLEMENTATION
 from .writer import build_repo_car
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "DiskDriver",
     "DiskStore",
     "DriverBuilder",
+    "IMPLEMENTATION",
     "MemoryDriver",
     "NeedDisk",
     "build_repo_car",

@@ -4,8 +4,11 @@ A CAR v1 stream is ``varint(len) + DAG-CBOR header {version: 1, roots: [CID, ...
 sections ``varint(len) + CID + block`` (spec: IPLD CARv1, https://ipld.io/specs/transport/car/carv1/;
 atproto repository, "CAR File Serialization").
 
-:class:`CarReader` pulls bounded chunks from the source and parses every complete section in its
-buffer in one call, so the per-block cost is a few slices. CIDs stay raw ``bytes``.
+:class:`CarParser` is sans-IO (after h11's design): it is fed bytes and hands back the header and
+complete sections, or says how many more bytes it needs; it never reads. :class:`CarReader` is the
+small async pump that reads a :class:`ByteSource` into a parser, the pure-Python one here or the C
+core's (:mod:`repo_stream._native`), which has the same methods and raises the same errors. CIDs
+stay raw ``bytes``.
 """
 
 from __future__ import annotations
@@ -17,15 +20,12 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import cbor2
 
-from .cid import DAG_CBOR_SHA256_PREFIX, cid_str
+from . import messages
+from .cid import DAG_CBOR_SHA256_PREFIX
 from .dagcbor import DagCborError, StrictDecoder
 from .errors import (
-    BlockTooLargeError,
     CarHeaderError,
-    CidError,
-    CidMismatchError,
     SourceError,
-    TruncatedCarError,
     VarintError,
 )
 
@@ -33,8 +33,11 @@ __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",
     "DEFAULT_READ_SIZE",
     "AsyncReadable",
+    "BlockSink",
     "ByteSource",
+    "CarParser",
     "CarReader",
+    "decode_header",
     "read_varint",
 ]
 
@@ -74,18 +77,18 @@ def read_varint(buf: bytes, pos: int, offset: int = 0, end: int | None = None) -
     while True:
         if pos >= end:
             if pos - start >= 9:
-                raise VarintError(f"varint at byte {offset + start} is longer than 9 bytes")
+                raise messages.varint_too_long(offset + start)
             return None
         byte = buf[pos]
         pos += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
             if byte == 0 and pos - start > 1:
-                raise VarintError(f"varint at byte {offset + start} is not minimally encoded")
+                raise messages.varint_not_minimal(offset + start)
             return value, pos
         shift += 7
         if pos - start >= 9:
-            raise VarintError(f"varint at byte {offset + start} is longer than 9 bytes")
+            raise messages.varint_too_long(offset + start)
 
 
 def _cid_end(buf: bytes, pos: int, end: int, offset: int) -> int:
@@ -94,10 +97,10 @@ def _cid_end(buf: bytes, pos: int, end: int, offset: int) -> int:
     Raises:
         CidError: not CIDv0/CIDv1, or its multihash runs past ``end`` (the section's end).
     """
-    where = f"CID at byte {offset + pos}"
+    at = offset + pos
     if end - pos >= 2 and buf[pos] == 0x12 and buf[pos + 1] == 0x20:  # CIDv0: bare sha2-256 multihash
         if pos + 34 > end:
-            raise CidError(f"{where}: multihash runs past the end of its section")
+            raise messages.cid_bad(at, "multihash runs past the end of its section")
         return pos + 34
     fields = []
     p = pos
@@ -105,18 +108,18 @@ def _cid_end(buf: bytes, pos: int, end: int, offset: int) -> int:
         try:
             got = read_varint(buf, p, offset, end)
         except VarintError as exc:
-            raise CidError(f"{where}: {exc}") from None
+            raise messages.cid_bad(at, str(exc)) from None
         if got is None:
-            raise CidError(f"{where}: runs past the end of its section")
+            raise messages.cid_bad(at, "runs past the end of its section")
         value, p = got
         fields.append(value)
     version, _codec, _hash, digest_len = fields
     if version != 1:
-        raise CidError(f"{where}: unsupported CID version {version}")
+        raise messages.cid_bad(at, f"unsupported CID version {version}")
     if digest_len > _MAX_DIGEST_BYTES:
-        raise CidError(f"{where}: a {digest_len}-byte digest is longer than any supported hash ({_MAX_DIGEST_BYTES})")
+        raise messages.cid_bad(at, f"a {digest_len}-byte digest is longer than any supported hash ({_MAX_DIGEST_BYTES})")
     if p + digest_len > end:
-        raise CidError(f"{where}: multihash digest of {digest_len} bytes runs past the end of its section")
+        raise messages.cid_bad(at, f"multihash digest of {digest_len} bytes runs past the end of its section")
     return p + digest_len
 
 
@@ -132,10 +135,10 @@ def _verify(cid: bytes, block: bytes) -> None:
         _version, p = read_varint(cid, 0) or (0, 0)
         _codec, p = read_varint(cid, p) or (0, 0)
         if cid[p : p + 2] != b"\x12\x20" or len(cid) != p + 34:
-            raise CidMismatchError(f"block {cid_str(cid)}: CID does not use sha2-256, cannot verify it")
+            raise messages.cid_not_sha256(cid)
         digest = cid[p + 2 :]
     if _SHA256(block).digest() != digest:
-        raise CidMismatchError(f"block {cid_str(cid)}: its bytes do not hash to its CID")
+        raise messages.cid_mismatch(cid)
 
 
 class ByteSource:
@@ -230,45 +233,85 @@ class ByteSource:
                 pass
 
 
-class CarReader:
-    """Reads a CAR v1 stream incrementally: the header, then batches of ``(cid, block)`` sections.
+def decode_header(raw: bytes, start: int) -> list[bytes]:
+    """Decode the CAR header's DAG-CBOR bytes ``raw`` (found at byte ``start``); return its roots.
+
+    The roots are raw CID bytes; there is at least one (the first is the repo's commit).
+
+    Raises:
+        CarHeaderError: not DAG-CBOR, not a map, ``version`` not 1, roots missing, empty or not CIDs.
+        CidError: a root is a link whose bytes are not a CID.
+    """
+    try:
+        header = StrictDecoder(max_depth=8).decode(raw)
+    except DagCborError as exc:
+        raise CarHeaderError(f"CAR header (bytes {start}..{start + len(raw)}) is not valid DAG-CBOR: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CarHeaderError(f"CAR header is a {type(header).__name__}, expected a map")
+    version = header.get("version")
+    if type(version) is not int or version != 1:
+        raise CarHeaderError(f"CAR header version is {version!r}, only 1 is supported")
+    roots = header.get("roots")
+    if not isinstance(roots, list):
+        raise CarHeaderError(f"CAR header roots is {type(roots).__name__}, expected a list of CIDs")
+    if not roots:
+        raise CarHeaderError("CAR header has no roots; the first root must be the commit")
+    out = []
+    for i, root in enumerate(roots):
+        if not (
+            isinstance(root, cbor2.CBORTag)
+            and root.tag == 42
+            and isinstance(root.value, bytes)
+            and len(root.value) > 1
+            and root.value[0] == 0
+        ):
+            raise CarHeaderError(f"CAR header root {i} is not a CID link: {root!r:.80}")
+        cid = root.value[1:]
+        _cid_end(cid, 0, len(cid), 0)  # raises CidError on garbage
+        out.append(cid)
+    return out
+
+
+class BlockSink(Protocol):
+    """Where :meth:`CarParser.load_into` puts sections: the in-memory block table."""
+
+    used: int
+
+    def add(self, cid: bytes, block: bytes) -> None:
+        """Keep ``block`` under ``cid`` (a repeated CID keeps its first block); grows ``used``."""
+
+
+class CarParser:
+    """A sans-IO CAR v1 parser (the pure-Python reference; :mod:`repo_stream._native` has the C one).
+
+    It never reads: :meth:`feed` gives it bytes, :attr:`want` says how many more it needs before
+    it can make progress, and :meth:`read_header`, :meth:`next_sections` and :meth:`load_into`
+    take what the bytes fed so far complete. :class:`CarReader` is the async pump around it.
 
     Args:
-        source: any source :class:`ByteSource` accepts.
-        max_block_size: the largest block accepted, in bytes (default 2 MiB).
-        read_size: bytes requested from the source per read (default 1 MiB).
+        max_block_size: the largest block accepted, in bytes; a larger section is refused as soon
+            as its length (or, when the length is within a CID of the limit, its CID) is read.
         verify_cids: check each block's bytes against its CID's sha2-256 digest.
 
-    The buffer holds at most one section plus one read, so memory stays near
-    ``max_block_size + read_size`` whatever the input claims.
+    The buffer holds at most one section plus what was fed after it, so memory stays near
+    ``max_block_size`` plus one feed whatever the input claims.
 
     Raises (from its methods): :class:`TruncatedCarError`, :class:`VarintError`,
-    :class:`BlockTooLargeError`, :class:`CidError`, :class:`CarHeaderError`,
-    :class:`CidMismatchError`, :class:`SourceError`.
+    :class:`BlockTooLargeError`, :class:`CidError`, :class:`CidMismatchError`.
     """
 
-    __slots__ = (
-        "_source", "_buf", "_pos", "_offset", "_eof", "_need", "max_block_size", "verify_cids", "bytes_read", "blocks_read",
-    )
+    __slots__ = ("_buf", "_pos", "_offset", "_need", "_header_done", "max_block_size", "verify_cids", "bytes_fed", "blocks_read")
 
-    def __init__(
-        self,
-        source: Any,
-        *,
-        max_block_size: int = DEFAULT_MAX_BLOCK_SIZE,
-        read_size: int = DEFAULT_READ_SIZE,
-        verify_cids: bool = False,
-    ) -> None:
-        self._source = source if isinstance(source, ByteSource) else ByteSource(source, read_size)
+    def __init__(self, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE, verify_cids: bool = False) -> None:
         self._buf = b""
         self._pos = 0
         self._offset = 0  # stream offset of self._buf[0]
-        self._eof = False
         self._need = 0  # bytes (from self._pos) the parser needs before it can go on
+        self._header_done = False
         self.max_block_size = max_block_size
         self.verify_cids = verify_cids
-        #: Bytes received from the source so far.
-        self.bytes_read = 0
+        #: Bytes fed so far.
+        self.bytes_fed = 0
         #: Sections parsed so far.
         self.blocks_read = 0
 
@@ -277,17 +320,174 @@ class CarReader:
         """Stream offset (bytes) of the first unparsed byte."""
         return self._offset + self._pos
 
-    async def _fill(self) -> bool:
-        """Read until the buffer holds the ``_need`` bytes the parser asked for (at least one read).
+    @property
+    def want(self) -> int:
+        """How many more bytes the parser needs before it can make progress (at least 1)."""
+        return max(self._need - (len(self._buf) - self._pos), 1)
 
-        Reads are gathered in a list and joined once, so a section arriving in many small
-        chunks costs linear, not quadratic, copying. Returns False at the end of input.
+    def feed(self, data: bytes) -> None:
+        """Append ``data`` (the next bytes of the CAR) to what is buffered."""
+        self.bytes_fed += len(data)
+        pos = self._pos
+        if pos >= len(self._buf):
+            self._offset += len(self._buf)
+            self._buf = data
+        else:
+            self._offset += pos
+            self._buf = b"".join([memoryview(self._buf)[pos:], data])
+        self._pos = 0
+        self._need = 0
+
+    def read_header(self) -> bytes | None:
+        """Take the CAR header's DAG-CBOR bytes if they have all been fed, else return ``None``.
+
+        Decode them with :func:`decode_header` (its start is :attr:`offset` minus their length).
+
+        Raises:
+            CarHeaderError: the header length is 0. BlockTooLargeError: it is over the block limit.
+            VarintError: the length is not a valid varint.
+        """
+        got = read_varint(self._buf, self._pos, self._offset)
+        if got is None:
+            self._need = len(self._buf) - self._pos + 1
+            return None
+        length, start = got
+        if length == 0:
+            raise CarHeaderError("CAR header at byte 0 has length 0")
+        if length > self.max_block_size:
+            raise messages.header_too_large(length, self.max_block_size)
+        if start + length > len(self._buf):
+            self._need = start + length - self._pos
+            return None
+        self._pos = start + length
+        self._header_done = True
+        return self._buf[start : start + length]
+
+    def finish(self) -> None:
+        """Say the input has ended: raise if it ended inside the header or a section.
+
+        Raises:
+            TruncatedCarError: no header, or bytes of an incomplete section are left.
+        """
+        if not self._header_done:
+            if self.bytes_fed == 0:
+                raise messages.empty_input()
+            raise messages.truncated_header(self.bytes_fed)
+        left = len(self._buf) - self._pos
+        if left:
+            raise messages.truncated_section(self.offset, left)
+
+    def next_sections(self) -> list[tuple[bytes, bytes]]:
+        """Return every complete ``(cid, block)`` section buffered (possibly none)."""
+        out: list[tuple[bytes, bytes]] = []
+        append = out.append
+        while (section := self._section()) is not None:
+            append(section)
+        return out
+
+    def load_into(self, table: BlockSink, limit: int) -> bool:
+        """Move complete sections into ``table`` until ``table.used`` reaches ``limit`` bytes.
+
+        Returns True if it stopped at the limit (sections may still be buffered), False when the
+        buffered bytes hold no further complete section.
+        """
+        add = table.add
+        section = self._section
+        while (got := section()) is not None:
+            add(*got)
+            if table.used >= limit:
+                return True
+        return False
+
+    def _section(self) -> tuple[bytes, bytes] | None:
+        """Parse the next complete section, or return ``None`` (setting what is needed)."""
+        buf = self._buf
+        pos = start = self._pos
+        n = len(buf)
+        if pos >= n:
+            return None
+        offset = self._offset
+        limit = self.max_block_size
+        length = buf[pos]
+        if length < 0x80:
+            pos += 1
+        elif pos + 1 < n and 0 < buf[pos + 1] < 0x80:  # two bytes: blocks of 128 B..16 KiB
+            length = (length & 0x7F) | (buf[pos + 1] << 7)
+            pos += 2
+        else:
+            got = read_varint(buf, pos, offset)
+            if got is None:
+                self._need = n - start + 1
+                return None
+            length, pos = got
+        if length > limit + _MAX_CID_BYTES:
+            raise messages.section_too_large(offset + start, length, limit)
+        end = pos + length
+        prefix = DAG_CBOR_SHA256_PREFIX
+        if end > n:
+            if length > limit and (buf.startswith(prefix, pos) or n - pos >= _MAX_CID_BYTES):
+                # Possibly over the limit by less than a CID: decide now, not after buffering it.
+                cid_end = pos + 36 if buf.startswith(prefix, pos) else _cid_end(buf, pos, end, offset)
+                if end - cid_end > limit:
+                    raise messages.block_too_large(buf[pos:cid_end], offset + start, end - cid_end, limit)
+            self._need = end - start
+            return None
+        if length == 0:
+            raise messages.empty_section(offset + start)
+        if buf.startswith(prefix, pos) and pos + 36 <= end:
+            cid_end = pos + 36
+        else:
+            cid_end = _cid_end(buf, pos, end, offset)
+        if end - cid_end > limit:
+            raise messages.block_too_large(buf[pos:cid_end], offset + start, end - cid_end, limit)
+        cid = buf[pos:cid_end]
+        block = buf[cid_end:end]
+        if self.verify_cids and (cid_end - pos != 36 or not cid.startswith(prefix) or _SHA256(block).digest() != cid[4:]):
+            _verify(cid, block)  # another kind of CID, or a mismatch to report
+        self._pos = end
+        self.blocks_read += 1
+        return cid, block
+
+
+class CarReader:
+    """The async pump around a sans-IO CAR parser: reads the source until the parser has enough.
+
+    Args:
+        source: any source :class:`ByteSource` accepts.
+        parser: a :class:`CarParser` (or the C core's, which has the same methods).
+        read_size: bytes requested from the source per read (default 1 MiB).
+
+    Reads are gathered until the parser's :attr:`CarParser.want` is met and fed at once, so a
+    section arriving in many small chunks costs linear, not quadratic, copying.
+
+    Raises (from its methods): the parser's errors, :class:`CarHeaderError`, :class:`SourceError`.
+    """
+
+    __slots__ = ("_source", "parser", "_eof")
+
+    def __init__(self, source: Any, parser: Any, read_size: int = DEFAULT_READ_SIZE) -> None:
+        self._source = source if isinstance(source, ByteSource) else ByteSource(source, read_size)
+        self.parser = parser
+        self._eof = False
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes received from the source so far."""
+        return int(self.parser.bytes_fed)
+
+    @property
+    def blocks_read(self) -> int:
+        """Sections parsed so far."""
+        return int(self.parser.blocks_read)
+
+    async def fill(self) -> bool:
+        """Read until the parser's :attr:`~CarParser.want` is met (at least one read) and feed it.
+
+        Returns False, having fed nothing, at the end of the input.
         """
         if self._eof:
             return False
-        pos = self._pos
-        rest = len(self._buf) - pos
-        want = max(self._need - rest, 1)
+        want = self.parser.want
         chunks: list[bytes] = []
         got = 0
         while got < want:
@@ -299,157 +499,37 @@ class CarReader:
             got += len(chunk)
         if not chunks:
             return False
-        self.bytes_read += got
-        if rest <= 0:
-            self._offset += len(self._buf)
-            self._buf = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        else:
-            self._offset += pos
-            self._buf = b"".join([memoryview(self._buf)[pos:], *chunks])
-        self._pos = 0
-        self._need = 0
+        self.parser.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         return True
 
     async def read_header(self) -> list[bytes]:
-        """Read the CAR header; return its roots as raw CID bytes (at least one).
+        """Read and decode the CAR header; return its roots as raw CID bytes (at least one).
 
         Raises:
-            CarHeaderError: not CBOR, not a map, version != 1, roots missing/empty/not CIDs.
-            TruncatedCarError: the input ends inside the header (or is empty).
+            CarHeaderError, CidError, BlockTooLargeError, VarintError; TruncatedCarError: the
+            input ends inside the header (or is empty).
         """
-        while True:
-            got = read_varint(self._buf, self._pos, self._offset)
-            if got is not None:
-                length, start = got
-                if length == 0:
-                    raise CarHeaderError("CAR header at byte 0 has length 0")
-                if length > self.max_block_size:
-                    raise BlockTooLargeError(
-                        f"CAR header declares {length} bytes, over the {self.max_block_size}-byte block limit"
-                    )
-                if start + length <= len(self._buf):
-                    break
-                self._need = start + length - self._pos
-            if not await self._fill():
-                if self.offset == 0 and not self._buf:
-                    raise TruncatedCarError("empty input: no CAR header")
-                raise TruncatedCarError(f"input ends inside the CAR header (after {self.bytes_read} bytes)")
-        raw = self._buf[start : start + length]
-        self._pos = start + length
-        try:
-            header = StrictDecoder(max_depth=8).decode(raw)
-        except DagCborError as exc:
-            raise CarHeaderError(f"CAR header (bytes {start}..{start + length}) is not valid DAG-CBOR: {exc}") from exc
-        if not isinstance(header, dict):
-            raise CarHeaderError(f"CAR header is a {type(header).__name__}, expected a map")
-        version = header.get("version")
-        if type(version) is not int or version != 1:
-            raise CarHeaderError(f"CAR header version is {version!r}, only 1 is supported")
-        roots = header.get("roots")
-        if not isinstance(roots, list):
-            raise CarHeaderError(f"CAR header roots is {type(roots).__name__}, expected a list of CIDs")
-        if not roots:
-            raise CarHeaderError("CAR header has no roots; the first root must be the commit")
-        out = []
-        for i, root in enumerate(roots):
-            if not (
-                isinstance(root, cbor2.CBORTag)
-                and root.tag == 42
-                and isinstance(root.value, bytes)
-                and len(root.value) > 1
-                and root.value[0] == 0
-            ):
-                raise CarHeaderError(f"CAR header root {i} is not a CID link: {root!r:.80}")
-            cid = root.value[1:]
-            _cid_end(cid, 0, len(cid), 0)  # raises CidError on garbage
-            out.append(cid)
-        return out
+        parser = self.parser
+        while (raw := parser.read_header()) is None:
+            if not await self.fill():
+                parser.finish()
+        return decode_header(raw, parser.offset - len(raw))
 
-    async def next_sections(self) -> list[tuple[bytes, bytes]] | None:
-        """Return the next non-empty batch of ``(cid, block)`` sections, or ``None`` at the end.
+    async def load_into(self, table: BlockSink, limit: int) -> bool:
+        """Read sections into ``table`` until ``table.used`` reaches ``limit`` or the input ends.
+
+        Returns True if it stopped at the limit, False at the end of the input.
 
         Raises:
-            TruncatedCarError: the input ends inside a section.
-            VarintError, BlockTooLargeError, CidError, CidMismatchError, SourceError.
+            TruncatedCarError: the input ends inside a section; the parser's other errors.
         """
-        while True:
-            sections = self._parse()
-            if sections:
-                self.blocks_read += len(sections)
-                return sections
-            if not await self._fill():
-                if self._pos < len(self._buf):
-                    raise TruncatedCarError(
-                        f"input ends inside the section at byte {self.offset} "
-                        f"({len(self._buf) - self._pos} bytes left over)"
-                    )
-                return None
-
-    def _parse(self) -> list[tuple[bytes, bytes]]:
-        """Parse every complete section in the buffer (the hot loop: one pass, no calls per block)."""
-        buf = self._buf
-        pos = self._pos
-        n = len(buf)
-        offset = self._offset
-        limit = self.max_block_size
-        verify = self.verify_cids
-        out: list[tuple[bytes, bytes]] = []
-        append = out.append
-        prefix = DAG_CBOR_SHA256_PREFIX
-        while pos < n:
-            start = pos
-            length = buf[pos]
-            if length < 0x80:
-                pos += 1
-            elif pos + 1 < n and 0 < buf[pos + 1] < 0x80:  # two bytes: blocks of 128 B..16 KiB
-                length = (length & 0x7F) | (buf[pos + 1] << 7)
-                pos += 2
-            else:
-                got = read_varint(buf, pos, offset)
-                if got is None:
-                    self._need = n - start + 1
-                    break
-                length, pos = got
-            if length > limit + _MAX_CID_BYTES:
-                raise BlockTooLargeError(
-                    f"section at byte {offset + start} declares {length} bytes, "
-                    f"over the {limit}-byte block limit"
-                )
-            end = pos + length
-            if end > n:
-                if length > limit and (buf.startswith(prefix, pos) or n - pos >= _MAX_CID_BYTES):
-                    # Possibly over the limit by less than a CID: decide now, not after buffering it.
-                    cid_end = pos + 36 if buf.startswith(prefix, pos) else _cid_end(buf, pos, end, offset)
-                    if end - cid_end > limit:
-                        raise BlockTooLargeError(
-                            f"block {cid_str(buf[pos:cid_end])} at byte {offset + start} is {end - cid_end} bytes, "
-                            f"over the {limit}-byte block limit"
-                        )
-                self._need = end - start
-                pos = start
-                break
-            if length == 0:
-                raise CidError(f"section at byte {offset + start} is empty: no CID")
-            if buf.startswith(prefix, pos) and pos + 36 <= end:
-                cid_end = pos + 36
-            else:
-                cid_end = _cid_end(buf, pos, end, offset)
-            if end - cid_end > limit:
-                raise BlockTooLargeError(
-                    f"block {cid_str(buf[pos:cid_end])} at byte {offset + start} is {end - cid_end} bytes, "
-                    f"over the {limit}-byte block limit"
-                )
-            cid = buf[pos:cid_end]
-            block = buf[cid_end:end]
-            if verify and (cid_end - pos != 36 or not cid.startswith(prefix) or _SHA256(block).digest() != cid[4:]):
-                _verify(cid, block)  # another kind of CID, or a mismatch to report
-            append((cid, block))
-            pos = end
-        self._pos = pos
-        return out
+        parser = self.parser
+        while not parser.load_into(table, limit):
+            if not await self.fill():
+                parser.finish()
+                return False
+        return True
 
     async def aclose(self) -> None:
-        """Release the source's iterator (if any) and the buffer."""
-        self._buf = b""
-        self._pos = 0
+        """Release the source's iterator (if any)."""
         await self._source.aclose()

@@ -11,12 +11,13 @@ formats".
 from __future__ import annotations
 
 import hashlib
+from base64 import b32encode as _b32encode
 
 from multiformats import CID
 
 from .errors import CidError
 
-__all__ = ["DAG_CBOR_SHA256_PREFIX", "RAW_SHA256_PREFIX", "dag_cbor_cid", "to_cid", "cid_str"]
+__all__ = ["DAG_CBOR_SHA256_PREFIX", "RAW_SHA256_PREFIX", "dag_cbor_cid", "to_cid", "cid_str", "cid_text"]
 
 #: The first 4 bytes of every CIDv1 dag-cbor sha2-256 CID: version 1, codec 0x71, hash 0x12, length 32.
 DAG_CBOR_SHA256_PREFIX = b"\x01\x71\x12\x20"
@@ -45,5 +46,19 @@ def cid_str(raw: bytes) -> str:
     """Return a printable form of raw CID bytes for error messages: base32 when valid, else hex."""
     try:
         return str(CID.decode(bytes(raw)).set(base="base32"))
+    except Exception:
+        return "0x" + bytes(raw).hex()
+
+
+def cid_text(raw: bytes) -> str:
+    """Return the usual string form of raw CID bytes: multibase base32 (``bafy...``) for CIDv1.
+
+    CIDv0 gives its base58btc form (``Qm...``), bytes that are no CID ``0x`` + hex. This is the
+    record CID emitted with ``DriverBuilder.with_record_cids``.
+    """
+    if raw[:1] == b"\x01":
+        return "b" + _b32encode(raw).decode("ascii").lower().rstrip("=")
+    try:
+        return str(CID.decode(bytes(raw)))
     except Exception:
         return "0x" + bytes(raw).hex()

@@ -30,7 +30,7 @@ import cbor2
 
 from .cid import cid_str
 from .errors import DiskError
-from .walk import NOT_A_NODE
+from .blocks import NOT_A_NODE
 
 __all__ = ["Codec", "CBOR_CODEC", "DiskBuilder", "DiskStore"]
 

@@ -9,174 +9,44 @@ The flow (after the Rust crate repo-stream)::
     while (chunk := await driver.next_chunk(256)) is not None:
         for key, value in chunk: ...
 
-**Block processor.** A block that cannot be an MST node (it does not start like the DAG-CBOR map
-``{e: [...], l: ...}``) is processed as it is loaded, and only the processed value is kept. A
-block that could be a node is kept raw and processed only if the walk emits it as a record. An
-exception from the processor is kept back (the raw block is kept instead) and raised as
-:class:`~repo_stream.errors.ProcessorError` only if that block is emitted as a record.
-
-**Memory limit.** Kept blocks count their raw length (or the processed value's size) plus
-:data:`BLOCK_OVERHEAD` bytes each. When the count reaches the limit, :meth:`DriverBuilder.load_car`
-stops reading and returns :class:`NeedDisk` holding what it has and the unread rest of the source.
+The drivers are the async shell around the hot path (the sans-IO CAR parser, the block table and
+the walker; see :mod:`repo_stream.implementation` for the C core and the pure-Python reference).
+How blocks are kept, processed and counted is described in :mod:`repo_stream.blocks`. When the
+counted bytes reach the limit, :meth:`DriverBuilder.load_car` stops reading and returns
+:class:`NeedDisk` holding what it has and the unread rest of the source.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 from multiformats import CID
 
+from . import implementation
+from .blocks import BLOCK_OVERHEAD, DiskRecords
 from .car import DEFAULT_MAX_BLOCK_SIZE, DEFAULT_READ_SIZE, CarReader
 from .cid import cid_str, to_cid
 from .commit import Commit, decode_commit
 from .disk import CBOR_CODEC, Codec, DiskStore
 from .errors import DiskError, MissingBlockError
-from .walk import DEFAULT_MAX_DEPTH, NOT_A_NODE, Walker
+from .walk import DEFAULT_MAX_DEPTH
 
 __all__ = ["BLOCK_OVERHEAD", "DriverBuilder", "MemoryDriver", "NeedDisk", "DiskDriver"]
 
 T = TypeVar("T")
 
 _MIB = 1024 * 1024
-#: Bytes counted per kept block on top of its data: the dict slot, the CID key and object headers.
-BLOCK_OVERHEAD = 160
-_INT64 = 1 << 63  # SQLite integers are signed 64-bit
-# Every MST node starts with map(2), text(1) "e", then an array header (major type 4).
-_NODE_START = b"\xa2ae"
-
-
-class _Encoded:
-    """A processed value already encoded by the codec (while spilling: encoded once, not twice)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-class _Loader:
-    """Sorts loaded sections into raw and processed blocks and finds the commit."""
-
-    __slots__ = ("root", "process", "encode", "strict", "spilling", "raw", "processed", "used", "commit", "data_cid")
-
-    def __init__(
-        self, root: bytes, process: Callable[[bytes], Any] | None, encode: Callable[[Any], bytes], strict: bool = False
-    ) -> None:
-        self.root = root
-        self.strict = strict
-        #: Set by NeedDisk.finish_loading: values that need the codec are kept encoded.
-        self.spilling = False
-        self.process = process
-        self.encode = encode
-        self.raw: dict[bytes, bytes] = {}
-        self.processed: dict[bytes, Any] = {}
-        self.used = 0
-        self.commit: Commit | None = None
-        self.data_cid: bytes | None = None
-
-    def ingest(self, sections: list[tuple[bytes, bytes]], start: int, limit: int) -> int | None:
-        """Keep ``sections[start:]`` until the counted bytes reach ``limit``.
-
-        Returns ``None`` if the limit was not reached, else the index of the first section not
-        taken (possibly ``len(sections)``).
-
-        Raises:
-            CommitError: the commit block is malformed.
-        """
-        raw = self.raw
-        processed = self.processed
-        process = self.process
-        root = self.root
-        used = self.used
-        overhead = BLOCK_OVERHEAD
-        node_start = _NODE_START
-        i = start
-        n = len(sections)
-        try:
-            while i < n:
-                cid, block = sections[i]
-                i += 1
-                if cid in raw or cid in processed:
-                    continue  # a repeated CID: the first block wins, as in the disk store
-                if process is None or (block.startswith(node_start) and len(block) > 3 and block[3] & 0xE0 == 0x80):
-                    raw[cid] = block
-                    used += len(block) + overhead
-                elif cid == root:
-                    raw[cid] = block
-                    used += len(block) + overhead
-                else:
-                    try:
-                        value = process(block)
-                    except Exception:
-                        raw[cid] = block  # processed again, and the error raised, only if emitted
-                        used += len(block) + overhead
-                    else:
-                        t = type(value)
-                        if t is int or t is bool or t is float or value is None:
-                            used += 8 + overhead
-                        elif t is bytes or t is str:
-                            used += len(value) + overhead
-                        else:
-                            value, size = self._sized(value)
-                            used += size + overhead
-                        processed[cid] = value
-                if used >= limit:
-                    return i
-            return None
-        finally:
-            self.used = used
-            if self.commit is None and root in raw:
-                self.commit, self.data_cid = decode_commit(raw[root], root, strict=self.strict)
-
-    def _sized(self, value: Any) -> tuple[Any, int]:
-        """``(value to keep, bytes counted)`` for a value that is not an exact int/float/str/bytes/None.
-
-        Counted as its codec-encoded size; while spilling, the encoding itself is kept, so it
-        is not encoded a second time on its way to disk.
-        """
-        if isinstance(value, (bytes, bytearray, str)):
-            return value, len(value)
-        if isinstance(value, (int, float)):
-            return value, 8
-        try:
-            data = self.encode(value)
-        except Exception:
-            return value, sys.getsizeof(value)  # the store's own encode will report it
-        if self.spilling:
-            return _Encoded(data), len(data)
-        return value, len(data)
-
-    def lookup(self) -> _MemoryLookup:
-        return _MemoryLookup(self.raw, self.processed)
-
-
-class _MemoryLookup:
-    """Block look-ups for the walker over the in-memory dicts (plain ``dict.get`` where possible)."""
-
-    __slots__ = ("node", "processed", "raw", "_raw", "_processed")
-
-    def __init__(self, raw: dict[bytes, bytes], processed: dict[bytes, Any]) -> None:
-        self._raw = raw
-        self._processed = processed
-        self.node = self._node if processed else raw.get
-        self.processed = processed.get
-        self.raw = raw.get
-
-    def _node(self, cid: bytes) -> Any:
-        block = self._raw.get(cid)
-        if block is None and cid in self._processed:
-            return NOT_A_NODE
-        return block
 
 
 class DriverBuilder(Generic[T]):
     """Configures and starts loading a repo CAR.
 
     Every ``with_*`` method returns the builder, so calls chain. Defaults: 16 MiB memory limit,
-    raw bytes as values, 2 MiB maximum block size, no CID verification, maximum MST depth 32.
+    raw bytes as values, 2 MiB maximum block size, no CID verification, maximum MST depth 32,
+    items ``(key, value)``.
     """
 
     def __init__(self) -> None:
@@ -187,6 +57,7 @@ class DriverBuilder(Generic[T]):
         self._verify_cids = False
         self._max_depth = DEFAULT_MAX_DEPTH
         self._read_size = DEFAULT_READ_SIZE
+        self._record_cids = False
 
     def with_mem_limit_mb(self, mb: float) -> DriverBuilder[T]:
         """Set the memory limit for kept blocks, in MiB (default 16); above it, loading spills."""
@@ -198,8 +69,8 @@ class DriverBuilder(Generic[T]):
     def with_block_processor(self, process: Callable[[bytes], Any]) -> DriverBuilder[Any]:
         """Set the function that turns a record block's bytes into the emitted value (default: none).
 
-        It is called once per block, when loaded or when emitted (see the module docstring), and
-        on disk walks inside the store's worker thread. It should be deterministic.
+        It is called once per block, when loaded or when emitted (see :mod:`repo_stream.blocks`),
+        and on disk walks inside the store's worker thread. It should be deterministic.
         """
         self._process = process
         return self
@@ -220,8 +91,9 @@ class DriverBuilder(Generic[T]):
         """Check every block against its CID's sha2-256 digest while loading (default off).
 
         Turn it on for CARs from sources you do not trust; a mismatch raises
-        :class:`~repo_stream.errors.CidMismatchError`. The commit block must then also be
-        canonical DAG-CBOR (:class:`~repo_stream.errors.CommitError` otherwise).
+        :class:`~repo_stream.errors.CidMismatchError`. The commit block and every MST node must
+        then also be canonical DAG-CBOR (:class:`~repo_stream.errors.CommitError`,
+        :class:`~repo_stream.errors.NodeDecodeError` otherwise).
         """
         self._verify_cids = verify
         return self
@@ -240,6 +112,12 @@ class DriverBuilder(Generic[T]):
         self._read_size = nbytes
         return self
 
+    def with_record_cids(self, record_cids: bool = True) -> DriverBuilder[T]:
+        """Emit ``(key, cid, value)`` items, ``cid`` the record's CID as a base32 string
+        (``"bafyrei..."``), instead of ``(key, value)`` (default off)."""
+        self._record_cids = record_cids
+        return self
+
     async def load_car(self, source: Any) -> MemoryDriver[T] | NeedDisk[T]:
         """Read a repo CAR from ``source`` until it ends or the memory limit is reached.
 
@@ -254,30 +132,77 @@ class DriverBuilder(Generic[T]):
             CarError subclasses (framing), CommitError, MissingBlockError (no commit block),
             CidMismatchError (with verification), SourceError.
         """
-        reader = CarReader(
-            source,
-            max_block_size=self._max_block_size,
-            read_size=self._read_size,
-            verify_cids=self._verify_cids,
-        )
+        impl = implementation.backend()
+        reader = CarReader(source, impl.CarParser(self._max_block_size, self._verify_cids), self._read_size)
         try:
             roots = await reader.read_header()
-            loader = _Loader(roots[0], self._process, self._codec[0], strict=self._verify_cids)
-            while (sections := await reader.next_sections()) is not None:
-                stop = loader.ingest(sections, 0, self._mem_limit)
-                if stop is not None:
-                    return NeedDisk(self, reader, loader, sections[stop:])
-            return MemoryDriver(self, reader, loader)
+            loading = _Loading(self, impl, reader, roots[0])
+            if await loading.load(self._mem_limit):
+                return NeedDisk(loading)
+            return MemoryDriver(loading)
         except BaseException:
             await _close_quietly(reader)
             raise
 
 
-class _Driver(Generic[T]):
-    """What the drivers share: the commit, counters, and iteration over chunks."""
+class _Loading:
+    """What a load has so far: the parser's pump, the block table and, once read, the commit."""
 
+    __slots__ = ("builder", "impl", "reader", "root", "table", "commit", "data")
+
+    def __init__(self, builder: DriverBuilder[Any], impl: implementation.Backend, reader: CarReader, root: bytes) -> None:
+        self.builder = builder
+        self.impl = impl
+        self.reader = reader
+        self.root = root
+        self.table = impl.BlockTable(root, builder._process, builder._codec[0])
+        self.commit: Commit | None = None
+        self.data: bytes | None = None
+
+    async def load(self, limit: int) -> bool:
+        """Load sections until the table counts ``limit`` bytes (True) or the input ends (False).
+
+        The commit is decoded as soon as its block has been loaded.
+        """
+        reader = self.reader
+        parser = reader.parser
+        table = self.table
+        while True:
+            stopped = parser.load_into(table, limit)
+            if self.commit is None:
+                block = table.raw_block(self.root)
+                if block is not None:
+                    self.commit, self.data = decode_commit(block, self.root, strict=self.builder._verify_cids)
+            if stopped:
+                return True
+            if not await reader.fill():
+                parser.finish()
+                return False
+
+    def commit_or_raise(self) -> tuple[Commit, bytes]:
+        if self.commit is None or self.data is None:
+            raise MissingBlockError(f"commit block {cid_str(self.root)} (the CAR's first root) is not in the CAR")
+        return self.commit, self.data
+
+    def walker(self, nodes: Any, values: Any) -> Any:
+        builder = self.builder
+        _, data = self.commit_or_raise()
+        return self.impl.Walker(
+            data, nodes, values, max_depth=builder._max_depth, strict=builder._verify_cids, record_cids=builder._record_cids
+        )
+
+
+class _Driver(Generic[T]):
+    """What the drivers share: the commit, counters, and iteration over chunks.
+
+    Attributes:
+        commit: the repo's :class:`~repo_stream.commit.Commit`.
+        commit_cid: the commit's CID (the CAR's first root).
+    """
+
+    commit: Commit
+    commit_cid: CID
     _reader: CarReader
-    _walker: Walker[T]
 
     @property
     def blocks_read(self) -> int:
@@ -289,11 +214,11 @@ class _Driver(Generic[T]):
         """Bytes read from the source."""
         return self._reader.bytes_read
 
-    async def next_chunk(self, n: int = 256) -> list[tuple[str, T]] | None:  # pragma: no cover - abstract
+    async def next_chunk(self, n: int = 256) -> list[Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    async def __aiter__(self) -> AsyncIterator[tuple[str, T]]:
-        """Iterate over ``(key, value)`` records, fetching 256 at a time."""
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """Iterate over the items (``(key, value)``, or ``(key, cid, value)``), 256 at a time."""
         while (chunk := await self.next_chunk(256)) is not None:
             for record in chunk:
                 yield record
@@ -308,34 +233,26 @@ async def _close_quietly(reader: CarReader) -> None:
             pass
 
 
-def _commit_or_raise(loader: _Loader) -> tuple[Commit, bytes]:
-    if loader.commit is None or loader.data_cid is None:
-        raise MissingBlockError(f"commit block {cid_str(loader.root)} (the CAR's first root) is not in the CAR")
-    return loader.commit, loader.data_cid
-
-
 class MemoryDriver(_Driver[T]):
-    """Walks a repo whose blocks all fit in memory. Made by :meth:`DriverBuilder.load_car`.
+    """Walks a repo whose blocks all fit in memory. Made by :meth:`DriverBuilder.load_car`."""
 
-    Attributes:
-        commit: the repo's :class:`~repo_stream.commit.Commit`.
-        commit_cid: the commit's CID (the CAR's first root).
-    """
+    def __init__(self, loading: _Loading) -> None:
+        self.commit, _ = loading.commit_or_raise()
+        self.commit_cid = to_cid(loading.root)
+        self._reader = loading.reader
+        self._walker = loading.walker(loading.table, loading.table)
 
-    def __init__(self, builder: DriverBuilder[T], reader: CarReader, loader: _Loader) -> None:
-        self.commit, data = _commit_or_raise(loader)
-        self.commit_cid: CID = to_cid(loader.root)
-        self._reader = reader
-        self._lookup = loader.lookup()
-        self._walker = Walker(data, builder._process, max_depth=builder._max_depth, strict_tags=builder._verify_cids)
+    async def next_chunk(self, n: int = 256) -> list[Any] | None:
+        """Return the next up to ``n`` items in key order, or ``None`` at the end.
 
-    async def next_chunk(self, n: int = 256) -> list[tuple[str, T]] | None:
-        """Return the next up to ``n`` ``(key, value)`` records in key order, or ``None`` at the end.
+        Items are ``(key, value)``, or ``(key, cid, value)`` with ``with_record_cids``. Each call
+        passes an anyio checkpoint, so a long walk can be cancelled and lets other tasks run.
 
         Raises:
             MstError subclasses, MissingBlockError, ProcessorError.
         """
-        return self._walker.next_chunk(n, self._lookup)
+        await anyio.lowlevel.checkpoint()
+        return self._walker.next_chunk(n)  # type: ignore[no-any-return]
 
 
 class NeedDisk(Generic[T]):
@@ -345,17 +262,14 @@ class NeedDisk(Generic[T]):
         commit: the commit, if its block was read before the limit was reached, else ``None``.
     """
 
-    def __init__(self, builder: DriverBuilder[T], reader: CarReader, loader: _Loader, pending: list[tuple[bytes, bytes]]) -> None:
-        self._builder = builder
-        self._reader = reader
-        self._loader = loader
-        self._pending = pending
-        self.commit: Commit | None = loader.commit
+    def __init__(self, loading: _Loading) -> None:
+        self._loading = loading
+        self.commit: Commit | None = loading.commit
 
     @property
     def commit_cid(self) -> CID:
         """The commit's CID (the CAR's first root)."""
-        return to_cid(self._loader.root)
+        return to_cid(self._loading.root)
 
     async def finish_loading(self, store: DiskStore) -> tuple[Commit, DiskDriver[T]]:
         """Move the kept blocks and the rest of the source into ``store``; return the commit and a driver.
@@ -367,67 +281,34 @@ class NeedDisk(Generic[T]):
             DiskError (including going past ``max_stored_mb``), the errors of
             :meth:`DriverBuilder.load_car`, and :class:`MissingBlockError` if there is no commit.
         """
-        loader = self._loader
+        loading = self._loading
         if store.closed:
             raise DiskError(f"SQLite spill store {store.path} is closed")
         if store.stored_bytes:
             await store.reset()  # left over from an earlier repo that failed part-way
-        batch = max(1, min(self._builder._mem_limit // 2, 8 * _MIB))
-        encode = self._builder._codec[0]
-        loader.spilling = True
-        await self._drain(store, loader, batch, encode)
-        pending = self._pending
-        self._pending = []
-        reader = self._reader
+        batch = max(1, min(loading.builder._mem_limit // 2, 8 * _MIB))
+        table = loading.table
+        table.spilling = True
         try:
-            while True:
-                start = 0
-                while (stop := loader.ingest(pending, start, batch)) is not None:
-                    await self._drain(store, loader, batch, encode)
-                    start = stop
-                sections = await reader.next_sections()
-                if sections is None:
-                    break
-                pending = sections
-            await self._drain(store, loader, batch, encode)
-            commit, data = _commit_or_raise(loader)
+            await _drain(store, table, batch)
+            while await loading.load(batch):
+                await _drain(store, table, batch)
+            await _drain(store, table, batch)
+            commit, _ = loading.commit_or_raise()
         except BaseException:
-            loader.raw.clear()
-            loader.processed.clear()
-            await _close_quietly(reader)
+            table.clear()
+            await _close_quietly(loading.reader)
             raise
-        return commit, DiskDriver(self._builder, reader, store, data, to_cid(loader.root))
+        return commit, DiskDriver(loading, store)
 
-    @staticmethod
-    async def _drain(store: DiskStore, loader: _Loader, batch: int, encode: Callable[[Any], bytes]) -> None:
-        """Move everything the loader holds into the store, ``batch`` bytes per transaction."""
-        raw = loader.raw
-        processed = loader.processed
-        while raw or processed:
-            rows: list[tuple[bytes, int, Any]] = []
-            size = 0
-            while raw and size < batch:
-                cid, block = raw.popitem()
-                rows.append((cid, 0, block))
-                size += len(cid) + len(block)
-            while processed and size < batch:
-                cid, value = processed.popitem()
-                t = type(value)
-                if (t is int and -_INT64 <= value < _INT64) or t is float or value is None:
-                    rows.append((cid, 2, value))
-                    size += len(cid) + 8
-                elif t is bytes or t is str:
-                    rows.append((cid, 2, value))
-                    size += len(cid) + len(value)
-                elif t is _Encoded:
-                    rows.append((cid, 1, value.data))
-                    size += len(cid) + len(value.data)
-                else:
-                    data = encode(value)
-                    rows.append((cid, 1, data))
-                    size += len(cid) + len(data)
-            await store._run(store.put_batch_sync, rows, size)
-        loader.used = 0
+
+async def _drain(store: DiskStore, table: Any, batch: int) -> None:
+    """Move everything the table holds into the store, about ``batch`` bytes per transaction."""
+    while True:
+        rows, size = table.take_rows(batch)
+        if not rows:
+            return
+        await store._run(store.put_batch_sync, rows, size)
 
 
 class DiskDriver(_Driver[T]):
@@ -437,22 +318,23 @@ class DiskDriver(_Driver[T]):
     thread hop per chunk, not per block.
     """
 
-    def __init__(self, builder: DriverBuilder[T], reader: CarReader, store: DiskStore, data: bytes, commit_cid: CID) -> None:
-        self._reader = reader
+    def __init__(self, loading: _Loading, store: DiskStore) -> None:
+        self.commit, _ = loading.commit_or_raise()
+        self.commit_cid = to_cid(loading.root)
+        self._reader = loading.reader
         self._store = store
-        self.commit_cid = commit_cid
-        self._lookup = store.lookup(builder._codec[1])
-        self._walker = Walker(data, builder._process, max_depth=builder._max_depth, strict_tags=builder._verify_cids)
+        records = DiskRecords(store.lookup(loading.builder._codec[1]), loading.builder._process)
+        self._walker = loading.walker(records, records)
 
-    async def next_chunk(self, n: int = 256) -> list[tuple[str, T]] | None:
-        """Return the next up to ``n`` ``(key, value)`` records in key order, or ``None`` at the end.
+    async def next_chunk(self, n: int = 256) -> list[Any] | None:
+        """Return the next up to ``n`` items in key order, or ``None`` at the end.
 
         Raises:
             MstError subclasses, MissingBlockError, ProcessorError, DiskError.
         """
         if self._walker.done:
             return None
-        return await self._store._run(self._walker.next_chunk, n, self._lookup)
+        return await self._store._run(self._walker.next_chunk, n)  # type: ignore[no-any-return]
 
     async def reset_store(self) -> DiskStore:
         """Empty the store and hand it back for the next repo; this driver is finished after it."""

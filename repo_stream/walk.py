@@ -15,7 +15,17 @@ Checked on the way (each rule has its own :class:`~repo_stream.errors.MstError` 
 - no node without entries and without ``l`` except the root of an empty repo
   (:class:`EmptyNodeError`); a root with an ``l`` has entries (:class:`EmptyRootError`);
 - nesting at most ``max_depth`` nodes (:class:`DepthLimitError`);
-- blocks present (:class:`MissingBlockError`) and decodable as nodes (:class:`NodeDecodeError`).
+- blocks present (:class:`MissingBlockError`) and decodable as nodes (:class:`NodeDecodeError`):
+  a node is decoded whole before any rule is checked on it; it must be exactly one DAG-CBOR map
+  ``{e, l}`` with entries exactly ``{p, k, v, t}``, no map key repeated, no tag but 42, and be
+  reached through a CIDv1 with the dag-cbor codec (0x71). With ``strict`` (``with_verify_cids``)
+  it must also be canonical DAG-CBOR (minimal integers and lengths, map keys in canonical order).
+
+The walker only needs MST nodes (:class:`~repo_stream.blocks.NodeLookup`) and emits
+``(key, record CID)`` pairs; a :class:`~repo_stream.blocks.RecordValues` store turns each chunk of
+pairs into the items the user gets. The C core (:mod:`repo_stream._native`) has a walker with the
+same behaviour, the same errors and the same messages (both build them with
+:mod:`repo_stream.messages`).
 
 Because every subtree sits exactly one layer lower, no block can be visited twice along one path:
 a node that links to itself (a forged CID) fails the layer rule instead of looping.
@@ -26,99 +36,216 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any
 
 import cbor2
 
-from .cid import cid_str
-from .dagcbor import DagCborError, StrictDecoder, link_cid
-from .errors import (
-    DepthLimitError,
-    EmptyNodeError,
-    EmptyRootError,
-    InvalidKeyError,
-    KeyEncodingError,
-    KeyOrderError,
-    LayerMismatchError,
-    MissingBlockError,
-    NodeDecodeError,
-    PrefixError,
-    ProcessorError,
-    RepoStreamError,
-    SubtreeLayerError,
-)
+from . import messages
+from .blocks import NOT_A_NODE, NodeLookup, RecordValues
+from .dagcbor import DagCborError, StrictDecoder
+from .errors import RepoStreamError
 from .mst import MAX_KEY_BYTES, is_valid_collection
 
-__all__ = ["DEFAULT_MAX_DEPTH", "BlockLookup", "Walker", "NOT_A_NODE"]
-
-T = TypeVar("T")
+__all__ = ["DEFAULT_MAX_DEPTH", "Walker", "decode_node"]
 
 #: Default limit on nested MST nodes. A legal tree is as deep as its root's layer + 1, and a key of
 #: layer 32 needs 64 leading zero bits of sha256: no real repo comes near.
 DEFAULT_MAX_DEPTH = 32
 
-#: Returned by :meth:`BlockLookup.node` for a block that is present but was processed at load
-#: time because it cannot be an MST node.
-NOT_A_NODE: Any = object()
-_MISSING: Any = object()
-
-_CBORTag = cbor2.CBORTag
 _sha256 = hashlib.sha256
 _RKEY_RE = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 # Repos hold a handful of collections: remember the verdicts (bounded, so hostile keys cannot grow it).
 _valid_collection = functools.lru_cache(maxsize=1024)(is_valid_collection)
+_DAG_CBOR_V1 = b"\x01\x71"
+_NODE_KEYS = ["e", "l"]
+_ENTRY_KEYS = ["k", "p", "t", "v"]
+_CBORTag = cbor2.CBORTag
 
 
-class BlockLookup(Protocol):
-    """Where the walker finds blocks (a dict in memory, SQLite on disk).
+def _head(n: int) -> int:
+    """Bytes of a minimal CBOR head carrying the argument ``n`` (>= 0)."""
+    return 1 if n < 24 else 2 if n < 0x100 else 3 if n < 0x10000 else 5 if n < 0x100000000 else 9
 
-    A lookup may also have ``prefetch(cids: list[bytes]) -> None``: the walker then calls it
-    with the record and subtree CIDs of each node it expands, so a store can fetch them in one go.
+
+def _link(value: Any) -> bytes | None:
+    """The tag-42 value bytes (``0x00`` + CID) of a DAG-CBOR link, or ``None`` if it is not one."""
+    if type(value) is _CBORTag and value.tag == 42:
+        raw = value.value
+        if type(raw) is bytes and len(raw) > 1 and raw[0] == 0:
+            return raw
+    return None
+
+
+def decode_node(cid: bytes, block: bytes, decoder: StrictDecoder, strict: bool) -> tuple[bytes | None, list[tuple[int, bytes, bytes, bytes | None]]]:
+    """Decode an MST node block into ``(left CID or None, [(p, k, v CID, t CID or None), ...])``.
+
+    Spec: atproto repository, "MST structure": ``{l: CID|null, e: [{p: int, k: bytes, v: CID,
+    t: CID|null}]}``. Only the structure is checked here; the tree rules are the walker's.
+
+    Raises:
+        NodeDecodeError: not one DAG-CBOR item; not exactly that structure; a map key repeated;
+            a tag other than 42; with ``strict``, not canonical DAG-CBOR.
     """
+    try:
+        node = decoder.decode(block)
+    except DagCborError as exc:
+        raise messages.node_decode(cid, f"not valid DAG-CBOR: {exc}") from exc
+    if type(node) is not dict or len(node) != 2 or "e" not in node or "l" not in node:
+        raise messages.node_decode(cid, "not a map of exactly 'e' and 'l'")
+    entries = node["e"]
+    if type(entries) is not list:
+        raise messages.node_decode(cid, "'e' is not a list")
+    left_raw = node["l"]
+    size = 6 + _head(len(entries))  # a2, 61 65, the array head, 61 6c, null
+    left = None
+    if left_raw is not None:
+        link = _link(left_raw)
+        if link is None:
+            raise messages.node_decode(cid, "'l' is neither a CID link nor null")
+        size += 1 + _head(len(link)) + len(link)  # d8 2a and the byte string, less the null counted
+        left = link[1:]
+    out: list[tuple[int, bytes, bytes, bytes | None]] = []
+    append = out.append
+    in_order = True
+    for i, entry in enumerate(entries):
+        if type(entry) is not dict or len(entry) != 4:
+            raise messages.node_decode(cid, f"entry {i} is not a map of exactly p, k, v, t")
+        try:
+            p = entry["p"]
+            k = entry["k"]
+            v = _link(entry["v"])
+            t = entry["t"]
+        except KeyError as exc:
+            raise messages.node_decode(cid, f"entry {i} lacks field {exc.args[0]!r}") from None
+        if type(p) is not int or type(k) is not bytes:
+            raise messages.node_decode(cid, f"entry {i}: 'p' must be an int and 'k' bytes")
+        if v is None:
+            raise messages.node_decode(cid, f"entry {i}: 'v' is not a CID link")
+        # a4, four 1-byte text keys, p, k, v (d8 2a + bytes), t (null)
+        size += 10 + _head(p if p >= 0 else -1 - p) + _head(len(k)) + len(k) + 2 + _head(len(v)) + len(v)
+        if t is not None:
+            link = _link(t)
+            if link is None:
+                raise messages.node_decode(cid, f"entry {i}: 't' is neither a CID link nor null")
+            size += 1 + _head(len(link)) + len(link)
+            t = link[1:]
+        if strict and in_order:
+            in_order = list(entry) == _ENTRY_KEYS
+        append((p, k, v[1:], t))
+    if size != len(block) or (strict and not (in_order and list(node) == _NODE_KEYS)):
+        # Longer than its canonical form: repeated keys, foreign tags or (allowed unless strict)
+        # non-minimal integers; or (strict) keys out of order.
+        if strict:
+            raise messages.node_decode(cid, "not canonical DAG-CBOR (minimal integers and lengths, sorted map keys, no repeated key)")
+        problem = _repeated_key_or_tag(block)
+        if problem:
+            raise messages.node_decode(cid, problem)
+    return left, out
 
-    def node(self, cid: bytes) -> bytes | None | Any:
-        """Raw bytes of a block kept raw; ``None`` if absent; :data:`NOT_A_NODE` if processed."""
 
-    def processed(self, cid: bytes, default: Any) -> Any:
-        """The processed value of a block processed at load time, else ``default``."""
+def _repeated_key_or_tag(block: bytes) -> str | None:
+    """Scan well-formed CBOR ``block`` for a map key given twice or a tag other than 42.
 
-    def raw(self, cid: bytes) -> bytes | None:
-        """The bytes of a block kept raw (still to be processed), else ``None``."""
+    Returns what it found, or ``None``. Only called for the rare node longer than its canonical
+    form; iterative, and linear in the block's size.
+    """
+    pos = 0
+    n = len(block)
+    # Each frame: [items left, keys seen (a set) or None for arrays, is-key-next flag]
+    stack: list[list[Any]] = []
+    while pos < n:
+        start = pos
+        first = block[pos]
+        major, info = first >> 5, first & 0x1F
+        pos += 1
+        if info < 24:
+            arg = info
+        elif info <= 27:
+            width = 1 << (info - 24)
+            arg = int.from_bytes(block[pos : pos + width], "big")
+            pos += width
+        else:
+            return None  # not well-formed: the decoder has said so already
+        # Record map keys (the item in key position; a tag is a prefix of the item it tags).
+        if stack and major != 6:
+            frame = stack[-1]
+            if frame[1] is not None and frame[2]:
+                end = pos + (arg if major in (2, 3) else 0)
+                key = block[start:end]
+                if key in frame[1]:
+                    return f"map key {key!r} is repeated"
+                frame[1].add(key)
+        if major == 6:
+            if arg != 42:
+                return f"CBOR tag {arg} (only 42, a CID link, is allowed)"
+            continue  # the tagged item follows, in the same position
+        if major in (2, 3):
+            pos += arg
+        # Consume one item position in the enclosing frame.
+        if major == 4 and arg:
+            _consume(stack)
+            stack.append([arg, None, False])
+            continue
+        if major == 5 and arg:
+            _consume(stack)
+            stack.append([2 * arg, set(), True])
+            continue
+        _consume(stack)
+    return None
 
 
-class Walker(Generic[T]):
-    """An in-order MST walk that yields records in chunks and can be resumed.
+def _consume(stack: list[list[Any]]) -> None:
+    """Count an item (as it starts) against the innermost container, closing it after its last."""
+    while stack:
+        frame = stack[-1]
+        frame[0] -= 1
+        if frame[1] is not None:
+            frame[2] = not frame[2]
+        if frame[0] > 0:
+            return
+        stack.pop()
+        return
+
+
+class Walker:
+    """An in-order MST walk that emits records in chunks and can be resumed.
 
     Args:
         root: raw CID bytes of the root MST node (the commit's ``data``).
-        process: the block processor applied to raw record blocks when emitted, or ``None`` to emit
-            raw bytes.
+        nodes: where MST nodes are found (a :class:`~repo_stream.blocks.NodeLookup`).
+        values: the store that turns ``(key, record CID)`` pairs into items
+            (:class:`~repo_stream.blocks.RecordValues`); ``None`` to emit the pairs.
         max_depth: the deepest node nesting accepted (root is depth 1).
-        strict_tags: refuse every CBOR tag but 42 in nodes (see :mod:`repo_stream.dagcbor`);
-            the drivers set it with ``with_verify_cids``.
+        strict: refuse nodes that are not canonical DAG-CBOR (the drivers set it with
+            ``with_verify_cids``).
+        record_cids: passed to ``values``: items are ``(key, cid_text, value)``.
 
     After an error the walker stays failed: every later :meth:`next_chunk` raises the same error.
     """
 
-    __slots__ = ("_stack", "_last", "_process", "_max_depth", "_failed", "_decoder", "records")
+    __slots__ = ("_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_failed", "_decoder", "records")
 
     def __init__(
         self,
         root: bytes,
-        process: Callable[[bytes], T] | None = None,
+        nodes: NodeLookup,
+        values: RecordValues | None = None,
         *,
         max_depth: int = DEFAULT_MAX_DEPTH,
-        strict_tags: bool = False,
+        strict: bool = False,
+        record_cids: bool = False,
     ) -> None:
         # Stack items: (0, cid, expected_layer or -1 for the root, depth) for nodes,
         #              (1, key: str, cid) for records.
-        self._stack: list[tuple] = [(0, root, -1, 1)]
+        self._stack: list[tuple[Any, ...]] = [(0, root, -1, 1)]
         self._last = ""
-        self._process = process
+        self._nodes = nodes
+        self._values = values
         self._max_depth = max_depth
+        self._strict = strict
+        self._record_cids = record_cids
         self._failed: RepoStreamError | None = None
-        self._decoder = StrictDecoder(max_depth=8, all_tags=strict_tags)
+        self._decoder = StrictDecoder(max_depth=8, all_tags=strict)
         #: Records emitted so far.
         self.records = 0
 
@@ -131,8 +258,10 @@ class Walker(Generic[T]):
         """Stop the walk: later :meth:`next_chunk` calls return ``None``."""
         self._stack.clear()
 
-    def next_chunk(self, n: int, blocks: BlockLookup) -> list[tuple[str, T]] | None:
-        """Emit up to ``n`` (``n`` >= 1) further ``(key, value)`` records; ``None`` when the walk is over.
+    def next_chunk(self, n: int) -> list[tuple[Any, ...]] | None:
+        """Emit up to ``n`` (``n`` >= 1) further records; ``None`` when the walk is over.
+
+        Items are what the ``values`` store makes of the ``(key, record CID)`` pairs, or the pairs.
 
         Raises:
             MstError subclasses, MissingBlockError, ProcessorError (see the module docstring).
@@ -142,7 +271,8 @@ class Walker(Generic[T]):
         if n < 1:
             raise ValueError(f"chunk size must be at least 1, got {n}")
         try:
-            out = self._step(n, blocks)
+            pairs = self._step(n)
+            out = pairs if self._values is None else self._values.values(pairs, self._record_cids)
         except RepoStreamError as exc:
             self._failed = exc
             raise
@@ -151,166 +281,111 @@ class Walker(Generic[T]):
         self.records += len(out)
         return out
 
-    def _step(self, n: int, blocks: BlockLookup) -> list[tuple[str, Any]]:
+    def _step(self, n: int) -> list[tuple[Any, ...]]:
         stack = self._stack
         pop = stack.pop
-        out: list[tuple[str, Any]] = []
+        out: list[tuple[Any, ...]] = []
         emit = out.append
         last = self._last
-        process = self._process
-        get_node = blocks.node
-        get_processed = blocks.processed
-        get_raw = blocks.raw
-        missing = _MISSING
-        prefetch = getattr(blocks, "prefetch", None)
+        get_node = self._nodes.node
+        prefetch = getattr(self._nodes, "prefetch", None)
         while stack and len(out) < n:
             item = pop()
             if item[0] == 1:
-                _, key, cid = item
+                key = item[1]
                 if key <= last:
-                    raise KeyOrderError(f"key {key!r} does not follow {last!r}")
-                value = get_processed(cid, missing)
-                if value is missing:
-                    value = get_raw(cid)
-                    if value is None:
-                        raise MissingBlockError(f"record block {cid_str(cid)} for key {key!r} is not in the CAR")
-                    if process is not None:
-                        try:
-                            value = process(value)
-                        except Exception as exc:
-                            raise ProcessorError(
-                                f"block processor failed on record {key!r} ({cid_str(cid)}): {type(exc).__name__}: {exc}"
-                            ) from exc
-                emit((key, value))
+                    raise messages.key_order(key, last)
+                emit((key, item[2]))
                 last = key
                 continue
             _, cid, expected, depth = item
             if depth > self._max_depth:
-                raise DepthLimitError(f"MST node {cid_str(cid)} is nested {depth} deep, over the limit of {self._max_depth}")
+                raise messages.depth_limit(cid, depth, self._max_depth)
+            if cid[:2] != _DAG_CBOR_V1:
+                raise messages.node_link_codec(cid)
             block = get_node(cid)
             if block is None:
-                raise MissingBlockError(f"MST node {cid_str(cid)} is not in the CAR")
+                raise messages.missing_node(cid)
             if block is NOT_A_NODE:
-                raise NodeDecodeError(f"block {cid_str(cid)} is linked as an MST node but is not one")
-            children = self._expand(cid, block, expected, depth, stack, prefetch is not None)
-            if children:
+                raise messages.not_a_node(cid)
+            children = self._expand(cid, block, expected, depth, stack)
+            if children and prefetch is not None:
                 prefetch(children)
         self._last = last
         return out
 
-    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, stack: list[tuple], want_children: bool) -> list[bytes] | None:
+    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, stack: list[tuple[Any, ...]]) -> list[bytes] | None:
         """Decode one node, check its rules and push its subtrees and records (reversed).
 
-        Returns the CIDs it pushed (records and subtrees) if ``want_children``, for stores that
-        fetch in batches.
+        Returns the subtree CIDs it pushed, for stores that fetch in batches.
         """
-        try:
-            node = self._decoder.decode(block)
-        except DagCborError as exc:
-            raise NodeDecodeError(f"MST node {cid_str(cid)} is not valid DAG-CBOR: {exc}") from exc
-        if type(node) is not dict or len(node) != 2 or "e" not in node or "l" not in node:
-            raise NodeDecodeError(f"MST node {cid_str(cid)} is not a map of exactly 'e' and 'l'")
-        entries = node["e"]
-        left_raw = node["l"]
-        if type(entries) is not list:
-            raise NodeDecodeError(f"MST node {cid_str(cid)}: 'e' is not a list")
-        left = None
-        if left_raw is not None:
-            left = link_cid(left_raw)
-            if left is None:
-                raise NodeDecodeError(f"MST node {cid_str(cid)}: 'l' is neither a CID link nor null")
+        left, entries = decode_node(cid, block, self._decoder, self._strict)
         is_root = expected < 0
         if not entries:
             if left is None:
                 if is_root:
                     return None  # the empty repo
-                raise EmptyNodeError(f"MST node {cid_str(cid)} has no entries and no left subtree")
+                raise messages.empty_node(cid)
             if is_root:
-                raise EmptyRootError(f"root MST node {cid_str(cid)} has no entries, only a left subtree")
+                raise messages.empty_root(cid)
             if expected == 0:
-                raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
+                raise messages.left_at_layer0(cid)
             stack.append((0, left, expected - 1, depth + 1))
-            return [left] if want_children else None
+            return [left]
 
         # Rebuild keys and check prefixes, layers and syntax; collect the items in walk order.
-        items: list[tuple] = []
+        items: list[tuple[Any, ...]] = []
         append = items.append
+        subtrees: list[bytes] = []
         prev = b""
         layer = -1
         child = expected - 1
         last_collection = None
-        for entry in entries:
-            if type(entry) is not dict or len(entry) != 4:
-                raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry is not a map of exactly p, k, v, t")
-            try:
-                p = entry["p"]
-                k = entry["k"]
-                v = entry["v"]
-                t = entry["t"]
-            except KeyError as exc:
-                raise NodeDecodeError(f"MST node {cid_str(cid)}: an entry lacks field {exc.args[0]!r}") from None
-            if type(p) is not int or type(k) is not bytes:
-                raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 'p' must be an int and 'k' bytes")
+        for p, k, vcid, tcid in entries:
             if p:
                 if p < 0 or p > len(prev):
-                    raise PrefixError(f"MST node {cid_str(cid)}: prefix length {p} is outside the previous key {prev!r}")
+                    raise messages.prefix_outside(cid, p, prev)
                 key = prev[:p] + k
             else:
                 key = k
             if p < len(prev) and k and k[0] == prev[p]:
-                raise PrefixError(
-                    f"MST node {cid_str(cid)}: key {key!r} shares more than p={p} bytes with {prev!r}"
-                )
-            if type(v) is _CBORTag and v.tag == 42 and type(v.value) is bytes and len(v.value) > 1 and v.value[0] == 0:
-                vcid = v.value[1:]
-            else:
-                raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 'v' of key {key!r} is not a CID link")
+                raise messages.prefix_not_maximal(cid, key, p, prev)
             digest = _sha256(key).digest()
             top = int.from_bytes(digest[:8], "big")
             key_layer = (64 - top.bit_length()) >> 1 if top else (256 - int.from_bytes(digest, "big").bit_length()) >> 1
             if key_layer != layer:
                 if layer >= 0:
-                    raise LayerMismatchError(
-                        f"MST node {cid_str(cid)}: key {key!r} is on layer {key_layer}, the node's other keys on {layer}"
-                    )
+                    raise messages.layer_mismatch(cid, key, key_layer, layer)
                 layer = key_layer
                 if is_root:
                     child = layer - 1
             if len(key) > MAX_KEY_BYTES:
-                raise InvalidKeyError(f"MST key of {len(key)} bytes in node {cid_str(cid)} is over {MAX_KEY_BYTES} bytes")
+                raise messages.key_too_long(cid, len(key))
             try:
                 skey = key.decode()
             except UnicodeDecodeError:
-                raise KeyEncodingError(f"MST key {key!r} in node {cid_str(cid)} is not UTF-8") from None
+                raise messages.key_not_utf8(cid, key) from None
             collection, slash, rkey = skey.partition("/")
             if collection != last_collection:
                 if not (slash and _valid_collection(collection)):
-                    raise InvalidKeyError(f"MST key {skey!r} in node {cid_str(cid)} is not a valid collection/rkey path")
+                    raise messages.invalid_key(cid, skey)
                 last_collection = collection
             if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":
-                raise InvalidKeyError(f"MST key {skey!r} in node {cid_str(cid)} is not a valid collection/rkey path")
+                raise messages.invalid_key(cid, skey)
             append((1, skey, vcid))
-            if t is not None:
-                if type(t) is _CBORTag and t.tag == 42 and type(t.value) is bytes and len(t.value) > 1 and t.value[0] == 0:
-                    tcid = t.value[1:]
-                else:
-                    raise NodeDecodeError(f"MST node {cid_str(cid)}: entry 't' of key {key!r} is neither a CID link nor null")
+            if tcid is not None:
                 if child < 0:
-                    raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a subtree after key {skey!r}")
+                    raise messages.subtree_at_layer0(cid, skey)
                 append((0, tcid, child, depth + 1))
+                subtrees.append(tcid)
             prev = key
         if layer != expected and not is_root:  # after the loop, so a mixed node reports the mix
-            raise SubtreeLayerError(
-                f"MST node {cid_str(cid)} holds layer-{layer} keys but sits where layer {expected} belongs"
-            )
+            raise messages.wrong_layer(cid, layer, expected)
+        if left is not None and child < 0:
+            raise messages.left_at_layer0(cid)
+        stack.extend(items[::-1])
         if left is not None:
-            if child < 0:
-                raise SubtreeLayerError(f"MST node {cid_str(cid)} at layer 0 has a left subtree")
-            stack.extend(items[::-1])
             stack.append((0, left, child, depth + 1))  # walked first: on top
-            items.append(stack[-1])
-        else:
-            stack.extend(items[::-1])
-        if not want_children:
-            return None
-        return [item[1] if item[0] == 0 else item[2] for item in items]
+            subtrees.append(left)
+        return subtrees
+

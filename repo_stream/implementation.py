@@ -1,0 +1,76 @@
+"""Which implementation runs the hot path: the C core or the pure-Python reference.
+
+The hot path is three pieces behind one seam: the sans-IO CAR parser, the in-memory block table
+and the MST walker. :mod:`repo_stream._native` (C, built by ``pip install .``) implements all
+three; :mod:`repo_stream.car`, :mod:`repo_stream.blocks` and :mod:`repo_stream.walk` are the
+readable reference and the fallback where the extension is not built. Both give the same records
+and the same errors.
+
+``REPO_STREAM_PURE_PYTHON=1`` in the environment forces the reference. :data:`IMPLEMENTATION`
+(also ``repo_stream.IMPLEMENTATION``) is ``"c"`` or ``"python"``: the one in use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from . import blocks, car, cid, messages, walk
+
+__all__ = ["IMPLEMENTATION", "Backend", "available", "backend", "use"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation's classes: ``CarParser(max_block_size, verify_cids)``,
+    ``BlockTable(root, process, encode)`` and ``Walker(root, nodes, values, *, max_depth, strict,
+    record_cids)``, with the methods of :class:`repo_stream.car.CarParser`,
+    :class:`repo_stream.blocks.MemoryBlocks` and :class:`repo_stream.walk.Walker`."""
+
+    name: str
+    CarParser: Any
+    BlockTable: Any
+    Walker: Any
+
+
+PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker)
+C: Backend | None
+try:
+    from . import _native
+except ImportError:  # not built: the reference runs
+    C = None
+else:
+    _native.setup(messages=messages, not_a_node=blocks.NOT_A_NODE, cid_text=cid.cid_text)
+    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker)
+
+_BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
+_active: Backend = PYTHON if C is None or os.environ.get("REPO_STREAM_PURE_PYTHON", "") not in ("", "0") else C
+#: The implementation in use: ``"c"`` or ``"python"``.
+IMPLEMENTATION: str = _active.name
+
+
+def available() -> list[str]:
+    """The implementations that can run here: ``["c", "python"]``, or ``["python"]`` if not built."""
+    return sorted(_BACKENDS)
+
+
+def backend() -> Backend:
+    """The implementation drivers use for the next ``load_car``."""
+    return _active
+
+
+def use(name: str) -> None:
+    """Switch the implementation for later loads (``"c"`` or ``"python"``); for tests and benchmarks.
+
+    Raises:
+        ValueError: ``name`` is not one of :func:`available`.
+    """
+    global _active, IMPLEMENTATION
+    if name not in _BACKENDS:
+        raise ValueError(f"implementation {name!r} is not available here (available: {', '.join(available())})")
+    _active = _BACKENDS[name]
+    IMPLEMENTATION = name
+    import repo_stream
+
+    repo_stream.IMPLEMENTATION = name
