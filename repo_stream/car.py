@@ -353,7 +353,7 @@ class CarParser:
             return None
         length, start = got
         if length == 0:
-            raise CarHeaderError("CAR header at byte 0 has length 0")
+            raise messages.header_length_zero()
         if length > self.max_block_size:
             raise messages.header_too_large(length, self.max_block_size)
         if start + length > len(self._buf):

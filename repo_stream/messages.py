@@ -14,6 +14,7 @@ from __future__ import annotations
 from .cid import cid_str
 from .errors import (
     BlockTooLargeError,
+    CarHeaderError,
     CidError,
     CidMismatchError,
     DepthLimitError,
@@ -43,6 +44,10 @@ def varint_too_long(offset: int) -> RepoStreamError:
 
 def varint_not_minimal(offset: int) -> RepoStreamError:
     return VarintError(f"varint at byte {offset} is not minimally encoded")
+
+
+def header_length_zero() -> RepoStreamError:
+    return CarHeaderError("CAR header at byte 0 has length 0")
 
 
 def header_too_large(length: int, limit: int) -> RepoStreamError:

@@ -245,7 +245,7 @@ class Walker:
         self._strict = strict
         self._record_cids = record_cids
         self._failed: RepoStreamError | None = None
-        self._decoder = StrictDecoder(max_depth=8, all_tags=strict)
+        self._decoder = StrictDecoder(max_depth=8, all_tags=True)  # nodes allow no tag but 42
         #: Records emitted so far.
         self.records = 0
 

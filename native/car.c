@@ -1,0 +1,363 @@
+/* CarParser: the sans-IO CAR v1 parser (spec: IPLD CARv1; atproto repository, "CAR File
+ * Serialization"). Mirrors repo_stream/car.py's CarParser: feed() bytes, `want` says how many
+ * more are needed, read_header() / next_sections() / load_into(table, limit) take what is complete.
+ * load_into() copies sections straight into a BlockTable: no Python object per section. */
+#include "native.h"
+
+#define MAX_DIGEST_BYTES 64
+#define MAX_CID_BYTES 128
+static const uint8_t PREFIX[4] = {0x01, 0x71, 0x12, 0x20};
+
+typedef struct {
+    PyObject_HEAD
+    uint8_t *buf;
+    Py_ssize_t len, cap, pos; /* unparsed bytes are buf[pos:len] */
+    long long offset;          /* stream offset of buf[0] */
+    Py_ssize_t need;           /* bytes (from pos) needed before going on */
+    int header_done;
+    Py_ssize_t max_block_size;
+    int verify;
+    long long bytes_fed, blocks_read;
+} CarParser;
+
+/* Varint as repo_stream.car.read_varint: returns 1 (value, *next set), 0 (ends before `end`),
+ * -1 (error set). `offset` is the stream offset of buf[0]. */
+static int read_varint(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long long offset, uint64_t *value,
+                       Py_ssize_t *next) {
+    uint64_t v = 0;
+    int shift = 0;
+    Py_ssize_t start = pos;
+    for (;;) {
+        if (pos >= end) {
+            if (pos - start >= 9) return rs_raise("varint_too_long", "(L)", offset + start);
+            return 0;
+        }
+        uint8_t byte = buf[pos++];
+        v |= (uint64_t)(byte & 0x7f) << shift;
+        if (byte < 0x80) {
+            if (byte == 0 && pos - start > 1) return rs_raise("varint_not_minimal", "(L)", offset + start);
+            *value = v;
+            *next = pos;
+            return 1;
+        }
+        shift += 7;
+        if (pos - start >= 9) return rs_raise("varint_too_long", "(L)", offset + start);
+    }
+}
+
+/* CidError with the text of the VarintError just raised. */
+static int cid_varint_error(long long at) {
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    PyObject *text = value ? PyObject_Str(value) : NULL;
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    if (text == NULL) return -1;
+    rs_raise("cid_bad", "(LN)", at, text);
+    return -1;
+}
+
+/* As repo_stream.car._cid_end: where the CID at buf[pos] ends (it must fit before `end`), or -1. */
+static Py_ssize_t cid_end(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long long offset) {
+    long long at = offset + pos;
+    if (end - pos >= 2 && buf[pos] == 0x12 && buf[pos + 1] == 0x20) {
+        if (pos + 34 > end) return rs_raise("cid_bad", "(Ls)", at, "multihash runs past the end of its section");
+        return pos + 34;
+    }
+    uint64_t fields[4];
+    Py_ssize_t p = pos;
+    for (int i = 0; i < 4; i++) {
+        int got = read_varint(buf, p, end, offset, &fields[i], &p);
+        if (got < 0) return cid_varint_error(at);
+        if (got == 0) return rs_raise("cid_bad", "(Ls)", at, "runs past the end of its section");
+    }
+    if (fields[0] != 1) {
+        PyObject *detail = PyUnicode_FromFormat("unsupported CID version %llu", (unsigned long long)fields[0]);
+        if (detail == NULL) return -1;
+        return rs_raise("cid_bad", "(LN)", at, detail);
+    }
+    if (fields[3] > MAX_DIGEST_BYTES) {
+        PyObject *detail = PyUnicode_FromFormat("a %llu-byte digest is longer than any supported hash (%d)",
+                                                (unsigned long long)fields[3], MAX_DIGEST_BYTES);
+        if (detail == NULL) return -1;
+        return rs_raise("cid_bad", "(LN)", at, detail);
+    }
+    if (p + (Py_ssize_t)fields[3] > end) {
+        PyObject *detail = PyUnicode_FromFormat("multihash digest of %llu bytes runs past the end of its section",
+                                                (unsigned long long)fields[3]);
+        if (detail == NULL) return -1;
+        return rs_raise("cid_bad", "(LN)", at, detail);
+    }
+    return p + (Py_ssize_t)fields[3];
+}
+
+static int block_too_large(const uint8_t *cid, Py_ssize_t cid_len, long long at, Py_ssize_t size, Py_ssize_t limit) {
+    return rs_raise("block_too_large", "(y#Lnn)", (const char *)cid, cid_len, at, size, limit);
+}
+
+/* The next complete section: 1 (cid/block set, consumed), 0 (need more), -1 (error). */
+static int next_section(CarParser *self, const uint8_t **cid, Py_ssize_t *cid_len, const uint8_t **block,
+                        Py_ssize_t *block_len) {
+    const uint8_t *buf = self->buf;
+    Py_ssize_t start = self->pos, pos = self->pos, n = self->len;
+    if (pos >= n) return 0;
+    long long offset = self->offset;
+    Py_ssize_t limit = self->max_block_size;
+    uint64_t length = buf[pos];
+    if (length < 0x80) {
+        pos += 1;
+    } else if (pos + 1 < n && buf[pos + 1] > 0 && buf[pos + 1] < 0x80) {
+        length = (length & 0x7f) | ((uint64_t)buf[pos + 1] << 7);
+        pos += 2;
+    } else {
+        int got = read_varint(buf, pos, n, offset, &length, &pos);
+        if (got < 0) return -1;
+        if (got == 0) {
+            self->need = n - start + 1;
+            return 0;
+        }
+    }
+    if (length > (uint64_t)limit + MAX_CID_BYTES)
+        return rs_raise("section_too_large", "(LKn)", offset + start, (unsigned long long)length, limit);
+    Py_ssize_t end = pos + (Py_ssize_t)length;
+    int has_prefix = n - pos >= 4 && memcmp(buf + pos, PREFIX, 4) == 0;
+    if (end > n) {
+        if ((Py_ssize_t)length > limit && (has_prefix || n - pos >= MAX_CID_BYTES)) {
+            /* Possibly over the limit by less than a CID: decide now, not after buffering it. */
+            Py_ssize_t ce = has_prefix ? pos + 36 : cid_end(buf, pos, end, offset);
+            if (ce < 0) return -1;
+            if (end - ce > limit) {
+                Py_ssize_t shown = (ce < n ? ce : n) - pos;
+                return block_too_large(buf + pos, shown, offset + start, end - ce, limit);
+            }
+        }
+        self->need = end - start;
+        return 0;
+    }
+    if (length == 0) return rs_raise("empty_section", "(L)", offset + start);
+    Py_ssize_t ce;
+    if (has_prefix && pos + 36 <= end) {
+        ce = pos + 36;
+    } else {
+        ce = cid_end(buf, pos, end, offset);
+        if (ce < 0) return -1;
+    }
+    if (end - ce > limit) return block_too_large(buf + pos, ce - pos, offset + start, end - ce, limit);
+    if (self->verify) {
+        int fast = ce - pos == 36 && has_prefix;
+        uint8_t digest[32];
+        if (fast) rs_sha256(buf + ce, (size_t)(end - ce), digest);
+        if (!fast || memcmp(digest, buf + pos + 4, 32) != 0) {
+            /* Another kind of CID, or a mismatch: the reference reports it. */
+            PyObject *r = PyObject_CallFunction(rs_verify, "(y#y#)", (const char *)buf + pos, (Py_ssize_t)(ce - pos),
+                                                (const char *)buf + ce, (Py_ssize_t)(end - ce));
+            if (r == NULL) return -1;
+            Py_DECREF(r);
+        }
+    }
+    *cid = buf + pos;
+    *cid_len = ce - pos;
+    *block = buf + ce;
+    *block_len = end - ce;
+    self->pos = end;
+    self->blocks_read += 1;
+    return 1;
+}
+
+static int CarParser_init(CarParser *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"max_block_size", "verify_cids", NULL};
+    Py_ssize_t max_block_size = 2 * 1024 * 1024;
+    int verify = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|np", names, &max_block_size, &verify)) return -1;
+    if (max_block_size < 1 || max_block_size > ((Py_ssize_t)1 << 40)) {
+        PyErr_Format(PyExc_ValueError, "max_block_size must be from 1 to 2**40 bytes, got %zd", max_block_size);
+        return -1;
+    }
+    PyMem_Free(self->buf);
+    self->buf = NULL;
+    self->len = self->cap = self->pos = 0;
+    self->offset = 0;
+    self->need = 0;
+    self->header_done = 0;
+    self->max_block_size = max_block_size;
+    self->verify = verify;
+    self->bytes_fed = self->blocks_read = 0;
+    return 0;
+}
+
+static void CarParser_dealloc(CarParser *self) {
+    PyMem_Free(self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *CarParser_feed(CarParser *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    Py_ssize_t n = view.len;
+    if (self->pos > 0) { /* drop what was parsed */
+        Py_ssize_t rest = self->len - self->pos;
+        if (rest > 0) memmove(self->buf, self->buf + self->pos, (size_t)rest);
+        self->offset += self->pos;
+        self->len = rest;
+        self->pos = 0;
+    }
+    if (self->len + n > self->cap) {
+        Py_ssize_t cap = self->cap + self->cap / 2;
+        if (cap < self->len + n) cap = self->len + n;
+        uint8_t *grown = PyMem_Realloc(self->buf, (size_t)cap);
+        if (grown == NULL) {
+            PyBuffer_Release(&view);
+            return PyErr_NoMemory();
+        }
+        self->buf = grown;
+        self->cap = cap;
+    }
+    if (n) memcpy(self->buf + self->len, view.buf, (size_t)n);
+    self->len += n;
+    self->bytes_fed += n;
+    self->need = 0;
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyObject *CarParser_read_header(CarParser *self, PyObject *unused) {
+    (void)unused;
+    uint64_t length;
+    Py_ssize_t start;
+    int got = read_varint(self->buf, self->pos, self->len, self->offset, &length, &start);
+    if (got < 0) return NULL;
+    if (got == 0) {
+        self->need = self->len - self->pos + 1;
+        Py_RETURN_NONE;
+    }
+    if (length == 0) return rs_raise("header_length_zero", "()"), NULL;
+    if (length > (uint64_t)self->max_block_size)
+        return rs_raise("header_too_large", "(Kn)", (unsigned long long)length, self->max_block_size), NULL;
+    if (start + (Py_ssize_t)length > self->len) {
+        self->need = start + (Py_ssize_t)length - self->pos;
+        Py_RETURN_NONE;
+    }
+    self->pos = start + (Py_ssize_t)length;
+    self->header_done = 1;
+    return PyBytes_FromStringAndSize((const char *)self->buf + start, (Py_ssize_t)length);
+}
+
+static PyObject *CarParser_finish(CarParser *self, PyObject *unused) {
+    (void)unused;
+    if (!self->header_done) {
+        if (self->bytes_fed == 0) return rs_raise("empty_input", "()"), NULL;
+        return rs_raise("truncated_header", "(L)", self->bytes_fed), NULL;
+    }
+    Py_ssize_t left = self->len - self->pos;
+    if (left) return rs_raise("truncated_section", "(Ln)", self->offset + self->pos, left), NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
+    (void)unused;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    for (;;) {
+        const uint8_t *cid, *block;
+        Py_ssize_t cid_len, block_len;
+        int got = next_section(self, &cid, &cid_len, &block, &block_len);
+        if (got < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        if (got == 0) return out;
+        PyObject *pair = Py_BuildValue("(y#y#)", (const char *)cid, cid_len, (const char *)block, block_len);
+        if (pair == NULL || PyList_Append(out, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(pair);
+    }
+}
+
+static PyObject *CarParser_load_into(CarParser *self, PyObject *args) {
+    PyObject *table;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "O!n:load_into", &RsBlockTable_Type, &table, &limit)) return NULL;
+    RsBlockTable *t = (RsBlockTable *)table;
+    for (;;) {
+        const uint8_t *cid, *block;
+        Py_ssize_t cid_len, block_len;
+        int got = next_section(self, &cid, &cid_len, &block, &block_len);
+        if (got < 0) return NULL;
+        if (got == 0) Py_RETURN_FALSE;
+        if (rs_table_add(t, cid, (size_t)cid_len, block, (size_t)block_len) < 0) return NULL;
+        if (rs_table_used(t) >= limit) Py_RETURN_TRUE;
+    }
+}
+
+static PyObject *CarParser_get_want(CarParser *self, void *closure) {
+    (void)closure;
+    Py_ssize_t want = self->need - (self->len - self->pos);
+    return PyLong_FromSsize_t(want > 1 ? want : 1);
+}
+
+static PyObject *CarParser_get_offset(CarParser *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLongLong(self->offset + self->pos);
+}
+
+static PyObject *CarParser_get_bytes_fed(CarParser *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLongLong(self->bytes_fed);
+}
+
+static PyObject *CarParser_get_blocks_read(CarParser *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLongLong(self->blocks_read);
+}
+
+static PyObject *CarParser_get_max_block_size(CarParser *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSsize_t(self->max_block_size);
+}
+
+static PyObject *CarParser_get_verify(CarParser *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->verify);
+}
+
+static PyMethodDef CarParser_methods[] = {
+    {"feed", (PyCFunction)CarParser_feed, METH_O, "feed(data)\n--\n\nAppend the next bytes of the CAR."},
+    {"read_header", (PyCFunction)CarParser_read_header, METH_NOARGS,
+     "read_header()\n--\n\nThe CAR header's DAG-CBOR bytes once all fed, else None."},
+    {"finish", (PyCFunction)CarParser_finish, METH_NOARGS,
+     "finish()\n--\n\nThe input has ended: raise TruncatedCarError inside the header or a section."},
+    {"next_sections", (PyCFunction)CarParser_next_sections, METH_NOARGS,
+     "next_sections()\n--\n\nEvery complete (cid, block) section buffered, as a list."},
+    {"load_into", (PyCFunction)CarParser_load_into, METH_VARARGS,
+     "load_into(table, limit)\n--\n\nMove complete sections into a BlockTable until table.used reaches limit "
+     "(True) or no complete section is left (False)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef CarParser_getset[] = {
+    {"want", (getter)CarParser_get_want, NULL, "Bytes needed before progress (at least 1).", NULL},
+    {"offset", (getter)CarParser_get_offset, NULL, "Stream offset of the first unparsed byte.", NULL},
+    {"bytes_fed", (getter)CarParser_get_bytes_fed, NULL, "Bytes fed so far.", NULL},
+    {"blocks_read", (getter)CarParser_get_blocks_read, NULL, "Sections parsed so far.", NULL},
+    {"max_block_size", (getter)CarParser_get_max_block_size, NULL, "The largest block accepted, in bytes.", NULL},
+    {"verify_cids", (getter)CarParser_get_verify, NULL, "Whether blocks are checked against their CIDs.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject RsCarParser_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "repo_stream._native.CarParser",
+    .tp_basicsize = sizeof(CarParser),
+    .tp_dealloc = (destructor)CarParser_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "CarParser(max_block_size=2097152, verify_cids=False)\n--\n\n"
+              "The C sans-IO CAR v1 parser; the same methods and errors as repo_stream.car.CarParser.",
+    .tp_methods = CarParser_methods,
+    .tp_getset = CarParser_getset,
+    .tp_init = (initproc)CarParser_init,
+    .tp_new = PyType_GenericNew,
+};

@@ -1,0 +1,132 @@
+/* The module: its three types, setup() and the helpers they share (errors, CID text). */
+#include "native.h"
+
+PyObject *rs_messages = NULL;
+PyObject *rs_not_a_node = NULL;
+PyObject *rs_cid_text = NULL;
+PyObject *rs_verify = NULL;
+PyObject *rs_base_error = NULL;
+
+int rs_raise(const char *name, const char *fmt, ...) {
+    if (rs_messages == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "repo_stream._native.setup() was not called");
+        return -1;
+    }
+    va_list va;
+    va_start(va, fmt);
+    PyObject *args = Py_VaBuildValue(fmt, va);
+    va_end(va);
+    if (args == NULL) return -1;
+    if (!PyTuple_Check(args)) {
+        PyObject *one = PyTuple_Pack(1, args);
+        Py_DECREF(args);
+        if (one == NULL) return -1;
+        args = one;
+    }
+    PyObject *fn = PyObject_GetAttrString(rs_messages, name);
+    if (fn == NULL) {
+        Py_DECREF(args);
+        return -1;
+    }
+    PyObject *exc = PyObject_Call(fn, args, NULL);
+    Py_DECREF(fn);
+    Py_DECREF(args);
+    if (exc == NULL) return -1;
+    PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+    Py_DECREF(exc);
+    return -1;
+}
+
+static const char B32[] = "abcdefghijklmnopqrstuvwxyz234567";
+
+PyObject *rs_cid_text_of(const uint8_t *cid, size_t len) {
+    if (len == 0 || cid[0] != 0x01 || len > 256) {
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)cid, (Py_ssize_t)len);
+        if (raw == NULL) return NULL;
+        PyObject *text = PyObject_CallOneArg(rs_cid_text, raw);
+        Py_DECREF(raw);
+        return text;
+    }
+    char out[1 + (256 * 8 + 4) / 5];
+    size_t n = 0;
+    out[n++] = 'b';
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < len; i++) {
+        acc = (acc << 8) | cid[i];
+        bits += 8;
+        while (bits >= 5) {
+            bits -= 5;
+            out[n++] = B32[(acc >> bits) & 31];
+        }
+    }
+    if (bits > 0) out[n++] = B32[(acc << (5 - bits)) & 31];
+    return PyUnicode_FromStringAndSize(out, (Py_ssize_t)n);
+}
+
+static PyObject *setup(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    static char *names[] = {"messages", "not_a_node", "cid_text", NULL};
+    PyObject *messages, *not_a_node, *cid_text;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO", names, &messages, &not_a_node, &cid_text)) return NULL;
+    PyObject *base = PyObject_GetAttrString(messages, "RepoStreamError");
+    if (base == NULL) return NULL;
+    PyObject *car = PyImport_ImportModule("repo_stream.car");
+    if (car == NULL) {
+        Py_DECREF(base);
+        return NULL;
+    }
+    PyObject *verify = PyObject_GetAttrString(car, "_verify");
+    Py_DECREF(car);
+    if (verify == NULL) {
+        Py_DECREF(base);
+        return NULL;
+    }
+    Py_XSETREF(rs_base_error, base);
+    Py_XSETREF(rs_verify, verify);
+    Py_INCREF(messages);
+    Py_XSETREF(rs_messages, messages);
+    Py_INCREF(not_a_node);
+    Py_XSETREF(rs_not_a_node, not_a_node);
+    Py_INCREF(cid_text);
+    Py_XSETREF(rs_cid_text, cid_text);
+    Py_RETURN_NONE;
+}
+
+static PyObject *sha256(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    uint8_t out[32];
+    rs_sha256((const uint8_t *)view.buf, (size_t)view.len, out);
+    PyBuffer_Release(&view);
+    return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
+static PyMethodDef methods[] = {
+    {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
+     "setup(*, messages, not_a_node, cid_text)\n--\n\nConnect the core to repo_stream's Python side (done by "
+     "repo_stream.implementation)."},
+    {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "repo_stream._native",
+    "The C core of repo-stream: CarParser, BlockTable and Walker (see repo_stream.implementation).", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&RsCarParser_Type) < 0 || PyType_Ready(&RsBlockTable_Type) < 0 || PyType_Ready(&RsWalker_Type) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "CarParser", (PyObject *)&RsCarParser_Type) < 0 ||
+        PyModule_AddObjectRef(m, "BlockTable", (PyObject *)&RsBlockTable_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Walker", (PyObject *)&RsWalker_Type) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

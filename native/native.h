@@ -1,0 +1,81 @@
+/* repo_stream._native: the C core of repo-stream (CAR sections, the block table, the MST walk).
+ *
+ * The pure-Python modules repo_stream/car.py, blocks.py and walk.py are the reference: this code
+ * does what they do, checks in the same order, and raises the same errors with the same messages
+ * (built by calling repo_stream/messages.py, so the texts live in one place).
+ *
+ * Input is hostile network data: every length is checked before use, nothing recurses, and
+ * every allocation is bounded by the block-size limit or counted against the memory limit.
+ */
+#ifndef REPO_STREAM_NATIVE_H
+#define REPO_STREAM_NATIVE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* --- module state (set once by _native.setup) ------------------------------------------------ */
+extern PyObject *rs_messages;   /* the repo_stream.messages module */
+extern PyObject *rs_not_a_node; /* repo_stream.blocks.NOT_A_NODE */
+extern PyObject *rs_cid_text;   /* repo_stream.cid.cid_text */
+extern PyObject *rs_verify;     /* repo_stream.car._verify (CIDs other than v1 dag-cbor sha2-256) */
+extern PyObject *rs_base_error; /* repo_stream.errors.RepoStreamError */
+
+/* Build an exception with messages.<name>(*args) (args from Py_BuildValue(fmt, ...)) and set it.
+ * Always returns -1. If the call itself fails, that error is set instead. */
+int rs_raise(const char *name, const char *fmt, ...);
+
+/* --- sha256.c -------------------------------------------------------------------------------- */
+void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
+
+/* --- CBOR heads (shared by the CAR header check and the node decoder) ------------------------ */
+/* Read a CBOR head at *p (< end). Returns 0 and sets major/arg/minimal, or -1 if the bytes end
+ * first or the additional info is reserved (28..30) or indefinite (31). */
+static inline int rs_cbor_head(const uint8_t **p, const uint8_t *end, int *major, uint64_t *arg, int *minimal) {
+    const uint8_t *q = *p;
+    if (q >= end) return -1;
+    uint8_t first = *q++;
+    int info = first & 0x1f;
+    *major = first >> 5;
+    *minimal = 1;
+    if (info < 24) {
+        *arg = (uint64_t)info;
+    } else if (info <= 27) {
+        size_t width = (size_t)1 << (info - 24);
+        if ((size_t)(end - q) < width) return -1;
+        uint64_t v = 0;
+        for (size_t i = 0; i < width; i++) v = (v << 8) | q[i];
+        q += width;
+        *arg = v;
+        if ((info == 24 && v < 24) || (info == 25 && v < 0x100) || (info == 26 && v < 0x10000) ||
+            (info == 27 && v < 0x100000000ULL))
+            *minimal = 0;
+    } else {
+        return -1;
+    }
+    *p = q;
+    return 0;
+}
+
+/* --- table.c: the block table ----------------------------------------------------------------- */
+extern PyTypeObject RsBlockTable_Type;
+typedef struct RsBlockTable RsBlockTable;
+
+/* Look up a block. Returns 0 (absent), 1 (raw: data and len set), 2 (processed: value borrowed). */
+int rs_table_get(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint8_t **data, size_t *len,
+                 PyObject **value);
+/* Keep a block (first wins); process it if it cannot be a node. 0 on success, -1 with an error. */
+int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint8_t *block, size_t block_len);
+Py_ssize_t rs_table_used(RsBlockTable *t);
+PyObject *rs_table_process(RsBlockTable *t); /* borrowed; Py_None when there is no processor */
+
+/* --- car.c / walk.c --------------------------------------------------------------------------- */
+extern PyTypeObject RsCarParser_Type;
+extern PyTypeObject RsWalker_Type;
+
+/* The record CID's text form: "b" + base32 for CIDv1, else repo_stream.cid.cid_text(). */
+PyObject *rs_cid_text_of(const uint8_t *cid, size_t len);
+
+#endif

@@ -1,0 +1,488 @@
+/* BlockTable: the in-memory block table of the C core (repo_stream/blocks.py's MemoryBlocks).
+ *
+ * Blocks are packed into an arena of chunks as records [flags:1][cid_len:1][data_len:4][cid][data]
+ * (data is the raw block, or, for a processed block, a PyObject* it owns). An open-addressing hash
+ * table of tagged pointers (the record's address in the low 48 bits, 16 bits of the CID's hash
+ * above) finds them; the hash is CPython's keyed SipHash, so forged CIDs cannot make it degrade.
+ *
+ * `used` counts the real bytes: records written to the arena, the slot array, and the processed
+ * values' sizes as the reference counts them (8 for a number or None, len of bytes/str, the
+ * codec-encoded size otherwise). */
+#include "native.h"
+
+#define CHUNK_BYTES (256 * 1024)
+#define HEADER_BYTES 6
+#define F_PROCESSED 1 /* data holds a PyObject* (a processed value) */
+#define F_ENCODED 2   /* ...which is bytes already encoded by the codec (while spilling) */
+#define PTR_MASK ((1ULL << 48) - 1)
+#define ROW_RAW 0
+#define ROW_ENCODED 1
+#define ROW_PLAIN 2
+
+typedef struct Chunk {
+    struct Chunk *next;
+    size_t used, cap;
+    uint8_t data[];
+} Chunk;
+
+struct RsBlockTable {
+    PyObject_HEAD
+    Chunk *head, *tail;     /* records in insertion order */
+    uint64_t *slots;        /* 0: empty */
+    size_t nslots, count;
+    Py_ssize_t used;        /* counted bytes */
+    Py_ssize_t values_bytes;
+    size_t arena_bytes;
+    PyObject *root;         /* bytes */
+    PyObject *process;      /* callable or None */
+    PyObject *encode;       /* callable */
+    int spilling;
+    Chunk *take_chunk;      /* take_rows cursor */
+    size_t take_off;
+};
+
+static inline uint64_t hash_cid(const uint8_t *cid, size_t len) {
+    return (uint64_t)_Py_HashBytes(cid, (Py_ssize_t)len);
+}
+
+static inline uint8_t *rec_of(uint64_t slot) { return (uint8_t *)(uintptr_t)(slot & PTR_MASK); }
+
+static inline uint32_t rec_data_len(const uint8_t *rec) {
+    uint32_t n;
+    memcpy(&n, rec + 2, 4);
+    return n;
+}
+
+static inline PyObject *rec_value(const uint8_t *rec) {
+    PyObject *v;
+    memcpy(&v, rec + HEADER_BYTES + rec[1], sizeof v);
+    return v;
+}
+
+static inline size_t rec_size(const uint8_t *rec) {
+    return HEADER_BYTES + rec[1] + ((rec[0] & F_PROCESSED) ? sizeof(PyObject *) : rec_data_len(rec));
+}
+
+static uint8_t *find(RsBlockTable *t, const uint8_t *cid, size_t cid_len, uint64_t h, size_t *slot_out) {
+    if (t->nslots == 0) {
+        *slot_out = 0;
+        return NULL;
+    }
+    size_t mask = t->nslots - 1;
+    size_t i = (size_t)h & mask;
+    uint64_t tag = h >> 48;
+    for (;;) {
+        uint64_t s = t->slots[i];
+        if (s == 0) {
+            *slot_out = i;
+            return NULL;
+        }
+        if ((s >> 48) == tag) {
+            uint8_t *rec = rec_of(s);
+            if (rec[1] == cid_len && memcmp(rec + HEADER_BYTES, cid, cid_len) == 0) {
+                *slot_out = i;
+                return rec;
+            }
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+static int grow_slots(RsBlockTable *t) {
+    size_t n = t->nslots ? t->nslots * 2 : 1024;
+    uint64_t *slots = PyMem_Calloc(n, sizeof(uint64_t));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t j = 0; j < t->nslots; j++) {
+        uint64_t s = t->slots[j];
+        if (s == 0) continue;
+        uint8_t *rec = rec_of(s);
+        size_t i = (size_t)hash_cid(rec + HEADER_BYTES, rec[1]) & (n - 1);
+        while (slots[i]) i = (i + 1) & (n - 1);
+        slots[i] = s;
+    }
+    PyMem_Free(t->slots);
+    t->used += (Py_ssize_t)((n - t->nslots) * sizeof(uint64_t));
+    t->slots = slots;
+    t->nslots = n;
+    return 0;
+}
+
+static uint8_t *arena_alloc(RsBlockTable *t, size_t size) {
+    Chunk *c = t->tail;
+    if (c == NULL || c->cap - c->used < size) {
+        size_t cap = size > CHUNK_BYTES ? size : CHUNK_BYTES;
+        c = PyMem_Malloc(sizeof(Chunk) + cap);
+        if (c == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        c->next = NULL;
+        c->used = 0;
+        c->cap = cap;
+        if (t->tail) t->tail->next = c;
+        else t->head = c;
+        t->tail = c;
+    }
+    uint8_t *p = c->data + c->used;
+    c->used += size;
+    t->arena_bytes += size;
+    t->used += (Py_ssize_t)size;
+    return p;
+}
+
+/* The reference's size of a processed value (blocks.MemoryBlocks.add / _sized); may replace *value
+ * with its encoding (and set *encoded) while spilling. -1 with an error only for BaseExceptions. */
+static Py_ssize_t value_size(RsBlockTable *t, PyObject **value, int *encoded) {
+    PyObject *v = *value;
+    *encoded = 0;
+    if (PyLong_CheckExact(v) || PyBool_Check(v) || PyFloat_CheckExact(v) || v == Py_None) return 8;
+    if (PyBytes_CheckExact(v)) return PyBytes_GET_SIZE(v);
+    if (PyUnicode_CheckExact(v)) return PyUnicode_GET_LENGTH(v);
+    if (PyBytes_Check(v)) return PyBytes_GET_SIZE(v);
+    if (PyByteArray_Check(v)) return PyByteArray_GET_SIZE(v);
+    if (PyUnicode_Check(v)) return PyUnicode_GET_LENGTH(v);
+    if (PyLong_Check(v) || PyFloat_Check(v)) return 8;
+    PyObject *data = PyObject_CallOneArg(t->encode, v);
+    if (data == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+        PyErr_Clear(); /* the store's own encode will report it */
+        return (Py_ssize_t)_PySys_GetSizeOf(v);
+    }
+    Py_ssize_t n = PyObject_Length(data);
+    if (n < 0) {
+        Py_DECREF(data);
+        return -1;
+    }
+    if (t->spilling && PyBytes_Check(data)) {
+        *value = data; /* keeps the encoding, not the value */
+        Py_DECREF(v);
+        *encoded = 1;
+        return n;
+    }
+    Py_DECREF(data);
+    return n;
+}
+
+static int node_shaped(const uint8_t *block, size_t len) {
+    return len > 3 && block[0] == 0xa2 && block[1] == 0x61 && block[2] == 0x65 && (block[3] & 0xe0) == 0x80;
+}
+
+int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint8_t *block, size_t block_len) {
+    if (cid_len > 255 || block_len > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "CID or block too long for the block table");
+        return -1;
+    }
+    uint64_t h = hash_cid(cid, cid_len);
+    size_t slot;
+    if (find(t, cid, cid_len, h, &slot) != NULL) return 0; /* a repeated CID: the first block wins */
+    if ((t->count + 1) * 4 > t->nslots * 3) {
+        if (grow_slots(t) < 0) return -1;
+        find(t, cid, cid_len, h, &slot);
+    }
+    PyObject *value = NULL;
+    int flags = 0;
+    Py_ssize_t vsize = 0;
+    if (t->process != Py_None && !node_shaped(block, block_len) &&
+        !(PyBytes_GET_SIZE(t->root) == (Py_ssize_t)cid_len && memcmp(PyBytes_AS_STRING(t->root), cid, cid_len) == 0)) {
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)block, (Py_ssize_t)block_len);
+        if (raw == NULL) return -1;
+        value = PyObject_CallOneArg(t->process, raw);
+        Py_DECREF(raw);
+        if (value == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+            PyErr_Clear(); /* kept raw: processed again, and the error raised, only if emitted */
+        } else {
+            int encoded;
+            vsize = value_size(t, &value, &encoded);
+            if (vsize < 0) {
+                Py_DECREF(value);
+                return -1;
+            }
+            flags = F_PROCESSED | (encoded ? F_ENCODED : 0);
+        }
+    }
+    size_t size = HEADER_BYTES + cid_len + (flags ? sizeof(PyObject *) : block_len);
+    uint8_t *rec = arena_alloc(t, size);
+    if (rec == NULL) {
+        Py_XDECREF(value);
+        return -1;
+    }
+    uint32_t n32 = flags ? 0 : (uint32_t)block_len;
+    rec[0] = (uint8_t)flags;
+    rec[1] = (uint8_t)cid_len;
+    memcpy(rec + 2, &n32, 4);
+    memcpy(rec + HEADER_BYTES, cid, cid_len);
+    if (flags) {
+        memcpy(rec + HEADER_BYTES + cid_len, &value, sizeof value);
+        t->values_bytes += vsize;
+        t->used += vsize;
+    } else if (block_len) {
+        memcpy(rec + HEADER_BYTES + cid_len, block, block_len);
+    }
+    t->slots[slot] = ((uint64_t)(uintptr_t)rec & PTR_MASK) | ((h >> 48) << 48);
+    t->count += 1;
+    return 0;
+}
+
+int rs_table_get(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint8_t **data, size_t *len,
+                 PyObject **value) {
+    size_t slot;
+    uint8_t *rec = find(t, cid, cid_len, hash_cid(cid, cid_len), &slot);
+    if (rec == NULL) return 0;
+    if (rec[0] & F_PROCESSED) {
+        *value = rec_value(rec);
+        return 2;
+    }
+    *data = rec + HEADER_BYTES + rec[1];
+    *len = rec_data_len(rec);
+    return 1;
+}
+
+Py_ssize_t rs_table_used(RsBlockTable *t) { return t->used; }
+
+PyObject *rs_table_process(RsBlockTable *t) { return t->process; }
+
+static void clear_blocks(RsBlockTable *t) {
+    for (Chunk *c = t->head; c != NULL;) {
+        for (size_t off = 0; off < c->used;) {
+            uint8_t *rec = c->data + off;
+            if (rec[0] & F_PROCESSED) Py_XDECREF(rec_value(rec));
+            off += rec_size(rec);
+        }
+        Chunk *next = c->next;
+        PyMem_Free(c);
+        c = next;
+    }
+    t->head = t->tail = NULL;
+    PyMem_Free(t->slots);
+    t->slots = NULL;
+    t->nslots = t->count = 0;
+    t->used = t->values_bytes = 0;
+    t->arena_bytes = 0;
+    t->take_chunk = NULL;
+    t->take_off = 0;
+}
+
+static int BlockTable_init(RsBlockTable *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"root", "process", "encode", NULL};
+    PyObject *root, *process, *encode;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "SOO", names, &root, &process, &encode)) return -1;
+    if (process != Py_None && !PyCallable_Check(process)) {
+        PyErr_SetString(PyExc_TypeError, "process must be callable or None");
+        return -1;
+    }
+    clear_blocks(self);
+    Py_INCREF(root);
+    Py_XSETREF(self->root, root);
+    Py_INCREF(process);
+    Py_XSETREF(self->process, process);
+    Py_INCREF(encode);
+    Py_XSETREF(self->encode, encode);
+    self->spilling = 0;
+    return 0;
+}
+
+static int BlockTable_traverse(RsBlockTable *self, visitproc visit, void *arg) {
+    Py_VISIT(self->process);
+    Py_VISIT(self->encode);
+    return 0;
+}
+
+static int BlockTable_clear_refs(RsBlockTable *self) {
+    Py_CLEAR(self->process);
+    Py_CLEAR(self->encode);
+    return 0;
+}
+
+static void BlockTable_dealloc(RsBlockTable *self) {
+    PyObject_GC_UnTrack(self);
+    clear_blocks(self);
+    Py_CLEAR(self->root);
+    BlockTable_clear_refs(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *BlockTable_add(RsBlockTable *self, PyObject *args) {
+    Py_buffer cid, block;
+    if (!PyArg_ParseTuple(args, "y*y*:add", &cid, &block)) return NULL;
+    int r = rs_table_add(self, cid.buf, (size_t)cid.len, block.buf, (size_t)block.len);
+    PyBuffer_Release(&cid);
+    PyBuffer_Release(&block);
+    if (r < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *BlockTable_raw_block(RsBlockTable *self, PyObject *arg) {
+    Py_buffer cid;
+    if (PyObject_GetBuffer(arg, &cid, PyBUF_SIMPLE) < 0) return NULL;
+    const uint8_t *data = NULL;
+    size_t len = 0;
+    PyObject *value = NULL;
+    int kind = rs_table_get(self, cid.buf, (size_t)cid.len, &data, &len, &value);
+    PyBuffer_Release(&cid);
+    if (kind != 1) Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+}
+
+static PyObject *BlockTable_node(RsBlockTable *self, PyObject *arg) {
+    Py_buffer cid;
+    if (PyObject_GetBuffer(arg, &cid, PyBUF_SIMPLE) < 0) return NULL;
+    const uint8_t *data = NULL;
+    size_t len = 0;
+    PyObject *value = NULL;
+    int kind = rs_table_get(self, cid.buf, (size_t)cid.len, &data, &len, &value);
+    PyBuffer_Release(&cid);
+    if (kind == 0) Py_RETURN_NONE;
+    if (kind == 2) return Py_NewRef(rs_not_a_node);
+    return PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+}
+
+/* One spill row for a record; adds its byte count to *size. */
+static PyObject *row_of(RsBlockTable *t, const uint8_t *rec, Py_ssize_t *size) {
+    const char *cid = (const char *)rec + HEADER_BYTES;
+    Py_ssize_t cid_len = rec[1];
+    if (!(rec[0] & F_PROCESSED)) {
+        Py_ssize_t n = rec_data_len(rec);
+        *size += cid_len + n;
+        return Py_BuildValue("(y#iy#)", cid, cid_len, ROW_RAW, cid + cid_len, n);
+    }
+    PyObject *v = rec_value(rec);
+    if (rec[0] & F_ENCODED) {
+        *size += cid_len + PyBytes_GET_SIZE(v);
+        return Py_BuildValue("(y#iO)", cid, cid_len, ROW_ENCODED, v);
+    }
+    int plain = 0;
+    Py_ssize_t n = 8;
+    if (PyLong_CheckExact(v)) {
+        int overflow;
+        PyLong_AsLongLongAndOverflow(v, &overflow);
+        plain = !overflow;
+    } else if (PyFloat_CheckExact(v) || v == Py_None) {
+        plain = 1;
+    } else if (PyBytes_CheckExact(v)) {
+        plain = 1;
+        n = PyBytes_GET_SIZE(v);
+    } else if (PyUnicode_CheckExact(v)) {
+        plain = 1;
+        n = PyUnicode_GET_LENGTH(v);
+    }
+    if (plain) {
+        *size += cid_len + n;
+        return Py_BuildValue("(y#iO)", cid, cid_len, ROW_PLAIN, v);
+    }
+    PyObject *data = PyObject_CallOneArg(t->encode, v);
+    if (data == NULL) return NULL;
+    Py_ssize_t dn = PyObject_Length(data);
+    if (dn < 0) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    *size += cid_len + dn;
+    return Py_BuildValue("(y#iN)", cid, cid_len, ROW_ENCODED, data);
+}
+
+static PyObject *BlockTable_take_rows(RsBlockTable *self, PyObject *arg) {
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(arg);
+    if (max_bytes == -1 && PyErr_Occurred()) return NULL;
+    PyObject *rows = PyList_New(0);
+    if (rows == NULL) return NULL;
+    Py_ssize_t size = 0;
+    if (self->take_chunk == NULL && self->take_off == 0) self->take_chunk = self->head;
+    while (self->take_chunk != NULL && size < max_bytes) {
+        Chunk *c = self->take_chunk;
+        if (self->take_off >= c->used) {
+            self->take_chunk = c->next;
+            self->take_off = 0;
+            continue;
+        }
+        uint8_t *rec = c->data + self->take_off;
+        PyObject *row = row_of(self, rec, &size);
+        if (row == NULL || PyList_Append(rows, row) < 0) {
+            Py_XDECREF(row);
+            Py_DECREF(rows);
+            return NULL;
+        }
+        Py_DECREF(row);
+        self->take_off += rec_size(rec);
+    }
+    if (self->take_chunk == NULL) clear_blocks(self); /* all taken */
+    return Py_BuildValue("(Nn)", rows, size);
+}
+
+static PyObject *BlockTable_clear(RsBlockTable *self, PyObject *unused) {
+    (void)unused;
+    clear_blocks(self);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t BlockTable_len(RsBlockTable *self) { return (Py_ssize_t)self->count; }
+
+static PyObject *BlockTable_get_used(RsBlockTable *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSsize_t(self->used);
+}
+
+static PyObject *BlockTable_get_spilling(RsBlockTable *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->spilling);
+}
+
+static int BlockTable_set_spilling(RsBlockTable *self, PyObject *value, void *closure) {
+    (void)closure;
+    int v = value ? PyObject_IsTrue(value) : 0;
+    if (v < 0) return -1;
+    self->spilling = v;
+    return 0;
+}
+
+static PyObject *BlockTable_get_process(RsBlockTable *self, void *closure) {
+    (void)closure;
+    return Py_NewRef(self->process ? self->process : Py_None);
+}
+
+static PyObject *BlockTable_get_root(RsBlockTable *self, void *closure) {
+    (void)closure;
+    return Py_NewRef(self->root ? self->root : Py_None);
+}
+
+static PyMethodDef BlockTable_methods[] = {
+    {"add", (PyCFunction)BlockTable_add, METH_VARARGS,
+     "add(cid, block)\n--\n\nKeep a block (processed if it cannot be a node); a repeated CID keeps its first."},
+    {"raw_block", (PyCFunction)BlockTable_raw_block, METH_O, "raw_block(cid)\n--\n\nThe raw bytes kept for cid, else None."},
+    {"node", (PyCFunction)BlockTable_node, METH_O,
+     "node(cid)\n--\n\nRaw bytes of a block kept raw; None if absent; NOT_A_NODE if processed."},
+    {"take_rows", (PyCFunction)BlockTable_take_rows, METH_O,
+     "take_rows(max_bytes)\n--\n\nRemove and return about max_bytes of blocks as (rows, byte count)."},
+    {"clear", (PyCFunction)BlockTable_clear, METH_NOARGS, "clear()\n--\n\nDrop every block."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef BlockTable_getset[] = {
+    {"used", (getter)BlockTable_get_used, NULL, "Bytes counted (the table's real bytes).", NULL},
+    {"spilling", (getter)BlockTable_get_spilling, (setter)BlockTable_set_spilling,
+     "While finishing into a disk store: keep values that need the codec encoded.", NULL},
+    {"process", (getter)BlockTable_get_process, NULL, "The block processor, or None.", NULL},
+    {"root", (getter)BlockTable_get_root, NULL, "The commit's raw CID.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods BlockTable_as_sequence = {.sq_length = (lenfunc)BlockTable_len};
+
+PyTypeObject RsBlockTable_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "repo_stream._native.BlockTable",
+    .tp_basicsize = sizeof(RsBlockTable),
+    .tp_dealloc = (destructor)BlockTable_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "BlockTable(root, process, encode)\n--\n\n"
+              "The C in-memory block table; the same behaviour as repo_stream.blocks.MemoryBlocks.",
+    .tp_traverse = (traverseproc)BlockTable_traverse,
+    .tp_clear = (inquiry)BlockTable_clear_refs,
+    .tp_methods = BlockTable_methods,
+    .tp_getset = BlockTable_getset,
+    .tp_as_sequence = &BlockTable_as_sequence,
+    .tp_init = (initproc)BlockTable_init,
+    .tp_new = PyType_GenericNew,
+};

@@ -1,0 +1,864 @@
+/* Walker: the ordered, iterative MST walk (spec: atproto repository, "Merkle Search Tree").
+ * Mirrors repo_stream/walk.py: the same stack discipline, the same checks in the same order, the
+ * same errors (built by repo_stream/messages.py). A node is decoded whole (strict DAG-CBOR: one
+ * map {e, l}, entries {p, k, v, t}, no repeated key, no tag but 42; canonical when `strict`)
+ * before any tree rule is checked on it.
+ *
+ * With a BlockTable as `nodes` and `values`, nodes are read in place and each emitted record
+ * becomes its Python item right here; otherwise `nodes.node(cid)` / `nodes.prefetch(cids)` and
+ * `values.values(pairs, record_cids)` are called (the disk store). */
+#include "native.h"
+
+#define MAX_KEY_BYTES 1024
+
+typedef struct {
+    uint32_t off;     /* into the byte stack: key bytes (records), then CID bytes */
+    uint32_t key_len; /* records only */
+    uint32_t cid_len;
+    int32_t layer; /* nodes: the expected layer, -1 for the root */
+    uint32_t depth;
+    uint8_t is_record;
+} Item;
+
+typedef struct {
+    int neg;    /* p is negative: -1 - p */
+    uint64_t p;
+    const uint8_t *k, *v, *t; /* v and t: the CID bytes after the 0x00 */
+    size_t k_len, v_len, t_len;
+    int has_t;
+} Entry;
+
+typedef struct {
+    PyObject_HEAD
+    Item *items;
+    size_t n_items, cap_items;
+    uint8_t *bytes;
+    size_t n_bytes, cap_bytes;
+    uint8_t *last; /* the last emitted key */
+    size_t last_len, cap_last;
+    PyObject *nodes, *values;
+    RsBlockTable *table; /* nodes and values are this C table */
+    int max_depth, strict, record_cids;
+    PyObject *failed;
+    long long records;
+    /* scratch for one node */
+    Entry *entries;
+    size_t cap_entries;
+    uint8_t *key, *prev, *cid;
+    size_t cap_key, prev_len, cap_prev, cap_cid;
+    Item *pending; /* a node's items before they go on the stack, in walk order */
+    size_t cap_pending;
+    uint8_t *pbytes;
+    size_t n_pbytes, cap_pbytes;
+} Walker;
+
+/* --- growable buffers ------------------------------------------------------------------------- */
+
+static int reserve(void **buf, size_t *cap, size_t need, size_t elem) {
+    if (need <= *cap) return 0;
+    size_t n = *cap ? *cap : 64;
+    while (n < need) {
+        if (n > ((size_t)1 << 40) / elem) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        n *= 2;
+    }
+    void *grown = PyMem_Realloc(*buf, n * elem);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    *buf = grown;
+    *cap = n;
+    return 0;
+}
+
+/* --- errors --------------------------------------------------------------------------------- */
+
+static int node_error(const uint8_t *cid, size_t cid_len, const char *detail) {
+    return rs_raise("node_decode", "(y#s)", (const char *)cid, (Py_ssize_t)cid_len, detail);
+}
+
+static PyObject *p_object(int neg, uint64_t p) {
+    PyObject *v = PyLong_FromUnsignedLongLong(p);
+    if (v == NULL || !neg) return v;
+    PyObject *minus = PyNumber_Negative(v); /* -p - 1 */
+    Py_DECREF(v);
+    if (minus == NULL) return NULL;
+    PyObject *one = PyLong_FromLong(1);
+    if (one == NULL) {
+        Py_DECREF(minus);
+        return NULL;
+    }
+    PyObject *r = PyNumber_Subtract(minus, one);
+    Py_DECREF(minus);
+    Py_DECREF(one);
+    return r;
+}
+
+/* --- strict node decoding --------------------------------------------------------------------- */
+
+typedef struct {
+    const uint8_t *p, *end;
+    int strict;
+} Cursor;
+
+/* A head of the given major type; its argument in *arg. 0 ok, -1 not that (or malformed). In
+ * strict mode a non-minimal head counts as malformed and sets *noncanon. */
+static int expect_head(Cursor *c, int major, uint64_t *arg, int *noncanon) {
+    int m, minimal;
+    const uint8_t *q = c->p;
+    if (rs_cbor_head(&q, c->end, &m, arg, &minimal) < 0 || m != major) return -1;
+    if (!minimal && c->strict) {
+        *noncanon = 1;
+        return -1;
+    }
+    c->p = q;
+    return 0;
+}
+
+/* A one-character text key; returns the character, or -1. */
+static int text_key(Cursor *c, int *noncanon) {
+    uint64_t n;
+    if (expect_head(c, 3, &n, noncanon) < 0 || n != 1 || c->p >= c->end) return -1;
+    return *c->p++;
+}
+
+/* A link: tag 42 over bytes 0x00 + CID. Sets cid and len (after the 0x00). 0 ok, -1 not a link. */
+static int cbor_link(Cursor *c, const uint8_t **cid, size_t *len, int *noncanon) {
+    uint64_t tag, n;
+    if (expect_head(c, 6, &tag, noncanon) < 0 || tag != 42) return -1;
+    if (expect_head(c, 2, &n, noncanon) < 0 || n < 2 || n > (uint64_t)(c->end - c->p) || c->p[0] != 0) return -1;
+    *cid = c->p + 1;
+    *len = (size_t)n - 1;
+    c->p += n;
+    return 0;
+}
+
+/* Decode a node block into w->entries; sets *left (NULL if none). 0, or -1 with NodeDecodeError. */
+static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *block, size_t len,
+                       const uint8_t **left, size_t *left_len, size_t *count) {
+    Cursor c = {block, block + len, w->strict};
+    int noncanon = 0;
+    uint64_t n;
+    const char *canon = "not canonical DAG-CBOR (minimal integers and lengths, sorted map keys, no repeated key)";
+    *left = NULL;
+    *left_len = 0;
+    *count = 0;
+    int got_e = 0, got_l = 0;
+    if (expect_head(&c, 5, &n, &noncanon) < 0 || n != 2)
+        return node_error(cid, cid_len, noncanon ? canon : "not a map of exactly 'e' and 'l'");
+    for (int i = 0; i < 2; i++) {
+        int key = text_key(&c, &noncanon);
+        if (key != 'e' && key != 'l') return node_error(cid, cid_len, noncanon ? canon : "not a map of exactly 'e' and 'l'");
+        if ((key == 'e' && got_e) || (key == 'l' && got_l)) return node_error(cid, cid_len, "map key 'e' or 'l' is repeated");
+        if (w->strict && i == 0 && key != 'e') return node_error(cid, cid_len, canon);
+        if (key == 'e') {
+            got_e = 1;
+            uint64_t entries;
+            if (expect_head(&c, 4, &entries, &noncanon) < 0)
+                return node_error(cid, cid_len, noncanon ? canon : "'e' is not a list");
+            if (entries > (uint64_t)(c.end - c.p)) return node_error(cid, cid_len, "'e' claims more entries than there are bytes");
+            if (reserve((void **)&w->entries, &w->cap_entries, (size_t)entries + 1, sizeof(Entry)) < 0) return -1;
+            for (uint64_t j = 0; j < entries; j++) {
+                Entry *e = &w->entries[j];
+                memset(e, 0, sizeof *e);
+                uint64_t fields;
+                if (expect_head(&c, 5, &fields, &noncanon) < 0 || fields != 4)
+                    return node_error(cid, cid_len, noncanon ? canon : "an entry is not a map of exactly p, k, v, t");
+                int seen = 0, previous = 0;
+                for (int f = 0; f < 4; f++) {
+                    int fk = text_key(&c, &noncanon);
+                    int bit = fk == 'p' ? 1 : fk == 'k' ? 2 : fk == 'v' ? 4 : fk == 't' ? 8 : 0;
+                    if (bit == 0) return node_error(cid, cid_len, noncanon ? canon : "an entry is not a map of exactly p, k, v, t");
+                    if (seen & bit) return node_error(cid, cid_len, "an entry repeats a map key");
+                    if (w->strict && fk <= previous) return node_error(cid, cid_len, canon);
+                    previous = fk;
+                    seen |= bit;
+                    if (fk == 'p') {
+                        int m, minimal;
+                        const uint8_t *q = c.p;
+                        if (rs_cbor_head(&q, c.end, &m, &e->p, &minimal) < 0 || (m != 0 && m != 1))
+                            return node_error(cid, cid_len, "entry 'p' must be an int and 'k' bytes");
+                        if (!minimal && w->strict) return node_error(cid, cid_len, canon);
+                        e->neg = m == 1;
+                        c.p = q;
+                    } else if (fk == 'k') {
+                        uint64_t kn;
+                        if (expect_head(&c, 2, &kn, &noncanon) < 0 || kn > (uint64_t)(c.end - c.p))
+                            return node_error(cid, cid_len, noncanon ? canon : "entry 'p' must be an int and 'k' bytes");
+                        e->k = c.p;
+                        e->k_len = (size_t)kn;
+                        c.p += kn;
+                    } else if (fk == 'v') {
+                        if (cbor_link(&c, &e->v, &e->v_len, &noncanon) < 0)
+                            return node_error(cid, cid_len, noncanon ? canon : "entry 'v' is not a CID link");
+                    } else {
+                        if (c.p < c.end && *c.p == 0xf6) {
+                            c.p++;
+                        } else if (cbor_link(&c, &e->t, &e->t_len, &noncanon) < 0) {
+                            return node_error(cid, cid_len, noncanon ? canon : "entry 't' is neither a CID link nor null");
+                        } else {
+                            e->has_t = 1;
+                        }
+                    }
+                }
+            }
+            *count = (size_t)entries;
+        } else {
+            got_l = 1;
+            if (c.p < c.end && *c.p == 0xf6) {
+                c.p++;
+            } else if (cbor_link(&c, left, left_len, &noncanon) < 0) {
+                return node_error(cid, cid_len, noncanon ? canon : "'l' is neither a CID link nor null");
+            }
+        }
+    }
+    if (c.p != c.end) return node_error(cid, cid_len, "bytes after the node's CBOR item");
+    return 0;
+}
+
+/* --- key rules ---------------------------------------------------------------------------------- */
+
+static int key_layer(const uint8_t *key, size_t len) {
+    uint8_t d[32];
+    rs_sha256(key, len, d);
+    int zeros = 0;
+    for (int i = 0; i < 32; i++) {
+        if (d[i] == 0) {
+            zeros += 8;
+            continue;
+        }
+        zeros += __builtin_clz((unsigned)d[i]) - 24;
+        break;
+    }
+    return zeros >> 1;
+}
+
+/* Strict UTF-8, as Python's decoder: no overlong forms, no surrogates, nothing past U+10FFFF. */
+static int valid_utf8(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t b = s[i];
+        if (b < 0x80) {
+            i++;
+            continue;
+        }
+        size_t need;
+        uint32_t cp, min;
+        if (b >= 0xc2 && b <= 0xdf) {
+            need = 1;
+            cp = b & 0x1f;
+            min = 0x80;
+        } else if (b >= 0xe0 && b <= 0xef) {
+            need = 2;
+            cp = b & 0x0f;
+            min = 0x800;
+        } else if (b >= 0xf0 && b <= 0xf4) {
+            need = 3;
+            cp = b & 0x07;
+            min = 0x10000;
+        } else {
+            return 0;
+        }
+        if (n - i - 1 < need) return 0;
+        for (size_t j = 1; j <= need; j++) {
+            uint8_t cb = s[i + j];
+            if ((cb & 0xc0) != 0x80) return 0;
+            cp = (cp << 6) | (cb & 0x3f);
+        }
+        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return 0;
+        i += need + 1;
+    }
+    return 1;
+}
+
+static inline int is_alpha(uint8_t c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
+static inline int is_alnum(uint8_t c) { return is_alpha(c) || (c >= '0' && c <= '9'); }
+
+/* NSID (https://atproto.com/specs/nsid), as repo_stream.mst.is_valid_collection. */
+static int valid_collection(const uint8_t *s, size_t n) {
+    if (n == 0 || n > 317) return 0;
+    size_t segments = 0, start = 0;
+    for (size_t i = 0; i <= n; i++) {
+        if (i < n && s[i] != '.') continue;
+        size_t len = i - start;
+        if (len < 1 || len > 63) return 0;
+        const uint8_t *seg = s + start;
+        int last = i == n;
+        if (last) { /* the name: a letter, then letters and digits */
+            if (!is_alpha(seg[0])) return 0;
+            for (size_t j = 1; j < len; j++)
+                if (!is_alnum(seg[j])) return 0;
+        } else {
+            if (segments == 0 ? !is_alpha(seg[0]) : !is_alnum(seg[0])) return 0;
+            if (!is_alnum(seg[len - 1])) return 0;
+            for (size_t j = 1; j + 1 < len; j++)
+                if (!is_alnum(seg[j]) && seg[j] != '-') return 0;
+        }
+        segments++;
+        start = i + 1;
+    }
+    return segments >= 3;
+}
+
+/* Record key (https://atproto.com/specs/record-key), as the walker's rkey pattern. */
+static int valid_rkey(const uint8_t *s, size_t n) {
+    if (n < 1 || n > 512) return 0;
+    if ((n == 1 && s[0] == '.') || (n == 2 && s[0] == '.' && s[1] == '.')) return 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t c = s[i];
+        if (!(is_alnum(c) || c == '.' || c == '_' || c == ':' || c == '~' || c == '-')) return 0;
+    }
+    return 1;
+}
+
+/* --- the stack ---------------------------------------------------------------------------------- */
+
+/* Append an item to the pending list with its key and CID bytes. */
+static int pend(Walker *w, int is_record, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len,
+                int32_t layer, uint32_t depth, size_t *count) {
+    if (key_len + cid_len > UINT32_MAX / 2) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if (reserve((void **)&w->pending, &w->cap_pending, *count + 1, sizeof(Item)) < 0) return -1;
+    if (reserve((void **)&w->pbytes, &w->cap_pbytes, w->n_pbytes + key_len + cid_len, 1) < 0) return -1;
+    Item *it = &w->pending[(*count)++];
+    it->off = (uint32_t)w->n_pbytes;
+    it->key_len = (uint32_t)key_len;
+    it->cid_len = (uint32_t)cid_len;
+    it->layer = layer;
+    it->depth = depth;
+    it->is_record = (uint8_t)is_record;
+    if (key_len) memcpy(w->pbytes + w->n_pbytes, key, key_len);
+    memcpy(w->pbytes + w->n_pbytes + key_len, cid, cid_len);
+    w->n_pbytes += key_len + cid_len;
+    return 0;
+}
+
+/* Move the pending items onto the stack, last first, so the first is on top. */
+static int push_pending(Walker *w, size_t count) {
+    if (reserve((void **)&w->items, &w->cap_items, w->n_items + count, sizeof(Item)) < 0) return -1;
+    if (reserve((void **)&w->bytes, &w->cap_bytes, w->n_bytes + w->n_pbytes, 1) < 0) return -1;
+    if (w->n_bytes + w->n_pbytes > UINT32_MAX) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (size_t i = count; i-- > 0;) {
+        Item it = w->pending[i];
+        size_t n = it.key_len + it.cid_len;
+        memcpy(w->bytes + w->n_bytes, w->pbytes + it.off, n);
+        it.off = (uint32_t)w->n_bytes;
+        w->n_bytes += n;
+        w->items[w->n_items++] = it;
+    }
+    return 0;
+}
+
+/* --- expanding one node ---------------------------------------------------------------------- */
+
+/* Decode a node, check its rules, push its items; collect its subtree CIDs into `subtrees` (a
+ * list, or NULL). 0, or -1 with an error. */
+static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *block, size_t len, int32_t expected,
+                  uint32_t depth, PyObject *subtrees) {
+    const uint8_t *left;
+    size_t left_len, count;
+    if (decode_node(w, cid, cid_len, block, len, &left, &left_len, &count) < 0) return -1;
+    int is_root = expected < 0;
+    size_t npend = 0;
+    w->n_pbytes = 0;
+    if (count == 0) {
+        if (left == NULL) {
+            if (is_root) return 0; /* the empty repo */
+            return rs_raise("empty_node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+        }
+        if (is_root) return rs_raise("empty_root", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+        if (expected == 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+        if (pend(w, 0, NULL, 0, left, left_len, expected - 1, depth + 1, &npend) < 0) return -1;
+        if (subtrees) {
+            PyObject *b = PyBytes_FromStringAndSize((const char *)left, (Py_ssize_t)left_len);
+            if (b == NULL || PyList_Append(subtrees, b) < 0) {
+                Py_XDECREF(b);
+                return -1;
+            }
+            Py_DECREF(b);
+        }
+        return push_pending(w, npend);
+    }
+    w->prev_len = 0;
+    int layer = -1;
+    int32_t child = expected - 1;
+    const uint8_t *last_collection = NULL;
+    size_t last_collection_len = 0;
+    uint8_t collection_buf[320];
+    for (size_t j = 0; j < count; j++) {
+        Entry *e = &w->entries[j];
+        size_t key_len;
+        if (e->neg || e->p != 0) {
+            if (e->neg || e->p > w->prev_len) {
+                PyObject *p = p_object(e->neg, e->p);
+                if (p == NULL) return -1;
+                return rs_raise("prefix_outside", "(y#Ny#)", (const char *)cid, (Py_ssize_t)cid_len, p,
+                                (const char *)w->prev, (Py_ssize_t)w->prev_len);
+            }
+            key_len = (size_t)e->p + e->k_len;
+            if (reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
+            memcpy(w->key, w->prev, (size_t)e->p);
+            if (e->k_len) memcpy(w->key + e->p, e->k, e->k_len);
+        } else {
+            key_len = e->k_len;
+            if (reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
+            if (key_len) memcpy(w->key, e->k, key_len);
+        }
+        const uint8_t *key = w->key;
+        if (!e->neg && e->p < w->prev_len && e->k_len && e->k[0] == w->prev[e->p])
+            return rs_raise("prefix_not_maximal", "(y#y#Ky#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
+                            (Py_ssize_t)key_len, (unsigned long long)e->p, (const char *)w->prev, (Py_ssize_t)w->prev_len);
+        int kl = key_layer(key, key_len);
+        if (kl != layer) {
+            if (layer >= 0)
+                return rs_raise("layer_mismatch", "(y#y#ii)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
+                                (Py_ssize_t)key_len, kl, layer);
+            layer = kl;
+            if (is_root) child = layer - 1;
+        }
+        if (key_len > MAX_KEY_BYTES) return rs_raise("key_too_long", "(y#n)", (const char *)cid, (Py_ssize_t)cid_len, (Py_ssize_t)key_len);
+        if (!valid_utf8(key, key_len))
+            return rs_raise("key_not_utf8", "(y#y#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+        const uint8_t *slash = memchr(key, '/', key_len);
+        size_t clen = slash ? (size_t)(slash - key) : key_len;
+        if (!(last_collection && clen == last_collection_len && memcmp(key, last_collection, clen) == 0)) {
+            if (!(slash && valid_collection(key, clen)))
+                return rs_raise("invalid_key", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+            memcpy(collection_buf, key, clen); /* valid: at most 317 bytes */
+            last_collection = collection_buf;
+            last_collection_len = clen;
+        }
+        const uint8_t *rkey = slash ? slash + 1 : key + key_len;
+        if (!valid_rkey(rkey, (size_t)(key + key_len - rkey)))
+            return rs_raise("invalid_key", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+        if (pend(w, 1, key, key_len, e->v, e->v_len, 0, 0, &npend) < 0) return -1;
+        if (e->has_t) {
+            if (child < 0)
+                return rs_raise("subtree_at_layer0", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
+                                (Py_ssize_t)key_len);
+            if (pend(w, 0, NULL, 0, e->t, e->t_len, child, depth + 1, &npend) < 0) return -1;
+            if (subtrees) {
+                PyObject *b = PyBytes_FromStringAndSize((const char *)e->t, (Py_ssize_t)e->t_len);
+                if (b == NULL || PyList_Append(subtrees, b) < 0) {
+                    Py_XDECREF(b);
+                    return -1;
+                }
+                Py_DECREF(b);
+            }
+        }
+        /* prev = key (at most 1024 bytes here) */
+        if (reserve((void **)&w->prev, &w->cap_prev, key_len + 1, 1) < 0) return -1;
+        memcpy(w->prev, key, key_len);
+        w->prev_len = key_len;
+    }
+    if (layer != expected && !is_root) return rs_raise("wrong_layer", "(y#ii)", (const char *)cid, (Py_ssize_t)cid_len, layer, (int)expected);
+    if (left != NULL) {
+        if (child < 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+        /* walked first: on top, so first in the pending order */
+        if (reserve((void **)&w->pending, &w->cap_pending, npend + 1, sizeof(Item)) < 0) return -1;
+        size_t before = npend;
+        if (pend(w, 0, NULL, 0, left, left_len, child, depth + 1, &npend) < 0) return -1;
+        Item it = w->pending[before];
+        memmove(w->pending + 1, w->pending, before * sizeof(Item));
+        w->pending[0] = it;
+        if (subtrees) {
+            PyObject *b = PyBytes_FromStringAndSize((const char *)left, (Py_ssize_t)left_len);
+            if (b == NULL || PyList_Append(subtrees, b) < 0) {
+                Py_XDECREF(b);
+                return -1;
+            }
+            Py_DECREF(b);
+        }
+    }
+    return push_pending(w, npend);
+}
+
+/* --- emitting ----------------------------------------------------------------------------------- */
+
+/* The item for one record, resolved in the C table: 1 (appended), 0 (failed: *error set to the
+ * exception to raise after the walk part), -1 (an error to raise now). */
+static int emit_resolved(Walker *w, PyObject *out, const uint8_t *key, size_t key_len, const uint8_t *cid,
+                         size_t cid_len, PyObject **error) {
+    const uint8_t *data = NULL;
+    size_t len = 0;
+    PyObject *value = NULL;
+    int kind = rs_table_get(w->table, cid, cid_len, &data, &len, &value);
+    if (kind == 0) {
+        rs_raise("missing_record", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+        goto failed;
+    }
+    if (kind == 2) {
+        Py_INCREF(value);
+    } else {
+        value = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+        if (value == NULL) return -1;
+        PyObject *process = rs_table_process(w->table);
+        if (process != NULL && process != Py_None) {
+            PyObject *processed = PyObject_CallOneArg(process, value);
+            Py_DECREF(value);
+            if (processed == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+                PyObject *type, *exc, *tb;
+                PyErr_Fetch(&type, &exc, &tb);
+                PyErr_NormalizeException(&type, &exc, &tb);
+                if (tb) PyException_SetTraceback(exc, tb);
+                Py_XDECREF(type);
+                Py_XDECREF(tb);
+                rs_raise("processor_failed", "(s#y#N)", (const char *)key, (Py_ssize_t)key_len, (const char *)cid,
+                         (Py_ssize_t)cid_len, exc);
+                goto failed;
+            }
+            value = processed;
+        }
+    }
+    PyObject *k = PyUnicode_FromStringAndSize((const char *)key, (Py_ssize_t)key_len);
+    if (k == NULL) {
+        Py_DECREF(value);
+        return -1;
+    }
+    PyObject *item;
+    if (w->record_cids) {
+        PyObject *text = rs_cid_text_of(cid, cid_len);
+        if (text == NULL) {
+            Py_DECREF(k);
+            Py_DECREF(value);
+            return -1;
+        }
+        item = PyTuple_New(3);
+        if (item == NULL) {
+            Py_DECREF(k);
+            Py_DECREF(text);
+            Py_DECREF(value);
+            return -1;
+        }
+        PyTuple_SET_ITEM(item, 0, k);
+        PyTuple_SET_ITEM(item, 1, text);
+        PyTuple_SET_ITEM(item, 2, value);
+    } else {
+        item = PyTuple_New(2);
+        if (item == NULL) {
+            Py_DECREF(k);
+            Py_DECREF(value);
+            return -1;
+        }
+        PyTuple_SET_ITEM(item, 0, k);
+        PyTuple_SET_ITEM(item, 1, value);
+    }
+    int r = PyList_Append(out, item);
+    Py_DECREF(item);
+    return r < 0 ? -1 : 1;
+failed: {
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (exc == NULL) return -1;
+    if (tb) PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    *error = exc;
+    return 0;
+}
+}
+
+/* Walk until n records (or the end); the items (or pairs) in `out`. 0, or -1 with an error. */
+static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
+    int in_table = w->table != NULL;
+    PyObject *prefetch = NULL;
+    if (!in_table) {
+        prefetch = PyObject_GetAttrString(w->nodes, "prefetch");
+        if (prefetch == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+            PyErr_Clear();
+        }
+    }
+    int status = 0;
+    while (w->n_items > 0 && PyList_GET_SIZE(out) < n) {
+        Item it = w->items[--w->n_items];
+        if (it.is_record) {
+            const uint8_t *key = w->bytes + it.off;
+            const uint8_t *cid = key + it.key_len;
+            size_t common = it.key_len < w->last_len ? it.key_len : w->last_len;
+            int cmp = memcmp(key, w->last, common);
+            if (cmp < 0 || (cmp == 0 && it.key_len <= w->last_len)) {
+                status = rs_raise("key_order", "(s#s#)", (const char *)key, (Py_ssize_t)it.key_len, (const char *)w->last,
+                                  (Py_ssize_t)w->last_len);
+                break;
+            }
+            if (in_table && w->values == (PyObject *)w->table) {
+                /* After a record fails to resolve, the walk part still runs to n records (its own
+                 * errors come first, as in the reference); placeholders keep the count. */
+                int got = *deferred == NULL ? emit_resolved(w, out, key, it.key_len, cid, it.cid_len, deferred) : 0;
+                if (got < 0 || (got == 0 && PyList_Append(out, Py_None) < 0)) {
+                    status = -1;
+                    break;
+                }
+            } else {
+                PyObject *pair = Py_BuildValue("(s#y#)", (const char *)key, (Py_ssize_t)it.key_len, (const char *)cid,
+                                               (Py_ssize_t)it.cid_len);
+                if (pair == NULL || PyList_Append(out, pair) < 0) {
+                    Py_XDECREF(pair);
+                    status = -1;
+                    break;
+                }
+                Py_DECREF(pair);
+            }
+            if (reserve((void **)&w->last, &w->cap_last, it.key_len + 1, 1) < 0) {
+                status = -1;
+                break;
+            }
+            memcpy(w->last, key, it.key_len);
+            w->last_len = it.key_len;
+            w->n_bytes = it.off;
+            continue;
+        }
+        /* a node: copy its CID out of the byte stack, which may move while children are pushed */
+        if (reserve((void **)&w->cid, &w->cap_cid, (size_t)it.cid_len + 1, 1) < 0) {
+            status = -1;
+            break;
+        }
+        memcpy(w->cid, w->bytes + it.off, it.cid_len);
+        const uint8_t *cid = w->cid;
+        size_t cid_len = it.cid_len;
+        if ((int64_t)it.depth > (int64_t)w->max_depth) {
+            status = rs_raise("depth_limit", "(y#Ii)", (const char *)cid, (Py_ssize_t)cid_len, (unsigned int)it.depth, w->max_depth);
+            break;
+        }
+        if (cid_len < 2 || cid[0] != 0x01 || cid[1] != 0x71) {
+            status = rs_raise("node_link_codec", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+            break;
+        }
+        if (in_table) {
+            const uint8_t *data = NULL;
+            size_t len = 0;
+            PyObject *value = NULL;
+            int kind = rs_table_get(w->table, cid, cid_len, &data, &len, &value);
+            if (kind == 0) {
+                status = rs_raise("missing_node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+                break;
+            }
+            if (kind == 2) {
+                status = rs_raise("not_a_node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+                break;
+            }
+            if (expand(w, cid, cid_len, data, len, it.layer, it.depth, NULL) < 0) {
+                status = -1;
+                break;
+            }
+        } else {
+            PyObject *block = PyObject_CallMethod(w->nodes, "node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+            if (block == NULL) {
+                status = -1;
+                break;
+            }
+            if (block == Py_None) {
+                Py_DECREF(block);
+                status = rs_raise("missing_node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+                break;
+            }
+            if (block == rs_not_a_node || !PyBytes_Check(block)) {
+                Py_DECREF(block);
+                status = rs_raise("not_a_node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+                break;
+            }
+            PyObject *subtrees = prefetch ? PyList_New(0) : NULL;
+            if (prefetch && subtrees == NULL) {
+                Py_DECREF(block);
+                status = -1;
+                break;
+            }
+            int r = expand(w, cid, cid_len, (const uint8_t *)PyBytes_AS_STRING(block), (size_t)PyBytes_GET_SIZE(block),
+                           it.layer, it.depth, subtrees);
+            Py_DECREF(block);
+            if (r == 0 && subtrees && PyList_GET_SIZE(subtrees) > 0) {
+                PyObject *done = PyObject_CallOneArg(prefetch, subtrees);
+                if (done == NULL) r = -1;
+                Py_XDECREF(done);
+            }
+            Py_XDECREF(subtrees);
+            if (r < 0) {
+                status = -1;
+                break;
+            }
+        }
+    }
+    Py_XDECREF(prefetch);
+    return status;
+}
+
+/* --- the type ---------------------------------------------------------------------------------- */
+
+static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"root", "nodes", "values", "max_depth", "strict", "record_cids", NULL};
+    Py_buffer root;
+    PyObject *nodes, *values = Py_None;
+    int max_depth = 32, strict = 0, record_cids = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*O|O$ipp", names, &root, &nodes, &values, &max_depth, &strict,
+                                     &record_cids))
+        return -1;
+    if (self->nodes != NULL) {
+        PyBuffer_Release(&root);
+        PyErr_SetString(PyExc_RuntimeError, "Walker.__init__ called twice");
+        return -1;
+    }
+    if (root.len > UINT32_MAX / 4 || reserve((void **)&self->items, &self->cap_items, 1, sizeof(Item)) < 0 ||
+        reserve((void **)&self->bytes, &self->cap_bytes, (size_t)root.len + 1, 1) < 0) {
+        PyBuffer_Release(&root);
+        if (!PyErr_Occurred()) PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(self->bytes, root.buf, (size_t)root.len);
+    self->n_bytes = (size_t)root.len;
+    Item it = {0, 0, (uint32_t)root.len, -1, 1, 0};
+    self->items[0] = it;
+    self->n_items = 1;
+    PyBuffer_Release(&root);
+    Py_INCREF(nodes);
+    self->nodes = nodes;
+    Py_INCREF(values);
+    self->values = values;
+    self->table = PyObject_TypeCheck(nodes, &RsBlockTable_Type) ? (RsBlockTable *)nodes : NULL;
+    self->max_depth = max_depth;
+    self->strict = strict;
+    self->record_cids = record_cids;
+    return 0;
+}
+
+static int Walker_traverse(Walker *self, visitproc visit, void *arg) {
+    Py_VISIT(self->nodes);
+    Py_VISIT(self->values);
+    Py_VISIT(self->failed);
+    return 0;
+}
+
+static int Walker_clear(Walker *self) {
+    Py_CLEAR(self->nodes);
+    Py_CLEAR(self->values);
+    Py_CLEAR(self->failed);
+    self->table = NULL;
+    self->n_items = 0;
+    return 0;
+}
+
+static void Walker_dealloc(Walker *self) {
+    PyObject_GC_UnTrack(self);
+    Walker_clear(self);
+    PyMem_Free(self->items);
+    PyMem_Free(self->bytes);
+    PyMem_Free(self->last);
+    PyMem_Free(self->entries);
+    PyMem_Free(self->key);
+    PyMem_Free(self->prev);
+    PyMem_Free(self->cid);
+    PyMem_Free(self->pending);
+    PyMem_Free(self->pbytes);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Keep a RepoStreamError as the walker's failure; re-raise it. Returns NULL. */
+static PyObject *fail(Walker *self) {
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (exc && tb) PyException_SetTraceback(exc, tb);
+    if (exc && rs_base_error && PyObject_IsInstance(exc, rs_base_error) == 1) {
+        Py_INCREF(exc);
+        Py_XSETREF(self->failed, exc);
+    }
+    PyErr_Restore(type, exc, tb);
+    return NULL;
+}
+
+static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
+    if (self->failed) {
+        PyErr_SetObject((PyObject *)Py_TYPE(self->failed), self->failed);
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "chunk size must be at least 1, got %zd", n);
+    if (self->nodes == NULL) return PyErr_Format(PyExc_RuntimeError, "the walker is not initialised");
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    PyObject *deferred = NULL;
+    if (step(self, n, out, &deferred) < 0) {
+        Py_XDECREF(deferred);
+        Py_DECREF(out);
+        return fail(self);
+    }
+    if (deferred != NULL) {
+        Py_DECREF(out);
+        PyErr_SetObject((PyObject *)Py_TYPE(deferred), deferred);
+        Py_DECREF(deferred);
+        return fail(self);
+    }
+    if (!(self->table != NULL && self->values == (PyObject *)self->table) && self->values != Py_None) {
+        PyObject *items = PyObject_CallMethod(self->values, "values", "(OO)", out, self->record_cids ? Py_True : Py_False);
+        Py_DECREF(out);
+        if (items == NULL) return fail(self);
+        out = items;
+    }
+    Py_ssize_t got = PyObject_Length(out);
+    if (got < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    if (got == 0 && self->n_items == 0) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    self->records += got;
+    return out;
+}
+
+static PyObject *Walker_abandon(Walker *self, PyObject *unused) {
+    (void)unused;
+    self->n_items = 0;
+    self->n_bytes = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Walker_get_done(Walker *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->n_items == 0);
+}
+
+static PyObject *Walker_get_records(Walker *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLongLong(self->records);
+}
+
+static PyMethodDef Walker_methods[] = {
+    {"next_chunk", (PyCFunction)Walker_next_chunk, METH_O,
+     "next_chunk(n)\n--\n\nUp to n further items in key order; None when the walk is over."},
+    {"abandon", (PyCFunction)Walker_abandon, METH_NOARGS, "abandon()\n--\n\nStop the walk."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Walker_getset[] = {
+    {"done", (getter)Walker_get_done, NULL, "True once every record has been emitted.", NULL},
+    {"records", (getter)Walker_get_records, NULL, "Records emitted so far.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+PyTypeObject RsWalker_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "repo_stream._native.Walker",
+    .tp_basicsize = sizeof(Walker),
+    .tp_dealloc = (destructor)Walker_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Walker(root, nodes, values=None, *, max_depth=32, strict=False, record_cids=False)\n--\n\n"
+              "The C MST walker; the same behaviour and errors as repo_stream.walk.Walker.",
+    .tp_traverse = (traverseproc)Walker_traverse,
+    .tp_clear = (inquiry)Walker_clear,
+    .tp_methods = Walker_methods,
+    .tp_getset = Walker_getset,
+    .tp_init = (initproc)Walker_init,
+    .tp_new = PyType_GenericNew,
+};
