@@ -708,8 +708,11 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_RuntimeError, "Walker.__init__ called twice");
         return -1;
     }
+    /* the scratch key buffers are never NULL, so an empty one is b"" / "" in messages */
     if (root.len > UINT32_MAX / 4 || reserve((void **)&self->items, &self->cap_items, 1, sizeof(Item)) < 0 ||
-        reserve((void **)&self->bytes, &self->cap_bytes, (size_t)root.len + 1, 1) < 0) {
+        reserve((void **)&self->bytes, &self->cap_bytes, (size_t)root.len + 1, 1) < 0 ||
+        reserve((void **)&self->last, &self->cap_last, 64, 1) < 0 || reserve((void **)&self->prev, &self->cap_prev, 64, 1) < 0 ||
+        reserve((void **)&self->key, &self->cap_key, 64, 1) < 0) {
         PyBuffer_Release(&root);
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return -1;

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 
+from . import implementation
 from .disk import DiskBuilder
 from .drivers import DriverBuilder, NeedDisk
 from .errors import RepoStreamError
@@ -83,7 +84,8 @@ async def stats(
 
     Keys: ``did, rev, version, commit, data`` (CIDs as base32 strings), ``records``,
     ``record_bytes`` (sum of record block lengths), ``blocks`` (CAR sections), ``car_bytes``,
-    ``collections`` (collection -> record count), ``spilled`` (bool), ``seconds``.
+    ``collections`` (collection -> record count), ``spilled`` (bool), ``seconds``,
+    ``implementation`` (``"c"`` or ``"python"``).
 
     A spill file made at ``disk_path`` is removed afterwards (a file that existed before is
     emptied but kept); without ``disk_path`` a temporary one is used and always removed.
@@ -151,6 +153,7 @@ async def _walk(builder: DriverBuilder[Any], source: Any, disk_path: str | None,
         "collections": dict(sorted(collections.items())),
         "spilled": spilled,
         "seconds": round(time.perf_counter() - started, 6),
+        "implementation": implementation.backend().name,
     }
 
 

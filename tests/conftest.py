@@ -1,20 +1,45 @@
-"""Shared test fixtures: the anyio backends and the real CAR samples in ../shared/car-samples."""
+"""Shared test fixtures: the implementations, the anyio backends and the real CAR samples."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from repo_stream import implementation
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("REPO_STREAM_SAMPLES", ROOT.parent / "shared" / "car-samples"))
+#: Both implementations, always: the C core and the pure-Python reference.
+IMPLEMENTATIONS = ["c", "python"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, autouse=True)
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run every test on the C core and on the pure-Python reference (as cbor2 tests its C and
+    Python decoders); child processes get ``REPO_STREAM_PURE_PYTHON`` to match. Without the
+    built extension the C runs skip, saying so, except in CI (``CI`` set), where a missing C core
+    fails them."""
+    name = request.param
+    if name not in implementation.available():
+        if os.environ.get("CI"):
+            pytest.fail("the C core (repo_stream._native) was not built, but CI must test it")
+        pytest.skip("the C core (repo_stream._native) is not built here")
+    before = implementation.backend().name
+    implementation.use(name)
+    monkeypatch.setenv("REPO_STREAM_PURE_PYTHON", "1" if name == "python" else "0")
+    try:
+        yield name
+    finally:
+        implementation.use(before)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run every ``@pytest.mark.anyio`` test on asyncio and on trio."""
-    return request.param
+    return str(request.param)
 
 
 def sample_path(name: str) -> Path:

@@ -34,7 +34,7 @@ def car_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_stats_json(car_path: Path) -> None:
+def test_stats_json(car_path: Path, impl: str) -> None:
     done = run("stats", str(car_path), "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -47,6 +47,7 @@ def test_stats_json(car_path: Path) -> None:
     assert result["spilled"] is False
     assert result["commit"].startswith("bafyrei") and result["data"].startswith("bafyrei")
     assert result["seconds"] > 0
+    assert result["implementation"] == impl
     assert done.stderr == ""
 
 

@@ -1343,3 +1343,122 @@ def test_cli_reports_one_error_line(name: str, tmp_path: Path) -> None:
     assert done.stderr.endswith("\n") and done.stderr.count("\n") == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.car"]  # no spill file left behind
+
+
+# --------------------------------------------------------------------------------------------
+# 14. Strict DAG-CBOR in MST nodes: one reading per CID. A repeated map key would let two
+# readers see two trees under one CID; a link with another codec (raw, 0x55) must not be walked
+# as a node; with verification a node must be canonical (spec: DAG-CBOR "Strictness").
+# --------------------------------------------------------------------------------------------
+
+
+class Pairs(list):  # type: ignore[type-arg]
+    """A CBOR map written as its pairs, in this order, repeats allowed (test-side encoder)."""
+
+
+def _head(major: int, n: int, width: int | None = None) -> bytes:
+    """A CBOR head; ``width`` (1, 2, 4 or 8 bytes) forces a non-minimal argument."""
+    if width is None:
+        width = 0 if n < 24 else 1 if n < 0x100 else 2 if n < 0x10000 else 4 if n < 0x100000000 else 8
+    if width == 0:
+        return bytes([major << 5 | n])
+    info = {1: 24, 2: 25, 4: 26, 8: 27}[width]
+    return bytes([major << 5 | info]) + n.to_bytes(width, "big")
+
+
+class Wide(int):
+    """An unsigned integer written with a 2-byte argument (not minimal)."""
+
+
+def enc(value: Any) -> bytes:
+    if isinstance(value, Pairs):
+        return _head(5, len(value)) + b"".join(enc(k) + enc(v) for k, v in value)
+    if isinstance(value, dict):
+        return enc(Pairs(value.items()))
+    if isinstance(value, list):
+        return _head(4, len(value)) + b"".join(enc(v) for v in value)
+    if isinstance(value, cbor2.CBORTag):
+        return _head(6, value.tag) + enc(value.value)
+    if isinstance(value, bytes):
+        return _head(2, len(value)) + value
+    if isinstance(value, str):
+        return _head(3, len(value.encode())) + value.encode()
+    if value is None:
+        return b"\xf6"
+    if isinstance(value, Wide):
+        return _head(0, int(value), 2)
+    assert isinstance(value, int) and value >= 0
+    return _head(0, value)
+
+
+def _reencoded(shape: Callable[[list[dict[str, Any]], Any], Any]) -> Callable[[bytes], bytes]:
+    """A node rewritten by ``shape(entries, left)`` and encoded as given."""
+
+    def change(node: bytes) -> bytes:
+        value = cbor2.loads(node)
+        return enc(shape(value["e"], value["l"]))
+
+    return change
+
+
+def _entry_pairs(entry: dict[str, Any], order: str = "kptv") -> Pairs:
+    return Pairs((k, entry[k]) for k in order)
+
+
+def _raw_codec_root() -> bytes:
+    """The small repo whose commit's ``data`` is the real node under a raw-codec (0x55) CID."""
+    root, blocks = _small_tree()
+    node = blocks[0][1]
+    raw_cid = b"\x01\x55\x12\x20" + hashlib.sha256(node).digest()
+    return car_with(commit_block(raw_cid), [(raw_cid, node), *blocks[1:]])
+
+
+def _raw_codec_subtree() -> bytes:
+    """A two-layer repo whose left subtree link is rewritten to a raw-codec CID of the same node."""
+    records = [(k, rec(k)) for k in keys_on(1, 1) + keys_on(0, 2)]
+    root, blocks = tree(records)
+    top = cbor2.loads(dict(blocks)[root])
+    assert top["l"] is not None
+    left_cid = top["l"].value[1:]
+    left_block = dict(blocks)[left_cid]
+    raw_cid = b"\x01\x55" + left_cid[2:]
+    top["l"] = link(raw_cid)
+    new_top = cbor2.dumps(top, canonical=True)
+    rest = [(c, b) for c, b in blocks if c not in (root, left_cid)]
+    return car_with(commit_block(dag_cbor_cid(new_top)), [(dag_cbor_cid(new_top), new_top), (raw_cid, left_block), *rest])
+
+
+STRICT_NODES = [
+    # {e, l, e}: a second 'e' that one reader would take and another would not
+    Case("node-key-e-repeated", _node_variant(_reencoded(lambda e, l: Pairs([("e", e), ("l", l), ("e", [])]))), NodeDecodeError),
+    Case("node-key-e-repeated-verify", _node_variant(_reencoded(lambda e, l: Pairs([("e", e), ("l", l), ("e", [])]))), NodeDecodeError, configure=verify),
+    Case("node-key-l-repeated", _node_variant(_reencoded(lambda e, l: Pairs([("e", e), ("l", l), ("l", l)]))), NodeDecodeError),
+    Case(
+        "entry-key-k-repeated",
+        _node_variant(_reencoded(lambda e, l: {"e": [Pairs([*_entry_pairs(e[0]), ("k", e[0]["k"])]), *e[1:]], "l": l})),
+        NodeDecodeError,
+    ),
+    Case(
+        "entry-key-v-repeated-other-value",
+        _node_variant(_reencoded(lambda e, l: {"e": [*e[:2], Pairs([*_entry_pairs(e[2]), ("v", e[0]["v"])])], "l": l})),
+        NodeDecodeError,
+    ),
+    # a link with the raw codec is not followed as a node, even when its bytes are one
+    Case("data-link-raw-codec", _raw_codec_root, NodeDecodeError),
+    Case("data-link-raw-codec-verify", _raw_codec_root, NodeDecodeError, configure=verify),
+    Case("subtree-link-raw-codec", _raw_codec_subtree, NodeDecodeError),
+    # not canonical: refused with verification, read for its meaning without
+    Case("node-p-not-minimal", _node_variant(_reencoded(lambda e, l: {"e": [{**e[0], "p": Wide(e[0]["p"])}, *e[1:]], "l": l})), None, expect=lambda: records_of(SMALL)),
+    Case("node-p-not-minimal-verify", _node_variant(_reencoded(lambda e, l: {"e": [{**e[0], "p": Wide(e[0]["p"])}, *e[1:]], "l": l})), NodeDecodeError, configure=verify),
+    Case("entry-keys-out-of-order", _node_variant(_reencoded(lambda e, l: {"e": [_entry_pairs(e[0], "pktv"), *e[1:]], "l": l})), None, expect=lambda: records_of(SMALL)),
+    Case("entry-keys-out-of-order-verify", _node_variant(_reencoded(lambda e, l: {"e": [_entry_pairs(e[0], "pktv"), *e[1:]], "l": l})), NodeDecodeError, configure=verify),
+    Case("node-keys-l-before-e", _node_variant(_reencoded(lambda e, l: Pairs([("l", l), ("e", e)]))), None, expect=lambda: records_of(SMALL)),
+    Case("node-keys-l-before-e-verify", _node_variant(_reencoded(lambda e, l: Pairs([("l", l), ("e", e)]))), NodeDecodeError, configure=verify),
+    # the encoder itself writes canonical nodes (so the cases above differ only as they say)
+    Case("node-reencoded-canonically-verify", _node_variant(_reencoded(lambda e, l: {"e": e, "l": l})), None, configure=verify, expect=lambda: records_of(SMALL)),
+]
+
+
+@cases(*STRICT_NODES)
+async def test_strict_dag_cbor_in_nodes(case: Case, mode: str) -> None:
+    await run_case(case, mode)

@@ -59,7 +59,12 @@ def fuzz_settings(examples: int) -> settings:
         derandomize=not RANDOM,
         database=None,
         print_blob=True,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.large_base_example,
+            HealthCheck.function_scoped_fixture,  # the implementation fixture is the same for every example
+        ],
     )
 
 
