@@ -12,8 +12,9 @@ from repo_stream import implementation
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("REPO_STREAM_SAMPLES", ROOT.parent / "shared" / "car-samples"))
-#: Both implementations, always: the C core and the pure-Python reference.
-IMPLEMENTATIONS = ["c", "python"]
+#: Both implementations: the C core and the pure-Python reference (tools/test-sanitized.sh runs
+#: only the C core's, with REPO_STREAM_TEST_IMPLEMENTATIONS=c).
+IMPLEMENTATIONS = os.environ.get("REPO_STREAM_TEST_IMPLEMENTATIONS", "c,python").split(",")
 
 
 @pytest.fixture(params=IMPLEMENTATIONS, autouse=True)
