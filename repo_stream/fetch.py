@@ -1,21 +1,17 @@
-"""Fetch repo CARs over HTTP (``com.atproto.sync.getRepo``) and open any CAR source by name.
+"""Fetch repo CARs over HTTP (``com.atproto.sync.getRepo``), streamed into ``load_car``.
 
-- :func:`fetch_car` streams one URL (normally a PDS's
-  ``/xrpc/com.atproto.sync.getRepo?did=DID``) as an async iterable of ``bytes`` chunks that
-  :meth:`repo_stream.DriverBuilder.load_car` reads directly; the body is never held whole. It
-  retries on HTTP 429 and 5xx and on connection failures before the body starts, honouring
-  ``Retry-After``; it enforces connect, read and total timeouts and a size cap (see
-  :class:`FetchOptions`).
-- :func:`open_source` opens what a command line takes as SOURCE: a file path, ``-`` (standard
-  input), an ``http(s)://`` URL, a DID, a handle, or an ``at://`` URI; names are resolved to the
-  account's PDS with :mod:`repo_stream.identity`.
+:func:`fetch_car` streams one URL (normally a PDS's ``/xrpc/com.atproto.sync.getRepo?did=DID``,
+see :func:`repo_url`) as an async iterable of ``bytes`` chunks that
+:meth:`repo_stream.DriverBuilder.load_car` reads directly; the body is never held whole. It
+retries on HTTP 429 and 5xx and on connection failures before the body starts, honouring
+``Retry-After``, and enforces connect, read and total timeouts and a size cap (see
+:class:`FetchOptions`). To open a DID, a handle or any other SOURCE string, use
+:func:`repo_stream.source.open_source`.
 
 Example::
 
-    async with open_source("alice.example.com") as opened:
-        driver = await DriverBuilder().load_car(opened.source)
-        ...                                   # walk inside the block: the body streams from here
-        opened.check_did(driver.commit.did)   # the PDS served the repo we asked for
+    async with fetch_car(repo_url("https://pds.example.com", did), did=did) as stream:
+        driver = await DriverBuilder().load_car(stream)   # read inside the block
 
 Spec: atproto.com/specs/sync ("com.atproto.sync.getRepo"), atproto.com/specs/xrpc (error bodies,
 ``Retry-After``).
@@ -25,42 +21,25 @@ from __future__ import annotations
 
 import email.utils
 import json
-import os
 import random
-import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
 from urllib.parse import quote
 
 import anyio
-import dns.asyncresolver
 import httpx
 
-from .errors import FetchError, IdentityError, SourceError
-from .identity import (
-    DEFAULT_PLC_URL,
-    DEFAULT_TIMEOUT,
-    ResolvedIdentity,
-    _client_scope,
-    is_valid_did,
-    is_valid_handle,
-    parse_identifier,
-    resolve_identity,
-)
+from .errors import FetchError, SourceError
+from .identity import _client_scope
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "CarStream",
     "FetchOptions",
-    "OpenedSource",
-    "SourceKind",
-    "classify_source",
     "fetch_car",
-    "open_source",
     "parse_retry_after",
     "repo_url",
 ]
@@ -70,8 +49,6 @@ DEFAULT_MAX_BYTES = 4 * 1024**3
 
 _ERROR_BODY_BYTES = 4096  # how much of an error response is read for its message
 _CAR_MEDIA_TYPE = "application/vnd.ipld.car"
-
-SourceKind = Literal["path", "stdin", "url", "did", "handle"]
 
 
 @dataclass(frozen=True)
@@ -314,168 +291,3 @@ async def fetch_car(
             raise
         finally:
             await response.aclose()
-
-
-# ---------------------------------------------------------------------------------------------
-# Any SOURCE
-
-
-def classify_source(source: str) -> SourceKind:
-    """What kind of SOURCE string this is, without touching the network or opening anything.
-
-    In order: ``-`` is ``"stdin"``; ``http://``/``https://`` is ``"url"``; ``at://`` is ``"did"`` or
-    ``"handle"`` by its authority; ``did:`` is ``"did"``; ``@name`` is ``"handle"``; an existing
-    file, anything with a path separator, or a name ending in ``.car`` is ``"path"``; valid handle
-    syntax is ``"handle"``; anything else is ``"path"``. (A handle under the ``.car`` TLD must be
-    written ``@handle`` or ``at://handle``.)
-    """
-    lowered = source.lower()
-    if source == "-":
-        return "stdin"
-    if lowered.startswith(("http://", "https://")):
-        return "url"
-    if source.startswith("at://"):
-        return "did" if source[len("at://") :].startswith("did:") else "handle"
-    if source.startswith("did:"):
-        return "did"
-    if source.startswith("@"):
-        return "handle"
-    if os.path.exists(source) or "/" in source or os.sep in source or lowered.endswith(".car"):
-        return "path"
-    return "handle" if is_valid_handle(source) else "path"
-
-
-@dataclass(frozen=True)
-class OpenedSource:
-    """An opened SOURCE, from :func:`open_source`.
-
-    Attributes:
-        source: what to pass to ``DriverBuilder.load_car``: an anyio ``AsyncFile`` (path, stdin)
-            or a :class:`CarStream` (url, did, handle).
-        kind: ``"path"``, ``"stdin"``, ``"url"``, ``"did"`` or ``"handle"``.
-        name: the SOURCE string as given.
-        did: the DID whose repo is expected (from the DID, handle or ``at://`` URI, or a getRepo
-            URL's ``did`` parameter), or None for paths, stdin and other URLs.
-        url: the URL fetched, or None.
-        size: the CAR's size in bytes when known (a regular file's size, or Content-Length).
-        identity: the resolved identity (DID and handle sources), else None.
-        stream: the :class:`CarStream` for HTTP sources, else None.
-    """
-
-    source: Any
-    kind: SourceKind
-    name: str
-    did: str | None = None
-    url: str | None = None
-    size: int | None = None
-    identity: ResolvedIdentity | None = None
-    stream: CarStream | None = None
-
-    @property
-    def signing_key(self) -> str | None:
-        """The account's signing key as ``did:key:z...`` if the identity was resolved, else None."""
-        return self.identity.signing_key if self.identity is not None else None
-
-    def check_did(self, did: str) -> None:
-        """Check that a loaded repo's commit DID is the one asked for (no-op when none was).
-
-        Raises:
-            IdentityError: ``did`` differs from :attr:`did`.
-        """
-        if self.did is not None and did != self.did:
-            raise IdentityError(f"{self.name}: the repo served is for {did}, not {self.did}" + (f" (from {self.url})" if self.url else ""))
-
-
-@asynccontextmanager
-async def open_source(
-    source: str,
-    *,
-    plc_url: str = DEFAULT_PLC_URL,
-    client: httpx.AsyncClient | None = None,
-    dns_resolver: dns.asyncresolver.Resolver | None = None,
-    identity_timeout: float = DEFAULT_TIMEOUT,
-    options: FetchOptions | None = None,
-    stdin: Any = None,
-) -> AsyncIterator[OpenedSource]:
-    """Open a SOURCE string as the command line takes it, yielding an :class:`OpenedSource`.
-
-    SOURCE (classified by :func:`classify_source`) is:
-
-    - a file path: opened with anyio; ``-``: standard input (``stdin`` if given, a binary file,
-      else ``sys.stdin.buffer``; not closed);
-    - an ``http://`` or ``https://`` URL, e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``:
-      fetched with :func:`fetch_car`;
-    - a DID, handle, ``@handle`` or ``at://`` URI: resolved with
-      :func:`repo_stream.identity.resolve_identity` (handles verified both ways) to the PDS of
-      its DID document, then ``{pds}/xrpc/com.atproto.sync.getRepo?did={did}`` is fetched.
-
-    Read the CAR inside the ``async with`` block: the file or response is closed on exit.
-
-    Args:
-        source: the SOURCE string.
-        plc_url: PLC directory base URL for ``did:plc`` (default ``https://plc.directory``).
-        client: the HTTP client for resolution and fetching (default: a new one, closed on exit).
-        dns_resolver: DNS resolver for handles (default: the system's).
-        identity_timeout: seconds for each identity lookup.
-        options: the fetch's timeouts, size cap and retries (:class:`FetchOptions`).
-        stdin: the binary file to read for ``-``.
-
-    Raises:
-        SourceError: a path that cannot be opened (missing, a directory, no permission).
-        IdentityError: a malformed DID, handle or at:// URI (or a bad ``did`` parameter in a
-            getRepo URL), resolution failing, or a DID document with no ``#atproto_pds``.
-        FetchError: as :func:`fetch_car`.
-    """
-    kind = classify_source(source)
-    if kind == "stdin":
-        handle = stdin if stdin is not None else sys.stdin.buffer
-        yield OpenedSource(source=anyio.wrap_file(handle), kind=kind, name=source)
-        return
-    if kind == "path":
-        try:
-            file = await anyio.open_file(source, "rb")
-        except OSError as exc:
-            raise SourceError(f"cannot open CAR file {source}: {exc.strerror or exc}") from exc
-        async with file:
-            try:
-                size: int | None = os.fstat(file.wrapped.fileno()).st_size
-            except OSError:  # pragma: no cover - fstat on an open file does not fail in practice
-                size = None
-            yield OpenedSource(source=file, kind=kind, name=source, size=size)
-        return
-    async with AsyncExitStack() as stack:
-        http = await stack.enter_async_context(_client_scope(client))
-        identity = None
-        if kind == "url":
-            url = source
-            did = _did_parameter(source)
-        else:
-            name = parse_identifier(source)
-            identity = await resolve_identity(name, client=http, plc_url=plc_url, dns_resolver=dns_resolver, timeout=identity_timeout)
-            did = identity.did
-            if identity.pds is None:
-                raise IdentityError(
-                    f"{source}: the DID document of {did} has no valid #atproto_pds service "
-                    "(type AtprotoPersonalDataServer, serviceEndpoint http(s)://host[:port])"
-                )
-            url = repo_url(identity.pds, did)
-        stream = await stack.enter_async_context(fetch_car(url, did=did, client=http, options=options))
-        yield OpenedSource(
-            source=stream, kind=kind, name=source, did=did, url=url, size=stream.content_length, identity=identity, stream=stream
-        )
-
-
-def _did_parameter(url: str) -> str | None:
-    """The ``did`` query parameter of a getRepo URL, checked for DID syntax; None for other URLs."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise FetchError(f"{url!r} is not a valid URL: {exc}", url=url) from None
-    if not parsed.path.endswith("/xrpc/com.atproto.sync.getRepo"):
-        return None
-    if "did" not in parsed.params:
-        return None
-    did = str(parsed.params["did"])
-    if not is_valid_did(did):
-        raise IdentityError(f"{url}: the did parameter {did!r} is not valid DID syntax (atproto.com/specs/did)")
-    return did

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -38,14 +40,12 @@ from repo_stream.cid import dag_cbor_cid
 from repo_stream.fetch import (
     CarStream,
     FetchOptions,
-    OpenedSource,
-    classify_source,
     fetch_car,
-    open_source,
     parse_retry_after,
     repo_url,
 )
 from repo_stream.identity import make_dns_resolver
+from repo_stream.source import OpenedSource, classify_source, open_source
 
 from .helpers import DID as HELPER_DID
 from .helpers import REV as HELPER_REV
@@ -387,6 +387,24 @@ async def test_exactly_the_cap_is_accepted(server: LocalHTTPServer) -> None:
 
 
 # --- open_source ----------------------------------------------------------------------------
+
+
+def test_local_sources_do_not_load_the_network_stack() -> None:
+    """Opening a file must not import httpx or dnspython (they cost ~0.3 s of start-up)."""
+    code = (
+        "import sys, anyio\n"
+        "from repo_stream import DriverBuilder\n"
+        "from repo_stream.source import open_source\n"
+        "async def main():\n"
+        f"    async with open_source({str(REPO_100)!r}) as opened:\n"
+        "        driver = await DriverBuilder().load_car(opened.source)\n"
+        "        print(len([r async for r in driver]))\n"
+        "anyio.run(main)\n"
+        "print(sorted(m for m in ('httpx', 'dns', 'repo_stream.identity', 'repo_stream.fetch') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split("\n")[:2] == [str(EXPECTED_100["records"]), "[]"]
+
 
 
 @pytest.mark.parametrize(
