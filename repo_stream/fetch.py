@@ -33,7 +33,7 @@ import anyio
 import httpx
 
 from .errors import FetchError, SourceError
-from .identity import _client_scope
+from .identity import _client_scope, _http_url
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -278,6 +278,8 @@ async def fetch_car(
             URL and HTTP status.
     """
     options = options or FetchOptions()
+    if _http_url(url) is None:
+        raise FetchError(f"{_describe(url, did)}: not a valid http(s) URL", url=url, did=did)
     deadline = None if options.total_timeout is None else time.monotonic() + options.total_timeout
     async with _client_scope(client) as http:
         response, attempts = await _open_response(http, url, did, options, deadline)

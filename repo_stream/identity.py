@@ -246,6 +246,18 @@ def did_document_url(did: str, plc_url: str = DEFAULT_PLC_URL) -> str:
 # Network helpers
 
 
+def _http_url(url: str) -> httpx.URL | None:
+    """``url`` parsed if it is an absolute ``http``/``https`` URL with a host and a port within
+    0-65535, else None (httpx would otherwise fail in odd ways on, say, port 99999)."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return None
+    if parsed.scheme not in ("http", "https") or not parsed.host or (parsed.port is not None and not 0 < parsed.port <= 65535):
+        return None
+    return parsed
+
+
 @functools.cache
 def _ssl_context() -> ssl.SSLContext:
     """httpx's default verifying context, built once: loading the CA bundle takes ~0.25 s."""
@@ -267,6 +279,8 @@ async def _get_small(client: httpx.AsyncClient, url: str, *, timeout: float, max
 
     The whole exchange, body included, must end within ``timeout`` seconds.
     """
+    if _http_url(url) is None:
+        raise IdentityError(f"{what}: {url!r} is not a valid http(s) URL")
     try:
         with anyio.fail_after(timeout):
             async with client.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
@@ -531,11 +545,8 @@ def _pds_endpoint(did: str, service: Any) -> str | None:
     endpoint = service.get("serviceEndpoint")
     if not isinstance(endpoint, str):
         return None
-    try:
-        url = httpx.URL(endpoint)
-    except httpx.InvalidURL:
-        return None
-    if url.scheme not in ("http", "https") or not url.host or url.userinfo or url.query or url.fragment:
+    url = _http_url(endpoint)
+    if url is None or url.userinfo or url.query or url.fragment:
         return None
     if url.path not in ("", "/"):
         return None

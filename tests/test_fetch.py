@@ -454,6 +454,14 @@ async def test_open_missing_path_is_a_source_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("url", ["http://", "http:///x", "https://127.0.0.1:99999/x", "http://[::1"])
+async def test_open_invalid_url(url: str) -> None:
+    with anyio.fail_after(5), pytest.raises(FetchError, match="not a valid"):
+        async with open_source(url, options=FAST):
+            pytest.fail("opened")
+
+
+@pytest.mark.anyio
 async def test_open_url(server: LocalHTTPServer) -> None:
     server.route("*", GET_REPO, car_reply(CAR))
     url = repo_url(server.base, HELPER_DID)

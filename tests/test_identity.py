@@ -284,6 +284,9 @@ def test_document_first_valid_entries_win() -> None:
         {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "https://pds.test/xrpc"},
         {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "https://user:pw@pds.test"},
         {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "ftp://pds.test"},
+        {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "https://pds.test:99999"},
+        {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "https://pds.test?x=1"},
+        {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "pds.test"},
         {"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": {"uri": "https://pds.test"}},
         {"id": "#atproto_pds", "type": "SomethingElse", "serviceEndpoint": "https://other.test"},
         {"id": f"{ALICE}#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": "http://pds.test:2583"},
@@ -471,6 +474,12 @@ async def test_did_document_failures(http_server: LocalHTTPServer, reply: Reply,
     with pytest.raises(IdentityError) as info:
         await resolve_did(ALICE, plc_url=http_server.base)
     assert str(info.value).startswith(message.format(did=ALICE, url=url))
+
+
+@pytest.mark.anyio
+async def test_did_web_localhost_port_out_of_range() -> None:
+    with pytest.raises(IdentityError, match="'http://localhost:99999/.well-known/did.json' is not a valid http"):
+        await resolve_did("did:web:localhost%3A99999")
 
 
 @pytest.mark.anyio
