@@ -345,7 +345,7 @@ async def resolve_handle_dns(handle: str, *, dns_resolver: dns.asyncresolver.Res
         raise IdentityError(f"handle {handle}: DNS has no TXT record {name}") from None
     except dns.exception.Timeout:
         raise IdentityError(f"handle {handle}: DNS TXT lookup of {name} timed out after {timeout:g} s") from None
-    except dns.exception.DNSException as exc:
+    except (dns.exception.DNSException, OSError) as exc:
         raise IdentityError(f"handle {handle}: DNS TXT lookup of {name} failed: {type(exc).__name__}: {exc}") from exc
     dids: list[str] = []
     for rdata in answer:
