@@ -29,7 +29,10 @@ The hierarchy::
     │   ├── EmptyRootError         a root with no entries but an ``l`` subtree
     │   └── DepthLimitError        nesting deeper than the configured maximum
     ├── ProcessorError         the block processor raised on an emitted record
-    └── DiskError              the SQLite spill store failed or would grow past its limit
+    ├── DiskError              the SQLite spill store failed or would grow past its limit
+    ├── IdentityError          a DID, handle or at:// URI is malformed or does not resolve
+    │                          (spec: atproto DID, handle)
+    └── FetchError             fetching a repo (com.atproto.sync.getRepo) over HTTP failed
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ __all__ = [
     "DepthLimitError",
     "ProcessorError",
     "DiskError",
+    "IdentityError",
+    "FetchError",
 ]
 
 
@@ -162,3 +167,37 @@ class ProcessorError(RepoStreamError):
 
 class DiskError(RepoStreamError):
     """The SQLite spill store failed, or storing more would pass ``max_stored_mb``."""
+
+
+class IdentityError(RepoStreamError):
+    """A DID, handle or ``at://`` URI is malformed, or resolving it failed.
+
+    Raised for bad syntax (spec: atproto.com/specs/did, /specs/handle), an unsupported DID method,
+    a handle that resolves by neither DNS nor HTTPS, a DID document that cannot be fetched or is
+    malformed, or a document that lacks what is needed (the PDS, for fetching). The message names
+    the DID or handle and, for network failures, the URL or DNS name and the HTTP status.
+    """
+
+
+class FetchError(RepoStreamError):
+    """Fetching a repo CAR over HTTP failed: an HTTP error status, a connection failure or timeout
+    (after the configured retries), a body past the size cap, or a body cut off part-way.
+
+    Attributes: ``url`` (str), ``did`` (str or None), ``status`` (the HTTP status, or None when no
+    response came), ``retry_after`` (seconds the server asked to wait, or None).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str | None = None,
+        did: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.url = url
+        self.did = did
+        self.status = status
+        self.retry_after = retry_after

@@ -1,0 +1,227 @@
+"""Open any CAR source the command line takes as SOURCE, for ``DriverBuilder.load_car``.
+
+SOURCE is a file path, ``-`` (standard input), an ``http(s)://`` URL (e.g. a PDS's
+``/xrpc/com.atproto.sync.getRepo?did=DID``), a DID, a handle, or an ``at://`` URI. Names are
+resolved to the account's PDS with :mod:`repo_stream.identity` and fetched with
+:mod:`repo_stream.fetch`; those modules (and httpx and dnspython) are imported only when a source
+needs them, so opening a local file stays quick to start.
+
+Example::
+
+    from repo_stream import DriverBuilder
+    from repo_stream.source import open_source
+
+    async with open_source("alice.example.com") as opened:   # or a path, "-", a URL, a DID...
+        driver = await DriverBuilder().load_car(opened.source)  # read inside the block
+        ...
+        opened.check_did(commit.did)   # the server sent the repo that was asked for
+
+Specs: atproto.com/specs/handle, /specs/did (resolution), /specs/sync (``getRepo``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+
+from .errors import IdentityError, SourceError
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import httpx
+
+    from .fetch import CarStream, FetchOptions
+    from .identity import ResolvedIdentity
+
+__all__ = ["OpenedSource", "SourceKind", "classify_source", "open_source"]
+
+SourceKind = Literal["path", "stdin", "url", "did", "handle"]
+
+
+def classify_source(source: str) -> SourceKind:
+    """What kind of SOURCE string this is, without touching the network or opening anything.
+
+    In order: ``-`` is ``"stdin"``; ``http://``/``https://`` is ``"url"``; ``at://`` is ``"did"`` or
+    ``"handle"`` by its authority; ``did:`` is ``"did"``; ``@name`` is ``"handle"``; an existing
+    file, anything with a path separator, or a name ending in ``.car`` is ``"path"``; valid handle
+    syntax is ``"handle"``; anything else is ``"path"``. (A handle under the ``.car`` TLD must be
+    written ``@handle`` or ``at://handle``.)
+    """
+    lowered = source.lower()
+    if source == "-":
+        return "stdin"
+    if lowered.startswith(("http://", "https://")):
+        return "url"
+    if source.startswith("at://"):
+        return "did" if source[len("at://") :].startswith("did:") else "handle"
+    if source.startswith("did:"):
+        return "did"
+    if source.startswith("@"):
+        return "handle"
+    if os.path.exists(source) or "/" in source or os.sep in source or lowered.endswith(".car"):
+        return "path"
+    from .identity import is_valid_handle
+
+    return "handle" if is_valid_handle(source) else "path"
+
+
+@dataclass(frozen=True)
+class OpenedSource:
+    """An opened SOURCE, from :func:`open_source`.
+
+    Attributes:
+        source: what to pass to ``DriverBuilder.load_car``: an anyio ``AsyncFile`` (path, stdin)
+            or a :class:`repo_stream.fetch.CarStream` (url, did, handle).
+        kind: ``"path"``, ``"stdin"``, ``"url"``, ``"did"`` or ``"handle"``.
+        name: the SOURCE string as given.
+        did: the DID whose repo is expected (from the DID, handle or ``at://`` URI, or a getRepo
+            URL's ``did`` parameter), or None for paths, stdin and other URLs.
+        url: the URL fetched, or None.
+        size: the CAR's size in bytes when known (a regular file's size, or Content-Length).
+        identity: the resolved identity (DID and handle sources), else None.
+        stream: the :class:`repo_stream.fetch.CarStream` for HTTP sources, else None.
+    """
+
+    source: Any
+    kind: SourceKind
+    name: str
+    did: str | None = None
+    url: str | None = None
+    size: int | None = None
+    identity: ResolvedIdentity | None = None
+    stream: CarStream | None = None
+
+    @property
+    def signing_key(self) -> str | None:
+        """The account's signing key as ``did:key:z...`` if the identity was resolved, else None."""
+        return self.identity.signing_key if self.identity is not None else None
+
+    def check_did(self, did: str) -> None:
+        """Check that a loaded repo's commit DID is the one asked for (no-op when none was).
+
+        Raises:
+            IdentityError: ``did`` differs from :attr:`did`.
+        """
+        if self.did is not None and did != self.did:
+            raise IdentityError(f"{self.name}: the repo served is for {did}, not {self.did}" + (f" (from {self.url})" if self.url else ""))
+
+
+@asynccontextmanager
+async def open_source(
+    source: str,
+    *,
+    plc_url: str | None = None,
+    client: httpx.AsyncClient | None = None,
+    dns_resolver: dns.asyncresolver.Resolver | None = None,
+    identity_timeout: float | None = None,
+    options: FetchOptions | None = None,
+    stdin: Any = None,
+) -> AsyncIterator[OpenedSource]:
+    """Open a SOURCE string as the command line takes it, yielding an :class:`OpenedSource`.
+
+    SOURCE (classified by :func:`classify_source`) is:
+
+    - a file path: opened with anyio; ``-``: standard input (``stdin`` if given, a binary file,
+      else ``sys.stdin.buffer``; not closed);
+    - an ``http://`` or ``https://`` URL, e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``:
+      fetched with :func:`repo_stream.fetch.fetch_car`;
+    - a DID, handle, ``@handle`` or ``at://`` URI: resolved with
+      :func:`repo_stream.identity.resolve_identity` (handles verified both ways) to the PDS of
+      its DID document, then ``{pds}/xrpc/com.atproto.sync.getRepo?did={did}`` is fetched.
+
+    Read the CAR inside the ``async with`` block: the file or response is closed on exit.
+
+    Args:
+        source: the SOURCE string.
+        plc_url: PLC directory base URL for ``did:plc`` (None: ``https://plc.directory``).
+        client: the HTTP client for resolution and fetching (default: a new one, closed on exit).
+        dns_resolver: DNS resolver for handles (default: the system's).
+        identity_timeout: seconds for each identity lookup (None: 10).
+        options: the fetch's timeouts, size cap and retries (:class:`repo_stream.fetch.FetchOptions`).
+        stdin: the binary file to read for ``-``.
+
+    Raises:
+        SourceError: a path that cannot be opened (missing, a directory, no permission).
+        IdentityError: a malformed DID, handle or at:// URI (or a bad ``did`` parameter in a
+            getRepo URL), resolution failing, or a DID document with no ``#atproto_pds``.
+        FetchError: as :func:`repo_stream.fetch.fetch_car` (an invalid URL too).
+    """
+    kind = classify_source(source)
+    if kind == "stdin":
+        handle = stdin if stdin is not None else sys.stdin.buffer
+        yield OpenedSource(source=anyio.wrap_file(handle), kind=kind, name=source)
+        return
+    if kind == "path":
+        try:
+            file = await anyio.open_file(source, "rb")
+        except OSError as exc:
+            raise SourceError(f"cannot open CAR file {source}: {exc.strerror or exc}") from exc
+        async with file:
+            try:
+                size: int | None = os.fstat(file.wrapped.fileno()).st_size
+            except OSError:  # pragma: no cover - fstat on an open file does not fail in practice
+                size = None
+            yield OpenedSource(source=file, kind=kind, name=source, size=size)
+        return
+    from .fetch import fetch_car, repo_url
+    from .identity import (
+        DEFAULT_PLC_URL,
+        DEFAULT_TIMEOUT,
+        _client_scope,
+        parse_identifier,
+        resolve_identity,
+    )
+
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(_client_scope(client))
+        identity = None
+        if kind == "url":
+            url = source
+            did = _did_parameter(source)
+        else:
+            name = parse_identifier(source)
+            identity = await resolve_identity(
+                name,
+                client=http,
+                plc_url=plc_url or DEFAULT_PLC_URL,
+                dns_resolver=dns_resolver,
+                timeout=DEFAULT_TIMEOUT if identity_timeout is None else identity_timeout,
+            )
+            did = identity.did
+            if identity.pds is None:
+                raise IdentityError(
+                    f"{source}: the DID document of {did} has no valid #atproto_pds service "
+                    "(type AtprotoPersonalDataServer, serviceEndpoint http(s)://host[:port])"
+                )
+            url = repo_url(identity.pds, did)
+        stream = await stack.enter_async_context(fetch_car(url, did=did, client=http, options=options))
+        yield OpenedSource(
+            source=stream, kind=kind, name=source, did=did, url=url, size=stream.content_length, identity=identity, stream=stream
+        )
+
+
+def _did_parameter(url: str) -> str | None:
+    """The ``did`` query parameter of a getRepo URL, checked for DID syntax; None for other URLs."""
+    import httpx
+
+    from .errors import FetchError
+    from .identity import is_valid_did
+
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise FetchError(f"{url!r} is not a valid URL: {exc}", url=url) from None
+    if not parsed.path.endswith("/xrpc/com.atproto.sync.getRepo"):
+        return None
+    if "did" not in parsed.params:
+        return None
+    did = str(parsed.params["did"])
+    if not is_valid_did(did):
+        raise IdentityError(f"{url}: the did parameter {did!r} is not valid DID syntax (atproto.com/specs/did)")
+    return did
