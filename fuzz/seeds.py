@@ -1,0 +1,41 @@
+"""Write the fuzzer's seed inputs (an option byte + a small valid repo CAR) into a folder."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import cbor2
+
+from repo_stream.writer import build_repo_car
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def record(text: str, kind: str) -> bytes:
+    return cbor2.dumps({"$type": kind, "text": text, "createdAt": "2024-01-01T00:00:00Z"}, canonical=True)
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    sets = {
+        "empty": [],
+        "one": [("app.bsky.feed.post/3kaaaaaaaaaaa", record("hi", "app.bsky.feed.post"))],
+        "forty": [(f"app.bsky.feed.like/3k{i:011d}", record(str(i), "app.bsky.feed.like")) for i in range(40)],
+        "odd": [(f"app.bsky.graph.follow/a:b~c-{i}", record("x", "app.bsky.graph.follow")) for i in range(6)]
+        + [(f"com.example.thing/{'x' * 300}{i}", record(str(i), "com.example.thing")) for i in range(3)],
+    }
+    for name, records in sets.items():
+        buf = io.BytesIO()
+        build_repo_car(records, did="did:plc:fuzzfuzzfuzzfuzzfuzzfuzz", rev="3kaaaaaaaaaaa", path=buf, order="shuffled")
+        for options in (0x00, 0x01, 0x02, 0x0F, 0x3A, 0x57, 0xE3):
+            (out / f"{name}-{options:02x}.car").write_bytes(bytes([options]) + buf.getvalue())
+    fixture = ROOT / "fixtures" / "repo-100.car"
+    if fixture.is_file():
+        (out / "repo-100-00.car").write_bytes(b"\x00" + fixture.read_bytes())
+        (out / "repo-100-0b.car").write_bytes(b"\x0b" + fixture.read_bytes())
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,125 @@
+"""The fuzz target: one input through the C core and through the pure-Python reference.
+
+Driven synchronously through the sans-IO seam (no event loop), so a run costs microseconds. The
+first byte of an input chooses the settings (verification, a processor, record CIDs, a memory
+limit that makes the load stop and drain rows as spilling does, the size of each feed); the rest
+is the CAR. Both implementations must give the same records, or the same error class and message
+(for ``NodeDecodeError``, the message up to the CID). Anything but a ``RepoStreamError`` is a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import cbor2
+
+from repo_stream import car, implementation
+from repo_stream.blocks import NOT_A_NODE, ROW_ENCODED, ROW_PLAIN, ROW_RAW, DiskRecords
+from repo_stream.commit import decode_commit
+from repo_stream.errors import MissingBlockError, NodeDecodeError, RepoStreamError
+
+LIMITS = [1 << 40, 300, 3000, 30000]
+FEEDS = [1, 7, 64, 1000, 4096, 65536, 1 << 20, 3]
+
+
+class RowLookup:
+    """The look-up a disk store gives the walker, over spilled rows kept in a dict."""
+
+    def __init__(self, rows: dict[bytes, tuple[int, Any]]) -> None:
+        self.rows = rows
+
+    def node(self, cid: bytes) -> Any:
+        row = self.rows.get(cid)
+        if row is None:
+            return None
+        return row[1] if row[0] == ROW_RAW else NOT_A_NODE
+
+    def prefetch(self, cids: list[bytes]) -> None:
+        assert all(type(c) is bytes for c in cids)
+
+    def processed(self, cid: bytes, default: Any) -> Any:
+        row = self.rows.get(cid)
+        if row is None or row[0] == ROW_RAW:
+            return default
+        return row[1] if row[0] == ROW_PLAIN else cbor2.loads(row[1])
+
+    def raw(self, cid: bytes) -> bytes | None:
+        row = self.rows.get(cid)
+        return row[1] if row is not None and row[0] == ROW_RAW else None
+
+
+def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
+    impl = implementation.PYTHON if name == "python" else implementation.C
+    assert impl is not None
+    verify = bool(options & 1)
+    process = len if options & 2 else None
+    record_cids = bool(options & 4)
+    limit = LIMITS[(options >> 3) & 3]
+    feed = FEEDS[(options >> 5) & 7]
+    parser = impl.CarParser(64 * 1024, verify)
+    pos = 0
+    out: list[Any] = []
+
+    def fill() -> bool:
+        nonlocal pos
+        if pos >= len(data):
+            return False
+        n = max(parser.want, feed)
+        parser.feed(data[pos : pos + n])
+        pos += n
+        return True
+
+    try:
+        while (raw := parser.read_header()) is None:
+            if not fill():
+                parser.finish()
+        roots = car.decode_header(raw, parser.offset - len(raw))
+        root = roots[0]
+        table = impl.BlockTable(root, process, cbor2.dumps)
+        rows: dict[bytes, tuple[int, Any]] = {}
+        commit = None
+        data_cid = b""
+        while True:
+            stopped = parser.load_into(table, limit)
+            if commit is None and (block := table.raw_block(root)) is not None:
+                commit, data_cid = decode_commit(block, root, strict=verify)
+            if stopped or rows:
+                table.spilling = True
+                while True:
+                    taken, _size = table.take_rows(limit // 2 or 1)
+                    if not taken:
+                        break
+                    for cid, kind, value in taken:
+                        assert kind in (ROW_RAW, ROW_ENCODED, ROW_PLAIN)
+                        rows.setdefault(cid, (kind, value))
+                if stopped:
+                    continue
+            if not fill():
+                parser.finish()
+                break
+        if commit is None:
+            raise MissingBlockError("no commit")
+        if rows:
+            lookup = DiskRecords(RowLookup(rows), process)
+            walker = impl.Walker(data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids)
+        else:
+            walker = impl.Walker(data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids)
+        while (chunk := walker.next_chunk(50)) is not None:
+            out.extend(chunk)
+        return ("records", out)
+    except RepoStreamError as exc:
+        message = str(exc)
+        if isinstance(exc, NodeDecodeError):
+            message = message.split(": ", 1)[0]
+        return ("error", type(exc).__name__, message, out)
+
+
+def fuzz_one(data: bytes) -> None:
+    """Run ``data`` through both implementations; raise AssertionError if they differ."""
+    if not data:
+        return
+    options, car_bytes = data[0], data[1:]
+    c = run("c", car_bytes, options)
+    python = run("python", car_bytes, options)
+    if c != python:
+        raise AssertionError(f"C core and reference differ (options {options:#x}):\n  C {c!r:.2000}\n  Python {python!r:.2000}")
