@@ -80,13 +80,13 @@ from .commit import Commit
 from .writer import ORDERS, build_repo_car
 
 __all__ = [
-    "generate_records",
-    "generate_repo_car",
-    "generate_cached",
-    "default_did",
-    "repo_rev",
     "DEFAULT_CACHE_DIR",
     "PROFILES",
+    "default_did",
+    "generate_cached",
+    "generate_records",
+    "generate_repo_car",
+    "repo_rev",
 ]
 
 #: Where :func:`generate_cached` writes by default: ``.cache/cars`` under the working directory
@@ -381,7 +381,7 @@ def _records(
         r = rand()
         k = randrange(1, 12) if r < 0.35 else randrange(8, 28) if r < 0.8 else randrange(25, 55)
         text = sentence(k, k + 1)
-        facets = None
+        facets: list[dict[str, Any]] | None = None
         if rand() < 0.15:
             kind = randrange(3)
             if kind == 0:

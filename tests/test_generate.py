@@ -9,6 +9,7 @@ CAR back; here the library's reader must arrive at exactly the same figures.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import re
@@ -266,7 +267,7 @@ async def test_small_profile_car_walks_in_key_order_to_the_generated_records() -
     assert isinstance(driver, MemoryDriver)
     walked = [(key, bytes(value)) async for key, value in driver]
     keys = [key for key, _ in walked]
-    assert all(a < b for a, b in zip(keys, keys[1:]))
+    assert all(a < b for a, b in itertools.pairwise(keys))
     assert walked == sorted(records)
 
 
