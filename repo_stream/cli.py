@@ -191,6 +191,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     g.add_argument("--order", choices=["preorder", "shuffled", "reverse"], default="shuffled", help="block order (default shuffled)")
     g.add_argument("--cache-dir", default=None, help="folder for the CARs (default .cache/cars)")
+    g.add_argument(
+        "--profile",
+        choices=["default", "small"],
+        default="default",
+        help="record mix: default (~240-byte records) or small (like and follow heavy, ~190-byte records)",
+    )
     return parser
 
 
@@ -199,7 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     for n in args.sizes:
         started = time.perf_counter()
-        path = generate_cached(n, seed=args.seed, order=args.order, cache_dir=args.cache_dir)
+        path = generate_cached(n, seed=args.seed, order=args.order, cache_dir=args.cache_dir, profile=args.profile)
         size = path.stat().st_size
         print(f"{path}\t{n} records\t{size / 1e6:.1f} MB\t{time.perf_counter() - started:.1f} s", flush=True)
     return 0

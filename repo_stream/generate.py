@@ -3,7 +3,7 @@
 :func:`generate_records` yields ``(key, record_block)`` pairs shaped like a real Bluesky account;
 :func:`generate_repo_car` writes them as a canonical repo CAR with
 :func:`repo_stream.writer.build_repo_car`; :func:`generate_cached` does that once per
-``(n, order, seed)`` into a cache folder and returns the file's path.
+``(n, order, seed, profile)`` into a cache folder and returns the file's path.
 
 Determinism: everything random comes from one ``random.Random(seed)`` owned by the call (no global
 random state, no wall clock, no uuid, no hash-order dependence), so the same ``n``, ``seed`` and
@@ -12,7 +12,8 @@ platform, for a given version of this module and of Python's ``random`` (stable 
 3.11+). Changing the generator changes its output: regenerate ``fixtures/`` with
 ``python fixtures/make_fixtures.py`` and clear ``.cache/cars`` when it does.
 
-The record mix (shares of the ``n`` records; the rare kinds are seeded once early on, see below):
+The record mix of the default profile (shares of the ``n`` records; the rare kinds are seeded
+once early on, see below):
 
 * ``app.bsky.actor.profile/self``: exactly one (displayName, description, avatar and banner blobs).
 * ``app.bsky.feed.like`` ~45%: ``{subject: strongRef {uri, cid}, createdAt}``, ~210 bytes.
@@ -31,6 +32,20 @@ The record mix (shares of the ``n`` records; the rare kinds are seeded once earl
   self``, feed generators ``whats-hot`` and ``cool_feed.v2``, then in ``com.example.odd.record``:
   ``key~with~tildes``, ``ns:colon:key``, ``a.b-c_d:e~f``, ``MixedCase123``,
   ``2024-05-06T07:08:09.123Z``, ``~``, ``...``, ``0``, ``self``.
+
+Two profiles (``profile=`` on every function here, ``--profile`` on the command line) draw the
+records that are not fixed below from these same kinds with different shares:
+
+* ``"default"`` (:data:`PROFILES`, the default, what ``fixtures/`` are made with): the shares
+  above; 500,000 records (seed 0) hold 120,751,817 bytes of record blocks, 241.50 bytes each on
+  average, in a 185.3 MB shuffled CAR.
+* ``"small"``: like and follow heavy, as real accounts are: likes ~52%, follows ~29%, posts ~7%,
+  reposts ~6%, blocks ~3%, list items ~1.5%, the rest ~1.5% together. 500,000 records (seed 0)
+  hold 95,382,612 bytes of record blocks, **190.77 bytes** (190.765224) each on average, in a
+  159.9 MB (159,873,211-byte) shuffled CAR; 20,000 records (seed 0) hold 3,844,233 bytes,
+  192.21 each (tests/test_generate.py checks that figure, and 185-195 bytes for other seeds).
+  Each kind's records are shaped as in the default profile (likes ~212 bytes, follows ~107,
+  reposts ~214, posts ~366 on average).
 
 Record 0 is the profile; records 1-13 are one each of the 13 TID-keyed kinds above in a fixed
 order (so any ``n >= 14`` has all of them); the odd keys sit at fixed positions; the rest are
@@ -64,7 +79,15 @@ import cbor2
 from .commit import Commit
 from .writer import ORDERS, build_repo_car
 
-__all__ = ["generate_records", "generate_repo_car", "generate_cached", "default_did", "repo_rev", "DEFAULT_CACHE_DIR"]
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "PROFILES",
+    "default_did",
+    "generate_cached",
+    "generate_records",
+    "generate_repo_car",
+    "repo_rev",
+]
 
 #: Where :func:`generate_cached` writes by default: ``.cache/cars`` under the working directory
 #: (git-ignored when that is the repo root).
@@ -175,6 +198,26 @@ _MIX = (
     ("pub.leaflet.document", 0.3),
     ("app.bsky.graph.list", 0.2),
 )
+# The "small" profile: the same kinds, drawn like and follow heavy, as the repos of active
+# accounts are (most of what people do is like, follow and repost; posts are a small share), so
+# the average record block is about 190 bytes instead of about 240. Likes are ~212 bytes,
+# follows and blocks ~107, reposts ~214, posts ~365 on average.
+_SMALL_MIX = (
+    ("app.bsky.feed.like", 52.0),
+    ("app.bsky.graph.follow", 29.0),
+    ("app.bsky.feed.post", 7.0),
+    ("app.bsky.feed.repost", 6.0),
+    ("app.bsky.graph.block", 3.0),
+    ("app.bsky.graph.listitem", 1.5),
+    ("fm.teal.alpha.feed.play", 0.5),
+    ("sh.tangled.feed.star", 0.3),
+    ("app.bsky.feed.threadgate", 0.2),
+    ("app.bsky.feed.postgate", 0.1),
+    ("pub.leaflet.document", 0.1),
+    ("app.bsky.graph.list", 0.1),
+)
+#: The record mixes :func:`generate_records` knows, by name; ``"default"`` is the default.
+PROFILES: dict[str, tuple[tuple[str, float], ...]] = {"default": _MIX, "small": _SMALL_MIX}
 # One of each, right after the profile, so that every kind is present once n >= 14. The list and
 # the post come before the kinds that refer to them, the publication before its documents.
 _COVER = (
@@ -211,7 +254,17 @@ _ODD_KEYS: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def generate_records(n: int, *, seed: Any = 0, did: str | None = None) -> Iterator[tuple[str, bytes]]:
+def _profile_weights(profile: str) -> tuple[tuple[str, float], ...]:
+    """Return the record mix of ``profile``; raise ``ValueError`` naming the known ones if unknown."""
+    try:
+        return PROFILES[profile]
+    except (KeyError, TypeError):
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}") from None
+
+
+def generate_records(
+    n: int, *, seed: Any = 0, did: str | None = None, profile: str = "default"
+) -> Iterator[tuple[str, bytes]]:
     """Yield ``n`` records of a realistic account as ``(key, record_block)``, lazily.
 
     See the module docstring for the mix, the key scheme and the determinism guarantee. Records
@@ -223,26 +276,32 @@ def generate_records(n: int, *, seed: Any = 0, did: str | None = None) -> Iterat
         seed: the seed of the ``random.Random`` used for everything (``int`` recommended).
         did: the account DID, written into its own at-URIs (list items, threadgates, leaflet
             documents); default :func:`default_did` of ``seed``. Only those fields change with it.
+        profile: the record mix, a key of :data:`PROFILES`: ``"default"`` (~240-byte average
+            record block, what ``fixtures/`` are made with) or ``"small"`` (like and follow
+            heavy, ~190 bytes; see the module docstring).
 
     Yields:
         ``(key, block)``: ``key`` a valid, unique repo key ``"<collection>/<rkey>"`` (``str``),
         ``block`` the record's canonical DAG-CBOR ``bytes``.
 
     Raises:
-        TypeError / ValueError: ``n`` is not an ``int`` / is negative (raised by the call itself,
-            before any iteration).
+        TypeError / ValueError: ``n`` is not an ``int`` / is negative, or ``profile`` is unknown
+            (raised by the call itself, before any iteration).
     """
     if type(n) is not int:
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
+    weights = _profile_weights(profile)
     rng, own_did, clock = _account(seed)
     if did is not None:
         own_did = did
-    return _records(n, rng, own_did, clock)
+    return _records(n, rng, own_did, clock, weights)
 
 
-def _records(n: int, rng: random.Random, own: str, clock: int) -> Iterator[tuple[str, bytes]]:
+def _records(
+    n: int, rng: random.Random, own: str, clock: int, weights: tuple[tuple[str, float], ...]
+) -> Iterator[tuple[str, bytes]]:
     rand = rng.random
     randrange = rng.randrange
     randbytes = rng.randbytes
@@ -322,7 +381,7 @@ def _records(n: int, rng: random.Random, own: str, clock: int) -> Iterator[tuple
         r = rand()
         k = randrange(1, 12) if r < 0.35 else randrange(8, 28) if r < 0.8 else randrange(25, 55)
         text = sentence(k, k + 1)
-        facets = None
+        facets: list[dict[str, Any]] | None = None
         if rand() < 0.15:
             kind = randrange(3)
             if kind == 0:
@@ -527,10 +586,10 @@ def _records(n: int, rng: random.Random, own: str, clock: int) -> Iterator[tuple
         "app.bsky.graph.list": graph_list,
         "pub.leaflet.publication": leaflet_publication,
     }
-    mix = [makers[c] for c, _ in _MIX]
+    mix = [makers[c] for c, _ in weights]
     cum: list[float] = []
     total = 0.0
-    for _, w in _MIX:
+    for _, w in weights:
         total += w
         cum.append(total)
     # A lookup table of 1000 slots makes drawing a kind one random() and one index.
@@ -579,8 +638,10 @@ def _records(n: int, rng: random.Random, own: str, clock: int) -> Iterator[tuple
         yield key, dumps(rec, canonical=True)
 
 
-def generate_repo_car(path: Any, n: int, *, seed: Any = 0, order: str = "shuffled", did: str | None = None) -> Commit:
-    """Write the repo of :func:`generate_records` ``(n, seed=seed, did=did)`` as a CAR at ``path``.
+def generate_repo_car(
+    path: Any, n: int, *, seed: Any = 0, order: str = "shuffled", did: str | None = None, profile: str = "default"
+) -> Commit:
+    """Write the repo of :func:`generate_records` ``(n, seed=seed, did=did, profile=profile)`` as a CAR at ``path``.
 
     Args:
         path: a filesystem path (``str`` / ``PathLike``; created or truncated) or a binary file
@@ -589,6 +650,7 @@ def generate_repo_car(path: Any, n: int, *, seed: Any = 0, order: str = "shuffle
         seed: the generator seed; also the block-shuffle seed when ``order="shuffled"``.
         order: ``"preorder"``, ``"shuffled"`` or ``"reverse"`` (see ``build_repo_car``).
         did: the account DID; default :func:`default_did` of ``seed``.
+        profile: the record mix, ``"default"`` or ``"small"`` (see :data:`PROFILES`).
 
     Returns:
         The written :class:`~repo_stream.commit.Commit` (``rev`` is :func:`repo_rev` of ``seed``,
@@ -596,19 +658,26 @@ def generate_repo_car(path: Any, n: int, *, seed: Any = 0, order: str = "shuffle
 
     The same arguments always give a byte-identical file. Writing streams the records through a
     temporary spool; memory holds the keys and CIDs (about 150 bytes a record) and the MST nodes.
+
+    Raises:
+        ValueError: bad ``n``, ``order`` or ``profile``. TypeError: ``n`` is not an ``int``.
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
-    records = generate_records(n, seed=seed, did=did)
+    records = generate_records(n, seed=seed, did=did, profile=profile)
     return build_repo_car(
         records, did=did if did is not None else default_did(seed), rev=repo_rev(seed), path=path, order=order, seed=seed
     )
 
 
-def generate_cached(n: int, *, seed: int = 0, order: str = "shuffled", cache_dir: Path | None = None) -> Path:
-    """Return the path of ``<cache_dir>/repo-{n}-{order}-s{seed}.car``, generating it if absent.
+def generate_cached(
+    n: int, *, seed: int = 0, order: str = "shuffled", cache_dir: Path | None = None, profile: str = "default"
+) -> Path:
+    """Return the path of the cached CAR for these arguments, generating it if absent.
 
-    The file is :func:`generate_repo_car` ``(path, n, seed=seed, order=order)``. It is written to
+    The file is :func:`generate_repo_car` ``(path, n, seed=seed, order=order, profile=profile)``,
+    named ``repo-{n}-{order}-s{seed}.car`` for the default profile (the names it always had) and
+    ``repo-{n}-{profile}-{order}-s{seed}.car`` for any other, e.g. ``repo-500000-small-shuffled-s0.car``. It is written to
     a temporary name in ``cache_dir`` and renamed into place, so a present file is complete (an
     interrupted run leaves at most a ``.tmp-*`` file, never a partial CAR under the real name).
     A present file is trusted as it is: delete the cache after changing the generator.
@@ -619,26 +688,29 @@ def generate_cached(n: int, *, seed: int = 0, order: str = "shuffled", cache_dir
         order: ``"preorder"``, ``"shuffled"`` or ``"reverse"``.
         cache_dir: the folder, created if missing; default :data:`DEFAULT_CACHE_DIR`
             (``.cache/cars`` under the working directory, git-ignored in the repo).
+        profile: the record mix, ``"default"`` or ``"small"`` (see :data:`PROFILES`).
 
     Returns:
         The CAR's :class:`~pathlib.Path`.
 
     Raises:
-        ValueError: bad ``n`` or ``order``. OSError: the folder or file cannot be written.
+        ValueError: bad ``n``, ``order`` or ``profile``. OSError: the folder or file cannot be written.
     """
     if type(n) is not int or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    _profile_weights(profile)
     folder = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-    target = folder / f"repo-{n}-{order}-s{seed}.car"
+    kind = "" if profile == "default" else f"{profile}-"
+    target = folder / f"repo-{n}-{kind}{order}-s{seed}.car"
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{target.name}-")
     try:
         with os.fdopen(fd, "wb") as out:
-            generate_repo_car(out, n, seed=seed, order=order)
+            generate_repo_car(out, n, seed=seed, order=order, profile=profile)
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -151,3 +152,22 @@ def test_generate_writes_cached_repos(tmp_path: Path) -> None:
     assert result["records"] == 120
     bad = run("generate", "-1", "--cache-dir", str(tmp_path))
     assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_generate_small_profile(tmp_path: Path) -> None:
+    from repo_stream.generate import PROFILES, generate_repo_car
+
+    done = run("generate", "80", "--profile", "small", "--seed", "4", "--cache-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    path = Path(done.stdout.split("\t")[0])
+    assert path == tmp_path / "repo-80-small-shuffled-s4.car"
+    out = io.BytesIO()
+    generate_repo_car(out, 80, seed=4, profile="small")
+    assert path.read_bytes() == out.getvalue()
+    assert json.loads(run("stats", str(path), "--json").stdout)["records"] == 80
+    bad = run("generate", "80", "--profile", "tiny", "--cache-dir", str(tmp_path))
+    assert bad.returncode == 2 and "invalid choice: 'tiny'" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    # The command offers exactly the generator's profiles.
+    helped = run("generate", "--help")
+    assert "{" + ",".join(PROFILES) + "}" in helped.stdout

@@ -9,6 +9,7 @@ CAR back; here the library's reader must arrive at exactly the same figures.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import random
 import re
@@ -22,6 +23,7 @@ from multiformats import CID
 from repo_stream import DriverBuilder, MemoryDriver
 from repo_stream.generate import (
     DEFAULT_CACHE_DIR,
+    PROFILES,
     default_did,
     generate_cached,
     generate_records,
@@ -80,9 +82,9 @@ def collection(key: str) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def car(n: int, seed: int, order: str = "shuffled") -> bytes:
+def car(n: int, seed: int, order: str = "shuffled", profile: str = "default") -> bytes:
     buf = io.BytesIO()
-    generate_repo_car(buf, n, seed=seed, order=order)
+    generate_repo_car(buf, n, seed=seed, order=order, profile=profile)
     return buf.getvalue()
 
 
@@ -225,8 +227,111 @@ def test_bad_arguments() -> None:
 
 
 # ------------------------------------------------------------------------------------------
+# The small-record profile
+# ------------------------------------------------------------------------------------------
+
+
+def test_profiles_are_default_and_small() -> None:
+    assert list(PROFILES) == ["default", "small"]
+    # Omitting the profile is the default profile, record for record.
+    assert list(generate_records(400, seed=6, profile="default")) == list(generate_records(400, seed=6))
+
+
+def test_small_profile_average_record_block_is_about_190_bytes() -> None:
+    # The figure stated in repo_stream/generate.py's docstring (measured once, pinned here).
+    blocks = [block for _, block in generate_records(20_000, seed=0, profile="small")]
+    assert len(blocks) == 20_000
+    assert sum(map(len, blocks)) == 3_844_233  # 192.21 bytes a record
+    for seed in (1, 2, 3):
+        sizes = [len(block) for _, block in generate_records(20_000, seed=seed, profile="small")]
+        assert 185 <= sum(sizes) / len(sizes) <= 195, seed
+    default = [len(block) for _, block in generate_records(20_000, seed=1)]
+    assert sum(default) / len(default) > 225  # the default profile's records stay larger
+
+
+def test_small_profile_is_deterministic_for_a_seed() -> None:
+    first = car(1500, 7, profile="small")
+    assert car(1500, 7, profile="small") == first
+    assert car(1500, 8, profile="small") != first
+    assert car(1500, 7) != first  # not the default profile's repo
+    records = list(generate_records(3000, seed=7, profile="small"))
+    assert list(generate_records(3000, seed=7, profile="small")) == records
+    # The same account: the profile changes the mix, not the DID or the rev.
+    path_commit = generate_repo_car(io.BytesIO(), 50, seed=7, profile="small")
+    assert (path_commit.did, path_commit.rev) == (default_did(7), repo_rev(7))
+
+
+async def test_small_profile_car_walks_in_key_order_to_the_generated_records() -> None:
+    records = list(generate_records(3000, seed=9, profile="small"))
+    driver = await DriverBuilder().load_car(car(3000, 9, profile="small"))
+    assert isinstance(driver, MemoryDriver)
+    walked = [(key, bytes(value)) async for key, value in driver]
+    keys = [key for key, _ in walked]
+    assert all(a < b for a, b in itertools.pairwise(keys))
+    assert walked == sorted(records)
+
+
+@pytest.mark.parametrize("n", [0, 1, 14, 324, 325, 5000])
+def test_small_profile_keys_are_unique_valid_and_cover_every_kind(n: int) -> None:
+    keys = [key for key, _ in generate_records(n, seed=n, profile="small")]
+    assert len(keys) == n == len(set(keys))
+    assert all(is_valid_key(key) for key in keys)
+    assert ("app.bsky.actor.profile/self" in keys) is (n >= 1)
+    if n >= 14:
+        assert ALWAYS <= {collection(key) for key in keys}
+    if n >= 325:
+        assert ODD_KEYS <= set(keys)
+
+
+def test_small_profile_is_like_and_follow_heavy() -> None:
+    n = 20_000
+    counts: Counter[str] = Counter()
+    sizes: dict[str, list[int]] = {}
+    for key, block in generate_records(n, seed=2, profile="small"):
+        coll = collection(key)
+        counts[coll] += 1
+        sizes.setdefault(coll, []).append(len(block))
+        record = cbor2.loads(block)
+        assert record["$type"] == coll
+        assert cbor2.dumps(record, canonical=True) == block
+    share = {c: counts[c] / n for c in counts}
+    assert 0.48 < share["app.bsky.feed.like"] < 0.56
+    assert 0.26 < share["app.bsky.graph.follow"] < 0.32
+    assert 0.05 < share["app.bsky.feed.post"] < 0.09
+    assert 0.04 < share["app.bsky.feed.repost"] < 0.08
+    assert 0.02 < share["app.bsky.graph.block"] < 0.04
+    assert share["app.bsky.feed.like"] + share["app.bsky.graph.follow"] > 0.75
+    assert counts["app.bsky.actor.profile"] == 1
+    assert counts["pub.leaflet.publication"] == 1
+    assert ALWAYS | {"chat.bsky.actor.declaration", "app.bsky.feed.generator", "com.example.odd.record"} == set(counts)
+    # Each kind is shaped as in the default profile.
+    assert 180 <= min(sizes["app.bsky.feed.like"]) and max(sizes["app.bsky.feed.like"]) <= 240
+    assert set(sizes["app.bsky.graph.follow"]) == {107}
+
+
+def test_unknown_profile_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="profile must be one of default, small; got 'tiny'"):
+        generate_records(10, profile="tiny")
+    with pytest.raises(ValueError, match="profile"):
+        generate_repo_car(io.BytesIO(), 10, profile="tiny")
+    with pytest.raises(ValueError, match="profile"):
+        generate_cached(10, profile="tiny", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------
 # The cache
 # ------------------------------------------------------------------------------------------
+
+
+def test_generate_cached_names_include_the_profile(tmp_path: Path) -> None:
+    small = generate_cached(300, seed=3, order="reverse", cache_dir=tmp_path, profile="small")
+    default = generate_cached(300, seed=3, order="reverse", cache_dir=tmp_path)
+    assert small == tmp_path / "repo-300-small-reverse-s3.car"
+    assert default == tmp_path / "repo-300-reverse-s3.car"  # the default profile keeps its old names
+    assert small.read_bytes() == car(300, 3, "reverse", profile="small")
+    assert default.read_bytes() == car(300, 3, "reverse")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([small.name, default.name])
 
 
 def test_generate_cached_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
