@@ -14,7 +14,7 @@ from .disk import DiskBuilder, DiskStore
 from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .errors import __all__ as _error_names
-from .records import RECORD_CODEC, Link, decode_record, record_json, to_json_value
+from .records import JSON_CODEC, RECORD_CODEC, Link, decode_record, record_json, to_json_value
 from .writer import build_repo_car
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "NeedDisk",
     "build_repo_car",
     "Link",
+    "JSON_CODEC",
     "RECORD_CODEC",
     "decode_record",
     "record_json",

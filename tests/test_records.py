@@ -23,6 +23,7 @@ from multiformats import CID
 from repo_stream import DriverBuilder, ProcessorError, RecordDecodeError
 from repo_stream.cid import dag_cbor_cid
 from repo_stream.records import (
+    JSON_CODEC,
     MAX_DEPTH,
     RECORD_CODEC,
     Link,
@@ -436,3 +437,16 @@ async def test_walk_with_links_and_bytes_in_both_modes(mode: str) -> None:
     decoded = await walk(mode, car, lambda b: b.with_block_processor(decode_record).with_codec(*RECORD_CODEC))
     assert dict(decoded)["com.example.thing/a"]["link"] == Link(RECORD_CID)
     assert [(k, to_json_value(v)) for k, v in decoded] == as_json
+    with_codec = await walk(mode, car, lambda b: b.with_block_processor(record_json).with_codec(*JSON_CODEC))
+    assert with_codec == as_json
+    assert [json.dumps(v) for _, v in with_codec] == [json.dumps(v) for _, v in as_json]  # same key order
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", ["signed-p256.car", "little.car"])
+async def test_json_codec_keeps_values_and_key_order_when_spilled(name: str) -> None:
+    car = sample_path(name).read_bytes()
+    plain, _ = await walk_both(car, DriverBuilder().with_block_processor(record_json))
+    in_memory, on_disk = await walk_both(car, DriverBuilder().with_block_processor(record_json).with_codec(*JSON_CODEC))
+    assert in_memory == plain and on_disk == plain
+    assert [json.dumps(v) for _, v in on_disk] == [json.dumps(v) for _, v in plain]
