@@ -5,6 +5,8 @@ Load a CAR with :class:`DriverBuilder`; if it fits the memory limit you get a
 (from :class:`DiskBuilder`), giving a :class:`DiskDriver`. Either driver yields
 ``(key, value)`` records in strictly increasing key order. Every error is a
 :class:`RepoStreamError`. :func:`build_repo_car` writes canonical repo CARs.
+:func:`decode_record` and :func:`record_json` are ready block processors that give records as
+Python values or in the atproto JSON form (:mod:`repo_stream.records`).
 """
 
 from .commit import Commit
@@ -13,6 +15,7 @@ from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .errors import __all__ as _error_names
 from .implementation import IMPLEMENTATION
+from .records import JSON_CODEC, RECORD_CODEC, Link, decode_record, record_json, to_json_value
 from .writer import build_repo_car
 
 __version__ = "0.1.0"
@@ -27,5 +30,11 @@ __all__ = [
     "MemoryDriver",
     "NeedDisk",
     "build_repo_car",
+    "Link",
+    "JSON_CODEC",
+    "RECORD_CODEC",
+    "decode_record",
+    "record_json",
+    "to_json_value",
     *_error_names,
 ]

@@ -1,21 +1,38 @@
-"""The signed repo commit object.
+"""The signed repo commit object, and the check of its signature.
 
 Spec: atproto repository, "Commit Objects" (https://atproto.com/specs/repository): a DAG-CBOR map
-``{did: str, version: 3, data: CID, rev: str, prev: CID | null, sig: bytes}``.
+``{did: str, version: 3, data: CID, rev: str, prev: CID | null, sig: bytes}``; ``sig`` signs the
+SHA-256 of the canonical DAG-CBOR of that map without ``sig`` (atproto cryptography spec).
+
+**Extra fields.** The spec lists those six fields; a commit block may carry more (a later
+version, or a PDS adding its own). The reference implementation signs and verifies "the commit
+object without ``sig``", so extra fields are signed too. :func:`decode_commit` therefore keeps
+the raw block in :attr:`Commit.block`, and :meth:`Commit.verify_signature` re-encodes the
+dataclass's five fields together with the block's extra fields (if any): a commit whose extra
+fields were added or changed after signing does not verify, and neither does one whose
+dataclass fields were changed (``dataclasses.replace``). Without extra fields the unsigned
+bytes are exactly :func:`repo_stream.writer.encode_unsigned_commit` of the fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
+import cbrrr
 import dag_cbor
 from multiformats import CID
 
-from .cid import cid_str, to_cid
+from .cid import cid_str, dag_cbor_cid, to_cid
 from .dagcbor import DagCborError, StrictDecoder, link_cid
-from .errors import CommitError
+from .didkey import PublicKey, parse_did_key
+from .errors import CommitError, SignatureError
+from .signature import verify
 
-__all__ = ["Commit", "decode_commit"]
+#: The fields of a v3 commit.
+COMMIT_FIELDS: Final = frozenset({"did", "version", "data", "rev", "prev", "sig"})
+
+__all__ = ["COMMIT_FIELDS", "Commit", "decode_commit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +45,11 @@ class Commit:
         data: CID of the root MST node.
         rev: the revision, a TID string.
         prev: CID of the previous commit, or ``None`` (usual in v3 repos).
-        sig: the signature bytes over the unsigned commit (not checked by the walk).
+        sig: the signature bytes over the unsigned commit (not checked by the walk; see
+            :meth:`verify_signature`).
+        block: the commit block as read (``b""`` for a commit built by hand), kept so that
+            :meth:`verify_signature` covers fields beyond the six above (module docstring).
+            Not part of ``repr`` or equality.
     """
 
     did: str
@@ -37,6 +58,77 @@ class Commit:
     rev: str
     prev: CID | None
     sig: bytes
+    block: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def cid(self) -> CID:
+        """The commit's CID (dag-cbor, sha2-256) computed from :attr:`block`, or from the
+        fields encoded canonically when there is no block."""
+        from .writer import encode_commit
+
+        block = self.block or encode_commit(self.did, bytes(self.data), self.rev, self._prev_bytes(), self.sig, self.version)
+        return to_cid(dag_cbor_cid(block))
+
+    def _prev_bytes(self) -> bytes | None:
+        return None if self.prev is None else bytes(self.prev)
+
+    def unsigned_bytes(self) -> bytes:
+        """The bytes :attr:`sig` signs: the canonical DAG-CBOR of the commit without ``sig``.
+
+        The five fields of this object (``did``, ``version``, ``data``, ``rev``, ``prev``), plus
+        any extra fields of :attr:`block` when it is canonical DAG-CBOR (module docstring). A
+        block that is not canonical cannot be what was signed field for field (the signer
+        encodes canonically), so then only the five fields count.
+
+        Spec: atproto repository, "Commit Objects"; atproto cryptography.
+        """
+        from .writer import encode_unsigned_commit
+
+        if self.block:
+            try:
+                obj = cbrrr.decode_dag_cbor(self.block)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and not COMMIT_FIELDS.issuperset(obj):
+                unsigned = {key: value for key, value in obj.items() if key != "sig"}
+                prev = self._prev_bytes()
+                unsigned.update(
+                    did=self.did,
+                    version=self.version,
+                    data=cbrrr.CID(bytes(self.data)),
+                    rev=self.rev,
+                    prev=None if prev is None else cbrrr.CID(prev),
+                )
+                return cbrrr.encode_dag_cbor(unsigned)
+        return encode_unsigned_commit(self.did, bytes(self.data), self.rev, self._prev_bytes(), self.version)
+
+    def verify_signature(self, key: str | PublicKey) -> None:
+        """Check :attr:`sig` against ``key``; return ``None`` if the commit is signed by it.
+
+        Args:
+            key: the account's signing key: a did:key string (``"did:key:zQ3s..."`` for
+                secp256k1, ``"did:key:zDn..."`` for P-256) or a ``cryptography``
+                ``EllipticCurvePublicKey`` on one of those curves. For an account it is the
+                ``#atproto`` verification method of its DID document.
+
+        Raises:
+            SignatureError: the key cannot be parsed or is on another curve; ``sig`` is not a
+                64-byte compact signature, is high-S, or does not verify over
+                :meth:`unsigned_bytes` (a wrong key or a changed commit). The message names
+                the commit's CID and DID, and the key.
+
+        Spec: atproto repository, "Commit Objects"; atproto cryptography (ECDSA over SHA-256,
+        low-S, compact signatures).
+        """
+        where = f"commit {self.cid} of {self.did}"
+        if isinstance(key, str):
+            try:
+                public_key = parse_did_key(key)
+            except SignatureError as exc:
+                raise SignatureError(f"{where}: {exc}") from exc
+        else:
+            public_key = key
+        verify(public_key, self.unsigned_bytes(), self.sig, where=where)
 
 
 def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Commit, bytes]:
@@ -92,6 +184,7 @@ def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Co
             rev=obj["rev"],
             prev=to_cid(prev) if prev is not None else None,
             sig=obj["sig"],
+            block=bytes(block),
         )
     except Exception as exc:
         raise CommitError(f"{where}: {exc}") from exc

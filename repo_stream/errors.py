@@ -28,6 +28,8 @@ The hierarchy::
     │   ├── EmptyNodeError         a non-root node with no entries and no ``l``
     │   ├── EmptyRootError         a root with no entries but an ``l`` subtree
     │   └── DepthLimitError        nesting deeper than the configured maximum
+    ├── RecordDecodeError      a record block is not one well-formed DAG-CBOR item (records.py)
+    ├── SignatureError         the commit signature does not verify, or the key is unusable
     ├── ProcessorError         the block processor raised on an emitted record
     ├── DiskError              the SQLite spill store failed or would grow past its limit
     ├── IdentityError          a DID, handle or at:// URI is malformed or does not resolve
@@ -60,6 +62,8 @@ __all__ = [
     "EmptyNodeError",
     "EmptyRootError",
     "DepthLimitError",
+    "RecordDecodeError",
+    "SignatureError",
     "ProcessorError",
     "DiskError",
     "IdentityError",
@@ -159,6 +163,23 @@ class EmptyRootError(MstError):
 
 class DepthLimitError(MstError):
     """Nodes are nested deeper than the walker's configured maximum depth."""
+
+
+class RecordDecodeError(RepoStreamError):
+    """A record block is not one well-formed DAG-CBOR item, or has no atproto JSON form.
+
+    Raised by the processors of :mod:`repo_stream.records` (the drivers wrap it in
+    :class:`ProcessorError`, naming the key and CID). The decoder's own exception is ``__cause__``.
+    """
+
+
+class SignatureError(RepoStreamError):
+    """A commit signature does not verify with the given key, or the key cannot be used.
+
+    Raised by :meth:`repo_stream.Commit.verify_signature` (wrong key, tampered commit, high-S or
+    malformed signature) and :mod:`repo_stream.didkey` (a did:key that cannot be parsed). The
+    message names the DID and the commit, or the key.
+    """
 
 
 class ProcessorError(RepoStreamError):

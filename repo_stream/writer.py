@@ -577,4 +577,4 @@ def build_repo_car(
 
         write_car(path, [commit_cid], blocks())
 
-    return Commit(did=did, version=3, data=to_cid(root), rev=rev, prev=None, sig=sig)
+    return Commit(did=did, version=3, data=to_cid(root), rev=rev, prev=None, sig=sig, block=commit_block)

@@ -1,0 +1,87 @@
+"""atproto ECDSA signatures: SHA-256, 64-byte compact ``r || s``, low-S only.
+
+Spec: https://atproto.com/specs/cryptography: both curves (secp256k1 and P-256) sign the
+SHA-256 digest of the bytes with ECDSA; the signature is the two 32-byte big-endian integers
+``r`` and ``s`` concatenated (not DER), and ``s`` must be in the lower half of the curve order
+("low-S"): a verifier refuses the high-S twin ``(r, n - s)`` that plain ECDSA would accept, so a
+signature cannot be altered into another valid one. ``cryptography`` does the curve arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from .didkey import PublicKey, format_did_key
+from .errors import SignatureError
+
+__all__ = ["CURVE_ORDERS", "sign", "verify"]
+
+#: The group order ``n`` of each atproto curve, by ``cryptography``'s curve name.
+CURVE_ORDERS: Final[dict[str, int]] = {
+    "secp256k1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+    "secp256r1": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+}
+_SUPPORTED: Final = frozenset(CURVE_ORDERS)
+
+
+def verify(key: PublicKey, data: bytes, sig: bytes, *, where: str = "signature") -> None:
+    """Check an atproto signature of ``data`` by ``key``; return ``None`` if it is valid.
+
+    Args:
+        key: a secp256k1 or P-256 ``EllipticCurvePublicKey``.
+        data: the signed bytes (hashed here with SHA-256).
+        sig: the 64-byte compact signature ``r || s`` (big-endian).
+        where: what is being verified, to begin the error message with (e.g. the commit).
+
+    Raises:
+        SignatureError: ``key`` is not such a key, ``sig`` is not 64 bytes, ``r`` or ``s`` is 0
+            or not below the curve order, ``s`` is high (above n/2), or the signature does not
+            verify. The message names ``where`` and the key as a did:key.
+
+    Spec: atproto cryptography, "ECDSA Signatures" / low-S.
+    """
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _SUPPORTED:
+        kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+        raise SignatureError(f"{where}: cannot verify with a {kind} key; atproto keys are secp256k1 or P-256")
+    did_key = format_did_key(key)
+    if not isinstance(sig, (bytes, bytearray, memoryview)) or len(sig) != 64:
+        got = f"{len(sig)} bytes" if isinstance(sig, (bytes, bytearray, memoryview)) else type(sig).__name__
+        raise SignatureError(f"{where}: signature must be 64 bytes (r || s), got {got}")
+    n = CURVE_ORDERS[key.curve.name]
+    r = int.from_bytes(sig[:32], "big")
+    s = int.from_bytes(sig[32:], "big")
+    if not (0 < r < n and 0 < s < n):
+        raise SignatureError(f"{where}: malformed signature: r and s must be in 1..n-1 of {key.curve.name}")
+    if s > n // 2:
+        raise SignatureError(f"{where}: high-S signature refused (atproto requires s <= n/2); key {did_key}")
+    try:
+        key.verify(encode_dss_signature(r, s), bytes(data), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise SignatureError(f"{where}: signature does not verify with key {did_key}") from None
+
+
+def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    """Sign ``data`` the atproto way: ECDSA over SHA-256, low-S, 64-byte ``r || s``.
+
+    Usable as ``build_repo_car(..., sign=functools.partial(sign, private_key))``. ECDSA nonces
+    are random (OpenSSL), so two signatures of the same bytes differ; both verify.
+
+    Raises:
+        SignatureError: ``private_key`` is not a secp256k1 or P-256 private key.
+    """
+    if not isinstance(private_key, ec.EllipticCurvePrivateKey) or private_key.curve.name not in _SUPPORTED:
+        kind = private_key.curve.name if isinstance(private_key, ec.EllipticCurvePrivateKey) else type(private_key).__name__
+        raise SignatureError(f"cannot sign with a {kind} key; atproto keys are secp256k1 or P-256")
+    r, s = decode_dss_signature(private_key.sign(bytes(data), ec.ECDSA(hashes.SHA256())))
+    n = CURVE_ORDERS[private_key.curve.name]
+    if s > n // 2:
+        s = n - s
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
