@@ -84,7 +84,6 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
             if commit is None and (block := table.raw_block(root)) is not None:
                 commit, data_cid = decode_commit(block, root, strict=verify)
             if stopped or rows:
-                table.spilling = True
                 while True:
                     taken, _size = table.take_rows(limit // 2 or 1)
                     if not taken:

@@ -6,6 +6,7 @@ PyObject *rs_not_a_node = NULL;
 PyObject *rs_cid_text = NULL;
 PyObject *rs_verify = NULL;
 PyObject *rs_base_error = NULL;
+PyObject *rs_len = NULL;
 
 int rs_raise(const char *name, const char *fmt, ...) {
     if (rs_messages == NULL) {
@@ -82,6 +83,15 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kwargs) {
         Py_DECREF(base);
         return NULL;
     }
+    PyObject *len = PyDict_GetItemString(PyEval_GetBuiltins(), "len");
+    if (len == NULL) {
+        Py_DECREF(base);
+        Py_DECREF(verify);
+        PyErr_SetString(PyExc_RuntimeError, "builtins.len is missing");
+        return NULL;
+    }
+    Py_INCREF(len);
+    Py_XSETREF(rs_len, len);
     Py_XSETREF(rs_base_error, base);
     Py_XSETREF(rs_verify, verify);
     Py_INCREF(messages);

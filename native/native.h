@@ -22,6 +22,7 @@ extern PyObject *rs_not_a_node; /* repo_stream.blocks.NOT_A_NODE */
 extern PyObject *rs_cid_text;   /* repo_stream.cid.cid_text */
 extern PyObject *rs_verify;     /* repo_stream.car._verify (CIDs other than v1 dag-cbor sha2-256) */
 extern PyObject *rs_base_error; /* repo_stream.errors.RepoStreamError */
+extern PyObject *rs_len;        /* builtins.len: as a block processor it needs no bytes object */
 
 /* Build an exception with messages.<name>(*args) (args from Py_BuildValue(fmt, ...)) and set it.
  * Always returns -1. If the call itself fails, that error is set instead. */

@@ -7,13 +7,17 @@
  *
  * `used` counts the real bytes: records written to the arena, the slot array, and the processed
  * values' sizes as the reference counts them (8 for a number or None, len of bytes/str, the
- * codec-encoded size otherwise). */
+ * block's length otherwise). */
 #include "native.h"
 
-#define CHUNK_BYTES (256 * 1024)
+#include <stdlib.h>
+#include <sys/mman.h>
+
+#define FIRST_CHUNK (64 * 1024)
+#define MAX_CHUNK (8 * 1024 * 1024)
+#define HUGE_PAGE (2 * 1024 * 1024)
 #define HEADER_BYTES 6
 #define F_PROCESSED 1 /* data holds a PyObject* (a processed value) */
-#define F_ENCODED 2   /* ...which is bytes already encoded by the codec (while spilling) */
 #define PTR_MASK ((1ULL << 48) - 1)
 #define ROW_RAW 0
 #define ROW_ENCODED 1
@@ -28,6 +32,7 @@ typedef struct Chunk {
 struct RsBlockTable {
     PyObject_HEAD
     Chunk *head, *tail;     /* records in insertion order */
+    size_t next_chunk;      /* the size of the next chunk: doubling up to MAX_CHUNK */
     uint64_t *slots;        /* 0: empty */
     size_t nslots, count;
     Py_ssize_t used;        /* counted bytes */
@@ -36,7 +41,6 @@ struct RsBlockTable {
     PyObject *root;         /* bytes */
     PyObject *process;      /* callable or None */
     PyObject *encode;       /* callable */
-    int spilling;
     Chunk *take_chunk;      /* take_rows cursor */
     size_t take_off;
 };
@@ -88,13 +92,28 @@ static uint8_t *find(RsBlockTable *t, const uint8_t *cid, size_t cid_len, uint64
     }
 }
 
+/* Memory for a chunk or a slot array; 2 MiB-aligned with transparent huge pages when that big (the
+ * walk's look-ups are random: huge pages spare a TLB miss on most of them). Release with free(). */
+static void *big_alloc(size_t size) {
+    void *p = NULL;
+    if (size >= HUGE_PAGE) {
+        if (posix_memalign(&p, HUGE_PAGE, size) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+        madvise(p, size, MADV_HUGEPAGE);
+#endif
+        return p;
+    }
+    return malloc(size);
+}
+
 static int grow_slots(RsBlockTable *t) {
     size_t n = t->nslots ? t->nslots * 2 : 1024;
-    uint64_t *slots = PyMem_Calloc(n, sizeof(uint64_t));
+    uint64_t *slots = big_alloc(n * sizeof(uint64_t));
     if (slots == NULL) {
         PyErr_NoMemory();
         return -1;
     }
+    memset(slots, 0, n * sizeof(uint64_t));
     for (size_t j = 0; j < t->nslots; j++) {
         uint64_t s = t->slots[j];
         if (s == 0) continue;
@@ -103,7 +122,7 @@ static int grow_slots(RsBlockTable *t) {
         while (slots[i]) i = (i + 1) & (n - 1);
         slots[i] = s;
     }
-    PyMem_Free(t->slots);
+    free(t->slots);
     t->used += (Py_ssize_t)((n - t->nslots) * sizeof(uint64_t));
     t->slots = slots;
     t->nslots = n;
@@ -113,8 +132,11 @@ static int grow_slots(RsBlockTable *t) {
 static uint8_t *arena_alloc(RsBlockTable *t, size_t size) {
     Chunk *c = t->tail;
     if (c == NULL || c->cap - c->used < size) {
-        size_t cap = size > CHUNK_BYTES ? size : CHUNK_BYTES;
-        c = PyMem_Malloc(sizeof(Chunk) + cap);
+        if (t->next_chunk < FIRST_CHUNK) t->next_chunk = FIRST_CHUNK;
+        size_t cap = t->next_chunk - sizeof(Chunk);
+        if (cap < size) cap = size;
+        if (t->next_chunk < MAX_CHUNK) t->next_chunk *= 2;
+        c = big_alloc(sizeof(Chunk) + cap);
         if (c == NULL) {
             PyErr_NoMemory();
             return NULL;
@@ -133,37 +155,14 @@ static uint8_t *arena_alloc(RsBlockTable *t, size_t size) {
     return p;
 }
 
-/* The reference's size of a processed value (blocks.MemoryBlocks.add / _sized); may replace *value
- * with its encoding (and set *encoded) while spilling. -1 with an error only for BaseExceptions. */
-static Py_ssize_t value_size(RsBlockTable *t, PyObject **value, int *encoded) {
-    PyObject *v = *value;
-    *encoded = 0;
+/* The reference's size of a processed value (blocks.MemoryBlocks.add): 8 for a number or None, the
+ * length of bytes or str, the block's length for anything else (encoding it just to count it costs
+ * more than decoding it). */
+static Py_ssize_t value_size(PyObject *v, size_t block_len) {
     if (PyLong_CheckExact(v) || PyBool_Check(v) || PyFloat_CheckExact(v) || v == Py_None) return 8;
     if (PyBytes_CheckExact(v)) return PyBytes_GET_SIZE(v);
     if (PyUnicode_CheckExact(v)) return PyUnicode_GET_LENGTH(v);
-    if (PyBytes_Check(v)) return PyBytes_GET_SIZE(v);
-    if (PyByteArray_Check(v)) return PyByteArray_GET_SIZE(v);
-    if (PyUnicode_Check(v)) return PyUnicode_GET_LENGTH(v);
-    if (PyLong_Check(v) || PyFloat_Check(v)) return 8;
-    PyObject *data = PyObject_CallOneArg(t->encode, v);
-    if (data == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
-        PyErr_Clear(); /* the store's own encode will report it */
-        return (Py_ssize_t)_PySys_GetSizeOf(v);
-    }
-    Py_ssize_t n = PyObject_Length(data);
-    if (n < 0) {
-        Py_DECREF(data);
-        return -1;
-    }
-    if (t->spilling && PyBytes_Check(data)) {
-        *value = data; /* keeps the encoding, not the value */
-        Py_DECREF(v);
-        *encoded = 1;
-        return n;
-    }
-    Py_DECREF(data);
-    return n;
+    return (Py_ssize_t)block_len;
 }
 
 static int node_shaped(const uint8_t *block, size_t len) {
@@ -187,21 +186,20 @@ int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint
     Py_ssize_t vsize = 0;
     if (t->process != Py_None && !node_shaped(block, block_len) &&
         !(PyBytes_GET_SIZE(t->root) == (Py_ssize_t)cid_len && memcmp(PyBytes_AS_STRING(t->root), cid, cid_len) == 0)) {
-        PyObject *raw = PyBytes_FromStringAndSize((const char *)block, (Py_ssize_t)block_len);
-        if (raw == NULL) return -1;
-        value = PyObject_CallOneArg(t->process, raw);
-        Py_DECREF(raw);
+        if (t->process == rs_len) { /* len(block), without making the bytes object */
+            value = PyLong_FromSize_t(block_len);
+        } else {
+            PyObject *raw = PyBytes_FromStringAndSize((const char *)block, (Py_ssize_t)block_len);
+            if (raw == NULL) return -1;
+            value = PyObject_CallOneArg(t->process, raw);
+            Py_DECREF(raw);
+        }
         if (value == NULL) {
             if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
             PyErr_Clear(); /* kept raw: processed again, and the error raised, only if emitted */
         } else {
-            int encoded;
-            vsize = value_size(t, &value, &encoded);
-            if (vsize < 0) {
-                Py_DECREF(value);
-                return -1;
-            }
-            flags = F_PROCESSED | (encoded ? F_ENCODED : 0);
+            vsize = value_size(value, block_len);
+            flags = F_PROCESSED;
         }
     }
     size_t size = HEADER_BYTES + cid_len + (flags ? sizeof(PyObject *) : block_len);
@@ -253,11 +251,12 @@ static void clear_blocks(RsBlockTable *t) {
             off += rec_size(rec);
         }
         Chunk *next = c->next;
-        PyMem_Free(c);
+        free(c);
         c = next;
     }
     t->head = t->tail = NULL;
-    PyMem_Free(t->slots);
+    t->next_chunk = FIRST_CHUNK;
+    free(t->slots);
     t->slots = NULL;
     t->nslots = t->count = 0;
     t->used = t->values_bytes = 0;
@@ -281,7 +280,6 @@ static int BlockTable_init(RsBlockTable *self, PyObject *args, PyObject *kwargs)
     Py_XSETREF(self->process, process);
     Py_INCREF(encode);
     Py_XSETREF(self->encode, encode);
-    self->spilling = 0;
     return 0;
 }
 
@@ -350,10 +348,6 @@ static PyObject *row_of(RsBlockTable *t, const uint8_t *rec, Py_ssize_t *size) {
         return Py_BuildValue("(y#iy#)", cid, cid_len, ROW_RAW, cid + cid_len, n);
     }
     PyObject *v = rec_value(rec);
-    if (rec[0] & F_ENCODED) {
-        *size += cid_len + PyBytes_GET_SIZE(v);
-        return Py_BuildValue("(y#iO)", cid, cid_len, ROW_ENCODED, v);
-    }
     int plain = 0;
     Py_ssize_t n = 8;
     if (PyLong_CheckExact(v)) {
@@ -374,7 +368,18 @@ static PyObject *row_of(RsBlockTable *t, const uint8_t *rec, Py_ssize_t *size) {
         return Py_BuildValue("(y#iO)", cid, cid_len, ROW_PLAIN, v);
     }
     PyObject *data = PyObject_CallOneArg(t->encode, v);
-    if (data == NULL) return NULL;
+    if (data == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) return NULL;
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        if (exc && tb) PyException_SetTraceback(exc, tb);
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        if (exc == NULL) return NULL;
+        rs_raise("codec_failed", "(y#N)", cid, cid_len, exc);
+        return NULL;
+    }
     Py_ssize_t dn = PyObject_Length(data);
     if (dn < 0) {
         Py_DECREF(data);
@@ -425,19 +430,6 @@ static PyObject *BlockTable_get_used(RsBlockTable *self, void *closure) {
     return PyLong_FromSsize_t(self->used);
 }
 
-static PyObject *BlockTable_get_spilling(RsBlockTable *self, void *closure) {
-    (void)closure;
-    return PyBool_FromLong(self->spilling);
-}
-
-static int BlockTable_set_spilling(RsBlockTable *self, PyObject *value, void *closure) {
-    (void)closure;
-    int v = value ? PyObject_IsTrue(value) : 0;
-    if (v < 0) return -1;
-    self->spilling = v;
-    return 0;
-}
-
 static PyObject *BlockTable_get_process(RsBlockTable *self, void *closure) {
     (void)closure;
     return Py_NewRef(self->process ? self->process : Py_None);
@@ -462,8 +454,6 @@ static PyMethodDef BlockTable_methods[] = {
 
 static PyGetSetDef BlockTable_getset[] = {
     {"used", (getter)BlockTable_get_used, NULL, "Bytes counted (the table's real bytes).", NULL},
-    {"spilling", (getter)BlockTable_get_spilling, (setter)BlockTable_set_spilling,
-     "While finishing into a disk store: keep values that need the codec encoded.", NULL},
     {"process", (getter)BlockTable_get_process, NULL, "The block processor, or None.", NULL},
     {"root", (getter)BlockTable_get_root, NULL, "The commit's raw CID.", NULL},
     {NULL, NULL, NULL, NULL, NULL},

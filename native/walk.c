@@ -501,7 +501,11 @@ static int emit_resolved(Walker *w, PyObject *out, const uint8_t *key, size_t ke
         value = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
         if (value == NULL) return -1;
         PyObject *process = rs_table_process(w->table);
-        if (process != NULL && process != Py_None) {
+        if (process == rs_len) {
+            Py_DECREF(value);
+            value = PyLong_FromSize_t(len);
+            if (value == NULL) return -1;
+        } else if (process != NULL && process != Py_None) {
             PyObject *processed = PyObject_CallOneArg(process, value);
             Py_DECREF(value);
             if (processed == NULL) {
@@ -552,6 +556,11 @@ static int emit_resolved(Walker *w, PyObject *out, const uint8_t *key, size_t ke
         PyTuple_SET_ITEM(item, 0, k);
         PyTuple_SET_ITEM(item, 1, value);
     }
+    /* Like CPython's own lazy untracking: a tuple of a str, a str and an atom cannot be in a cycle,
+     * so the cyclic GC need not visit the chunk's items again and again. */
+    if (!PyObject_IS_GC(PyTuple_GET_ITEM(item, PyTuple_GET_SIZE(item) - 1)) ||
+        !PyObject_GC_IsTracked(PyTuple_GET_ITEM(item, PyTuple_GET_SIZE(item) - 1)))
+        PyObject_GC_UnTrack(item);
     int r = PyList_Append(out, item);
     Py_DECREF(item);
     return r < 0 ? -1 : 1;

@@ -15,8 +15,6 @@ from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .errors import __all__ as _error_names
 from .implementation import IMPLEMENTATION
-from .records import JSON_CODEC, RECORD_CODEC, Link, decode_record, record_json, to_json_value
-from .writer import build_repo_car
 
 __version__ = "0.1.0"
 
@@ -38,3 +36,25 @@ __all__ = [
     "to_json_value",
     *_error_names,
 ]
+
+_LAZY = {
+    "JSON_CODEC": "records",
+    "RECORD_CODEC": "records",
+    "Link": "records",
+    "decode_record": "records",
+    "record_json": "records",
+    "to_json_value": "records",
+    "build_repo_car": "writer",
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import the record decoders and the CAR writer on first use (start-up stays short)."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'repo_stream' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

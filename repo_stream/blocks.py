@@ -14,8 +14,10 @@ as a record. An exception from the processor is kept back (the raw block is kept
 raised as :class:`~repo_stream.errors.ProcessorError` only if that block is emitted as a record.
 
 **Memory accounting** (the reference): a kept block counts its raw length, or its processed
-value's size (8 for a number or None, ``len`` for bytes/str, the codec-encoded size otherwise),
-plus :data:`BLOCK_OVERHEAD` bytes. The C core counts the real bytes of its table instead.
+value's size (8 for a number or None, ``len`` for bytes/str, its block's length for anything
+else), plus :data:`BLOCK_OVERHEAD` bytes. The C core counts the real bytes of its table instead.
+A processed value that is not plain is encoded with the codec only when it is spilled (once);
+a codec failure is a :class:`~repo_stream.errors.DiskError`.
 
 **Spill rows** are ``(cid, kind, data)``: :data:`ROW_RAW` (raw block bytes), :data:`ROW_ENCODED`
 (a processed value encoded by the codec), :data:`ROW_PLAIN` (a processed value SQLite holds as it
@@ -96,18 +98,15 @@ class MemoryBlocks:
     Args:
         root: raw CID of the commit (the CAR's first root), always kept raw.
         process: the block processor, or ``None`` to keep and emit raw bytes.
-        encode: the codec's encoder, used to size processed values that are not plain.
+        encode: the codec's encoder, for spill rows of processed values that are not plain.
     """
 
-    __slots__ = ("root", "process", "encode", "spilling", "raw", "processed", "used")
+    __slots__ = ("root", "process", "encode", "raw", "processed", "used")
 
     def __init__(self, root: bytes, process: Callable[[bytes], Any] | None, encode: Callable[[Any], bytes]) -> None:
         self.root = root
         self.process = process
         self.encode = encode
-        #: Set while finishing into a disk store: values that need the codec are kept encoded,
-        #: so they are encoded once, not twice.
-        self.spilling = False
         self.raw: dict[bytes, bytes] = {}
         self.processed: dict[bytes, Any] = {}
         #: Bytes counted so far (see the module docstring).
@@ -139,23 +138,9 @@ class MemoryBlocks:
         elif t is bytes or t is str:
             size = len(value)
         else:
-            value, size = self._sized(value)
+            size = len(block)  # a container: its block's length, not an encoding (~5 us a record)
         processed[cid] = value
         self.used += size + BLOCK_OVERHEAD
-
-    def _sized(self, value: Any) -> tuple[Any, int]:
-        """``(value to keep, bytes counted)`` for a value that is not an exact int/float/str/bytes/None."""
-        if isinstance(value, (bytes, bytearray, str)):
-            return value, len(value)
-        if isinstance(value, (int, float)):
-            return value, 8
-        try:
-            data = self.encode(value)
-        except Exception:
-            return value, sys.getsizeof(value)  # the store's own encode will report it
-        if self.spilling:
-            return _Encoded(data), len(data)
-        return value, len(data)
 
     def raw_block(self, cid: bytes) -> bytes | None:
         """The raw bytes kept for ``cid`` (the commit's, say), else ``None``."""
@@ -176,14 +161,14 @@ class MemoryBlocks:
             size += len(cid) + len(block)
         while processed and size < max_bytes:
             cid, value = processed.popitem()
-            if type(value) is _Encoded:
-                rows.append((cid, ROW_ENCODED, value.data))
-                size += len(cid) + len(value.data)
-            elif plain_row(value):
+            if plain_row(value):
                 rows.append((cid, ROW_PLAIN, value))
                 size += len(cid) + (len(value) if type(value) in (bytes, str) else 8)
             else:
-                data = self.encode(value)
+                try:
+                    data = self.encode(value)
+                except Exception as exc:
+                    raise messages.codec_failed(cid, exc) from exc
                 rows.append((cid, ROW_ENCODED, data))
                 size += len(cid) + len(data)
         if not raw and not processed:
@@ -208,15 +193,6 @@ class MemoryBlocks:
 
     def values(self, pairs: list[tuple[str, bytes]], record_cids: bool) -> list[tuple[Any, ...]]:
         return resolve(pairs, self.processed.get, self.raw.get, self.process, record_cids)
-
-
-class _Encoded:
-    """A processed value already encoded by the codec (while spilling: encoded once, not twice)."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
 
 
 class DiskRecords:

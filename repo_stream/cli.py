@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections import Counter
+from operator import itemgetter
 from typing import Any
 
 import anyio
@@ -29,6 +30,8 @@ from .drivers import DriverBuilder, NeedDisk
 from .errors import RepoStreamError
 
 __all__ = ["main", "stats"]
+
+_second = itemgetter(1)
 
 
 class _Progress:
@@ -128,9 +131,12 @@ async def _walk(builder: DriverBuilder[Any], source: Any, disk_path: str | None,
         while (chunk := await driver.next_chunk(1024)) is not None:
             records += len(chunk)
             bar.records(len(chunk))
-            for key, size in chunk:
-                collections[key.partition("/")[0]] += 1
-                record_bytes += size
+            record_bytes += sum(map(_second, chunk))
+            first = chunk[0][0].partition("/")[0]
+            if first == chunk[-1][0].partition("/")[0]:
+                collections[first] += len(chunk)  # keys are sorted: one collection from first to last
+            else:
+                collections.update(key.partition("/")[0] for key, _ in chunk)
     finally:
         if store is not None:
             await store.close()

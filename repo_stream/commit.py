@@ -19,15 +19,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
-import cbrrr
-import dag_cbor
+from typing import TYPE_CHECKING
+
 from multiformats import CID
 
 from .cid import cid_str, dag_cbor_cid, to_cid
 from .dagcbor import DagCborError, StrictDecoder, link_cid
-from .didkey import PublicKey, parse_did_key
 from .errors import CommitError, SignatureError
-from .signature import verify
+
+if TYPE_CHECKING:  # imported when used: cryptography, cbrrr and dag_cbor cost ~0.1 s at start-up
+    from .didkey import PublicKey
 
 #: The fields of a v3 commit.
 COMMIT_FIELDS: Final = frozenset({"did", "version", "data", "rev", "prev", "sig"})
@@ -86,6 +87,8 @@ class Commit:
 
         if self.block:
             try:
+                import cbrrr
+
                 obj = cbrrr.decode_dag_cbor(self.block)
             except ValueError:
                 obj = None
@@ -102,7 +105,7 @@ class Commit:
                 return cbrrr.encode_dag_cbor(unsigned)
         return encode_unsigned_commit(self.did, bytes(self.data), self.rev, self._prev_bytes(), self.version)
 
-    def verify_signature(self, key: str | PublicKey) -> None:
+    def verify_signature(self, key: "str | PublicKey") -> None:
         """Check :attr:`sig` against ``key``; return ``None`` if the commit is signed by it.
 
         Args:
@@ -120,6 +123,9 @@ class Commit:
         Spec: atproto repository, "Commit Objects"; atproto cryptography (ECDSA over SHA-256,
         low-S, compact signatures).
         """
+        from .didkey import parse_did_key
+        from .signature import verify
+
         where = f"commit {self.cid} of {self.did}"
         if isinstance(key, str):
             try:
@@ -147,6 +153,8 @@ def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Co
     where = f"commit {cid_str(cid)}"
     if strict:
         try:
+            import dag_cbor
+
             dag_cbor.decode(block)
         except Exception as exc:
             first = str(exc).splitlines()[-1].strip() if str(exc) else type(exc).__name__

@@ -288,7 +288,6 @@ class NeedDisk(Generic[T]):
             await store.reset()  # left over from an earlier repo that failed part-way
         batch = max(1, min(loading.builder._mem_limit // 2, 8 * _MIB))
         table = loading.table
-        table.spilling = True
         try:
             await _drain(store, table, batch)
             while await loading.load(batch):

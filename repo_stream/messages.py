@@ -17,6 +17,7 @@ from .errors import (
     CarHeaderError,
     CidError,
     CidMismatchError,
+    DiskError,
     DepthLimitError,
     EmptyNodeError,
     EmptyRootError,
@@ -168,6 +169,12 @@ def invalid_key(cid: bytes, key: str) -> RepoStreamError:
 
 def missing_record(cid: bytes, key: str) -> RepoStreamError:
     return MissingBlockError(f"record block {cid_str(cid)} for key {key!r} is not in the CAR")
+
+
+def codec_failed(cid: bytes, exc: BaseException) -> RepoStreamError:
+    error = DiskError(f"the codec cannot encode the processed value of block {cid_str(cid)} for the spill store: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def processor_failed(key: str, cid: bytes, exc: BaseException) -> RepoStreamError:
