@@ -69,6 +69,11 @@ int rs_table_get(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint
                  PyObject **value);
 /* Keep a block (first wins); process it if it cannot be a node. 0 on success, -1 with an error. */
 int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint8_t *block, size_t block_len);
+/* The same, with the CID's table hash already computed by rs_table_hash. */
+int rs_table_get_hashed(RsBlockTable *t, const uint8_t *cid, size_t cid_len, uint64_t hash, const uint8_t **data,
+                        size_t *len, PyObject **value);
+/* The CID's table hash; also starts fetching its slot into the cache (a later get is quicker). */
+uint64_t rs_table_hash(RsBlockTable *t, const uint8_t *cid, size_t cid_len);
 Py_ssize_t rs_table_used(RsBlockTable *t);
 PyObject *rs_table_process(RsBlockTable *t); /* borrowed; Py_None when there is no processor */
 

@@ -225,10 +225,21 @@ int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint
     return 0;
 }
 
+uint64_t rs_table_hash(RsBlockTable *t, const uint8_t *cid, size_t cid_len) {
+    uint64_t h = hash_cid(cid, cid_len);
+    if (t->nslots) __builtin_prefetch(&t->slots[(size_t)h & (t->nslots - 1)]);
+    return h;
+}
+
 int rs_table_get(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint8_t **data, size_t *len,
                  PyObject **value) {
+    return rs_table_get_hashed(t, cid, cid_len, hash_cid(cid, cid_len), data, len, value);
+}
+
+int rs_table_get_hashed(RsBlockTable *t, const uint8_t *cid, size_t cid_len, uint64_t hash, const uint8_t **data,
+                        size_t *len, PyObject **value) {
     size_t slot;
-    uint8_t *rec = find(t, cid, cid_len, hash_cid(cid, cid_len), &slot);
+    uint8_t *rec = find(t, cid, cid_len, hash, &slot);
     if (rec == NULL) return 0;
     if (rec[0] & F_PROCESSED) {
         *value = rec_value(rec);

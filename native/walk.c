@@ -12,6 +12,7 @@
 #define MAX_KEY_BYTES 1024
 
 typedef struct {
+    uint64_t hash;    /* the CID's table hash (with a C table), computed when pushed */
     uint32_t off;     /* into the byte stack: key bytes (records), then CID bytes */
     uint32_t key_len; /* records only */
     uint32_t cid_len;
@@ -349,6 +350,8 @@ static int push_pending(Walker *w, size_t count) {
     for (size_t i = count; i-- > 0;) {
         Item it = w->pending[i];
         size_t n = it.key_len + it.cid_len;
+        /* start fetching the children's table slots now: their look-ups overlap, not queue */
+        if (w->table) it.hash = rs_table_hash(w->table, w->pbytes + it.off + it.key_len, it.cid_len);
         memcpy(w->bytes + w->n_bytes, w->pbytes + it.off, n);
         it.off = (uint32_t)w->n_bytes;
         w->n_bytes += n;
@@ -486,11 +489,11 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
 /* The item for one record, resolved in the C table: 1 (appended), 0 (failed: *error set to the
  * exception to raise after the walk part), -1 (an error to raise now). */
 static int emit_resolved(Walker *w, PyObject *out, const uint8_t *key, size_t key_len, const uint8_t *cid,
-                         size_t cid_len, PyObject **error) {
+                         size_t cid_len, uint64_t hash, PyObject **error) {
     const uint8_t *data = NULL;
     size_t len = 0;
     PyObject *value = NULL;
-    int kind = rs_table_get(w->table, cid, cid_len, &data, &len, &value);
+    int kind = rs_table_get_hashed(w->table, cid, cid_len, hash, &data, &len, &value);
     if (kind == 0) {
         rs_raise("missing_record", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
         goto failed;
@@ -604,7 +607,7 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
             if (in_table && w->values == (PyObject *)w->table) {
                 /* After a record fails to resolve, the walk part still runs to n records (its own
                  * errors come first, as in the reference); placeholders keep the count. */
-                int got = *deferred == NULL ? emit_resolved(w, out, key, it.key_len, cid, it.cid_len, deferred) : 0;
+                int got = *deferred == NULL ? emit_resolved(w, out, key, it.key_len, cid, it.cid_len, it.hash, deferred) : 0;
                 if (got < 0 || (got == 0 && PyList_Append(out, Py_None) < 0)) {
                     status = -1;
                     break;
@@ -648,7 +651,7 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
             const uint8_t *data = NULL;
             size_t len = 0;
             PyObject *value = NULL;
-            int kind = rs_table_get(w->table, cid, cid_len, &data, &len, &value);
+            int kind = rs_table_get_hashed(w->table, cid, cid_len, it.hash, &data, &len, &value);
             if (kind == 0) {
                 status = rs_raise("missing_node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
                 break;
@@ -728,7 +731,7 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
     }
     memcpy(self->bytes, root.buf, (size_t)root.len);
     self->n_bytes = (size_t)root.len;
-    Item it = {0, 0, (uint32_t)root.len, -1, 1, 0};
+    Item it = {0, 0, 0, (uint32_t)root.len, -1, 1, 0};
     self->items[0] = it;
     self->n_items = 1;
     PyBuffer_Release(&root);
@@ -737,6 +740,7 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
     Py_INCREF(values);
     self->values = values;
     self->table = PyObject_TypeCheck(nodes, &RsBlockTable_Type) ? (RsBlockTable *)nodes : NULL;
+    if (self->table) self->items[0].hash = rs_table_hash(self->table, self->bytes, self->n_bytes);
     self->max_depth = max_depth;
     self->strict = strict;
     self->record_cids = record_cids;
