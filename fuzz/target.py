@@ -19,6 +19,7 @@ from repo_stream.commit import decode_commit
 from repo_stream.errors import MissingBlockError, NodeDecodeError, RepoStreamError
 
 LIMITS = [1 << 40, 300, 3000, 30000]
+COLLECTIONS = [None, None, frozenset({"app.bsky.feed.like"}), frozenset({"app.bsky.graph.follow", "com.example.thing"})]
 FEEDS = [1, 7, 64, 1000, 4096, 65536, 1 << 20, 3]
 
 
@@ -56,6 +57,7 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
     record_cids = bool(options & 4)
     limit = LIMITS[(options >> 3) & 3]
     feed = FEEDS[(options >> 5) & 7]
+    collections = COLLECTIONS[(len(data) + options) & 3]
     parser = impl.CarParser(64 * 1024, verify)
     pos = 0
     out: list[Any] = []
@@ -100,12 +102,12 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
             raise MissingBlockError("no commit")
         if rows:
             lookup = DiskRecords(RowLookup(rows), process)
-            walker = impl.Walker(data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids)
+            walker = impl.Walker(data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
         else:
-            walker = impl.Walker(data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids)
+            walker = impl.Walker(data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
         while (chunk := walker.next_chunk(50)) is not None:
             out.extend(chunk)
-        return ("records", out)
+        return ("records", out, walker.nodes_visited)
     except RepoStreamError as exc:
         message = str(exc)
         if isinstance(exc, NodeDecodeError):

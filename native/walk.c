@@ -18,8 +18,16 @@ typedef struct {
     uint32_t cid_len;
     int32_t layer; /* nodes: the expected layer, -1 for the root */
     uint32_t depth;
+    uint32_t lo_len, hi_len; /* nodes, with a collection filter: the subtree's key bounds, stored after the CID */
+    uint32_t lo_off, hi_off; /* pending items only: where the bounds are in pbytes */
     uint8_t is_record;
+    uint8_t bounds; /* 1: has lo, 2: has hi, 0x80: dropped (pending only) */
 } Item;
+
+typedef struct {
+    uint8_t *name; /* the collection, then "/" at [len]; "0" replaces it for the range's end */
+    size_t len;
+} Wanted;
 
 typedef struct {
     int neg;    /* p is negative: -1 - p */
@@ -40,6 +48,9 @@ typedef struct {
     PyObject *nodes, *values;
     RsBlockTable *table; /* nodes and values are this C table */
     int max_depth, strict, record_cids;
+    Wanted *wanted; /* with_collections: the collections, or NULL for all */
+    size_t n_wanted;
+    long long nodes_visited;
     PyObject *failed;
     long long records;
     /* scratch for one node */
@@ -333,6 +344,9 @@ static int pend(Walker *w, int is_record, const uint8_t *key, size_t key_len, co
     it->layer = layer;
     it->depth = depth;
     it->is_record = (uint8_t)is_record;
+    it->lo_len = it->hi_len = it->lo_off = it->hi_off = 0;
+    it->bounds = 0;
+    it->hash = 0;
     if (key_len) memcpy(w->pbytes + w->n_pbytes, key, key_len);
     memcpy(w->pbytes + w->n_pbytes + key_len, cid, cid_len);
     w->n_pbytes += key_len + cid_len;
@@ -342,8 +356,11 @@ static int pend(Walker *w, int is_record, const uint8_t *key, size_t key_len, co
 /* Move the pending items onto the stack, last first, so the first is on top. */
 static int push_pending(Walker *w, size_t count) {
     if (reserve((void **)&w->items, &w->cap_items, w->n_items + count, sizeof(Item)) < 0) return -1;
-    if (reserve((void **)&w->bytes, &w->cap_bytes, w->n_bytes + w->n_pbytes, 1) < 0) return -1;
-    if (w->n_bytes + w->n_pbytes > UINT32_MAX) {
+    size_t need = 0;
+    for (size_t i = 0; i < count; i++)
+        need += (size_t)w->pending[i].key_len + w->pending[i].cid_len + w->pending[i].lo_len + w->pending[i].hi_len;
+    if (reserve((void **)&w->bytes, &w->cap_bytes, w->n_bytes + need, 1) < 0) return -1;
+    if (w->n_bytes + need > UINT32_MAX) {
         PyErr_NoMemory();
         return -1;
     }
@@ -352,11 +369,57 @@ static int push_pending(Walker *w, size_t count) {
         size_t n = it.key_len + it.cid_len;
         /* start fetching the children's table slots now: their look-ups overlap, not queue */
         if (w->table) it.hash = rs_table_hash(w->table, w->pbytes + it.off + it.key_len, it.cid_len);
-        memcpy(w->bytes + w->n_bytes, w->pbytes + it.off, n);
+        uint8_t *to = w->bytes + w->n_bytes;
+        memcpy(to, w->pbytes + it.off, n);
+        if (it.lo_len) memcpy(to + n, w->pbytes + it.lo_off, it.lo_len);
+        if (it.hi_len) memcpy(to + n + it.lo_len, w->pbytes + it.hi_off, it.hi_len);
         it.off = (uint32_t)w->n_bytes;
-        w->n_bytes += n;
+        w->n_bytes += n + it.lo_len + it.hi_len;
         w->items[w->n_items++] = it;
     }
+    return 0;
+}
+
+/* --- with_collections ------------------------------------------------------------------------ */
+
+static int bytes_cmp(const uint8_t *a, size_t an, const uint8_t *b, size_t bn) {
+    int c = memcmp(a, b, an < bn ? an : bn);
+    if (c) return c;
+    return an < bn ? -1 : an > bn ? 1 : 0;
+}
+
+/* Whether keys strictly between lo and hi (each absent or present) can belong to a wanted
+ * collection C: its keys run from C + "/" up to C + "0". Always true without a filter. */
+static int may_hold(Walker *w, const uint8_t *lo, size_t lo_len, int has_lo, const uint8_t *hi, size_t hi_len, int has_hi) {
+    if (w->wanted == NULL) return 1;
+    for (size_t i = 0; i < w->n_wanted; i++) {
+        Wanted *c = &w->wanted[i];
+        c->name[c->len] = '/';
+        int ok_hi = !has_hi || bytes_cmp(hi, hi_len, c->name, c->len + 1) > 0;
+        c->name[c->len] = '0';
+        int ok_lo = !has_lo || bytes_cmp(lo, lo_len, c->name, c->len + 1) < 0;
+        if (ok_hi && ok_lo) return 1;
+    }
+    return 0;
+}
+
+static int wanted_key(Walker *w, const uint8_t *key, size_t key_len) {
+    if (w->wanted == NULL) return 1;
+    const uint8_t *slash = memchr(key, '/', key_len);
+    size_t n = slash ? (size_t)(slash - key) : key_len;
+    for (size_t i = 0; i < w->n_wanted; i++)
+        if (w->wanted[i].len == n && memcmp(w->wanted[i].name, key, n) == 0) return 1;
+    return 0;
+}
+
+static int add_subtree(PyObject *subtrees, const uint8_t *cid, size_t len) {
+    if (subtrees == NULL) return 0;
+    PyObject *b = PyBytes_FromStringAndSize((const char *)cid, (Py_ssize_t)len);
+    if (b == NULL || PyList_Append(subtrees, b) < 0) {
+        Py_XDECREF(b);
+        return -1;
+    }
+    Py_DECREF(b);
     return 0;
 }
 
@@ -364,14 +427,29 @@ static int push_pending(Walker *w, size_t count) {
 
 /* Decode a node, check its rules, push its items; collect its subtree CIDs into `subtrees` (a
  * list, or NULL). 0, or -1 with an error. */
+typedef struct {
+    const uint8_t *lo, *hi;
+    size_t lo_len, hi_len;
+    int has_lo, has_hi;
+} Bounds;
+
 static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *block, size_t len, int32_t expected,
-                  uint32_t depth, PyObject *subtrees) {
+                  uint32_t depth, Bounds nb, PyObject *subtrees) {
     const uint8_t *left;
     size_t left_len, count;
     if (decode_node(w, cid, cid_len, block, len, &left, &left_len, &count) < 0) return -1;
     int is_root = expected < 0;
     size_t npend = 0;
     w->n_pbytes = 0;
+    /* the node's own bounds go first in pbytes, so every bound a child gets is found there */
+    size_t nlo_off = 0, nhi_off = 0;
+    if (w->wanted) {
+        if (reserve((void **)&w->pbytes, &w->cap_pbytes, nb.lo_len + nb.hi_len + 1, 1) < 0) return -1;
+        if (nb.lo_len) memcpy(w->pbytes, nb.lo, nb.lo_len);
+        if (nb.hi_len) memcpy(w->pbytes + nb.lo_len, nb.hi, nb.hi_len);
+        nhi_off = nb.lo_len;
+        w->n_pbytes = nb.lo_len + nb.hi_len;
+    }
     if (count == 0) {
         if (left == NULL) {
             if (is_root) return 0; /* the empty repo */
@@ -379,15 +457,15 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
         }
         if (is_root) return rs_raise("empty_root", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
         if (expected == 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+        if (!may_hold(w, nb.lo, nb.lo_len, nb.has_lo, nb.hi, nb.hi_len, nb.has_hi)) return 0;
         if (pend(w, 0, NULL, 0, left, left_len, expected - 1, depth + 1, &npend) < 0) return -1;
-        if (subtrees) {
-            PyObject *b = PyBytes_FromStringAndSize((const char *)left, (Py_ssize_t)left_len);
-            if (b == NULL || PyList_Append(subtrees, b) < 0) {
-                Py_XDECREF(b);
-                return -1;
-            }
-            Py_DECREF(b);
-        }
+        Item *it = &w->pending[0];
+        it->lo_off = (uint32_t)nlo_off;
+        it->lo_len = (uint32_t)nb.lo_len;
+        it->hi_off = (uint32_t)nhi_off;
+        it->hi_len = (uint32_t)nb.hi_len;
+        it->bounds = (uint8_t)((nb.has_lo ? 1 : 0) | (nb.has_hi ? 2 : 0));
+        if (add_subtree(subtrees, left, left_len) < 0) return -1;
         return push_pending(w, npend);
     }
     w->prev_len = 0;
@@ -448,14 +526,6 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
                 return rs_raise("subtree_at_layer0", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
                                 (Py_ssize_t)key_len);
             if (pend(w, 0, NULL, 0, e->t, e->t_len, child, depth + 1, &npend) < 0) return -1;
-            if (subtrees) {
-                PyObject *b = PyBytes_FromStringAndSize((const char *)e->t, (Py_ssize_t)e->t_len);
-                if (b == NULL || PyList_Append(subtrees, b) < 0) {
-                    Py_XDECREF(b);
-                    return -1;
-                }
-                Py_DECREF(b);
-            }
         }
         /* prev = key (at most 1024 bytes here) */
         if (reserve((void **)&w->prev, &w->cap_prev, key_len + 1, 1) < 0) return -1;
@@ -472,16 +542,52 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
         Item it = w->pending[before];
         memmove(w->pending + 1, w->pending, before * sizeof(Item));
         w->pending[0] = it;
-        if (subtrees) {
-            PyObject *b = PyBytes_FromStringAndSize((const char *)left, (Py_ssize_t)left_len);
-            if (b == NULL || PyList_Append(subtrees, b) < 0) {
-                Py_XDECREF(b);
-                return -1;
+    }
+    /* Bounds of each subtree (the keys around it), and with a filter, drop the subtrees that
+     * cannot hold a wanted collection; the rest go to `subtrees` (entries' first, then left). */
+    size_t first_record = left != NULL ? 1 : 0;
+    if (w->wanted) {
+        for (size_t j = 0; j < npend; j++) {
+            Item *it = &w->pending[j];
+            if (it->is_record) continue;
+            Item *lo_rec = j > 0 && w->pending[j - 1].is_record ? &w->pending[j - 1] : NULL;
+            Item *hi_rec = j + 1 < npend && w->pending[j + 1].is_record ? &w->pending[j + 1] : NULL;
+            if (lo_rec) {
+                it->lo_off = lo_rec->off;
+                it->lo_len = lo_rec->key_len;
+                it->bounds |= 1;
+            } else if (nb.has_lo) {
+                it->lo_off = (uint32_t)nlo_off;
+                it->lo_len = (uint32_t)nb.lo_len;
+                it->bounds |= 1;
             }
-            Py_DECREF(b);
+            if (hi_rec) {
+                it->hi_off = hi_rec->off;
+                it->hi_len = hi_rec->key_len;
+                it->bounds |= 2;
+            } else if (nb.has_hi) {
+                it->hi_off = (uint32_t)nhi_off;
+                it->hi_len = (uint32_t)nb.hi_len;
+                it->bounds |= 2;
+            }
+            if (!may_hold(w, w->pbytes + it->lo_off, it->lo_len, it->bounds & 1, w->pbytes + it->hi_off, it->hi_len,
+                          it->bounds & 2))
+                it->bounds |= 0x80;
         }
     }
-    return push_pending(w, npend);
+    size_t kept = 0;
+    for (size_t j = 0; j < npend; j++) {
+        Item *it = &w->pending[j];
+        if (it->bounds & 0x80) continue;
+        if (!it->is_record && j >= first_record &&
+            add_subtree(subtrees, w->pbytes + it->off + it->key_len, it->cid_len) < 0)
+            return -1;
+        w->pending[kept++] = *it;
+    }
+    if (left != NULL && kept > 0 && !w->pending[0].is_record && first_record &&
+        !(w->pending[0].bounds & 0x80) && add_subtree(subtrees, left, left_len) < 0)
+        return -1;
+    return push_pending(w, kept);
 }
 
 /* --- emitting ----------------------------------------------------------------------------------- */
@@ -604,7 +710,9 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
                                   (Py_ssize_t)w->last_len);
                 break;
             }
-            if (in_table && w->values == (PyObject *)w->table) {
+            if (!wanted_key(w, key, it.key_len)) {
+                /* not a wanted collection: checked for order, not emitted */
+            } else if (in_table && w->values == (PyObject *)w->table) {
                 /* After a record fails to resolve, the walk part still runs to n records (its own
                  * errors come first, as in the reference); placeholders keep the count. */
                 int got = *deferred == NULL ? emit_resolved(w, out, key, it.key_len, cid, it.cid_len, it.hash, deferred) : 0;
@@ -639,6 +747,9 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
         memcpy(w->cid, w->bytes + it.off, it.cid_len);
         const uint8_t *cid = w->cid;
         size_t cid_len = it.cid_len;
+        /* the subtree's bounds stay in place on the byte stack until expand has copied them */
+        Bounds nb = {w->bytes + it.off + it.cid_len, w->bytes + it.off + it.cid_len + it.lo_len, it.lo_len, it.hi_len,
+                     it.bounds & 1, (it.bounds & 2) != 0};
         if ((int64_t)it.depth > (int64_t)w->max_depth) {
             status = rs_raise("depth_limit", "(y#Ii)", (const char *)cid, (Py_ssize_t)cid_len, (unsigned int)it.depth, w->max_depth);
             break;
@@ -660,7 +771,8 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
                 status = rs_raise("not_a_node", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
                 break;
             }
-            if (expand(w, cid, cid_len, data, len, it.layer, it.depth, NULL) < 0) {
+            w->nodes_visited += 1;
+            if (expand(w, cid, cid_len, data, len, it.layer, it.depth, nb, NULL) < 0) {
                 status = -1;
                 break;
             }
@@ -686,8 +798,9 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
                 status = -1;
                 break;
             }
+            w->nodes_visited += 1;
             int r = expand(w, cid, cid_len, (const uint8_t *)PyBytes_AS_STRING(block), (size_t)PyBytes_GET_SIZE(block),
-                           it.layer, it.depth, subtrees);
+                           it.layer, it.depth, nb, subtrees);
             Py_DECREF(block);
             if (r == 0 && subtrees && PyList_GET_SIZE(subtrees) > 0) {
                 PyObject *done = PyObject_CallOneArg(prefetch, subtrees);
@@ -708,13 +821,44 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
 /* --- the type ---------------------------------------------------------------------------------- */
 
 static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"root", "nodes", "values", "max_depth", "strict", "record_cids", NULL};
+    static char *names[] = {"root", "nodes", "values", "max_depth", "strict", "record_cids", "collections", NULL};
     Py_buffer root;
-    PyObject *nodes, *values = Py_None;
+    PyObject *nodes, *values = Py_None, *collections = Py_None;
     int max_depth = 32, strict = 0, record_cids = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*O|O$ipp", names, &root, &nodes, &values, &max_depth, &strict,
-                                     &record_cids))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*O|O$ippO", names, &root, &nodes, &values, &max_depth, &strict,
+                                     &record_cids, &collections))
         return -1;
+    if (collections != Py_None) {
+        PyObject *seq = PySequence_Fast(collections, "collections must be an iterable of str");
+        if (seq == NULL) {
+            PyBuffer_Release(&root);
+            return -1;
+        }
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+        self->wanted = PyMem_Calloc((size_t)n + 1, sizeof(Wanted));
+        if (self->wanted == NULL) {
+            Py_DECREF(seq);
+            PyBuffer_Release(&root);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t len;
+            const char *name = PyUnicode_AsUTF8AndSize(PySequence_Fast_GET_ITEM(seq, i), &len);
+            uint8_t *copy = name ? PyMem_Malloc((size_t)len + 1) : NULL;
+            if (copy == NULL) {
+                Py_DECREF(seq);
+                PyBuffer_Release(&root);
+                if (!PyErr_Occurred()) PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(copy, name, (size_t)len);
+            self->wanted[self->n_wanted].name = copy;
+            self->wanted[self->n_wanted].len = (size_t)len;
+            self->n_wanted++;
+        }
+        Py_DECREF(seq);
+    }
     if (self->nodes != NULL) {
         PyBuffer_Release(&root);
         PyErr_SetString(PyExc_RuntimeError, "Walker.__init__ called twice");
@@ -731,7 +875,10 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
     }
     memcpy(self->bytes, root.buf, (size_t)root.len);
     self->n_bytes = (size_t)root.len;
-    Item it = {0, 0, 0, (uint32_t)root.len, -1, 1, 0};
+    Item it = {0};
+    it.cid_len = (uint32_t)root.len;
+    it.layer = -1;
+    it.depth = 1;
     self->items[0] = it;
     self->n_items = 1;
     PyBuffer_Release(&root);
@@ -775,6 +922,8 @@ static void Walker_dealloc(Walker *self) {
     PyMem_Free(self->cid);
     PyMem_Free(self->pending);
     PyMem_Free(self->pbytes);
+    for (size_t i = 0; i < self->n_wanted; i++) PyMem_Free(self->wanted[i].name);
+    PyMem_Free(self->wanted);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -846,6 +995,11 @@ static PyObject *Walker_get_done(Walker *self, void *closure) {
     return PyBool_FromLong(self->n_items == 0);
 }
 
+static PyObject *Walker_get_nodes_visited(Walker *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLongLong(self->nodes_visited);
+}
+
 static PyObject *Walker_get_records(Walker *self, void *closure) {
     (void)closure;
     return PyLong_FromLongLong(self->records);
@@ -861,6 +1015,7 @@ static PyMethodDef Walker_methods[] = {
 static PyGetSetDef Walker_getset[] = {
     {"done", (getter)Walker_get_done, NULL, "True once every record has been emitted.", NULL},
     {"records", (getter)Walker_get_records, NULL, "Records emitted so far.", NULL},
+    {"nodes_visited", (getter)Walker_get_nodes_visited, NULL, "MST nodes expanded so far.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -869,7 +1024,7 @@ PyTypeObject RsWalker_Type = {
     .tp_basicsize = sizeof(Walker),
     .tp_dealloc = (destructor)Walker_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Walker(root, nodes, values=None, *, max_depth=32, strict=False, record_cids=False)\n--\n\n"
+    .tp_doc = "Walker(root, nodes, values=None, *, max_depth=32, strict=False, record_cids=False, collections=None)\n--\n\n"
               "The C MST walker; the same behaviour and errors as repo_stream.walk.Walker.",
     .tp_traverse = (traverseproc)Walker_traverse,
     .tp_clear = (inquiry)Walker_clear,

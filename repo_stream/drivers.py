@@ -18,7 +18,7 @@ counted bytes reach the limit, :meth:`DriverBuilder.load_car` stops reading and 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -32,6 +32,7 @@ from .cid import cid_str, to_cid
 from .commit import Commit, decode_commit
 from .disk import CBOR_CODEC, Codec, DiskStore
 from .errors import DiskError, MissingBlockError
+from .mst import is_valid_collection
 from .walk import DEFAULT_MAX_DEPTH
 
 __all__ = ["BLOCK_OVERHEAD", "DriverBuilder", "MemoryDriver", "NeedDisk", "DiskDriver"]
@@ -58,6 +59,7 @@ class DriverBuilder(Generic[T]):
         self._max_depth = DEFAULT_MAX_DEPTH
         self._read_size = DEFAULT_READ_SIZE
         self._record_cids = False
+        self._collections: frozenset[str] | None = None
 
     def with_mem_limit_mb(self, mb: float) -> DriverBuilder[T]:
         """Set the memory limit for kept blocks, in MiB (default 16); above it, loading spills."""
@@ -116,6 +118,28 @@ class DriverBuilder(Generic[T]):
         """Emit ``(key, cid, value)`` items, ``cid`` the record's CID as a base32 string
         (``"bafyrei..."``), instead of ``(key, value)`` (default off)."""
         self._record_cids = record_cids
+        return self
+
+    def with_collections(self, collections: Iterable[str] | None) -> DriverBuilder[T]:
+        """Emit only the records of these collections (NSIDs such as ``"app.bsky.feed.post"``), and
+        walk only the subtrees whose key range can hold them (``None``, the default: every record).
+
+        Keys of a collection ``C`` are those from ``C/`` up to ``C0``; a subtree between two keys
+        that bracket none of those ranges is never read, so a filtered walk visits fewer MST nodes
+        (``driver.nodes_visited``). Spec: atproto repository, "Repo Data Structure" (keys are
+        ``<collection>/<record-key>``).
+
+        Raises:
+            ValueError: a name is not a valid NSID.
+        """
+        if collections is None:
+            self._collections = None
+            return self
+        names = frozenset(collections)
+        bad = sorted(name for name in names if not is_valid_collection(name))
+        if bad:
+            raise ValueError(f"not a collection NSID: {', '.join(map(repr, bad))}")
+        self._collections = names
         return self
 
     async def load_car(self, source: Any) -> MemoryDriver[T] | NeedDisk[T]:
@@ -188,7 +212,13 @@ class _Loading:
         builder = self.builder
         _, data = self.commit_or_raise()
         return self.impl.Walker(
-            data, nodes, values, max_depth=builder._max_depth, strict=builder._verify_cids, record_cids=builder._record_cids
+            data,
+            nodes,
+            values,
+            max_depth=builder._max_depth,
+            strict=builder._verify_cids,
+            record_cids=builder._record_cids,
+            collections=builder._collections,
         )
 
 
@@ -203,6 +233,7 @@ class _Driver(Generic[T]):
     commit: Commit
     commit_cid: CID
     _reader: CarReader
+    _walker: Any
 
     @property
     def blocks_read(self) -> int:
@@ -213,6 +244,11 @@ class _Driver(Generic[T]):
     def bytes_read(self) -> int:
         """Bytes read from the source."""
         return self._reader.bytes_read
+
+    @property
+    def nodes_visited(self) -> int:
+        """MST nodes expanded by the walk so far (fewer with ``with_collections``)."""
+        return int(self._walker.nodes_visited)
 
     async def next_chunk(self, n: int = 256) -> list[Any] | None:  # pragma: no cover - abstract
         raise NotImplementedError

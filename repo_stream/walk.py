@@ -219,11 +219,16 @@ class Walker:
         strict: refuse nodes that are not canonical DAG-CBOR (the drivers set it with
             ``with_verify_cids``).
         record_cids: passed to ``values``: items are ``(key, cid_text, value)``.
+        collections: emit only the records of these collections (NSIDs), and skip every subtree
+            whose key range cannot hold one of their keys; ``None`` for all.
 
     After an error the walker stays failed: every later :meth:`next_chunk` raises the same error.
     """
 
-    __slots__ = ("_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_failed", "_decoder", "records")
+    __slots__ = (
+        "_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_failed", "_decoder",
+        "_collections", "_ranges", "records", "nodes_visited",
+    )
 
     def __init__(
         self,
@@ -234,10 +239,17 @@ class Walker:
         max_depth: int = DEFAULT_MAX_DEPTH,
         strict: bool = False,
         record_cids: bool = False,
+        collections: frozenset[str] | None = None,
     ) -> None:
-        # Stack items: (0, cid, expected_layer or -1 for the root, depth) for nodes,
+        # Stack items: (0, cid, expected_layer or -1 for the root, depth, lo, hi) for nodes, where
+        #              lo < every key of the subtree < hi (bytes, or None for no bound),
         #              (1, key: str, cid) for records.
-        self._stack: list[tuple[Any, ...]] = [(0, root, -1, 1)]
+        self._stack: list[tuple[Any, ...]] = [(0, root, -1, 1, None, None)]
+        self._collections = collections
+        # Keys of collection C are exactly those with C + "/" <= key < C + "0" ("0" follows "/").
+        self._ranges = None if collections is None else [(c.encode() + b"/", c.encode() + b"0") for c in sorted(collections)]
+        #: MST nodes expanded so far.
+        self.nodes_visited = 0
         self._last = ""
         self._nodes = nodes
         self._values = values
@@ -289,16 +301,18 @@ class Walker:
         last = self._last
         get_node = self._nodes.node
         prefetch = getattr(self._nodes, "prefetch", None)
+        wanted = self._collections
         while stack and len(out) < n:
             item = pop()
             if item[0] == 1:
                 key = item[1]
                 if key <= last:
                     raise messages.key_order(key, last)
-                emit((key, item[2]))
+                if wanted is None or key.partition("/")[0] in wanted:
+                    emit((key, item[2]))
                 last = key
                 continue
-            _, cid, expected, depth = item
+            _, cid, expected, depth, lo, hi = item
             if depth > self._max_depth:
                 raise messages.depth_limit(cid, depth, self._max_depth)
             if cid[:2] != _DAG_CBOR_V1:
@@ -308,16 +322,27 @@ class Walker:
                 raise messages.missing_node(cid)
             if block is NOT_A_NODE:
                 raise messages.not_a_node(cid)
-            children = self._expand(cid, block, expected, depth, stack)
+            self.nodes_visited += 1
+            children = self._expand(cid, block, expected, depth, lo, hi, stack)
             if children and prefetch is not None:
                 prefetch(children)
         self._last = last
         return out
 
-    def _expand(self, cid: bytes, block: bytes, expected: int, depth: int, stack: list[tuple[Any, ...]]) -> list[bytes] | None:
+    def _may_hold(self, lo: bytes | None, hi: bytes | None) -> bool:
+        """Whether keys strictly between ``lo`` and ``hi`` can belong to a wanted collection."""
+        ranges = self._ranges
+        if ranges is None:
+            return True
+        return any((hi is None or hi > first) and (lo is None or lo < end) for first, end in ranges)
+
+    def _expand(
+        self, cid: bytes, block: bytes, expected: int, depth: int, lo: bytes | None, hi: bytes | None, stack: list[tuple[Any, ...]]
+    ) -> list[bytes] | None:
         """Decode one node, check its rules and push its subtrees and records (reversed).
 
-        Returns the subtree CIDs it pushed, for stores that fetch in batches.
+        Subtrees whose key range cannot hold a wanted collection are not pushed. Returns the
+        subtree CIDs it pushed, for stores that fetch in batches.
         """
         left, entries = decode_node(cid, block, self._decoder, self._strict)
         is_root = expected < 0
@@ -330,13 +355,14 @@ class Walker:
                 raise messages.empty_root(cid)
             if expected == 0:
                 raise messages.left_at_layer0(cid)
-            stack.append((0, left, expected - 1, depth + 1))
+            if not self._may_hold(lo, hi):
+                return None
+            stack.append((0, left, expected - 1, depth + 1, lo, hi))
             return [left]
 
         # Rebuild keys and check prefixes, layers and syntax; collect the items in walk order.
-        items: list[tuple[Any, ...]] = []
-        append = items.append
-        subtrees: list[bytes] = []
+        built: list[tuple[bytes, str, bytes, bytes | None]] = []
+        append = built.append
         prev = b""
         layer = -1
         child = expected - 1
@@ -372,20 +398,27 @@ class Walker:
                 last_collection = collection
             if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":
                 raise messages.invalid_key(cid, skey)
-            append((1, skey, vcid))
-            if tcid is not None:
-                if child < 0:
-                    raise messages.subtree_at_layer0(cid, skey)
-                append((0, tcid, child, depth + 1))
-                subtrees.append(tcid)
+            if tcid is not None and child < 0:
+                raise messages.subtree_at_layer0(cid, skey)
+            append((key, skey, vcid, tcid))
             prev = key
         if layer != expected and not is_root:  # after the loop, so a mixed node reports the mix
             raise messages.wrong_layer(cid, layer, expected)
         if left is not None and child < 0:
             raise messages.left_at_layer0(cid)
+        items: list[tuple[Any, ...]] = []
+        subtrees: list[bytes] = []
+        may_hold = self._may_hold
+        for i, (key, skey, vcid, tcid) in enumerate(built):
+            items.append((1, skey, vcid))
+            if tcid is not None:
+                after = built[i + 1][0] if i + 1 < len(built) else hi
+                if may_hold(key, after):
+                    items.append((0, tcid, child, depth + 1, key, after))
+                    subtrees.append(tcid)
         stack.extend(items[::-1])
-        if left is not None:
-            stack.append((0, left, child, depth + 1))  # walked first: on top
+        if left is not None and may_hold(lo, built[0][0]):
+            stack.append((0, left, child, depth + 1, lo, built[0][0]))  # walked first: on top
             subtrees.append(left)
         return subtrees
 

@@ -58,9 +58,17 @@ def _result(exc: RepoStreamError) -> tuple[str, str]:
     return type(exc).__name__, message
 
 
-async def _walk(car: bytes, mode: str, verify: bool, read_size: int, use_len: bool, record_cids: bool) -> Any:
+COLLECTIONS = ["app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.graph.follow", "app.bsky.actor.profile", "com.example.none"]
+collection_sets = st.one_of(st.none(), st.lists(st.sampled_from(COLLECTIONS), min_size=1, max_size=3, unique=True))
+
+
+async def _walk(car: bytes, mode: str, verify: bool, read_size: int, use_len: bool, record_cids: bool, collections: Any) -> Any:
     builder: DriverBuilder[Any] = (
-        DriverBuilder().with_verify_cids(verify).with_read_size(read_size).with_record_cids(record_cids)
+        DriverBuilder()
+        .with_verify_cids(verify)
+        .with_read_size(read_size)
+        .with_record_cids(record_cids)
+        .with_collections(collections)
     )
     if use_len:
         builder = builder.with_block_processor(len)
@@ -72,29 +80,38 @@ async def _walk(car: bytes, mode: str, verify: bool, read_size: int, use_len: bo
                 assert not isinstance(driver, NeedDisk)
                 async for item in driver:
                     out.append(item)
-                return ("records", out)
+                return ("records", out, driver.nodes_visited)
             driver = await builder.with_mem_limit_mb(0.0001).load_car(car)
             if not isinstance(driver, NeedDisk):
                 async for item in driver:
                     out.append(item)
-                return ("records", out)
+                return ("records", out, driver.nodes_visited)
             async with await DiskBuilder().open() as store:
                 _commit, disk = await driver.finish_loading(store)
                 async for item in disk:
                     out.append(item)
-                return ("records", out)
+                return ("records", out, disk.nodes_visited)
     except RepoStreamError as exc:
         # Records emitted before the error must agree too.
         return ("error", _result(exc), out)
 
 
-def both(car: bytes, *, mode: str = "memory", verify: bool = False, read_size: int = DEFAULT_READ_SIZE, use_len: bool = False, record_cids: bool = False) -> Any:
+def both(
+    car: bytes,
+    *,
+    mode: str = "memory",
+    verify: bool = False,
+    read_size: int = DEFAULT_READ_SIZE,
+    use_len: bool = False,
+    record_cids: bool = False,
+    collections: Any = None,
+) -> Any:
     results = []
     before = implementation.backend().name
     try:
         for name in ("c", "python"):
             implementation.use(name)
-            results.append(anyio.run(functools.partial(_walk, car, mode, verify, read_size, use_len, record_cids), backend="asyncio"))
+            results.append(anyio.run(functools.partial(_walk, car, mode, verify, read_size, use_len, record_cids, collections), backend="asyncio"))
     finally:
         implementation.use(before)
     c, python = results
@@ -162,15 +179,15 @@ any_input = st.one_of(
 
 
 @fuzz_settings(EXAMPLES)
-@given(any_input, st.booleans(), st.booleans(), st.booleans(), st.sampled_from([1, 16, 4096, DEFAULT_READ_SIZE]))
-def test_c_and_python_agree_in_memory(car: bytes, verify: bool, use_len: bool, record_cids: bool, read_size: int) -> None:
-    both(car, verify=verify, use_len=use_len, record_cids=record_cids, read_size=read_size)
+@given(any_input, st.booleans(), st.booleans(), st.booleans(), st.sampled_from([1, 16, 4096, DEFAULT_READ_SIZE]), collection_sets)
+def test_c_and_python_agree_in_memory(car: bytes, verify: bool, use_len: bool, record_cids: bool, read_size: int, collections: Any) -> None:
+    both(car, verify=verify, use_len=use_len, record_cids=record_cids, read_size=read_size, collections=collections)
 
 
 @fuzz_settings(max(5, EXAMPLES // 4))
-@given(any_input, st.booleans(), st.booleans(), st.sampled_from([16, DEFAULT_READ_SIZE]))
-def test_c_and_python_agree_spilled(car: bytes, verify: bool, use_len: bool, read_size: int) -> None:
-    both(car, mode="spilled", verify=verify, use_len=use_len, read_size=read_size)
+@given(any_input, st.booleans(), st.booleans(), st.sampled_from([16, DEFAULT_READ_SIZE]), collection_sets)
+def test_c_and_python_agree_spilled(car: bytes, verify: bool, use_len: bool, read_size: int, collections: Any) -> None:
+    both(car, mode="spilled", verify=verify, use_len=use_len, read_size=read_size, collections=collections)
 
 
 @pytest.mark.parametrize("base", BASES, ids=[b.name for b in BASES])
