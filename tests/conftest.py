@@ -17,7 +17,21 @@ SAMPLES = Path(os.environ.get("REPO_STREAM_SAMPLES", ROOT.parent / "shared" / "c
 IMPLEMENTATIONS = os.environ.get("REPO_STREAM_TEST_IMPLEMENTATIONS", "c,python").split(",")
 
 
-@pytest.fixture(params=IMPLEMENTATIONS, autouse=True)
+#: Test modules that never run the hot path (they test the writer, the generator, identity
+#: resolution, signatures): once is enough, on the first implementation.
+CORE_FREE = {"test_writer", "test_generate", "test_identity", "test_signature"}
+#: Test modules that switch implementations themselves.
+SELF_MANAGED = {"test_differential"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rpartition(".")[2]
+    if "impl" in metafunc.fixturenames and module not in SELF_MANAGED:
+        names = IMPLEMENTATIONS[:1] if module in CORE_FREE else IMPLEMENTATIONS
+        metafunc.parametrize("impl", names, indirect=True)
+
+
+@pytest.fixture(autouse=True)
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run every test on the C core and on the pure-Python reference (as cbor2 tests its C and
     Python decoders); child processes get ``REPO_STREAM_PURE_PYTHON`` to match. Without the

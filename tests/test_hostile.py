@@ -1291,7 +1291,7 @@ async def test_big_block_in_one_byte_chunks_loads_in_linear_time() -> None:
     with anyio.fail_after(10):
         await _load_trickled(16 * 1024)  # warm up
         small = min([await _load_trickled(64 * 1024) for _ in range(3)])
-        large = await _load_trickled(512 * 1024)
+        large = min([await _load_trickled(512 * 1024) for _ in range(2)])  # best of two: the machine may be busy
     assert large / small < 14, f"64 KiB: {small:.3f} s, 512 KiB: {large:.3f} s (ratio {large / small:.1f})"
 
 
