@@ -3,6 +3,7 @@
 #include "native.h"
 
 
+
 static const uint32_t K[64] = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
     0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
@@ -15,42 +16,60 @@ static const uint32_t K[64] = {
 };
 
 #define ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+#define S0(x) (ROTR(x, 2) ^ ROTR(x, 13) ^ ROTR(x, 22))
+#define S1(x) (ROTR(x, 6) ^ ROTR(x, 11) ^ ROTR(x, 25))
+#define s0(x) (ROTR(x, 7) ^ ROTR(x, 18) ^ ((x) >> 3))
+#define s1(x) (ROTR(x, 17) ^ ROTR(x, 19) ^ ((x) >> 10))
+#define CH(e, f, g) ((g) ^ ((e) & ((f) ^ (g))))
+#define MAJ(a, b, c) (((a) & (b)) | ((c) & ((a) | (b))))
+/* The message schedule word for round i (i >= 16), kept in a 16-word ring. */
+#define W(i) (w[(i) & 15] += s1(w[((i) - 2) & 15]) + w[((i) - 7) & 15] + s0(w[((i) - 15) & 15]))
+/* One round; the eight working variables rotate by naming, not by moves. */
+#define ROUND(a, b, c, d, e, f, g, h, i, wi)                \
+    do {                                                    \
+        uint32_t t1 = (h) + S1(e) + CH(e, f, g) + K[i] + (wi); \
+        (d) += t1;                                          \
+        (h) = t1 + S0(a) + MAJ(a, b, c);                    \
+    } while (0)
+#define ROUNDS8(i, WI)                                      \
+    ROUND(a, b, c, d, e, f, g, h, (i) + 0, WI((i) + 0));    \
+    ROUND(h, a, b, c, d, e, f, g, (i) + 1, WI((i) + 1));    \
+    ROUND(g, h, a, b, c, d, e, f, (i) + 2, WI((i) + 2));    \
+    ROUND(f, g, h, a, b, c, d, e, (i) + 3, WI((i) + 3));    \
+    ROUND(e, f, g, h, a, b, c, d, (i) + 4, WI((i) + 4));    \
+    ROUND(d, e, f, g, h, a, b, c, (i) + 5, WI((i) + 5));    \
+    ROUND(c, d, e, f, g, h, a, b, (i) + 6, WI((i) + 6));    \
+    ROUND(b, c, d, e, f, g, h, a, (i) + 7, WI((i) + 7))
+#define W0(i) (w[i])
 
-static void compress(uint32_t h[8], const uint8_t block[64]) {
-    uint32_t w[64];
+/* A BMI2 clone (rorx: rotates without a copy, ~25% fewer instructions) is picked at load time
+ * where the CPU has it; the plain one everywhere else. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+__attribute__((target_clones("bmi2", "default")))
+#endif
+static void compress(uint32_t state[8], const uint8_t block[64]) {
+    uint32_t w[16];
     for (int i = 0; i < 16; i++)
         w[i] = ((uint32_t)block[4 * i] << 24) | ((uint32_t)block[4 * i + 1] << 16) |
                ((uint32_t)block[4 * i + 2] << 8) | (uint32_t)block[4 * i + 3];
-    for (int i = 16; i < 64; i++) {
-        uint32_t s0 = ROTR(w[i - 15], 7) ^ ROTR(w[i - 15], 18) ^ (w[i - 15] >> 3);
-        uint32_t s1 = ROTR(w[i - 2], 17) ^ ROTR(w[i - 2], 19) ^ (w[i - 2] >> 10);
-        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
-    }
-    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], hh = h[7];
-    for (int i = 0; i < 64; i++) {
-        uint32_t S1 = ROTR(e, 6) ^ ROTR(e, 11) ^ ROTR(e, 25);
-        uint32_t ch = (e & f) ^ (~e & g);
-        uint32_t t1 = hh + S1 + ch + K[i] + w[i];
-        uint32_t S0 = ROTR(a, 2) ^ ROTR(a, 13) ^ ROTR(a, 22);
-        uint32_t maj = (a & b) ^ (a & c) ^ (b & c);
-        uint32_t t2 = S0 + maj;
-        hh = g;
-        g = f;
-        f = e;
-        e = d + t1;
-        d = c;
-        c = b;
-        b = a;
-        a = t1 + t2;
-    }
-    h[0] += a;
-    h[1] += b;
-    h[2] += c;
-    h[3] += d;
-    h[4] += e;
-    h[5] += f;
-    h[6] += g;
-    h[7] += hh;
+    uint32_t a = state[0], b = state[1], c = state[2], d = state[3], e = state[4], f = state[5], g = state[6],
+             h = state[7];
+    ROUNDS8(0, W0);
+    ROUNDS8(8, W0);
+    ROUNDS8(16, W);
+    ROUNDS8(24, W);
+    ROUNDS8(32, W);
+    ROUNDS8(40, W);
+    ROUNDS8(48, W);
+    ROUNDS8(56, W);
+    state[0] += a;
+    state[1] += b;
+    state[2] += c;
+    state[3] += d;
+    state[4] += e;
+    state[5] += f;
+    state[6] += g;
+    state[7] += h;
 }
 
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]) {
