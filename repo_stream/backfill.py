@@ -60,7 +60,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from .commit import Commit
 from .disk import DiskBuilder, DiskStore
 from .drivers import DriverBuilder, NeedDisk
-from .errors import FetchError, IdentityError, RepoStreamError
+from .errors import FetchError, IdentityError, RepoStreamError, SourceError
 
 if TYPE_CHECKING:
     import dns.asyncresolver
@@ -533,8 +533,13 @@ class _Run:
         return builder.with_record_cids(True)
 
     def result(self, job: _Job, error: BaseException | None) -> BackfillResult:
+        if isinstance(error, SourceError) and isinstance(error.__cause__, FetchError):
+            error = error.__cause__  # the body failed mid-way: say so, as fetch_car does on exit
         commit = job.commit
         did = commit.did if commit is not None else (job.opened.did if job.opened is not None else None)
+        if did is None:  # failed before opening: the DID the fetch named, or the source itself
+            named = getattr(error, "did", None)
+            did = named if isinstance(named, str) else (job.source if job.source.startswith("did:") else None)
         return BackfillResult(
             source=job.source,
             did=did,

@@ -120,7 +120,7 @@ def backfill_on_dask(
     try:
         window = max_in_flight
         shards = iter(lambda it=iter(sources): list(itertools.islice(it, shard_size)), [])
-        running = as_completed()
+        running: Any = None
         pending: dict[Any, list[str]] = {}
         exhausted = False
         while True:
@@ -146,7 +146,10 @@ def backfill_on_dask(
                         window = 2 * (sum(dask.nthreads().values()) or 1)
                     future = dask.submit(run_shard, shard, options, pure=False)
                     pending[future] = shard
-                    running.add(future)
+                    if running is None:
+                        running = as_completed([future])
+                    else:
+                        running.add(future)
             if not pending:
                 return
             future = next(running)

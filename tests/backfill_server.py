@@ -22,16 +22,20 @@ GET_REPO = "/xrpc/com.atproto.sync.getRepo"
 LIST_REPOS = "/xrpc/com.atproto.sync.listRepos"
 
 
-def repo_car_of(did: str, n: int, rev: str = "3kaaaaaaaaaaa", size: int = 40) -> bytes:
-    """A canonical repo CAR for ``did`` with ``n`` posts of about ``size`` bytes of text each."""
+def repo_records(did: str, n: int, size: int = 40) -> list[tuple[str, bytes]]:
+    """``n`` posts for ``did``, ``(key, DAG-CBOR block)``, with about ``size`` bytes of text each."""
     import cbor2
 
-    records = [
+    return [
         (f"app.bsky.feed.post/3k{i:06d}", cbor2.dumps({"$type": "app.bsky.feed.post", "text": f"{did} {i} " + "x" * size}, canonical=True))
         for i in range(n)
     ]
+
+
+def repo_car_of(did: str, n: int, rev: str = "3kaaaaaaaaaaa", size: int = 40) -> bytes:
+    """A canonical repo CAR of :func:`repo_records` ``(did, n, size)``."""
     out = io.BytesIO()
-    build_repo_car(records, did=did, rev=rev, path=out)
+    build_repo_car(repo_records(did, n, size), did=did, rev=rev, path=out)
     return out.getvalue()
 
 
