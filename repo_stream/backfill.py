@@ -55,7 +55,8 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 
 from .commit import Commit
 from .disk import DiskBuilder, DiskStore
@@ -235,7 +236,7 @@ class JsonlSink:
         if file is None:  # an empty repo: no chunk came
             if error is None:
                 os.makedirs(self.directory, exist_ok=True)
-                open(path, "w").close()
+                await anyio.Path(path).write_text("")
             return
         with anyio.CancelScope(shield=True):
             await file.aclose()
@@ -565,7 +566,7 @@ class _Run:
             with anyio.move_on_after(10, shield=True):
                 try:
                     await stack.aclose()
-                except Exception:  # noqa: BLE001 - the repo's outcome is decided; closing quietly
+                except Exception:  # noqa: BLE001, S110 - the repo's outcome is decided; closing quietly
                     pass
 
     async def check_commit(self, job: _Job, commit: Commit) -> None:
@@ -844,11 +845,12 @@ async def backfill(
                     limits=httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8),
                 )
             )
-        options = dict(
-            sink=sink, mem_limit_mb=mem_limit_mb, verify=verify, checkpoint=checkpoint, retry_failed=retry_failed,
-            plc_url=plc_url, client=client, dns_resolver=dns_resolver, fetch_options=fetch_options,
-            spill_dir=None if spill_dir is None else os.fspath(spill_dir), disk_cache_mb=disk_cache_mb,
-        )  # fmt: skip
+        options = {
+            "sink": sink, "mem_limit_mb": mem_limit_mb, "verify": verify, "checkpoint": checkpoint,
+            "retry_failed": retry_failed, "plc_url": plc_url, "client": client, "dns_resolver": dns_resolver,
+            "fetch_options": fetch_options, "spill_dir": None if spill_dir is None else os.fspath(spill_dir),
+            "disk_cache_mb": disk_cache_mb,
+        }  # fmt: skip
         run = _Run(options, stats)
         try:
             async with anyio.create_task_group() as tg:

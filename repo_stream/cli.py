@@ -236,7 +236,14 @@ def _backfill(args: argparse.Namespace) -> int:
     report each repo; 0 once the run completed, whatever single repos did."""
     from contextlib import aclosing
 
-    from .backfill import BackfillResult, BackfillStats, JsonlSink, backfill, host_sources, read_repo_list
+    from .backfill import (
+        BackfillResult,
+        BackfillStats,
+        JsonlSink,
+        backfill,
+        host_sources,
+        read_repo_list,
+    )
 
     stats = BackfillStats()
     bar: Any = None
@@ -264,11 +271,12 @@ def _backfill(args: argparse.Namespace) -> int:
             )
             bar.update(1)
 
-    options: dict[str, Any] = dict(
-        sink=JsonlSink(args.out) if args.out else None, memory_workers=args.memory_workers, disk_workers=args.disk_workers,
-        mem_limit_mb=args.mem_limit_mb, fetch_concurrency=args.fetch_concurrency, spill_dir=args.spill_dir,
-        verify=args.verify, checkpoint=args.checkpoint, retry_failed=args.retry_failed, plc_url=args.plc_url,
-    )  # fmt: skip
+    options: dict[str, Any] = {
+        "sink": JsonlSink(args.out) if args.out else None, "memory_workers": args.memory_workers,
+        "disk_workers": args.disk_workers, "mem_limit_mb": args.mem_limit_mb, "fetch_concurrency": args.fetch_concurrency,
+        "spill_dir": args.spill_dir, "verify": args.verify, "checkpoint": args.checkpoint,
+        "retry_failed": args.retry_failed, "plc_url": args.plc_url,
+    }  # fmt: skip
 
     async def run() -> None:
         sources = read_repo_list(args.repos) if args.repos else host_sources(args.host)

@@ -50,6 +50,12 @@ def run_shard(sources: list[str], options: dict[str, Any]) -> list[BackfillResul
     return anyio.run(collect)
 
 
+def _shards(sources: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(sources)
+    while shard := list(itertools.islice(it, size)):
+        yield shard
+
+
 def _failed_shard(sources: list[str], exc: BaseException) -> list[BackfillResult]:
     message = " ".join(str(exc).split()) or "no detail"
     return [BackfillResult(s, None, None, 0, 0, False, 0.0, f"ShardError: the Dask task failed: {type(exc).__name__}: {message}") for s in sources]
@@ -110,16 +116,16 @@ def backfill_on_dask(
             if isinstance(scheduler, Client):
                 client = scheduler
             elif scheduler in (None, "local"):
-                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
-                client, own_client = Client(cluster), True
+                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)  # type: ignore[no-untyped-call]
+                client, own_client = Client(cluster), True  # type: ignore[no-untyped-call]
             else:
-                client, own_client = Client(scheduler), True
+                client, own_client = Client(scheduler), True  # type: ignore[no-untyped-call]
         return client
 
     store = Checkpoint(checkpoint) if checkpoint is not None else None
     try:
         window = max_in_flight
-        shards = iter(lambda it=iter(sources): list(itertools.islice(it, shard_size)), [])
+        shards = _shards(sources, shard_size)
         running: Any = None
         pending: dict[Any, list[str]] = {}
         exhausted = False
@@ -147,7 +153,7 @@ def backfill_on_dask(
                     future = dask.submit(run_shard, shard, options, pure=False)
                     pending[future] = shard
                     if running is None:
-                        running = as_completed([future])
+                        running = as_completed([future])  # type: ignore[no-untyped-call]
                     else:
                         running.add(future)
             if not pending:

@@ -29,13 +29,12 @@ from repo_stream.backfill import (
     BackfillResult,
     BackfillStats,
     Checkpoint,
-    JsonlSink,
     backfill,
     host_sources,
     list_repos,
     read_repo_list,
 )
-from repo_stream.cid import dag_cbor_cid
+from repo_stream.cid import cid_str, dag_cbor_cid
 from repo_stream.cli import main
 from repo_stream.errors import FetchError
 from repo_stream.fetch import FetchOptions
@@ -130,7 +129,7 @@ async def test_async_iterable_sources_and_argument_checks(host: RepoHost) -> Non
 
     async def sources() -> Any:
         for url in urls:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             yield url
 
     results = await run_all(sources(), memory_workers=1, disk_workers=1)
@@ -180,8 +179,8 @@ async def test_backpressure_bounds_the_repos_in_memory(tmp_path: Path, queue: in
     assert (stats.in_memory, stats.spilled) == (0, 6)
     keys = [k for k, _, _ in sink.records[paths[0]]]
     assert len(keys) == 2000 and keys == sorted(keys)
-    key, cid, value = sink.records[paths[0]][0]
-    assert str(dag_cbor_cid(value)) == cid or cid.startswith("bafyrei")
+    _, cid, value = sink.records[paths[0]][0]
+    assert cid == cid_str(dag_cbor_cid(value))
     assert set(sink.finished) == set(paths) and all(e is None for e in sink.finished.values())
     assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".car")] == []
 
@@ -264,7 +263,7 @@ def test_kill_and_resume_fetches_no_finished_repo_again(host: RepoHost, tmp_path
     fetched_before = Counter(r.query for r in host.fetches())
     assert 4 <= len(fetched_before) < len(dids)
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    rerun = subprocess.run(command, check=False, capture_output=True, text=True, timeout=30)
     assert rerun.returncode == 0, rerun.stderr
     lines = [json.loads(line) for line in rerun.stdout.splitlines()]
     assert sorted(r["repo"] for r in lines) == sorted(host.repo_url(d) for d in dids)
@@ -380,7 +379,7 @@ def test_cli_json_and_out(host: RepoHost, tmp_path: Path, capsys: pytest.Capture
     assert len(rows) == 120 and [r["key"] for r in rows] == sorted(r["key"] for r in rows)
     for row in rows[:5]:
         block = base64.b64decode(row["value"]["$bytes"])
-        assert str(dag_cbor_cid(block)) == row["cid"] if isinstance(dag_cbor_cid(block), str) else True
+        assert cid_str(dag_cbor_cid(block)) == row["cid"]
         assert did_of(4).encode() in block
     assert (out / f"{did_of(0)}.jsonl").read_text() == ""
 
@@ -398,7 +397,7 @@ def test_cli_errors_and_usage(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 def test_cli_human_output_from_stdin(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "repo_stream", "backfill", "--repos", "-"],
+        [sys.executable, "-m", "repo_stream", "backfill", "--repos", "-"], check=False,
         input=f"{REPO_2000}\n{tmp_path / 'missing.car'}\n", capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
