@@ -203,7 +203,122 @@ def _parser() -> argparse.ArgumentParser:
         default="default",
         help="record mix: default (~240-byte records) or small (like and follow heavy, ~190-byte records)",
     )
+    b = commands.add_parser("backfill", help="walk many repos at once, resumably (DIDs, handles, URLs, paths)")
+    where = b.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repos", metavar="FILE", help="a file of repo sources, one a line (# comments), or - for standard input")
+    where.add_argument("--host", metavar="URL", help="every active repo of a PDS or relay (com.atproto.sync.listRepos)")
+    b.add_argument("--memory-workers", type=_positive_int, default=2, metavar="N", help="repos loaded and walked at once (default 2)")
+    b.add_argument("--disk-workers", type=_positive_int, default=1, metavar="M", help="repos finished on disk at once (default 1)")
+    b.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="X", help="per-repo memory limit before spilling, MiB (default 64)")
+    b.add_argument("--fetch-concurrency", type=_positive_int, default=None, metavar="K", help="sources opened ahead of the memory workers (default: --memory-workers)")
+    b.add_argument("--spill-dir", metavar="DIR", help="folder for spill files (default: the system's temporary folder)")
+    b.add_argument("--checkpoint", metavar="PATH", help="SQLite file recording finished repos; a rerun skips them")
+    b.add_argument("--retry-failed", action="store_true", help="run repos the checkpoint records as failed again")
+    b.add_argument("--out", metavar="DIR", help="write each repo's records as DIR/<did>.jsonl")
+    b.add_argument("--verify", action="store_true", help="check every block against its CID and the commit signature")
+    b.add_argument("--json", action="store_true", help="one JSON object per repo on stdout; the summary on stderr")
+    b.add_argument("--plc-url", metavar="URL", default=None, help="PLC directory for did:plc (default https://plc.directory)")
+    b.add_argument("--dask", metavar="ADDRESS", default=None, help="run on a Dask cluster: a scheduler address, or 'local' for a local one")
+    b.add_argument("--engine-workers", type=_positive_int, default=2, metavar="W", help="worker processes of --dask local (default 2)")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    """The ``backfill`` command: run :func:`repo_stream.backfill.backfill` (or its Dask form) and
+    report each repo; 0 once the run completed, whatever single repos did."""
+    from contextlib import aclosing
+
+    from .backfill import (
+        BackfillResult,
+        BackfillStats,
+        JsonlSink,
+        backfill,
+        host_sources,
+        read_repo_list,
+    )
+
+    stats = BackfillStats()
+    bar: Any = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" repos", desc="backfill", file=sys.stderr, dynamic_ncols=True)
+
+    def report(result: BackfillResult) -> None:
+        if args.json:
+            line = json.dumps(result.to_json())
+        else:
+            status = "skipped" if result.skipped else "ok"
+            line = "\t".join([result.source, result.did or "-", result.rev or "-", str(result.records), result.error or status])
+        if bar is not None and not args.json:
+            bar.write(line)
+        else:
+            print(line, flush=True)
+        if bar is not None:
+            elapsed = max(time.monotonic() - stats.started, 1e-9)
+            bar.set_postfix_str(
+                f"failed {stats.failed}, spilled {stats.spilled}, {stats.records / elapsed:,.0f} records/s, "
+                f"{stats.record_bytes / 1e6 / elapsed:.1f} MB/s",
+                refresh=False,
+            )
+            bar.update(1)
+
+    options: dict[str, Any] = {
+        "sink": JsonlSink(args.out) if args.out else None, "memory_workers": args.memory_workers,
+        "disk_workers": args.disk_workers, "mem_limit_mb": args.mem_limit_mb, "fetch_concurrency": args.fetch_concurrency,
+        "spill_dir": args.spill_dir, "verify": args.verify, "checkpoint": args.checkpoint,
+        "retry_failed": args.retry_failed, "plc_url": args.plc_url,
+    }  # fmt: skip
+
+    async def run() -> None:
+        sources = read_repo_list(args.repos) if args.repos else host_sources(args.host)
+        async with aclosing(backfill(sources, stats=stats, **options)) as results:
+            async for result in results:
+                report(result)
+
+    async def names() -> list[str]:
+        return [name async for name in (read_repo_list(args.repos) if args.repos else host_sources(args.host))]
+
+    try:
+        if args.dask is None:
+            anyio.run(run)
+        else:
+            from .cluster import backfill_on_dask
+
+            for result in backfill_on_dask(anyio.run(names), scheduler=args.dask, n_workers=args.engine_workers, **options):
+                stats.count(result)
+                report(result)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (RepoStreamError, OSError, ValueError, ImportError) as exc:
+        print(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
+        return 1
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = max(time.monotonic() - stats.started, 1e-9)
+    print(
+        f"backfill: {stats.done} repos in {elapsed:.1f} s: {stats.done - stats.failed} ok, {stats.failed} failed, "
+        f"{stats.skipped} skipped (in the checkpoint), {stats.spilled} spilled; {stats.records} records "
+        f"({stats.records / elapsed:,.0f}/s), {stats.record_bytes / 1e6:.1f} MB of records ({stats.record_bytes / 1e6 / elapsed:.1f} MB/s)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -220,6 +335,8 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
     args = _parser().parse_args(argv)
+    if args.command == "backfill":
+        return _backfill(args)
     if args.command == "generate":
         try:
             return _generate(args)

@@ -1,0 +1,278 @@
+"""Backfill benchmark: ~1,000 generated repos served by a local HTTP server.
+
+The repo set (cached in ``.cache/backfill/``, made once, ~1 min on 2 cores): 972 repos of 10 to
+~3,000 records (log-uniform), 4 large ones (30k, 50k, 100k, 100k records; the two 100k ones spill
+at the 16 MiB limit), all in the ``small`` profile (~190-byte records), plus 12 DIDs the server
+does not have (404), 6 answers cut off half-way and 6 that answer HTTP 500 (retried, then failed).
+
+The server is a ``ThreadingHTTPServer`` in its own process, sending each CAR with ``sendfile``.
+Each measured run is a fresh process (``--run NAME``) whose peak RSS is sampled (psutil, 50 ms)
+over the whole process tree (the Dask runs include the scheduler and workers). Runs:
+
+- ``backfill-mN``: :func:`repo_stream.backfill.backfill` with N memory workers, 1 disk worker,
+  16 MiB per repo;
+- ``gather``: the naive way: ``asyncio.gather`` of fetch + load + walk for every repo at once,
+  no memory limit (a 4 GiB one);
+- ``dask-wN``: :func:`repo_stream.cluster.backfill_on_dask` on a local cluster of N worker
+  processes (1 thread each), 2 memory workers per worker, shards of 32 repos (the cluster's
+  start-up is included).
+
+Usage: ``python benchmarks/backfill.py [--repeat 3] [--runs backfill-m1,backfill-m2,...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "backfill"
+GET_REPO = "/xrpc/com.atproto.sync.getRepo"
+RUNS = ["backfill-m1", "backfill-m2", "backfill-m4", "gather", "dask-w1", "dask-w2"]
+
+
+def plan() -> list[tuple[int, int]]:
+    """(seed, records) of the generated repos."""
+    rng = random.Random(2024)
+    sizes = [int(10 * 10 ** (rng.random() * 2.5)) for _ in range(972)] + [30_000, 50_000, 100_000, 100_000]
+    return [(1000 + i, n) for i, n in enumerate(sizes)]
+
+
+def _make(item: tuple[int, int]) -> str:
+    from repo_stream.generate import default_did, generate_repo_car
+
+    seed, n = item
+    did = default_did(seed)
+    path = CACHE / f"{seed}-{n}.car"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        generate_repo_car(tmp, n, seed=seed, profile="small", order="shuffled")
+        tmp.rename(path)
+    return did
+
+
+def prepare() -> dict[str, Any]:
+    """Make (or reuse) the repo set; return {did: path}, plus the broken DIDs."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from repo_stream.generate import default_did
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    items = plan()
+    started = time.perf_counter()
+    with ProcessPoolExecutor(2) as pool:
+        dids = list(pool.map(_make, items, chunksize=16))
+    print(f"# repo set ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    repos = {did: str(CACHE / f"{seed}-{n}.car") for did, (seed, n) in zip(dids, items, strict=True)}
+    broken = {default_did(5000 + i): kind for i, kind in enumerate(["missing"] * 12 + ["truncated"] * 6 + ["error"] * 6)}
+    return {"repos": repos, "broken": broken, "records": sum(n for _, n in items)}
+
+
+def serve(repos: dict[str, str], broken: dict[str, str], ready: Any) -> None:
+    """The local PDS (run in its own process)."""
+    any_car = next(iter(repos.values()))
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # else each answer's last segment waits for a delayed ACK (~40 ms)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            did = parse_qs(parts.query).get("did", [""])[0]
+            kind = broken.get(did)
+            if parts.path != GET_REPO or kind == "missing" or (kind is None and did not in repos):
+                self._error(404, b'{"error":"RepoNotFound","message":"Could not find repo"}')
+                return
+            if kind == "error":
+                self._error(500, b'{"error":"InternalServerError"}')
+                return
+            path = any_car if kind == "truncated" else repos[did]
+            size = os.path.getsize(path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.ipld.car")
+            self.send_header("Content-Length", str(size))
+            if kind == "truncated":
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            with open(path, "rb") as f:
+                self.wfile.flush()
+                self.connection.sendfile(f, 0, size // 2 if kind == "truncated" else size)
+
+        def _error(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 1024
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass
+
+    server = Server(("127.0.0.1", 0), Handler)
+    ready.put(server.server_address[1])
+    server.serve_forever()
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and its descendants every 50 ms."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._psutil = psutil
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        me = self._psutil.Process()
+        while not self._stop.wait(0.05):
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except self._psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_one(name: str, sources: list[str]) -> dict[str, Any]:
+    """One measured run in this process; returns its figures."""
+    import anyio
+
+    from repo_stream.fetch import FetchOptions
+
+    options = FetchOptions(retries=1, backoff=0.05)
+    rss = PeakRSS()
+    started = time.perf_counter()
+    results: list[Any] = []
+    if name.startswith("backfill-m"):
+        from repo_stream.backfill import backfill
+
+        async def main() -> None:
+            async for result in backfill(sources, memory_workers=int(name[len("backfill-m") :]), disk_workers=1, mem_limit_mb=16, fetch_options=options):
+                results.append((result.records, result.error is None, result.spilled))
+
+        anyio.run(main)
+    elif name.startswith("dask-w"):
+        from repo_stream.cluster import backfill_on_dask
+
+        for result in backfill_on_dask(sources, n_workers=int(name[len("dask-w") :]), shard_size=32, memory_workers=2, mem_limit_mb=16, fetch_options=options):
+            results.append((result.records, result.error is None, result.spilled))
+    elif name == "gather":
+        import asyncio
+
+        import httpx
+
+        from repo_stream import DriverBuilder
+        from repo_stream.fetch import fetch_car
+
+        async def one(client: httpx.AsyncClient, url: str) -> tuple[int, bool, bool]:
+            try:
+                async with fetch_car(url, client=client, options=options) as stream:
+                    driver = await DriverBuilder().with_mem_limit_mb(4096).with_block_processor(len).load_car(stream)
+                    n = 0
+                    async for _ in driver:  # type: ignore[union-attr]
+                        n += 1
+                    return n, True, False
+            except Exception:  # noqa: BLE001 - counted as a failure
+                return 0, False, False
+
+        async def gather() -> None:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120)) as client:
+                results.extend(await asyncio.gather(*(one(client, url) for url in sources)))
+
+        asyncio.run(gather())
+    else:
+        raise SystemExit(f"unknown run {name}")
+    seconds = time.perf_counter() - started
+    peak = rss.stop()
+    return {
+        "run": name,
+        "seconds": seconds,
+        "repos": len(results),
+        "ok": sum(ok for _, ok, _ in results),
+        "records": sum(n for n, _, _ in results),
+        "spilled": sum(s for _, _, s in results),
+        "peak_rss_mb": peak / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--run", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    data = prepare()
+    dids = sorted([*data["repos"], *data["broken"]])
+    random.Random(7).shuffle(dids)
+    if args.run:
+        sources = [f"http://127.0.0.1:{args.port}{GET_REPO}?did={did}" for did in dids]
+        print(json.dumps(run_one(args.run, sources)))
+        return
+    import multiprocessing
+
+    ready: Any = multiprocessing.Queue()
+    server = multiprocessing.Process(target=serve, args=(data["repos"], data["broken"], ready), daemon=True)
+    server.start()
+    port = ready.get(timeout=30)
+    total_mb = sum(os.path.getsize(p) for p in data["repos"].values()) / 1e6
+    print(f"# {len(dids)} repos ({len(data['repos'])} served, {len(data['broken'])} broken or missing), "
+          f"{data['records']} records, {total_mb:.0f} MB of CARs", file=sys.stderr)  # fmt: skip
+    figures: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for _ in range(args.repeat):
+            for name in args.runs.split(","):
+                done = subprocess.run([sys.executable, __file__, "--run", name, "--port", str(port)], capture_output=True, text=True, check=True)
+                figure = json.loads(done.stdout.strip().splitlines()[-1])
+                print(f"# {figure}", file=sys.stderr)
+                figures.setdefault(name, []).append(figure)
+    finally:
+        server.terminate()
+    print("| Run | Median s | Repos/s | Records/s | Peak RSS MB (max) | OK / repos | Spilled |")
+    print("|:--|--:|--:|--:|--:|--:|--:|")
+    medians = {}
+    for name, runs in figures.items():
+        seconds = statistics.median(r["seconds"] for r in runs)
+        medians[name] = seconds
+        last = runs[-1]
+        print(
+            f"| {name} | {seconds:.2f} | {last['repos'] / seconds:.0f} | {last['records'] / seconds / 1e3:.0f} k | "
+            f"{max(r['peak_rss_mb'] for r in runs):.0f} | {last['ok']} / {last['repos']} | {last['spilled']} |"
+        )
+    for a, b in (("backfill-m1", "backfill-m2"), ("backfill-m1", "backfill-m4"), ("dask-w1", "dask-w2"), ("backfill-m1", "dask-w2")):
+        if a in medians and b in medians:
+            print(f"- {b} vs {a}: {medians[a] / medians[b]:.2f}x the throughput")
+    print(f"\nMedian of {args.repeat} runs, each in a fresh process; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,888 @@
+"""Backfill many repos at once: a bounded executor with memory workers and a disk-worker queue.
+
+:func:`backfill` takes repo sources (anything :func:`repo_stream.source.open_source` opens: DIDs,
+handles, ``at://`` URIs, getRepo URLs, paths) and yields one :class:`BackfillResult` per source, in
+completion order. Inside, a pipeline of anyio tasks joined by bounded memory streams:
+
+- ``fetch_concurrency`` *openers* resolve each source and open its fetch (identity look-ups and
+  the HTTP round trip overlap with walking);
+- ``memory_workers`` *memory workers* load each CAR with a per-repo limit of ``mem_limit_mb`` and
+  walk it; a repo that reaches the limit becomes a :class:`~repo_stream.NeedDisk` and is handed to
+- a bounded queue (``disk_queue_size`` NeedDisks; ``0`` is a hand-over) served by ``disk_workers``
+  *disk workers*, each with its own SQLite spill store (reset between repos). When the queue is
+  full, memory workers wait (backpressure) instead of loading more.
+
+Each worker takes the next repo as soon as it finishes one (a sliding window, never batch by
+batch). Whatever goes wrong with one repo (identity, HTTP, a malformed CAR, a commit for another
+DID, a bad signature with ``verify``) is that repo's result (``error``), never the run's end.
+Cancelling the consumer stops every task promptly, closes every fetch and removes every spill file.
+
+Peak memory is about ``(memory_workers + disk_queue_size) x mem_limit + disk_workers x (mem_limit
++ disk_cache_mb)`` plus the interpreter, whatever the repos' sizes.
+
+A :class:`Checkpoint` (an SQLite file) records every finished repo; a rerun with the same file
+yields the recorded results (``skipped=True``) without fetching those repos again, and
+``retry_failed=True`` runs the failures again. A result is yielded only once it is recorded, so
+a run killed at any point loses no finished repo.
+
+Example::
+
+    from contextlib import aclosing
+    from repo_stream.backfill import backfill, read_repo_list
+
+    async with aclosing(backfill(read_repo_list("dids.txt"), memory_workers=2, checkpoint="run.db")) as results:
+        async for result in results:
+            print(result.source, result.records, result.error)
+
+Specs: atproto.com/specs/sync (``com.atproto.sync.getRepo``, ``com.atproto.sync.listRepos``),
+atproto.com/specs/repository.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import shutil
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AsyncExitStack
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
+
+from .commit import Commit
+from .disk import DiskBuilder, DiskStore
+from .drivers import DriverBuilder, NeedDisk
+from .errors import FetchError, IdentityError, RepoStreamError, SourceError
+
+if TYPE_CHECKING:
+    import dns.asyncresolver
+    import httpx
+
+    from .fetch import FetchOptions
+    from .source import OpenedSource
+
+__all__ = [
+    "BackfillResult",
+    "BackfillStats",
+    "Checkpoint",
+    "JsonlSink",
+    "RepoSink",
+    "backfill",
+    "host_sources",
+    "list_repos",
+    "read_repo_list",
+]
+
+_CHUNK = 1024  # records per next_chunk
+_BATCH = 256  # checkpoint rows per look-up or transaction
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillResult:
+    """The outcome of one repo of a backfill.
+
+    Attributes:
+        source: the source string as given (DID, handle, URL, path...).
+        did: the commit's DID, or the DID asked for if the repo failed before its commit was
+            read, or None (a path or URL whose commit was never read).
+        rev: the commit's rev (a TID string), or None.
+        records: records walked (on failure: those walked before it).
+        record_bytes: the sum of the records' block lengths, bytes.
+        spilled: True if the repo went past ``mem_limit_mb`` and was finished by a disk worker.
+        seconds: wall time from opening the source to the last record (or the failure).
+        error: None on success, else one line saying what went wrong (the exception's class and
+            message, naming the DID, URL or CID).
+        skipped: True if this result was read back from the checkpoint rather than run now.
+    """
+
+    source: str
+    did: str | None
+    rev: str | None
+    records: int
+    record_bytes: int
+    spilled: bool
+    seconds: float
+    error: str | None
+    skipped: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when the repo was walked to its end without error."""
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The CLI's ``--json`` object: ``{"repo", "did", "rev", "records", "record_bytes",
+        "spilled", "seconds", "error", "skipped"}``."""
+        data = asdict(self)
+        data["repo"] = data.pop("source")
+        data["seconds"] = round(self.seconds, 6)
+        return {key: data[key] for key in ("repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped")}
+
+
+@dataclass
+class BackfillStats:
+    """Live counters of a run (pass one to :func:`backfill` as ``stats=`` to watch it).
+
+    Attributes:
+        inputs: sources read so far. done: results yielded. failed: results with an error.
+        skipped: results read back from the checkpoint. spilled: repos finished by disk workers.
+        records, record_bytes: totals over the results yielded (bytes).
+        in_memory: repos whose blocks are held in memory right now (loading, walking, or waiting
+            for or in the disk queue); in_memory_peak: its highest value.
+        disk_queue: NeedDisks waiting in the disk queue now; disk_queue_peak: its highest value;
+            disk_queue_size: the queue's bound.
+        started: ``time.monotonic()`` at the start.
+    """
+
+    inputs: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    spilled: int = 0
+    records: int = 0
+    record_bytes: int = 0
+    in_memory: int = 0
+    in_memory_peak: int = 0
+    disk_queue: int = 0
+    disk_queue_peak: int = 0
+    disk_queue_size: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, result: BackfillResult) -> None:
+        """Add one yielded result to the totals."""
+        self.done += 1
+        self.failed += result.error is not None
+        self.skipped += result.skipped
+        self.spilled += result.spilled and not result.skipped
+        if not result.skipped:
+            self.records += result.records
+            self.record_bytes += result.record_bytes
+
+    def _hold(self, n: int) -> None:
+        self.in_memory += n
+        self.in_memory_peak = max(self.in_memory_peak, self.in_memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sinks
+
+
+class RepoSink(Protocol):
+    """Receives each repo's records: an async callable ``sink(source, commit, items)``.
+
+    ``items`` is one chunk (a list) of ``(key, cid, value)`` tuples in key order: ``key`` the MST
+    key ``collection/rkey``, ``cid`` the record's CID (base32 str), ``value`` the record block's
+    raw DAG-CBOR bytes. A sink may also define ``async finish(source, commit, error)``, called
+    once per repo whose commit was read, after its last chunk, with ``error`` None on success or
+    the exception that ended the repo. A sink that raises fails that repo only.
+    """
+
+    def __call__(self, source: str, commit: Commit, items: list[Any]) -> Awaitable[None]: ...
+
+
+def bytes_value(block: bytes) -> Any:
+    """The default :class:`JsonlSink` value: the raw block as ``{"$bytes": base64}`` (atproto's
+    JSON form of bytes)."""
+    return {"$bytes": base64.b64encode(block).decode("ascii")}
+
+
+class JsonlSink:
+    """Writes each repo's records to ``DIR/<did>.jsonl``: one ``{"key", "cid", "value"}`` object a
+    line, in key order.
+
+    ``value`` converts the record block's bytes to a JSON value (default :func:`bytes_value`).
+    A repo is written to ``<did>.jsonl.part`` and renamed when complete; a repo that fails leaves
+    no file. Picklable (it holds only the folder and the converter), so cluster workers can use it.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], value: Callable[[bytes], Any] = bytes_value) -> None:
+        self.directory = os.fspath(directory)
+        self.value = value
+        self._files: dict[tuple[str, str], Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory, "value": self.value}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"], state["value"])  # type: ignore[misc]
+
+    def path(self, did: str) -> str:
+        """The output path of ``did``'s records."""
+        return os.path.join(self.directory, did.replace("/", "_") + ".jsonl")
+
+    async def __call__(self, source: str, commit: Commit, items: list[Any]) -> None:
+        key = (source, commit.did)
+        file = self._files.get(key)
+        if file is None:
+            os.makedirs(self.directory, exist_ok=True)
+            file = self._files[key] = await anyio.open_file(self.path(commit.did) + ".part", "w", encoding="utf-8")
+        value = self.value
+        text = "".join(json.dumps({"key": k, "cid": c, "value": value(v)}, separators=(",", ":")) + "\n" for k, c, v in items)
+        await file.write(text)
+
+    async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
+        """Close the repo's file: rename it into place on success, remove it on failure."""
+        file = self._files.pop((source, commit.did), None)
+        path = self.path(commit.did)
+        if file is None:  # an empty repo: no chunk came
+            if error is None:
+                os.makedirs(self.directory, exist_ok=True)
+                await anyio.Path(path).write_text("")
+            return
+        with anyio.CancelScope(shield=True):
+            await file.aclose()
+        if error is None:
+            os.replace(path + ".part", path)
+        else:
+            try:
+                os.unlink(path + ".part")
+            except FileNotFoundError:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Where repos come from
+
+
+async def read_repo_list(path: str, *, stdin: Any = None) -> AsyncIterator[str]:
+    """Yield the identifiers of a file, one a line (``-``: standard input, or the text file
+    ``stdin``); blank lines and lines starting with ``#`` are skipped, spaces trimmed.
+
+    Raises:
+        OSError: the file cannot be opened or read.
+    """
+    if path == "-":
+        lines: Any = anyio.wrap_file(stdin if stdin is not None else sys.stdin)
+        async for line in lines:
+            name = line.strip()
+            if name and not name.startswith("#"):
+                yield name
+        return
+    async with await anyio.open_file(path, "r", encoding="utf-8") as file:
+        async for line in file:
+            name = line.strip()
+            if name and not name.startswith("#"):
+                yield name
+
+
+async def list_repos(
+    host: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    page_size: int = 1000,
+    timeout: float = 30.0,
+    include_inactive: bool = False,
+) -> AsyncIterator[str]:
+    """Yield the DID of every repo a PDS or relay hosts, from ``com.atproto.sync.listRepos``,
+    page by page (following ``cursor`` until a page comes back without one or empty).
+
+    Repos listed with ``"active": false`` are left out unless ``include_inactive`` (their getRepo
+    fails by spec). Pages are fetched one at a time, as the consumer needs them.
+
+    Args:
+        host: the host's base URL, e.g. ``https://pds.example.com``.
+        client: the HTTP client (default: a new one, closed at the end).
+        page_size: the ``limit`` asked per page (1..1000).
+        timeout: seconds allowed per page.
+
+    Raises:
+        FetchError: a page fails (status, connection, timeout, not JSON, wrong shape); the message
+            names the URL and cursor.
+
+    Spec: atproto.com/specs/sync ("com.atproto.sync.listRepos"), lexicon ``com.atproto.sync.listRepos``.
+    """
+    import httpx
+
+    from .identity import _client_scope
+
+    base = host.rstrip("/") + "/xrpc/com.atproto.sync.listRepos"
+    cursor: str | None = None
+    async with _client_scope(client) as http:
+        while True:
+            params: dict[str, str | int] = {"limit": page_size}
+            if cursor is not None:
+                params["cursor"] = cursor
+            where = f"listRepos {base}" + (f" (cursor {cursor!r})" if cursor is not None else "")
+            try:
+                response = await http.get(base, params=params, timeout=timeout, follow_redirects=True)
+            except httpx.HTTPError as exc:
+                raise FetchError(f"{where}: {type(exc).__name__}: {exc or 'no detail'}", url=base) from exc
+            if response.status_code != 200:
+                snippet = " ".join(response.text.split())[:200]
+                raise FetchError(f"{where}: HTTP {response.status_code}: {snippet}", url=base, status=response.status_code)
+            try:
+                page = response.json()
+            except ValueError:
+                raise FetchError(f"{where}: the answer is not JSON", url=base, status=200) from None
+            repos = page.get("repos") if isinstance(page, dict) else None
+            if not isinstance(repos, list):
+                raise FetchError(f"{where}: the answer has no 'repos' list", url=base, status=200)
+            for repo in repos:
+                if not isinstance(repo, dict) or not isinstance(repo.get("did"), str):
+                    raise FetchError(f"{where}: a 'repos' entry has no 'did' string: {str(repo)[:100]}", url=base, status=200)
+                if include_inactive or repo.get("active", True) is not False:
+                    yield repo["did"]
+            next_cursor = page.get("cursor")
+            if not repos or not isinstance(next_cursor, str) or not next_cursor or next_cursor == cursor:
+                return
+            cursor = next_cursor
+
+
+async def host_sources(host: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000) -> AsyncIterator[str]:
+    """Every active repo of ``host`` (:func:`list_repos`) as its getRepo URL on that host
+    (``{host}/xrpc/com.atproto.sync.getRepo?did=DID``), so repos are fetched from the host
+    itself with no identity look-ups, and each commit's DID is still checked."""
+    from .fetch import repo_url
+
+    async for did in list_repos(host, client=client, page_size=page_size):
+        yield repo_url(host, did)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS repos (
+    source TEXT PRIMARY KEY,
+    did TEXT,
+    rev TEXT,
+    outcome TEXT NOT NULL,          -- 'ok' or 'error'
+    error TEXT,
+    records INTEGER NOT NULL,
+    record_bytes INTEGER NOT NULL,
+    spilled INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    finished_at REAL NOT NULL       -- Unix time, seconds
+)
+"""
+
+
+class Checkpoint:
+    """An SQLite file recording each finished repo of a backfill: source, DID, rev, outcome
+    (``ok`` or ``error``), error, figures and the time it finished.
+
+    Rows are keyed by source string; recording a source again replaces its row. The database is
+    in WAL mode with ``synchronous=NORMAL``: a recorded batch survives the process being killed.
+    The ``*_sync`` methods block (use them from threads or synchronous code); the async ones run
+    them in a worker thread, one at a time.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open (creating if needed) the checkpoint at ``path``.
+
+        Raises:
+            RepoStreamError: SQLite cannot open it or it is not a checkpoint.
+        """
+        self.path = os.fspath(path)
+        try:
+            self._conn: sqlite3.Connection | None = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA busy_timeout=10000")
+            self._conn.execute(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise RepoStreamError(f"checkpoint {self.path}: {exc}") from exc
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RepoStreamError(f"checkpoint {self.path} is closed")
+        return self._conn
+
+    def lookup_sync(self, sources: list[str]) -> dict[str, BackfillResult]:
+        """The recorded results of those of ``sources`` that have one (``skipped=True``)."""
+        found: dict[str, BackfillResult] = {}
+        db = self._db()
+        unique = list(dict.fromkeys(sources))
+        try:
+            for start in range(0, len(unique), 500):
+                part = unique[start : start + 500]
+                rows = db.execute(
+                    "SELECT source, did, rev, error, records, record_bytes, spilled, seconds, outcome FROM repos "
+                    f"WHERE source IN ({', '.join('?' * len(part))})",
+                    part,
+                ).fetchall()
+                for source, did, rev, error, records, record_bytes, spilled, seconds, outcome in rows:
+                    if outcome != "ok" and error is None:
+                        error = f"recorded as {outcome!r}"
+                    found[source] = BackfillResult(source, did, rev, records, record_bytes, bool(spilled), seconds, error, skipped=True)
+        except sqlite3.Error as exc:
+            raise RepoStreamError(f"checkpoint {self.path}: {exc}") from exc
+        return found
+
+    def record_sync(self, results: Iterable[BackfillResult]) -> None:
+        """Record finished repos in one transaction (results with ``skipped`` are ignored)."""
+        now = time.time()
+        rows = [
+            (r.source, r.did, r.rev, "ok" if r.error is None else "error", r.error, r.records, r.record_bytes, int(r.spilled), r.seconds, now)
+            for r in results
+            if not r.skipped
+        ]
+        if not rows:
+            return
+        db = self._db()
+        try:
+            db.execute("BEGIN")
+            try:
+                db.executemany("INSERT OR REPLACE INTO repos VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise RepoStreamError(f"checkpoint {self.path}: {exc}") from exc
+
+    def counts_sync(self) -> dict[str, int]:
+        """Recorded repos per outcome, e.g. ``{"ok": 980, "error": 20}``."""
+        return dict(self._db().execute("SELECT outcome, count(*) FROM repos GROUP BY outcome").fetchall())
+
+    def close_sync(self) -> None:
+        """Close the database (safe to call twice)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    async def lookup(self, sources: list[str]) -> dict[str, BackfillResult]:
+        """:meth:`lookup_sync` in a worker thread."""
+        return await anyio.to_thread.run_sync(self.lookup_sync, sources, limiter=self._limiter)
+
+    async def record(self, results: list[BackfillResult]) -> None:
+        """:meth:`record_sync` in a worker thread; finishes even if cancelled meanwhile."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.record_sync, results, limiter=self._limiter)
+
+    async def close(self) -> None:
+        """:meth:`close_sync` in a worker thread."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.close_sync, limiter=self._limiter)
+
+
+def is_done(result: BackfillResult | None, retry_failed: bool) -> bool:
+    """Whether a recorded result means the repo should not run again."""
+    return result is not None and (result.error is None or not retry_failed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor
+
+
+def _describe(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+@dataclass(eq=False)
+class _Job:
+    """One repo on its way through the pipeline."""
+
+    source: str
+    started: float
+    stack: AsyncExitStack | None = None
+    opened: OpenedSource | None = None
+    commit: Commit | None = None
+    records: int = 0
+    record_bytes: int = 0
+    spilled: bool = False
+    held: bool = False  # counted in stats.in_memory
+
+
+async def _drain_batch(stream: ObjectReceiveStream[Any], limit: int) -> list[Any]:
+    """Wait for one item, then take whatever else is ready, up to ``limit``; [] at the end."""
+    try:
+        first = await stream.receive()
+    except anyio.EndOfStream:
+        return []
+    batch = [first]
+    while len(batch) < limit:
+        try:
+            batch.append(stream.receive_nowait())
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+    return batch
+
+
+class _Run:
+    """The tasks and shared state of one :func:`backfill` call."""
+
+    def __init__(self, options: dict[str, Any], stats: BackfillStats) -> None:
+        self.o = options
+        self.stats = stats
+        self.jobs: set[_Job] = set()  # jobs whose source is open
+        self.stores: list[DiskStore] = []
+        self.spill_root: str | None = None
+        self.feed_error: BaseException | None = None
+        self.http: Any = options["client"]
+        self.keys: dict[str, str | None] = {}
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def builder(self) -> DriverBuilder[Any]:
+        o = self.o
+        builder: DriverBuilder[Any] = DriverBuilder().with_mem_limit_mb(o["mem_limit_mb"]).with_verify_cids(o["verify"])
+        if o["sink"] is None:
+            return builder.with_block_processor(len)
+        return builder.with_record_cids(True)
+
+    def result(self, job: _Job, error: BaseException | None) -> BackfillResult:
+        if isinstance(error, SourceError) and isinstance(error.__cause__, FetchError):
+            error = error.__cause__  # the body failed mid-way: say so, as fetch_car does on exit
+        commit = job.commit
+        did = commit.did if commit is not None else (job.opened.did if job.opened is not None else None)
+        if did is None:  # failed before opening: the DID the fetch named, or the source itself
+            named = getattr(error, "did", None)
+            did = named if isinstance(named, str) else (job.source if job.source.startswith("did:") else None)
+        return BackfillResult(
+            source=job.source,
+            did=did,
+            rev=commit.rev if commit is not None else None,
+            records=job.records,
+            record_bytes=job.record_bytes,
+            spilled=job.spilled,
+            seconds=time.monotonic() - job.started,
+            error=None if error is None else _describe(error),
+        )
+
+    def release(self, job: _Job) -> None:
+        if job.held:
+            job.held = False
+            self.stats._hold(-1)
+
+    async def close_job(self, job: _Job) -> None:
+        """Close the job's source (fetch, file), shielded and bounded in time."""
+        self.release(job)
+        stack, job.stack = job.stack, None
+        self.jobs.discard(job)
+        if stack is not None:
+            with anyio.move_on_after(10, shield=True):
+                try:
+                    await stack.aclose()
+                except Exception:  # noqa: BLE001, S110 - the repo's outcome is decided; closing quietly
+                    pass
+
+    async def check_commit(self, job: _Job, commit: Commit) -> None:
+        """The commit's DID is the one asked for; with ``verify``, its signature is good."""
+        job.commit = commit
+        assert job.opened is not None
+        job.opened.check_did(commit.did)
+        if self.o["verify"]:
+            verify = getattr(commit, "verify_signature", None)  # Commit.verify_signature(key) raises SignatureError
+            if verify is not None:
+                verify(await self.signing_key(job.opened, commit.did))
+
+    async def signing_key(self, opened: OpenedSource, did: str) -> str:
+        """The account's signing key (``did:key:z...``): from the resolved identity, else resolved now."""
+        if opened.signing_key is not None:
+            return opened.signing_key
+        if did not in self.keys:
+            from .identity import DEFAULT_PLC_URL, parse_did_document, resolve_did
+
+            document = await resolve_did(did, client=self.http, plc_url=self.o["plc_url"] or DEFAULT_PLC_URL)
+            self.keys[did] = parse_did_document(did, document).signing_key
+        key = self.keys[did]
+        if key is None:
+            raise IdentityError(f"DID {did}: the DID document has no #atproto signing key, so the commit cannot be verified")
+        return key
+
+    async def walk(self, job: _Job, driver: Any) -> None:
+        sink = self.o["sink"]
+        assert job.commit is not None
+        if sink is None:
+            while (chunk := await driver.next_chunk(_CHUNK)) is not None:
+                job.records += len(chunk)
+                job.record_bytes += sum(size for _, size in chunk)
+            return
+        while (chunk := await driver.next_chunk(_CHUNK)) is not None:
+            job.records += len(chunk)
+            job.record_bytes += sum(len(value) for _, _, value in chunk)
+            await sink(job.source, job.commit, chunk)
+
+    async def finish_sink(self, job: _Job, error: BaseException | None) -> BaseException | None:
+        """Tell the sink the repo ended; a sink failing here fails the repo."""
+        finish = getattr(self.o["sink"], "finish", None)
+        if finish is None or job.commit is None:
+            return error
+        try:
+            with anyio.CancelScope(shield=not isinstance(error, Exception) and error is not None):
+                await finish(job.source, job.commit, error)
+        except Exception as exc:  # noqa: BLE001 - the sink's failure is this repo's result
+            return error or exc
+        return error
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    async def feed(self, sources: Iterable[str] | AsyncIterable[str], send: ObjectSendStream[str]) -> None:
+        async with send:
+            try:
+                if isinstance(sources, AsyncIterable):
+                    async for source in sources:
+                        self.stats.inputs += 1
+                        await send.send(source)
+                else:
+                    for source in sources:
+                        self.stats.inputs += 1
+                        await send.send(source)
+            except Exception as exc:  # noqa: BLE001 - raised again after the repos in flight finish
+                self.feed_error = exc
+
+    async def skip_done(self, receive: ObjectReceiveStream[str], todo: ObjectSendStream[str], out: ObjectSendStream[BackfillResult]) -> None:
+        checkpoint: Checkpoint = self.o["checkpoint"]
+        async with receive, todo, out:
+            while batch := await _drain_batch(receive, _BATCH):
+                done = await checkpoint.lookup(batch)
+                for source in batch:
+                    recorded = done.get(source)
+                    if is_done(recorded, self.o["retry_failed"]):
+                        assert recorded is not None
+                        await out.send(recorded)
+                    else:
+                        await todo.send(source)
+
+    async def opener(self, todo: ObjectReceiveStream[str], opened: ObjectSendStream[_Job], results: ObjectSendStream[BackfillResult]) -> None:
+        from .source import open_source
+
+        o = self.o
+        async with todo, opened, results:
+            async for source in todo:
+                job = _Job(source, time.monotonic())
+                job.stack = AsyncExitStack()
+                self.jobs.add(job)
+                try:
+                    job.opened = await job.stack.enter_async_context(
+                        open_source(
+                            source,
+                            plc_url=o["plc_url"],
+                            client=self.http,
+                            dns_resolver=o["dns_resolver"],
+                            options=o["fetch_options"],
+                        )
+                    )
+                except Exception as exc:  # noqa: BLE001 - this repo's result
+                    await self.close_job(job)
+                    await results.send(self.result(job, exc))
+                    continue
+                await opened.send(job)
+
+    async def memory_worker(
+        self, opened: ObjectReceiveStream[_Job], disk: ObjectSendStream[tuple[_Job, NeedDisk[Any]]], results: ObjectSendStream[BackfillResult]
+    ) -> None:
+        async with opened, disk, results:
+            async for job in opened:
+                error: BaseException | None = None
+                try:
+                    assert job.opened is not None
+                    job.held = True
+                    self.stats._hold(1)
+                    driver = await self.builder().load_car(job.opened.source)
+                    if isinstance(driver, NeedDisk):
+                        job.spilled = True
+                        if driver.commit is not None:
+                            await self.check_commit(job, driver.commit)  # fail early, before queueing
+                        await disk.send((job, driver))  # waits while the disk queue is full (backpressure)
+                        self.watch_queue(disk)
+                        continue
+                    await self.check_commit(job, driver.commit)
+                    await self.walk(job, driver)
+                except Exception as exc:  # noqa: BLE001 - this repo's result
+                    error = exc
+                except BaseException as exc:  # cancelled: let the sink drop the repo, then go
+                    await self.finish_sink(job, exc)
+                    raise
+                error = await self.finish_sink(job, error)
+                await self.close_job(job)
+                await results.send(self.result(job, error))
+
+    def watch_queue(self, disk: ObjectSendStream[Any] | ObjectReceiveStream[Any]) -> None:
+        used = disk.statistics().current_buffer_used
+        self.stats.disk_queue = used
+        self.stats.disk_queue_peak = max(self.stats.disk_queue_peak, used)
+
+    async def disk_worker(self, index: int, disk: ObjectReceiveStream[tuple[_Job, NeedDisk[Any]]], results: ObjectSendStream[BackfillResult]) -> None:
+        store: DiskStore | None = None
+        async with disk, results:
+            async for job, need in disk:
+                self.watch_queue(disk)
+                error: BaseException | None = None
+                try:
+                    if store is None:
+                        store = await self.open_store(index)
+                    commit, driver = await need.finish_loading(store)
+                    self.release(job)  # the blocks are on disk now
+                    if job.commit is None:
+                        await self.check_commit(job, commit)
+                    await self.walk(job, driver)
+                    await driver.reset_store()
+                except Exception as exc:  # noqa: BLE001 - this repo's result
+                    error = exc
+                except BaseException as exc:  # cancelled: let the sink drop the repo, then go
+                    await self.finish_sink(job, exc)
+                    raise
+                error = await self.finish_sink(job, error)
+                await self.close_job(job)
+                await results.send(self.result(job, error))
+
+    async def open_store(self, index: int) -> DiskStore:
+        if self.spill_root is None:
+            self.spill_root = tempfile.mkdtemp(prefix="repo-stream-backfill-", dir=self.o["spill_dir"])
+        store = await DiskBuilder().with_cache_size_mb(self.o["disk_cache_mb"]).open(os.path.join(self.spill_root, f"disk-{index}.db"))
+        self.stores.append(store)
+        return store
+
+    async def recorder(self, results: ObjectReceiveStream[BackfillResult], out: ObjectSendStream[BackfillResult]) -> None:
+        """Record results in the checkpoint, a batch per transaction, then pass them on."""
+        checkpoint: Checkpoint = self.o["checkpoint"]
+        async with results, out:
+            while batch := await _drain_batch(results, _BATCH):
+                await checkpoint.record(batch)
+                for result in batch:
+                    await out.send(result)
+
+    async def cleanup(self) -> None:
+        """Close every open source and spill store; remove the spill folder. Shielded."""
+        with anyio.CancelScope(shield=True):
+            for job in list(self.jobs):
+                await self.close_job(job)
+            for store in self.stores:
+                await store.close()
+            if self.spill_root is not None:
+                shutil.rmtree(self.spill_root, ignore_errors=True)
+
+
+async def backfill(
+    sources: Iterable[str] | AsyncIterable[str],
+    *,
+    sink: RepoSink | None = None,
+    memory_workers: int = 2,
+    disk_workers: int = 1,
+    mem_limit_mb: float = 64,
+    fetch_concurrency: int | None = None,
+    disk_queue_size: int = 0,
+    disk_cache_mb: int = 32,
+    spill_dir: str | os.PathLike[str] | None = None,
+    verify: bool = False,
+    checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
+    retry_failed: bool = False,
+    plc_url: str | None = None,
+    client: httpx.AsyncClient | None = None,
+    dns_resolver: dns.asyncresolver.Resolver | None = None,
+    fetch_options: FetchOptions | None = None,
+    stats: BackfillStats | None = None,
+) -> AsyncIterator[BackfillResult]:
+    """Walk every repo of ``sources`` with a bounded pool of workers; yield one
+    :class:`BackfillResult` per source, in completion order.
+
+    An async generator: when leaving the loop early, close it (``contextlib.aclosing``), which
+    cancels the work in flight, closes every fetch and removes every spill file. Duplicated
+    sources run (and are yielded) once per occurrence.
+
+    Args:
+        sources: repo sources (str), an iterable or an async iterable (e.g. :func:`read_repo_list`,
+            :func:`host_sources`): DIDs, handles, ``at://`` URIs, getRepo URLs, CAR paths.
+        sink: receives each repo's records (see :class:`RepoSink`, e.g. :class:`JsonlSink`);
+            None: records are only counted.
+        memory_workers: repos loaded and walked at once (>= 1).
+        disk_workers: repos finished on disk at once (>= 1), each with its own SQLite store.
+        mem_limit_mb: the per-repo memory limit, MiB; a repo past it goes to the disk workers.
+        fetch_concurrency: sources resolved and opened ahead of the memory workers at once
+            (default ``memory_workers``: each memory worker has its next repo's identity look-ups
+            and HTTP round trip done while it walks). Open fetches are at most
+            ``fetch_concurrency + memory_workers + disk_queue_size + disk_workers``.
+        disk_queue_size: NeedDisks that may wait for a disk worker (default 0: a memory worker
+            hands its repo straight to a free disk worker, or waits).
+        disk_cache_mb: each disk store's SQLite page cache, MiB.
+        spill_dir: the folder for spill files (default: the system's temporary folder); a
+            ``repo-stream-backfill-*`` folder is made in it and removed at the end.
+        verify: check every block against its CID (``with_verify_cids``) and the commit's
+            signature against the account's signing key (when ``Commit.verify_signature`` is
+            available).
+        checkpoint: an SQLite file path (or an open :class:`Checkpoint`) recording finished
+            repos; sources recorded there are not run again but yielded from it (``skipped``).
+        retry_failed: run sources recorded as failed again.
+        plc_url, client, dns_resolver, fetch_options: as for :func:`repo_stream.source.open_source`
+            (one client is shared by the whole run; by default a new one, closed at the end).
+        stats: a :class:`BackfillStats` to update as the run goes (for progress displays).
+
+    Raises:
+        ValueError: a worker count or limit out of range.
+        RepoStreamError: the checkpoint cannot be opened or written; whatever ``sources`` raised
+            (e.g. a ``FetchError`` from listRepos), after the results of the repos already read.
+    """
+    for name, value in (("memory_workers", memory_workers), ("disk_workers", disk_workers)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if not mem_limit_mb > 0 or not math.isfinite(mem_limit_mb):
+        raise ValueError(f"mem_limit_mb must be positive, got {mem_limit_mb}")
+    if disk_queue_size < 0:
+        raise ValueError(f"disk_queue_size must be at least 0, got {disk_queue_size}")
+    concurrency = fetch_concurrency if fetch_concurrency is not None else memory_workers
+    if concurrency < 1:
+        raise ValueError(f"fetch_concurrency must be at least 1, got {concurrency}")
+    stats = stats if stats is not None else BackfillStats()
+    stats.disk_queue_size = disk_queue_size
+    async with AsyncExitStack() as stack:
+        owned: Checkpoint | None = None
+        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+            owned = checkpoint = await anyio.to_thread.run_sync(Checkpoint, checkpoint)
+            stack.push_async_callback(owned.close)
+        if client is None:
+            import httpx
+
+            from .identity import _USER_AGENT, _ssl_context
+
+            client = await stack.enter_async_context(
+                httpx.AsyncClient(
+                    headers={"User-Agent": _USER_AGENT},
+                    verify=_ssl_context(),
+                    limits=httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8),
+                )
+            )
+        options = {
+            "sink": sink, "mem_limit_mb": mem_limit_mb, "verify": verify, "checkpoint": checkpoint,
+            "retry_failed": retry_failed, "plc_url": plc_url, "client": client, "dns_resolver": dns_resolver,
+            "fetch_options": fetch_options, "spill_dir": None if spill_dir is None else os.fspath(spill_dir),
+            "disk_cache_mb": disk_cache_mb,
+        }  # fmt: skip
+        run = _Run(options, stats)
+        try:
+            async with anyio.create_task_group() as tg:
+                inputs_send, inputs = anyio.create_memory_object_stream[str](_BATCH)
+                todo_send, todo = anyio.create_memory_object_stream[str](0)
+                opened_send, opened = anyio.create_memory_object_stream[_Job](0)
+                disk_send, disk = anyio.create_memory_object_stream[tuple[_Job, NeedDisk[Any]]](disk_queue_size)
+                results_send, results = anyio.create_memory_object_stream[BackfillResult](_BATCH)
+                if checkpoint is not None:
+                    out_send, out = anyio.create_memory_object_stream[BackfillResult](_BATCH)
+                    tg.start_soon(run.recorder, results, out_send)
+                    tg.start_soon(run.skip_done, inputs, todo_send, out_send.clone())
+                    feed_send: ObjectSendStream[str] = inputs_send
+                else:
+                    out = results
+                    feed_send = todo_send
+                    await inputs_send.aclose()
+                    await inputs.aclose()
+                tg.start_soon(run.feed, sources, feed_send)
+                for _ in range(concurrency):
+                    tg.start_soon(run.opener, todo.clone(), opened_send.clone(), results_send.clone())
+                for _ in range(memory_workers):
+                    tg.start_soon(run.memory_worker, opened.clone(), disk_send.clone(), results_send.clone())
+                for index in range(disk_workers):
+                    tg.start_soon(run.disk_worker, index, disk.clone(), results_send.clone())
+                for end in (todo, opened_send, opened, disk_send, disk, results_send):
+                    await end.aclose()
+                async with out:
+                    async for result in out:
+                        stats.count(result)
+                        yield result
+        finally:
+            await run.cleanup()
+        if run.feed_error is not None:
+            raise run.feed_error
