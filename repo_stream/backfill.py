@@ -61,7 +61,7 @@ from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 from .commit import Commit
 from .disk import DiskBuilder, DiskStore
 from .drivers import DriverBuilder, NeedDisk
-from .errors import FetchError, IdentityError, RepoStreamError, SourceError
+from .errors import FetchError, IdentityError, RepoStreamError, SourceError, SignatureError
 
 if TYPE_CHECKING:
     import dns.asyncresolver
@@ -190,21 +190,30 @@ class RepoSink(Protocol):
 
 
 def bytes_value(block: bytes) -> Any:
-    """The default :class:`JsonlSink` value: the raw block as ``{"$bytes": base64}`` (atproto's
-    JSON form of bytes)."""
+    """The raw block as ``{"$bytes": base64}`` (atproto's JSON form of bytes), for records that
+    need not be decoded."""
     return {"$bytes": base64.b64encode(block).decode("ascii")}
+
+
+def json_value(block: bytes) -> Any:
+    """The default :class:`JsonlSink` value: the record in the atproto JSON form, as ``dump``
+    writes it (:func:`repo_stream.records.record_json`)."""
+    from .records import record_json
+
+    return record_json(block)
 
 
 class JsonlSink:
     """Writes each repo's records to ``DIR/<did>.jsonl``: one ``{"key", "cid", "value"}`` object a
     line, in key order.
 
-    ``value`` converts the record block's bytes to a JSON value (default :func:`bytes_value`).
+    ``value`` converts the record block's bytes to a JSON value (default :func:`json_value`, the
+    ``dump`` format; :func:`bytes_value` keeps the raw block).
     A repo is written to ``<did>.jsonl.part`` and renamed when complete; a repo that fails leaves
     no file. Picklable (it holds only the folder and the converter), so cluster workers can use it.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], value: Callable[[bytes], Any] = bytes_value) -> None:
+    def __init__(self, directory: str | os.PathLike[str], value: Callable[[bytes], Any] = json_value) -> None:
         self.directory = os.fspath(directory)
         self.value = value
         self._files: dict[tuple[str, str], Any] = {}
@@ -575,9 +584,10 @@ class _Run:
         assert job.opened is not None
         job.opened.check_did(commit.did)
         if self.o["verify"]:
-            verify = getattr(commit, "verify_signature", None)  # Commit.verify_signature(key) raises SignatureError
-            if verify is not None:
-                verify(await self.signing_key(job.opened, commit.did))
+            key = await self.signing_key(job.opened, commit.did)
+            if key is None:
+                raise SignatureError(f"{commit.did}: its DID document has no #atproto signing key to verify commit {commit.cid}")
+            commit.verify_signature(key)  # raises SignatureError
 
     async def signing_key(self, opened: OpenedSource, did: str) -> str:
         """The account's signing key (``did:key:z...``): from the resolved identity, else resolved now."""
