@@ -38,3 +38,19 @@ def test_use_switches_and_refuses_unknown_names(impl: str) -> None:
     assert implementation.backend().name == impl == repo_stream.IMPLEMENTATION
     with pytest.raises(ValueError, match="implementation 'rust' is not available here"):
         implementation.use("rust")
+
+
+def test_the_c_cores_sha256_matches_hashlib() -> None:
+    """The core hashes MST keys and, with verification, every block with its own SHA-256 (a BMI2
+    clone where the CPU has it): every length around the 55/64-byte padding edges, and large."""
+    import hashlib
+    import random
+
+    if "c" not in implementation.available():
+        pytest.skip("the C core is not built here")
+    from repo_stream import _native
+
+    rng = random.Random(7)
+    for n in [*range(0, 200), 1000, 4095, 4096, 4097, 1 << 16, (1 << 20) + 3]:
+        data = rng.randbytes(n)
+        assert _native.sha256(data) == hashlib.sha256(data).digest(), n
