@@ -49,7 +49,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,7 +61,7 @@ from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 from .commit import Commit
 from .disk import DiskBuilder, DiskStore
 from .drivers import DriverBuilder, NeedDisk
-from .errors import FetchError, IdentityError, RepoStreamError, SourceError, SignatureError
+from .errors import FetchError, IdentityError, RepoStreamError, SignatureError, SourceError
 
 if TYPE_CHECKING:
     import dns.asyncresolver
@@ -575,7 +575,7 @@ class _Run:
             with anyio.move_on_after(10, shield=True):
                 try:
                     await stack.aclose()
-                except Exception:  # noqa: BLE001, S110 - the repo's outcome is decided; closing quietly
+                except Exception:
                     pass
 
     async def check_commit(self, job: _Job, commit: Commit) -> None:
@@ -624,7 +624,7 @@ class _Run:
         try:
             with anyio.CancelScope(shield=not isinstance(error, Exception) and error is not None):
                 await finish(job.source, job.commit, error)
-        except Exception as exc:  # noqa: BLE001 - the sink's failure is this repo's result
+        except Exception as exc:
             return error or exc
         return error
 
@@ -641,7 +641,7 @@ class _Run:
                     for source in sources:
                         self.stats.inputs += 1
                         await send.send(source)
-            except Exception as exc:  # noqa: BLE001 - raised again after the repos in flight finish
+            except Exception as exc:
                 self.feed_error = exc
 
     async def skip_done(self, receive: ObjectReceiveStream[str], todo: ObjectSendStream[str], out: ObjectSendStream[BackfillResult]) -> None:
@@ -676,7 +676,7 @@ class _Run:
                             options=o["fetch_options"],
                         )
                     )
-                except Exception as exc:  # noqa: BLE001 - this repo's result
+                except Exception as exc:
                     await self.close_job(job)
                     await results.send(self.result(job, exc))
                     continue
@@ -702,7 +702,7 @@ class _Run:
                         continue
                     await self.check_commit(job, driver.commit)
                     await self.walk(job, driver)
-                except Exception as exc:  # noqa: BLE001 - this repo's result
+                except Exception as exc:
                     error = exc
                 except BaseException as exc:  # cancelled: let the sink drop the repo, then go
                     await self.finish_sink(job, exc)
@@ -731,7 +731,7 @@ class _Run:
                         await self.check_commit(job, commit)
                     await self.walk(job, driver)
                     await driver.reset_store()
-                except Exception as exc:  # noqa: BLE001 - this repo's result
+                except Exception as exc:
                     error = exc
                 except BaseException as exc:  # cancelled: let the sink drop the repo, then go
                     await self.finish_sink(job, exc)
@@ -786,7 +786,7 @@ async def backfill(
     dns_resolver: dns.asyncresolver.Resolver | None = None,
     fetch_options: FetchOptions | None = None,
     stats: BackfillStats | None = None,
-) -> AsyncIterator[BackfillResult]:
+) -> AsyncGenerator[BackfillResult, None]:
     """Walk every repo of ``sources`` with a bounded pool of workers; yield one
     :class:`BackfillResult` per source, in completion order.
 

@@ -26,7 +26,6 @@ is: int in 64 bits, float, str, bytes, None).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 

@@ -1,11 +1,40 @@
-"""Command line: ``python -m repo_stream stats PATH`` and ``python -m repo_stream generate N ...``.
+"""Command line: ``repo-stream`` (or ``python -m repo_stream``) with ``stats``, ``ls``, ``dump``,
+``get``, ``verify`` and ``generate``.
 
-``stats`` walks a repo CAR (a file, or ``-`` for standard input) the way an indexer would, with
-the record block length as each record's value, and prints a summary: did, rev, commit CID,
-records, record bytes, blocks, records per collection, whether it spilled to disk, seconds and
-MB/s. ``--json`` prints one JSON object instead. On a terminal, progress (bytes read of the total
-when known, then records emitted) is drawn on stderr with tqdm; nothing extra when stderr is piped
-or with ``--json``. Any error prints one line ``error: ...`` on stderr and exits with status 1.
+Every command but ``generate`` reads one repo CAR from SOURCE, opened with
+:func:`repo_stream.source.open_source`: a file path, ``-`` (standard input), an ``http(s)://``
+URL (e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``), a DID, a handle (``alice.com``
+or ``@alice.com``) or an ``at://`` URI. DIDs and handles are resolved to the account's PDS
+(``did:plc`` through the PLC directory of ``--plc-url``, default ``https://plc.directory``) and
+the repo served must be the DID's own (its commit's ``did``).
+
+- ``stats SOURCE``: walks the repo the way an indexer would, with the record block length as each
+  record's value, and prints a summary: did, rev, commit CID, records, record bytes, blocks,
+  records per collection, whether it spilled to disk, seconds and MB/s. ``--json`` prints one JSON
+  object instead (see :func:`stats` for its keys).
+- ``ls SOURCE``: one line per record in key order, ``KEY CID``; ``--json``: one
+  ``{"key", "cid"}`` object per line.
+- ``dump SOURCE``: one ``{"key", "cid", "value"}`` JSON object per line in key order, the value in
+  the atproto data model's JSON form (:func:`repo_stream.records.record_json`).
+- ``get SOURCE KEY``: the value of the record ``KEY`` (``collection/rkey``) as one JSON object; a
+  key that is not in the repo is an error.
+- ``verify SOURCE [--key DIDKEY]``: checks every block against its CID, every MST rule (canonical
+  nodes and commit, key order, layers), and the commit's signature, with ``--key`` or the
+  ``#atproto`` key of the DID document of a DID or handle SOURCE (a file, ``-`` or URL SOURCE
+  needs ``--key``: without it that is a usage error, exit 2). Prints one summary line.
+
+``--collection NSID`` (repeatable) on stats, ls, dump and get walks only the MST subtrees whose
+key range can hold those collections and emits only their records.
+
+On a terminal, progress (bytes read of the total when known, then records emitted) is drawn on
+stderr with tqdm; nothing extra when stderr is piped or with ``--json``.
+
+Exit status: 0 success; 1 an error, printed as one line ``error: ...`` on stderr (any
+:class:`~repo_stream.errors.RepoStreamError` or ``OSError``, a missing key for ``get``); 2 a usage
+error (argparse: unknown options, a non-positive ``--mem-limit-mb``, an invalid NSID...); 130
+interrupted (Ctrl-C, ``error: interrupted``); 141 (128 + SIGPIPE, as ``cat`` and other tools
+killed by SIGPIPE) when standard output is closed early, e.g. by ``| head -1``: nothing is printed
+and the walk stops at once.
 
 ``generate`` writes realistic generated repo CARs (see :mod:`repo_stream.generate`) into a cache
 folder (default ``.cache/cars``) and prints their paths; files already there are reused.
@@ -19,19 +48,30 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import implementation
+from . import __version__, implementation
 from .disk import DiskBuilder
-from .drivers import DriverBuilder, NeedDisk
+from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import RepoStreamError
+from .mst import is_valid_collection
+
+if TYPE_CHECKING:
+    from .commit import Commit
+    from .source import OpenedSource
 
 __all__ = ["main", "stats"]
 
 _second = itemgetter(1)
+
+#: Exit status when standard output is closed early: 128 + SIGPIPE, as a tool killed by SIGPIPE.
+EXIT_BROKEN_PIPE = 141
 
 
 class _Progress:
@@ -47,18 +87,42 @@ class _Progress:
             self._bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading", leave=False)
 
     def wrap(self, source: Any) -> Any:
-        """Wrap an ``async read(n)`` source so each read advances the byte bar."""
+        """Wrap a source for ``load_car`` so that each chunk read advances the byte bar.
+
+        ``source`` has ``async read(n)`` (a file) or is an async iterable of ``bytes`` chunks (a
+        :class:`repo_stream.fetch.CarStream`).
+        """
         if not self.enabled:
             return source
-        progress = self
+        bar = self._bar
+        if callable(getattr(source, "read", None)):
 
-        class Counted:
-            async def read(self, n: int = -1) -> bytes:
-                chunk = await source.read(n)
-                progress._bar.update(len(chunk))
+            class Counted:
+                async def read(self, n: int = -1) -> bytes:
+                    chunk: bytes = await source.read(n)
+                    bar.update(len(chunk))
+                    return chunk
+
+            return Counted()
+
+        class CountedChunks:
+            def __init__(self) -> None:
+                self._chunks: AsyncIterator[bytes] = aiter(source)
+
+            def __aiter__(self) -> CountedChunks:
+                return self
+
+            async def __anext__(self) -> bytes:
+                chunk = await anext(self._chunks)
+                bar.update(len(chunk))
                 return chunk
 
-        return Counted()
+            async def aclose(self) -> None:
+                close = getattr(self._chunks, "aclose", None)
+                if close is not None:
+                    await close()
+
+        return CountedChunks()
 
     def walking(self) -> None:
         if self.enabled:
@@ -75,6 +139,71 @@ class _Progress:
             self._bar = None
 
 
+@dataclass
+class _Walk:
+    """A loaded repo ready to walk: its source, commit and driver."""
+
+    opened: OpenedSource
+    commit: Commit
+    driver: MemoryDriver[Any] | DiskDriver[Any]
+    spilled: bool
+    bar: _Progress
+
+
+@asynccontextmanager
+async def _walking(
+    source: str,
+    builder: DriverBuilder[Any],
+    *,
+    disk_path: str | None = None,
+    plc_url: str | None = None,
+    progress: bool = False,
+) -> AsyncIterator[_Walk]:
+    """Open SOURCE, load its CAR (spilling to ``disk_path``, or a temporary file, past the
+    builder's memory limit) and check the commit's DID against the one asked for.
+
+    On exit the source is closed and a spill store closed and removed (a ``disk_path`` that existed
+    before is emptied but kept).
+
+    Raises:
+        RepoStreamError (SourceError, IdentityError, FetchError, CarError...), OSError.
+    """
+    from .source import open_source
+
+    async with open_source(source, plc_url=plc_url) as opened:
+        bar = _Progress(progress, opened.size)
+        store = None
+        created = disk_path is not None and not os.path.exists(disk_path)
+        try:
+            loaded = await builder.load_car(bar.wrap(opened.source))
+            driver: MemoryDriver[Any] | DiskDriver[Any]
+            if isinstance(loaded, NeedDisk):
+                if loaded.commit is not None:
+                    opened.check_did(loaded.commit.did)  # before reading the rest to disk
+                store = await DiskBuilder().open(disk_path)
+                commit, driver = await loaded.finish_loading(store)
+            else:
+                commit, driver = loaded.commit, loaded
+            opened.check_did(commit.did)
+            bar.walking()
+            yield _Walk(opened, commit, driver, store is not None, bar)
+        finally:
+            bar.close()
+            if store is not None:
+                await store.close()
+                if created and disk_path is not None:
+                    for suffix in ("", "-wal", "-shm", "-journal"):
+                        try:
+                            os.unlink(disk_path + suffix)
+                        except FileNotFoundError:
+                            pass
+
+
+def _select(builder: DriverBuilder[Any], collections: Iterable[str] | None) -> DriverBuilder[Any]:
+    """``builder`` set to walk only ``collections`` (None: every record)."""
+    return builder if collections is None else builder.with_collections(collections)
+
+
 async def stats(
     path: str,
     *,
@@ -82,70 +211,47 @@ async def stats(
     disk_path: str | None = None,
     verify: bool = False,
     progress: bool = False,
+    collections: Iterable[str] | None = None,
+    plc_url: str | None = None,
 ) -> dict[str, Any]:
-    """Walk the CAR at ``path`` (``"-"``: standard input) and return its figures as a dict.
+    """Walk the repo CAR of SOURCE ``path`` (a file, ``"-"`` for standard input, a URL, DID or
+    handle; see :func:`repo_stream.source.open_source`) and return its figures as a dict.
 
     Keys: ``did, rev, version, commit, data`` (CIDs as base32 strings), ``records``,
     ``record_bytes`` (sum of record block lengths), ``blocks`` (CAR sections), ``car_bytes``,
     ``collections`` (collection -> record count), ``spilled`` (bool), ``seconds``,
-    ``implementation`` (``"c"`` or ``"python"``).
+    ``implementation`` (``"c"`` or ``"python"``), ``nodes`` (MST nodes visited).
 
-    A spill file made at ``disk_path`` is removed afterwards (a file that existed before is
-    emptied but kept); without ``disk_path`` a temporary one is used and always removed.
-    ``progress=True`` draws tqdm bars on stderr.
+    ``collections``: count only the records of these collection NSIDs, walking only the subtrees
+    that can hold them. A spill file made at ``disk_path`` is removed afterwards (a file that
+    existed before is emptied but kept); without ``disk_path`` a temporary one is used and always
+    removed. ``progress=True`` draws tqdm bars on stderr. ``plc_url``: the PLC directory for a
+    ``did:plc`` (default ``https://plc.directory``).
 
     Raises:
-        RepoStreamError: the CAR is malformed (any subclass); OSError: the file cannot be read.
+        RepoStreamError: the CAR is malformed, or cannot be resolved or fetched (any subclass);
+        OSError: the file cannot be read. ValueError: a name in ``collections`` is not an NSID.
     """
     started = time.perf_counter()
     builder = DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).with_verify_cids(verify)
-    if path == "-":
-        bar = _Progress(progress, None)
-        try:
-            return await _walk(builder, bar.wrap(anyio.wrap_file(sys.stdin.buffer)), disk_path, started, bar)
-        finally:
-            bar.close()
-    async with await anyio.open_file(path, "rb") as source:
-        bar = _Progress(progress, os.fstat(source.wrapped.fileno()).st_size)
-        try:
-            return await _walk(builder, bar.wrap(source), disk_path, started, bar)
-        finally:
-            bar.close()
+    async with _walking(path, _select(builder, collections), disk_path=disk_path, plc_url=plc_url, progress=progress) as walk:
+        return await _walk(walk, started)
 
 
-async def _walk(builder: DriverBuilder[Any], source: Any, disk_path: str | None, started: float, bar: _Progress) -> dict[str, Any]:
-    driver = await builder.load_car(source)
-    spilled = isinstance(driver, NeedDisk)
+async def _walk(walk: _Walk, started: float) -> dict[str, Any]:
+    driver, commit, bar = walk.driver, walk.commit, walk.bar
     collections: Counter[str] = Counter()
     records = 0
     record_bytes = 0
-    store = None
-    created = disk_path is not None and not os.path.exists(disk_path)
-    try:
-        if isinstance(driver, NeedDisk):
-            store = await DiskBuilder().open(disk_path)
-            commit, driver = await driver.finish_loading(store)
+    while (chunk := await driver.next_chunk(1024)) is not None:
+        records += len(chunk)
+        bar.records(len(chunk))
+        record_bytes += sum(map(_second, chunk))
+        first = chunk[0][0].partition("/")[0]
+        if first == chunk[-1][0].partition("/")[0]:
+            collections[first] += len(chunk)  # keys are sorted: one collection from first to last
         else:
-            commit = driver.commit
-        bar.walking()
-        while (chunk := await driver.next_chunk(1024)) is not None:
-            records += len(chunk)
-            bar.records(len(chunk))
-            record_bytes += sum(map(_second, chunk))
-            first = chunk[0][0].partition("/")[0]
-            if first == chunk[-1][0].partition("/")[0]:
-                collections[first] += len(chunk)  # keys are sorted: one collection from first to last
-            else:
-                collections.update(key.partition("/")[0] for key, _ in chunk)
-    finally:
-        if store is not None:
-            await store.close()
-            if created and disk_path is not None:
-                for suffix in ("", "-wal", "-shm", "-journal"):
-                    try:
-                        os.unlink(disk_path + suffix)
-                    except FileNotFoundError:
-                        pass
+            collections.update(key.partition("/")[0] for key, _ in chunk)
     return {
         "did": commit.did,
         "rev": commit.rev,
@@ -157,9 +263,10 @@ async def _walk(builder: DriverBuilder[Any], source: Any, disk_path: str | None,
         "blocks": driver.blocks_read,
         "car_bytes": driver.bytes_read,
         "collections": dict(sorted(collections.items())),
-        "spilled": spilled,
+        "spilled": walk.spilled,
         "seconds": round(time.perf_counter() - started, 6),
         "implementation": implementation.backend().name,
+        "nodes": driver.nodes_visited,
     }
 
 
@@ -183,17 +290,167 @@ def _human(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- ls, dump, get, verify ------------------------------------------------------------------
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _write(text: str) -> None:
+    """Write ``text`` to standard output as UTF-8 (JSON's encoding, whatever the locale)."""
+    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+
+
+def _builder(args: argparse.Namespace) -> DriverBuilder[Any]:
+    return _select(DriverBuilder().with_mem_limit_mb(args.mem_limit_mb), args.collection)
+
+
+def _walking_args(args: argparse.Namespace, builder: DriverBuilder[Any]) -> Any:
+    return _walking(args.source, builder, disk_path=args.disk_path, plc_url=args.plc_url, progress=_show_progress(args))
+
+
+async def _ls(args: argparse.Namespace) -> int:
+    builder = _builder(args).with_record_cids(True).with_block_processor(len)
+    async with _walking_args(args, builder) as walk:
+        while (chunk := await walk.driver.next_chunk(1024)) is not None:
+            walk.bar.records(len(chunk))
+            if args.json:
+                _write("".join(_dumps({"key": key, "cid": cid}) + "\n" for key, cid, _ in chunk))
+            else:
+                _write("".join(f"{key} {cid}\n" for key, cid, _ in chunk))
+    return 0
+
+
+async def _dump(args: argparse.Namespace) -> int:
+    from .records import JSON_CODEC, record_json
+
+    builder = _builder(args).with_record_cids(True).with_block_processor(record_json).with_codec(*JSON_CODEC)
+    async with _walking_args(args, builder) as walk:
+        while (chunk := await walk.driver.next_chunk(256)) is not None:
+            walk.bar.records(len(chunk))
+            _write("".join(_dumps({"key": key, "cid": cid, "value": value}) + "\n" for key, cid, value in chunk))
+    return 0
+
+
+_MISSING = object()
+
+
+async def _find(walk: _Walk, key: str) -> Any:
+    """The value of the record ``key``, or ``_MISSING``; stops at the first key past it."""
+    while (chunk := await walk.driver.next_chunk(256)) is not None:
+        walk.bar.records(len(chunk))
+        for found, value in chunk:
+            if found >= key:
+                return value if found == key else _MISSING
+    return _MISSING
+
+
+async def _get(args: argparse.Namespace) -> int:
+    from .records import JSON_CODEC, record_json
+
+    key: str = args.key
+    builder = DriverBuilder().with_mem_limit_mb(args.mem_limit_mb).with_block_processor(record_json).with_codec(*JSON_CODEC)
+    collection = key.partition("/")[0]
+    if is_valid_collection(collection):
+        builder = _select(builder, [collection])  # walk only the subtrees that can hold the key
+    async with _walking_args(args, builder) as walk:
+        value = await _find(walk, key)
+        if value is not _MISSING:
+            _write(_dumps(value) + "\n")
+            return 0
+        where = f"{walk.commit.did} (commit {walk.driver.commit_cid}, rev {walk.commit.rev})"
+    _error(f"no record {key} in the repo of {where}")
+    return 1
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    builder = DriverBuilder().with_mem_limit_mb(args.mem_limit_mb).with_block_processor(len).with_verify_cids(True)
+    async with _walking_args(args, builder) as walk:
+        key = args.key or walk.opened.signing_key
+        if key is None:
+            _error(f"{args.source}: the DID document of {walk.commit.did} has no #atproto signing key; give one with --key")
+            return 1
+        walk.commit.verify_signature(key)  # before the walk: a bad signature fails fast
+        records = 0
+        while (chunk := await walk.driver.next_chunk(1024)) is not None:
+            records += len(chunk)
+            walk.bar.records(len(chunk))
+        driver = walk.driver
+        summary = (
+            f"verified {walk.commit.did} rev {walk.commit.rev} commit {driver.commit_cid}: {records} records, "
+            f"{driver.blocks_read} blocks, signed by {key} "
+            f"({time.perf_counter() - started:.3f} s)"
+        )
+    _write(summary + "\n")
+    return 0
+
+
+# --- arguments --------------------------------------------------------------------------------
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _collection(text: str) -> str:
+    if not is_valid_collection(text):
+        raise argparse.ArgumentTypeError(f"not a collection NSID (e.g. app.bsky.feed.post): {text!r}")
+    return text
+
+
+def _did_key(text: str) -> str:
+    if not text.startswith("did:key:z"):
+        raise argparse.ArgumentTypeError(f"not a did:key (did:key:z...): {text!r}")
+    return text
+
+
+def _source_arguments(p: argparse.ArgumentParser, *, collections: bool = True) -> None:
+    """SOURCE and the options every command that walks a repo takes."""
+    p.add_argument(
+        "source",
+        metavar="SOURCE",
+        help="a repo CAR file, - for standard input, a getRepo URL, a DID, a handle or an at:// URI",
+    )
+    p.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="N", help="memory limit before spilling to disk, MiB (default 64)")
+    p.add_argument("--disk-path", metavar="P", help="spill file (default: a temporary file, always removed)")
+    p.add_argument("--plc-url", metavar="URL", default=argparse.SUPPRESS, help="PLC directory for did:plc (default https://plc.directory)")
+    if collections:
+        p.add_argument(
+            "--collection",
+            action="append",
+            type=_collection,
+            metavar="NSID",
+            help="only the records of this collection, walking only the subtrees that can hold them (repeatable)",
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m repo_stream", description="Read atproto repository CAR files.")
+    parser = argparse.ArgumentParser(prog="repo-stream", description="Read atproto repository CAR files.")
+    parser.add_argument("--version", action="version", version=f"repo-stream {__version__}")
+    parser.add_argument("--plc-url", metavar="URL", default=None, help="PLC directory for did:plc (default https://plc.directory)")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("stats", help="walk a repo CAR and summarise its records")
-    p.add_argument("path", help="a repo CAR file, or - for standard input")
+    _source_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--mem-limit-mb", type=float, default=64, metavar="N", help="memory limit before spilling to disk, MiB (default 64)")
-    p.add_argument("--disk-path", metavar="P", help="spill file (default: a temporary file, always removed)")
     p.add_argument("--verify", action="store_true", help="check every block against its CID (for untrusted CARs)")
     g = commands.add_parser("generate", help="write realistic generated repo CARs into a cache folder")
-    g.add_argument("sizes", nargs="+", type=int, metavar="N", help="number of records, e.g. 100000 500000 2000000")
+    g.add_argument("sizes", nargs="+", type=_positive_int, metavar="N", help="number of records, e.g. 100000 500000 2000000")
     g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     g.add_argument("--order", choices=["preorder", "shuffled", "reverse"], default="shuffled", help="block order (default shuffled)")
     g.add_argument("--cache-dir", default=None, help="folder for the CARs (default .cache/cars)")
@@ -202,6 +459,22 @@ def _parser() -> argparse.ArgumentParser:
         choices=["default", "small"],
         default="default",
         help="record mix: default (~240-byte records) or small (like and follow heavy, ~190-byte records)",
+    )
+    p = commands.add_parser("ls", help="list every record's key and CID in key order")
+    _source_arguments(p)
+    p.add_argument("--json", action="store_true", help='one {"key","cid"} JSON object per line')
+    p = commands.add_parser("dump", help='print every record as {"key","cid","value"} JSON, one per line')
+    _source_arguments(p)
+    p = commands.add_parser("get", help="print one record's value as JSON")
+    _source_arguments(p, collections=False)
+    p.add_argument("key", metavar="KEY", help="the record's key, collection/rkey (e.g. app.bsky.actor.profile/self)")
+    p = commands.add_parser("verify", help="check every block's CID, every MST rule and the commit signature")
+    _source_arguments(p, collections=False)
+    p.add_argument(
+        "--key",
+        type=_did_key,
+        metavar="DIDKEY",
+        help="the account's signing key, did:key:z... (default: from the DID document of a DID or handle SOURCE)",
     )
     b = commands.add_parser("backfill", help="walk many repos at once, resumably (DIDs, handles, URLs, paths)")
     where = b.add_mutually_exclusive_group(required=True)
@@ -221,20 +494,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dask", metavar="ADDRESS", default=None, help="run on a Dask cluster: a scheduler address, or 'local' for a local one")
     b.add_argument("--engine-workers", type=_positive_int, default=2, metavar="W", help="worker processes of --dask local (default 2)")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _backfill(args: argparse.Namespace) -> int:
@@ -332,39 +591,80 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted)."""
-    args = _parser().parse_args(argv)
+def _show_progress(args: argparse.Namespace) -> bool:
+    return sys.stderr.isatty() and not getattr(args, "json", False)
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    result = await stats(
+        args.source,
+        mem_limit_mb=args.mem_limit_mb,
+        disk_path=args.disk_path,
+        verify=args.verify,
+        progress=_show_progress(args),
+        collections=args.collection,
+        plc_url=args.plc_url,
+    )
+    print(json.dumps(result) if args.json else _human(result))
+    return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "stats": _stats,
+    "ls": _ls,
+    "dump": _dump,
+    "get": _get,
+    "verify": _verify,
+}
+
+
+def _error(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "backfill":
         return _backfill(args)
     if args.command == "generate":
         try:
             return _generate(args)
+        except BrokenPipeError:
+            raise
         except (ValueError, OSError, RepoStreamError) as exc:
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+            _error(str(exc) or type(exc).__name__)
             return 1
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return 130
-    if args.mem_limit_mb <= 0:
-        print("error: --mem-limit-mb must be positive", file=sys.stderr)
-        return 1
+    command = _COMMANDS[args.command]
     try:
-        show = sys.stderr.isatty() and not args.json
-        result = anyio.run(
-            lambda: stats(
-                args.path, mem_limit_mb=args.mem_limit_mb, disk_path=args.disk_path, verify=args.verify, progress=show
-            )
-        )
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        status: int = anyio.run(command, args)
+    except BrokenPipeError:
+        raise  # standard output closed early: main stops quietly
     except (RepoStreamError, OSError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+        _error(str(exc) or type(exc).__name__)
         return 1
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(_human(result))
-    return 0
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted,
+    141 standard output closed early)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "verify" and args.key is None:
+        from .source import classify_source
+
+        if classify_source(args.source) not in ("did", "handle"):
+            parser.error("verify: a file, - or URL SOURCE needs --key DIDKEY (only a DID or handle SOURCE has a DID document)")
+    try:
+        status = _run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of standard output went away (``| head``): stop quietly. Point stdout at
+        # /dev/null so that the interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    return status

@@ -162,7 +162,7 @@ def backfill_on_dask(
             shard = pending.pop(future)
             try:
                 results = future.result()
-            except Exception as exc:  # noqa: BLE001 - the shard's sources get error results
+            except Exception as exc:
                 results = _failed_shard(shard, exc)
             if store is not None:
                 store.record_sync(results)

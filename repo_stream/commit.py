@@ -17,9 +17,7 @@ bytes are exactly :func:`repo_stream.writer.encode_unsigned_commit` of the field
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from multiformats import CID
 
@@ -105,7 +103,7 @@ class Commit:
                 return cbrrr.encode_dag_cbor(unsigned)
         return encode_unsigned_commit(self.did, bytes(self.data), self.rev, self._prev_bytes(), self.version)
 
-    def verify_signature(self, key: "str | PublicKey") -> None:
+    def verify_signature(self, key: str | PublicKey) -> None:
         """Check :attr:`sig` against ``key``; return ``None`` if the commit is signed by it.
 
         Args:

@@ -17,7 +17,7 @@ canonical form (minimal integers, sorted keys): that needs re-encoding, ~5x a de
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import Any, cast
 
 import cbor2
 
@@ -33,7 +33,7 @@ def _refuse(*_args: Any) -> Any:
 
 
 # Every tag cbor2 would otherwise decode itself. Tag 42 is not among them: it stays a CBORTag.
-_REFUSED_TAGS = {tag: _refuse for tag in (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 262, 263, 270, 1004, 55799)}
+_REFUSED_TAGS = dict.fromkeys((0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 262, 263, 270, 1004, 55799), _refuse)
 
 
 class StrictDecoder:
@@ -79,7 +79,7 @@ class StrictDecoder:
             pair = self._strict
             strict = True
         else:
-            pair = self._fast
+            pair = cast("tuple[io.BytesIO, Any]", self._fast)  # made in __init__ unless all_tags
             strict = False
         buf, decoder = pair
         buf.seek(0)

@@ -18,19 +18,19 @@ it is rebuilt from the CAR, never trusted), ``cache_size`` from :meth:`DiskBuild
 from __future__ import annotations
 
 import os
-from operator import itemgetter
 import sqlite3
 import tempfile
 from collections.abc import Callable
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import cbor2
 
+from .blocks import NOT_A_NODE
 from .cid import cid_str
 from .errors import DiskError
-from .blocks import NOT_A_NODE
 
 __all__ = ["Codec", "CBOR_CODEC", "DiskBuilder", "DiskStore"]
 

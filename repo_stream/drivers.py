@@ -369,7 +369,7 @@ class DiskDriver(_Driver[T]):
         """
         if self._walker.done:
             return None
-        return await self._store._run(self._walker.next_chunk, n)  # type: ignore[no-any-return]
+        return await self._store._run(self._walker.next_chunk, n)
 
     async def reset_store(self) -> DiskStore:
         """Empty the store and hand it back for the next repo; this driver is finished after it."""

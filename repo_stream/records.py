@@ -258,7 +258,7 @@ def record_json(block: bytes) -> Any:
     """
     try:
         value = _decode(block, True, Link)  # (no cid_ctor is called in JSON mode)
-    except Exception:  # noqa: BLE001 - decode_record below raises the precise error
+    except Exception:  # decode_record below raises the precise error
         # A float (which cbrrr's JSON mode refuses), or a malformed block: decode_record says
         # which, and to_json_value refuses the reserved keys.
         value = decode_record(block)

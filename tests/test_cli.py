@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import cbor2
 import pytest
 
 from .conftest import sample_path
-from .helpers import record, repo_car
+from .helpers import DID, REV, record, repo_car
+from .servers import LocalHTTPServer, Reply, json_reply
 
 POSTS = [(f"app.bsky.feed.post/3k{i:011d}", record(f"post number {i}")) for i in range(40)]
 LIKES = [(f"app.bsky.feed.like/3k{i:011d}", record(f"like {i}", "app.bsky.feed.like")) for i in range(25)]
@@ -151,7 +160,8 @@ def test_generate_writes_cached_repos(tmp_path: Path) -> None:
     result = json.loads(run("stats", str(paths[1]), "--json").stdout)
     assert result["records"] == 120
     bad = run("generate", "-1", "--cache-dir", str(tmp_path))
-    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert bad.returncode == 2 and "argument N: must be a positive integer, got '-1'" in bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo-120-shuffled-s3.car", "repo-60-shuffled-s3.car"]
 
 
 def test_generate_small_profile(tmp_path: Path) -> None:
@@ -171,3 +181,330 @@ def test_generate_small_profile(tmp_path: Path) -> None:
     # The command offers exactly the generator's profiles.
     helped = run("generate", "--help")
     assert "{" + ",".join(PROFILES) + "}" in helped.stdout
+
+
+# --- ls, dump, get, verify, and what every command shares -------------------------------------
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+EXPECTED_FIXTURES = json.loads((FIXTURES / "expected.json").read_text())
+GET_REPO = "/xrpc/com.atproto.sync.getRepo"
+
+
+def run_bytes(*args: str, stdin: bytes | None = None, script: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """Run the command line (``python -m repo_stream``, or with ``script`` the installed
+    ``repo-stream`` script beside this Python), output as bytes."""
+    command = [sys.executable, "-m", "repo_stream"]
+    if script:
+        path = Path(sys.executable).parent / "repo-stream"
+        if not path.exists():
+            pytest.skip(f"the repo-stream script is not installed beside {sys.executable}")
+        command = [str(path)]
+    return subprocess.run([*command, *args], input=stdin, capture_output=True, timeout=60, check=False)
+
+
+def cid_of(block: bytes) -> str:
+    """The base32 CIDv1 (dag-cbor, sha2-256) of a record block, computed here from its bytes."""
+    raw = b"\x01\x71\x12\x20" + hashlib.sha256(block).digest()
+    return "b" + base64.b32encode(raw).decode().lower().rstrip("=")
+
+
+def comparable(value: Any) -> Any:
+    """A JSON value with each ``{"$bytes": ...}`` replaced by the bytes it decodes to (padding is optional)."""
+    if isinstance(value, dict):
+        if set(value) == {"$bytes"}:
+            text = value["$bytes"]
+            return ("bytes", base64.b64decode(text + "=" * (-len(text) % 4)))
+        return {k: comparable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    return value
+
+
+def json_lines(data: bytes) -> list[Any]:
+    assert data.endswith(b"\n")
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+def signed(name: str) -> tuple[Path, dict[str, Any]]:
+    path = sample_path(f"signed-{name}.car")
+    return path, json.loads(path.with_suffix(".json").read_text())
+
+
+SORTED = sorted(POSTS + LIKES)
+
+
+def test_ls_lists_keys_and_cids_in_key_order(car_path: Path) -> None:
+    done = run_bytes("ls", str(car_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "".join(f"{key} {cid_of(block)}\n" for key, block in SORTED)
+    assert done.stderr == b""
+    as_json = run_bytes("ls", str(car_path), "--json")
+    assert json_lines(as_json.stdout) == [{"key": key, "cid": cid_of(block)} for key, block in SORTED]
+
+
+def test_ls_collection_and_spilled(car_path: Path, tmp_path: Path) -> None:
+    done = run_bytes("ls", str(car_path), "--collection", "app.bsky.feed.like", "--mem-limit-mb", "0.001")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "".join(f"{key} {cid_of(block)}\n" for key, block in sorted(LIKES))
+    both = run_bytes("ls", "-", "--collection", "app.bsky.feed.post", "--collection", "app.bsky.feed.like", stdin=car_path.read_bytes())
+    assert both.stdout.decode() == "".join(f"{key} {cid_of(block)}\n" for key, block in SORTED)
+    none = run_bytes("ls", str(car_path), "--collection", "app.bsky.graph.follow")
+    assert (none.returncode, none.stdout, none.stderr) == (0, b"", b"")
+
+
+@pytest.mark.parametrize("name", ["k256", "p256"])
+def test_ls_signed_samples(name: str) -> None:
+    path, _ = signed(name)
+    rows = [line.split("\t") for line in path.with_suffix(".records.tsv").read_text().splitlines()]
+    done = run_bytes("ls", str(path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == "".join(f"{key} {cid}\n" for key, cid, _ in rows)
+
+
+@pytest.mark.parametrize("name", ["k256", "p256"])
+def test_dump_signed_samples_equal_the_reference_dump(name: str, tmp_path: Path) -> None:
+    path, _ = signed(name)
+    expected = [comparable(v) for v in json_lines(path.with_suffix(".dump.jsonl").read_bytes())]
+    done = run_bytes("dump", str(path))
+    assert done.returncode == 0, done.stderr
+    assert [comparable(v) for v in json_lines(done.stdout)] == expected
+    assert any("bytes" in repr(v) for v in expected)  # the samples do hold $bytes values
+    spilled = run_bytes("dump", str(path), "--mem-limit-mb", "0.01", "--disk-path", str(tmp_path / "spill.db"))
+    assert spilled.returncode == 0, spilled.stderr
+    assert spilled.stdout == done.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dump_fixture_values(car_path: Path) -> None:
+    done = run_bytes("dump", str(car_path), "--collection", "app.bsky.feed.like")
+    assert done.returncode == 0, done.stderr
+    lines = json_lines(done.stdout)
+    assert [(d["key"], d["cid"]) for d in lines] == [(key, cid_of(block)) for key, block in sorted(LIKES)]
+    assert [d["value"] for d in lines] == [cbor2.loads(block) for _, block in sorted(LIKES)]
+
+
+def test_get_a_record_and_a_missing_key(car_path: Path) -> None:
+    key, block = LIKES[7]
+    done = run_bytes("get", str(car_path), key)
+    assert done.returncode == 0, done.stderr
+    assert json_lines(done.stdout) == [cbor2.loads(block)]
+    for missing in ["app.bsky.feed.like/3k99999999999", "app.bsky.feed.zzz/x", "not a key"]:
+        bad = run_bytes("get", str(car_path), missing)
+        assert bad.returncode == 1 and bad.stdout == b""
+        pattern = rf"error: no record {missing} in the repo of {DID} \(commit bafyrei[a-z2-7]{{52}}, rev {REV}\)\n"
+        assert re.fullmatch(pattern, bad.stderr.decode()), bad.stderr
+
+
+def test_get_signed_sample_record() -> None:
+    path, _ = signed("k256")
+    reference = json_lines(path.with_suffix(".dump.jsonl").read_bytes())
+    for wanted in (reference[0], reference[len(reference) // 2], reference[-1]):
+        done = run_bytes("get", str(path), wanted["key"])
+        assert done.returncode == 0, done.stderr
+        assert [comparable(v) for v in json_lines(done.stdout)] == [comparable(wanted["value"])]
+
+
+@pytest.mark.parametrize("name", ["k256", "p256"])
+def test_verify_signed_samples(name: str) -> None:
+    path, meta = signed(name)
+    done = run_bytes("verify", str(path), "--key", meta["signing_key"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().startswith(
+        f"verified {meta['did']} rev {meta['rev']} commit {meta['commit_cid']}: {meta['records']} records, "
+    )
+    assert f"signed by {meta['signing_key']} (" in done.stdout.decode()
+    assert done.stdout.count(b"\n") == 1 and done.stderr == b""
+
+
+def test_verify_fails_on_a_wrong_key() -> None:
+    path, meta = signed("k256")
+    _, other = signed("p256")
+    done = run_bytes("verify", str(path), "--key", other["signing_key"])
+    assert done.returncode == 1 and done.stdout == b""
+    assert done.stderr.decode() == (
+        f"error: commit {meta['commit_cid']} of {meta['did']}: signature does not verify with key {other['signing_key']}\n"
+    )
+
+
+def test_verify_fails_on_a_tampered_car(tmp_path: Path) -> None:
+    path, meta = signed("p256")
+    data = bytearray(path.read_bytes())
+    at = data.index(b"gen 12")  # inside the profile record's block
+    data[at : at + 6] = b"gen 13"
+    bad = tmp_path / "tampered.car"
+    bad.write_bytes(bytes(data))
+    done = run_bytes("verify", str(bad), "--key", meta["signing_key"])
+    assert done.returncode == 1 and done.stdout == b""
+    assert done.stderr.startswith(b"error: ") and b"CID" in done.stderr and done.stderr.count(b"\n") == 1
+    # The commit itself changed: another rev in its block.
+    data = bytearray(path.read_bytes())
+    at = data.index(meta["rev"].encode())
+    data[at + len(meta["rev"]) - 1] ^= 1
+    bad.write_bytes(bytes(data))
+    done = run_bytes("verify", str(bad), "--key", meta["signing_key"])
+    assert done.returncode == 1 and done.stderr.startswith(b"error: ") and done.stderr.count(b"\n") == 1
+
+
+def test_verify_a_file_needs_a_key(car_path: Path) -> None:
+    done = run_bytes("verify", str(car_path))
+    assert done.returncode == 2
+    assert b"verify: a file, - or URL SOURCE needs --key DIDKEY" in done.stderr
+    bad = run_bytes("verify", str(car_path), "--key", "zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU76E")
+    assert bad.returncode == 2 and b"not a did:key" in bad.stderr
+
+
+def did_document(did: str, pds: str, key: str | None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": did,
+        "alsoKnownAs": ["at://alice.test"],
+        "verificationMethod": [],
+        "service": [{"id": "#atproto_pds", "type": "AtprotoPersonalDataServer", "serviceEndpoint": pds}],
+    }
+    if key is not None:
+        multibase = key.removeprefix("did:key:")
+        doc["verificationMethod"].append({"id": f"{did}#atproto", "type": "Multikey", "controller": did, "publicKeyMultibase": multibase})
+    return doc
+
+
+@pytest.fixture
+def server() -> Iterator[LocalHTTPServer]:
+    with LocalHTTPServer() as local:
+        yield local
+
+
+def serve_repo(server: LocalHTTPServer, did: str, car: bytes, key: str | None = None) -> None:
+    """A PLC directory and a PDS on the local server: ``did``'s document, and its repo."""
+    server.route("*", f"/{did}", json_reply(did_document(did, server.base, key)))
+    server.route("*", GET_REPO, Reply(body=car, content_type="application/vnd.ipld.car"))
+
+
+def test_a_repo_named_by_its_did_end_to_end(server: LocalHTTPServer) -> None:
+    """ls, dump, get, verify and stats on a DID resolved through a local PLC directory to a local PDS."""
+    path, meta = signed("k256")
+    serve_repo(server, meta["did"], path.read_bytes(), meta["signing_key"])
+    plc = ("--plc-url", server.base)
+    assert run_bytes("ls", meta["did"], *plc).stdout == run_bytes("ls", str(path)).stdout
+    dumped = run_bytes("dump", meta["did"], *plc)
+    assert dumped.returncode == 0, dumped.stderr
+    assert dumped.stdout == run_bytes("dump", str(path)).stdout
+    first = json_lines(dumped.stdout)[0]
+    got = run_bytes("--plc-url", server.base, "get", f"at://{meta['did']}", first["key"])  # global option, at:// URI
+    assert json_lines(got.stdout) == [first["value"]]
+    verified = run_bytes("verify", meta["did"], *plc)  # the key from the DID document
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.decode().startswith(f"verified {meta['did']} rev {meta['rev']} commit {meta['commit_cid']}: 300 records")
+    assert f"signed by {meta['signing_key']} (" in verified.stdout.decode()
+    result = json.loads(run_bytes("stats", meta["did"], "--json", *plc).stdout)
+    assert (result["records"], result["record_bytes"], result["car_bytes"]) == (meta["records"], meta["record_bytes"], meta["car_bytes"])
+    assert [r.query for r in server.hits(GET_REPO)] == [f"did={meta['did']}"] * 5
+
+
+def test_a_fixture_named_by_its_did_and_fetched_by_url(server: LocalHTTPServer, tmp_path: Path) -> None:
+    expected = EXPECTED_FIXTURES["repo-2000-shuffled.car"]
+    car = (FIXTURES / "repo-2000-shuffled.car").read_bytes()
+    serve_repo(server, expected["did"], car)
+    result = json.loads(run_bytes("stats", expected["did"], "--plc-url", server.base, "--json").stdout)
+    figures = {k: result[k] for k in ("did", "rev", "records", "record_bytes", "collections", "data", "commit")}
+    assert figures == {k: expected[k] for k in figures}
+    url = f"{server.base}{GET_REPO}?did={expected['did']}"
+    spilled = json.loads(run_bytes("stats", url, "--json", "--mem-limit-mb", "0.05", "--disk-path", str(tmp_path / "s.db")).stdout)
+    assert (spilled["records"], spilled["spilled"]) == (2000, True)
+    listed = run_bytes("ls", url, "--collection", "app.bsky.feed.post").stdout.decode().splitlines()
+    assert len(listed) == expected["collections"]["app.bsky.feed.post"]
+    assert all(line.startswith("app.bsky.feed.post/") for line in listed)
+
+
+def test_a_did_errors(server: LocalHTTPServer) -> None:
+    path, meta = signed("k256")
+    _, other = signed("p256")
+    # The PDS serves another account's repo: caught by the commit's DID.
+    serve_repo(server, other["did"], path.read_bytes(), other["signing_key"])
+    done = run_bytes("ls", other["did"], "--plc-url", server.base)
+    assert done.returncode == 1 and done.stdout == b""
+    assert f"the repo served is for {meta['did']}, not {other['did']}".encode() in done.stderr
+    # No signing key in the DID document.
+    serve_repo(server, meta["did"], path.read_bytes(), None)
+    done = run_bytes("verify", meta["did"], "--plc-url", server.base)
+    assert done.returncode == 1
+    assert done.stderr.decode() == f"error: {meta['did']}: the DID document of {meta['did']} has no #atproto signing key; give one with --key\n"
+    # An unknown DID.
+    done = run_bytes("dump", "did:plc:nobodynobodynobodynobody", "--plc-url", server.base)
+    assert done.returncode == 1 and done.stderr.startswith(b"error: DID did:plc:nobodynobodynobodynobody: not found")
+
+
+def test_version_and_the_installed_script(car_path: Path) -> None:
+    from repo_stream import __version__
+
+    assert run_bytes("--version").stdout == f"repo-stream {__version__}\n".encode()
+    assert run_bytes("--version", script=True).stdout == f"repo-stream {__version__}\n".encode()
+    done = run_bytes("ls", str(car_path), script=True)
+    assert done.returncode == 0 and done.stdout == run_bytes("ls", str(car_path)).stdout
+    bad = run_bytes("stats", "/nonexistent/repo.car", script=True)
+    assert bad.returncode == 1 and bad.stderr.startswith(b"error: cannot open CAR file /nonexistent/repo.car")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["stats", "x.car", "--mem-limit-mb", "0"], "argument --mem-limit-mb: must be a positive number, got '0'"),
+        (["ls", "x.car", "--mem-limit-mb", "-3"], "argument --mem-limit-mb: must be a positive number, got '-3'"),
+        (["dump", "x.car", "--mem-limit-mb", "nan"], "argument --mem-limit-mb: must be a positive number, got 'nan'"),
+        (["stats", "x.car", "--mem-limit-mb", "lots"], "argument --mem-limit-mb: not a number: 'lots'"),
+        (["ls", "x.car", "--collection", "feed"], "argument --collection: not a collection NSID"),
+        (["get", "x.car"], "the following arguments are required: KEY"),
+        (["dump"], "the following arguments are required: SOURCE"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: command"),
+        (["ls", "x.car", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], message: str) -> None:
+    done = run_bytes(*args)
+    assert done.returncode == 2 and done.stdout == b""
+    assert message in done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+
+
+def test_errors_are_one_line_for_every_command(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.car"
+    bad.write_bytes(b"\x05hello")
+    for args in (["ls", str(bad)], ["dump", str(bad)], ["get", str(bad), "a.b.c/d"], ["verify", str(bad), "--key", "did:key:zQ3sh"]):
+        done = run_bytes(*args)
+        assert done.returncode == 1, args
+        assert done.stderr.startswith(b"error: CAR header (bytes 1..6) is not valid DAG-CBOR"), done.stderr
+        assert done.stderr.count(b"\n") == 1 and done.stdout == b""
+
+
+@pytest.mark.parametrize("command", [["dump"], ["ls"], ["ls", "--json"], ["stats", "--json"]])
+def test_closed_stdout_ends_quietly(command: list[str]) -> None:
+    """``| head -1``: the reader closes the pipe after one line; no traceback, exit 141 when the
+    write failed (0 when everything fitted in the pipe before it was closed)."""
+    path = FIXTURES / "repo-2000-shuffled.car"
+    for _ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "repo_stream", command[0], str(path), *command[1:]],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert child.stdout is not None and child.stderr is not None
+        first = child.stdout.readline()
+        child.stdout.close()
+        status = child.wait(timeout=60)
+        err = child.stderr.read()
+        child.stderr.close()
+        assert first.startswith(b"{" if command[0] == "dump" or "--json" in command else b"app.")
+        assert err == b""
+        assert status == (0 if command[0] == "stats" else 141)
+
+
+def test_interrupted_is_one_line_and_130() -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "repo_stream", "stats", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(1.5)  # waiting for input
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert (child.returncode, out, err) == (130, b"", b"error: interrupted\n")

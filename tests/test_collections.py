@@ -72,6 +72,6 @@ async def test_all_collections_visit_every_node() -> None:
 
 
 def test_names_must_be_nsids() -> None:
-    with pytest.raises(ValueError, match="not a collection NSID: 'app.bsky'"):
+    with pytest.raises(ValueError, match=r"not a collection NSID: 'app\.bsky'"):
         DriverBuilder().with_collections(["app.bsky", "app.bsky.feed.post"])
     assert DriverBuilder().with_collections(None)._collections is None

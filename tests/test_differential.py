@@ -26,7 +26,6 @@ from repo_stream.cid import dag_cbor_cid
 from repo_stream.writer import encode_varint
 
 from .helpers import read_varint
-
 from .test_properties import (
     BASES,
     DEFAULT_READ_SIZE,

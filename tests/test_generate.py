@@ -381,7 +381,7 @@ async def test_fixture_reads_to_expected_figures(name: str) -> None:
     assert isinstance(driver, MemoryDriver)
     records = [r async for r in driver]
     keys = [key for key, _ in records]
-    assert all(a < b for a, b in zip(keys, keys[1:]))
+    assert all(a < b for a, b in itertools.pairwise(keys))
     assert len(records) == want["records"]
     assert sum(size for _, size in records) == want["record_bytes"]
     assert dict(Counter(collection(key) for key in keys)) == want["collections"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,7 +182,7 @@ def check_plausible(outcome: Outcome) -> None:
     if outcome.records is None:
         return
     keys = [k for k, _ in outcome.records]
-    assert all(a < b for a, b in zip(keys, keys[1:])), keys
+    assert all(a < b for a, b in itertools.pairwise(keys)), keys
     assert all(is_valid_key(k) for k in keys), keys
     assert all(type(v) is bytes for _, v in outcome.records)
 

@@ -88,7 +88,7 @@ async def test_record_json_equals_the_reference_dump(name: str) -> None:
         # As parsed JSON: what json.dumps writes must read back to the reference's value.
         got = [(key, normalise(json.loads(json.dumps(value)))) for key, value in records]
         assert [key for key, _ in got] == [key for key, _ in expected]
-        for (key, value), (_, want) in zip(got, expected):
+        for (key, value), (_, want) in zip(got, expected, strict=True):
             assert value == want, key
     # The samples do have byte strings, so the $bytes path is exercised.
     assert sum('"$bytes"' in line for line in lines) >= 5

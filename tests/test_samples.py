@@ -6,6 +6,8 @@ not by this code).
 
 from __future__ import annotations
 
+import itertools
+
 import anyio
 import pytest
 
@@ -50,7 +52,7 @@ async def test_sample_counts_in_memory_and_spilled(name: str) -> None:
     assert sum(size for _, size in records) == total
     assert ("app.bsky.actor.profile/self" in dict(records)) is has_profile
     keys = [key for key, _ in records]
-    assert all(a < b for a, b in zip(keys, keys[1:])), "keys must be strictly increasing"
+    assert all(a < b for a, b in itertools.pairwise(keys)), "keys must be strictly increasing"
 
     # A limit far below the CAR's size forces a spill (except for the 329-byte empty repo).
     spilled_kind, spilled_commit, spilled = await walk(data, 0.0001, len)

@@ -488,7 +488,7 @@ def test_build_repo_car_non_str_key():
 def test_build_repo_car_duplicate_key(tmp_path):
     out = tmp_path / "out.car"
     records = [("app.bsky.feed.post/b", record(0)), ("app.bsky.feed.post/a", record(1)), ("app.bsky.feed.post/b", record(2))]
-    with pytest.raises(KeyOrderError, match="^duplicate key 'app.bsky.feed.post/b'$"):
+    with pytest.raises(KeyOrderError, match=r"^duplicate key 'app\.bsky\.feed\.post/b'$"):
         build_repo_car(records, did=DID, rev=REV, path=out)
     assert not out.exists()
 
@@ -557,7 +557,7 @@ def test_shared_record_block_written_once():
     root, nodes = build_mst(sorted((k.encode(), dag_cbor_cid(b)) for k, b in records))
     assert list(nodes) == [root]
     for order in ORDERS:
-        commit, car = build(records, order)
+        _, car = build(records, order)
         _, blocks = sections(car)
         assert [block for _, block in blocks].count(shared) == 1
         assert len(blocks) == 4  # commit, the root node, 2 distinct records
