@@ -34,6 +34,9 @@ creates such a file in the temporary directory (``SQLITE_TMPDIR``, else ``TMPDIR
 ``/var/tmp``, ``/usr/tmp``, ``/tmp``) only once its page cache overflows, and unlinks it right
 after creating it (as it does its sort files): the file has no name while it is used, and the
 kernel frees it when the process ends, even by ``kill -9``. The journal is off: no side files.
+(On a SQLite built to keep temporary databases in memory, ``SQLITE_TEMP_STORE`` 2 or 3, which
+would not bound memory, both are instead files made with :func:`tempfile.mkstemp` and unlinked
+right after SQLite opens them: :data:`TEMPORARY_IN_MEMORY`.)
 
 **A store at a path** keeps ``blocks`` and ``collided`` in that file, with
 ``locking_mode=EXCLUSIVE``. The file is marked with an application id (``PRAGMA
@@ -56,10 +59,11 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 from collections.abc import Callable, Sequence
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import anyio
 import cbor2
@@ -68,7 +72,7 @@ from .cid import cid_str
 from .errors import DiskError
 from .walk import NOT_A_NODE
 
-__all__ = ["Codec", "CBOR_CODEC", "DiskBuilder", "DiskStore", "cid_key"]
+__all__ = ["CBOR_CODEC", "Codec", "DiskBuilder", "DiskStore", "cid_key"]
 
 T = TypeVar("T")
 
@@ -104,7 +108,6 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS collided (cid BLOB PRIMARY KEY, kind INTEGER NOT NULL, data) WITHOUT ROWID",
 )
 _STAGE = (
-    "ATTACH DATABASE '' AS stage",
     "PRAGMA stage.journal_mode=OFF",
     f"PRAGMA stage.cache_size=-{_STAGE_CACHE_KIB}",
     "CREATE TABLE stage.staged (key INTEGER NOT NULL, cid BLOB NOT NULL, kind INTEGER NOT NULL, data)",
@@ -120,6 +123,26 @@ _MERGE_COLLIDED = (
 )
 _FETCH_ONE = "SELECT cid, kind, data FROM blocks WHERE key = ?"
 _FETCH_COLLIDED = "SELECT cid, kind, data FROM collided WHERE cid = ?"
+
+
+def _temporary_in_memory() -> bool:
+    """Whether this SQLite keeps temporary databases in memory (built with ``SQLITE_TEMP_STORE`` 2 or 3)."""
+    with sqlite3.connect(":memory:") as conn:
+        options = {row[0] for row in conn.execute("PRAGMA compile_options")}
+    conn.close()
+    return "TEMP_STORE=2" in options or "TEMP_STORE=3" in options
+
+
+#: True on the rare SQLite builds whose temporary databases live in memory (unbounded): there,
+#: temporary stores use a named file instead, unlinked as soon as SQLite has opened it.
+TEMPORARY_IN_MEMORY = _temporary_in_memory()
+
+
+def _unlinked_file() -> str:
+    """A new empty file in the temporary directory, for SQLite to open and the caller to unlink."""
+    fd, name = tempfile.mkstemp(prefix="repo-stream-", suffix=".db")
+    os.close(fd)
+    return name
 
 
 def cid_key(cid: bytes) -> int:
@@ -233,24 +256,49 @@ class DiskStore:
             raise DiskError(f"SQLite spill store {self.name}: {exc}") from exc
 
     def _open_sync(self) -> None:
+        unlink = None
         if self.path is not None:
             _clear_store_file(self.path)
-        target = "" if self.path is None else self.path
-        conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None, cached_statements=512)
+            target: str | Path = self.path
+        elif TEMPORARY_IN_MEMORY:
+            target = unlink = _unlinked_file()
+        else:
+            target = ""  # SQLite's temporary database
+        try:
+            conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None, cached_statements=512)
+        finally:
+            if unlink is not None:
+                os.unlink(unlink)  # SQLite has the file open (or failed): from now on it has no name
         try:
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # a temporary database is exclusive already
             conn.execute("PRAGMA journal_mode=OFF")
             conn.execute("PRAGMA synchronous=OFF")
+            conn.execute("PRAGMA temp_store=FILE")  # sorts spill to (unlinked) files, not memory
             conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            for statement in (*_SCHEMA, *_STAGE):
+            for statement in _SCHEMA:
                 conn.execute(statement)
+            self._attach_stage(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._failed = False
         self._staged = 0
+
+    @staticmethod
+    def _attach_stage(conn: sqlite3.Connection) -> None:
+        """Attach a new, empty, temporary staging database as ``stage``."""
+        if TEMPORARY_IN_MEMORY:
+            name = _unlinked_file()
+            try:
+                conn.execute("ATTACH DATABASE ? AS stage", (name,))
+            finally:
+                os.unlink(name)
+        else:
+            conn.execute("ATTACH DATABASE '' AS stage")
+        for statement in _STAGE:
+            conn.execute(statement)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -311,8 +359,7 @@ class DiskStore:
         conn.execute("COMMIT")
         conn.execute(f"PRAGMA main.cache_size=-{self._cache_kib}")
         conn.execute("DETACH DATABASE stage")
-        for statement in _STAGE:
-            conn.execute(statement)
+        self._attach_stage(conn)
         self._staged = 0
         self._failed = False
 
@@ -363,7 +410,7 @@ class DiskStore:
         """True once :meth:`close` has run."""
         return self._conn is None
 
-    async def __aenter__(self) -> DiskStore:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -403,7 +450,7 @@ class _DiskLookup:
     A native walker can use :meth:`fetch_many` instead.
     """
 
-    __slots__ = ("_store", "_execute", "_decode", "_ready", "_raw_row")
+    __slots__ = ("_decode", "_execute", "_raw_row", "_ready", "_store")
 
     def __init__(self, store: DiskStore, decode: Callable[[bytes], Any]) -> None:
         self._store = store

@@ -115,7 +115,7 @@ def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def sqlite_temp_files(pid: int | str = "self") -> dict[str, int]:
-    """SQLite temporary files (``etilqs_*``) process ``pid`` has open: ``{fd target: size in bytes}``.
+    """SQLite temporary files (``etilqs_*``, or the store's own ``repo-stream-*``) process ``pid`` has open: ``{fd target: size in bytes}``.
 
     An unlinked file's target ends with `` (deleted)``. Linux only: skips the test elsewhere.
     """
@@ -126,7 +126,7 @@ def sqlite_temp_files(pid: int | str = "self") -> dict[str, int]:
     for fd in os.listdir(fd_dir):
         try:
             target = os.readlink(f"{fd_dir}/{fd}")
-            if "etilqs_" in target:
+            if "etilqs_" in target or "/repo-stream-" in target:
                 found[target] = os.stat(f"{fd_dir}/{fd}").st_size
         except OSError:  # closed meanwhile
             continue

@@ -368,3 +368,24 @@ async def test_temporary_store_reports_its_name_in_errors(big_car: bytes) -> Non
     assert isinstance(store, DiskStore) and store.name == "(temporary)"
     with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
         await store.reset()
+
+
+async def test_temporary_store_where_sqlite_keeps_temporary_databases_in_memory(big_car: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """There the store names its own files, and unlinks them as soon as SQLite has opened them."""
+    import repo_stream.disk
+
+    monkeypatch.setattr(repo_stream.disk, "TEMPORARY_IN_MEMORY", True)
+    before = sqlite_temp_files()
+    async with await DiskBuilder().with_cache_size_mb(1).open() as store:
+        for _ in range(2):  # and again after a reset
+            driver = await DriverBuilder().with_mem_limit_mb(0.1).load_car(big_car)
+            assert isinstance(driver, NeedDisk)
+            _, disk = await driver.finish_loading(store)
+            assert [r async for r in disk] == sorted(POSTS)
+            files = {name: size for name, size in sqlite_temp_files().items() if name not in before}
+            ours = [name for name in files if "/repo-stream-" in name]
+            assert len(ours) == 2  # the store and its staging database
+            assert sum(files[name] for name in ours) > 1024 * 1024
+            assert all(name.endswith(" (deleted)") for name in files)
+            store = await disk.reset_store()
+    assert not sqlite_temp_files().keys() - before.keys()
