@@ -502,16 +502,16 @@ class _DiskLookup:
         ``kind`` is 0 (``data`` is the raw block), 1 (the codec-encoded processed value) or 2 (the
         processed value itself). A CID may be asked for more than once. One query per 256 CIDs.
         """
-        out: list[tuple[int, Any] | None] = []
-        for i in range(0, len(cids), _FETCH_MAX):
-            part = cids[i : i + _FETCH_MAX]
-            rows = list(map(self._query(_FETCH, part).get, part))
-            if None in rows:
-                rows = [self._one(cid) if row is None else row for cid, row in zip(part, rows)]
-                out.extend(None if row is None else (row[1], row[2]) for row in rows)
-            else:
-                out.extend(map(_kind_data, rows))  # type: ignore[arg-type]  # no None left
-        return out
+        if len(cids) > _FETCH_MAX:
+            out: list[tuple[int, Any] | None] = []
+            for i in range(0, len(cids), _FETCH_MAX):
+                out += self.fetch_many(cids[i : i + _FETCH_MAX])
+            return out
+        rows = list(map(self._query(_FETCH, cids).get, cids))
+        if None in rows:
+            rows = [self._one(cid) if row is None else row for cid, row in zip(cids, rows)]
+            return [None if row is None else (row[1], row[2]) for row in rows]
+        return list(map(_kind_data, rows))  # type: ignore[arg-type]  # no None left
 
     def _row(self, cid: bytes) -> Row | None:
         row = self._ready.pop(cid, None)
