@@ -19,10 +19,10 @@ async def walk(path: str, mem_limit_mb: float) -> None:
         driver = await DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).load_car(f)
         store = None
         if isinstance(driver, NeedDisk):
-            # No path: a temporary SQLite file that store.close() removes.
+            # No path: SQLite's temporary database, whose file has no name (nothing is left behind).
             store = await DiskBuilder().with_cache_size_mb(32).with_max_stored_mb(10_240).open()
             commit, driver = await driver.finish_loading(store)
-            print(f"# spilled to {store.path}")
+            print(f"# spilled to {store.name}")
         else:
             commit = driver.commit
         print(f"# {commit.did} rev {commit.rev}, MST root {commit.data}")

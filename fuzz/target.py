@@ -48,6 +48,9 @@ class RowLookup:
         row = self.rows.get(cid)
         return row[1] if row is not None and row[0] == ROW_RAW else None
 
+    def fetch_many(self, cids: list[bytes]) -> list[tuple[int, Any] | None]:
+        return [self.rows.get(cid) for cid in cids]
+
 
 def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
     impl = implementation.PYTHON if name == "python" else implementation.C
@@ -101,7 +104,7 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
         if commit is None:
             raise MissingBlockError("no commit")
         if rows:
-            lookup = DiskRecords(RowLookup(rows), process)
+            lookup = DiskRecords(RowLookup(rows), process, cbor2.loads)
             walker = impl.Walker(data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
         else:
             walker = impl.Walker(data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)

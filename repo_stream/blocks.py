@@ -198,23 +198,43 @@ class DiskRecords:
     """:class:`NodeLookup` and :class:`RecordValues` over a SQLite store's look-up (runs in its thread).
 
     Args:
-        lookup: the store's look-up (``DiskStore.lookup``): ``node``, ``processed``, ``raw``,
-            ``prefetch``.
+        lookup: the store's look-up (``DiskStore.lookup``): ``node``, ``prefetch`` and
+            ``fetch_many`` (one query per chunk of records, not one per record).
         process: the block processor, or ``None``.
+        decode: the codec's decoder, for values stored encoded.
     """
 
-    __slots__ = ("_lookup", "_process", "node", "prefetch")
+    __slots__ = ("_lookup", "_process", "_decode", "node", "prefetch")
 
-    def __init__(self, lookup: Any, process: Callable[[bytes], Any] | None) -> None:
+    def __init__(self, lookup: Any, process: Callable[[bytes], Any] | None, decode: Callable[[bytes], Any]) -> None:
         self._lookup = lookup
         self._process = process
+        self._decode = decode
         self.node = lookup.node
         self.prefetch = lookup.prefetch
 
     def values(self, pairs: list[tuple[str, bytes]], record_cids: bool) -> list[tuple[Any, ...]]:
-        lookup = self._lookup
-        lookup.prefetch([cid for _key, cid in pairs])
-        return resolve(pairs, lookup.processed, lookup.raw, self._process, record_cids)
+        rows = self._lookup.fetch_many([cid for _key, cid in pairs])
+        process = self._process
+        decode = self._decode
+        out: list[tuple[Any, ...]] = []
+        append = out.append
+        for (key, cid), row in zip(pairs, rows, strict=True):
+            if row is None:
+                raise messages.missing_record(cid, key)
+            kind, value = row
+            if kind == ROW_ENCODED:
+                try:
+                    value = decode(value)
+                except Exception as exc:
+                    raise messages.stored_value_undecodable(cid, exc) from exc
+            elif kind == ROW_RAW and process is not None:
+                try:
+                    value = process(value)
+                except Exception as exc:
+                    raise messages.processor_failed(key, cid, exc) from exc
+            append((key, cid_text(cid), value) if record_cids else (key, value))
+        return out
 
 
 def resolve(

@@ -319,7 +319,7 @@ class NeedDisk(Generic[T]):
         """
         loading = self._loading
         if store.closed:
-            raise DiskError(f"SQLite spill store {store.path} is closed")
+            raise DiskError(f"SQLite spill store {store.name} is closed")
         if store.stored_bytes:
             await store.reset()  # left over from an earlier repo that failed part-way
         batch = max(1, min(loading.builder._mem_limit // 2, 8 * _MIB))
@@ -358,7 +358,8 @@ class DiskDriver(_Driver[T]):
         self.commit_cid = to_cid(loading.root)
         self._reader = loading.reader
         self._store = store
-        records = DiskRecords(store.lookup(loading.builder._codec[1]), loading.builder._process)
+        decode = loading.builder._codec[1]
+        records = DiskRecords(store.lookup(decode), loading.builder._process, decode)
         self._walker = loading.walker(records, records)
 
     async def next_chunk(self, n: int = 256) -> list[Any] | None:

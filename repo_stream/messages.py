@@ -177,6 +177,12 @@ def codec_failed(cid: bytes, exc: BaseException) -> RepoStreamError:
     return error
 
 
+def stored_value_undecodable(cid: bytes, exc: BaseException) -> RepoStreamError:
+    error = DiskError(f"stored value of block {cid_str(cid)} cannot be decoded: {exc}")
+    error.__cause__ = exc
+    return error
+
+
 def processor_failed(key: str, cid: bytes, exc: BaseException) -> RepoStreamError:
     error = ProcessorError(f"block processor failed on record {key!r} ({cid_str(cid)}): {type(exc).__name__}: {exc}")
     error.__cause__ = exc

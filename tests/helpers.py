@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -111,3 +112,22 @@ def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
         if byte < 0x80:
             return value, pos
         shift += 7
+
+
+def sqlite_temp_files(pid: int | str = "self") -> dict[str, int]:
+    """SQLite temporary files (``etilqs_*``, or the store's own ``repo-stream-*``) process ``pid`` has open: ``{fd target: size in bytes}``.
+
+    An unlinked file's target ends with `` (deleted)``. Linux only: skips the test elsewhere.
+    """
+    fd_dir = f"/proc/{pid}/fd"
+    if not os.path.isdir(fd_dir):
+        pytest.skip("needs /proc/<pid>/fd (Linux)")
+    found = {}
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+            if "etilqs_" in target or "/repo-stream-" in target:
+                found[target] = os.stat(f"{fd_dir}/{fd}").st_size
+        except OSError:  # closed meanwhile
+            continue
+    return found

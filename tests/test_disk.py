@@ -1,13 +1,24 @@
-"""The SQLite spill store: limits, reuse, cleanup."""
+"""The SQLite spill store: limits, reuse, cleanup, kill -9, key collisions, look-ups."""
 
 from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import anyio
 import pytest
 
 from repo_stream import DiskBuilder, DiskError, DriverBuilder, NeedDisk
+from repo_stream.cid import dag_cbor_cid
+from repo_stream.disk import APPLICATION_ID, DiskStore, cid_key
+from repo_stream.walk import NOT_A_NODE
+from repo_stream.writer import build_mst, car_bytes, encode_commit
 
-from .helpers import record, repo_car
+from .helpers import DID, REV, record, repo_car, sqlite_temp_files
 
 pytestmark = pytest.mark.anyio
 
@@ -48,15 +59,21 @@ async def test_store_is_reused_after_reset(big_car: bytes, tmp_path) -> None:
     assert path.exists()  # a store opened at a path leaves its file to its owner
 
 
-async def test_temporary_store_is_removed_on_close(big_car: bytes) -> None:
-    store = await DiskBuilder().open()
-    folder = store.path.parent
-    _, driver = await (await spill(big_car)).finish_loading(store)
-    assert await driver.next_chunk(5) is not None
-    assert store.path.exists()
+async def test_temporary_store_files_have_no_name_and_go_on_close(big_car: bytes) -> None:
+    before = sqlite_temp_files()
+    store = await DiskBuilder().with_cache_size_mb(1).open()
+    assert store.path is None
+    driver = await DriverBuilder().with_mem_limit_mb(0.1).load_car(big_car)  # raw blocks: ~1.4 MB
+    assert isinstance(driver, NeedDisk)
+    _, disk = await driver.finish_loading(store)
+    assert await disk.next_chunk(5) is not None
+    files = {name: size for name, size in sqlite_temp_files().items() if name not in before}
+    # Over the 1 MiB cache, so SQLite wrote to files, each unlinked already.
+    assert sum(files.values()) > 1024 * 1024
+    assert files and all(name.endswith(" (deleted)") for name in files)
     await store.close()
     await store.close()  # twice is fine
-    assert not folder.exists()
+    assert not sqlite_temp_files().keys() - before.keys()
 
 
 async def test_closed_store_is_refused(big_car: bytes) -> None:
@@ -104,3 +121,271 @@ async def test_walk_chunks_are_one_thread_hop_each(big_car: bytes, monkeypatch) 
             records.extend(chunk)
         assert len(records) == 1500
         assert hops == 3  # 3 chunks of 500; the end is known without a hop
+
+
+# --------------------------------------------------------------------------------------------
+# kill -9: a temporary store leaves nothing; a store at a path can be opened again
+# --------------------------------------------------------------------------------------------
+
+#: Run in a child process: spill argv[1] (a CAR file) into a store (argv[3], or temporary) with
+#: a 1 MiB cache, print "ready" at the point argv[2] names, then carry on or wait to be killed.
+_SPILLER = """
+import sys, anyio
+from repo_stream import DiskBuilder, DriverBuilder, NeedDisk
+from repo_stream.disk import DiskStore
+
+car = open(sys.argv[1], "rb").read()
+point = sys.argv[2]
+path = sys.argv[3] or None
+
+put = DiskStore.put_batch_sync
+def put_and_tell(self, rows, size):
+    put(self, rows, size)
+    if point == "writing" and self.stored_bytes > 1_000_000:
+        print("ready", flush=True)  # and go on writing: the kill lands in some later batch
+DiskStore.put_batch_sync = put_and_tell
+
+async def source():
+    for i in range(0, len(car), 65536):
+        if point == "loading" and i >= len(car) * 3 // 4:
+            print("ready", flush=True)
+            await anyio.sleep_forever()
+        yield car[i : i + 65536]
+
+async def main():
+    driver = await DriverBuilder().with_mem_limit_mb(0.5).load_car(source())
+    assert isinstance(driver, NeedDisk)
+    store = await DiskBuilder().with_cache_size_mb(1).open(path)
+    _, disk = await driver.finish_loading(store)
+    await disk.next_chunk(10)
+    print("ready", flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+#: ~6 MB of records in shuffled-like (reverse) order: several times the 1 MiB cache.
+KILL_POSTS = [(f"app.bsky.feed.post/3k{i:011d}", record("k" * 2000 + str(i))) for i in range(3000)]
+
+
+@pytest.fixture(scope="module")
+def kill_car(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("car") / "repo.car"
+    path.write_bytes(repo_car(KILL_POSTS, order="reverse"))
+    return path
+
+
+def _spill_then_kill(car: Path, point: str, tmpdir: Path, path: Path | None = None) -> dict[str, int]:
+    """Run the spiller until it says ready, SIGKILL it; return the SQLite temp files it had open."""
+    tmpdir.mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(tmpdir), "SQLITE_TMPDIR": str(tmpdir)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SPILLER, str(car), point, str(path or "")],
+        stdout=subprocess.PIPE, env=env,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n", "the spiller failed before it was ready"
+        open_files = sqlite_temp_files(child.pid)
+        assert os.listdir(tmpdir) == []  # files it has open there have no names
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    return open_files
+
+
+@pytest.mark.parametrize("point", ["loading", "writing", "walking"])
+def test_temporary_store_leaves_nothing_after_kill_9(kill_car: Path, tmp_path: Path, point: str) -> None:
+    tmpdir = tmp_path / "tmp"
+    open_files = _spill_then_kill(kill_car, point, tmpdir)
+    # The spill really was on disk in TMPDIR (beyond the cache), in files unlinked already ...
+    assert sum(open_files.values()) > 2 * 1024 * 1024
+    assert all(name.startswith(str(tmpdir)) and name.endswith(" (deleted)") for name in open_files)
+    # ... so nothing is left after the kill.
+    assert os.listdir(tmpdir) == []
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("point", ["loading", "writing"])
+async def test_store_at_a_path_works_again_after_kill_9(kill_car: Path, tmp_path: Path, point: str) -> None:
+    path = tmp_path / "spill.db"
+    _spill_then_kill(kill_car, point, tmp_path / "tmp", path)
+    assert path.exists()
+    async with await DiskBuilder().open(path) as store:  # a file left mid-write is started afresh
+        assert store.stored_bytes == 0
+        driver = await DriverBuilder().with_mem_limit_mb(0.5).load_car(kill_car.read_bytes())
+        assert isinstance(driver, NeedDisk)
+        _, disk = await driver.finish_loading(store)
+        assert [r async for r in disk] == sorted(KILL_POSTS)
+    assert path.exists()
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+# --------------------------------------------------------------------------------------------
+# A store at a path: its own file only
+# --------------------------------------------------------------------------------------------
+
+
+async def test_store_refuses_to_overwrite_a_file_that_is_not_a_store(tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_bytes(b"my notes")
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE mine (x)")
+        conn.execute("INSERT INTO mine VALUES (42)")
+    conn.close()
+    before = other.read_bytes()
+    for path in (text, other):
+        with pytest.raises(DiskError, match="not a repo-stream spill store; refusing to overwrite it"):
+            await DiskBuilder().open(path)
+    assert text.read_bytes() == b"my notes"
+    assert other.read_bytes() == before
+
+
+async def test_store_file_is_marked_and_started_afresh(tmp_path: Path, big_car: bytes) -> None:
+    path = tmp_path / "spill.db"
+    path.touch()  # an empty file is taken
+    async with await DiskBuilder().open(path) as store:
+        _, driver = await (await spill(big_car)).finish_loading(store)
+        assert len([r async for r in driver]) == len(POSTS)
+    header = path.read_bytes()[:100]
+    assert int.from_bytes(header[68:72], "big") == APPLICATION_ID
+    old_cid = dag_cbor_cid(POSTS[0][1])
+    async with await DiskBuilder().open(path) as store:
+        assert store.stored_bytes == 0
+        assert await store._run(store.lookup(bytes).fetch_many, [old_cid]) == [None]
+
+
+# --------------------------------------------------------------------------------------------
+# Keys: collisions and repeated CIDs
+# --------------------------------------------------------------------------------------------
+
+TAIL = bytes.fromhex("00c0ffee00c0ffee")
+
+
+def forged(block: bytes) -> bytes:
+    """A CID for ``block`` that ends in TAIL, so that every forged CID has the same store key."""
+    return dag_cbor_cid(block)[:-8] + TAIL
+
+
+def raw_codec(cid: bytes) -> bytes:
+    """The raw-codec (0x55) CID with the same sha2-256 digest as the dag-cbor ``cid``."""
+    return b"\x01\x55" + cid[2:]
+
+
+async def test_collided_and_repeated_cids_in_the_store() -> None:
+    a, b, c = (forged(x) for x in (b"a", b"b", b"c"))
+    d = dag_cbor_cid(b"d")
+    d_raw = raw_codec(d)
+    assert len({cid_key(x) for x in (a, b, c)}) == 1 and cid_key(d) == cid_key(d_raw)
+    async with await DiskBuilder().open() as store:
+        # Collisions within a batch and across batches, and repeated CIDs (the first block wins).
+        await store._run(store.put_batch_sync, [(a, 0, b"A"), (d_raw, 2, 7), (b, 2, "B")], 10)
+        await store._run(store.put_batch_sync, [(c, 1, b"\x43"), (a, 0, b"A again"), (d, 0, b"D"), (b, 2, "B again")], 10)
+        lookup = store.lookup(lambda data: data.decode())
+        asked = [c, d, a, dag_cbor_cid(b"absent"), d_raw, b, c]
+        expected = [(1, b"\x43"), (0, b"D"), (0, b"A"), None, (2, 7), (2, "B"), (1, b"\x43")]
+        assert await store._run(lookup.fetch_many, asked) == expected
+
+        def walk_like() -> list[object]:
+            lookup.prefetch([a, b, c, d])
+            assert set(lookup._ready) <= {a, b, c, d}  # never a row of a CID not asked for
+            return [lookup.node(a), lookup.processed(b, None), lookup.processed(c, None), lookup.node(d_raw), lookup.raw(d)]
+
+        assert await store._run(walk_like) == [b"A", "B", "C", NOT_A_NODE, b"D"]
+
+
+async def test_walk_finds_blocks_whose_keys_collide() -> None:
+    """Every record CID forged onto one key, and a raw-codec block, first in the CAR, under a node's digest."""
+    posts = [(f"app.bsky.feed.post/3k{i:011d}", record(f"collide {i}")) for i in range(300)]
+    root, nodes = build_mst(sorted((key.encode(), forged(block)) for key, block in posts))
+    commit = encode_commit(DID, root, REV)
+    decoys = [(raw_codec(cid), b"decoy %d" % i) for i, cid in enumerate(nodes)]
+    blocks = [(dag_cbor_cid(commit), commit), *decoys, *nodes.items(), *[(forged(b), b) for _, b in reversed(posts)]]
+    car = car_bytes([dag_cbor_cid(commit)], blocks)
+    driver = await DriverBuilder().with_mem_limit_mb(0.001).load_car(car)
+    assert isinstance(driver, NeedDisk)
+    async with await DiskBuilder().open() as store:
+        _, disk = await driver.finish_loading(store)
+        assert [r async for r in disk] == sorted(posts)
+
+
+# --------------------------------------------------------------------------------------------
+# Look-ups
+# --------------------------------------------------------------------------------------------
+
+
+async def test_fetch_many_in_order_across_query_batches() -> None:
+    cids = [dag_cbor_cid(b"%d" % i) for i in range(700)]
+    async with await DiskBuilder().open() as store:
+        await store._run(store.put_batch_sync, [(cid, 2, i) for i, cid in enumerate(cids) if i % 7], 700 * 44)
+        lookup = store.lookup(bytes)
+        asked = cids[::-1] + cids[:5]
+        got = await store._run(lookup.fetch_many, asked)
+        assert got == [None if cids.index(cid) % 7 == 0 else (2, cids.index(cid)) for cid in asked]
+
+
+async def test_large_rows_are_served_but_not_prefetched() -> None:
+    big, small = dag_cbor_cid(b"big"), dag_cbor_cid(b"small")
+    async with await DiskBuilder().open() as store:
+        await store._run(store.put_batch_sync, [(big, 0, b"x" * 100_000), (small, 0, b"y")], 100_100)
+        lookup = store.lookup(bytes)
+
+        def walk_like() -> tuple[set[bytes], object, object]:
+            lookup.prefetch([big, small])
+            return set(lookup._ready), lookup.node(big), lookup.node(small)
+
+        assert await store._run(walk_like) == ({small}, b"x" * 100_000, b"y")
+
+
+async def test_rows_stored_after_a_walk_started_are_found() -> None:
+    one, two = dag_cbor_cid(b"1"), dag_cbor_cid(b"2")
+    async with await DiskBuilder().open() as store:
+        await store._run(store.put_batch_sync, [(one, 2, 1)], 40)
+        lookup = store.lookup(bytes)
+        assert await store._run(lookup.fetch_many, [one, two]) == [(2, 1), None]
+        await store._run(store.put_batch_sync, [(two, 2, 2), (one, 2, 99)], 80)
+        assert await store._run(lookup.fetch_many, [one, two]) == [(2, 1), (2, 2)]
+
+
+async def test_a_failed_batch_needs_a_reset() -> None:
+    cid = dag_cbor_cid(b"1")
+    async with await DiskBuilder().open() as store:
+        with pytest.raises(DiskError, match="Error binding parameter"):
+            await store._run(store.put_batch_sync, [(cid, 2, {"not": "storable"})], 40)
+        assert store.stored_bytes == 40  # so that finish_loading resets it before use
+        with pytest.raises(DiskError, match=r"an earlier write failed; reset\(\) the store"):
+            await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
+        await store.reset()
+        await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
+        assert await store._run(store.lookup(bytes).fetch_many, [cid]) == [(2, 1)]
+
+
+async def test_temporary_store_reports_its_name_in_errors(big_car: bytes) -> None:
+    store = await DiskBuilder().open()
+    await store.close()
+    assert isinstance(store, DiskStore) and store.name == "(temporary)"
+    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+        await store.reset()
+
+
+async def test_temporary_store_where_sqlite_keeps_temporary_databases_in_memory(big_car: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """There the store names its own files, and unlinks them as soon as SQLite has opened them."""
+    import repo_stream.disk
+
+    monkeypatch.setattr(repo_stream.disk, "TEMPORARY_IN_MEMORY", True)
+    before = sqlite_temp_files()
+    async with await DiskBuilder().with_cache_size_mb(1).open() as store:
+        for _ in range(2):  # and again after a reset
+            driver = await DriverBuilder().with_mem_limit_mb(0.1).load_car(big_car)
+            assert isinstance(driver, NeedDisk)
+            _, disk = await driver.finish_loading(store)
+            assert [r async for r in disk] == sorted(POSTS)
+            files = {name: size for name, size in sqlite_temp_files().items() if name not in before}
+            ours = [name for name in files if "/repo-stream-" in name]
+            assert len(ours) == 2  # the store and its staging database
+            assert sum(files[name] for name in ours) > 1024 * 1024
+            assert all(name.endswith(" (deleted)") for name in files)
+            store = await disk.reset_store()
+    assert not sqlite_temp_files().keys() - before.keys()

@@ -1110,8 +1110,9 @@ async def test_cancel_during_load_car_from_a_slow_source() -> None:
 
 async def test_cancel_during_finish_loading() -> None:
     car = repo(POSTS)
+    open_before = helpers.sqlite_temp_files()
     store = await DiskBuilder().open()
-    folder = store.path.parent
+    assert store.path is None
     watch = Watch(store.put_batch_sync)
     store.put_batch_sync = watch  # type: ignore[method-assign]  # the drivers call it by attribute
     try:
@@ -1127,7 +1128,7 @@ async def test_cancel_during_finish_loading() -> None:
     finally:
         await store.close()
     assert store.closed
-    assert not folder.exists()
+    assert helpers.sqlite_temp_files().keys() <= open_before.keys()
 
 
 async def test_cancel_inside_a_disk_walk_chunk() -> None:
@@ -1142,8 +1143,8 @@ async def test_cancel_inside_a_disk_walk_chunk() -> None:
             anyio.from_thread.run_sync(scope.cancel)
 
     watch = Watch(len, cancel_at)
+    open_before = helpers.sqlite_temp_files()
     store = await DiskBuilder().open()
-    folder = store.path.parent
     try:
         driver = await DriverBuilder().with_mem_limit_mb(TINY_MB).with_block_processor(watch).load_car(repo(posts))
         assert isinstance(driver, NeedDisk)
@@ -1161,41 +1162,39 @@ async def test_cancel_inside_a_disk_walk_chunk() -> None:
         assert await _finish_and_walk(same, repo(POSTS)) == records_of(POSTS)
     finally:
         await store.close()
-    assert not folder.exists()
+    assert helpers.sqlite_temp_files().keys() <= open_before.keys()
 
 
-async def test_cancel_inside_async_with_store_removes_its_directory() -> None:
+async def test_cancel_inside_async_with_store_leaves_no_temporary_file() -> None:
     car = repo(POSTS)
-    folders = []
+    open_before = helpers.sqlite_temp_files()
     with anyio.fail_after(10):
         with anyio.move_on_after(0.1) as scope:
-            async with await DiskBuilder().open() as store:
-                folders.append(store.path.parent)
+            async with await DiskBuilder().with_cache_size_mb(1).open() as store:
                 driver = await DriverBuilder().with_mem_limit_mb(0.01).load_car(_trickle(car))
                 assert isinstance(driver, NeedDisk)
                 await driver.finish_loading(store)
     assert scope.cancelled_caught
     assert store.closed
-    assert folders and not folders[0].exists()
+    assert helpers.sqlite_temp_files().keys() <= open_before.keys()
 
 
-async def test_cancel_inside_async_with_store_during_walk_removes_its_directory() -> None:
+async def test_cancel_inside_async_with_store_during_walk_leaves_no_temporary_file() -> None:
     posts = [(f"{POST}/3k{i:011d}", cbor2.dumps({"e": [i], "l": None}, canonical=True)) for i in range(200)]
     scope = anyio.CancelScope()
     watch = Watch(len, lambda call: anyio.from_thread.run_sync(scope.cancel) if call == 10 else None)
-    folders = []
+    open_before = helpers.sqlite_temp_files()
     driver = await DriverBuilder().with_mem_limit_mb(TINY_MB).with_block_processor(watch).load_car(repo(posts))
     assert isinstance(driver, NeedDisk)
     with anyio.fail_after(10):
         with scope:
-            async with await DiskBuilder().open() as store:
-                folders.append(store.path.parent)
+            async with await DiskBuilder().with_cache_size_mb(1).open() as store:
                 _, disk = await driver.finish_loading(store)
                 while await disk.next_chunk(20) is not None:  # each chunk is a checkpoint
                     pass
     assert scope.cancelled_caught
     assert watch.running == 0
-    assert store.closed and not folders[0].exists()
+    assert store.closed and helpers.sqlite_temp_files().keys() <= open_before.keys()
 
 
 async def test_open_cancelled_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
