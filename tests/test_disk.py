@@ -200,7 +200,7 @@ def test_temporary_store_leaves_nothing_after_kill_9(kill_car: Path, tmp_path: P
     tmpdir = tmp_path / "tmp"
     open_files = _spill_then_kill(kill_car, point, tmpdir)
     # The spill really was on disk in TMPDIR (beyond the cache), in files unlinked already ...
-    assert sum(open_files.values()) > 2 * 1024 * 1024
+    assert sum(open_files.values()) > 1024 * 1024  # more than the 1 MiB page cache holds
     assert all(name.startswith(str(tmpdir)) and name.endswith(" (deleted)") for name in open_files)
     # ... so nothing is left after the kill.
     assert os.listdir(tmpdir) == []
