@@ -69,6 +69,9 @@ if TYPE_CHECKING:
 __all__ = ["main", "stats"]
 
 _second = itemgetter(1)
+#: SQLite page cache of a command's spill store, MiB: 16 keeps a 10 MiB-limit spill of a 500k-record
+#: repo near 63 MB peak RSS (32 MiB: ~80 MB) at about the same speed.
+_SPILL_CACHE_MB = 16
 
 #: Exit status when standard output is closed early: 128 + SIGPIPE, as a tool killed by SIGPIPE.
 EXIT_BROKEN_PIPE = 141
@@ -180,7 +183,7 @@ async def _walking(
             if isinstance(loaded, NeedDisk):
                 if loaded.commit is not None:
                     opened.check_did(loaded.commit.did)  # before reading the rest to disk
-                store = await DiskBuilder().open(disk_path)
+                store = await DiskBuilder().with_cache_size_mb(_SPILL_CACHE_MB).open(disk_path)
                 commit, driver = await loaded.finish_loading(store)
             else:
                 commit, driver = loaded.commit, loaded
