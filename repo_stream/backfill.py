@@ -707,9 +707,13 @@ class _Run:
                 except BaseException as exc:  # cancelled: let the sink drop the repo, then go
                     await self.finish_sink(job, exc)
                     raise
-                error = await self.finish_sink(job, error)
-                await self.close_job(job)
-                await results.send(self.result(job, error))
+                await self.settle(job, error, results)
+
+    async def settle(self, job: _Job, error: BaseException | None, results: ObjectSendStream[BackfillResult]) -> None:
+        """Finish the repo's sink, close its source, and send its one result."""
+        error = await self.finish_sink(job, error)
+        await self.close_job(job)
+        await results.send(self.result(job, error))
 
     def watch_queue(self, disk: ObjectSendStream[Any] | ObjectReceiveStream[Any]) -> None:
         used = disk.statistics().current_buffer_used
@@ -736,9 +740,7 @@ class _Run:
                 except BaseException as exc:  # cancelled: let the sink drop the repo, then go
                     await self.finish_sink(job, exc)
                     raise
-                error = await self.finish_sink(job, error)
-                await self.close_job(job)
-                await results.send(self.result(job, error))
+                await self.settle(job, error, results)
 
     async def open_store(self, index: int) -> DiskStore:
         if self.spill_root is None:
