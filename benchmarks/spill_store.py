@@ -29,8 +29,8 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from repo_stream import DiskBuilder, DriverBuilder, NeedDisk  # noqa: E402
-from repo_stream.disk import DiskStore  # noqa: E402
+from repo_stream import DiskBuilder, DriverBuilder, NeedDisk
+from repo_stream.disk import DiskStore
 
 
 async def record_spill(path: str, mem_limit_mb: float) -> tuple[list[tuple[list[Any], int]], list[tuple[list[bytes], list[bool]]], int]:
