@@ -389,3 +389,20 @@ async def test_temporary_store_where_sqlite_keeps_temporary_databases_in_memory(
             assert all(name.endswith(" (deleted)") for name in files)
             store = await disk.reset_store()
     assert not sqlite_temp_files().keys() - before.keys()
+
+
+async def test_many_cids_on_one_key_are_all_found() -> None:
+    cids = [forged(b"%d" % i) for i in range(2000)]
+    async with await DiskBuilder().open() as store:
+        await store._run(store.put_batch_sync, [(cid, 2, i) for i, cid in enumerate(cids[:1000])], 44_000)
+        await store._run(store.put_batch_sync, [(cid, 2, i) for i, cid in enumerate(cids[1000:], 1000)], 44_000)
+        lookup = store.lookup(bytes)
+
+        def walk_like() -> list[object]:
+            lookup.prefetch(cids)
+            assert set(lookup._ready) == {cids[0]}  # the one in `blocks`; the others are found alone
+            return [lookup.processed(cid, None) for cid in cids]
+
+        with anyio.fail_after(60):
+            assert await store._run(lookup.fetch_many, cids[::-1]) == [(2, i) for i in reversed(range(2000))]
+            assert await store._run(walk_like) == list(range(2000))
