@@ -113,11 +113,66 @@ static PyObject *sha256(PyObject *self, PyObject *arg) {
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
+static PyObject *sha256_many(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *seq;
+    int lanes = 0;
+    if (!PyArg_ParseTuple(args, "O|i:sha256_many", &seq, &lanes)) return NULL;
+    PyObject *fast = PySequence_Fast(seq, "sha256_many() takes a sequence of bytes");
+    if (fast == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject *out = NULL;
+    const uint8_t **data = PyMem_Calloc((size_t)n + 1, sizeof *data);
+    size_t *len = PyMem_Calloc((size_t)n + 1, sizeof *len);
+    uint8_t(*digests)[32] = PyMem_Calloc((size_t)n + 1, 32);
+    if (data == NULL || len == NULL || digests == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(fast, i);
+        if (!PyBytes_Check(item)) {
+            PyErr_SetString(PyExc_TypeError, "sha256_many() takes a sequence of bytes");
+            goto done;
+        }
+        data[i] = (const uint8_t *)PyBytes_AS_STRING(item);
+        len[i] = (size_t)PyBytes_GET_SIZE(item);
+    }
+    rs_sha256_many((size_t)n, data, len, digests, lanes);
+    out = PyList_New(n);
+    if (out == NULL) goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *d = PyBytes_FromStringAndSize((const char *)digests[i], 32);
+        if (d == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, i, d);
+    }
+done:
+    PyMem_Free(data);
+    PyMem_Free(len);
+    PyMem_Free(digests);
+    Py_DECREF(fast);
+    return out;
+}
+
+static PyObject *sha256_lanes(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(rs_sha256_lanes());
+}
+
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
      "setup(*, messages, not_a_node, cid_text)\n--\n\nConnect the core to repo_stream's Python side (done by "
      "repo_stream.implementation)."},
     {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
+    {"sha256_many", sha256_many, METH_VARARGS,
+     "sha256_many(messages, lanes=0)\n--\n\nThe core's SHA-256 digests of a sequence of bytes, hashed side by side "
+     "in up to `lanes` vector lanes (0: the widest this CPU has; for tests)."},
+    {"sha256_lanes", sha256_lanes, METH_NOARGS,
+     "sha256_lanes()\n--\n\nThe most messages the core hashes side by side on this CPU: 16, 8 or 1."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,6 +30,12 @@ int rs_raise(const char *name, const char *fmt, ...);
 
 /* --- sha256.c -------------------------------------------------------------------------------- */
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
+/* The digests of n messages (out[i] of data[i], len[i] bytes), hashed side by side in vector lanes
+ * where the CPU has them (AVX-512: 16, AVX2: 8). `lanes` caps the width (0: the widest; 1: one
+ * at a time), for tests and for callers with few messages. */
+void rs_sha256_many(size_t n, const uint8_t *const *data, const size_t *len, uint8_t (*out)[32], int lanes);
+/* The widest lane count rs_sha256_many uses on this CPU: 16, 8 or 1. */
+int rs_sha256_lanes(void);
 
 /* --- CBOR heads (shared by the CAR header check and the node decoder) ------------------------ */
 /* Read a CBOR head at *p (< end). Returns 0 and sets major/arg/minimal, or -1 if the bytes end

@@ -72,24 +72,136 @@ static void compress(uint32_t state[8], const uint8_t block[64]) {
     state[7] += h;
 }
 
-void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]) {
-    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
-    size_t full = len / 64;
-    for (size_t i = 0; i < full; i++) compress(h, data + 64 * i);
-    uint8_t tail[128];
-    size_t rest = len - 64 * full;
-    memset(tail, 0, sizeof tail);
-    if (rest) memcpy(tail, data + 64 * full, rest);
+static const uint32_t IV[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                               0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+
+/* The padding blocks of a message of `len` bytes whose last `rest` (< 64) bytes are at `last`:
+ * those bytes, 0x80, zeros, and the length in bits (FIPS 180-4 5.1.1). Returns 1 or 2 blocks. */
+static int pad_tail(uint8_t tail[128], const uint8_t *last, size_t rest, size_t len) {
+    memset(tail, 0, 128);
+    if (rest) memcpy(tail, last, rest);
     tail[rest] = 0x80;
-    size_t tail_len = rest < 56 ? 64 : 128;
+    int blocks = rest < 56 ? 1 : 2;
     uint64_t bits = (uint64_t)len * 8;
-    for (int i = 0; i < 8; i++) tail[tail_len - 1 - i] = (uint8_t)(bits >> (8 * i));
-    compress(h, tail);
-    if (tail_len == 128) compress(h, tail + 64);
+    for (int i = 0; i < 8; i++) tail[64 * blocks - 1 - i] = (uint8_t)(bits >> (8 * i));
+    return blocks;
+}
+
+static void digest_out(const uint32_t h[8], uint8_t out[32]) {
     for (int i = 0; i < 8; i++) {
         out[4 * i] = (uint8_t)(h[i] >> 24);
         out[4 * i + 1] = (uint8_t)(h[i] >> 16);
         out[4 * i + 2] = (uint8_t)(h[i] >> 8);
         out[4 * i + 3] = (uint8_t)h[i];
     }
+}
+
+void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]) {
+    uint32_t h[8];
+    memcpy(h, IV, sizeof h);
+    size_t full = len / 64;
+    for (size_t i = 0; i < full; i++) compress(h, data + 64 * i);
+    uint8_t tail[128];
+    int blocks = pad_tail(tail, data + 64 * full, len - 64 * full, len);
+    compress(h, tail);
+    if (blocks == 2) compress(h, tail + 64);
+    digest_out(h, out);
+}
+
+/* --- many messages at once ---------------------------------------------------------------------- */
+
+/* One lane of the multi-buffer engine (sha256_lanes.h): the message it hashes and where it is. */
+typedef struct {
+    const uint8_t *next_full; /* the next full 64-byte block of the message */
+    size_t full_left;         /* full blocks left */
+    int tail_left;            /* padding blocks left after them */
+    int tail_blocks;          /* padding blocks in all (1 or 2) */
+    int busy;                 /* 0: idle, hashing nothing */
+    size_t job;               /* the message's index */
+    uint8_t tail[128];
+} Lane;
+
+static void lane_start(Lane *lane, size_t job, const uint8_t *msg, size_t len) {
+    size_t full = len / 64;
+    lane->next_full = msg;
+    lane->full_left = full;
+    lane->tail_blocks = lane->tail_left = pad_tail(lane->tail, msg + 64 * full, len - 64 * full, len);
+    lane->busy = 1;
+    lane->job = job;
+}
+
+/* Vector lanes need GCC or clang on x86-64; sanitizer builds keep them (they are plain C). */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RS_SHA256_LANES 1
+
+typedef uint32_t rs_u32x16 __attribute__((vector_size(64)));
+
+/* Load the 64-byte blocks of 16 lanes and transpose them: w[i] = word i of each lane (a 16x16
+ * transpose of 32-bit words: interleave words, then pairs, then 128-bit quarters twice). */
+__attribute__((target("avx512f"))) static inline void load16(const uint8_t *const block[16], rs_u32x16 w[16]) {
+    __m512i r[16], t[16], u[16];
+    for (int l = 0; l < 16; l++) r[l] = _mm512_loadu_si512((const void *)block[l]);
+    for (int k = 0; k < 16; k += 2) {
+        t[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);     /* per quarter q: rows k, k+1, words 4q, 4q+1 */
+        t[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]); /* words 4q+2, 4q+3 */
+    }
+    for (int g = 0; g < 16; g += 4) { /* u[g+j], quarter q: word 4q+j of rows g..g+3 */
+        u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int j = 0; j < 4; j++) { /* 0x88: quarters 0, 2 of each; 0xdd: quarters 1, 3 */
+        __m512i a02 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88), a13 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xdd);
+        __m512i b02 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+        __m512i b13 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xdd);
+        w[j] = (rs_u32x16)_mm512_shuffle_i32x4(a02, b02, 0x88);
+        w[j + 8] = (rs_u32x16)_mm512_shuffle_i32x4(a02, b02, 0xdd);
+        w[j + 4] = (rs_u32x16)_mm512_shuffle_i32x4(a13, b13, 0x88);
+        w[j + 12] = (rs_u32x16)_mm512_shuffle_i32x4(a13, b13, 0xdd);
+    }
+}
+
+#define LANES_FN sha256_lanes16
+#define LANES 16
+#define LANES_TARGET "avx512f"
+#define LANES_VEC rs_u32x16_lanes
+#define LANES_LOAD load16
+#include "sha256_lanes.h"
+#define LANES_FN sha256_lanes8
+#define LANES 8
+#define LANES_TARGET "avx2"
+#define LANES_VEC rs_u32x8
+#include "sha256_lanes.h"
+#endif
+
+int rs_sha256_lanes(void) {
+    static int lanes = 0;
+    if (lanes == 0) {
+        lanes = 1;
+#ifdef RS_SHA256_LANES
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f"))
+            lanes = 16;
+        else if (__builtin_cpu_supports("avx2"))
+            lanes = 8;
+#endif
+    }
+    return lanes;
+}
+
+void rs_sha256_many(size_t n, const uint8_t *const *data, const size_t *len, uint8_t (*out)[32], int lanes) {
+    if (lanes <= 0 || lanes > rs_sha256_lanes()) lanes = rs_sha256_lanes();
+#ifdef RS_SHA256_LANES
+    if (lanes == 16 && n > 1) {
+        sha256_lanes16(n, data, len, out);
+        return;
+    }
+    if (lanes >= 8 && n > 1) {
+        sha256_lanes8(n, data, len, out);
+        return;
+    }
+#endif
+    for (size_t i = 0; i < n; i++) rs_sha256(data[i], len[i], out[i]);
 }

