@@ -200,7 +200,7 @@ def run_one(name: str, sources: list[str]) -> dict[str, Any]:
                     async for _ in driver:  # type: ignore[union-attr]
                         n += 1
                     return n, True, False
-            except Exception:  # noqa: BLE001 - counted as a failure
+            except Exception:  # counted as a failure
                 return 0, False, False
 
         async def gather() -> None:

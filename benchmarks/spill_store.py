@@ -114,7 +114,7 @@ def one_round(batches: list[tuple[list[Any], int]], groups: list[tuple[list[byte
         def walk_lookups() -> None:
             for cids, is_node in groups:
                 lookup.prefetch(cids)
-                for cid, node in zip(cids, is_node):
+                for cid, node in zip(cids, is_node, strict=True):
                     if node:
                         lookup.node(cid)
                     elif lookup.processed(cid, missing) is missing:

@@ -41,4 +41,4 @@ def test_mypy_strict() -> None:
 
 def test_ruff_check() -> None:
     tool("ruff")
-    check("ruff", "check", "--no-cache", "repo_stream", "tests")
+    check("ruff", "check", "--no-cache", "repo_stream", "tests", "benchmarks", "fuzz")
