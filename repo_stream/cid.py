@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 from base64 import b32encode as _b32encode
-
-from multiformats import CID
+from typing import TYPE_CHECKING
 
 from .errors import CidError
 
-__all__ = ["DAG_CBOR_SHA256_PREFIX", "RAW_SHA256_PREFIX", "dag_cbor_cid", "to_cid", "cid_str", "cid_text"]
+if TYPE_CHECKING:  # imported on first use: multiformats takes ~70 ms to import
+    from multiformats import CID
+
+__all__ = ["DAG_CBOR_SHA256_PREFIX", "RAW_SHA256_PREFIX", "cid_str", "cid_text", "dag_cbor_cid", "is_plain_cid", "to_cid"]
 
 #: The first 4 bytes of every CIDv1 dag-cbor sha2-256 CID: version 1, codec 0x71, hash 0x12, length 32.
 DAG_CBOR_SHA256_PREFIX = b"\x01\x71\x12\x20"
@@ -30,12 +32,19 @@ def dag_cbor_cid(block: bytes) -> bytes:
     return DAG_CBOR_SHA256_PREFIX + hashlib.sha256(block).digest()
 
 
+def is_plain_cid(raw: bytes) -> bool:
+    """Whether ``raw`` is the usual repo CID (v1, dag-cbor, sha2-256, 36 bytes): valid without a look."""
+    return len(raw) == 36 and raw[:4] == DAG_CBOR_SHA256_PREFIX
+
+
 def to_cid(raw: bytes) -> CID:
     """Convert raw CID bytes to a multiformats ``CID`` whose ``str()`` is the usual base32 form.
 
     Raises:
         CidError: ``raw`` is not a valid binary CID.
     """
+    from multiformats import CID
+
     try:
         return CID.decode(bytes(raw)).set(base="base32")
     except Exception as exc:  # multiformats raises assorted ValueError/KeyError subclasses
@@ -44,6 +53,10 @@ def to_cid(raw: bytes) -> CID:
 
 def cid_str(raw: bytes) -> str:
     """Return a printable form of raw CID bytes for error messages: base32 when valid, else hex."""
+    if is_plain_cid(raw):
+        return cid_text(raw)
+    from multiformats import CID
+
     try:
         return str(CID.decode(bytes(raw)).set(base="base32"))
     except Exception:
@@ -58,6 +71,8 @@ def cid_text(raw: bytes) -> str:
     """
     if raw[:1] == b"\x01":
         return "b" + _b32encode(raw).decode("ascii").lower().rstrip("=")
+    from multiformats import CID
+
     try:
         return str(CID.decode(bytes(raw)))
     except Exception:

@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import __version__, implementation
+from .cid import cid_text
 from .disk import DiskBuilder
 from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import RepoStreamError
@@ -259,8 +260,8 @@ async def _walk(walk: _Walk, started: float) -> dict[str, Any]:
         "did": commit.did,
         "rev": commit.rev,
         "version": commit.version,
-        "commit": str(driver.commit_cid),
-        "data": str(commit.data),
+        "commit": cid_text(driver.commit_cid_bytes),
+        "data": cid_text(commit.data_bytes),
         "records": records,
         "record_bytes": record_bytes,
         "blocks": driver.blocks_read,

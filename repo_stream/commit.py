@@ -17,15 +17,15 @@ bytes are exactly :func:`repo_stream.writer.encode_unsigned_commit` of the field
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from multiformats import CID
-
-from .cid import cid_str, dag_cbor_cid, to_cid
+from .cid import cid_str, dag_cbor_cid, is_plain_cid, to_cid
 from .dagcbor import DagCborError, StrictDecoder, link_cid
 from .errors import CommitError, SignatureError
 
-if TYPE_CHECKING:  # imported when used: cryptography, cbrrr and dag_cbor cost ~0.1 s at start-up
+if TYPE_CHECKING:  # imported when used: multiformats, cryptography, cbrrr and dag_cbor cost ~0.15 s at start-up
+    from multiformats import CID
+
     from .didkey import PublicKey
 
 #: The fields of a v3 commit.
@@ -34,9 +34,12 @@ COMMIT_FIELDS: Final = frozenset({"did", "version", "data", "rev", "prev", "sig"
 __all__ = ["COMMIT_FIELDS", "Commit", "decode_commit"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Commit:
     """A repo commit, with CIDs as multiformats ``CID`` objects (``str(cid)`` is base32).
+
+    A commit read from a CAR makes :attr:`data` and :attr:`prev` on first use (multiformats takes
+    ~70 ms to import, and a walk needs neither); :attr:`data_bytes` is the raw CID at no cost.
 
     Attributes:
         did: the account DID, e.g. ``"did:plc:..."``.
@@ -59,16 +62,46 @@ class Commit:
     sig: bytes
     block: bytes = field(default=b"", repr=False, compare=False)
 
+    @classmethod
+    def _read(cls, did: str, version: int, data: bytes, rev: str, prev: bytes | None, sig: bytes, block: bytes) -> Commit:
+        """A commit whose ``data`` and ``prev`` (raw CIDs, each valid: see :func:`is_plain_cid`)
+        become ``CID`` objects on first use, in :meth:`__getattr__`."""
+        self = object.__new__(cls)
+        for name, value in (("did", did), ("version", version), ("rev", rev), ("sig", sig), ("block", block)):
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_raw_data", data)
+        object.__setattr__(self, "_raw_prev", prev)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        """Make ``data`` or ``prev`` of a commit made by :meth:`_read` (only called while unset)."""
+        key = f"_raw_{name}"
+        if name not in ("data", "prev") or key not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raw: bytes | None = self.__dict__[key]
+        value = None if raw is None else to_cid(raw)
+        object.__setattr__(self, name, value)
+        return value
+
+    @property
+    def data_bytes(self) -> bytes:
+        """:attr:`data` as raw binary CID bytes (for a commit read from a CAR, without making the ``CID``)."""
+        raw = self.__dict__.get("_raw_data")
+        return bytes(self.data) if raw is None else raw
+
     @property
     def cid(self) -> CID:
         """The commit's CID (dag-cbor, sha2-256) computed from :attr:`block`, or from the
         fields encoded canonically when there is no block."""
         from .writer import encode_commit
 
-        block = self.block or encode_commit(self.did, bytes(self.data), self.rev, self._prev_bytes(), self.sig, self.version)
+        block = self.block or encode_commit(self.did, self.data_bytes, self.rev, self._prev_bytes(), self.sig, self.version)
         return to_cid(dag_cbor_cid(block))
 
     def _prev_bytes(self) -> bytes | None:
+        if "_raw_prev" in self.__dict__ and "prev" not in self.__dict__:
+            raw: bytes | None = self.__dict__["_raw_prev"]
+            return raw
         return None if self.prev is None else bytes(self.prev)
 
     def unsigned_bytes(self) -> bytes:
@@ -96,12 +129,12 @@ class Commit:
                 unsigned.update(
                     did=self.did,
                     version=self.version,
-                    data=cbrrr.CID(bytes(self.data)),
+                    data=cbrrr.CID(self.data_bytes),
                     rev=self.rev,
                     prev=None if prev is None else cbrrr.CID(prev),
                 )
                 return cbrrr.encode_dag_cbor(unsigned)
-        return encode_unsigned_commit(self.did, bytes(self.data), self.rev, self._prev_bytes(), self.version)
+        return encode_unsigned_commit(self.did, self.data_bytes, self.rev, self._prev_bytes(), self.version)
 
     def verify_signature(self, key: str | PublicKey) -> None:
         """Check :attr:`sig` against ``key``; return ``None`` if the commit is signed by it.
@@ -182,6 +215,8 @@ def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Co
         prev = link_cid(obj["prev"])
         if prev is None:
             raise CommitError(f"{where}: field 'prev' should be a CID link or null, got {obj['prev']!r:.80}")
+    if is_plain_cid(data) and (prev is None or is_plain_cid(prev)):
+        return Commit._read(obj["did"], obj["version"], data, obj["rev"], prev, obj["sig"], bytes(block)), data
     try:
         commit = Commit(
             did=obj["did"],

@@ -19,21 +19,23 @@ counted bytes reach the limit, :meth:`DriverBuilder.load_car` stops reading and 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
-from multiformats import CID
 
 from . import implementation
 from .blocks import BLOCK_OVERHEAD, DiskRecords
 from .car import DEFAULT_MAX_BLOCK_SIZE, DEFAULT_READ_SIZE, CarReader
-from .cid import cid_str, to_cid
+from .cid import cid_str, is_plain_cid, to_cid
 from .commit import Commit, decode_commit
 from .disk import CBOR_CODEC, Codec, DiskStore
 from .errors import DiskError, MissingBlockError
 from .mst import is_valid_collection
 from .walk import DEFAULT_MAX_DEPTH
+
+if TYPE_CHECKING:  # imported on first use (see repo_stream.cid)
+    from multiformats import CID
 
 __all__ = ["BLOCK_OVERHEAD", "DriverBuilder", "MemoryDriver", "NeedDisk", "DiskDriver"]
 
@@ -227,13 +229,27 @@ class _Driver(Generic[T]):
 
     Attributes:
         commit: the repo's :class:`~repo_stream.commit.Commit`.
-        commit_cid: the commit's CID (the CAR's first root).
+        commit_cid_bytes: the commit's CID (the CAR's first root) as raw binary CID bytes.
     """
 
     commit: Commit
-    commit_cid: CID
+    commit_cid_bytes: bytes
+    _commit_cid: CID | None = None
     _reader: CarReader
     _walker: Any
+
+    def _set_commit(self, loading: _Loading) -> None:
+        self.commit, _ = loading.commit_or_raise()
+        self.commit_cid_bytes = loading.root
+        if not is_plain_cid(loading.root):
+            self._commit_cid = to_cid(loading.root)  # checked now, as a CID made on first use would be
+
+    @property
+    def commit_cid(self) -> CID:
+        """The commit's CID (the CAR's first root), a multiformats ``CID`` (made on first use)."""
+        if self._commit_cid is None:
+            self._commit_cid = to_cid(self.commit_cid_bytes)
+        return self._commit_cid
 
     @property
     def blocks_read(self) -> int:
@@ -273,8 +289,7 @@ class MemoryDriver(_Driver[T]):
     """Walks a repo whose blocks all fit in memory. Made by :meth:`DriverBuilder.load_car`."""
 
     def __init__(self, loading: _Loading) -> None:
-        self.commit, _ = loading.commit_or_raise()
-        self.commit_cid = to_cid(loading.root)
+        self._set_commit(loading)
         self._reader = loading.reader
         self._walker = loading.walker(loading.table, loading.table)
 
@@ -354,8 +369,7 @@ class DiskDriver(_Driver[T]):
     """
 
     def __init__(self, loading: _Loading, store: DiskStore) -> None:
-        self.commit, _ = loading.commit_or_raise()
-        self.commit_cid = to_cid(loading.root)
+        self._set_commit(loading)
         self._reader = loading.reader
         self._store = store
         decode = loading.builder._codec[1]

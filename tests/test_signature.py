@@ -344,3 +344,44 @@ def test_keys_of_other_kinds_are_refused() -> None:
         format_multikey(ec.generate_private_key(ec.SECP384R1()).public_key())
     with pytest.raises(SignatureError, match="cannot sign"):
         sign(ec.generate_private_key(ec.SECP384R1()), b"data")
+
+
+def test_a_read_commit_makes_its_cids_on_first_use_and_equals_one_built_eagerly() -> None:
+    """decode_commit leaves data/prev as raw CIDs until asked for (multiformats takes ~70 ms to
+    import): they then become the same CID objects an eagerly built Commit holds."""
+    did, rev, sig = "did:plc:abcdefghijklmnopqrstuvwx", "3kaaaaaaaaaab", bytes(64)
+    data = dag_cbor_cid(b"\xa2ael\xf6aee\x80")
+    prev = dag_cbor_cid(b"an earlier commit")
+    for prev_raw in (None, prev):
+        block = encode_commit(did, data, rev, prev_raw, sig, 3)
+        commit, data_raw = decode_commit(block, dag_cbor_cid(block))
+        assert data_raw == data
+        assert "data" not in commit.__dict__  # not made yet
+        assert commit.data_bytes == data
+        eager = Commit(did=did, version=3, data=commit.data, rev=rev, prev=commit.prev, sig=sig, block=block)
+        assert bytes(commit.data) == data and str(commit.data) == str(eager.data)
+        assert commit.prev == (None if prev_raw is None else eager.prev)
+        assert commit == eager and hash(commit) == hash(eager)
+        assert commit.unsigned_bytes() == eager.unsigned_bytes() == encode_unsigned_commit(did, data, rev, prev_raw, 3)
+        assert dataclasses.replace(commit, rev="3kaaaaaaaaaac").data == eager.data
+        with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+            commit.nothing  # noqa: B018 - the attribute access is the test
+
+
+def test_stats_does_not_import_multiformats() -> None:
+    """A walk needs no CID objects: `stats` in a fresh process leaves multiformats unimported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    car = Path(__file__).resolve().parent.parent / "fixtures" / "repo-2000-shuffled.car"
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['repo_stream', 'stats', '--json', {str(car)!r}]\n"
+        "try:\n    runpy.run_module('repo_stream', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('multiformats' in sys.modules, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout)["records"] == 2000
+    assert done.stderr.strip().splitlines()[-1] == "False"
