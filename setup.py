@@ -9,8 +9,8 @@ from glob import glob
 
 from setuptools import Extension, setup
 
-flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers"]
-link = []
+flags = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers", "-pthread"]
+link = ["-pthread"]  # native/verify.c hashes blocks on a helper thread
 if os.environ.get("REPO_STREAM_SANITIZE") == "1":
     flags += ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
     link += ["-fsanitize=address,undefined"]

@@ -11,7 +11,7 @@ build=$here/fuzz/build
 mkdir -p "$build" "$here/fuzz/corpus" "$here/fuzz/findings"
 "$cc" -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer \
     $("$py" -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])") \
-    "$here/fuzz/harness.c" "$here"/native/*.c \
+    -pthread "$here/fuzz/harness.c" "$here"/native/*.c \
     -L"$("$py" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")" \
     -lpython"$("$py" -c "import sysconfig; print(sysconfig.get_config_var('LDVERSION'))")" \
     -Wl,-rpath,"$("$py" -c "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))")" \

@@ -8,16 +8,6 @@
 #define MAX_CID_BYTES 128
 static const uint8_t PREFIX[4] = {0x01, 0x71, 0x12, 0x20};
 
-/* Sections hashed ahead for verify_cids, side by side in SHA-256 lanes, and their byte budget. */
-#define VERIFY_AHEAD 128
-#define VERIFY_AHEAD_BYTES (1 << 20)
-
-typedef struct {
-    long long at;         /* stream offset of the section */
-    Py_ssize_t block_len; /* its block's length */
-    int ok;               /* the block's SHA-256 is the digest in its CID */
-} Verified;
-
 typedef struct {
     PyObject_HEAD
     uint8_t *buf;
@@ -28,8 +18,7 @@ typedef struct {
     Py_ssize_t max_block_size;
     int verify;
     long long bytes_fed, blocks_read;
-    Verified ahead[VERIFY_AHEAD]; /* verify_cids: sections checked ahead, in stream order */
-    int ahead_next, ahead_len;
+    RsVerifier *verifier; /* verify_cids: blocks hashed ahead, on a second core (verify.c) */
 } CarParser;
 
 /* Varint as repo_stream.car.read_varint: returns 1 (value, *next set), 0 (ends before `end`),
@@ -109,61 +98,12 @@ static int block_too_large(const uint8_t *cid, Py_ssize_t cid_len, long long at,
     return rs_raise("block_too_large", "(y#Lnn)", (const char *)cid, cid_len, at, size, limit);
 }
 
-/* For verify_cids: hash the blocks of the complete sections from buf[from] on, side by side,
- * into self->ahead. Only sections with the usual 36-byte CID prefix (v1, dag-cbor, sha2-256) are
- * done, and the scan stops at anything else (an incomplete section, another CID, an odd varint):
- * next_section() checks everything again, and hashes alone any section not found here. */
-static void verify_ahead(CarParser *self, Py_ssize_t from) {
-    const uint8_t *buf = self->buf;
-    Py_ssize_t pos = from, n = self->len;
-    const uint8_t *data[VERIFY_AHEAD], *want[VERIFY_AHEAD];
-    size_t lens[VERIFY_AHEAD], total = 0;
-    int count = 0;
-    while (count < VERIFY_AHEAD && pos < n && total < VERIFY_AHEAD_BYTES) {
-        Py_ssize_t start = pos;
-        uint64_t length = 0;
-        int shift = 0;
-        for (;;) {
-            if (pos >= n || shift > 56) goto scanned;
-            uint8_t byte = buf[pos++];
-            length |= (uint64_t)(byte & 0x7f) << shift;
-            if (byte < 0x80) break;
-            shift += 7;
-        }
-        if (length < 36 || length > (uint64_t)(n - pos) || length - 36 > (uint64_t)self->max_block_size ||
-            memcmp(buf + pos, PREFIX, 4) != 0)
-            break;
-        self->ahead[count].at = self->offset + start;
-        self->ahead[count].block_len = (Py_ssize_t)length - 36;
-        data[count] = buf + pos + 36;
-        lens[count] = (size_t)length - 36;
-        want[count] = buf + pos + 4;
-        total += lens[count];
-        count++;
-        pos += (Py_ssize_t)length;
-    }
-scanned:
-    self->ahead_next = self->ahead_len = 0;
-    if (count == 0) return;
-    uint8_t digests[VERIFY_AHEAD][32];
-    rs_sha256_many((size_t)count, data, lens, digests, 0);
-    for (int i = 0; i < count; i++) self->ahead[i].ok = memcmp(digests[i], want[i], 32) == 0;
-    self->ahead_len = count;
-}
-
 /* Whether the block of the section at buf[start] (CID prefix at buf[pos], block buf[ce:end]) has
- * the SHA-256 its CID names; from self->ahead, hashed side by side, where it is there. */
+ * the SHA-256 its CID names: 1 or 0, -1 with an error set. */
 static int block_matches(CarParser *self, Py_ssize_t start, Py_ssize_t pos, Py_ssize_t ce, Py_ssize_t end) {
-    long long at = self->offset + start;
-    if (self->ahead_next >= self->ahead_len || self->ahead[self->ahead_next].at != at) verify_ahead(self, start);
-    if (self->ahead_next < self->ahead_len) {
-        const Verified *v = &self->ahead[self->ahead_next];
-        if (v->at == at && v->block_len == end - ce) {
-            self->ahead_next++;
-            return v->ok;
-        }
-    }
-    uint8_t digest[32];
+    int ok = rs_verifier_check(&self->verifier, self->buf, self->len, self->offset, start, ce, end, self->max_block_size);
+    if (ok != 2) return ok;
+    uint8_t digest[32]; /* a section no batch covers */
     rs_sha256(self->buf + ce, (size_t)(end - ce), digest);
     return memcmp(digest, self->buf + pos + 4, 32) == 0;
 }
@@ -218,7 +158,9 @@ static int next_section(CarParser *self, const uint8_t **cid, Py_ssize_t *cid_le
     if (end - ce > limit) return block_too_large(buf + pos, ce - pos, offset + start, end - ce, limit);
     if (self->verify) {
         int fast = ce - pos == 36 && has_prefix;
-        if (!fast || !block_matches(self, start, pos, ce, end)) {
+        int ok = fast ? block_matches(self, start, pos, ce, end) : 0;
+        if (ok < 0) return -1;
+        if (!ok) {
             /* Another kind of CID, or a mismatch: the reference reports it. */
             PyObject *r = PyObject_CallFunction(rs_verify, "(y#y#)", (const char *)buf + pos, (Py_ssize_t)(ce - pos),
                                                 (const char *)buf + ce, (Py_ssize_t)(end - ce));
@@ -253,11 +195,13 @@ static int CarParser_init(CarParser *self, PyObject *args, PyObject *kwargs) {
     self->max_block_size = max_block_size;
     self->verify = verify;
     self->bytes_fed = self->blocks_read = 0;
-    self->ahead_next = self->ahead_len = 0;
+    rs_verifier_free(self->verifier);
+    self->verifier = NULL;
     return 0;
 }
 
 static void CarParser_dealloc(CarParser *self) {
+    rs_verifier_free(self->verifier);
     PyMem_Free(self->buf);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -266,6 +210,7 @@ static PyObject *CarParser_feed(CarParser *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     Py_ssize_t n = view.len;
+    rs_verifier_quiesce(self->verifier); /* nothing reads the buffer while it moves */
     if (self->pos > 0) { /* drop what was parsed */
         Py_ssize_t rest = self->len - self->pos;
         if (rest > 0) memmove(self->buf, self->buf + self->pos, (size_t)rest);
@@ -325,8 +270,7 @@ static PyObject *CarParser_finish(CarParser *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
-    (void)unused;
+static PyObject *next_sections(CarParser *self) {
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     for (;;) {
@@ -348,11 +292,7 @@ static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
     }
 }
 
-static PyObject *CarParser_load_into(CarParser *self, PyObject *args) {
-    PyObject *table;
-    Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "O!n:load_into", &RsBlockTable_Type, &table, &limit)) return NULL;
-    RsBlockTable *t = (RsBlockTable *)table;
+static PyObject *load_into(CarParser *self, RsBlockTable *t, Py_ssize_t limit) {
     for (;;) {
         const uint8_t *cid, *block;
         Py_ssize_t cid_len, block_len;
@@ -362,6 +302,26 @@ static PyObject *CarParser_load_into(CarParser *self, PyObject *args) {
         if (rs_table_add(t, cid, (size_t)cid_len, block, (size_t)block_len) < 0) return NULL;
         if (rs_table_used(t) >= limit) Py_RETURN_TRUE;
     }
+}
+
+/* The buffer may move once control is back in Python: the verifier's thread must be done with it
+ * (and, in a process forked since, the verifier starts afresh: see verify.c). */
+static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
+    (void)unused;
+    rs_verifier_quiesce(self->verifier);
+    PyObject *out = next_sections(self);
+    rs_verifier_quiesce(self->verifier);
+    return out;
+}
+
+static PyObject *CarParser_load_into(CarParser *self, PyObject *args) {
+    PyObject *table;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "O!n:load_into", &RsBlockTable_Type, &table, &limit)) return NULL;
+    rs_verifier_quiesce(self->verifier);
+    PyObject *out = load_into(self, (RsBlockTable *)table, limit);
+    rs_verifier_quiesce(self->verifier);
+    return out;
 }
 
 static PyObject *CarParser_get_want(CarParser *self, void *closure) {

@@ -37,6 +37,19 @@ void rs_sha256_many(size_t n, const uint8_t *const *data, const size_t *len, uin
 /* The widest lane count rs_sha256_many uses on this CPU: 16, 8 or 1. */
 int rs_sha256_lanes(void);
 
+/* --- verify.c: blocks checked against their CIDs, hashed ahead on a second core --------------- */
+typedef struct RsVerifier RsVerifier;
+/* For the section at buf[start] whose block is buf[ce:end] after the usual 36-byte CID prefix
+ * (buf: n bytes, buf[0] at stream offset `offset`): 1 if the block's SHA-256 is its CID's digest,
+ * 0 if not, 2 if no batch covers it (the caller hashes it), -1 with an error set. *v is made on
+ * first use (NULL before). Until rs_verifier_quiesce(), a thread may read buf[start:n]. */
+int rs_verifier_check(RsVerifier **v, const uint8_t *buf, Py_ssize_t n, long long offset, Py_ssize_t start,
+                      Py_ssize_t ce, Py_ssize_t end, Py_ssize_t max_block);
+/* Wait until the verifier's thread reads nothing the caller may move or free (v may be NULL). */
+void rs_verifier_quiesce(RsVerifier *v);
+/* End the thread and free the verifier (v may be NULL). */
+void rs_verifier_free(RsVerifier *v);
+
 /* --- CBOR heads (shared by the CAR header check and the node decoder) ------------------------ */
 /* Read a CBOR head at *p (< end). Returns 0 and sets major/arg/minimal, or -1 if the bytes end
  * first or the additional info is reserved (28..30) or indefinite (31). */
