@@ -88,6 +88,8 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
             stopped = parser.load_into(table, limit)
             if commit is None and (block := table.raw_block(root)) is not None:
                 commit, data_cid = decode_commit(block, root, strict=verify)
+            if stopped and table.used < limit:
+                continue  # stopped just after the commit block, decoded above
             if stopped or rows:
                 while True:
                     taken, _size = table.take_rows(limit // 2 or 1)

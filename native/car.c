@@ -300,7 +300,8 @@ static PyObject *load_into(CarParser *self, RsBlockTable *t, Py_ssize_t limit) {
         if (got < 0) return NULL;
         if (got == 0) Py_RETURN_FALSE;
         if (rs_table_add(t, cid, (size_t)cid_len, block, (size_t)block_len) < 0) return NULL;
-        if (rs_table_used(t) >= limit) Py_RETURN_TRUE;
+        /* at the limit, or just after the commit (decoded before anything after it is read) */
+        if (rs_table_used(t) >= limit || rs_table_is_root(t, cid, (size_t)cid_len)) Py_RETURN_TRUE;
     }
 }
 
@@ -365,7 +366,7 @@ static PyMethodDef CarParser_methods[] = {
      "next_sections()\n--\n\nEvery complete (cid, block) section buffered, as a list."},
     {"load_into", (PyCFunction)CarParser_load_into, METH_VARARGS,
      "load_into(table, limit)\n--\n\nMove complete sections into a BlockTable until table.used reaches limit "
-     "(True) or no complete section is left (False)."},
+     "or just after the table's root block (True), or until no complete section is left (False)."},
     {NULL, NULL, 0, NULL},
 };
 

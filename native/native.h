@@ -94,6 +94,8 @@ int rs_table_get_hashed(RsBlockTable *t, const uint8_t *cid, size_t cid_len, uin
 /* The CID's table hash; also starts fetching its slot into the cache (a later get is quicker). */
 uint64_t rs_table_hash(RsBlockTable *t, const uint8_t *cid, size_t cid_len);
 Py_ssize_t rs_table_used(RsBlockTable *t);
+/* Whether cid is the table's root (the commit's CID). */
+int rs_table_is_root(RsBlockTable *t, const uint8_t *cid, size_t cid_len);
 PyObject *rs_table_process(RsBlockTable *t); /* borrowed; Py_None when there is no processor */
 
 /* --- car.c / walk.c --------------------------------------------------------------------------- */

@@ -214,8 +214,7 @@ int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint
     PyObject *value = NULL;
     int flags = 0;
     Py_ssize_t vsize = 0;
-    if (t->process != Py_None && !node_shaped(block, block_len) &&
-        !(PyBytes_GET_SIZE(t->root) == (Py_ssize_t)cid_len && memcmp(PyBytes_AS_STRING(t->root), cid, cid_len) == 0)) {
+    if (t->process != Py_None && !node_shaped(block, block_len) && !rs_table_is_root(t, cid, cid_len)) {
         if (t->process == rs_len) { /* len(block), without making the bytes object */
             value = PyLong_FromSize_t(block_len);
         } else {
@@ -253,6 +252,10 @@ int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint
     t->slots[slot] = ((uint64_t)(uintptr_t)rec & PTR_MASK) | ((h >> 48) << 48);
     t->count += 1;
     return 0;
+}
+
+int rs_table_is_root(RsBlockTable *t, const uint8_t *cid, size_t cid_len) {
+    return PyBytes_GET_SIZE(t->root) == (Py_ssize_t)cid_len && memcmp(PyBytes_AS_STRING(t->root), cid, cid_len) == 0;
 }
 
 uint64_t rs_table_hash(RsBlockTable *t, const uint8_t *cid, size_t cid_len) {

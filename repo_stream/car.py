@@ -276,6 +276,8 @@ class BlockSink(Protocol):
     """Where :meth:`CarParser.load_into` puts sections: the in-memory block table."""
 
     used: int
+    #: The raw CID of the commit (the CAR's first root).
+    root: bytes
 
     def add(self, cid: bytes, block: bytes) -> None:
         """Keep ``block`` under ``cid`` (a repeated CID keeps its first block); grows ``used``."""
@@ -388,14 +390,17 @@ class CarParser:
     def load_into(self, table: BlockSink, limit: int) -> bool:
         """Move complete sections into ``table`` until ``table.used`` reaches ``limit`` bytes.
 
-        Returns True if it stopped at the limit (sections may still be buffered), False when the
-        buffered bytes hold no further complete section.
+        Returns True if it stopped at the limit, or just after the table's root block (the
+        commit: the caller decodes it before any later section is read, so a bad commit is
+        reported before a bad section after it, wherever the limit falls); sections may still be
+        buffered. False when the buffered bytes hold no further complete section.
         """
         add = table.add
         section = self._section
+        root = table.root
         while (got := section()) is not None:
             add(*got)
-            if table.used >= limit:
+            if table.used >= limit or got[0] == root:
                 return True
         return False
 
@@ -524,11 +529,14 @@ class CarReader:
             TruncatedCarError: the input ends inside a section; the parser's other errors.
         """
         parser = self.parser
-        while not parser.load_into(table, limit):
+        while True:
+            if parser.load_into(table, limit):
+                if table.used >= limit:
+                    return True
+                continue  # stopped just after the root block
             if not await self.fill():
                 parser.finish()
                 return False
-        return True
 
     async def aclose(self) -> None:
         """Release the source's iterator (if any)."""

@@ -200,7 +200,9 @@ class _Loading:
                 if block is not None:
                     self.commit, self.data = decode_commit(block, self.root, strict=self.builder._verify_cids)
             if stopped:
-                return True
+                if table.used >= limit:
+                    return True
+                continue  # stopped just after the commit block, decoded above
             if not await reader.fill():
                 parser.finish()
                 return False

@@ -1463,3 +1463,17 @@ STRICT_NODES = [
 @cases(*STRICT_NODES)
 async def test_strict_dag_cbor_in_nodes(case: Case, mode: str) -> None:
     await run_case(case, mode)
+
+
+@pytest.mark.parametrize("limit_mb", [TINY_MB, 64])
+async def test_a_bad_commit_is_reported_before_a_bad_section_after_it(limit_mb: float) -> None:
+    """The commit is decoded as soon as its section is read: a commit that is not DAG-CBOR,
+    followed by a section whose CID runs past its end, is a CommitError whatever the memory
+    limit (found by the fuzzer: the C table counts more bytes, so at a tiny limit it stopped
+    loading after the commit while the reference read on to the bad section)."""
+    bad_commit = b"\xa1\x61d\x5a\x00\x00\xff\xff"  # a map whose text runs past the block
+    root = dag_cbor_cid(bad_commit)
+    after = encode_varint(3) + b"\x01\x71\x12"  # a section with a CID cut short
+    car = car_bytes([root], [(root, bad_commit)]) + after
+    with pytest.raises(CommitError, match=f"commit {cid_str(root)}: not valid DAG-CBOR"):
+        await DriverBuilder().with_mem_limit_mb(limit_mb).load_car(car)
