@@ -6,7 +6,6 @@
 
 #define MAX_DIGEST_BYTES 64
 #define MAX_CID_BYTES 128
-static const uint8_t PREFIX[4] = {0x01, 0x71, 0x12, 0x20};
 
 typedef struct {
     PyObject_HEAD
@@ -133,7 +132,7 @@ static int next_section(CarParser *self, const uint8_t **cid, Py_ssize_t *cid_le
     if (length > (uint64_t)limit + MAX_CID_BYTES)
         return rs_raise("section_too_large", "(LKn)", offset + start, (unsigned long long)length, limit);
     Py_ssize_t end = pos + (Py_ssize_t)length;
-    int has_prefix = n - pos >= 4 && memcmp(buf + pos, PREFIX, 4) == 0;
+    int has_prefix = n - pos >= 4 && memcmp(buf + pos, RS_CID_PREFIX, 4) == 0;
     if (end > n) {
         if ((Py_ssize_t)length > limit && (has_prefix || n - pos >= MAX_CID_BYTES)) {
             /* Possibly over the limit by less than a CID: decide now, not after buffering it. */

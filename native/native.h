@@ -16,6 +16,9 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The first 4 bytes of the usual repo CID: v1, dag-cbor, sha2-256, a 32-byte digest. */
+static const uint8_t RS_CID_PREFIX[4] = {0x01, 0x71, 0x12, 0x20};
+
 /* --- module state (set once by _native.setup) ------------------------------------------------ */
 extern PyObject *rs_messages;   /* the repo_stream.messages module */
 extern PyObject *rs_not_a_node; /* repo_stream.blocks.NOT_A_NODE */

@@ -24,10 +24,11 @@ static const uint32_t K[64] = {
 #define MAJ(a, b, c) (((a) & (b)) | ((c) & ((a) | (b))))
 /* The message schedule word for round i (i >= 16), kept in a 16-word ring. */
 #define W(i) (w[(i) & 15] += s1(w[((i) - 2) & 15]) + w[((i) - 7) & 15] + s0(w[((i) - 15) & 15]))
-/* One round; the eight working variables rotate by naming, not by moves. */
+/* One round; the eight working variables rotate by naming, not by moves. Type-generic: the
+ * scalar compress() runs it on uint32_t, sha256_lanes.h on vectors of one word per lane. */
 #define ROUND(a, b, c, d, e, f, g, h, i, wi)                \
     do {                                                    \
-        uint32_t t1 = (h) + S1(e) + CH(e, f, g) + K[i] + (wi); \
+        __typeof__(h) t1 = (h) + S1(e) + CH(e, f, g) + K[i] + (wi); \
         (d) += t1;                                          \
         (h) = t1 + S0(a) + MAJ(a, b, c);                    \
     } while (0)
@@ -41,6 +42,16 @@ static const uint32_t K[64] = {
     ROUND(c, d, e, f, g, h, a, b, (i) + 6, WI((i) + 6));    \
     ROUND(b, c, d, e, f, g, h, a, (i) + 7, WI((i) + 7))
 #define W0(i) (w[i])
+/* The 64 rounds over a..h, with the message schedule in w[16]. */
+#define ROUNDS64     \
+    ROUNDS8(0, W0);  \
+    ROUNDS8(8, W0);  \
+    ROUNDS8(16, W);  \
+    ROUNDS8(24, W);  \
+    ROUNDS8(32, W);  \
+    ROUNDS8(40, W);  \
+    ROUNDS8(48, W);  \
+    ROUNDS8(56, W)
 
 /* A BMI2 clone (rorx: rotates without a copy, ~25% fewer instructions) is picked at load time
  * where the CPU has it; the plain one everywhere else. */
@@ -54,14 +65,7 @@ static void compress(uint32_t state[8], const uint8_t block[64]) {
                ((uint32_t)block[4 * i + 2] << 8) | (uint32_t)block[4 * i + 3];
     uint32_t a = state[0], b = state[1], c = state[2], d = state[3], e = state[4], f = state[5], g = state[6],
              h = state[7];
-    ROUNDS8(0, W0);
-    ROUNDS8(8, W0);
-    ROUNDS8(16, W);
-    ROUNDS8(24, W);
-    ROUNDS8(32, W);
-    ROUNDS8(40, W);
-    ROUNDS8(48, W);
-    ROUNDS8(56, W);
+    ROUNDS64;
     state[0] += a;
     state[1] += b;
     state[2] += c;

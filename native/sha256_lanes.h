@@ -4,8 +4,8 @@
  *   LANES_FN      the function's name
  *   LANES         lanes per vector (16 for AVX-512, 8 for AVX2)
  *   LANES_TARGET  the GCC target attribute string ("avx512f", "avx2")
- * and the scalar macros ROTR, S0, S1, s0, s1, CH, MAJ and the table K of sha256.c, which are
- * type-generic: here they act on GCC vector types, one independent hash per lane.
+ * and the scalar round macros of sha256.c (ROUNDS64 and what it uses, with the table K), which
+ * are type-generic: here they act on GCC vector types, one independent hash per lane.
  *
  * The messages stream through the lanes: a lane that has hashed its message's last block writes
  * the digest and takes the next message, so lanes stay busy whatever the lengths. Each step
@@ -69,31 +69,7 @@ __attribute__((target(LANES_TARGET))) static void LANES_FN(size_t n, const uint8
         memcpy(w, m, sizeof w);
 #endif
         LANES_VEC a = s[0], b = s[1], c = s[2], d = s[3], e = s[4], f = s[5], g = s[6], h = s[7];
-#define VROUND(a, b, c, d, e, f, g, h, i, wi)                \
-    do {                                                     \
-        LANES_VEC t1 = (h) + S1(e) + CH(e, f, g) + K[i] + (wi); \
-        (d) += t1;                                           \
-        (h) = t1 + S0(a) + MAJ(a, b, c);                     \
-    } while (0)
-#define VROUNDS8(i, WI)                                      \
-    VROUND(a, b, c, d, e, f, g, h, (i) + 0, WI((i) + 0));    \
-    VROUND(h, a, b, c, d, e, f, g, (i) + 1, WI((i) + 1));    \
-    VROUND(g, h, a, b, c, d, e, f, (i) + 2, WI((i) + 2));    \
-    VROUND(f, g, h, a, b, c, d, e, (i) + 3, WI((i) + 3));    \
-    VROUND(e, f, g, h, a, b, c, d, (i) + 4, WI((i) + 4));    \
-    VROUND(d, e, f, g, h, a, b, c, (i) + 5, WI((i) + 5));    \
-    VROUND(c, d, e, f, g, h, a, b, (i) + 6, WI((i) + 6));    \
-    VROUND(b, c, d, e, f, g, h, a, (i) + 7, WI((i) + 7))
-        VROUNDS8(0, W0);
-        VROUNDS8(8, W0);
-        VROUNDS8(16, W);
-        VROUNDS8(24, W);
-        VROUNDS8(32, W);
-        VROUNDS8(40, W);
-        VROUNDS8(48, W);
-        VROUNDS8(56, W);
-#undef VROUNDS8
-#undef VROUND
+        ROUNDS64;
         s[0] += a;
         s[1] += b;
         s[2] += c;

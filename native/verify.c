@@ -23,7 +23,6 @@
 #define FIRST_BATCH 32
 #define THREAD_STACK (1024 * 1024)
 
-static const uint8_t PREFIX[4] = {0x01, 0x71, 0x12, 0x20};
 
 typedef struct {
     int used;      /* holds sections not yet asked about (the parser's thread only) */
@@ -67,7 +66,7 @@ static void scan(Batch *b, const uint8_t *buf, Py_ssize_t n, long long offset, P
             shift += 7;
         }
         if (length < 36 || length > (uint64_t)(n - pos) || length - 36 > (uint64_t)max_block ||
-            memcmp(buf + pos, PREFIX, 4) != 0)
+            memcmp(buf + pos, RS_CID_PREFIX, 4) != 0)
             break;
         b->at[count] = offset + start;
         b->block_len[count] = (Py_ssize_t)length - 36;
