@@ -291,6 +291,17 @@ static PyObject *next_sections(CarParser *self) {
     }
 }
 
+/* A hint, no check: start fetching the table slot of the next section's CID if it is buffered
+ * and plain (a varint of 1 or 2 bytes, then the usual 36-byte CID), so that its look-up overlaps
+ * this section's copy into the table. */
+static void prefetch_next_slot(CarParser *self, RsBlockTable *t) {
+    const uint8_t *p = self->buf + self->pos;
+    Py_ssize_t left = self->len - self->pos;
+    if (left < 2 + 36) return;
+    Py_ssize_t at = p[0] < 0x80 ? 1 : p[1] < 0x80 ? 2 : 0;
+    if (at && memcmp(p + at, RS_CID_PREFIX, 4) == 0) (void)rs_table_hash(t, p + at, 36);
+}
+
 static PyObject *load_into(CarParser *self, RsBlockTable *t, Py_ssize_t limit) {
     for (;;) {
         const uint8_t *cid, *block;
@@ -298,6 +309,7 @@ static PyObject *load_into(CarParser *self, RsBlockTable *t, Py_ssize_t limit) {
         int got = next_section(self, &cid, &cid_len, &block, &block_len);
         if (got < 0) return NULL;
         if (got == 0) Py_RETURN_FALSE;
+        prefetch_next_slot(self, t);
         if (rs_table_add(t, cid, (size_t)cid_len, block, (size_t)block_len) < 0) return NULL;
         /* at the limit, or just after the commit (decoded before anything after it is read) */
         if (rs_table_used(t) >= limit || rs_table_is_root(t, cid, (size_t)cid_len)) Py_RETURN_TRUE;

@@ -96,6 +96,8 @@ int rs_table_get_hashed(RsBlockTable *t, const uint8_t *cid, size_t cid_len, uin
                         size_t *len, PyObject **value);
 /* The CID's table hash; also starts fetching its slot into the cache (a later get is quicker). */
 uint64_t rs_table_hash(RsBlockTable *t, const uint8_t *cid, size_t cid_len);
+/* Start fetching the record a hash's first slot points at, if its tag matches (a hint, no check). */
+void rs_table_prefetch_record(RsBlockTable *t, uint64_t hash);
 Py_ssize_t rs_table_used(RsBlockTable *t);
 /* Whether cid is the table's root (the commit's CID). */
 int rs_table_is_root(RsBlockTable *t, const uint8_t *cid, size_t cid_len);

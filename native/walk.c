@@ -13,6 +13,7 @@
 /* Keys whose layers are hashed together (side by side in SHA-256 lanes), and their byte budget. */
 #define LAYERS_AHEAD 32
 #define LAYERS_AHEAD_BYTES 8192
+#define RECORD_AHEAD 4 /* items: how far ahead the walk fetches records into the cache */
 
 typedef struct {
     uint64_t hash;    /* the CID's table hash (with a C table), computed when pushed */
@@ -748,6 +749,8 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
     int status = 0;
     while (w->n_items > 0 && PyList_GET_SIZE(out) < n) {
         Item it = w->items[--w->n_items];
+        /* the slot of an item a few pops away was fetched when it was pushed: fetch its record now */
+        if (in_table && w->n_items >= RECORD_AHEAD) rs_table_prefetch_record(w->table, w->items[w->n_items - RECORD_AHEAD].hash);
         if (it.is_record) {
             const uint8_t *key = w->bytes + it.off;
             const uint8_t *cid = key + it.key_len;
