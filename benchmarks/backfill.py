@@ -11,6 +11,8 @@ over the whole process tree (the Dask runs include the scheduler and workers). R
 
 - ``backfill-mN``: :func:`repo_stream.backfill.backfill` with N memory workers, 1 disk worker,
   16 MiB per repo;
+- ``backfill-pN``: the same with ``processes=N``: N worker processes (``repo_stream.process_pool``),
+  each with 1 memory worker and 1 disk worker, fed one repo at a time by the measured process;
 - ``gather``: the naive way: ``asyncio.gather`` of fetch + load + walk for every repo at once,
   no memory limit (a 4 GiB one);
 - ``dask-wN``: :func:`repo_stream.cluster.backfill_on_dask` on a local cluster of N worker
@@ -39,7 +41,7 @@ from urllib.parse import parse_qs, urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "backfill"
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
-RUNS = ["backfill-m1", "backfill-m2", "backfill-m4", "gather", "dask-w1", "dask-w2"]
+RUNS = ["backfill-m1", "backfill-m2", "backfill-m4", "backfill-p2", "gather", "dask-w1", "dask-w2"]
 
 
 def plan() -> list[tuple[int, int]]:
@@ -179,6 +181,15 @@ def run_one(name: str, sources: list[str]) -> dict[str, Any]:
                 results.append((result.records, result.error is None, result.spilled))
 
         anyio.run(main)
+    elif name.startswith("backfill-p"):
+        from repo_stream.backfill import backfill
+
+        async def main() -> None:
+            processes = int(name[len("backfill-p") :])
+            async for result in backfill(sources, processes=processes, memory_workers=1, disk_workers=1, mem_limit_mb=16, fetch_options=options):
+                results.append((result.records, result.error is None, result.spilled))
+
+        anyio.run(main)
     elif name.startswith("dask-w"):
         from repo_stream.cluster import backfill_on_dask
 
@@ -268,7 +279,8 @@ def main() -> None:
             f"| {name} | {seconds:.2f} | {last['repos'] / seconds:.0f} | {last['records'] / seconds / 1e3:.0f} k | "
             f"{max(r['peak_rss_mb'] for r in runs):.0f} | {last['ok']} / {last['repos']} | {last['spilled']} |"
         )
-    for a, b in (("backfill-m1", "backfill-m2"), ("backfill-m1", "backfill-m4"), ("dask-w1", "dask-w2"), ("backfill-m1", "dask-w2")):
+    pairs = (("backfill-m1", "backfill-m2"), ("backfill-m1", "backfill-m4"), ("backfill-m1", "backfill-p2"), ("dask-w1", "dask-w2"), ("backfill-m1", "dask-w2"))
+    for a, b in pairs:
         if a in medians and b in medians:
             print(f"- {b} vs {a}: {medians[a] / medians[b]:.2f}x the throughput")
     print(f"\nMedian of {args.repeat} runs, each in a fresh process; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs.")

@@ -66,6 +66,7 @@ from .errors import FetchError, IdentityError, RepoStreamError, SignatureError, 
 if TYPE_CHECKING:
     import dns.asyncresolver
     import httpx
+    from anyio.abc import TaskGroup
 
     from .fetch import FetchOptions
     from .source import OpenedSource
@@ -749,6 +750,28 @@ class _Run:
         self.stores.append(store)
         return store
 
+    async def start_workers(
+        self,
+        tg: TaskGroup,
+        todo: ObjectReceiveStream[str],
+        results: ObjectSendStream[BackfillResult],
+        openers: int,
+        memory_workers: int,
+        disk_workers: int,
+        disk_queue_size: int,
+    ) -> None:
+        """Start the openers, memory workers and disk workers in ``tg``, joined by their streams."""
+        opened_send, opened = anyio.create_memory_object_stream[_Job](0)
+        disk_send, disk = anyio.create_memory_object_stream[tuple[_Job, NeedDisk[Any]]](disk_queue_size)
+        for _ in range(openers):
+            tg.start_soon(self.opener, todo.clone(), opened_send.clone(), results.clone())
+        for _ in range(memory_workers):
+            tg.start_soon(self.memory_worker, opened.clone(), disk_send.clone(), results.clone())
+        for index in range(disk_workers):
+            tg.start_soon(self.disk_worker, index, disk.clone(), results.clone())
+        for end in (todo, opened_send, opened, disk_send, disk, results):
+            await end.aclose()
+
     async def recorder(self, results: ObjectReceiveStream[BackfillResult], out: ObjectSendStream[BackfillResult]) -> None:
         """Record results in the checkpoint, a batch per transaction, then pass them on."""
         checkpoint: Checkpoint = self.o["checkpoint"]
@@ -788,6 +811,7 @@ async def backfill(
     dns_resolver: dns.asyncresolver.Resolver | None = None,
     fetch_options: FetchOptions | None = None,
     stats: BackfillStats | None = None,
+    processes: int = 1,
 ) -> AsyncGenerator[BackfillResult, None]:
     """Walk every repo of ``sources`` with a bounded pool of workers; yield one
     :class:`BackfillResult` per source, in completion order.
@@ -822,13 +846,20 @@ async def backfill(
         plc_url, client, dns_resolver, fetch_options: as for :func:`repo_stream.source.open_source`
             (one client is shared by the whole run; by default a new one, closed at the end).
         stats: a :class:`BackfillStats` to update as the run goes (for progress displays).
+        processes: with more than 1, the repos run in that many worker processes, each with the
+            executor above (its own ``memory_workers``, ``disk_workers`` and fetch client), fed
+            one source at a time by this process, which alone reads ``sources``, keeps the
+            checkpoint and yields the results (see :mod:`repo_stream.process_pool`). The sink
+            must then be picklable, ``client`` and ``dns_resolver`` are not allowed, and
+            ``stats`` counts results only (not the repos held or the disk queue).
 
     Raises:
-        ValueError: a worker count or limit out of range.
+        ValueError: a worker count or limit out of range; with ``processes``, a ``client`` or
+            ``dns_resolver``, or options (the sink) that cannot be pickled.
         RepoStreamError: the checkpoint cannot be opened or written; whatever ``sources`` raised
             (e.g. a ``FetchError`` from listRepos), after the results of the repos already read.
     """
-    for name, value in (("memory_workers", memory_workers), ("disk_workers", disk_workers)):
+    for name, value in (("memory_workers", memory_workers), ("disk_workers", disk_workers), ("processes", processes)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
     if not mem_limit_mb > 0 or not math.isfinite(mem_limit_mb):
@@ -838,6 +869,20 @@ async def backfill(
     concurrency = fetch_concurrency if fetch_concurrency is not None else memory_workers
     if concurrency < 1:
         raise ValueError(f"fetch_concurrency must be at least 1, got {concurrency}")
+    if processes > 1 and (client is not None or dns_resolver is not None):
+        raise ValueError("client and dns_resolver cannot be sent to worker processes: leave them out with processes > 1")
+    worker_options: dict[str, Any] | None = None
+    if processes > 1:
+        from .process_pool import check_picklable
+
+        worker_options = {
+            "sink": sink, "memory_workers": memory_workers, "disk_workers": disk_workers,
+            "mem_limit_mb": mem_limit_mb, "fetch_concurrency": concurrency,
+            "disk_queue_size": disk_queue_size, "disk_cache_mb": disk_cache_mb,
+            "spill_dir": None if spill_dir is None else os.fspath(spill_dir), "verify": verify,
+            "plc_url": plc_url, "fetch_options": fetch_options,
+        }  # fmt: skip
+        check_picklable(worker_options)
     stats = stats if stats is not None else BackfillStats()
     stats.disk_queue_size = disk_queue_size
     async with AsyncExitStack() as stack:
@@ -845,7 +890,7 @@ async def backfill(
         if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
             owned = checkpoint = await anyio.to_thread.run_sync(Checkpoint, checkpoint)
             stack.push_async_callback(owned.close)
-        if client is None:
+        if client is None and processes == 1:
             import httpx
 
             from .identity import _USER_AGENT, _ssl_context
@@ -868,8 +913,6 @@ async def backfill(
             async with anyio.create_task_group() as tg:
                 inputs_send, inputs = anyio.create_memory_object_stream[str](_BATCH)
                 todo_send, todo = anyio.create_memory_object_stream[str](0)
-                opened_send, opened = anyio.create_memory_object_stream[_Job](0)
-                disk_send, disk = anyio.create_memory_object_stream[tuple[_Job, NeedDisk[Any]]](disk_queue_size)
                 results_send, results = anyio.create_memory_object_stream[BackfillResult](_BATCH)
                 if checkpoint is not None:
                     out_send, out = anyio.create_memory_object_stream[BackfillResult](_BATCH)
@@ -882,14 +925,13 @@ async def backfill(
                     await inputs_send.aclose()
                     await inputs.aclose()
                 tg.start_soon(run.feed, sources, feed_send)
-                for _ in range(concurrency):
-                    tg.start_soon(run.opener, todo.clone(), opened_send.clone(), results_send.clone())
-                for _ in range(memory_workers):
-                    tg.start_soon(run.memory_worker, opened.clone(), disk_send.clone(), results_send.clone())
-                for index in range(disk_workers):
-                    tg.start_soon(run.disk_worker, index, disk.clone(), results_send.clone())
-                for end in (todo, opened_send, opened, disk_send, disk, results_send):
-                    await end.aclose()
+                if worker_options is not None:
+                    from .process_pool import run_in_processes
+
+                    window = concurrency + memory_workers + disk_queue_size + disk_workers + 1
+                    tg.start_soon(run_in_processes, todo, results_send, worker_options, processes, window)
+                else:
+                    await run.start_workers(tg, todo, results_send, concurrency, memory_workers, disk_workers, disk_queue_size)
                 async with out:
                     async for result in out:
                         stats.count(result)

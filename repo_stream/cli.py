@@ -486,6 +486,13 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--host", metavar="URL", help="every active repo of a PDS or relay (com.atproto.sync.listRepos)")
     b.add_argument("--memory-workers", type=_positive_int, default=2, metavar="N", help="repos loaded and walked at once (default 2)")
     b.add_argument("--disk-workers", type=_positive_int, default=1, metavar="M", help="repos finished on disk at once (default 1)")
+    b.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=1,
+        metavar="P",
+        help="worker processes on this machine, each with its own --memory-workers and --disk-workers (default 1: all in this process)",
+    )
     b.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="X", help="per-repo memory limit before spilling, MiB (default 64)")
     b.add_argument("--fetch-concurrency", type=_positive_int, default=None, metavar="K", help="sources opened ahead of the memory workers (default: --memory-workers)")
     b.add_argument("--spill-dir", metavar="DIR", help="folder for spill files (default: the system's temporary folder)")
@@ -546,6 +553,8 @@ def _backfill(args: argparse.Namespace) -> int:
         "spill_dir": args.spill_dir, "verify": args.verify, "checkpoint": args.checkpoint,
         "retry_failed": args.retry_failed, "plc_url": args.plc_url,
     }  # fmt: skip
+    if args.processes > 1:
+        options["processes"] = args.processes
 
     async def run() -> None:
         sources = read_repo_list(args.repos) if args.repos else host_sources(args.host)
@@ -653,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     141 standard output closed early)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "backfill" and args.dask is not None and args.processes > 1:
+        parser.error("backfill: --processes is for one machine; with --dask, the engine's workers are the processes")
     if args.command == "verify" and args.key is None:
         from .source import classify_source
 

@@ -1,0 +1,282 @@
+"""The backfill spread over local worker processes (``backfill(..., processes=N)``).
+
+One Python process walks one repo at a time on one core: the C core holds the GIL while it
+builds each chunk's items, and fetching, the checkpoint and the sinks are Python. To use more
+cores on one machine, :func:`repo_stream.backfill.backfill` with ``processes=N`` starts ``N``
+worker processes (fresh interpreters, ``python -m repo_stream.process_pool``), each running
+the same bounded executor (its own ``memory_workers``, ``disk_workers``, fetch client and spill
+stores) over the sources this process hands it. This process keeps what must be single: reading
+the sources, the checkpoint, and yielding the results.
+
+**Hand-out.** Sources go one at a time, each to the worker with the fewest in flight, and no
+worker has more than its pipeline holds (``fetch_concurrency + memory_workers + disk_queue_size
++ disk_workers + 1``): a sliding window per worker, so that a worker busy with a large repo is
+not given more while another is idle. Each worker has two one-way pipes: sources in, results
+out.
+
+**Nothing lost.** This process knows which sources each worker holds. A worker that exits
+without finishing (killed, out of memory, crashed) gives an error result for each of them; the
+others go on with the rest.
+
+**Stopping.** When the run ends early (the consumer leaves, cancels, or fails), each worker gets
+SIGINT, which cancels its executor as cancelling an in-process run does (sinks told, fetches and
+stores closed), and is killed if it has not exited after :data:`STOP_GRACE` seconds. All the
+workers' spill files are in one folder made by this process, removed at the end whatever happened
+to the workers.
+
+Memory: each worker is a whole interpreter with the library loaded (~45 MB) on top of its own
+``memory_workers x mem_limit + disk_workers x (mem_limit + disk_cache_mb)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStream
+from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
+
+from .backfill import BackfillResult
+
+__all__ = ["STOP_GRACE", "check_picklable", "run_in_processes"]
+
+#: Seconds a worker process has to stop after SIGINT before it is killed.
+STOP_GRACE = 10.0
+#: Seconds between checks for workers that exited, while waiting for results.
+_POLL = 0.5
+
+
+def _worker_main(tasks: Connection, results: Connection, options: dict[str, Any]) -> None:
+    """A worker process: run the backfill over the sources received on ``tasks``.
+
+    Sends ``("result", BackfillResult)`` per source, then ``("done", None)`` after the ``None``
+    that ends the sources; ``("failed", message)`` if the executor itself fails.
+    """
+    from .backfill import backfill
+
+    async def sources() -> AsyncIterator[str]:
+        while True:
+            source = await anyio.to_thread.run_sync(tasks.recv, abandon_on_cancel=True)
+            if source is None:
+                return
+            yield source
+
+    async def run() -> None:
+        async for result in backfill(sources(), **options):
+            results.send(("result", result))
+
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignores it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
+        anyio.run(run)
+    except KeyboardInterrupt:  # stopped by the parent: the executor has cleaned up
+        return
+    except BaseException as exc:
+        results.send(("failed", f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no detail'}"))
+        return
+    results.send(("done", None))
+
+
+class _Worker:
+    """A worker process as this process sees it.
+
+    It is ``python -m repo_stream.process_pool TASKS_FD RESULTS_FD``, not a ``multiprocessing``
+    child: nothing of the caller's ``__main__`` is run again in it (a script without an
+    ``if __name__ == "__main__"`` guard works), and its standard streams stay the caller's.
+    It gets this process's ``sys.path`` first, then the options, on its tasks pipe.
+    """
+
+    def __init__(self, options: bytes) -> None:
+        tasks_r, tasks_w = os.pipe()
+        results_r, results_w = os.pipe()
+        # Started with SIGINT blocked (the mask is inherited through exec): a Ctrl-C while it
+        # imports would end it with a traceback; it unblocks SIGINT once it can stop cleanly.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "repo_stream.process_pool", str(tasks_r), str(results_w)],
+                pass_fds=(tasks_r, results_w),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            os.close(tasks_r)  # the worker's ends
+            os.close(results_w)
+        self.tasks = Connection(tasks_w, readable=False)
+        self.results = Connection(results_r, writable=False)
+        #: Sources handed out and not answered yet (a source may be in it more than once).
+        self.held: list[str] = []
+        self.finished = False  # answered "done" or "failed", or gone
+        try:
+            self.tasks.send(list(sys.path))
+            self.tasks.send_bytes(options)
+        except OSError:
+            pass  # it is gone already: the collector sees its results pipe end
+
+    def lost(self, why: str) -> list[BackfillResult]:
+        """Error results for the sources it held; it gets no more."""
+        self.finished = True
+        lost = [BackfillResult(source, None, None, 0, 0, False, 0.0, f"WorkerError: {why}") for source in self.held]
+        self.held.clear()
+        return lost
+
+    def gone(self) -> list[BackfillResult]:
+        """Its results pipe ended: wait for it to exit; error results for what it held."""
+        code = self.process.wait()
+        return self.lost(f"worker process {self.process.pid} exited with code {code}")
+
+
+def check_picklable(options: dict[str, Any]) -> bytes:
+    """``options`` pickled, for the worker processes.
+
+    Raises:
+        ValueError: something in it (usually the sink) cannot be pickled.
+    """
+    try:
+        return pickle.dumps(options)
+    except Exception as exc:
+        raise ValueError(f"backfill options must be picklable to go to worker processes (is the sink?): {exc}") from exc
+
+
+async def run_in_processes(
+    todo: ObjectReceiveStream[str],
+    results: ObjectSendStream[BackfillResult],
+    options: dict[str, Any],
+    processes: int,
+    window: int,
+) -> None:
+    """Run every source of ``todo`` in ``processes`` worker processes; send one result per source.
+
+    Args:
+        todo: the sources to run (the checkpoint's finished ones already taken out).
+        results: where each result goes, in completion order.
+        options: keyword arguments of :func:`repo_stream.backfill.backfill` for each worker (no
+            checkpoint, client, resolver or stats; they must be picklable).
+        processes: worker processes (>= 2).
+        window: sources a worker may hold at once.
+
+    Raises:
+        ValueError: ``options`` cannot be pickled (a sink that cannot be sent to another process).
+    """
+    spill_root = tempfile.mkdtemp(prefix="repo-stream-backfill-", dir=options.get("spill_dir"))
+    try:
+        pickled = check_picklable({**options, "spill_dir": spill_root})
+    except BaseException:
+        os.rmdir(spill_root)
+        raise
+    workers: list[_Worker] = []
+    room = anyio.Condition()
+    try:
+        async with todo, results:
+            for _ in range(processes):
+                workers.append(_Worker(pickled))
+
+            async def hand_out() -> None:
+                async for source in todo:
+                    async with room:
+                        while True:
+                            open_ = [w for w in workers if not w.finished and len(w.held) < window]
+                            if open_ or all(w.finished for w in workers):
+                                break
+                            await room.wait()
+                    if not open_:  # every worker is gone: the rest fail here
+                        await results.send(BackfillResult(source, None, None, 0, 0, False, 0.0, "WorkerError: no worker process left"))
+                        continue
+                    worker = min(open_, key=lambda w: len(w.held))
+                    worker.held.append(source)  # answered, or failed when its exit is seen
+                    _send(worker, source)
+                for worker in workers:
+                    if not worker.finished:
+                        _send(worker, None)
+
+            async def collect() -> None:
+                while not all(w.finished for w in workers):
+                    waits: dict[Any, _Worker] = {w.results: w for w in workers if not w.finished}
+                    ready = await anyio.to_thread.run_sync(wait, list(waits), _POLL, abandon_on_cancel=True)
+                    out: list[BackfillResult] = []
+                    for handle in ready:
+                        out += _receive(waits[handle])
+                    if out:
+                        async with room:
+                            room.notify_all()
+                    for result in out:
+                        await results.send(result)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hand_out)
+                tg.start_soon(collect)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_stop, workers)
+            shutil.rmtree(spill_root, ignore_errors=True)
+
+
+def _send(worker: _Worker, message: str | None) -> None:
+    """Send a source (or the end) to a worker; a worker that is gone is seen by the collector."""
+    try:
+        worker.tasks.send(message)
+    except OSError:
+        pass
+
+
+def _receive(worker: _Worker) -> list[BackfillResult]:
+    """The results a worker has sent so far (its pipe is readable)."""
+    out: list[BackfillResult] = []
+    while not worker.finished and worker.results.poll():
+        try:
+            kind, value = worker.results.recv()
+        except (EOFError, OSError):
+            return out + worker.gone()
+        if kind == "result":
+            try:
+                worker.held.remove(value.source)
+            except ValueError:
+                pass
+            out.append(value)
+        elif kind == "done":
+            out += worker.lost("worker process ended before answering")  # none, unless it lost track
+        else:
+            out += worker.lost(f"worker process failed: {value}")
+    return out
+
+
+def _stop(workers: list[_Worker]) -> None:
+    """Stop every worker process: those that answered "done" exit by themselves; the others get
+    SIGINT. Any still running after STOP_GRACE seconds is killed."""
+    for worker in workers:
+        if not worker.finished and worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGINT)
+    for worker in workers:
+        try:
+            worker.process.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            worker.process.wait()
+        worker.tasks.close()
+        worker.results.close()
+
+
+def _main(argv: list[str]) -> None:
+    """A worker process's entry: ``python -m repo_stream.process_pool TASKS_FD RESULTS_FD``."""
+    tasks = Connection(int(argv[1]), writable=False)
+    results = Connection(int(argv[2]), readable=False)
+    try:
+        sys.path[:] = tasks.recv()
+        options = pickle.loads(tasks.recv_bytes())
+    except BaseException as exc:  # e.g. a sink whose class this process cannot import
+        results.send(("failed", f"cannot read its options: {type(exc).__name__}: {' '.join(str(exc).split())}"))
+        return
+    _worker_main(tasks, results, options)
+
+
+if __name__ == "__main__":
+    _main(sys.argv)

@@ -1,0 +1,186 @@
+"""The backfill spread over local worker processes (``processes=N``, ``repo_stream.process_pool``),
+against a real local PDS: the same results as in one process, the work in the workers, a worker
+that dies, cancelling, the checkpoint and the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from repo_stream import Commit
+from repo_stream.backfill import BackfillResult, backfill
+from repo_stream.cli import main
+
+from .backfill_server import RepoHost, car_reply, repo_car_of
+from .servers import Reply, json_reply
+from .test_backfill import CARS, DID_2000, FAST, RECORD_BYTES, REPO_2000, SIZES, did_of, run_all
+
+#: Worker processes are fresh interpreters: a run takes a second or so more than in one process.
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def host() -> Iterator[RepoHost]:
+    with RepoHost() as server:
+        yield server
+
+
+class PidSink:
+    """Writes, for each repo, the process that walked it and its record count: ``DIR/<did>``."""
+
+    def __init__(self, directory: Path, die_on: str | None = None) -> None:
+        self.directory = directory
+        self.die_on = die_on
+
+    async def __call__(self, source: str, commit: Commit, items: list[Any]) -> None:
+        if source == self.die_on:
+            os._exit(3)  # the worker process dies mid-repo
+        path = self.directory / commit.did
+        count = int(path.read_text().split()[1]) if path.exists() else 0
+        path.write_text(f"{os.getpid()} {count + len(items)}")
+
+
+def worker_processes() -> list[int]:
+    """Pids of this process's children that are backfill worker processes."""
+    me = str(os.getpid())
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = f.read().rpartition(")")[2].split()[1]
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read()
+        except OSError:
+            continue
+        if parent == me and b"repo_stream.process_pool" in command:
+            pids.append(int(entry))
+    return pids
+
+
+async def test_two_processes_give_every_input_its_one_result(host: RepoHost, tmp_path: Path) -> None:
+    good = {did: host.repo(did, car_reply(car)) for did, car in CARS.items()}
+    d404, d500, cut, wrong = (did_of(i) for i in range(30, 34))
+    u404 = host.repo(d404, json_reply({"error": "RepoNotFound", "message": "Could not find repo"}, status=404))
+    u500 = host.repo(d500, Reply(status=500))
+    cut_car = repo_car_of(cut, 60)
+    u_cut = host.repo(cut, car_reply(cut_car, send=len(cut_car) // 2))
+    u_wrong = host.repo(wrong, car_reply(CARS[did_of(2)]))
+    missing = str(tmp_path / "missing.car")
+    inputs = [*good.values(), u404, u500, u_cut, u_wrong, missing, good[did_of(4)]]
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    results = await run_all(inputs, processes=2, memory_workers=1, mem_limit_mb=0.01, sink=PidSink(seen))
+
+    assert Counter(r.source for r in results) == Counter(inputs)
+    got = {r.source: r for r in results}
+    for i, (did, url) in enumerate(good.items()):
+        assert (got[url].did, got[url].rev, got[url].records, got[url].record_bytes, got[url].error) == (
+            did, "3kaaaaaaaaaaa", SIZES[i], RECORD_BYTES[did], None
+        )  # fmt: skip
+    assert any(r.spilled for r in results)  # past 0.01 MiB: finished by a worker's disk worker
+    assert got[u404].error is not None and "HTTP 404" in got[u404].error and got[u404].did == d404
+    assert got[u500].error is not None and "HTTP 500" in got[u500].error
+    assert got[u_cut].error is not None and "cut off" in got[u_cut].error
+    assert got[u_wrong].error is not None and got[u_wrong].error.startswith("IdentityError")
+    assert got[missing].error is not None and got[missing].error.startswith("SourceError")
+    walked = {path.name: tuple(map(int, path.read_text().split())) for path in seen.iterdir()}
+    assert {did: n for did, (_, n) in walked.items()} == {did: n * (2 if did == did_of(4) else 1) for did, n in zip(CARS, SIZES, strict=True) if n}
+    pids = {pid for pid, _ in walked.values()}
+    assert len(pids) == 2 and os.getpid() not in pids  # the repos were walked in the two workers
+    assert worker_processes() == []
+
+
+async def test_a_worker_that_dies_fails_only_the_repos_it_held(host: RepoHost, tmp_path: Path) -> None:
+    urls = [host.repo(did_of(40 + i), car_reply(repo_car_of(did_of(40 + i), 5 + i))) for i in range(12)]
+    doomed = urls[3]
+    results = await run_all(urls, processes=2, memory_workers=1, fetch_concurrency=1, sink=PidSink(tmp_path, die_on=doomed))
+
+    assert Counter(r.source for r in results) == Counter(urls)
+    failed = [r for r in results if r.error is not None]
+    assert doomed in {r.source for r in failed}
+    assert all(r.error is not None and r.error.startswith("WorkerError: worker process") and "exited with code 3" in r.error for r in failed)
+    assert len(failed) <= 4  # the window of the worker that died: at most what its pipeline holds
+    ok = {r.source: r.records for r in results if r.error is None}
+    assert ok == {url: 5 + i for i, url in enumerate(urls) if url in ok}
+    assert len(ok) >= len(urls) - 4
+
+
+async def test_cancelling_stops_the_workers_and_leaves_no_spill_file(host: RepoHost, tmp_path: Path) -> None:
+    host.repo(DID_2000, car_reply(REPO_2000.read_bytes(), chunk=8192, delay=0.03))  # ~1 s a repo
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    seen: list[BackfillResult] = []
+
+    async def consume() -> None:
+        options: dict[str, Any] = {"processes": 2, "mem_limit_mb": 0.05, "spill_dir": spill, "fetch_options": FAST}
+        async with aclosing(backfill([host.repo_url(DID_2000)] * 6, **options)) as results:
+            async for result in results:
+                seen.append(result)
+
+    def spill_files() -> list[str]:
+        return [name for folder, _, names in os.walk(spill) for name in names if name.startswith("disk-")]
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            while len(spill_files()) < 2:  # both workers are spilling
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+    assert seen == []
+    assert list(spill.iterdir()) == []
+    assert worker_processes() == []
+
+
+async def test_a_checkpointed_run_in_processes_is_not_run_again(host: RepoHost, tmp_path: Path) -> None:
+    urls = [host.repo(did, car_reply(car)) for did, car in CARS.items()]
+    checkpoint = tmp_path / "run.db"
+    first = await run_all(urls, processes=2, checkpoint=checkpoint)
+    assert sorted((r.source, r.records, r.error) for r in first) == sorted(zip(urls, SIZES, [None] * len(urls), strict=True))
+    assert len(host.fetches()) == len(urls)
+    again = await run_all(urls, processes=2, checkpoint=checkpoint)
+    assert len(host.fetches()) == len(urls)  # nothing fetched (and no worker needed) again
+    assert [r.source for r in again] == urls and all(r.skipped for r in again)
+
+
+async def test_processes_argument_checks(host: RepoHost) -> None:
+    with pytest.raises(ValueError, match="processes must be at least 1"):
+        await run_all([], processes=0)
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(ValueError, match="client and dns_resolver cannot be sent"):
+            await run_all([], processes=2, client=client)
+
+    async def local_sink(source: str, commit: Commit, items: list[Any]) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="must be picklable"):
+        await run_all([host.repo_url(DID_2000)], processes=2, sink=local_sink)
+
+
+def test_cli_processes(host: RepoHost, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    urls = [host.repo(did, car_reply(car)) for did, car in CARS.items()]
+    listing = tmp_path / "repos.txt"
+    listing.write_text("\n".join(urls) + "\n")
+    out = tmp_path / "out"
+    assert main(["backfill", "--repos", str(listing), "--json", "--processes", "2", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert sorted((line["repo"], line["records"], line["error"]) for line in lines) == sorted(zip(urls, SIZES, [None] * 5, strict=True))
+    assert "5 repos" in captured.err and "0 failed" in captured.err
+    assert sorted(os.listdir(out)) == sorted(f"{did}.jsonl" for did in CARS)
+    assert len((out / f"{did_of(4)}.jsonl").read_text().splitlines()) == SIZES[4]
+    with pytest.raises(SystemExit) as usage:
+        main(["backfill", "--repos", str(listing), "--processes", "2", "--dask", "local"])
+    assert usage.value.code == 2
+    assert "--processes is for one machine" in capsys.readouterr().err
