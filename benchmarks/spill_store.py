@@ -63,6 +63,10 @@ async def record_spill(path: str, mem_limit_mb: float) -> tuple[list[tuple[list[
         def raw(self, cid: bytes) -> Any:
             return self.inner.raw(cid)
 
+        def fetch_many(self, cids: list[bytes]) -> Any:  # the C walker's record values, a chunk at a time
+            groups.append((list(cids), []))
+            return self.inner.fetch_many(cids)
+
     recorders: list[Recorder] = []
 
     def recording_lookup(self: DiskStore, decode: Callable[[bytes], Any]) -> Any:
