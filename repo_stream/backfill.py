@@ -44,10 +44,8 @@ import base64
 import json
 import math
 import os
-import shutil
 import sqlite3
 import sys
-import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AsyncExitStack
@@ -529,7 +527,6 @@ class _Run:
         self.stats = stats
         self.jobs: set[_Job] = set()  # jobs whose source is open
         self.stores: list[DiskStore] = []
-        self.spill_root: str | None = None
         self.feed_error: BaseException | None = None
         self.http: Any = options["client"]
         self.keys: dict[str, str | None] = {}
@@ -721,7 +718,7 @@ class _Run:
         self.stats.disk_queue = used
         self.stats.disk_queue_peak = max(self.stats.disk_queue_peak, used)
 
-    async def disk_worker(self, index: int, disk: ObjectReceiveStream[tuple[_Job, NeedDisk[Any]]], results: ObjectSendStream[BackfillResult]) -> None:
+    async def disk_worker(self, disk: ObjectReceiveStream[tuple[_Job, NeedDisk[Any]]], results: ObjectSendStream[BackfillResult]) -> None:
         store: DiskStore | None = None
         async with disk, results:
             async for job, need in disk:
@@ -729,7 +726,7 @@ class _Run:
                 error: BaseException | None = None
                 try:
                     if store is None:
-                        store = await self.open_store(index)
+                        store = await self.open_store()
                     commit, driver = await need.finish_loading(store)
                     self.release(job)  # the blocks are on disk now
                     if job.commit is None:
@@ -743,10 +740,10 @@ class _Run:
                     raise
                 await self.settle(job, error, results)
 
-    async def open_store(self, index: int) -> DiskStore:
-        if self.spill_root is None:
-            self.spill_root = tempfile.mkdtemp(prefix="repo-stream-backfill-", dir=self.o["spill_dir"])
-        store = await DiskBuilder().with_cache_size_mb(self.o["disk_cache_mb"]).open(os.path.join(self.spill_root, f"disk-{index}.db"))
+    async def open_store(self) -> DiskStore:
+        """A temporary store whose files, in ``spill_dir``, are unlinked as soon as opened: even a
+        ``kill -9`` of the run leaves nothing there."""
+        store = await DiskBuilder().with_cache_size_mb(self.o["disk_cache_mb"]).open(directory=self.o["spill_dir"])
         self.stores.append(store)
         return store
 
@@ -767,8 +764,8 @@ class _Run:
             tg.start_soon(self.opener, todo.clone(), opened_send.clone(), results.clone())
         for _ in range(memory_workers):
             tg.start_soon(self.memory_worker, opened.clone(), disk_send.clone(), results.clone())
-        for index in range(disk_workers):
-            tg.start_soon(self.disk_worker, index, disk.clone(), results.clone())
+        for _ in range(disk_workers):
+            tg.start_soon(self.disk_worker, disk.clone(), results.clone())
         for end in (todo, opened_send, opened, disk_send, disk, results):
             await end.aclose()
 
@@ -782,14 +779,12 @@ class _Run:
                     await out.send(result)
 
     async def cleanup(self) -> None:
-        """Close every open source and spill store; remove the spill folder. Shielded."""
+        """Close every open source and spill store (their files go with them). Shielded."""
         with anyio.CancelScope(shield=True):
             for job in list(self.jobs):
                 await self.close_job(job)
             for store in self.stores:
                 await store.close()
-            if self.spill_root is not None:
-                shutil.rmtree(self.spill_root, ignore_errors=True)
 
 
 async def backfill(
@@ -835,8 +830,9 @@ async def backfill(
         disk_queue_size: NeedDisks that may wait for a disk worker (default 0: a memory worker
             hands its repo straight to a free disk worker, or waits).
         disk_cache_mb: each disk store's SQLite page cache, MiB.
-        spill_dir: the folder for spill files (default: the system's temporary folder); a
-            ``repo-stream-backfill-*`` folder is made in it and removed at the end.
+        spill_dir: the folder for spill files (default: the system's temporary folder). Each
+            disk worker's store is a file there that is unlinked as soon as SQLite has opened it,
+            so the folder shows nothing and even a ``kill -9`` of the run leaves nothing in it.
         verify: check every block against its CID (``with_verify_cids``) and the commit's
             signature against the account's signing key (when ``Commit.verify_signature`` is
             available).

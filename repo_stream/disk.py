@@ -36,7 +36,9 @@ after creating it (as it does its sort files): the file has no name while it is 
 kernel frees it when the process ends, even by ``kill -9``. The journal is off: no side files.
 (On a SQLite built to keep temporary databases in memory, ``SQLITE_TEMP_STORE`` 2 or 3, which
 would not bound memory, both are instead files made with :func:`tempfile.mkstemp` and unlinked
-right after SQLite opens them: :data:`TEMPORARY_IN_MEMORY`.)
+right after SQLite opens them: :data:`TEMPORARY_IN_MEMORY`.) A temporary store opened with a
+``directory`` (:meth:`DiskBuilder.open`) makes both files that way, in that folder: the
+backfill's disk workers put their stores in its ``spill_dir`` so.
 
 **A store at a path** keeps ``blocks`` and ``collided`` in that file, with
 ``locking_mode=EXCLUSIVE``. The file is marked with an application id (``PRAGMA
@@ -138,9 +140,10 @@ def _temporary_in_memory() -> bool:
 TEMPORARY_IN_MEMORY = _temporary_in_memory()
 
 
-def _unlinked_file() -> str:
-    """A new empty file in the temporary directory, for SQLite to open and the caller to unlink."""
-    fd, name = tempfile.mkstemp(prefix="repo-stream-", suffix=".db")
+def _unlinked_file(directory: str | None) -> str:
+    """A new empty file in ``directory`` (None: the temporary directory), for SQLite to open and
+    the caller to unlink."""
+    fd, name = tempfile.mkstemp(prefix="repo-stream-", suffix=".db", dir=directory)
     os.close(fd)
     return name
 
@@ -210,21 +213,29 @@ class DiskBuilder:
         self._max_stored_mb = mb
         return self
 
-    async def open(self, path: str | os.PathLike[str] | None = None) -> DiskStore:
+    async def open(self, path: str | os.PathLike[str] | None = None, *, directory: str | os.PathLike[str] | None = None) -> DiskStore:
         """Open a store: a temporary one, which leaves no file even after ``kill -9``, or one at ``path``.
 
         With ``path=None`` the store is SQLite's temporary database: its file, in the temporary
-        directory, is unlinked as soon as SQLite creates it (see the module docstring).
+        directory, is unlinked as soon as SQLite creates it (see the module docstring). With a
+        ``directory`` as well, its file and its staging file are made in that folder instead
+        (``tempfile.mkstemp``) and unlinked as soon as SQLite has opened them: the store's disk
+        space is on that folder's file system, and nothing is left there even after ``kill -9``.
+        (SQLite's sort files, during the merge, still go to the temporary directory.)
 
         With a ``path``, the file stays after :meth:`DiskStore.close`. If it exists already, it
         must be empty or a store file left by an earlier store (of this process or another, even
         one killed mid-write): that file is replaced by an empty store.
 
         Raises:
-            DiskError: ``path`` holds something else (it is left untouched), or SQLite cannot
-                open or set up the store.
+            ValueError: both ``path`` and ``directory`` are given.
+            DiskError: ``path`` holds something else (it is left untouched), ``directory`` has no
+                room for a new file, or SQLite cannot open or set up the store.
         """
-        store = DiskStore(None if path is None else Path(path), self._cache_size_mb, self._max_stored_mb * _MIB)
+        if path is not None and directory is not None:
+            raise ValueError("give a store path or a directory for a temporary store, not both")
+        folder = None if directory is None else os.fspath(directory)
+        store = DiskStore(None if path is None else Path(path), self._cache_size_mb, self._max_stored_mb * _MIB, folder)
         try:
             await store._run(store._open_sync)
         except BaseException:
@@ -241,11 +252,13 @@ class DiskStore:
     ready for the next repo. Only one driver may use a store at a time.
     """
 
-    def __init__(self, path: Path | None, cache_size_mb: int, max_stored: int) -> None:
+    def __init__(self, path: Path | None, cache_size_mb: int, max_stored: int, directory: str | None = None) -> None:
         #: The SQLite file's path, or ``None`` for a temporary store (its file has no name).
         self.path = path
-        #: How messages name the store: its path, or ``"(temporary)"``.
-        self.name = "(temporary)" if path is None else str(path)
+        #: The folder of a temporary store's unlinked files, or ``None`` (the temporary directory).
+        self.directory = directory
+        #: How messages name the store: its path, or ``"(temporary)"`` (``"(temporary, in DIR)"``).
+        self.name = str(path) if path is not None else "(temporary)" if directory is None else f"(temporary, in {directory})"
         self._cache_kib = cache_size_mb * 1024
         self._max_stored = max_stored
         self._conn: sqlite3.Connection | None = None
@@ -259,13 +272,13 @@ class DiskStore:
     # --- plumbing ----------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in the store's worker thread; SQLite errors become :class:`DiskError`.
+        """Run ``fn(*args)`` in the store's worker thread; SQLite and file errors become :class:`DiskError`.
 
         The thread is never abandoned: on cancellation it finishes its batch first.
         """
         try:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise DiskError(f"SQLite spill store {self.name}: {exc}") from exc
 
     def _open_sync(self) -> None:
@@ -273,8 +286,11 @@ class DiskStore:
         if self.path is not None:
             _clear_store_file(self.path)
             target: str | Path = self.path
-        elif TEMPORARY_IN_MEMORY:
-            target = unlink = _unlinked_file()
+        elif self.directory is not None or TEMPORARY_IN_MEMORY:
+            try:
+                target = unlink = _unlinked_file(self.directory)
+            except OSError as exc:
+                raise DiskError(f"SQLite spill store {self.name}: cannot make its file: {exc}") from exc
         else:
             target = ""  # SQLite's temporary database
         try:
@@ -291,7 +307,7 @@ class DiskStore:
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             for statement in _SCHEMA:
                 conn.execute(statement)
-            self._attach_stage(conn)
+            self._attach_stage(conn, self.directory)
         except BaseException:
             conn.close()
             raise
@@ -300,10 +316,15 @@ class DiskStore:
         self._staged = 0
 
     @staticmethod
-    def _attach_stage(conn: sqlite3.Connection) -> None:
-        """Attach a new, empty, temporary staging database as ``stage``."""
-        if TEMPORARY_IN_MEMORY:
-            name = _unlinked_file()
+    def _attach_stage(conn: sqlite3.Connection, directory: str | None) -> None:
+        """Attach a new, empty, temporary staging database as ``stage`` (an unlinked file in
+        ``directory`` if given).
+
+        Raises:
+            OSError: no file can be made in ``directory``.
+        """
+        if directory is not None or TEMPORARY_IN_MEMORY:
+            name = _unlinked_file(directory)
             try:
                 conn.execute("ATTACH DATABASE ? AS stage", (name,))
             finally:
@@ -383,7 +404,7 @@ class DiskStore:
         conn.execute("COMMIT")
         conn.execute(f"PRAGMA main.cache_size=-{self._cache_kib}")
         conn.execute("DETACH DATABASE stage")
-        self._attach_stage(conn)
+        self._attach_stage(conn, self.directory)
         self._staged = 0
         self._failed = False
 

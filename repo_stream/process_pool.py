@@ -20,9 +20,9 @@ others go on with the rest.
 
 **Stopping.** When the run ends early (the consumer leaves, cancels, or fails), each worker gets
 SIGINT, which cancels its executor as cancelling an in-process run does (sinks told, fetches and
-stores closed), and is killed if it has not exited after :data:`STOP_GRACE` seconds. All the
-workers' spill files are in one folder made by this process, removed at the end whatever happened
-to the workers.
+stores closed), and is killed if it has not exited after :data:`STOP_GRACE` seconds. The
+workers' spill files are unlinked as soon as opened (see ``spill_dir``), so even a worker that
+is killed leaves none. A worker whose parent is gone finishes the repos it holds and exits.
 
 Memory: each worker is a whole interpreter with the library loaded (~45 MB) on top of its own
 ``memory_workers x mem_limit + disk_workers x (mem_limit + disk_cache_mb)``.
@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -59,31 +58,39 @@ def _worker_main(tasks: Connection, results: Connection, options: dict[str, Any]
     """A worker process: run the backfill over the sources received on ``tasks``.
 
     Sends ``("result", BackfillResult)`` per source, then ``("done", None)`` after the ``None``
-    that ends the sources; ``("failed", message)`` if the executor itself fails.
+    that ends the sources; ``("failed", message)`` if the executor itself fails. If the parent
+    is gone (its pipes end), it finishes the repos it holds and exits.
     """
     from .backfill import backfill
 
     async def sources() -> AsyncIterator[str]:
         while True:
-            source = await anyio.to_thread.run_sync(tasks.recv, abandon_on_cancel=True)
+            try:
+                source = await anyio.to_thread.run_sync(tasks.recv, abandon_on_cancel=True)
+            except EOFError:  # the parent is gone
+                return
             if source is None:
                 return
             yield source
 
     async def run() -> None:
-        async for result in backfill(sources(), **options):
-            results.send(("result", result))
+        async with aclosing(backfill(sources(), **options)) as run:
+            async for result in run:
+                results.send(("result", result))
 
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignores it
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
         anyio.run(run)
+        message: tuple[str, str | None] = ("done", None)
     except KeyboardInterrupt:  # stopped by the parent: the executor has cleaned up
         return
     except BaseException as exc:
-        results.send(("failed", f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no detail'}"))
-        return
-    results.send(("done", None))
+        message = ("failed", f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no detail'}")
+    try:
+        results.send(message)
+    except OSError:  # the parent is gone
+        pass
 
 
 class _Worker:
@@ -167,12 +174,7 @@ async def run_in_processes(
     Raises:
         ValueError: ``options`` cannot be pickled (a sink that cannot be sent to another process).
     """
-    spill_root = tempfile.mkdtemp(prefix="repo-stream-backfill-", dir=options.get("spill_dir"))
-    try:
-        pickled = check_picklable({**options, "spill_dir": spill_root})
-    except BaseException:
-        os.rmdir(spill_root)
-        raise
+    pickled = check_picklable(options)
     workers: list[_Worker] = []
     room = anyio.Condition()
     try:
@@ -217,7 +219,6 @@ async def run_in_processes(
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_stop, workers)
-            shutil.rmtree(spill_root, ignore_errors=True)
 
 
 def _send(worker: _Worker, message: str | None) -> None:

@@ -40,6 +40,7 @@ from repo_stream.errors import FetchError
 from repo_stream.fetch import FetchOptions
 
 from .backfill_server import LIST_REPOS, RepoHost, car_reply, repo_car_of, repo_records
+from .helpers import sqlite_temp_files
 from .servers import Reply, json_reply
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,11 @@ async def run_all(sources: Any, **options: Any) -> list[BackfillResult]:
     with anyio.fail_after(20):
         async with aclosing(backfill(sources, **options)) as results:
             return [r async for r in results]
+
+
+def unlinked_in(folder: Path, pid: int | str = "self") -> list[str]:
+    """Files in ``folder`` that process ``pid`` holds open after they were unlinked (spill stores)."""
+    return [t for t in sqlite_temp_files(pid) if t.startswith(f"{folder}/") and t.endswith(" (deleted)")]
 
 
 def by_source(results: list[BackfillResult]) -> dict[str, BackfillResult]:
@@ -202,13 +208,14 @@ async def test_cancelling_stops_promptly_and_leaves_no_spill_file(host: RepoHost
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(consume)
-            while not any(name.startswith("disk-") for folder in spill.iterdir() for name in os.listdir(folder)):
+            while not unlinked_in(spill):  # a disk worker's store: its files have no name
                 await anyio.sleep(0.01)
+            assert list(spill.iterdir()) == []
             started = time.monotonic()
             tg.cancel_scope.cancel()
     assert time.monotonic() - started < 1.0
     assert seen == []
-    assert list(spill.iterdir()) == []
+    assert list(spill.iterdir()) == [] and unlinked_in(spill) == []  # the stores are closed
     assert stats.in_memory == 0
 
 

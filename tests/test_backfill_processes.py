@@ -22,7 +22,7 @@ from repo_stream.cli import main
 
 from .backfill_server import RepoHost, car_reply, repo_car_of
 from .servers import Reply, json_reply
-from .test_backfill import CARS, DID_2000, FAST, RECORD_BYTES, REPO_2000, SIZES, did_of, run_all
+from .test_backfill import CARS, DID_2000, FAST, RECORD_BYTES, REPO_2000, SIZES, did_of, run_all, unlinked_in
 
 #: Worker processes are fresh interpreters: a run takes a second or so more than in one process.
 pytestmark = pytest.mark.anyio
@@ -129,14 +129,12 @@ async def test_cancelling_stops_the_workers_and_leaves_no_spill_file(host: RepoH
             async for result in results:
                 seen.append(result)
 
-    def spill_files() -> list[str]:
-        return [name for folder, _, names in os.walk(spill) for name in names if name.startswith("disk-")]
-
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(consume)
-            while len(spill_files()) < 2:  # both workers are spilling
+            while sum(bool(unlinked_in(spill, pid)) for pid in worker_processes()) < 2:  # both are spilling
                 await anyio.sleep(0.01)
+            assert list(spill.iterdir()) == []  # the stores' files have no name
             tg.cancel_scope.cancel()
     assert seen == []
     assert list(spill.iterdir()) == []

@@ -127,8 +127,9 @@ async def test_walk_chunks_are_one_thread_hop_each(big_car: bytes, monkeypatch) 
 # kill -9: a temporary store leaves nothing; a store at a path can be opened again
 # --------------------------------------------------------------------------------------------
 
-#: Run in a child process: spill argv[1] (a CAR file) into a store (argv[3], or temporary) with
-#: a 1 MiB cache, print "ready" at the point argv[2] names, then carry on or wait to be killed.
+#: Run in a child process: spill argv[1] (a CAR file) into a store (at the path argv[3], or
+#: temporary, in the folder argv[4] if given) with a 1 MiB cache, print "ready" at the point
+#: argv[2] names, then carry on or wait to be killed.
 _SPILLER = """
 import sys, anyio
 from repo_stream import DiskBuilder, DriverBuilder, NeedDisk
@@ -137,6 +138,7 @@ from repo_stream.disk import DiskStore
 car = open(sys.argv[1], "rb").read()
 point = sys.argv[2]
 path = sys.argv[3] or None
+directory = sys.argv[4] or None
 
 put = DiskStore.put_batch_sync
 def put_and_tell(self, rows, size):
@@ -155,7 +157,7 @@ async def source():
 async def main():
     driver = await DriverBuilder().with_mem_limit_mb(0.5).load_car(source())
     assert isinstance(driver, NeedDisk)
-    store = await DiskBuilder().with_cache_size_mb(1).open(path)
+    store = await DiskBuilder().with_cache_size_mb(1).open(path, directory=directory)
     _, disk = await driver.finish_loading(store)
     await disk.next_chunk(10)
     print("ready", flush=True)
@@ -175,12 +177,12 @@ def kill_car(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _spill_then_kill(car: Path, point: str, tmpdir: Path, path: Path | None = None) -> dict[str, int]:
+def _spill_then_kill(car: Path, point: str, tmpdir: Path, path: Path | None = None, directory: Path | None = None) -> dict[str, int]:
     """Run the spiller until it says ready, SIGKILL it; return the SQLite temp files it had open."""
     tmpdir.mkdir(exist_ok=True)
     env = {**os.environ, "TMPDIR": str(tmpdir), "SQLITE_TMPDIR": str(tmpdir)}
     child = subprocess.Popen(
-        [sys.executable, "-c", _SPILLER, str(car), point, str(path or "")],
+        [sys.executable, "-c", _SPILLER, str(car), point, str(path or ""), str(directory or "")],
         stdout=subprocess.PIPE, env=env,
     )
     try:
@@ -188,6 +190,8 @@ def _spill_then_kill(car: Path, point: str, tmpdir: Path, path: Path | None = No
         assert child.stdout.readline() == b"ready\n", "the spiller failed before it was ready"
         open_files = sqlite_temp_files(child.pid)
         assert os.listdir(tmpdir) == []  # files it has open there have no names
+        if directory is not None:
+            assert os.listdir(directory) == []
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=30)
@@ -204,6 +208,35 @@ def test_temporary_store_leaves_nothing_after_kill_9(kill_car: Path, tmp_path: P
     assert all(name.startswith(str(tmpdir)) and name.endswith(" (deleted)") for name in open_files)
     # ... so nothing is left after the kill.
     assert os.listdir(tmpdir) == []
+
+
+@pytest.mark.parametrize("point", ["writing", "walking"])
+def test_temporary_store_in_a_directory_leaves_nothing_after_kill_9(kill_car: Path, tmp_path: Path, point: str) -> None:
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    open_files = _spill_then_kill(kill_car, point, tmp_path / "tmp", directory=spill)
+    # The store and its staging file were in the folder given, unlinked already ...
+    in_spill = {name: size for name, size in open_files.items() if name.startswith(f"{spill}/repo-stream-")}
+    assert len(in_spill) == 2 and all(name.endswith(" (deleted)") for name in in_spill)
+    assert sum(in_spill.values()) > 1024 * 1024  # more than the 1 MiB page cache holds
+    # ... so nothing is left after the kill.
+    assert os.listdir(spill) == [] and os.listdir(tmp_path / "tmp") == []
+
+
+async def test_temporary_store_in_a_directory(tmp_path: Path, big_car: bytes) -> None:
+    with pytest.raises(ValueError, match="not both"):
+        await DiskBuilder().open(tmp_path / "x.db", directory=tmp_path)
+    with pytest.raises(DiskError, match=r"\(temporary, in .*missing\): cannot make its file"):
+        await DiskBuilder().open(directory=tmp_path / "missing")
+    async with await DiskBuilder().open(directory=tmp_path) as store:
+        assert store.name == f"(temporary, in {tmp_path})" and store.path is None
+        _, driver = await (await spill(big_car)).finish_loading(store)
+        assert [r async for r in driver] == [(key, len(block)) for key, block in sorted(POSTS)]
+        assert os.listdir(tmp_path) == []
+        assert len([t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/repo-stream-")]) == 2
+        store = await driver.reset_store()  # a new pair of files, the old ones closed
+        assert len([t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/repo-stream-")]) == 2
+    assert [t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/")] == []
 
 
 @pytest.mark.anyio
