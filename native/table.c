@@ -146,7 +146,7 @@ static int grow_slots(RsBlockTable *t) {
     }
     memset(slots, 0, n * sizeof(uint64_t));
     /* Every record is re-read for its CID's hash, in slot order, so at random: fetch a few ahead
-     * to overlap the misses (it halves this loop's time on a table larger than the cache). */
+     * so that the misses overlap instead of queueing. */
     for (size_t j = 0; j < t->nslots; j++) {
         if (j + REHASH_AHEAD < t->nslots && t->slots[j + REHASH_AHEAD]) __builtin_prefetch(rec_of(t->slots[j + REHASH_AHEAD]));
         uint64_t s = t->slots[j];

@@ -20,6 +20,10 @@ Cancelling the consumer stops every task promptly, closes every fetch and remove
 Peak memory is about ``(memory_workers + disk_queue_size) x mem_limit + disk_workers x (mem_limit
 + disk_cache_mb)`` plus the interpreter, whatever the repos' sizes.
 
+One process uses one core (the C core holds the GIL while it builds items, and the rest is
+Python): ``processes=N`` runs the executor in N worker processes instead, fed one source at a
+time by this one (:mod:`repo_stream.process_pool`).
+
 A :class:`Checkpoint` (an SQLite file) records every finished repo; a rerun with the same file
 yields the recorded results (``skipped=True``) without fetching those repos again, and
 ``retry_failed=True`` runs the failures again. A result is yielded only once it is recorded, so

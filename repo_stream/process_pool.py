@@ -35,6 +35,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from multiprocessing.connection import Connection, wait
@@ -114,6 +115,10 @@ class _Worker:
                 pass_fds=(tasks_r, results_w),
                 stdin=subprocess.DEVNULL,
             )
+        except BaseException:
+            os.close(tasks_w)  # no worker: this process's ends go too
+            os.close(results_r)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(tasks_r)  # the worker's ends
@@ -168,7 +173,7 @@ async def run_in_processes(
         results: where each result goes, in completion order.
         options: keyword arguments of :func:`repo_stream.backfill.backfill` for each worker (no
             checkpoint, client, resolver or stats; they must be picklable).
-        processes: worker processes (>= 2).
+        processes: worker processes to start (>= 2).
         window: sources a worker may hold at once.
 
     Raises:
@@ -256,9 +261,10 @@ def _stop(workers: list[_Worker]) -> None:
     for worker in workers:
         if not worker.finished and worker.process.poll() is None:
             worker.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE
     for worker in workers:
         try:
-            worker.process.wait(STOP_GRACE)
+            worker.process.wait(max(deadline - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
             worker.process.kill()
             worker.process.wait()
@@ -274,7 +280,10 @@ def _main(argv: list[str]) -> None:
         sys.path[:] = tasks.recv()
         options = pickle.loads(tasks.recv_bytes())
     except BaseException as exc:  # e.g. a sink whose class this process cannot import
-        results.send(("failed", f"cannot read its options: {type(exc).__name__}: {' '.join(str(exc).split())}"))
+        try:
+            results.send(("failed", f"cannot read its options: {type(exc).__name__}: {' '.join(str(exc).split())}"))
+        except OSError:  # the parent is gone
+            pass
         return
     _worker_main(tasks, results, options)
 
