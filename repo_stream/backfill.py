@@ -936,6 +936,12 @@ async def backfill(
                     async for result in out:
                         stats.count(result)
                         yield result
+        except BaseExceptionGroup as group:
+            # Closing this generator early (``aclose``) throws GeneratorExit in at the ``yield``,
+            # inside the task group, which wraps it: hand ``aclose`` back the GeneratorExit.
+            if group.split(GeneratorExit)[1] is None:
+                raise GeneratorExit from None
+            raise
         finally:
             await run.cleanup()
         if run.feed_error is not None:

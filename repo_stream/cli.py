@@ -577,6 +577,8 @@ def _backfill(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # standard output closed early (`| head`): main stops quietly
     except (RepoStreamError, OSError, ValueError, ImportError) as exc:
         print(f"error: {' '.join(str(exc).split()) or type(exc).__name__}", file=sys.stderr)
         return 1

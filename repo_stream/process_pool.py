@@ -18,9 +18,11 @@ out.
 without finishing (killed, out of memory, crashed) gives an error result for each of them; the
 others go on with the rest.
 
-**Stopping.** When the run ends early (the consumer leaves, cancels, or fails), each worker gets
-SIGINT, which cancels its executor as cancelling an in-process run does (sinks told, fetches and
-stores closed), and is killed if it has not exited after :data:`STOP_GRACE` seconds. The
+**Stopping.** When the run ends early (the consumer leaves, cancels, or fails, or a Ctrl-C
+reaches this process), each worker is sent a stop on its pipe, which cancels its executor as
+cancelling an in-process run does (sinks told, fetches and stores closed), and is killed if it
+has not exited after :data:`STOP_GRACE` seconds. Workers ignore SIGINT, so a Ctrl-C at the
+terminal stops them through this process, never half-way through their own shutdown. The
 workers' spill files are unlinked as soon as opened (see ``spill_dir``), so even a worker that
 is killed leaves none. A worker whose parent is gone finishes the repos it holds and exits.
 
@@ -31,13 +33,13 @@ imports) on top of its own
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from contextlib import aclosing
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -50,43 +52,52 @@ from .backfill import BackfillResult
 
 __all__ = ["STOP_GRACE", "check_picklable", "run_in_processes"]
 
-#: Seconds a worker process has to stop after SIGINT before it is killed.
+#: Seconds a worker process has to stop after it is sent a stop before it is killed.
 STOP_GRACE = 10.0
 #: Seconds between checks for workers that exited, while waiting for results.
 _POLL = 0.5
 
 
+#: Sent to a worker to stop it: it cancels its executor (as cancelling an in-process run does).
+_STOP = False
+
+
 def _worker_main(tasks: Connection, results: Connection, options: dict[str, Any]) -> None:
     """A worker process: run the backfill over the sources received on ``tasks``.
 
-    Sends ``("result", BackfillResult)`` per source, then ``("done", None)`` after the ``None``
-    that ends the sources; ``("failed", message)`` if the executor itself fails. If the parent
-    is gone (its pipes end), it finishes the repos it holds and exits.
+    ``tasks`` carries sources, then ``None`` (no more), or :data:`_STOP` at any time. Sends
+    ``("result", BackfillResult)`` per source, then ``("done", None)``; ``("failed", message)``
+    if the executor itself fails. If the parent is gone (its pipe ends), it finishes the repos it
+    holds and exits.
     """
     from .backfill import backfill
 
-    async def sources() -> AsyncIterator[str]:
-        while True:
-            try:
-                source = await anyio.to_thread.run_sync(tasks.recv, abandon_on_cancel=True)
-            except EOFError:  # the parent is gone
-                return
-            if source is None:
-                return
-            yield source
-
     async def run() -> None:
-        async with aclosing(backfill(sources(), **options)) as run:
-            async for result in run:
-                results.send(("result", result))
+        sources_send, sources = anyio.create_memory_object_stream[str](math.inf)  # the parent's window bounds it
+        async with anyio.create_task_group() as tg:
+
+            async def read_tasks() -> None:
+                async with sources_send:
+                    while True:
+                        try:
+                            message = await anyio.to_thread.run_sync(tasks.recv, abandon_on_cancel=True)
+                        except EOFError:  # the parent is gone
+                            return
+                        if message is None:
+                            return
+                        if message is _STOP:
+                            tg.cancel_scope.cancel()
+                            return
+                        await sources_send.send(message)
+
+            tg.start_soon(read_tasks)
+            async with aclosing(backfill(sources, **options)) as run:
+                async for result in run:
+                    results.send(("result", result))
 
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the parent ignores it
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
         anyio.run(run)
         message: tuple[str, str | None] = ("done", None)
-    except KeyboardInterrupt:  # stopped by the parent: the executor has cleaned up
-        return
     except BaseException as exc:
         message = ("failed", f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no detail'}")
     try:
@@ -107,8 +118,9 @@ class _Worker:
     def __init__(self, options: bytes) -> None:
         tasks_r, tasks_w = os.pipe()
         results_r, results_w = os.pipe()
-        # Started with SIGINT blocked (the mask is inherited through exec): a Ctrl-C while it
-        # imports would end it with a traceback; it unblocks SIGINT once it can stop cleanly.
+        # Started with SIGINT blocked (the mask is inherited through exec): a Ctrl-C at the
+        # terminal, which reaches the whole process group, would end it with a traceback while
+        # it imports. It then ignores SIGINT: this process stops it with _STOP.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self.process = subprocess.Popen(
@@ -227,7 +239,7 @@ async def run_in_processes(
             await anyio.to_thread.run_sync(_stop, workers)
 
 
-def _send(worker: _Worker, message: str | None) -> None:
+def _send(worker: _Worker, message: str | bool | None) -> None:
     """Send a source (or the end) to a worker; a worker that is gone is seen by the collector."""
     try:
         worker.tasks.send(message)
@@ -257,11 +269,11 @@ def _receive(worker: _Worker) -> list[BackfillResult]:
 
 
 def _stop(workers: list[_Worker]) -> None:
-    """Stop every worker process: those that answered "done" exit by themselves; the others get
-    SIGINT. Any still running after STOP_GRACE seconds is killed."""
+    """Stop every worker process: those that answered "done" exit by themselves; the others are
+    sent _STOP. Any still running after STOP_GRACE seconds is killed."""
     for worker in workers:
-        if not worker.finished and worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGINT)
+        if not worker.finished:
+            _send(worker, _STOP)
     deadline = time.monotonic() + STOP_GRACE
     for worker in workers:
         try:
@@ -275,6 +287,8 @@ def _stop(workers: list[_Worker]) -> None:
 
 def _main(argv: list[str]) -> None:
     """A worker process's entry: ``python -m repo_stream.process_pool TASKS_FD RESULTS_FD``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the parent, which stops this one
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
     tasks = Connection(int(argv[1]), writable=False)
     results = Connection(int(argv[2]), readable=False)
     try:

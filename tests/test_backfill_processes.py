@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import aclosing
@@ -182,3 +184,22 @@ def test_cli_processes(host: RepoHost, tmp_path: Path, capsys: pytest.CaptureFix
         main(["backfill", "--repos", str(listing), "--processes", "2", "--dask", "local"])
     assert usage.value.code == 2
     assert "--processes is for one machine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_cli_closed_stdout_ends_quietly(tmp_path: Path, processes: str) -> None:
+    """``backfill --json | head -1``: no traceback from any process, exit 141."""
+    listing = tmp_path / "repos.txt"
+    listing.write_text(f"{REPO_2000}\n" * 200)
+    command = [sys.executable, "-m", "repo_stream", "backfill", "--repos", str(listing), "--json", "--processes", processes]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    first = json.loads(child.stdout.readline())
+    child.stdout.close()  # while the run goes on: its next line cannot be written
+    status = child.wait(timeout=60)
+    err = child.stderr.read()
+    child.stderr.close()
+    assert (first["records"], first["error"]) == (2000, None)
+    assert err == b""
+    assert status == 141
+    assert worker_processes() == []
