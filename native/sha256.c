@@ -52,6 +52,21 @@ static const uint32_t K[64] = {
     ROUNDS8(40, W);  \
     ROUNDS8(48, W);  \
     ROUNDS8(56, W)
+/* One block: the 64 rounds on the state st[8] (of type T: uint32_t, or a vector of lanes), with
+ * the message schedule in w[16]. */
+#define COMPRESS(T, st)                                                                                      \
+    do {                                                                                                     \
+        T a = (st)[0], b = (st)[1], c = (st)[2], d = (st)[3], e = (st)[4], f = (st)[5], g = (st)[6], h = (st)[7]; \
+        ROUNDS64;                                                                                            \
+        (st)[0] += a;                                                                                        \
+        (st)[1] += b;                                                                                        \
+        (st)[2] += c;                                                                                        \
+        (st)[3] += d;                                                                                        \
+        (st)[4] += e;                                                                                        \
+        (st)[5] += f;                                                                                        \
+        (st)[6] += g;                                                                                        \
+        (st)[7] += h;                                                                                        \
+    } while (0)
 
 /* A BMI2 clone (rorx: rotates without a copy, ~25% fewer instructions) is picked at load time
  * where the CPU has it; the plain one everywhere else. */
@@ -63,17 +78,7 @@ static void compress(uint32_t state[8], const uint8_t block[64]) {
     for (int i = 0; i < 16; i++)
         w[i] = ((uint32_t)block[4 * i] << 24) | ((uint32_t)block[4 * i + 1] << 16) |
                ((uint32_t)block[4 * i + 2] << 8) | (uint32_t)block[4 * i + 3];
-    uint32_t a = state[0], b = state[1], c = state[2], d = state[3], e = state[4], f = state[5], g = state[6],
-             h = state[7];
-    ROUNDS64;
-    state[0] += a;
-    state[1] += b;
-    state[2] += c;
-    state[3] += d;
-    state[4] += e;
-    state[5] += f;
-    state[6] += g;
-    state[7] += h;
+    COMPRESS(uint32_t, state);
 }
 
 static const uint32_t IV[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,

@@ -4,7 +4,7 @@
  *   LANES_FN      the function's name
  *   LANES         lanes per vector (16 for AVX-512, 8 for AVX2)
  *   LANES_TARGET  the GCC target attribute string ("avx512f", "avx2")
- * and the scalar round macros of sha256.c (ROUNDS64 and what it uses, with the table K), which
+ * and the scalar round macros of sha256.c (COMPRESS, ROUNDS64 and what they use, with the table K), which
  * are type-generic: here they act on GCC vector types, one independent hash per lane.
  *
  * The messages stream through the lanes: a lane that has hashed its message's last block writes
@@ -68,16 +68,7 @@ __attribute__((target(LANES_TARGET))) static void LANES_FN(size_t n, const uint8
             }
         memcpy(w, m, sizeof w);
 #endif
-        LANES_VEC a = s[0], b = s[1], c = s[2], d = s[3], e = s[4], f = s[5], g = s[6], h = s[7];
-        ROUNDS64;
-        s[0] += a;
-        s[1] += b;
-        s[2] += c;
-        s[3] += d;
-        s[4] += e;
-        s[5] += f;
-        s[6] += g;
-        s[7] += h;
+        COMPRESS(LANES_VEC, s);
         for (int l = 0; l < LANES; l++) {
             Lane *lane = &lanes[l];
             if (!lane->busy) continue;
