@@ -1,23 +1,21 @@
-"""The SQLite spill store in isolation: insert and look-up rows per second on a real spill.
+"""The SQLite spill store in isolation: its cost per run, per merge and per look-up on a real spill.
 
-Usage: python benchmarks/spill_store.py REPO.car [--rounds 3] [--mem-limit-mb 10] [--cache-mb 32]
+Usage: python benchmarks/spill_store.py REPO.car [--rounds 3] [--mem-limit-mb 10] [--cache-mb 16]
 
-First it spills the CAR once as ``stats`` does (block processor ``len``), recording every insert
-batch handed to the store and, in walk order, the CIDs the walker asks to prefetch for each node
-it expands. Then, ``--rounds`` times, into a fresh temporary store, it times (thread CPU time and
-wall time, printed as medians):
+First it spills the CAR once as ``stats`` does (block processor ``len``), recording every run
+handed to the store and, in walk order, the node CIDs and the record CIDs (a chunk at a time)
+the walker asks for. Then, ``--rounds`` times, into a fresh temporary store, it times (thread CPU
+time and wall time, printed as medians):
 
-* ``insert``: every recorded batch through ``put_batch_sync``, then ``merge_sync``;
-* ``walk look-ups``: the walker's protocol: ``prefetch`` of a node's CIDs, then ``processed``
-  (records) or ``node`` (subtrees) for each;
-* ``fetch_many per node``: one ``fetch_many`` per expanded node, as a native walker would;
-* ``fetch_many per 64``: the same CIDs, 64 per call.
+* ``store runs``: every recorded run through ``put_run_sync``;
+* ``merge``: ``merge_sync``, the runs into one, with its index;
+* ``node look-ups``: ``node`` of every node CID, in walk order;
+* ``record look-ups``: ``fetch_many`` of every chunk of record CIDs, in walk order.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -32,48 +30,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from repo_stream import DiskBuilder, DriverBuilder, NeedDisk
 from repo_stream.disk import DiskStore
 
+Recorded = tuple[list[tuple[bytes, list[Any], int]], list[bytes], list[list[bytes]], int]
 
-async def record_spill(path: str, mem_limit_mb: float) -> tuple[list[tuple[list[Any], int]], list[tuple[list[bytes], list[bool]]], int]:
-    """Spill ``path``; return the insert batches, the prefetch groups (CIDs, is-node flags) and the record count."""
-    batches: list[tuple[list[Any], int]] = []
-    groups: list[tuple[list[bytes], list[bool]]] = []
-    put = DiskStore.put_batch_sync
+
+async def record_spill(path: str, mem_limit_mb: float) -> Recorded:
+    """Spill ``path``; return the runs, the node CIDs, the record CID chunks and the record count."""
+    runs: list[tuple[bytes, list[Any], int]] = []
+    nodes: list[bytes] = []
+    chunks: list[list[bytes]] = []
+    put = DiskStore.put_run_sync
     lookup = DiskStore.lookup
 
-    def recording_put(self: DiskStore, rows: list[Any], size: int) -> None:
-        batches.append((list(rows), size))
-        put(self, rows, size)
+    def recording_put(self: DiskStore, run: bytes, large: list[Any], size: int) -> None:
+        runs.append((run, list(large), size))
+        put(self, run, large, size)
 
     class Recorder:
         def __init__(self, inner: Any) -> None:
             self.inner = inner
-            self.nodes: set[bytes] = set()
-
-        def prefetch(self, cids: list[bytes]) -> None:
-            groups.append((list(cids), []))
-            self.inner.prefetch(cids)
 
         def node(self, cid: bytes) -> Any:
-            self.nodes.add(cid)
+            nodes.append(cid)
             return self.inner.node(cid)
 
-        def processed(self, cid: bytes, default: Any) -> Any:
-            return self.inner.processed(cid, default)
-
-        def raw(self, cid: bytes) -> Any:
-            return self.inner.raw(cid)
-
-        def fetch_many(self, cids: list[bytes]) -> Any:  # the C walker's record values, a chunk at a time
-            groups.append((list(cids), []))
+        def fetch_many(self, cids: list[bytes]) -> Any:
+            chunks.append(list(cids))
             return self.inner.fetch_many(cids)
 
-    recorders: list[Recorder] = []
-
     def recording_lookup(self: DiskStore, decode: Callable[[bytes], Any]) -> Any:
-        recorders.append(Recorder(lookup(self, decode)))
-        return recorders[-1]
+        return Recorder(lookup(self, decode))
 
-    DiskStore.put_batch_sync = recording_put  # type: ignore[method-assign]
+    DiskStore.put_run_sync = recording_put  # type: ignore[method-assign]
     DiskStore.lookup = recording_lookup  # type: ignore[method-assign]
     try:
         async with await anyio.open_file(path, "rb") as f:
@@ -86,12 +73,9 @@ async def record_spill(path: str, mem_limit_mb: float) -> tuple[list[tuple[list[
                 while (chunk := await disk.next_chunk(1024)) is not None:
                     records += len(chunk)
     finally:
-        DiskStore.put_batch_sync = put  # type: ignore[method-assign]
+        DiskStore.put_run_sync = put  # type: ignore[method-assign]
         DiskStore.lookup = lookup  # type: ignore[method-assign]
-    nodes = recorders[0].nodes
-    for cids, flags in groups:
-        flags.extend(cid in nodes for cid in cids)
-    return batches, groups, records
+    return runs, nodes, chunks, records
 
 
 def timed(fn: Callable[[], None]) -> tuple[float, float]:
@@ -101,43 +85,31 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.thread_time() - cpu, time.perf_counter() - wall
 
 
-def one_round(batches: list[tuple[list[Any], int]], groups: list[tuple[list[bytes], list[bool]]], cache_mb: int) -> dict[str, tuple[float, float]]:
+def one_round(recorded: Recorded, cache_mb: int) -> dict[str, tuple[float, float]]:
+    runs, nodes, chunks, _ = recorded
     store = anyio.run(lambda: DiskBuilder().with_cache_size_mb(cache_mb).open())
     out: dict[str, tuple[float, float]] = {}
     try:
 
-        def insert() -> None:
-            for rows, size in batches:
-                store.put_batch_sync(list(rows), size)
-            store.merge_sync()
+        def store_runs() -> None:
+            for run, large, size in runs:
+                # the ids of a run's large payloads follow on from the store's, as when recorded
+                store.put_run_sync(run, large, size)
 
-        out["insert"] = timed(insert)
+        out["store runs"] = timed(store_runs)
+        out["merge"] = timed(store.merge_sync)
         lookup = store.lookup(bytes)
-        missing = object()
 
-        def walk_lookups() -> None:
-            for cids, is_node in groups:
-                lookup.prefetch(cids)
-                for cid, node in zip(cids, is_node, strict=True):
-                    if node:
-                        lookup.node(cid)
-                    elif lookup.processed(cid, missing) is missing:
-                        lookup.raw(cid)
+        def node_lookups() -> None:
+            for cid in nodes:
+                lookup.node(cid)
 
-        every = [cid for cids, _ in groups for cid in cids]
-        sixty_fours = [every[i : i + 64] for i in range(0, len(every), 64)]
-
-        def per_node() -> None:
-            for cids, _ in groups:
+        def record_lookups() -> None:
+            for cids in chunks:
                 lookup.fetch_many(cids)
 
-        def per_64() -> None:
-            for cids in sixty_fours:
-                lookup.fetch_many(cids)
-
-        out["walk look-ups"] = timed(walk_lookups)
-        out["fetch_many per node"] = timed(per_node)
-        out["fetch_many per 64"] = timed(per_64)
+        out["node look-ups"] = timed(node_lookups)
+        out["record look-ups"] = timed(record_lookups)
     finally:
         anyio.run(store.close)
     return out
@@ -148,21 +120,20 @@ def main() -> None:
     parser.add_argument("car")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--mem-limit-mb", type=float, default=10)
-    parser.add_argument("--cache-mb", type=int, default=32)
+    parser.add_argument("--cache-mb", type=int, default=16)
     args = parser.parse_args()
-    batches, groups, records = anyio.run(record_spill, args.car, args.mem_limit_mb)
-    rows = sum(len(r) for r, _ in batches)
-    looked_up = sum(len(c) for c, _ in groups)
-    print(f"{args.car}: {records} records; {rows} rows in {len(batches)} batches, "
-          f"{sum(s for _, s in batches) / 1e6:.1f} MB; {looked_up} look-ups in {len(groups)} nodes")
-    gc.collect()
-    gc.disable()  # the recorded rows are millions of objects: keep collections out of the timings
-    rounds = [one_round(batches, groups, args.cache_mb) for _ in range(args.rounds)]
-    for name in rounds[0]:
-        n = rows if name == "insert" else looked_up
-        cpu = statistics.median(r[name][0] for r in rounds)
-        wall = statistics.median(r[name][1] for r in rounds)
-        print(f"  {name:20} {1e6 * cpu / n:6.2f} us/row CPU ({n / cpu / 1e3:5.0f} k rows/s), wall {wall:6.2f} s")
+    recorded = anyio.run(record_spill, args.car, args.mem_limit_mb)
+    runs, nodes, chunks, records = recorded
+    looked_up = sum(len(c) for c in chunks)
+    print(f"{args.car}: {records} records; {len(runs)} runs, {sum(len(r) for r, _, _ in runs) / 1e6:.1f} MB; "
+          f"{len(nodes)} node look-ups, {looked_up} record look-ups in {len(chunks)} chunks")
+    results = [one_round(recorded, args.cache_mb) for _ in range(args.rounds)]
+    for name in results[0]:
+        cpu = statistics.median(r[name][0] for r in results)
+        wall = statistics.median(r[name][1] for r in results)
+        count = {"node look-ups": len(nodes), "record look-ups": looked_up}.get(name)
+        per = f", {wall / count * 1e6:.2f} us each" if count else ""
+        print(f"  {name:16} {wall:6.3f} s wall, {cpu:6.3f} s CPU{per}")
 
 
 if __name__ == "__main__":

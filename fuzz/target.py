@@ -13,7 +13,7 @@ from typing import Any
 
 import cbor2
 
-from repo_stream import car, implementation
+from repo_stream import car, implementation, runs
 from repo_stream.blocks import NOT_A_NODE, ROW_ENCODED, ROW_PLAIN, ROW_RAW, DiskRecords
 from repo_stream.commit import decode_commit
 from repo_stream.errors import MissingBlockError, NodeDecodeError, RepoStreamError
@@ -23,14 +23,41 @@ COLLECTIONS = [None, None, frozenset({"app.bsky.feed.like"}), frozenset({"app.bs
 FEEDS = [1, 7, 64, 1000, 4096, 65536, 1 << 20, 3]
 
 
-class RowLookup:
-    """The look-up a disk store gives the walker, over spilled rows kept in a dict."""
+class RunLookup:
+    """The look-up a disk store gives the walker, over spilled rows packed into sorted runs by
+    the implementation under test, merged by it (fed in pieces of 1 to 4096 bytes) and searched
+    through its index, with the runs in memory instead of SQLite."""
 
-    def __init__(self, rows: dict[bytes, tuple[int, Any]]) -> None:
-        self.rows = rows
+    def __init__(self, impl: Any, batches: list[list[tuple[bytes, int, Any]]], piece: int) -> None:
+        self.large: dict[int, bytes] = {}
+        packed = []
+        for rows in batches:
+            run, large = impl.pack_run(rows, len(self.large) + 1)
+            self.large.update(large)
+            packed.append(run)
+        merge = impl.RunMerge(len(packed), 64, True)
+        at = [0] * len(packed)
+        out: list[list[bytes]] = [[], []]
+        while (got := merge.step(4096)) is not None:
+            if type(got) is int:
+                merge.feed(got, packed[got][at[got] : at[got] + piece])
+                at[got] += piece
+            else:
+                out[got[0]].append(got[1])
+        self.nodes, self.values = merge.index()
+        for index, pieces in zip((self.nodes, self.values), out, strict=True):
+            merged = b"".join(pieces)
+            index.attach([merged[i : i + 1000] for i in range(0, len(merged), 1000)], 1000)
+
+    def _row(self, row: Any) -> Any:
+        if row is not None and row[0] & runs.LARGE:
+            return runs.large_value(row[0], self.large[row[1]])
+        return row
 
     def node(self, cid: bytes) -> Any:
-        row = self.rows.get(cid)
+        row = self.nodes.get(cid)
+        if row is None:
+            row = self._row(self.values.get(cid))
         if row is None:
             return None
         return row[1] if row[0] == ROW_RAW else NOT_A_NODE
@@ -38,18 +65,10 @@ class RowLookup:
     def prefetch(self, cids: list[bytes]) -> None:
         assert all(type(c) is bytes for c in cids)
 
-    def processed(self, cid: bytes, default: Any) -> Any:
-        row = self.rows.get(cid)
-        if row is None or row[0] == ROW_RAW:
-            return default
-        return row[1] if row[0] == ROW_PLAIN else cbor2.loads(row[1])
-
-    def raw(self, cid: bytes) -> bytes | None:
-        row = self.rows.get(cid)
-        return row[1] if row is not None and row[0] == ROW_RAW else None
-
-    def fetch_many(self, cids: list[bytes]) -> list[tuple[int, Any] | None]:
-        return [self.rows.get(cid) for cid in cids]
+    def fetch_many(self, cids: list[bytes]) -> tuple[list[tuple[int, Any] | None], bool]:
+        rows, _n_large, _n_plain = self.values.get_many(cids)
+        rows = [self._row(self.nodes.get(cid) if row is None else row) for cid, row in zip(cids, rows, strict=True)]
+        return rows, all(row is not None and row[0] == ROW_PLAIN for row in rows)
 
 
 def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
@@ -81,7 +100,7 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
         roots = car.decode_header(raw, parser.offset - len(raw))
         root = roots[0]
         table = impl.BlockTable(root, process, cbor2.dumps)
-        rows: dict[bytes, tuple[int, Any]] = {}
+        batches: list[list[tuple[bytes, int, Any]]] = []
         commit = None
         data_cid = b""
         while True:
@@ -90,14 +109,13 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
                 commit, data_cid = decode_commit(block, root, strict=verify)
             if stopped and table.used < limit:
                 continue  # stopped just after the commit block, decoded above
-            if stopped or rows:
+            if stopped or batches:
                 while True:
                     taken, _size = table.take_rows(limit // 2 or 1)
                     if not taken:
                         break
-                    for cid, kind, value in taken:
-                        assert kind in (ROW_RAW, ROW_ENCODED, ROW_PLAIN)
-                        rows.setdefault(cid, (kind, value))
+                    assert all(kind in (ROW_RAW, ROW_ENCODED, ROW_PLAIN) for _cid, kind, _value in taken)
+                    batches.append(taken)
                 if stopped:
                     continue
             if not fill():
@@ -105,8 +123,8 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
                 break
         if commit is None:
             raise MissingBlockError("no commit")
-        if rows:
-            lookup = DiskRecords(RowLookup(rows), process, cbor2.loads)
+        if batches:
+            lookup = DiskRecords(RunLookup(impl, batches, FEEDS[options & 7] % 4096 or 1), process, cbor2.loads)
             walker = impl.Walker(data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
         else:
             walker = impl.Walker(data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)

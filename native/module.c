@@ -167,6 +167,8 @@ static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
      "setup(*, messages, not_a_node, cid_text)\n--\n\nConnect the core to repo_stream's Python side (done by "
      "repo_stream.implementation)."},
+    {"pack_run", rs_pack_run, METH_VARARGS,
+     "pack_run(rows, next_large)\n--\n\nPack spill rows into one sorted run: (run, large) (see repo_stream.runs.pack_run)."},
     {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
     {"sha256_many", sha256_many, METH_VARARGS,
      "sha256_many(messages, lanes=0)\n--\n\nThe core's SHA-256 digests of a sequence of bytes, hashed side by side "
@@ -178,18 +180,20 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "repo_stream._native",
-    "The C core of repo-stream: CarParser, BlockTable and Walker (see repo_stream.implementation).", -1, methods,
+    "The C core of repo-stream: CarParser, BlockTable, Walker, and the spill store's runs (see repo_stream.implementation).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&RsCarParser_Type) < 0 || PyType_Ready(&RsBlockTable_Type) < 0 || PyType_Ready(&RsWalker_Type) < 0)
+    if (PyType_Ready(&RsCarParser_Type) < 0 || PyType_Ready(&RsBlockTable_Type) < 0 || PyType_Ready(&RsWalker_Type) < 0 ||
+        rs_runs_ready() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "CarParser", (PyObject *)&RsCarParser_Type) < 0 ||
         PyModule_AddObjectRef(m, "BlockTable", (PyObject *)&RsBlockTable_Type) < 0 ||
-        PyModule_AddObjectRef(m, "Walker", (PyObject *)&RsWalker_Type) < 0) {
+        PyModule_AddObjectRef(m, "Walker", (PyObject *)&RsWalker_Type) < 0 ||
+        PyModule_AddObjectRef(m, "RunMerge", (PyObject *)&RsRunMerge_Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -110,4 +110,24 @@ extern PyTypeObject RsWalker_Type;
 /* The record CID's text form: "b" + base32 for CIDv1, else repo_stream.cid.cid_text(). */
 PyObject *rs_cid_text_of(const uint8_t *cid, size_t len);
 
+/* --- runs.c: sorted runs of spilled blocks, their merge and index ------------------------------ */
+extern PyTypeObject RsRunMerge_Type;
+/* One entry of a run being packed: its CID and payload (p, or small when p is NULL), kind K_*. */
+typedef struct {
+    uint64_t k0, k1; /* the CID's first 16 bytes, big-endian, zero-padded: most comparisons end there */
+    const uint8_t *cid, *p;
+    size_t cid_len, len;
+    Py_ssize_t seq; /* a repeated CID keeps the entry of the lowest seq */
+    int kind;
+    uint8_t small[8];
+} RsEntry;
+void rs_entry_cid(RsEntry *e, const uint8_t *cid, size_t cid_len, Py_ssize_t seq);
+/* Set e's payload to a processed value as it is (kind 2 to 6): 1; 0 if it is not plain (an int
+ * past 64 bits, or a container: it must be encoded); -1 with an error (a str that is not UTF-8). */
+int rs_entry_plain(RsEntry *e, PyObject *value);
+/* Sort e[0..n) by CID and pack it into a run: a new (run, large), large numbered from next_large. */
+PyObject *rs_pack_entries(RsEntry *e, Py_ssize_t n, unsigned long long next_large);
+PyObject *rs_pack_run(PyObject *self, PyObject *args);
+int rs_runs_ready(void); /* PyType_Ready of RunMerge and RunIndex: 0, or -1 with an error */
+
 #endif

@@ -13,6 +13,9 @@
 
 #include <stdlib.h>
 #include <sys/mman.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #define FIRST_CHUNK (64 * 1024)
 #define MAX_CHUNK (8 * 1024 * 1024)
@@ -317,6 +320,9 @@ static void clear_blocks(RsBlockTable *t) {
     t->arena_bytes = 0;
     t->take_chunk = NULL;
     t->take_off = 0;
+#ifdef __GLIBC__
+    malloc_trim(0); /* hand the freed arena back: glibc keeps freed chunks under its mmap threshold */
+#endif
 }
 
 static int BlockTable_init(RsBlockTable *self, PyObject *args, PyObject *kwargs) {
@@ -471,6 +477,99 @@ static PyObject *BlockTable_take_rows(RsBlockTable *self, PyObject *arg) {
     return Py_BuildValue("(Nn)", rows, size);
 }
 
+/* take_rows, then pack_run of those rows (repo_stream.blocks.MemoryBlocks.take_run), without making
+ * a Python object per row: raw blocks and plain values are packed from where they are. */
+static PyObject *BlockTable_take_run(RsBlockTable *self, PyObject *args) {
+    Py_ssize_t max_bytes;
+    unsigned long long next_large;
+    if (!PyArg_ParseTuple(args, "nK", &max_bytes, &next_large)) return NULL;
+    size_t cap = 1024, n = 0;
+    RsEntry *e = PyMem_Malloc(cap * sizeof(RsEntry));
+    PyObject *keep = PyList_New(0); /* the encoded values, alive until packed */
+    PyObject *packed = NULL, *not_utf8 = NULL;
+    int looped = 0;
+    if (e == NULL || keep == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t size = 0;
+    if (self->take_chunk == NULL && self->take_off == 0) self->take_chunk = self->head;
+    while (self->take_chunk != NULL && size < max_bytes) {
+        Chunk *c = self->take_chunk;
+        if (self->take_off >= c->used) {
+            self->take_chunk = c->next;
+            self->take_off = 0;
+            continue;
+        }
+        uint8_t *rec = c->data + self->take_off;
+        if (n == cap) {
+            RsEntry *bigger = cap < ((size_t)PY_SSIZE_T_MAX / sizeof(RsEntry)) / 2 ? PyMem_Realloc(e, 2 * cap * sizeof(RsEntry)) : NULL;
+            if (bigger == NULL) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            e = bigger;
+            cap *= 2;
+        }
+        RsEntry *x = &e[n];
+        size_t cid_len = rec[1];
+        rs_entry_cid(x, rec + HEADER_BYTES, cid_len, (Py_ssize_t)n);
+        if (!(rec[0] & F_PROCESSED)) {
+            x->kind = ROW_RAW;
+            x->p = rec + HEADER_BYTES + cid_len;
+            x->len = rec_data_len(rec);
+            size += (Py_ssize_t)(cid_len + x->len);
+        } else {
+            PyObject *v = rec_value(rec);
+            int plain = rs_entry_plain(x, v);
+            if (plain < 0) { /* a str that is not UTF-8: raised once the take is over, as the reference's pack */
+                if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) goto done;
+                PyErr_Clear();
+                if (not_utf8 == NULL) not_utf8 = Py_NewRef(v);
+                x->kind = 4, x->p = NULL, x->len = 0, plain = 1;
+            }
+            if (plain) { /* counted as row_of counts it */
+                Py_ssize_t counted = PyBytes_CheckExact(v) ? PyBytes_GET_SIZE(v) : PyUnicode_CheckExact(v) ? PyUnicode_GET_LENGTH(v) : 8;
+                size += (Py_ssize_t)cid_len + counted;
+            } else {
+                Py_ssize_t ignored = 0;
+                PyObject *row = row_of(self, rec, &ignored); /* (cid, ROW_ENCODED, data), or the codec's error */
+                if (row == NULL) goto done;
+                PyObject *data = PyTuple_GET_ITEM(row, 2);
+                if (!PyBytes_CheckExact(data)) {
+                    PyErr_Format(PyExc_TypeError, "the codec's encoder returned %s, not bytes", Py_TYPE(data)->tp_name);
+                    Py_DECREF(row);
+                    goto done;
+                }
+                int r = PyList_Append(keep, data);
+                Py_DECREF(row);
+                if (r < 0) goto done;
+                x->kind = ROW_ENCODED;
+                x->p = (const uint8_t *)PyBytes_AS_STRING(data);
+                x->len = (size_t)PyBytes_GET_SIZE(data);
+                size += (Py_ssize_t)(cid_len + x->len);
+            }
+        }
+        n++;
+        self->take_off += rec_size(rec);
+    }
+    looped = 1;
+    if (not_utf8 != NULL) {
+        Py_ssize_t ignored;
+        if (PyUnicode_AsUTF8AndSize(not_utf8, &ignored) == NULL) goto done;
+    }
+    packed = rs_pack_entries(e, (Py_ssize_t)n, next_large);
+done:
+    PyMem_Free(e);
+    Py_XDECREF(keep);
+    Py_XDECREF(not_utf8);
+    if (looped && self->take_chunk == NULL) clear_blocks(self); /* all taken (packed, or failed to) */
+    if (packed == NULL) return NULL;
+    PyObject *result = Py_BuildValue("(OOn)", PyTuple_GET_ITEM(packed, 0), PyTuple_GET_ITEM(packed, 1), size);
+    Py_DECREF(packed);
+    return result;
+}
+
 static PyObject *BlockTable_clear(RsBlockTable *self, PyObject *unused) {
     (void)unused;
     clear_blocks(self);
@@ -502,6 +601,8 @@ static PyMethodDef BlockTable_methods[] = {
      "node(cid)\n--\n\nRaw bytes of a block kept raw; None if absent; NOT_A_NODE if processed."},
     {"take_rows", (PyCFunction)BlockTable_take_rows, METH_O,
      "take_rows(max_bytes)\n--\n\nRemove and return about max_bytes of blocks as (rows, byte count)."},
+    {"take_run", (PyCFunction)BlockTable_take_run, METH_VARARGS,
+     "take_run(max_bytes, next_large)\n--\n\ntake_rows(max_bytes), packed as one run: (run, large, byte count)."},
     {"clear", (PyCFunction)BlockTable_clear, METH_NOARGS, "clear()\n--\n\nDrop every block."},
     {NULL, NULL, 0, NULL},
 };

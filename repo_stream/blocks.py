@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 from . import messages
 from .cid import cid_text
+from .runs import pack_run
 
 __all__ = [
     "BLOCK_OVERHEAD",
@@ -174,6 +175,20 @@ class MemoryBlocks:
             self.used = 0
         return rows, size
 
+    def take_run(self, max_bytes: int, next_large: int) -> tuple[bytes, list[tuple[int, bytes]], int]:
+        """:meth:`take_rows`, packed into one sorted run (:func:`repo_stream.runs.pack_run`).
+
+        Returns:
+            ``(run, large, size)``: the run, its payloads stored apart (numbered from
+            ``next_large``), and the rows' byte count; an empty run once the table is empty.
+
+        Raises:
+            DiskError: the codec failed. ValueError: a processed str is not valid UTF-8.
+        """
+        rows, size = self.take_rows(max_bytes)
+        run, large = pack_run(rows, next_large)
+        return run, large, size
+
     def clear(self) -> None:
         """Drop every block."""
         self.raw.clear()
@@ -198,23 +213,24 @@ class DiskRecords:
     """:class:`NodeLookup` and :class:`RecordValues` over a SQLite store's look-up (runs in its thread).
 
     Args:
-        lookup: the store's look-up (``DiskStore.lookup``): ``node``, ``prefetch`` and
-            ``fetch_many`` (one query per chunk of records, not one per record).
+        lookup: the store's look-up (``DiskStore.lookup``): ``node`` and ``fetch_many`` (one
+            call per chunk of records, not one per record), which gives ``(rows, all_plain)``.
         process: the block processor, or ``None``.
         decode: the codec's decoder, for values stored encoded.
     """
 
-    __slots__ = ("_lookup", "_process", "_decode", "node", "prefetch")
+    __slots__ = ("_lookup", "_process", "_decode", "node")
 
     def __init__(self, lookup: Any, process: Callable[[bytes], Any] | None, decode: Callable[[bytes], Any]) -> None:
         self._lookup = lookup
         self._process = process
         self._decode = decode
         self.node = lookup.node
-        self.prefetch = lookup.prefetch
 
     def values(self, pairs: list[tuple[str, bytes]], record_cids: bool) -> list[tuple[Any, ...]]:
-        rows = self._lookup.fetch_many([cid for _key, cid in pairs])
+        rows, all_plain = self._lookup.fetch_many([cid for _key, cid in pairs])
+        if all_plain and not record_cids:  # the usual case with a processor such as len
+            return [(key, row[1]) for (key, _cid), row in zip(pairs, rows, strict=True)]
         process = self._process
         decode = self._decode
         out: list[tuple[Any, ...]] = []

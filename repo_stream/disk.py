@@ -3,53 +3,45 @@
 When a repo does not fit in the memory limit, its blocks go into SQLite. The format is internal
 (a store is scratch space, rebuilt from the CAR, read by nothing else)::
 
-    blocks(key INTEGER PRIMARY KEY, cid BLOB NOT NULL, kind INTEGER NOT NULL, data)
-    collided(cid BLOB PRIMARY KEY, kind INTEGER NOT NULL, data) WITHOUT ROWID
-    stage.staged(key INTEGER NOT NULL, cid BLOB NOT NULL, kind INTEGER NOT NULL, data)
+    runs(id INTEGER PRIMARY KEY, data BLOB NOT NULL)
+    merged(id INTEGER PRIMARY KEY, data BLOB NOT NULL)
+    large(id INTEGER PRIMARY KEY, data BLOB NOT NULL)
 
-``kind`` says what ``data`` is: ``0`` the raw block bytes, ``1`` a processed value encoded by the
-store's codec, ``2`` a processed value SQLite holds as it is (int in 64 bits, float, str, bytes,
-None), which saves an encode and a decode per record for processors such as ``len``.
-
-**Keys.** ``key`` is the CID's last 8 bytes read as a signed big-endian 64-bit integer
-(:func:`cid_key`; for the usual sha2-256 CIDs, the digest's last 8 bytes), so a look-up is one
-probe of SQLite's integer rowid B-tree; the full CID stored beside it is compared before a row is
-used. Two different CIDs with the same key (a forged CID, or the same digest under another codec)
-are both kept: the first stored takes the ``blocks`` row, later ones go to ``collided``, keyed by
-the whole CID. Loading pays for this only when some key was taken already (a collision or a CID
-stored twice); a look-up only when the row found is not the CID asked for. A CID stored twice
-keeps its first block, as in memory.
-
-**Staging.** Insert batches are appended as they come to ``staged``, in a second temporary
-database attached as ``stage``. The first look-up after them moves them into ``blocks`` with one
-``INSERT ... SELECT ... ORDER BY key`` (SQLite's external merge sort, its memory bounded by the
-cache size): every B-tree page is written once, full. Inserting each batch in place instead
-rewrites pages all over the tree on every batch, at a cost per row that grows with the store
-(measured: 9.6 us a row at 633k rows, 14.4 us at 2.5M; staged: 6.5 us at both) and leaves pages
-a third empty. The staging database is then dropped, which frees its disk space.
+**Sorted runs, not a row per block.** Each batch of spill rows (``(cid, kind, data)``, see
+:mod:`repo_stream.blocks`) is sorted by CID and packed into one *run*, a single ``runs`` row
+(the format: :mod:`repo_stream.runs`); payloads over 8 KiB go to ``large``, one row each, and the
+run holds their id. The first look-up merges the runs (a k-way merge in bounded memory, read and
+written through SQLite's incremental blob I/O), keeping the first block of a CID stored twice, as
+in memory, into two merged runs in ``merged``: the raw blocks shaped like MST nodes, and the rest
+(the records, mostly): each smaller, so that a look-up more often finds its page in SQLite's
+cache. Each merged run is kept in segments of 16 MiB (rows), with an index point about every KiB
+in memory; a look-up reads one short range of a merged run and scans it. (Measured on the
+500k-record repo: SQLite costs about 3.3 us a row to insert, about 3 us a row to sort, and 3-7 us
+a row to look up; a block costs it one blob read instead.) Runs stored after a look-up are merged
+in on the next one. A store with more runs than a merge may hold open at once (its cache size
+over 128 KiB) merges them in levels, alternating between the two tables.
 
 **Temporary stores leave nothing behind.** :meth:`DiskBuilder.open` without a path opens SQLite's
-own temporary database (``sqlite3.connect("")``); the staging database is one as well. SQLite
-creates such a file in the temporary directory (``SQLITE_TMPDIR``, else ``TMPDIR``, else
-``/var/tmp``, ``/usr/tmp``, ``/tmp``) only once its page cache overflows, and unlinks it right
-after creating it (as it does its sort files): the file has no name while it is used, and the
-kernel frees it when the process ends, even by ``kill -9``. The journal is off: no side files.
-(On a SQLite built to keep temporary databases in memory, ``SQLITE_TEMP_STORE`` 2 or 3, which
-would not bound memory, both are instead files made with :func:`tempfile.mkstemp` and unlinked
-right after SQLite opens them: :data:`TEMPORARY_IN_MEMORY`.) A temporary store opened with a
-``directory`` (:meth:`DiskBuilder.open`) makes both files that way, in that folder: the
-backfill's disk workers put their stores in its ``spill_dir`` so.
+own temporary database (``sqlite3.connect("")``). SQLite creates its file in the temporary
+directory (``SQLITE_TMPDIR``, else ``TMPDIR``, else ``/var/tmp``, ``/usr/tmp``, ``/tmp``) only
+once its page cache overflows, and unlinks it right after creating it: the file has no name while
+it is used, and the kernel frees it when the process ends, even by ``kill -9``. The journal is
+off: no side files. (On a SQLite built to keep temporary databases in memory, ``SQLITE_TEMP_STORE``
+2 or 3, which would not bound memory, the store is instead a file made with
+:func:`tempfile.mkstemp` and unlinked right after SQLite opens it: :data:`TEMPORARY_IN_MEMORY`.)
+A temporary store opened with a ``directory`` (:meth:`DiskBuilder.open`) makes its file that way,
+in that folder: the backfill's disk workers put their stores in its ``spill_dir`` so.
 
-**A store at a path** keeps ``blocks`` and ``collided`` in that file, with
-``locking_mode=EXCLUSIVE``. The file is marked with an application id (``PRAGMA
-application_id``), so that :meth:`DiskBuilder.open` can start afresh, in O(1), from a file an
-earlier store left (even one damaged by a crash mid-write), and refuses to overwrite any other
-file. :meth:`DiskStore.reset` starts afresh the same way.
+**A store at a path** keeps its tables in that file, with ``locking_mode=EXCLUSIVE``. The file is
+marked with an application id (``PRAGMA application_id``), so that :meth:`DiskBuilder.open` can
+start afresh, in O(1), from a file an earlier store left (even one damaged by a crash mid-write),
+and refuses to overwrite any other file. :meth:`DiskStore.reset` starts afresh the same way.
 
 Pragmas: ``journal_mode=OFF`` and ``synchronous=OFF`` (nothing is ever rolled back: a batch that
 fails marks the store as needing :meth:`DiskStore.reset`, which the drivers do before reuse);
-``cache_size`` from :meth:`DiskBuilder.with_cache_size_mb` bounds SQLite's memory (``temp_store``
-stays at its default, file, so sorts and temporary tables are bounded by it too).
+``cache_size`` from :meth:`DiskBuilder.with_cache_size_mb` bounds SQLite's memory. The merge's
+buffers stay under half of that size and the index under a quarter (an index point per KiB, or
+sparser in a store too large for that).
 
 All SQLite work runs in a worker thread through :func:`anyio.to_thread.run_sync`, one store at a
 time (a ``CapacityLimiter(1)``), with whole batches per hop: a batch of inserts, or a whole chunk
@@ -62,19 +54,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import tempfile
-from collections.abc import Callable, Sequence
-from operator import itemgetter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import anyio
 import cbor2
 
+from . import implementation
 from .blocks import NOT_A_NODE
-from .cid import cid_str
 from .errors import DiskError
+from .runs import LARGE, large_value
 
-__all__ = ["CBOR_CODEC", "Codec", "DiskBuilder", "DiskStore", "cid_key"]
+__all__ = ["CBOR_CODEC", "Codec", "DiskBuilder", "DiskStore"]
 
 T = TypeVar("T")
 
@@ -84,47 +76,30 @@ Codec = tuple[Callable[[Any], bytes], Callable[[bytes], Any]]
 #: The default codec for processed values: CBOR (bytes, str, int, float, bool, None, list, dict).
 CBOR_CODEC: Codec = (cbor2.dumps, cbor2.loads)
 
-#: A stored row as the look-ups hold it: ``(cid, kind, data)``.
-Row = tuple[bytes, int, Any]
+#: A run as the store keeps track of it: its rows, ``(table, id, bytes used)``, in order.
+Segments = list[tuple[str, int, int]]
 
 _MIB = 1024 * 1024
-_first = itemgetter(0)
-_kind_data = itemgetter(1, 2)
 _from_bytes = int.from_bytes
 
 #: ``PRAGMA application_id`` of a store file ("RSsp"); SQLite keeps it at byte 68 of the header.
 APPLICATION_ID = 0x52537370
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
-#: CIDs per look-up query (SQLite allows 32766 parameters; past ~64 the gain is small).
-_FETCH_MAX = 256
-#: Rows larger than this many bytes are not prefetched (they are fetched when asked for), and
-#: prefetching pauses while this many rows wait: prefetched rows stay under ~16 MiB, whatever the input.
-_PREFETCH_ROW_BYTES = 4096
-_PREFETCH_ROWS = 4096
-#: Cache of the staging database, KiB: appending needs only the last pages.
-_STAGE_CACHE_KIB = 1024
+#: Bytes of a merged run per row: a store of 10 GiB keeps 640 blob handles open.
+_SEGMENT = 16 * _MIB
+#: Bytes read from each run per feed of a merge, and written per blob write.
+_READ_PIECE = 32 * 1024
+_WRITE_PIECE = 256 * 1024
+#: Index points: at least this many bytes apart, and about this many bytes of memory each.
+_INDEX_EVERY = 1024
+_POINT_BYTES = 64
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS blocks (key INTEGER PRIMARY KEY, cid BLOB NOT NULL, kind INTEGER NOT NULL, data)",
-    "CREATE TABLE IF NOT EXISTS collided (cid BLOB PRIMARY KEY, kind INTEGER NOT NULL, data) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS merged (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS large (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
 )
-_STAGE = (
-    "PRAGMA stage.journal_mode=OFF",
-    f"PRAGMA stage.cache_size=-{_STAGE_CACHE_KIB}",
-    "CREATE TABLE stage.staged (key INTEGER NOT NULL, cid BLOB NOT NULL, kind INTEGER NOT NULL, data)",
-)
-_STAGE_INSERT = "INSERT INTO stage.staged VALUES (?, ?, ?, ?)"
-# Merging: the first of a key (in staging order) goes to `blocks` unless the key is taken; then,
-# only if some row was left out, every row whose key another CID holds goes to `collided` (where
-# a CID stored already is left out too: the first block wins).
-_MERGE = "INSERT OR IGNORE INTO blocks SELECT key, cid, kind, data FROM stage.staged ORDER BY key, rowid"
-_MERGE_COLLIDED = (
-    "INSERT OR IGNORE INTO collided SELECT s.cid, s.kind, s.data FROM stage.staged AS s"
-    " WHERE (SELECT b.cid FROM blocks AS b WHERE b.key = s.key) IS NOT s.cid ORDER BY s.rowid"
-)
-_FETCH_ONE = "SELECT cid, kind, data FROM blocks WHERE key = ?"
-_FETCH_COLLIDED = "SELECT cid, kind, data FROM collided WHERE cid = ?"
 
 
 def _temporary_in_memory() -> bool:
@@ -146,40 +121,6 @@ def _unlinked_file(directory: str | None) -> str:
     fd, name = tempfile.mkstemp(prefix="repo-stream-", suffix=".db", dir=directory)
     os.close(fd)
     return name
-
-
-def cid_key(cid: bytes) -> int:
-    """The store's integer key of ``cid`` (raw CID bytes): its last 8 bytes as a signed big-endian int64."""
-    return _from_bytes(cid[-8:], "big", signed=True)
-
-
-class _Sql(dict[int, str]):
-    """``n -> a query for the rows of n keys``, built on first use.
-
-    Up to :data:`_UNION_MAX` keys it is one ``SELECT ... WHERE key = ?`` per key joined by
-    ``UNION ALL``, above it one ``WHERE key IN (...)``: measured on the 500k-record spill, the
-    compound query costs 10-25% less a row for 2 to 16 keys (an ``IN`` list builds a temporary
-    index on every run), the ``IN`` list less from about 64 keys.
-    """
-
-    def __init__(self, condition: str = "") -> None:
-        super().__init__()
-        self._select = "SELECT cid, kind, data FROM blocks WHERE key "
-        self._condition = condition
-
-    def __missing__(self, n: int) -> str:
-        if n <= _UNION_MAX:
-            sql = " UNION ALL ".join([f"{self._select}= ?{self._condition}"] * n)
-        else:
-            sql = f"{self._select}IN ({', '.join('?' * n)}){self._condition}"
-        self[n] = sql
-        return sql
-
-
-#: Most keys per compound query (see :class:`_Sql`).
-_UNION_MAX = 32
-_FETCH = _Sql()
-_PREFETCH = _Sql(f" AND length(data) <= {_PREFETCH_ROW_BYTES}")
 
 
 class DiskBuilder:
@@ -218,10 +159,9 @@ class DiskBuilder:
 
         With ``path=None`` the store is SQLite's temporary database: its file, in the temporary
         directory, is unlinked as soon as SQLite creates it (see the module docstring). With a
-        ``directory`` as well, its file and its staging file are made in that folder instead
-        (``tempfile.mkstemp``) and unlinked as soon as SQLite has opened them: the store's disk
-        space is on that folder's file system, and nothing is left there even after ``kill -9``.
-        (SQLite's sort files, during the merge, still go to the temporary directory.)
+        ``directory`` as well, its file is made in that folder instead (``tempfile.mkstemp``) and
+        unlinked as soon as SQLite has opened it: the store's disk space is on that folder's file
+        system, and nothing is left there even after ``kill -9``.
 
         With a ``path``, the file stays after :meth:`DiskStore.close`. If it exists already, it
         must be empty or a store file left by an earlier store (of this process or another, even
@@ -255,7 +195,7 @@ class DiskStore:
     def __init__(self, path: Path | None, cache_size_mb: int, max_stored: int, directory: str | None = None) -> None:
         #: The SQLite file's path, or ``None`` for a temporary store (its file has no name).
         self.path = path
-        #: The folder of a temporary store's unlinked files, or ``None`` (the temporary directory).
+        #: The folder of a temporary store's unlinked file, or ``None`` (the temporary directory).
         self.directory = directory
         #: How messages name the store: its path, or ``"(temporary)"`` (``"(temporary, in DIR)"``).
         self.name = str(path) if path is not None else "(temporary)" if directory is None else f"(temporary, in {directory})"
@@ -264,10 +204,21 @@ class DiskStore:
         self._conn: sqlite3.Connection | None = None
         self._failed = False
         self._limiter = anyio.CapacityLimiter(1)
-        #: Rows staged since the last merge into ``blocks``.
-        self._staged = 0
         #: Bytes of CIDs and data stored since the last reset (a batch that failed counts too).
         self.stored_bytes = 0
+        self._empty()
+
+    def _empty(self) -> None:
+        #: Runs stored since the last merge, in load order.
+        self._runs: list[Segments] = []
+        #: The merged runs, MST nodes and the rest, their indexes (``None`` before the first
+        #: merge), and the blob handles the indexes read them through.
+        self._merged: list[Segments] = []
+        self._nodes: Any = None
+        self._values: Any = None
+        self._blobs: list[sqlite3.Blob] = []
+        self._next_id = 1
+        self._next_large = 1
 
     # --- plumbing ----------------------------------------------------------------------------
 
@@ -294,7 +245,7 @@ class DiskStore:
         else:
             target = ""  # SQLite's temporary database
         try:
-            conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None, cached_statements=512)
+            conn = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
         finally:
             if unlink is not None:
                 os.unlink(unlink)  # SQLite has the file open (or failed): from now on it has no name
@@ -302,37 +253,17 @@ class DiskStore:
             conn.execute("PRAGMA locking_mode=EXCLUSIVE")  # a temporary database is exclusive already
             conn.execute("PRAGMA journal_mode=OFF")
             conn.execute("PRAGMA synchronous=OFF")
-            conn.execute("PRAGMA temp_store=FILE")  # sorts spill to (unlinked) files, not memory
+            conn.execute("PRAGMA temp_store=FILE")
             conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             for statement in _SCHEMA:
                 conn.execute(statement)
-            self._attach_stage(conn, self.directory)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
         self._failed = False
-        self._staged = 0
-
-    @staticmethod
-    def _attach_stage(conn: sqlite3.Connection, directory: str | None) -> None:
-        """Attach a new, empty, temporary staging database as ``stage`` (an unlinked file in
-        ``directory`` if given).
-
-        Raises:
-            OSError: no file can be made in ``directory``.
-        """
-        if directory is not None or TEMPORARY_IN_MEMORY:
-            name = _unlinked_file(directory)
-            try:
-                conn.execute("ATTACH DATABASE ? AS stage", (name,))
-            finally:
-                os.unlink(name)
-        else:
-            conn.execute("ATTACH DATABASE '' AS stage")
-        for statement in _STAGE:
-            conn.execute(statement)
+        self._empty()
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -344,24 +275,18 @@ class DiskStore:
     # --- used by the drivers (in the worker thread) -------------------------------------------
 
     def put_batch_sync(self, rows: list[tuple[bytes, int, Any]], size: int) -> None:
-        """Store ``(cid, kind, data)`` rows in one transaction; a CID already stored keeps its first block.
+        """Store ``(cid, kind, data)`` rows as one run; a CID already stored keeps its first block.
 
         ``kind`` is 0 (raw block bytes), 1 (codec-encoded value) or 2 (a value SQLite holds as it
-        is). ``size`` is the rows' byte count for the ``max_stored_mb`` limit.
+        is: an int in 64 bits, a float, a str, bytes or None). ``size`` is the rows' byte count
+        for the ``max_stored_mb`` limit.
 
         Raises:
-            DiskError: the rows would take the store past ``max_stored_mb``, or the store is closed
-                or needs a :meth:`reset` after a failed write.
+            DiskError: the rows would take the store past ``max_stored_mb``, a row is not a spill
+                row, or the store is closed or needs a :meth:`reset` after a failed write.
             sqlite3.Error: SQLite failed (:meth:`_run` makes it a DiskError); the store then
                 needs a :meth:`reset`.
         """
-        self._put([(_from_bytes(cid[-8:], "big", signed=True), cid, kind, data) for cid, kind, data in rows], size)
-
-    def put_keyed_batch_sync(self, rows: list[tuple[int, bytes, int, Any]], size: int) -> None:
-        """As :meth:`put_batch_sync`, for rows that carry their key: ``(cid_key(cid), cid, kind, data)``."""
-        self._put(rows, size)
-
-    def _put(self, rows: list[tuple[int, bytes, int, Any]], size: int) -> None:
         conn = self._connection()
         if self.stored_bytes + size > self._max_stored:
             raise DiskError(
@@ -372,52 +297,142 @@ class DiskStore:
         # it back with) leaves stored_bytes > 0, so the drivers reset the store before reuse.
         self.stored_bytes += size
         self._failed = True
+        try:
+            run, large = implementation.backend().pack_run(rows, self._next_large)
+        except (TypeError, ValueError) as exc:
+            raise DiskError(f"SQLite spill store {self.name}: cannot store a row: {exc}") from exc
+        self._put_run(conn, run, large)
+
+    @property
+    def next_large(self) -> int:
+        """The id the next payload stored apart gets (for a block table's ``take_run``)."""
+        return self._next_large
+
+    def put_run_sync(self, run: bytes, large: list[tuple[int, bytes]], size: int) -> None:
+        """Store a run packed by a block table's ``take_run(max_bytes, self.next_large)``.
+
+        Raises:
+            DiskError: as :meth:`put_batch_sync`, and if ``large`` is not numbered from :attr:`next_large`.
+            sqlite3.Error: SQLite failed; the store then needs a :meth:`reset`.
+        """
+        conn = self._connection()
+        if self.stored_bytes + size > self._max_stored:
+            raise DiskError(
+                f"SQLite spill store {self.name} would hold {self.stored_bytes + size} bytes, "
+                f"over its limit of {self._max_stored // _MIB} MiB"
+            )
+        if large and large[0][0] != self._next_large:
+            raise DiskError(f"SQLite spill store {self.name}: a run's large payloads start at id {large[0][0]}, not {self._next_large}")
+        self.stored_bytes += size
+        self._failed = True
+        self._put_run(conn, run, large)
+
+    def _put_run(self, conn: sqlite3.Connection, run: bytes, large: list[tuple[int, bytes]]) -> None:
         conn.execute("BEGIN")
-        conn.executemany(_STAGE_INSERT, rows)
+        if run:
+            # Written through a blob handle: binding the run as a parameter would copy it first.
+            conn.execute("INSERT INTO runs VALUES (?, zeroblob(?))", (self._next_id, len(run)))
+            with conn.blobopen("runs", "data", self._next_id) as blob:
+                view = memoryview(run)
+                for at in range(0, len(run), _WRITE_PIECE):
+                    blob.write(view[at : at + _WRITE_PIECE])
+            self._runs.append([("runs", self._next_id, len(run))])
+            self._next_id += 1
+        if large:
+            conn.executemany("INSERT INTO large VALUES (?, ?)", large)
+            self._next_large += len(large)
         conn.execute("COMMIT")
-        self._staged += len(rows)
         self._failed = False
 
     def merge_sync(self) -> None:
-        """Move the rows staged by the insert batches into place (in the worker thread).
+        """Merge the runs stored since the last merge into the merged run (in the worker thread).
 
-        Look-ups do it on their first query if rows are staged; a driver may call it once
+        Look-ups do it on their first query if runs are waiting; a driver may call it once
         loading is over, to count its time in the load rather than in the walk's first chunk.
-        It is one SQLite statement, a sort of every staged row (cancelling waits for it).
 
         Raises:
-            DiskError: the store is closed or needs a :meth:`reset`.
+            DiskError: the store is closed or needs a :meth:`reset`, or a run does not read back.
             sqlite3.Error: SQLite failed; the store then needs a :meth:`reset`.
         """
-        if not self._staged:
+        if not self._runs:
             return
         conn = self._connection()
         self._failed = True
-        # The sort takes as much memory as the main cache size: halve the cache meanwhile, so
-        # that the two stay within the size set.
-        conn.execute(f"PRAGMA main.cache_size=-{max(self._cache_kib // 2, 1024)}")
-        conn.execute("BEGIN")
-        before = conn.total_changes
-        conn.execute(_MERGE)
-        if conn.total_changes - before != self._staged:
-            conn.execute(_MERGE_COLLIDED)
-        conn.execute("COMMIT")
-        conn.execute(f"PRAGMA main.cache_size=-{self._cache_kib}")
-        conn.execute("DETACH DATABASE stage")
-        self._attach_stage(conn, self.directory)
-        self._staged = 0
+        self._close_blobs()
+        self._nodes = self._values = None
+        runs = [run for run in self._merged if run] + self._runs  # the merged two hold no CID in common
+        self._merged, self._runs = [], []
+        # Each run being merged holds up to two pieces: together, at most half the cache size.
+        fan_in = max(2, self._cache_kib * 1024 // 2 // (2 * _READ_PIECE))
+        while len(runs) > fan_in:  # in levels, each run read once per level; load order kept
+            runs = [self._merge(conn, runs[i : i + fan_in], 0)[0][0] for i in range(0, len(runs), fan_in)]
+        total = sum(used for run in runs for _, _, used in run)
+        every = max(_INDEX_EVERY, total * _POINT_BYTES // max(1, self._cache_kib * 1024 // 4))
+        self._merged, (self._nodes, self._values) = self._merge(conn, runs, every)
+        for merged, index in zip(self._merged, (self._nodes, self._values), strict=True):
+            blobs = [conn.blobopen(table, "data", rowid, readonly=True) for table, rowid, _ in merged]
+            self._blobs += blobs
+            index.attach(blobs, _SEGMENT)
         self._failed = False
 
-    def lookup(self, decode: Callable[[bytes], Any]) -> _DiskLookup:
-        """A :class:`~repo_stream.walk.BlockLookup` over this store, decoding processed values.
+    def _merge(self, conn: sqlite3.Connection, runs: list[Segments], every: int) -> tuple[list[Segments], Any]:
+        """Merge ``runs`` (in load order), and delete theirs.
 
-        Rows staged since the last look-up are merged on its first query (in the worker thread).
+        With ``every`` (the last merge) the entries go to two runs, MST nodes and the rest, and
+        it returns both and their indexes; with ``every=0``, one run and ``None``.
+
+        The new runs go to the other table than most of their inputs': a blob written in the
+        table a blob is read from makes SQLite walk the read blob's overflow pages again on
+        every read (measured: 10x slower).
+        """
+        split = every > 0
+        merge = implementation.backend().RunMerge(len(runs), every, split)
+        readers = [_Reader(conn, self.name, run) for run in runs]
+        total = sum(used for run in runs for _, _, used in run)  # neither merged run is longer
+        table = "merged" if 2 * sum(run[0][0] == "runs" for run in runs) >= len(runs) else "runs"
+        writers = [_Writer(self, conn, table, total) for _ in range(2 if split else 1)]
+        conn.execute("BEGIN")
+        try:
+            while (piece := merge.step(_WRITE_PIECE)) is not None:
+                if type(piece) is int:
+                    merge.feed(piece, readers[piece].read())
+                elif split:
+                    writers[piece[0]].write(piece[1])
+                else:
+                    writers[0].write(piece)
+        finally:
+            for writer in writers:
+                writer.close()
+            for reader in readers:
+                reader.close()
+        for name in ("runs", "merged"):
+            conn.executemany(f"DELETE FROM {name} WHERE id = ?", [(rowid,) for run in runs for t, rowid, _ in run if t == name])
+        conn.execute("COMMIT")
+        return [writer.segments for writer in writers], merge.index() if split else None
+
+    def _large(self, row: tuple[int, Any]) -> tuple[int, Any]:
+        """The ``(kind, data)`` of an entry whose payload is a ``large`` row."""
+        assert self._conn is not None
+        found = self._conn.execute("SELECT data FROM large WHERE id = ?", (row[1],)).fetchone()
+        if found is None:
+            raise DiskError(f"SQLite spill store {self.name} is damaged: large row {row[1]} is missing")
+        return large_value(row[0], found[0])
+
+    def lookup(self, decode: Callable[[bytes], Any]) -> _DiskLookup:
+        """A :class:`~repo_stream.blocks.NodeLookup` with ``fetch_many``, over this store.
+
+        Runs stored since the last look-up are merged on its first query (in the worker thread).
 
         Raises:
             DiskError: the store is closed, or needs a :meth:`reset` after a failed write.
         """
         self._connection()
-        return _DiskLookup(self, decode)
+        return _DiskLookup(self)
+
+    def _close_blobs(self) -> None:
+        blobs, self._blobs = self._blobs, []
+        for blob in blobs:
+            blob.close()
 
     def _reset_sync(self) -> None:
         self._close_sync()
@@ -439,10 +454,14 @@ class DiskStore:
     def _close_sync(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            conn.close()
+            try:
+                self._close_blobs()
+            finally:
+                self._empty()
+                conn.close()
 
     async def close(self) -> None:
-        """Close the store; a temporary store's files go with it, a file at a path stays.
+        """Close the store; a temporary store's file goes with it, a file at a path stays.
 
         Safe to call more than once, and shielded from cancellation so nothing is left open.
         """
@@ -460,6 +479,86 @@ class DiskStore:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class _Writer:
+    """Writes a merged run into ``table``, in segments of :data:`_SEGMENT` bytes (the last one
+    shorter): each a row made with ``zeroblob`` of its size, then written through a blob handle."""
+
+    __slots__ = ("_store", "_conn", "_table", "_left", "_blob", "_room", "segments")
+
+    def __init__(self, store: DiskStore, conn: sqlite3.Connection, table: str, most: int) -> None:
+        self._store = store
+        self._conn = conn
+        self._table = table
+        self._left = most  # the run is no longer than this
+        self._blob: sqlite3.Blob | None = None
+        self._room = 0
+        self.segments: Segments = []
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if not self._room:
+                self.close()
+                size = min(_SEGMENT, self._left)
+                rowid = self._store._next_id
+                self._store._next_id += 1
+                self._conn.execute(f"INSERT INTO {self._table} VALUES (?, zeroblob(?))", (rowid, size))
+                self._blob = self._conn.blobopen(self._table, "data", rowid)
+                self.segments.append((self._table, rowid, 0))
+                self._room = size
+            assert self._blob is not None
+            n = min(self._room, len(view))
+            self._blob.write(view[:n])
+            table, rowid, used = self.segments[-1]
+            self.segments[-1] = (table, rowid, used + n)
+            self._room -= n
+            self._left -= n
+            view = view[n:]
+
+    def close(self) -> None:
+        if self._blob is not None:
+            self._blob.close()
+            self._blob = None
+
+
+class _Reader:
+    """Reads a run from its ``runs`` rows, a piece at a time, for a merge."""
+
+    __slots__ = ("_conn", "_name", "_segments", "_blob", "_rowid", "_left")
+
+    def __init__(self, conn: sqlite3.Connection, name: str, segments: Segments) -> None:
+        self._conn = conn
+        self._name = name
+        self._segments = list(reversed(segments))
+        self._blob: sqlite3.Blob | None = None
+        self._rowid = 0
+        self._left = 0
+
+    def read(self) -> bytes:
+        """The run's next piece, ``b""`` at its end.
+
+        Raises:
+            DiskError: a row is shorter than the store wrote.
+        """
+        while not self._left:
+            self.close()
+            if not self._segments:
+                return b""
+            table, self._rowid, self._left = self._segments.pop()
+            self._blob = self._conn.blobopen(table, "data", self._rowid, readonly=True)
+        assert self._blob is not None
+        data = self._blob.read(min(self._left, _READ_PIECE))
+        if not data:
+            raise DiskError(f"SQLite spill store {self._name} is damaged: row {self._rowid} is shorter than written")
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        if self._blob is not None:
+            self._blob.close()
+            self._blob = None
 
 
 def _clear_store_file(path: Path) -> None:
@@ -487,110 +586,55 @@ def _clear_store_file(path: Path) -> None:
 
 
 class _DiskLookup:
-    """Block look-ups for the walker, run inside the store's worker thread.
+    """Block look-ups for the walker, run inside the store's worker thread: :meth:`node` for MST
+    nodes, :meth:`fetch_many` for a chunk's records."""
 
-    When the walker expands a node it calls :meth:`prefetch` with the CIDs of the node's records
-    and subtrees; their rows come in one ``IN (...)`` query and wait until asked for. Anything not
-    prefetched (a large row, a CID asked twice, a collided CID) is fetched alone when asked for.
-    A native walker can use :meth:`fetch_many` instead.
-    """
+    __slots__ = ("_store",)
 
-    __slots__ = ("_decode", "_execute", "_raw_row", "_ready", "_store")
-
-    def __init__(self, store: DiskStore, decode: Callable[[bytes], Any]) -> None:
+    def __init__(self, store: DiskStore) -> None:
         self._store = store
-        assert store._conn is not None
-        self._execute = store._conn.cursor().execute
-        self._decode = decode
-        # Prefetched rows waiting to be asked for, by CID: only CIDs the walker asked to prefetch
-        # (a row of another CID under an asked key is dropped), small rows, and few of them.
-        self._ready: dict[bytes, Row] = {}
-        # The raw row :meth:`processed` just passed over, for the :meth:`raw` call that follows.
-        self._raw_row: Row | None = None
 
-    def _query(self, sql: _Sql, cids: Sequence[bytes]) -> dict[bytes, Row]:
-        """The rows of ``cids`` (at most :data:`_FETCH_MAX`) in ``blocks``, by CID, from one query."""
-        if self._store._staged:
-            self._store.merge_sync()
-        rows = self._execute(sql[len(cids)], [_from_bytes(c[-8:], "big", signed=True) for c in cids]).fetchall()
-        found = dict(zip(map(_first, rows), rows, strict=True))
-        wanted = set(cids)
-        if not found.keys() <= wanted:  # a row of another CID under an asked key: dropped
-            found = {cid: row for cid, row in found.items() if cid in wanted}
-        return found
-
-    def _one(self, cid: bytes) -> Row | None:
-        """The row of ``cid``, from ``blocks`` or ``collided``, or ``None``."""
-        if self._store._staged:
-            self._store.merge_sync()
-        row: Row | None = self._execute(_FETCH_ONE, (_from_bytes(cid[-8:], "big", signed=True),)).fetchone()
-        if row is not None and row[0] == cid:
-            return row
-        collided: Row | None = self._execute(_FETCH_COLLIDED, (cid,)).fetchone()
-        return collided
-
-    def prefetch(self, cids: list[bytes]) -> None:
-        """Fetch the rows of ``cids`` (the records and subtrees of a node, in walk order) ahead of use."""
-        ready = self._ready
-        if len(ready) >= _PREFETCH_ROWS:
-            return
-        if len(cids) <= _FETCH_MAX:
-            ready.update(self._query(_PREFETCH, cids))
-            return
-        for i in range(0, len(cids), _FETCH_MAX):
-            ready.update(self._query(_PREFETCH, cids[i : i + _FETCH_MAX]))
-            if len(ready) >= _PREFETCH_ROWS:
-                return
-
-    def fetch_many(self, cids: list[bytes]) -> list[tuple[int, Any] | None]:
-        """``(kind, data)`` for each CID of ``cids`` (raw CID bytes), in the order asked; ``None`` where absent.
-
-        ``kind`` is 0 (``data`` is the raw block), 1 (the codec-encoded processed value) or 2 (the
-        processed value itself). A CID may be asked for more than once. One query per 256 CIDs.
-        """
-        if len(cids) > _FETCH_MAX:
-            out: list[tuple[int, Any] | None] = []
-            for i in range(0, len(cids), _FETCH_MAX):
-                out += self.fetch_many(cids[i : i + _FETCH_MAX])
-            return out
-        rows = list(map(self._query(_FETCH, cids).get, cids))
-        if None in rows:
-            rows = [self._one(cid) if row is None else row for cid, row in zip(cids, rows, strict=True)]
-            return [None if row is None else (row[1], row[2]) for row in rows]
-        return list(map(_kind_data, rows))  # type: ignore[arg-type]  # no None left
-
-    def _row(self, cid: bytes) -> Row | None:
-        row = self._ready.pop(cid, None)
-        if row is None:
-            row = self._one(cid)
-        return row
+    def _indexes(self) -> tuple[Any, Any]:
+        store = self._store
+        if store._runs:
+            store.merge_sync()
+        return store._nodes, store._values
 
     def node(self, cid: bytes) -> Any:
-        row = self._row(cid)
-        if row is None:
+        """The raw block of ``cid``; ``None`` if absent; :data:`NOT_A_NODE` if stored processed."""
+        nodes, values = self._indexes()
+        if nodes is None:
             return None
-        return NOT_A_NODE if row[1] else row[2]
-
-    def processed(self, cid: bytes, default: Any) -> Any:
-        row = self._row(cid)
+        row = nodes.get(cid)
         if row is None:
-            return default
-        kind = row[1]
-        if kind == 2:
-            return row[2]
-        if kind == 0:
-            self._raw_row = row
-            return default
-        try:
-            return self._decode(row[2])
-        except Exception as exc:
-            raise DiskError(f"stored value of block {cid_str(cid)} cannot be decoded: {exc}") from exc
+            row = values.get(cid)  # a block that does not look like a node
+            if row is None:
+                return None
+            if row[0] & LARGE:
+                row = self._store._large(row)
+        return row[1] if row[0] == 0 else NOT_A_NODE
 
-    def raw(self, cid: bytes) -> bytes | None:
-        held = self._raw_row
-        if held is not None and held[0] == cid:
-            self._raw_row = None
-            data: bytes = held[2]
-            return data
-        row = self._row(cid)
-        return row[2] if row is not None and row[1] == 0 else None
+    def fetch_many(self, cids: list[bytes]) -> tuple[list[tuple[int, Any] | None], bool]:
+        """``(kind, data)`` for each CID of ``cids`` (raw CID bytes), in the order asked, ``None``
+        where absent; and whether every one is there with kind 2.
+
+        ``kind`` is 0 (``data`` is the raw block), 1 (the codec-encoded processed value) or 2 (the
+        processed value itself). A CID may be asked for more than once.
+
+        Raises:
+            DiskError: the store does not read back, or needs a :meth:`DiskStore.reset`.
+        """
+        nodes, values = self._indexes()
+        if nodes is None:
+            return [None] * len(cids), not cids
+        rows, n_large, n_plain = values.get_many(cids)
+        if n_plain != len(cids) and None in rows:  # a record block that looks like a node, or none
+            found, _, _ = nodes.get_many([cid for cid, row in zip(cids, rows, strict=True) if row is None])
+            if any(row is not None for row in found):
+                found.reverse()
+                rows = [found.pop() if row is None else row for row in rows]
+        if n_large:
+            large = self._store._large
+            rows = [large(row) if row is not None and row[0] & LARGE else row for row in rows]
+            n_plain = sum(1 for row in rows if row is not None and row[0] == 2)
+        return rows, n_plain == len(cids)

@@ -355,12 +355,19 @@ class NeedDisk(Generic[T]):
 
 
 async def _drain(store: DiskStore, table: Any, batch: int) -> None:
-    """Move everything the table holds into the store, about ``batch`` bytes per transaction."""
+    """Move everything the table holds into the store, about ``batch`` bytes per run.
+
+    Raises:
+        DiskError: the codec failed, a processed str is not valid UTF-8, or the store failed.
+    """
     while True:
-        rows, size = table.take_rows(batch)
-        if not rows:
+        try:
+            run, large, size = table.take_run(batch, store.next_large)
+        except ValueError as exc:  # a str the processor made that UTF-8 cannot encode
+            raise DiskError(f"SQLite spill store {store.name}: cannot store a processed value: {exc}") from exc
+        if not run:
             return
-        await store._run(store.put_batch_sync, rows, size)
+        await store._run(store.put_run_sync, run, large, size)
 
 
 class DiskDriver(_Driver[T]):

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from . import blocks, car, cid, messages, walk
+from . import blocks, car, cid, messages, runs, walk
 
 __all__ = ["IMPLEMENTATION", "Backend", "available", "backend", "use"]
 
@@ -26,15 +26,19 @@ class Backend:
     """One implementation's classes: ``CarParser(max_block_size, verify_cids)``,
     ``BlockTable(root, process, encode)`` and ``Walker(root, nodes, values, *, max_depth, strict,
     record_cids)``, with the methods of :class:`repo_stream.car.CarParser`,
-    :class:`repo_stream.blocks.MemoryBlocks` and :class:`repo_stream.walk.Walker`."""
+    :class:`repo_stream.blocks.MemoryBlocks` and :class:`repo_stream.walk.Walker`; and the spill
+    store's sorted runs, :func:`repo_stream.runs.pack_run` and ``RunMerge`` (whose ``index()``
+    gives a ``RunIndex``), the same bytes from both."""
 
     name: str
     CarParser: Any
     BlockTable: Any
     Walker: Any
+    pack_run: Any
+    RunMerge: Any
 
 
-PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker)
+PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker, runs.pack_run, runs.RunMerge)
 C: Backend | None
 try:
     from . import _native
@@ -42,7 +46,7 @@ except ImportError:  # not built: the reference runs
     C = None
 else:
     _native.setup(messages=messages, not_a_node=blocks.NOT_A_NODE, cid_text=cid.cid_text)
-    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker)
+    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge)
 
 _BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
 _active: Backend = PYTHON if C is None or os.environ.get("REPO_STREAM_PURE_PYTHON", "") not in ("", "0") else C

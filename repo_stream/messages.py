@@ -187,3 +187,7 @@ def processor_failed(key: str, cid: bytes, exc: BaseException) -> RepoStreamErro
     error = ProcessorError(f"block processor failed on record {key!r} ({cid_str(cid)}): {type(exc).__name__}: {exc}")
     error.__cause__ = exc
     return error
+
+
+def store_corrupt(where: str, offset: int) -> RepoStreamError:
+    return DiskError(f"spill store damaged: {where} does not read back as sorted entries at byte {offset}")

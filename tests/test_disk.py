@@ -1,4 +1,4 @@
-"""The SQLite spill store: limits, reuse, cleanup, kill -9, key collisions, look-ups."""
+"""The SQLite spill store: limits, reuse, cleanup, kill -9, forged and repeated CIDs, look-ups."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from repo_stream import DiskBuilder, DiskError, DriverBuilder, NeedDisk
 from repo_stream.cid import dag_cbor_cid
-from repo_stream.disk import APPLICATION_ID, DiskStore, cid_key
+from repo_stream.disk import APPLICATION_ID, DiskStore
 from repo_stream.walk import NOT_A_NODE
 from repo_stream.writer import build_mst, car_bytes, encode_commit
 
@@ -140,12 +140,12 @@ point = sys.argv[2]
 path = sys.argv[3] or None
 directory = sys.argv[4] or None
 
-put = DiskStore.put_batch_sync
-def put_and_tell(self, rows, size):
-    put(self, rows, size)
-    if point == "writing" and self.stored_bytes > 1_000_000:
+put = DiskStore.put_run_sync
+def put_and_tell(self, run, large, size):
+    put(self, run, large, size)
+    if point == "writing" and self.stored_bytes > 2_000_000:
         print("ready", flush=True)  # and go on writing: the kill lands in some later batch
-DiskStore.put_batch_sync = put_and_tell
+DiskStore.put_run_sync = put_and_tell
 
 async def source():
     for i in range(0, len(car), 65536):
@@ -215,9 +215,9 @@ def test_temporary_store_in_a_directory_leaves_nothing_after_kill_9(kill_car: Pa
     spill = tmp_path / "spill"
     spill.mkdir()
     open_files = _spill_then_kill(kill_car, point, tmp_path / "tmp", directory=spill)
-    # The store and its staging file were in the folder given, unlinked already ...
+    # The store was in the folder given, unlinked already ...
     in_spill = {name: size for name, size in open_files.items() if name.startswith(f"{spill}/repo-stream-")}
-    assert len(in_spill) == 2 and all(name.endswith(" (deleted)") for name in in_spill)
+    assert len(in_spill) == 1 and all(name.endswith(" (deleted)") for name in in_spill)
     assert sum(in_spill.values()) > 1024 * 1024  # more than the 1 MiB page cache holds
     # ... so nothing is left after the kill.
     assert os.listdir(spill) == [] and os.listdir(tmp_path / "tmp") == []
@@ -233,9 +233,9 @@ async def test_temporary_store_in_a_directory(tmp_path: Path, big_car: bytes) ->
         _, driver = await (await spill(big_car)).finish_loading(store)
         assert [r async for r in driver] == [(key, len(block)) for key, block in sorted(POSTS)]
         assert os.listdir(tmp_path) == []
-        assert len([t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/repo-stream-")]) == 2
-        store = await driver.reset_store()  # a new pair of files, the old ones closed
-        assert len([t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/repo-stream-")]) == 2
+        assert len([t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/repo-stream-")]) == 1
+        store = await driver.reset_store()  # a new file, the old one closed
+        assert len([t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/repo-stream-")]) == 1
     assert [t for t in sqlite_temp_files() if t.startswith(f"{tmp_path}/")] == []
 
 
@@ -287,18 +287,18 @@ async def test_store_file_is_marked_and_started_afresh(tmp_path: Path, big_car: 
     old_cid = dag_cbor_cid(POSTS[0][1])
     async with await DiskBuilder().open(path) as store:
         assert store.stored_bytes == 0
-        assert await store._run(store.lookup(bytes).fetch_many, [old_cid]) == [None]
+        assert await store._run(store.lookup(bytes).fetch_many, [old_cid]) == ([None], False)
 
 
 # --------------------------------------------------------------------------------------------
-# Keys: collisions and repeated CIDs
+# Forged and repeated CIDs
 # --------------------------------------------------------------------------------------------
 
 TAIL = bytes.fromhex("00c0ffee00c0ffee")
 
 
 def forged(block: bytes) -> bytes:
-    """A CID for ``block`` that ends in TAIL, so that every forged CID has the same store key."""
+    """A CID for ``block`` that ends in TAIL (every forged CID shares its last 8 bytes)."""
     return dag_cbor_cid(block)[:-8] + TAIL
 
 
@@ -307,26 +307,54 @@ def raw_codec(cid: bytes) -> bytes:
     return b"\x01\x55" + cid[2:]
 
 
-async def test_collided_and_repeated_cids_in_the_store() -> None:
+async def test_forged_and_repeated_cids_in_the_store() -> None:
     a, b, c = (forged(x) for x in (b"a", b"b", b"c"))
     d = dag_cbor_cid(b"d")
     d_raw = raw_codec(d)
-    assert len({cid_key(x) for x in (a, b, c)}) == 1 and cid_key(d) == cid_key(d_raw)
     async with await DiskBuilder().open() as store:
-        # Collisions within a batch and across batches, and repeated CIDs (the first block wins).
+        # Forged CIDs within a batch and across batches, and repeated CIDs (the first block wins).
         await store._run(store.put_batch_sync, [(a, 0, b"A"), (d_raw, 2, 7), (b, 2, "B")], 10)
         await store._run(store.put_batch_sync, [(c, 1, b"\x43"), (a, 0, b"A again"), (d, 0, b"D"), (b, 2, "B again")], 10)
         lookup = store.lookup(lambda data: data.decode())
         asked = [c, d, a, dag_cbor_cid(b"absent"), d_raw, b, c]
         expected = [(1, b"\x43"), (0, b"D"), (0, b"A"), None, (2, 7), (2, "B"), (1, b"\x43")]
-        assert await store._run(lookup.fetch_many, asked) == expected
+        assert await store._run(lookup.fetch_many, asked) == (expected, False)
+        assert await store._run(lookup.fetch_many, [d_raw, b]) == ([(2, 7), (2, "B")], True)
 
-        def walk_like() -> list[object]:
-            lookup.prefetch([a, b, c, d])
-            assert set(lookup._ready) <= {a, b, c, d}  # never a row of a CID not asked for
-            return [lookup.node(a), lookup.processed(b, None), lookup.processed(c, None), lookup.node(d_raw), lookup.raw(d)]
+        def nodes() -> list[object]:
+            return [lookup.node(a), lookup.node(b), lookup.node(c), lookup.node(d_raw), lookup.node(d), lookup.node(TAIL)]
 
-        assert await store._run(walk_like) == [b"A", "B", "C", NOT_A_NODE, b"D"]
+        assert await store._run(nodes) == [b"A", NOT_A_NODE, NOT_A_NODE, NOT_A_NODE, b"D", None]
+
+
+async def test_every_kind_of_value_reads_back() -> None:
+    cids = [dag_cbor_cid(b"%d" % i) for i in range(10)]
+    values = [-(2**63), 2**63 - 1, 0.5, float("inf"), "", "h\u00e9 \U0001f600", b"", b"\x00\xff", None, "x" * 9000]
+    async with await DiskBuilder().open() as store:
+        await store._run(store.put_batch_sync, [(cid, 2, v) for cid, v in zip(cids, values, strict=True)], 1)
+        lookup = store.lookup(bytes)
+        rows, all_plain = await store._run(lookup.fetch_many, cids)
+        assert all_plain and [row[1] for row in rows] == values
+        assert [type(row[1]) for row in rows] == [type(v) for v in values]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ((b"\x01q", 2, {"not": "storable"}), "a value of type dict cannot be stored as it is"),
+        ((b"\x01q", 2, 2**63), "does not fit in 64 bits"),
+        ((b"\x01q", 2, True), "a value of type bool cannot be stored as it is"),
+        ((b"\x01q", 0, "text"), "a row of kind 0 holds bytes, not str"),
+        ((b"\x01q", 3, b""), "row kind 3 is not 0, 1 or 2"),
+        ((b"", 0, b""), "a CID of 0 bytes cannot be stored"),
+        ((b"x" * 256, 0, b""), "a CID of 256 bytes cannot be stored"),
+        ((b"\x01q", 2, "\ud800"), "surrogates not allowed"),
+    ],
+)
+async def test_rows_that_cannot_be_stored(impl: str, row: tuple[bytes, int, object], message: str) -> None:
+    async with await DiskBuilder().open() as store:
+        with pytest.raises(DiskError, match=f"SQLite spill store \\(temporary\\): cannot store a row: .*{message}"):
+            await store._run(store.put_batch_sync, [row], 1)
 
 
 async def test_walk_finds_blocks_whose_keys_collide() -> None:
@@ -349,50 +377,63 @@ async def test_walk_finds_blocks_whose_keys_collide() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-async def test_fetch_many_in_order_across_query_batches() -> None:
+async def test_fetch_many_in_order_across_runs(impl: str) -> None:
     cids = [dag_cbor_cid(b"%d" % i) for i in range(700)]
     async with await DiskBuilder().open() as store:
-        await store._run(store.put_batch_sync, [(cid, 2, i) for i, cid in enumerate(cids) if i % 7], 700 * 44)
+        for part in range(7):  # seven runs, merged before the first look-up
+            rows = [(cid, 2, i) for i, cid in enumerate(cids) if i % 7 and i % 7 == part]
+            await store._run(store.put_batch_sync, rows, 100 * 44)
         lookup = store.lookup(bytes)
         asked = cids[::-1] + cids[:5]
-        got = await store._run(lookup.fetch_many, asked)
-        assert got == [None if cids.index(cid) % 7 == 0 else (2, cids.index(cid)) for cid in asked]
+        rows, all_plain = await store._run(lookup.fetch_many, asked)
+        assert rows == [None if cids.index(cid) % 7 == 0 else (2, cids.index(cid)) for cid in asked] and not all_plain
 
 
-async def test_large_rows_are_served_but_not_prefetched() -> None:
-    big, small = dag_cbor_cid(b"big"), dag_cbor_cid(b"small")
+async def test_large_rows_are_stored_apart(impl: str) -> None:
+    big, small, text = dag_cbor_cid(b"big"), dag_cbor_cid(b"small"), dag_cbor_cid(b"text")
     async with await DiskBuilder().open() as store:
-        await store._run(store.put_batch_sync, [(big, 0, b"x" * 100_000), (small, 0, b"y")], 100_100)
+        await store._run(store.put_batch_sync, [(big, 0, b"x" * 100_000), (small, 0, b"y"), (text, 2, "\u00e9" * 9000)], 118_100)
+        assert await store._run(lambda: store._conn.execute("SELECT count(*) FROM large").fetchone()) == (2,)
         lookup = store.lookup(bytes)
-
-        def walk_like() -> tuple[set[bytes], object, object]:
-            lookup.prefetch([big, small])
-            return set(lookup._ready), lookup.node(big), lookup.node(small)
-
-        assert await store._run(walk_like) == ({small}, b"x" * 100_000, b"y")
+        assert await store._run(lambda: (lookup.node(big), lookup.node(small), lookup.node(text))) == (b"x" * 100_000, b"y", NOT_A_NODE)
+        assert await store._run(lookup.fetch_many, [text, big]) == ([(2, "\u00e9" * 9000), (0, b"x" * 100_000)], False)
 
 
-async def test_rows_stored_after_a_walk_started_are_found() -> None:
+async def test_rows_stored_after_a_walk_started_are_found(impl: str) -> None:
     one, two = dag_cbor_cid(b"1"), dag_cbor_cid(b"2")
     async with await DiskBuilder().open() as store:
         await store._run(store.put_batch_sync, [(one, 2, 1)], 40)
         lookup = store.lookup(bytes)
-        assert await store._run(lookup.fetch_many, [one, two]) == [(2, 1), None]
+        assert await store._run(lookup.fetch_many, [one, two]) == ([(2, 1), None], False)
         await store._run(store.put_batch_sync, [(two, 2, 2), (one, 2, 99)], 80)
-        assert await store._run(lookup.fetch_many, [one, two]) == [(2, 1), (2, 2)]
+        assert await store._run(lookup.fetch_many, [one, two]) == ([(2, 1), (2, 2)], True)
+
+
+async def test_merge_in_levels_keeps_the_first_block(impl: str) -> None:
+    """More runs than one merge holds (a 1 MiB cache merges 8 at a time): merged in levels."""
+    cids = [dag_cbor_cid(b"%d" % i) for i in range(3000)]
+    async with await DiskBuilder().with_cache_size_mb(1).open() as store:
+        for part in range(30):  # each CID in three runs; its first value is part // 10 == 0
+            rows = [(cid, 2, part) for i, cid in enumerate(cids) if i % 10 == part % 10]
+            await store._run(store.put_batch_sync, rows, 1)
+        lookup = store.lookup(bytes)
+        rows, all_plain = await store._run(lookup.fetch_many, cids)
+        assert all_plain and rows == [(2, i % 10) for i in range(3000)]
+        tables = await store._run(lambda: store._conn.execute("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM merged)").fetchone())
+        assert sorted(tables) == [0, 1]  # every merged run's rows deleted; the last merge in one segment
 
 
 async def test_a_failed_batch_needs_a_reset() -> None:
     cid = dag_cbor_cid(b"1")
     async with await DiskBuilder().open() as store:
-        with pytest.raises(DiskError, match="Error binding parameter"):
+        with pytest.raises(DiskError, match="cannot store a row"):
             await store._run(store.put_batch_sync, [(cid, 2, {"not": "storable"})], 40)
         assert store.stored_bytes == 40  # so that finish_loading resets it before use
         with pytest.raises(DiskError, match=r"an earlier write failed; reset\(\) the store"):
             await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
         await store.reset()
         await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
-        assert await store._run(store.lookup(bytes).fetch_many, [cid]) == [(2, 1)]
+        assert await store._run(store.lookup(bytes).fetch_many, [cid]) == ([(2, 1)], True)
 
 
 async def test_temporary_store_reports_its_name_in_errors(big_car: bytes) -> None:
@@ -417,25 +458,19 @@ async def test_temporary_store_where_sqlite_keeps_temporary_databases_in_memory(
             assert [r async for r in disk] == sorted(POSTS)
             files = {name: size for name, size in sqlite_temp_files().items() if name not in before}
             ours = [name for name in files if "/repo-stream-" in name]
-            assert len(ours) == 2  # the store and its staging database
+            assert len(ours) == 1  # the store
             assert sum(files[name] for name in ours) > 1024 * 1024
             assert all(name.endswith(" (deleted)") for name in files)
             store = await disk.reset_store()
     assert not sqlite_temp_files().keys() - before.keys()
 
 
-async def test_many_cids_on_one_key_are_all_found() -> None:
+async def test_many_forged_cids_are_all_found(impl: str) -> None:
     cids = [forged(b"%d" % i) for i in range(2000)]
     async with await DiskBuilder().open() as store:
         await store._run(store.put_batch_sync, [(cid, 2, i) for i, cid in enumerate(cids[:1000])], 44_000)
         await store._run(store.put_batch_sync, [(cid, 2, i) for i, cid in enumerate(cids[1000:], 1000)], 44_000)
         lookup = store.lookup(bytes)
-
-        def walk_like() -> list[object]:
-            lookup.prefetch(cids)
-            assert set(lookup._ready) == {cids[0]}  # the one in `blocks`; the others are found alone
-            return [lookup.processed(cid, None) for cid in cids]
-
         with anyio.fail_after(60):
-            assert await store._run(lookup.fetch_many, cids[::-1]) == [(2, i) for i in reversed(range(2000))]
-            assert await store._run(walk_like) == list(range(2000))
+            assert await store._run(lookup.fetch_many, cids[::-1]) == ([(2, i) for i in reversed(range(2000))], True)
+            assert await store._run(lambda: [lookup.node(cid) for cid in cids]) == [NOT_A_NODE] * 2000

@@ -1113,8 +1113,8 @@ async def test_cancel_during_finish_loading() -> None:
     open_before = helpers.sqlite_temp_files()
     store = await DiskBuilder().open()
     assert store.path is None
-    watch = Watch(store.put_batch_sync)
-    store.put_batch_sync = watch  # type: ignore[method-assign]  # the drivers call it by attribute
+    watch = Watch(store.put_run_sync)
+    store.put_run_sync = watch  # type: ignore[method-assign]  # the drivers call it by attribute
     try:
         driver = await DriverBuilder().with_mem_limit_mb(0.01).load_car(_trickle(car))
         assert isinstance(driver, NeedDisk)
