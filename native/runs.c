@@ -555,8 +555,8 @@ static int grow(void **p, size_t *cap, size_t need, size_t item) {
 static Py_ssize_t head_len(RunMerge *m, Py_ssize_t i) {
     Input *r = &m->in[i];
     size_t avail = r->len - r->pos;
-    const uint8_t *e = r->buf + r->pos;
     if (avail >= HEAD) { /* the usual case, checked as entry_len does, without naming the run */
+        const uint8_t *e = r->buf + r->pos;
         size_t size = rd32(e + 2);
         if (e[0] != 0 && (e[1] & ~LARGE) <= K_NONE && size <= LARGE_PAYLOAD && (!(e[1] & LARGE) || size == 8)) {
             size_t n = HEAD + e[0] + size;
