@@ -277,13 +277,35 @@ class DiskStore:
     def put_batch_sync(self, rows: list[tuple[bytes, int, Any]], size: int) -> None:
         """Store ``(cid, kind, data)`` rows as one run; a CID already stored keeps its first block.
 
-        ``kind`` is 0 (raw block bytes), 1 (codec-encoded value) or 2 (a value SQLite holds as it
-        is: an int in 64 bits, a float, a str, bytes or None). ``size`` is the rows' byte count
-        for the ``max_stored_mb`` limit.
+        ``kind`` is 0 (raw block bytes), 1 (codec-encoded value) or 2 (a value stored as it is:
+        an int in 64 bits, a float, a str, bytes or None). ``size`` is the rows' byte count for
+        the ``max_stored_mb`` limit. (The drivers hand over runs their block table packed
+        itself, through :meth:`put_run_sync`.)
 
         Raises:
-            DiskError: the rows would take the store past ``max_stored_mb``, a row is not a spill
-                row, or the store is closed or needs a :meth:`reset` after a failed write.
+            DiskError: a row is not a spill row (nothing is stored then), or as :meth:`put_run_sync`.
+        """
+        self._connection()
+        try:
+            run, large = implementation.backend().pack_run(rows, self._next_large)
+        except (TypeError, ValueError) as exc:
+            raise DiskError(f"SQLite spill store {self.name}: cannot store a row: {exc}") from exc
+        self.put_run_sync(run, large, size)
+
+    @property
+    def next_large(self) -> int:
+        """The id the next payload stored apart gets (for a block table's ``take_run``)."""
+        return self._next_large
+
+    def put_run_sync(self, run: bytes, large: list[tuple[int, bytes]], size: int) -> None:
+        """Store a run packed by a block table's ``take_run(max_bytes, self.next_large)``, in one transaction.
+
+        ``size`` is its rows' byte count for the ``max_stored_mb`` limit.
+
+        Raises:
+            DiskError: the run would take the store past ``max_stored_mb``, ``large`` is not
+                numbered from :attr:`next_large`, or the store is closed or needs a
+                :meth:`reset` after a failed write.
             sqlite3.Error: SQLite failed (:meth:`_run` makes it a DiskError); the store then
                 needs a :meth:`reset`.
         """
@@ -293,36 +315,10 @@ class DiskStore:
                 f"SQLite spill store {self.name} would hold {self.stored_bytes + size} bytes, "
                 f"over its limit of {self._max_stored // _MIB} MiB"
             )
-        # Counted before it is written: a batch that fails half-way (there is no journal to roll
-        # it back with) leaves stored_bytes > 0, so the drivers reset the store before reuse.
-        self.stored_bytes += size
-        self._failed = True
-        try:
-            run, large = implementation.backend().pack_run(rows, self._next_large)
-        except (TypeError, ValueError) as exc:
-            raise DiskError(f"SQLite spill store {self.name}: cannot store a row: {exc}") from exc
-        self._put_run(conn, run, large)
-
-    @property
-    def next_large(self) -> int:
-        """The id the next payload stored apart gets (for a block table's ``take_run``)."""
-        return self._next_large
-
-    def put_run_sync(self, run: bytes, large: list[tuple[int, bytes]], size: int) -> None:
-        """Store a run packed by a block table's ``take_run(max_bytes, self.next_large)``.
-
-        Raises:
-            DiskError: as :meth:`put_batch_sync`, and if ``large`` is not numbered from :attr:`next_large`.
-            sqlite3.Error: SQLite failed; the store then needs a :meth:`reset`.
-        """
-        conn = self._connection()
-        if self.stored_bytes + size > self._max_stored:
-            raise DiskError(
-                f"SQLite spill store {self.name} would hold {self.stored_bytes + size} bytes, "
-                f"over its limit of {self._max_stored // _MIB} MiB"
-            )
         if large and large[0][0] != self._next_large:
             raise DiskError(f"SQLite spill store {self.name}: a run's large payloads start at id {large[0][0]}, not {self._next_large}")
+        # Counted before it is written: a run that fails half-way (there is no journal to roll
+        # it back with) leaves stored_bytes > 0, so the drivers reset the store before reuse.
         self.stored_bytes += size
         self._failed = True
         self._put_run(conn, run, large)
@@ -501,7 +497,7 @@ class _Writer:
         while view:
             if not self._room:
                 self.close()
-                size = min(_SEGMENT, self._left)
+                size = min(_SEGMENT, max(self._left, len(view)))
                 rowid = self._store._next_id
                 self._store._next_id += 1
                 self._conn.execute(f"INSERT INTO {self._table} VALUES (?, zeroblob(?))", (rowid, size))
@@ -596,7 +592,8 @@ class _DiskLookup:
 
     def _indexes(self) -> tuple[Any, Any]:
         store = self._store
-        if store._runs:
+        if store._runs or store._nodes is None:
+            store._connection()  # a DiskError if the store was closed, or failed
             store.merge_sync()
         return store._nodes, store._values
 

@@ -426,8 +426,11 @@ async def test_merge_in_levels_keeps_the_first_block(impl: str) -> None:
 async def test_a_failed_batch_needs_a_reset() -> None:
     cid = dag_cbor_cid(b"1")
     async with await DiskBuilder().open() as store:
-        with pytest.raises(DiskError, match="cannot store a row"):
+        with pytest.raises(DiskError, match="cannot store a row"):  # refused before anything is written
             await store._run(store.put_batch_sync, [(cid, 2, {"not": "storable"})], 40)
+        assert store.stored_bytes == 0
+        with pytest.raises(DiskError, match="Error binding parameter"):  # fails half-way through its writes
+            await store._run(store.put_run_sync, b"", [(1, {"not": "bytes"})], 40)
         assert store.stored_bytes == 40  # so that finish_loading resets it before use
         with pytest.raises(DiskError, match=r"an earlier write failed; reset\(\) the store"):
             await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
@@ -474,3 +477,15 @@ async def test_many_forged_cids_are_all_found(impl: str) -> None:
         with anyio.fail_after(60):
             assert await store._run(lookup.fetch_many, cids[::-1]) == ([(2, i) for i in reversed(range(2000))], True)
             assert await store._run(lambda: [lookup.node(cid) for cid in cids]) == [NOT_A_NODE] * 2000
+
+
+async def test_look_ups_on_a_closed_store_say_so() -> None:
+    cid = dag_cbor_cid(b"1")
+    store = await DiskBuilder().open()
+    await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
+    lookup = store.lookup(bytes)
+    await store.close()
+    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+        lookup.fetch_many([cid])
+    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+        lookup.node(cid)
