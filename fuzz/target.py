@@ -14,7 +14,7 @@ from typing import Any
 import cbor2
 
 from repo_stream import car, implementation, runs
-from repo_stream.blocks import NOT_A_NODE, ROW_ENCODED, ROW_PLAIN, ROW_RAW, DiskRecords
+from repo_stream.blocks import NOT_A_NODE, ROW_PLAIN, ROW_RAW, DiskRecords
 from repo_stream.commit import decode_commit
 from repo_stream.errors import MissingBlockError, NodeDecodeError, RepoStreamError
 
@@ -24,17 +24,12 @@ FEEDS = [1, 7, 64, 1000, 4096, 65536, 1 << 20, 3]
 
 
 class RunLookup:
-    """The look-up a disk store gives the walker, over spilled rows packed into sorted runs by
-    the implementation under test, merged by it (fed in pieces of 1 to 4096 bytes) and searched
+    """The look-up a disk store gives the walker, over runs the implementation under test packed
+    (``take_run``, as the drivers spill), merged (fed in pieces of 1 to 4096 bytes) and searches
     through its index, with the runs in memory instead of SQLite."""
 
-    def __init__(self, impl: Any, batches: list[list[tuple[bytes, int, Any]]], piece: int) -> None:
-        self.large: dict[int, bytes] = {}
-        packed = []
-        for rows in batches:
-            run, large = impl.pack_run(rows, len(self.large) + 1)
-            self.large.update(large)
-            packed.append(run)
+    def __init__(self, impl: Any, packed: list[bytes], large: dict[int, bytes], piece: int) -> None:
+        self.large = large
         merge = impl.RunMerge(len(packed), 64, True)
         at = [0] * len(packed)
         out: list[list[bytes]] = [[], []]
@@ -100,7 +95,8 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
         roots = car.decode_header(raw, parser.offset - len(raw))
         root = roots[0]
         table = impl.BlockTable(root, process, cbor2.dumps)
-        batches: list[list[tuple[bytes, int, Any]]] = []
+        packed: list[bytes] = []
+        large: dict[int, bytes] = {}
         commit = None
         data_cid = b""
         while True:
@@ -109,13 +105,13 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
                 commit, data_cid = decode_commit(block, root, strict=verify)
             if stopped and table.used < limit:
                 continue  # stopped just after the commit block, decoded above
-            if stopped or batches:
+            if stopped or packed:
                 while True:
-                    taken, _size = table.take_rows(limit // 2 or 1)
-                    if not taken:
+                    run, apart, _size = table.take_run(limit // 2 or 1, len(large) + 1)
+                    if not run:
                         break
-                    assert all(kind in (ROW_RAW, ROW_ENCODED, ROW_PLAIN) for _cid, kind, _value in taken)
-                    batches.append(taken)
+                    packed.append(run)
+                    large.update(apart)
                 if stopped:
                     continue
             if not fill():
@@ -123,8 +119,8 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
                 break
         if commit is None:
             raise MissingBlockError("no commit")
-        if batches:
-            lookup = DiskRecords(RunLookup(impl, batches, FEEDS[options & 7] % 4096 or 1), process, cbor2.loads)
+        if packed:
+            lookup = DiskRecords(RunLookup(impl, packed, large, FEEDS[options & 7] % 4096 or 1), process, cbor2.loads)
             walker = impl.Walker(data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
         else:
             walker = impl.Walker(data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
