@@ -489,3 +489,18 @@ async def test_look_ups_on_a_closed_store_say_so() -> None:
         lookup.fetch_many([cid])
     with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
         lookup.node(cid)
+
+
+@pytest.mark.parametrize("node_first", [True, False])
+async def test_first_block_wins_between_nodes_and_the_rest(impl: str, node_first: bool) -> None:
+    """A CID stored first as a block shaped like a node and later as something else (or the other
+    way round: only a CAR with wrong CIDs does that) keeps its first block, in either merged run."""
+    cid = dag_cbor_cid(b"twice")
+    node = b"\xa2ae\x80al\xf6"
+    batches = [[(cid, 0, node)], [(cid, 2, 5)]]
+    async with await DiskBuilder().open() as store:
+        for rows in batches if node_first else batches[::-1]:
+            await store._run(store.put_batch_sync, rows, 10)
+        lookup = store.lookup(bytes)
+        found = await store._run(lambda: (lookup.node(cid), lookup.fetch_many([cid])))
+        assert found == ((node, ([(0, node)], False)) if node_first else (NOT_A_NODE, ([(2, 5)], True)))
