@@ -8,13 +8,13 @@ When a repo does not fit in the memory limit, its blocks go into SQLite. The for
     large(id INTEGER PRIMARY KEY, data BLOB NOT NULL)
 
 **Sorted runs, not a row per block.** Each batch of spill rows (``(cid, kind, data)``, see
-:mod:`repo_stream.blocks`) is sorted by CID and packed into one *run*, a single ``runs`` row
-(the format: :mod:`repo_stream.runs`); payloads over 8 KiB go to ``large``, one row each, and the
-run holds their id. The first look-up merges the runs (a k-way merge in bounded memory, read and
-written through SQLite's incremental blob I/O), keeping the first block of a CID stored twice, as
-in memory, into two merged runs in ``merged``: the raw blocks shaped like MST nodes, and the rest
-(the records, mostly): each smaller, so that a look-up more often finds its page in SQLite's
-cache. Each merged run is kept in segments of 16 MiB (rows), with an index point about every KiB
+:mod:`repo_stream.blocks`) is sorted by CID and packed into one *run*, stored in ``runs`` rows of
+1 MiB (the format: :mod:`repo_stream.runs`); payloads over 8 KiB go to ``large``, one row each,
+and the run holds their id. The first look-up merges the runs (a k-way merge in bounded memory,
+read and written through SQLite's incremental blob I/O), keeping the first block of a CID stored
+twice, as in memory, into two merged runs in ``merged``: the raw blocks shaped like MST nodes, and
+the rest (the records, mostly): each smaller, so that a look-up more often finds its page in
+SQLite's cache. Each merged run is kept in segments of 16 MiB (rows), with an index point about every KiB
 in memory; a look-up reads one short range of a merged run and scans it. (Measured on the
 500k-record repo: SQLite costs about 3.3 us a row to insert, about 3 us a row to sort, and 3-7 us
 a row to look up; a block costs it one blob read instead.) Runs stored after a look-up are merged
@@ -39,7 +39,9 @@ and refuses to overwrite any other file. :meth:`DiskStore.reset` starts afresh t
 
 Pragmas: ``journal_mode=OFF`` and ``synchronous=OFF`` (nothing is ever rolled back: a batch that
 fails marks the store as needing :meth:`DiskStore.reset`, which the drivers do before reuse);
-``cache_size`` from :meth:`DiskBuilder.with_cache_size_mb` bounds SQLite's memory. The merge's
+``cache_size`` from :meth:`DiskBuilder.with_cache_size_mb` bounds SQLite's memory (until the
+first merge it is at most 1 MiB: storing runs writes each page once, and the walk, not loading,
+needs the cache). The merge's
 buffers stay under half of that size and the index under a quarter (an index point per KiB, or
 sparser in a store too large for that).
 
@@ -91,6 +93,9 @@ _SEGMENT = 16 * _MIB
 #: Bytes read from each run per feed of a merge, and written per blob write.
 _READ_PIECE = 32 * 1024
 _WRITE_PIECE = 256 * 1024
+#: Bytes of a stored run per row, and SQLite's cache while runs are stored (KiB).
+_RUN_ROW = 1 * _MIB
+_LOADING_CACHE_KIB = 1024
 #: Index points: at least this many bytes apart, and about this many bytes of memory each.
 _INDEX_EVERY = 1024
 _POINT_BYTES = 64
@@ -254,7 +259,8 @@ class DiskStore:
             conn.execute("PRAGMA journal_mode=OFF")
             conn.execute("PRAGMA synchronous=OFF")
             conn.execute("PRAGMA temp_store=FILE")
-            conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
+            # Loading writes each page once: a small cache until the merge, which sets the full one.
+            conn.execute(f"PRAGMA cache_size=-{min(self._cache_kib, _LOADING_CACHE_KIB)}")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             for statement in _SCHEMA:
                 conn.execute(statement)
@@ -326,14 +332,16 @@ class DiskStore:
     def _put_run(self, conn: sqlite3.Connection, run: bytes, large: list[tuple[int, bytes]]) -> None:
         conn.execute("BEGIN")
         if run:
-            # Written through a blob handle: binding the run as a parameter would copy it first.
-            conn.execute("INSERT INTO runs VALUES (?, zeroblob(?))", (self._next_id, len(run)))
-            with conn.blobopen("runs", "data", self._next_id) as blob:
-                view = memoryview(run)
-                for at in range(0, len(run), _WRITE_PIECE):
-                    blob.write(view[at : at + _WRITE_PIECE])
-            self._runs.append([("runs", self._next_id, len(run))])
-            self._next_id += 1
+            # In rows of a few pieces: binding the whole run would copy all of it at once, and a
+            # blob written in place (zeroblob) is written twice through the small loading cache.
+            view = memoryview(run)
+            segments: Segments = []
+            for at in range(0, len(run), _RUN_ROW):
+                piece = view[at : at + _RUN_ROW]
+                conn.execute("INSERT INTO runs VALUES (?, ?)", (self._next_id, piece))
+                segments.append(("runs", self._next_id, len(piece)))
+                self._next_id += 1
+            self._runs.append(segments)
         if large:
             conn.executemany("INSERT INTO large VALUES (?, ?)", large)
             self._next_large += len(large)
@@ -356,6 +364,7 @@ class DiskStore:
         self._failed = True
         self._close_blobs()
         self._nodes = self._values = None
+        conn.execute(f"PRAGMA cache_size=-{self._cache_kib}")
         runs = [run for run in self._merged if run] + self._runs  # the merged two hold no CID in common
         self._merged, self._runs = [], []
         # Each run being merged holds up to two pieces: together, at most half the cache size.
