@@ -14,8 +14,9 @@ and the run holds their id. The first look-up merges the runs (a k-way merge in 
 read and written through SQLite's incremental blob I/O), keeping the first block of a CID stored
 twice, as in memory, into two merged runs in ``merged``: the raw blocks shaped like MST nodes, and
 the rest (the records, mostly): each smaller, so that a look-up more often finds its page in
-SQLite's cache. Each merged run is kept in segments of 16 MiB (rows), with an index point about every KiB
-in memory; a look-up reads one short range of a merged run and scans it. (Measured on the
+SQLite's cache. Each merged run is kept in segments of 4 MiB (rows; larger in a store over 1 GiB,
+so that there are at most 256), with an index point about every KiB in memory; a look-up reads
+one short range of a merged run and scans it. (Measured on the
 500k-record repo: SQLite costs about 3.3 us a row to insert, about 3 us a row to sort, and 3-7 us
 a row to look up; a block costs it one blob read instead.) Runs stored after a look-up are merged
 in on the next one. A store with more runs than a merge may hold open at once (its cache size
@@ -88,8 +89,13 @@ _from_bytes = int.from_bytes
 APPLICATION_ID = 0x52537370
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
-#: Bytes of a merged run per row: a store of 10 GiB keeps 640 blob handles open.
-_SEGMENT = 16 * _MIB
+#: A merged run is kept in rows ("segments") of this many bytes, or more in a store so large that
+#: it would take more than _SEGMENTS_MOST of them (a blob handle stays open on each: about 9 KiB).
+#: Smaller ones are merged faster: a row is made with zeroblob and then written, and while its
+#: pages fit in SQLite's cache they are written once (measured: 4 MiB ones, 0.5 s for the 500k
+#: repo's merge; 16 MiB ones, 0.6-0.9 s).
+_SEGMENT = 4 * _MIB
+_SEGMENTS_MOST = 256
 #: Bytes read from each run per feed of a merge, and written per blob write.
 _READ_PIECE = 32 * 1024
 _WRITE_PIECE = 256 * 1024
@@ -374,10 +380,11 @@ class DiskStore:
         total = sum(used for run in runs for _, _, used in run)
         every = max(_INDEX_EVERY, total * _POINT_BYTES // max(1, self._cache_kib * 1024 // 4))
         self._merged, (self._nodes, self._values) = self._merge(conn, runs, every)
+        segment = _segment_size(total)
         for merged, index in zip(self._merged, (self._nodes, self._values), strict=True):
             blobs = [conn.blobopen(table, "data", rowid, readonly=True) for table, rowid, _ in merged]
             self._blobs += blobs
-            index.attach(blobs, _SEGMENT)
+            index.attach(blobs, segment)
         self._failed = False
 
     def _merge(self, conn: sqlite3.Connection, runs: list[Segments], every: int) -> tuple[list[Segments], Any]:
@@ -395,7 +402,7 @@ class DiskStore:
         readers = [_Reader(conn, self.name, run) for run in runs]
         total = sum(used for run in runs for _, _, used in run)  # neither merged run is longer
         table = "merged" if 2 * sum(run[0][0] == "runs" for run in runs) >= len(runs) else "runs"
-        writers = [_Writer(self, conn, table, total) for _ in range(2 if split else 1)]
+        writers = [_Writer(self, conn, table, total, _segment_size(total)) for _ in range(2 if split else 1)]
         conn.execute("BEGIN")
         try:
             while (piece := merge.step(_WRITE_PIECE)) is not None:
@@ -487,16 +494,17 @@ class DiskStore:
 
 
 class _Writer:
-    """Writes a merged run into ``table``, in segments of :data:`_SEGMENT` bytes (the last one
+    """Writes a merged run into ``table``, in segments of ``segment`` bytes (the last one
     shorter): each a row made with ``zeroblob`` of its size, then written through a blob handle."""
 
-    __slots__ = ("_store", "_conn", "_table", "_left", "_blob", "_room", "segments")
+    __slots__ = ("_store", "_conn", "_table", "_left", "_segment", "_blob", "_room", "segments")
 
-    def __init__(self, store: DiskStore, conn: sqlite3.Connection, table: str, most: int) -> None:
+    def __init__(self, store: DiskStore, conn: sqlite3.Connection, table: str, most: int, segment: int) -> None:
         self._store = store
         self._conn = conn
         self._table = table
         self._left = most  # the run is no longer than this
+        self._segment = segment
         self._blob: sqlite3.Blob | None = None
         self._room = 0
         self.segments: Segments = []
@@ -506,7 +514,7 @@ class _Writer:
         while view:
             if not self._room:
                 self.close()
-                size = min(_SEGMENT, max(self._left, len(view)))
+                size = min(self._segment, max(self._left, len(view)))
                 rowid = self._store._next_id
                 self._store._next_id += 1
                 self._conn.execute(f"INSERT INTO {self._table} VALUES (?, zeroblob(?))", (rowid, size))
@@ -564,6 +572,11 @@ class _Reader:
         if self._blob is not None:
             self._blob.close()
             self._blob = None
+
+
+def _segment_size(total: int) -> int:
+    """The segment size of a merged run of at most ``total`` bytes: whole MiB, at least :data:`_SEGMENT`."""
+    return max(_SEGMENT, -(-total // _SEGMENTS_MOST // _MIB) * _MIB)
 
 
 def _clear_store_file(path: Path) -> None:

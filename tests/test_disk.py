@@ -504,3 +504,14 @@ async def test_first_block_wins_between_nodes_and_the_rest(impl: str, node_first
         lookup = store.lookup(bytes)
         found = await store._run(lambda: (lookup.node(cid), lookup.fetch_many([cid])))
         assert found == ((node, ([(0, node)], False)) if node_first else (NOT_A_NODE, ([(2, 5)], True)))
+
+
+async def test_merged_runs_in_many_segments(big_car: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Look-ups that fall in any segment of a merged run, or across two."""
+    import repo_stream.disk
+
+    monkeypatch.setattr(repo_stream.disk, "_segment_size", lambda total: 10_000)
+    async with await DiskBuilder().open() as store:
+        _, driver = await (await spill(big_car)).finish_loading(store)
+        assert [r async for r in driver] == [(key, len(block)) for key, block in sorted(POSTS)]
+        assert sum(len(run) for run in store._merged) > 100  # ~1.4 MB of blocks
