@@ -376,8 +376,8 @@ class DiskStore:
         # Each run being merged holds up to two pieces: together, at most half the cache size.
         fan_in = max(2, self._cache_kib * 1024 // 2 // (2 * _READ_PIECE))
         while len(runs) > fan_in:  # in levels, each run read once per level; load order kept
-            merged = [self._merge(conn, runs[i : i + fan_in], 0)[0][0] for i in range(0, len(runs), fan_in)]
-            runs = [run for run in merged if run]
+            level = [self._merge(conn, runs[i : i + fan_in], 0)[0][0] for i in range(0, len(runs), fan_in)]
+            runs = [run for run in level if run]
         total = sum(used for run in runs for _, _, used in run)
         every = max(_INDEX_EVERY, total * _POINT_BYTES // max(1, self._cache_kib * 1024 // 4))
         self._merged, (self._nodes, self._values) = self._merge(conn, runs, every)
