@@ -611,8 +611,8 @@ class _Run:
         assert job.commit is not None
         if sink is None:
             # From disk a chunk is a hop to the store's thread and back: counting takes bigger ones.
-            size = _DISK_CHUNK if isinstance(driver, DiskDriver) else _CHUNK
-            while (chunk := await driver.next_chunk(size)) is not None:
+            chunk_size = _DISK_CHUNK if isinstance(driver, DiskDriver) else _CHUNK
+            while (chunk := await driver.next_chunk(chunk_size)) is not None:
                 job.records += len(chunk)
                 job.record_bytes += sum(size for _, size in chunk)
             return

@@ -71,7 +71,7 @@ __all__ = ["main", "stats"]
 
 _second = itemgetter(1)
 #: SQLite page cache of a command's spill store, MiB: 16 keeps a 10 MiB-limit spill of a 500k-record
-#: repo near 63 MB peak RSS (32 MiB: ~80 MB) at about the same speed.
+#: repo near 60 MB peak RSS (32 MiB: ~76 MB) at about the same speed.
 _SPILL_CACHE_MB = 16
 #: Records per chunk when stats walks from disk.
 _DISK_CHUNK = 8192
