@@ -12,7 +12,11 @@ the sources, the checkpoint, and yielding the results.
 worker has more than its pipeline holds (``fetch_concurrency + memory_workers + disk_queue_size
 + disk_workers + 1``): a sliding window per worker, so that a worker busy with a large repo is
 not given more while another is idle. Each worker has two one-way pipes: sources in, results
-out.
+out. Both ends wait on their pipes in their event loops (``anyio.wait_readable``), not in a
+thread: a thread hop costs ~0.17 ms of CPU, once per source in each worker and once per result
+here. The sources a worker holds also stay under half its pipe's capacity in bytes (any one
+source may go to a worker that holds none), so writing a source never blocks this process's
+event loop while the worker is itself blocked sending a result.
 
 **Nothing lost.** This process knows which sources each worker holds. A worker that exits
 without finishing (killed, out of memory, crashed) gives an error result for each of them; the
@@ -33,15 +37,17 @@ imports) on top of its own
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
 from contextlib import aclosing
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
 import anyio
@@ -54,8 +60,8 @@ __all__ = ["STOP_GRACE", "check_picklable", "run_in_processes"]
 
 #: Seconds a worker process has to stop after it is sent a stop before it is killed.
 STOP_GRACE = 10.0
-#: Seconds between checks for workers that exited, while waiting for results.
-_POLL = 0.5
+#: Bytes of held sources a worker's tasks pipe is given, where its capacity cannot be read.
+_PIPE_BUDGET = 8192
 
 
 #: Sent to a worker to stop it: it cancels its executor (as cancelling an in-process run does).
@@ -79,16 +85,18 @@ def _worker_main(tasks: Connection, results: Connection, options: dict[str, Any]
             async def read_tasks() -> None:
                 async with sources_send:
                     while True:
-                        try:
-                            message = await anyio.to_thread.run_sync(tasks.recv, abandon_on_cancel=True)
-                        except EOFError:  # the parent is gone
-                            return
-                        if message is None:
-                            return
-                        if message is _STOP:
-                            tg.cancel_scope.cancel()
-                            return
-                        await sources_send.send(message)
+                        await anyio.wait_readable(tasks.fileno())
+                        while tasks.poll():  # each message is whole once its first byte is here (the parent writes it at once)
+                            try:
+                                message = tasks.recv()
+                            except EOFError:  # the parent is gone
+                                return
+                            if message is None:
+                                return
+                            if message is _STOP:
+                                tg.cancel_scope.cancel()
+                                return
+                            sources_send.send_nowait(message)  # unbounded: the parent's window bounds it
 
             tg.start_soon(read_tasks)
             async with aclosing(backfill(sources, **options)) as run:
@@ -140,6 +148,12 @@ class _Worker:
         self.results = Connection(results_r, writable=False)
         #: Sources handed out and not answered yet (a source may be in it more than once).
         self.held: list[str] = []
+        #: Their bytes on the tasks pipe, bounded by ``budget`` (see the module's "Hand-out").
+        self.held_bytes = 0
+        try:
+            self.budget = fcntl.fcntl(tasks_w, fcntl.F_GETPIPE_SZ) // 2  # type: ignore[attr-defined,unused-ignore]
+        except (AttributeError, OSError):  # not Linux
+            self.budget = _PIPE_BUDGET
         self.finished = False  # answered "done" or "failed", or gone
         try:
             self.tasks.send(list(sys.path))
@@ -152,7 +166,14 @@ class _Worker:
         self.finished = True
         lost = [BackfillResult(source, None, None, 0, 0, False, 0.0, f"WorkerError: {why}") for source in self.held]
         self.held.clear()
+        self.held_bytes = 0
         return lost
+
+    def has_room(self, window: int, size: int) -> bool:
+        """Whether it may be handed a source of ``size`` pickled bytes now."""
+        if self.finished or len(self.held) >= window:
+            return False
+        return not self.held or self.held_bytes + size <= self.budget
 
     def gone(self) -> list[BackfillResult]:
         """Its results pipe ended: wait for it to exit; error results for what it held."""
@@ -202,9 +223,10 @@ async def run_in_processes(
 
             async def hand_out() -> None:
                 async for source in todo:
+                    message = _message(source)
                     async with room:
                         while True:
-                            open_ = [w for w in workers if not w.finished and len(w.held) < window]
+                            open_ = [w for w in workers if w.has_room(window, len(message))]
                             if open_ or all(w.finished for w in workers):
                                 break
                             await room.wait()
@@ -213,18 +235,16 @@ async def run_in_processes(
                         continue
                     worker = min(open_, key=lambda w: len(w.held))
                     worker.held.append(source)  # answered, or failed when its exit is seen
-                    _send(worker, source)
+                    worker.held_bytes += len(message)
+                    _write(worker, message)
                 for worker in workers:
                     if not worker.finished:
                         _send(worker, None)
 
-            async def collect() -> None:
-                while not all(w.finished for w in workers):
-                    waits: dict[Any, _Worker] = {w.results: w for w in workers if not w.finished}
-                    ready = await anyio.to_thread.run_sync(wait, list(waits), _POLL, abandon_on_cancel=True)
-                    out: list[BackfillResult] = []
-                    for handle in ready:
-                        out += _receive(waits[handle])
+            async def collect(worker: _Worker) -> None:
+                while not worker.finished:
+                    await anyio.wait_readable(worker.results.fileno())
+                    out = _receive(worker)
                     if out:
                         async with room:
                             room.notify_all()
@@ -233,18 +253,35 @@ async def run_in_processes(
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hand_out)
-                tg.start_soon(collect)
+                for worker in workers:
+                    tg.start_soon(collect, worker)
     finally:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(_stop, workers)
 
 
-def _send(worker: _Worker, message: str | bool | None) -> None:
-    """Send a source (or the end) to a worker; a worker that is gone is seen by the collector."""
+def _message(message: str | bool | None) -> bytes:
+    """``message`` as it goes on a tasks pipe: framed as ``Connection.send`` frames it (a 4-byte
+    big-endian length, then the pickle), so the worker's ``Connection.recv`` reads it."""
+    data = pickle.dumps(message)
+    return struct.pack("!i", len(data)) + data
+
+
+def _write(worker: _Worker, message: bytes) -> None:
+    """Write a framed message to a worker's blocking tasks pipe; a worker that is gone (or whose
+    pipe is closed here) is seen by its collector."""
     try:
-        worker.tasks.send(message)
+        fd = worker.tasks.fileno()  # OSError once closed
+        view = memoryview(message)
+        while view:  # a signal may cut a write short
+            view = view[os.write(fd, view) :]
     except OSError:
         pass
+
+
+def _send(worker: _Worker, message: str | bool | None) -> None:
+    """Send a source, the end (``None``) or :data:`_STOP` to a worker."""
+    _write(worker, _message(message))
 
 
 def _receive(worker: _Worker) -> list[BackfillResult]:
@@ -258,6 +295,7 @@ def _receive(worker: _Worker) -> list[BackfillResult]:
         if kind == "result":
             try:
                 worker.held.remove(value.source)
+                worker.held_bytes -= len(_message(value.source))
             except ValueError:
                 pass
             out.append(value)

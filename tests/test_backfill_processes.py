@@ -24,7 +24,7 @@ from repo_stream.cli import main
 
 from .backfill_server import RepoHost, car_reply, repo_car_of
 from .servers import Reply, json_reply
-from .test_backfill import CARS, DID_2000, FAST, RECORD_BYTES, REPO_2000, SIZES, did_of, run_all, unlinked_in
+from .test_backfill import CARS, DID_2000, FAST, RECORD_BYTES, REPO_2000, SIZES, by_source, did_of, run_all, unlinked_in
 
 #: Worker processes are fresh interpreters: a run takes a second or so more than in one process.
 pytestmark = pytest.mark.anyio
@@ -203,3 +203,19 @@ def test_cli_closed_stdout_ends_quietly(tmp_path: Path, processes: str) -> None:
     assert err == b""
     assert status == 141
     assert worker_processes() == []
+
+
+async def test_long_sources_each_get_their_one_result(host: RepoHost, tmp_path: Path) -> None:
+    # Sources of 12 KB (a window of them is more than a 64 KiB pipe holds: the hand-out keeps a
+    # worker's held sources under half its pipe) and one of 200 KB, written to the pipe in several
+    # pieces while the worker reads it, go through whole.
+    url = host.repo(DID_2000, car_reply(REPO_2000.read_bytes()))
+    long_paths = [f"{tmp_path}/{i:03d}/" + ("d" * 200 + "/") * 60 + "repo.car" for i in range(60)]
+    huge = str(tmp_path / ("h" * 200_000))
+    inputs = [huge, *long_paths, url]
+    results = await run_all(inputs, processes=2, memory_workers=2, fetch_concurrency=8)
+    assert Counter(r.source for r in results) == Counter(inputs)
+    got = by_source(results)
+    assert (got[url].records, got[url].error) == (2000, None)
+    for source in [huge, *long_paths]:
+        assert got[source].error is not None and got[source].error.startswith("SourceError"), got[source].error[:200]
