@@ -28,20 +28,17 @@ import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import anyio
-import dns.asyncbackend
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.rdatatype
-import dns.resolver
 import httpx
-from multiformats import multibase
 
 from .errors import IdentityError
+
+if TYPE_CHECKING:  # imported where used: dnspython and multiformats take ~80 ms and ~5 MB to import,
+    # which a process fetching repos by URL or walking files (a backfill worker, `stats URL`) never needs
+    import dns.asyncresolver
 
 __all__ = [
     "DEFAULT_PLC_URL",
@@ -302,6 +299,9 @@ def make_dns_resolver(nameservers: Sequence[str | tuple[str, int]], *, timeout: 
     ``timeout`` is the total seconds allowed per lookup. Without this, the functions here use
     the system's resolver (``/etc/resolv.conf``).
     """
+    import dns.asyncresolver
+    import dns.nameserver
+
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [
         dns.nameserver.Do53Nameserver(ns, 53) if isinstance(ns, str) else dns.nameserver.Do53Nameserver(ns[0], ns[1])
@@ -334,6 +334,12 @@ async def resolve_handle_dns(handle: str, *, dns_resolver: dns.asyncresolver.Res
         IdentityError: no such name or no ``did=`` record, records naming different DIDs, an
             invalid DID in the record, or the DNS lookup failing or timing out.
     """
+    import dns.asyncbackend
+    import dns.asyncresolver
+    import dns.exception
+    import dns.rdatatype
+    import dns.resolver
+
     handle = _check_handle(handle)
     name = f"_atproto.{handle}"
     try:
@@ -515,6 +521,8 @@ def _signing_key(did: str, method: Any) -> str | None:
     encoded = method.get("publicKeyMultibase")
     if not isinstance(encoded, str) or not encoded.startswith("z"):
         return None
+    from multiformats import multibase
+
     try:
         raw = multibase.decode(encoded)
     except ValueError:  # not base58btc (the library's decoding errors are ValueErrors)
