@@ -36,7 +36,7 @@ import httpx
 
 from .errors import IdentityError
 
-if TYPE_CHECKING:  # imported where used: dnspython and multiformats take ~80 ms and ~5 MB to import,
+if TYPE_CHECKING:  # imported where used: dnspython and multiformats take ~25 ms and ~2 MB to import,
     # which a process fetching repos by URL or walking files (a backfill worker, `stats URL`) never needs
     import dns.asyncresolver
 
