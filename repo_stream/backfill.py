@@ -62,7 +62,7 @@ from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 
 from .commit import Commit
 from .disk import DiskBuilder, DiskStore
-from .drivers import DiskDriver, DriverBuilder, NeedDisk
+from .drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, NeedDisk
 from .errors import FetchError, IdentityError, RepoStreamError, SignatureError, SourceError
 
 if TYPE_CHECKING:
@@ -86,7 +86,6 @@ __all__ = [
 ]
 
 _CHUNK = 1024  # records per next_chunk
-_DISK_CHUNK = 8192  # the same from disk, with no sink to hand the chunks to
 _BATCH = 256  # checkpoint rows per look-up or transaction
 
 
@@ -611,7 +610,7 @@ class _Run:
         assert job.commit is not None
         if sink is None:
             # From disk a chunk is a hop to the store's thread and back: counting takes bigger ones.
-            chunk_size = _DISK_CHUNK if isinstance(driver, DiskDriver) else _CHUNK
+            chunk_size = DISK_COUNT_CHUNK if isinstance(driver, DiskDriver) else _CHUNK
             while (chunk := await driver.next_chunk(chunk_size)) is not None:
                 job.records += len(chunk)
                 job.record_bytes += sum(size for _, size in chunk)

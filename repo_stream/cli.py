@@ -59,7 +59,7 @@ import anyio
 from . import __version__, implementation
 from .cid import cid_text
 from .disk import DiskBuilder
-from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from .drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .errors import RepoStreamError
 from .mst import is_valid_collection
 
@@ -73,8 +73,6 @@ _second = itemgetter(1)
 #: SQLite page cache of a command's spill store, MiB: 16 keeps a 10 MiB-limit spill of a 500k-record
 #: repo near 60 MB peak RSS (32 MiB: ~76 MB) at about the same speed.
 _SPILL_CACHE_MB = 16
-#: Records per chunk when stats walks from disk.
-_DISK_CHUNK = 8192
 
 #: Exit status when standard output is closed early: 128 + SIGPIPE, as a tool killed by SIGPIPE.
 EXIT_BROKEN_PIPE = 141
@@ -251,7 +249,7 @@ async def _walk(walk: _Walk, started: float) -> dict[str, Any]:
     record_bytes = 0
     # From disk each chunk is a hop to the store's thread and back (about a millisecond with the
     # GIL handed over twice: 0.6 s of the 500k spill with 1024-record chunks): take bigger ones.
-    chunk_size = _DISK_CHUNK if isinstance(driver, DiskDriver) else 1024
+    chunk_size = DISK_COUNT_CHUNK if isinstance(driver, DiskDriver) else 1024
     while (chunk := await driver.next_chunk(chunk_size)) is not None:
         records += len(chunk)
         bar.records(len(chunk))
