@@ -30,7 +30,7 @@ terminal stops them through this process, never half-way through their own shutd
 workers' spill files are unlinked as soon as opened (see ``spill_dir``), so even a worker that
 is killed leaves none. A worker whose parent is gone finishes the repos it holds and exits.
 
-Memory: each worker is a whole interpreter with the library loaded (39 MB of RSS after its
+Memory: each worker is a whole interpreter with the library loaded (32 MB of RSS after its
 imports) on top of its own
 ``memory_workers x mem_limit + disk_workers x (mem_limit + disk_cache_mb)``.
 """
