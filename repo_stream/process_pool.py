@@ -86,7 +86,9 @@ def _worker_main(tasks: Connection, results: Connection, options: dict[str, Any]
                 async with sources_send:
                     while True:
                         await anyio.wait_readable(tasks.fileno())
-                        while tasks.poll():  # each message is whole once its first byte is here (the parent writes it at once)
+                        # The parent writes each message in one call: once its first byte is here the rest
+                        # follows at once (recv waits for the rest of one larger than the pipe).
+                        while tasks.poll():
                             try:
                                 message = tasks.recv()
                             except EOFError:  # the parent is gone
