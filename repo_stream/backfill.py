@@ -21,8 +21,8 @@ Peak memory is about ``(memory_workers + disk_queue_size) x mem_limit + disk_wor
 + disk_cache_mb)`` plus the interpreter, whatever the repos' sizes.
 
 One process uses one core (the C core holds the GIL while it builds items, and the rest is
-Python): ``processes=N`` runs the executor in N worker processes instead, fed one source at a
-time by this one (:mod:`repo_stream.process_pool`).
+Python): ``processes=N`` runs the executor in N processes, this one and N - 1 worker processes
+it feeds one source at a time (:mod:`repo_stream.process_pool`).
 
 A :class:`Checkpoint` (an SQLite file) records every finished repo; a rerun with the same file
 yields the recorded results (``skipped=True``) without fetching those repos again, and
@@ -848,12 +848,14 @@ async def backfill(
         plc_url, client, dns_resolver, fetch_options: as for :func:`repo_stream.source.open_source`
             (one client is shared by the whole run; by default a new one, closed at the end).
         stats: a :class:`BackfillStats` to update as the run goes (for progress displays).
-        processes: with more than 1, the repos run in that many worker processes, each with the
-            executor above (its own ``memory_workers``, ``disk_workers`` and fetch client), fed
-            one source at a time by this process, which alone reads ``sources``, keeps the
-            checkpoint and yields the results (see :mod:`repo_stream.process_pool`). The sink
-            must then be picklable, ``client`` and ``dns_resolver`` are not allowed, and
-            ``stats`` counts results only (not the repos held or the disk queue).
+        processes: with more than 1, the repos run in that many processes: this one and
+            ``processes - 1`` worker processes, each with the executor above (its own
+            ``memory_workers``, ``disk_workers`` and fetch client), handed one source at a time
+            by this process, which alone reads ``sources``, keeps the checkpoint and yields the
+            results (see :mod:`repo_stream.process_pool`). The sink must then be picklable (the
+            worker processes call copies of it, this process the sink itself), ``client`` and
+            ``dns_resolver`` are not allowed, and ``stats`` counts results only (not the repos
+            held or the disk queue).
 
     Raises:
         ValueError: a worker count or limit out of range; with ``processes``, a ``client`` or

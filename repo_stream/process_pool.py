@@ -1,14 +1,18 @@
-"""The backfill spread over local worker processes (``backfill(..., processes=N)``).
+"""The backfill spread over local processes (``backfill(..., processes=N)``).
 
 One Python process walks one repo at a time on one core: the C core holds the GIL while it
 builds each chunk's items, and fetching, the checkpoint and the sinks are Python. To use more
-cores on one machine, :func:`repo_stream.backfill.backfill` with ``processes=N`` starts ``N``
-worker processes (fresh interpreters, ``python -m repo_stream.process_pool``), each running
-the same bounded executor (its own ``memory_workers``, ``disk_workers``, fetch client and spill
-stores) over the sources this process hands it. This process keeps what must be single: reading
-the sources, the checkpoint, and yielding the results.
+cores on one machine, :func:`repo_stream.backfill.backfill` with ``processes=N`` walks repos in
+``N`` processes: this one and ``N - 1`` worker processes (fresh interpreters, ``python -m
+repo_stream.process_pool``). Each runs the same bounded executor (its own ``memory_workers``,
+``disk_workers``, fetch client and spill stores) over the sources it is handed; this process
+runs its own in process, beside what must be single: reading the sources, the checkpoint, and
+yielding the results. (A coordinator of its own would be one more interpreter, 32 MB and 0.27 s
+of start-up, and the pickling and waking for its share of the results, on a core it leaves
+mostly idle.)
 
-**Hand-out.** Sources go one at a time, each to the worker with the fewest in flight, and no
+**Hand-out.** Sources go one at a time, each to the worker with the fewest in flight (this
+process's executor counts as one), and no
 worker has more than its pipeline holds (``fetch_concurrency + memory_workers + disk_queue_size
 + disk_workers + 1``): a sliding window per worker, so that a worker busy with a large repo is
 not given more while another is idle. Each worker has two one-way pipes: sources in, results
@@ -18,9 +22,9 @@ here. The sources a worker holds also stay under half its pipe's capacity in byt
 source may go to a worker that holds none), so writing a source never blocks this process's
 event loop while the worker is itself blocked sending a result.
 
-**Nothing lost.** This process knows which sources each worker holds. A worker that exits
-without finishing (killed, out of memory, crashed) gives an error result for each of them; the
-others go on with the rest.
+**Nothing lost.** This process knows which sources each worker holds. A worker process that
+exits without finishing (killed, out of memory, crashed) gives an error result for each of them;
+the others go on with the rest.
 
 **Stopping.** When the run ends early (the consumer leaves, cancels, or fails, or a Ctrl-C
 reaches this process), each worker is sent a stop on its pipe, which cancels its executor as
@@ -30,9 +34,9 @@ terminal stops them through this process, never half-way through their own shutd
 workers' spill files are unlinked as soon as opened (see ``spill_dir``), so even a worker that
 is killed leaves none. A worker whose parent is gone finishes the repos it holds and exits.
 
-Memory: each worker is a whole interpreter with the library loaded (32 MB of RSS after its
-imports) on top of its own
-``memory_workers x mem_limit + disk_workers x (mem_limit + disk_cache_mb)``.
+Memory: each worker process is a whole interpreter with the library loaded (32 MB of RSS after
+its imports) on top of its own
+``memory_workers x mem_limit + disk_workers x (mem_limit + disk_cache_mb)``, as is this process.
 """
 
 from __future__ import annotations
@@ -177,10 +181,40 @@ class _Worker:
             return False
         return not self.held or self.held_bytes + size <= self.budget
 
+    def give(self, source: str, message: bytes) -> None:
+        """Hand it ``source`` (``message``: as :func:`_message` frames it)."""
+        self.held.append(source)  # answered, or failed when its exit is seen
+        self.held_bytes += len(message)
+        _write(self, message)
+
+    def end(self) -> None:
+        """No more sources."""
+        if not self.finished:
+            _send(self, None)
+
     def gone(self) -> list[BackfillResult]:
         """Its results pipe ended: wait for it to exit; error results for what it held."""
         code = self.process.wait()
         return self.lost(f"worker process {self.process.pid} exited with code {code}")
+
+
+class _Local:
+    """This process's own executor, as the hand-out sees it (a worker that cannot die)."""
+
+    def __init__(self) -> None:
+        self.sources_send, self.sources = anyio.create_memory_object_stream[str](math.inf)  # the window bounds it
+        self.held: list[str] = []
+        self.finished = False
+
+    def has_room(self, window: int, size: int) -> bool:
+        return not self.finished and len(self.held) < window
+
+    def give(self, source: str, message: bytes) -> None:
+        self.held.append(source)
+        self.sources_send.send_nowait(source)
+
+    def end(self) -> None:
+        self.sources_send.close()
 
 
 def check_picklable(options: dict[str, Any]) -> bytes:
@@ -202,46 +236,51 @@ async def run_in_processes(
     processes: int,
     window: int,
 ) -> None:
-    """Run every source of ``todo`` in ``processes`` worker processes; send one result per source.
+    """Run every source of ``todo`` in this process and ``processes - 1`` worker processes;
+    send one result per source.
 
     Args:
         todo: the sources to run (the checkpoint's finished ones already taken out).
         results: where each result goes, in completion order.
-        options: keyword arguments of :func:`repo_stream.backfill.backfill` for each worker (no
+        options: keyword arguments of :func:`repo_stream.backfill.backfill` for each executor (no
             checkpoint, client, resolver or stats; they must be picklable).
-        processes: worker processes to start (>= 2).
-        window: sources a worker may hold at once.
+        processes: processes to walk repos in, this one included (>= 2).
+        window: sources an executor may hold at once.
 
     Raises:
         ValueError: ``options`` cannot be pickled (a sink that cannot be sent to another process).
     """
+    from .backfill import backfill
+
     pickled = check_picklable(options)
     workers: list[_Worker] = []
+    local = _Local()
     room = anyio.Condition()
     try:
         async with todo, results:
-            for _ in range(processes):
+            for _ in range(processes - 1):
                 workers.append(_Worker(pickled))
+            executors: list[_Worker | _Local] = [*workers, local]
 
             async def hand_out() -> None:
                 async for source in todo:
                     message = _message(source)
                     async with room:
-                        while True:
-                            open_ = [w for w in workers if w.has_room(window, len(message))]
-                            if open_ or all(w.finished for w in workers):
-                                break
+                        while not (open_ := [e for e in executors if e.has_room(window, len(message))]):
                             await room.wait()
-                    if not open_:  # every worker is gone: the rest fail here
-                        await results.send(BackfillResult(source, None, None, 0, 0, False, 0.0, "WorkerError: no worker process left"))
-                        continue
-                    worker = min(open_, key=lambda w: len(w.held))
-                    worker.held.append(source)  # answered, or failed when its exit is seen
-                    worker.held_bytes += len(message)
-                    _write(worker, message)
-                for worker in workers:
-                    if not worker.finished:
-                        _send(worker, None)
+                    executor = min(open_, key=lambda e: len(e.held))
+                    executor.give(source, message)
+                for executor in executors:
+                    executor.end()
+
+            async def run_local() -> None:
+                async with aclosing(backfill(local.sources, **options)) as run:
+                    async for result in run:
+                        local.held.remove(result.source)
+                        async with room:
+                            room.notify_all()
+                        await results.send(result)
+                local.finished = True
 
             async def collect(worker: _Worker) -> None:
                 while not worker.finished:
@@ -255,6 +294,7 @@ async def run_in_processes(
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hand_out)
+                tg.start_soon(run_local)
                 for worker in workers:
                     tg.start_soon(collect, worker)
     finally:
