@@ -494,7 +494,7 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="P",
-        help="processes on this machine, this one and N-1 workers, each with its own --memory-workers and --disk-workers (default 1: all in this process)",
+        help="processes on this machine: this one and P-1 worker processes, each with its own --memory-workers and --disk-workers (default 1: all in this process)",
     )
     b.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="X", help="per-repo memory limit before spilling, MiB (default 64)")
     b.add_argument("--fetch-concurrency", type=_positive_int, default=None, metavar="K", help="sources opened ahead of the memory workers (default: --memory-workers)")
