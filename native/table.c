@@ -449,21 +449,32 @@ static PyObject *row_of(RsBlockTable *t, const uint8_t *rec, Py_ssize_t *size) {
     return Py_BuildValue("(y#iN)", cid, cid_len, ROW_ENCODED, data);
 }
 
+/* The take cursor (take_rows, take_run): from the first record, unless a take is under way. */
+static void take_start(RsBlockTable *self) {
+    if (self->take_chunk == NULL && self->take_off == 0) self->take_chunk = self->head;
+}
+
+/* The record under the take cursor, past any chunk it has used up; NULL once all are taken. The
+ * caller moves take_off past the record it takes. */
+static uint8_t *take_next(RsBlockTable *self) {
+    while (self->take_chunk != NULL) {
+        Chunk *c = self->take_chunk;
+        if (self->take_off < c->used) return c->data + self->take_off;
+        self->take_chunk = c->next;
+        self->take_off = 0;
+    }
+    return NULL;
+}
+
 static PyObject *BlockTable_take_rows(RsBlockTable *self, PyObject *arg) {
     Py_ssize_t max_bytes = PyLong_AsSsize_t(arg);
     if (max_bytes == -1 && PyErr_Occurred()) return NULL;
     PyObject *rows = PyList_New(0);
     if (rows == NULL) return NULL;
     Py_ssize_t size = 0;
-    if (self->take_chunk == NULL && self->take_off == 0) self->take_chunk = self->head;
-    while (self->take_chunk != NULL && size < max_bytes) {
-        Chunk *c = self->take_chunk;
-        if (self->take_off >= c->used) {
-            self->take_chunk = c->next;
-            self->take_off = 0;
-            continue;
-        }
-        uint8_t *rec = c->data + self->take_off;
+    uint8_t *rec;
+    take_start(self);
+    while (size < max_bytes && (rec = take_next(self)) != NULL) {
         PyObject *row = row_of(self, rec, &size);
         if (row == NULL || PyList_Append(rows, row) < 0) {
             Py_XDECREF(row);
@@ -493,15 +504,9 @@ static PyObject *BlockTable_take_run(RsBlockTable *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t size = 0;
-    if (self->take_chunk == NULL && self->take_off == 0) self->take_chunk = self->head;
-    while (self->take_chunk != NULL && size < max_bytes) {
-        Chunk *c = self->take_chunk;
-        if (self->take_off >= c->used) {
-            self->take_chunk = c->next;
-            self->take_off = 0;
-            continue;
-        }
-        uint8_t *rec = c->data + self->take_off;
+    uint8_t *rec;
+    take_start(self);
+    while (size < max_bytes && (rec = take_next(self)) != NULL) {
         if (n == cap) {
             RsEntry *bigger = cap < ((size_t)PY_SSIZE_T_MAX / sizeof(RsEntry)) / 2 ? PyMem_Realloc(e, 2 * cap * sizeof(RsEntry)) : NULL;
             if (bigger == NULL) {
