@@ -31,6 +31,10 @@ extern PyObject *rs_len;        /* builtins.len: as a block processor it needs n
  * Always returns -1. If the call itself fails, that error is set instead. */
 int rs_raise(const char *name, const char *fmt, ...);
 
+/* Grow *buf (PyMem) to hold at least `need` items of `elem` bytes, doubling; 0, or -1 with
+ * MemoryError set (past 1 TiB, or realloc failing). In walk.c. */
+int rs_reserve(void **buf, size_t *cap, size_t need, size_t elem);
+
 /* --- sha256.c -------------------------------------------------------------------------------- */
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
 /* The digests of n messages (out[i] of data[i], len[i] bytes), hashed side by side in vector lanes

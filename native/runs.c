@@ -530,26 +530,6 @@ typedef struct {
     int index_taken;
 } RunMerge;
 
-static int grow(void **p, size_t *cap, size_t need, size_t item) {
-    if (need <= *cap) return 0;
-    size_t cap2 = *cap ? *cap : 16;
-    while (cap2 < need) {
-        if (cap2 > ((size_t)PY_SSIZE_T_MAX / item) / 2) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        cap2 *= 2;
-    }
-    void *q = PyMem_Realloc(*p, cap2 * item);
-    if (q == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    *p = q;
-    *cap = cap2;
-    return 0;
-}
-
 /* Run i's next entry length: > 0 if it is all in memory, 0 if more must be fed (or the run is
  * over), -1 with an error (a damaged run, or bytes left after its end). */
 static Py_ssize_t head_len(RunMerge *m, Py_ssize_t i) {
@@ -660,7 +640,7 @@ static PyObject *RunMerge_feed(RunMerge *self, PyObject *args) {
             r->len -= r->pos;
             r->pos = 0;
         }
-        if (grow((void **)&r->buf, &r->cap, r->len + (size_t)data.len, 1) < 0) goto done;
+        if (rs_reserve((void **)&r->buf, &r->cap, r->len + (size_t)data.len, 1) < 0) goto done;
         memcpy(r->buf + r->len, data.buf, (size_t)data.len);
         r->len += (size_t)data.len;
     }
@@ -684,7 +664,7 @@ static int add_point(Output *m, const uint8_t *cid, size_t cid_len, uint64_t off
         m->cid_at = cid_at;
         m->cap_points = cap;
     }
-    if (grow((void **)&m->cids, &m->cids_cap, m->cids_len + 1 + cid_len, 1) < 0) return -1;
+    if (rs_reserve((void **)&m->cids, &m->cids_cap, m->cids_len + 1 + cid_len, 1) < 0) return -1;
     m->offsets[m->n_points] = offset;
     m->keys[m->n_points] = be64_padded(cid, cid_len);
     m->cid_at[m->n_points] = m->cids_len;
@@ -743,7 +723,7 @@ static PyObject *RunMerge_step(RunMerge *self, PyObject *arg) {
                 if (add_point(o, e + HEAD, cid_len, offset) < 0) return NULL;
                 o->next_point = offset + self->every;
             }
-            if (grow((void **)&o->buf, &o->cap, o->len + (size_t)len, 1) < 0) return NULL;
+            if (rs_reserve((void **)&o->buf, &o->cap, o->len + (size_t)len, 1) < 0) return NULL;
             memcpy(o->buf + o->len, e, (size_t)len);
             o->len += (size_t)len;
             self->last[0] = (uint8_t)cid_len;

@@ -72,7 +72,7 @@ typedef struct {
 
 /* --- growable buffers ------------------------------------------------------------------------- */
 
-static int reserve(void **buf, size_t *cap, size_t need, size_t elem) {
+int rs_reserve(void **buf, size_t *cap, size_t need, size_t elem) {
     if (need <= *cap) return 0;
     size_t n = *cap ? *cap : 64;
     while (n < need) {
@@ -178,7 +178,7 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
             if (expect_head(&c, 4, &entries, &noncanon) < 0)
                 return node_error(cid, cid_len, noncanon ? canon : "'e' is not a list");
             if (entries > (uint64_t)(c.end - c.p)) return node_error(cid, cid_len, "'e' claims more entries than there are bytes");
-            if (reserve((void **)&w->entries, &w->cap_entries, (size_t)entries + 1, sizeof(Entry)) < 0) return -1;
+            if (rs_reserve((void **)&w->entries, &w->cap_entries, (size_t)entries + 1, sizeof(Entry)) < 0) return -1;
             for (uint64_t j = 0; j < entries; j++) {
                 Entry *e = &w->entries[j];
                 memset(e, 0, sizeof *e);
@@ -377,8 +377,8 @@ static int pend(Walker *w, int is_record, const uint8_t *key, size_t key_len, co
         PyErr_NoMemory();
         return -1;
     }
-    if (reserve((void **)&w->pending, &w->cap_pending, *count + 1, sizeof(Item)) < 0) return -1;
-    if (reserve((void **)&w->pbytes, &w->cap_pbytes, w->n_pbytes + key_len + cid_len, 1) < 0) return -1;
+    if (rs_reserve((void **)&w->pending, &w->cap_pending, *count + 1, sizeof(Item)) < 0) return -1;
+    if (rs_reserve((void **)&w->pbytes, &w->cap_pbytes, w->n_pbytes + key_len + cid_len, 1) < 0) return -1;
     Item *it = &w->pending[(*count)++];
     it->off = (uint32_t)w->n_pbytes;
     it->key_len = (uint32_t)key_len;
@@ -397,11 +397,11 @@ static int pend(Walker *w, int is_record, const uint8_t *key, size_t key_len, co
 
 /* Move the pending items onto the stack, last first, so the first is on top. */
 static int push_pending(Walker *w, size_t count) {
-    if (reserve((void **)&w->items, &w->cap_items, w->n_items + count, sizeof(Item)) < 0) return -1;
+    if (rs_reserve((void **)&w->items, &w->cap_items, w->n_items + count, sizeof(Item)) < 0) return -1;
     size_t need = 0;
     for (size_t i = 0; i < count; i++)
         need += (size_t)w->pending[i].key_len + w->pending[i].cid_len + w->pending[i].lo_len + w->pending[i].hi_len;
-    if (reserve((void **)&w->bytes, &w->cap_bytes, w->n_bytes + need, 1) < 0) return -1;
+    if (rs_reserve((void **)&w->bytes, &w->cap_bytes, w->n_bytes + need, 1) < 0) return -1;
     if (w->n_bytes + need > UINT32_MAX) {
         PyErr_NoMemory();
         return -1;
@@ -486,7 +486,7 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
     /* the node's own bounds go first in pbytes, so every bound a child gets is found there */
     size_t nlo_off = 0, nhi_off = 0;
     if (w->wanted) {
-        if (reserve((void **)&w->pbytes, &w->cap_pbytes, nb.lo_len + nb.hi_len + 1, 1) < 0) return -1;
+        if (rs_reserve((void **)&w->pbytes, &w->cap_pbytes, nb.lo_len + nb.hi_len + 1, 1) < 0) return -1;
         if (nb.lo_len) memcpy(w->pbytes, nb.lo, nb.lo_len);
         if (nb.hi_len) memcpy(w->pbytes + nb.lo_len, nb.hi, nb.hi_len);
         nhi_off = nb.lo_len;
@@ -534,12 +534,12 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
                                 (const char *)w->prev, (Py_ssize_t)w->prev_len);
             }
             key_len = (size_t)e->p + e->k_len;
-            if (reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
+            if (rs_reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
             memcpy(w->key, w->prev, (size_t)e->p);
             if (e->k_len) memcpy(w->key + e->p, e->k, e->k_len);
         } else {
             key_len = e->k_len;
-            if (reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
+            if (rs_reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
             if (key_len) memcpy(w->key, e->k, key_len);
         }
         const uint8_t *key = w->key;
@@ -577,7 +577,7 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
             if (pend(w, 0, NULL, 0, e->t, e->t_len, child, depth + 1, &npend) < 0) return -1;
         }
         /* prev = key (at most 1024 bytes here) */
-        if (reserve((void **)&w->prev, &w->cap_prev, key_len + 1, 1) < 0) return -1;
+        if (rs_reserve((void **)&w->prev, &w->cap_prev, key_len + 1, 1) < 0) return -1;
         memcpy(w->prev, key, key_len);
         w->prev_len = key_len;
     }
@@ -585,7 +585,7 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
     if (left != NULL) {
         if (child < 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
         /* walked first: on top, so first in the pending order */
-        if (reserve((void **)&w->pending, &w->cap_pending, npend + 1, sizeof(Item)) < 0) return -1;
+        if (rs_reserve((void **)&w->pending, &w->cap_pending, npend + 1, sizeof(Item)) < 0) return -1;
         size_t before = npend;
         if (pend(w, 0, NULL, 0, left, left_len, child, depth + 1, &npend) < 0) return -1;
         Item it = w->pending[before];
@@ -781,7 +781,7 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
                 }
                 Py_DECREF(pair);
             }
-            if (reserve((void **)&w->last, &w->cap_last, it.key_len + 1, 1) < 0) {
+            if (rs_reserve((void **)&w->last, &w->cap_last, it.key_len + 1, 1) < 0) {
                 status = -1;
                 break;
             }
@@ -791,7 +791,7 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
             continue;
         }
         /* a node: copy its CID out of the byte stack, which may move while children are pushed */
-        if (reserve((void **)&w->cid, &w->cap_cid, (size_t)it.cid_len + 1, 1) < 0) {
+        if (rs_reserve((void **)&w->cid, &w->cap_cid, (size_t)it.cid_len + 1, 1) < 0) {
             status = -1;
             break;
         }
@@ -916,10 +916,10 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
         return -1;
     }
     /* the scratch key buffers are never NULL, so an empty one is b"" / "" in messages */
-    if (root.len > UINT32_MAX / 4 || reserve((void **)&self->items, &self->cap_items, 1, sizeof(Item)) < 0 ||
-        reserve((void **)&self->bytes, &self->cap_bytes, (size_t)root.len + 1, 1) < 0 ||
-        reserve((void **)&self->last, &self->cap_last, 64, 1) < 0 || reserve((void **)&self->prev, &self->cap_prev, 64, 1) < 0 ||
-        reserve((void **)&self->key, &self->cap_key, 64, 1) < 0) {
+    if (root.len > UINT32_MAX / 4 || rs_reserve((void **)&self->items, &self->cap_items, 1, sizeof(Item)) < 0 ||
+        rs_reserve((void **)&self->bytes, &self->cap_bytes, (size_t)root.len + 1, 1) < 0 ||
+        rs_reserve((void **)&self->last, &self->cap_last, 64, 1) < 0 || rs_reserve((void **)&self->prev, &self->cap_prev, 64, 1) < 0 ||
+        rs_reserve((void **)&self->key, &self->cap_key, 64, 1) < 0) {
         PyBuffer_Release(&root);
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return -1;
