@@ -365,6 +365,25 @@ def _stop(workers: list[_Worker]) -> None:
         worker.results.close()
 
 
+def _import_http_stack() -> None:
+    """Import httpx and httpcore without the optional parts a worker never uses.
+
+    A worker runs on asyncio and has no command line, but httpcore imports trio whenever it is
+    installed (to run under trio too: ~70 ms of the worker's start-up) and httpx imports click,
+    rich and pygments for its command line (~20 ms). Both are hidden while httpx and httpcore
+    import (``import trio`` raises ImportError), then shown again: a sink may import them.
+    """
+    hidden = [name for name in ("trio", "click") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` raise ImportError
+    try:
+        import httpcore  # noqa: F401
+        import httpx  # noqa: F401
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+
+
 def _main(argv: list[str]) -> None:
     """A worker process's entry: ``python -m repo_stream.process_pool TASKS_FD RESULTS_FD``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the parent, which stops this one
@@ -373,6 +392,7 @@ def _main(argv: list[str]) -> None:
     results = Connection(int(argv[2]), readable=False)
     try:
         sys.path[:] = tasks.recv()
+        _import_http_stack()
         options = pickle.loads(tasks.recv_bytes())
     except BaseException as exc:  # e.g. a sink whose class this process cannot import
         try:
