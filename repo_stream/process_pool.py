@@ -51,7 +51,6 @@ import subprocess
 import sys
 import time
 from contextlib import aclosing
-from multiprocessing.connection import Connection
 from typing import Any
 
 import anyio
@@ -72,13 +71,14 @@ _PIPE_BUDGET = 8192
 _STOP = False
 
 
-def _worker_main(tasks: Connection, results: Connection, options: dict[str, Any]) -> None:
-    """A worker process: run the backfill over the sources received on ``tasks``.
+def _worker_main(tasks: _Frames, results: int, options: dict[str, Any], early: list[Any]) -> None:
+    """A worker process: run the backfill over the sources received on ``tasks`` (``early``:
+    those already read with the options).
 
-    ``tasks`` carries sources, then ``None`` (no more), or :data:`_STOP` at any time. Sends
-    ``("result", BackfillResult)`` per source, then ``("done", None)``; ``("failed", message)``
-    if the executor itself fails. If the parent is gone (its pipe ends), it finishes the repos it
-    holds and exits.
+    ``tasks`` carries sources, then ``None`` (no more), or :data:`_STOP` at any time. Sends on
+    the pipe ``results`` ``("result", BackfillResult)`` per source, then ``("done", None)``;
+    ``("failed", message)`` if the executor itself fails. If the parent is gone (its pipe ends),
+    it finishes the repos it holds and exits.
     """
     from .backfill import backfill
 
@@ -88,36 +88,76 @@ def _worker_main(tasks: Connection, results: Connection, options: dict[str, Any]
 
             async def read_tasks() -> None:
                 async with sources_send:
-                    while True:
-                        await anyio.wait_readable(tasks.fileno())
-                        # The parent writes each message in one call: once its first byte is here the rest
-                        # follows at once (recv waits for the rest of one larger than the pipe).
-                        while tasks.poll():
-                            try:
-                                message = tasks.recv()
-                            except EOFError:  # the parent is gone
-                                return
+                    messages: list[Any] | None = early
+                    while messages is not None:  # None: the parent is gone
+                        for message in messages:
                             if message is None:
                                 return
                             if message is _STOP:
                                 tg.cancel_scope.cancel()
                                 return
                             sources_send.send_nowait(message)  # unbounded: the parent's window bounds it
+                        await anyio.wait_readable(tasks.fd)
+                        messages = tasks.read()
 
             tg.start_soon(read_tasks)
             async with aclosing(backfill(sources, **options)) as run:
                 async for result in run:
-                    results.send(("result", result))
+                    _write(results, _message(("result", result)))
 
     try:
         anyio.run(run)
         message: tuple[str, str | None] = ("done", None)
     except BaseException as exc:
         message = ("failed", f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no detail'}")
-    try:
-        results.send(message)
-    except OSError:  # the parent is gone
-        pass
+    _write(results, _message(message))
+
+
+class _Frames:
+    """The messages arriving on a pipe, framed as :func:`_message` frames them."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._pending = bytearray()
+
+    def read(self) -> list[Any] | None:
+        """The messages complete after one read of the pipe (which blocks until it has bytes:
+        call it once the pipe is readable); None once it has ended.
+
+        Raises:
+            OSError: the pipe cannot be read (closed here).
+        """
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            return None
+        pending = self._pending
+        pending += data
+        messages = []
+        start = 0
+        while len(pending) - start >= 4:
+            (size,) = struct.unpack_from("!i", pending, start)
+            if len(pending) - start - 4 < size:
+                break
+            messages.append(pickle.loads(pending[start + 4 : start + 4 + size]))
+            start += 4 + size
+        del pending[:start]
+        return messages
+
+
+class _Room:
+    """Wakes the hand-out when an executor may have room again (a result came back)."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def changed(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        """Wait for the next :meth:`changed` (check for room first: one before this call is not
+        seen, and none can come between the check and this call, in one event loop)."""
+        self._event = anyio.Event()
+        await self._event.wait()
 
 
 class _Worker:
@@ -150,8 +190,8 @@ class _Worker:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             os.close(tasks_r)  # the worker's ends
             os.close(results_w)
-        self.tasks = Connection(tasks_w, readable=False)
-        self.results = Connection(results_r, writable=False)
+        self.tasks = tasks_w  # -1 once closed
+        self.results = _Frames(results_r)
         #: Sources handed out and not answered yet (a source may be in it more than once).
         self.held: list[str] = []
         #: Their bytes on the tasks pipe, bounded by ``budget`` (see the module's "Hand-out").
@@ -161,11 +201,8 @@ class _Worker:
         except (AttributeError, OSError):  # not Linux
             self.budget = _PIPE_BUDGET
         self.finished = False  # answered "done" or "failed", or gone
-        try:
-            self.tasks.send(list(sys.path))
-            self.tasks.send_bytes(options)
-        except OSError:
-            pass  # it is gone already: the collector sees its results pipe end
+        _write(self.tasks, _message(list(sys.path)))  # if it is gone already, its collector sees its results pipe end
+        _write(self.tasks, _message(options))  # unpickled in the worker once it has this sys.path
 
     def lost(self, why: str) -> list[BackfillResult]:
         """Error results for the sources it held; it gets no more."""
@@ -185,12 +222,12 @@ class _Worker:
         """Hand it ``source`` (``message``: as :func:`_message` frames it)."""
         self.held.append(source)  # answered, or failed when its exit is seen
         self.held_bytes += len(message)
-        _write(self, message)
+        _write(self.tasks, message)
 
     def end(self) -> None:
         """No more sources."""
         if not self.finished:
-            _send(self, None)
+            _write(self.tasks, _message(None))
 
     def gone(self) -> list[BackfillResult]:
         """Its results pipe ended: wait for it to exit; error results for what it held."""
@@ -255,7 +292,7 @@ async def run_in_processes(
     pickled = check_picklable(options)
     workers: list[_Worker] = []
     local = _Local()
-    room = anyio.Condition()
+    room = _Room()
     try:
         async with todo, results:
             for _ in range(processes - 1):
@@ -265,9 +302,8 @@ async def run_in_processes(
             async def hand_out() -> None:
                 async for source in todo:
                     message = _message(source)
-                    async with room:
-                        while not (open_ := [e for e in executors if e.has_room(window, len(message))]):
-                            await room.wait()
+                    while not (open_ := [e for e in executors if e.has_room(window, len(message))]):
+                        await room.wait()
                     executor = min(open_, key=lambda e: len(e.held))
                     executor.give(source, message)
                 for executor in executors:
@@ -277,18 +313,16 @@ async def run_in_processes(
                 async with aclosing(backfill(local.sources, **options)) as run:
                     async for result in run:
                         local.held.remove(result.source)
-                        async with room:
-                            room.notify_all()
+                        room.changed()
                         await results.send(result)
                 local.finished = True
 
             async def collect(worker: _Worker) -> None:
                 while not worker.finished:
-                    await anyio.wait_readable(worker.results.fileno())
+                    await anyio.wait_readable(worker.results.fd)
                     out = _receive(worker)
                     if out:
-                        async with room:
-                            room.notify_all()
+                        room.changed()
                     for result in out:
                         await results.send(result)
 
@@ -302,18 +336,17 @@ async def run_in_processes(
             await anyio.to_thread.run_sync(_stop, workers)
 
 
-def _message(message: str | bool | None) -> bytes:
-    """``message`` as it goes on a tasks pipe: framed as ``Connection.send`` frames it (a 4-byte
-    big-endian length, then the pickle), so the worker's ``Connection.recv`` reads it."""
+def _message(message: Any) -> bytes:
+    """``message`` as it goes on a pipe, either way: a 4-byte big-endian length, then the pickle
+    (read back by :class:`_Frames`)."""
     data = pickle.dumps(message)
     return struct.pack("!i", len(data)) + data
 
 
-def _write(worker: _Worker, message: bytes) -> None:
-    """Write a framed message to a worker's blocking tasks pipe; a worker that is gone (or whose
-    pipe is closed here) is seen by its collector."""
+def _write(fd: int, message: bytes) -> None:
+    """Write a framed message to a blocking pipe; one that is gone (or closed here: ``fd`` -1) is
+    seen by its reader's end."""
     try:
-        fd = worker.tasks.fileno()  # OSError once closed
         view = memoryview(message)
         while view:  # a signal may cut a write short
             view = view[os.write(fd, view) :]
@@ -321,19 +354,18 @@ def _write(worker: _Worker, message: bytes) -> None:
         pass
 
 
-def _send(worker: _Worker, message: str | bool | None) -> None:
-    """Send a source, the end (``None``) or :data:`_STOP` to a worker."""
-    _write(worker, _message(message))
-
-
 def _receive(worker: _Worker) -> list[BackfillResult]:
     """The results a worker has sent so far (its pipe is readable)."""
     out: list[BackfillResult] = []
-    while not worker.finished and worker.results.poll():
-        try:
-            kind, value = worker.results.recv()
-        except (EOFError, OSError):
-            return out + worker.gone()
+    try:
+        messages = worker.results.read()
+    except OSError:
+        messages = None
+    if messages is None:
+        return worker.gone()
+    for kind, value in messages:
+        if worker.finished:
+            break
         if kind == "result":
             try:
                 worker.held.remove(value.source)
@@ -353,7 +385,7 @@ def _stop(workers: list[_Worker]) -> None:
     sent _STOP. Any still running after STOP_GRACE seconds is killed."""
     for worker in workers:
         if not worker.finished:
-            _send(worker, _STOP)
+            _write(worker.tasks, _message(_STOP))
     deadline = time.monotonic() + STOP_GRACE
     for worker in workers:
         try:
@@ -361,8 +393,9 @@ def _stop(workers: list[_Worker]) -> None:
         except subprocess.TimeoutExpired:
             worker.process.kill()
             worker.process.wait()
-        worker.tasks.close()
-        worker.results.close()
+        for fd in (worker.tasks, worker.results.fd):
+            os.close(fd)
+        worker.tasks = worker.results.fd = -1
 
 
 def _import_http_stack() -> None:
@@ -388,19 +421,23 @@ def _main(argv: list[str]) -> None:
     """A worker process's entry: ``python -m repo_stream.process_pool TASKS_FD RESULTS_FD``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the parent, which stops this one
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
-    tasks = Connection(int(argv[1]), writable=False)
-    results = Connection(int(argv[2]), readable=False)
+    tasks = _Frames(int(argv[1]))
+    results = int(argv[2])
     try:
-        sys.path[:] = tasks.recv()
+        received: list[Any] = []
+        while len(received) < 2:  # sys.path, then the options (still pickled), and maybe sources
+            messages = tasks.read()
+            if messages is None:
+                raise EOFError("the parent process is gone")
+            received += messages
+        path, options, *early = received
+        sys.path[:] = path
         _import_http_stack()
-        options = pickle.loads(tasks.recv_bytes())
+        options = pickle.loads(options)  # with the caller's sys.path: the sink's class may be the caller's
     except BaseException as exc:  # e.g. a sink whose class this process cannot import
-        try:
-            results.send(("failed", f"cannot read its options: {type(exc).__name__}: {' '.join(str(exc).split())}"))
-        except OSError:  # the parent is gone
-            pass
+        _write(results, _message(("failed", f"cannot read its options: {type(exc).__name__}: {' '.join(str(exc).split())}")))
         return
-    _worker_main(tasks, results, options)
+    _worker_main(tasks, results, options, early)
 
 
 if __name__ == "__main__":
