@@ -16,9 +16,10 @@ process's executor counts as one), and no
 worker has more than its pipeline holds (``fetch_concurrency + memory_workers + disk_queue_size
 + disk_workers + 1``): a sliding window per worker, so that a worker busy with a large repo is
 not given more while another is idle. Each worker has two one-way pipes: sources in, results
-out. Both ends wait on their pipes in their event loops (``anyio.wait_readable``), not in a
-thread: a thread hop costs ~0.17 ms of CPU, once per source in each worker and once per result
-here. The sources a worker holds also stay under half its pipe's capacity in bytes (any one
+out, each message a 4-byte length and a pickle. Both ends wait on their pipes in their event
+loops (``anyio.wait_readable``), not in a thread (a thread hop costs ~0.17 ms of CPU, once per
+source in each worker and once per result here), and take whatever has arrived with one
+``os.read``. The sources a worker holds also stay under half its pipe's capacity in bytes (any one
 source may go to a worker that holds none), so writing a source never blocks this process's
 event loop while the worker is itself blocked sending a result.
 

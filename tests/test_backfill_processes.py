@@ -73,6 +73,56 @@ def worker_processes() -> list[int]:
     return pids
 
 
+class ImportsSink:
+    """Writes, for each repo, the process that walked it and what it could import there:
+    ``DIR/<did>`` = ``PID TRIO CLICK HTTPCORE_TRIO`` (trio's and click's module names, and
+    whether httpcore was imported with its trio support)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def __call__(self, source: str, commit: Commit, items: list[Any]) -> None:
+        import click
+        import httpcore._synchronization
+        import trio
+
+        support = "with-trio" if httpcore._synchronization.trio is not None else "without-trio"
+        (self.directory / commit.did).write_text(f"{os.getpid()} {trio.__name__} {click.__name__} {support}")
+
+
+async def test_a_worker_hides_trio_and_click_only_while_httpx_imports(host: RepoHost, tmp_path: Path) -> None:
+    # A worker imports httpx and httpcore with trio and click hidden (start-up time); a sink in
+    # it imports both afterwards all the same.
+    urls = [host.repo(did_of(50 + i), car_reply(repo_car_of(did_of(50 + i), 3))) for i in range(8)]
+    results = await run_all(urls, processes=2, memory_workers=1, fetch_concurrency=1, sink=ImportsSink(tmp_path))
+    assert sorted((r.source, r.records, r.error) for r in results) == sorted((url, 3, None) for url in urls)
+    seen = {tuple(path.read_text().split()) for path in tmp_path.iterdir()}
+    assert {line[1:] for line in seen if line[0] != str(os.getpid())} == {("trio", "click", "without-trio")}
+    assert {line[1:] for line in seen if line[0] == str(os.getpid())} == {("trio", "click", "with-trio")}
+
+
+def test_frames_read_messages_split_anywhere() -> None:
+    # The pipes' framing (a 4-byte length and a pickle): messages cut at any byte, several in
+    # one read, and the pipe's end.
+    from repo_stream.process_pool import _Frames, _message
+
+    read_end, write_end = os.pipe()
+    frames = _Frames(read_end)
+    data = b"".join(_message(m) for m in ["a", None, ("result", 7), "b" * 70_000, False])
+    got: list[Any] = []
+    for start in range(0, len(data), 3):  # 3 bytes at a time: every header is cut somewhere
+        os.write(write_end, data[start : start + 3])
+        messages = frames.read()
+        assert messages is not None
+        got += messages
+    os.write(write_end, data[:5])  # a message cut off by the end of the pipe is dropped
+    assert frames.read() == []
+    os.close(write_end)
+    assert frames.read() is None
+    os.close(read_end)
+    assert got == ["a", None, ("result", 7), "b" * 70_000, False]
+
+
 async def test_two_processes_give_every_input_its_one_result(host: RepoHost, tmp_path: Path) -> None:
     good = {did: host.repo(did, car_reply(car)) for did, car in CARS.items()}
     d404, d500, cut, wrong = (did_of(i) for i in range(30, 34))
