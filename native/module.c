@@ -163,6 +163,13 @@ static PyObject *sha256_lanes(PyObject *self, PyObject *unused) {
     return PyLong_FromLong(rs_sha256_lanes());
 }
 
+static PyObject *trim_memory(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    rs_trim(0, 1);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
      "setup(*, messages, not_a_node, cid_text)\n--\n\nConnect the core to repo_stream's Python side (done by "
@@ -175,6 +182,8 @@ static PyMethodDef methods[] = {
      "in up to `lanes` vector lanes (0: the widest this CPU has; for tests)."},
     {"sha256_lanes", sha256_lanes, METH_NOARGS,
      "sha256_lanes()\n--\n\nThe most messages the core hashes side by side on this CPU: 16, 8 or 1."},
+    {"trim_memory", trim_memory, METH_NOARGS,
+     "trim_memory()\n--\n\nHand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."},
     {NULL, NULL, 0, NULL},
 };
 

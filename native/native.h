@@ -35,6 +35,13 @@ int rs_raise(const char *name, const char *fmt, ...);
  * MemoryError set (past 1 TiB, or realloc failing). In walk.c. */
 int rs_reserve(void **buf, size_t *cap, size_t need, size_t elem);
 
+/* Hand freed heap memory back to the OS (glibc's malloc_trim; nothing elsewhere): glibc keeps the
+ * chunks it frees below its mmap threshold, and each thread's arena, in the process. Trimming
+ * after every repo costs more in page faults (the next repo touches the same memory again) than
+ * it saves, so it runs once `released` bytes add up to 16 MiB since the last, or when `force`d
+ * (a spill store closed: its SQLite page cache, freed in a worker thread's arena). In table.c. */
+void rs_trim(size_t released, int force);
+
 /* --- sha256.c -------------------------------------------------------------------------------- */
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
 /* The digests of n messages (out[i] of data[i], len[i] bytes), hashed side by side in vector lanes

@@ -300,7 +300,25 @@ Py_ssize_t rs_table_used(RsBlockTable *t) { return t->used; }
 
 PyObject *rs_table_process(RsBlockTable *t) { return t->process; }
 
+/* Block tables released between two malloc_trim calls (see rs_trim). */
+#define TRIM_BYTES ((size_t)16 << 20)
+
+void rs_trim(size_t released, int force) {
+#ifdef __GLIBC__
+    static size_t untrimmed; /* guarded by the GIL, which every caller holds */
+    untrimmed += released;
+    if (force || untrimmed >= TRIM_BYTES) {
+        malloc_trim(0);
+        untrimmed = 0;
+    }
+#else
+    (void)released;
+    (void)force;
+#endif
+}
+
 static void clear_blocks(RsBlockTable *t) {
+    size_t released = t->arena_bytes + t->nslots * sizeof(uint64_t);
     for (Chunk *c = t->head; c != NULL;) {
         for (size_t off = 0; off < c->used;) {
             uint8_t *rec = c->data + off;
@@ -320,9 +338,7 @@ static void clear_blocks(RsBlockTable *t) {
     t->arena_bytes = 0;
     t->take_chunk = NULL;
     t->take_off = 0;
-#ifdef __GLIBC__
-    malloc_trim(0); /* hand the freed arena back: glibc keeps freed chunks under its mmap threshold */
-#endif
+    rs_trim(released, 0);
 }
 
 static int BlockTable_init(RsBlockTable *self, PyObject *args, PyObject *kwargs) {

@@ -12,6 +12,9 @@ def setup(*, messages: ModuleType, not_a_node: object, cid_text: Callable[[bytes
 def sha256(data: bytes | bytearray | memoryview, /) -> bytes:
     """The core's SHA-256 digest of a bytes-like object (for tests)."""
 
+def trim_memory() -> None:
+    """Hand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."""
+
 class BlockTable:
     """The C in-memory block table; the same behaviour as repo_stream.blocks.MemoryBlocks."""
 

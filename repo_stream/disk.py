@@ -472,6 +472,7 @@ class DiskStore:
             finally:
                 self._empty()
                 conn.close()
+                implementation.trim_memory()  # its page cache, freed in this thread's arena
 
     async def close(self) -> None:
         """Close the store; a temporary store's file goes with it, a file at a path stays.

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import blocks, car, cid, messages, runs, walk
 
-__all__ = ["IMPLEMENTATION", "Backend", "available", "backend", "use"]
+__all__ = ["IMPLEMENTATION", "Backend", "available", "backend", "trim_memory", "use"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,15 @@ _BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
 _active: Backend = PYTHON if C is None or os.environ.get("REPO_STREAM_PURE_PYTHON", "") not in ("", "0") else C
 #: The implementation in use: ``"c"`` or ``"python"``.
 IMPLEMENTATION: str = _active.name
+
+
+def trim_memory() -> None:
+    """Hand freed heap memory back to the operating system now, where the C core is built and
+    the C library is glibc (``malloc_trim``); otherwise nothing. The disk store calls it when it
+    closes a database: SQLite's page cache (up to ``disk_cache_mb``) is freed in the arena of
+    the thread that ran it, and glibc keeps that in the process."""
+    if C is not None:
+        _native.trim_memory()
 
 
 def available() -> list[str]:

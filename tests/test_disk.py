@@ -59,6 +59,23 @@ async def test_store_is_reused_after_reset(big_car: bytes, tmp_path) -> None:
     assert path.exists()  # a store opened at a path leaves its file to its owner
 
 
+async def test_closing_a_database_hands_memory_back(big_car: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite's page cache is freed in a worker thread's arena, which glibc keeps: the store trims
+    # the heap each time it closes a database (a reset closes one too).
+    from repo_stream import implementation
+
+    implementation.trim_memory()  # the real one runs (the C core's malloc_trim, or nothing)
+    trims: list[int] = []
+    monkeypatch.setattr(implementation, "trim_memory", lambda: trims.append(1))
+    async with await DiskBuilder().open() as store:
+        _, driver = await (await spill(big_car)).finish_loading(store)
+        assert len([r async for r in driver]) == len(POSTS)
+        assert trims == []
+        store = await driver.reset_store()
+        assert trims == [1]
+    assert trims == [1, 1]
+
+
 async def test_temporary_store_files_have_no_name_and_go_on_close(big_car: bytes) -> None:
     before = sqlite_temp_files()
     store = await DiskBuilder().with_cache_size_mb(1).open()
