@@ -7,7 +7,7 @@ cores on one machine, :func:`repo_stream.backfill.backfill` with ``processes=N``
 repo_stream.process_pool``). Each runs the same bounded executor (its own ``memory_workers``,
 ``disk_workers``, fetch client and spill stores) over the sources it is handed; this process
 runs its own in process, beside what must be single: reading the sources, the checkpoint, and
-yielding the results. (A coordinator of its own would be one more interpreter, 32 MB and 0.27 s
+yielding the results. (A coordinator of its own would be one more interpreter, 30 MB and 0.2 s
 of start-up, and the pickling and waking for its share of the results, on a core it leaves
 mostly idle.)
 
