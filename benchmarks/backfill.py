@@ -17,7 +17,14 @@ over the whole process tree (the Dask runs include the scheduler and workers). R
   no memory limit (a 4 GiB one);
 - ``dask-wN``: :func:`repo_stream.cluster.backfill_on_dask` on a local cluster of N worker
   processes (1 thread each), 2 memory workers per worker, shards of 32 repos (the cluster's
-  start-up is included).
+  start-up is included);
+- ``split-2``: what two processes can give at best, for comparison with ``backfill-p2``: the
+  list cut in two halves of equal CAR bytes (each kind of broken repo dealt out alternately),
+  each run as ``backfill-m1`` in its own process, both started at once, fed nothing by anyone.
+  ``seconds`` is the later half's own run time (neither process's start counted);
+  ``seconds_with_start`` is the later of the first half's run time and the second half's time
+  from being started to its exit (one process's start counted, as ``processes=2`` must count
+  its worker's). Its peak RSS is the sum of the two halves' peaks.
 
 Usage: ``python benchmarks/backfill.py [--repeat 3] [--runs backfill-m1,backfill-m2,...]``
 """
@@ -41,7 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "backfill"
 GET_REPO = "/xrpc/com.atproto.sync.getRepo"
-RUNS = ["backfill-m1", "backfill-m2", "backfill-m4", "backfill-p2", "gather", "dask-w1", "dask-w2"]
+RUNS = ["backfill-m1", "backfill-m2", "backfill-m4", "backfill-p2", "split-2", "gather", "dask-w1", "dask-w2"]
 
 
 def plan() -> list[tuple[int, int]]:
@@ -79,6 +86,48 @@ def prepare() -> dict[str, Any]:
     repos = {did: str(CACHE / f"{seed}-{n}.car") for did, (seed, n) in zip(dids, items, strict=True)}
     broken = {default_did(5000 + i): kind for i, kind in enumerate(["missing"] * 12 + ["truncated"] * 6 + ["error"] * 6)}
     return {"repos": repos, "broken": broken, "records": sum(n for _, n in items)}
+
+
+def halves(data: dict[str, Any], dids: list[str]) -> list[list[str]]:
+    """``dids`` (in their order) cut in two halves of equal CAR bytes: the served repos dealt
+    largest first to the lighter half, each kind of broken repo dealt out alternately."""
+    size = {did: os.path.getsize(path) for did, path in data["repos"].items()}
+    half: dict[str, int] = {}
+    load = [0, 0]
+    for did in sorted(size, key=lambda d: (-size[d], d)):
+        half[did] = 0 if load[0] <= load[1] else 1
+        load[half[did]] += size[did]
+    dealt: dict[str, int] = {}
+    for did, kind in sorted(data["broken"].items()):
+        half[did] = dealt.get(kind, 0) % 2
+        dealt[kind] = dealt.get(kind, 0) + 1
+    return [[did for did in dids if half[did] == k] for k in (0, 1)]
+
+
+def run_split(port: int, env: dict[str, str]) -> dict[str, Any]:
+    """The ``split-2`` run: two ``backfill-m1`` processes over the two halves, started at once."""
+    started = time.perf_counter()
+    children = [
+        subprocess.Popen([sys.executable, __file__, "--run", "backfill-m1", "--port", str(port), "--half", str(k)], stdout=subprocess.PIPE, text=True, env=env)
+        for k in (0, 1)
+    ]
+    figures, exits = [], []
+    for child in children:
+        out, _ = child.communicate()
+        exits.append(time.perf_counter() - started)
+        if child.returncode != 0:
+            raise SystemExit(f"split-2: a half exited with {child.returncode}")
+        figures.append(json.loads(out.strip().splitlines()[-1]))
+    return {
+        "run": "split-2",
+        "seconds": max(f["seconds"] for f in figures),
+        "seconds_with_start": max(figures[0]["seconds"], exits[1]),
+        "repos": sum(f["repos"] for f in figures),
+        "ok": sum(f["ok"] for f in figures),
+        "records": sum(f["records"] for f in figures),
+        "spilled": sum(f["spilled"] for f in figures),
+        "peak_rss_mb": sum(f["peak_rss_mb"] for f in figures),
+    }
 
 
 def serve(repos: dict[str, str], broken: dict[str, str], ready: Any) -> None:
@@ -257,11 +306,14 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--half", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = prepare()
     dids = sorted([*data["repos"], *data["broken"]])
     random.Random(7).shuffle(dids)
     if args.run:
+        if args.half is not None:
+            dids = halves(data, dids)[args.half]
         sources = [f"http://127.0.0.1:{args.port}{GET_REPO}?did={did}" for did in dids]
         print(json.dumps(run_one(args.run, sources)))
         return
@@ -282,8 +334,11 @@ def main() -> None:
     try:
         for _ in range(args.repeat):
             for name in args.runs.split(","):
-                done = subprocess.run([sys.executable, __file__, "--run", name, "--port", str(port)], capture_output=True, text=True, check=True, env=env)
-                figure = json.loads(done.stdout.strip().splitlines()[-1])
+                if name == "split-2":
+                    figure = run_split(port, env)
+                else:
+                    done = subprocess.run([sys.executable, __file__, "--run", name, "--port", str(port)], capture_output=True, text=True, check=True, env=env)
+                    figure = json.loads(done.stdout.strip().splitlines()[-1])
                 print(f"# {figure}", file=sys.stderr)
                 figures.setdefault(name, []).append(figure)
     finally:
@@ -299,10 +354,13 @@ def main() -> None:
             f"| {name} | {seconds:.2f} | {last['repos'] / seconds:.0f} | {last['records'] / seconds / 1e3:.0f} k | "
             f"{max(r['peak_rss_mb'] for r in runs):.0f} | {last['ok']} / {last['repos']} | {last['spilled']} |"
         )
-    pairs = (("backfill-m1", "backfill-m2"), ("backfill-m1", "backfill-m4"), ("backfill-m1", "backfill-p2"), ("dask-w1", "dask-w2"), ("backfill-m1", "dask-w2"))
+    pairs = (("backfill-m1", "backfill-m2"), ("backfill-m1", "backfill-m4"), ("backfill-m1", "backfill-p2"), ("backfill-m1", "split-2"), ("dask-w1", "dask-w2"), ("backfill-m1", "dask-w2"))
     for a, b in pairs:
         if a in medians and b in medians:
             print(f"- {b} vs {a}: {medians[a] / medians[b]:.2f}x the throughput")
+    if "split-2" in figures and "backfill-m1" in medians:
+        with_start = statistics.median(r["seconds_with_start"] for r in figures["split-2"])
+        print(f"- split-2 vs backfill-m1, one process's start counted: {medians['backfill-m1'] / with_start:.2f}x the throughput")
     print(f"\nMedian of {args.repeat} runs, each in a fresh process; Python {sys.version.split()[0]}, {os.cpu_count()} CPUs.")
 
 
