@@ -12,15 +12,18 @@ of start-up, and the pickling and waking for its share of the results, on a core
 mostly idle.)
 
 **Hand-out.** Sources go one at a time, each to the worker with the fewest in flight (this
-process's executor counts as one), and no
-worker has more than its pipeline holds (``fetch_concurrency + memory_workers + disk_queue_size
-+ disk_workers + 1``): a sliding window per worker, so that a worker busy with a large repo is
-not given more while another is idle. Each worker has two one-way pipes: sources in, results
-out, each message a 4-byte length and a pickle. Both ends wait on their pipes in their event
-loops (``anyio.wait_readable``), not in a thread (a thread hop costs ~0.17 ms of CPU, once per
-source in each worker and once per result here), and take whatever has arrived with one
-``os.read``. The sources a worker holds also stay under half its pipe's capacity in bytes (any one
-source may go to a worker that holds none), so writing a source never blocks this process's
+process's executor counts as one), and no worker has more than its pipeline holds
+(``fetch_concurrency + memory_workers + disk_queue_size + disk_workers + 1``), plus
+:data:`_SLACK` for a worker process: a sliding window per worker, so that a worker busy with a
+large repo is not given much more while another is idle. The slack covers the time this process
+takes to answer a result with the next source (its event loop is busy with its own walking):
+without it, a worker process walking small repos waited for sources ~14% of a run (~5% with
+it). Each worker has two one-way pipes: sources in, results out, each message a 4-byte length
+and a pickle. Both ends wait on their pipes in their event loops (``anyio.wait_readable``), not
+in a thread (a thread hop costs ~0.17 ms of CPU, once per source in each worker and once per
+result here), and take whatever has arrived with one ``os.read``. The sources a worker holds
+also stay under half its pipe's capacity in bytes (any one source may go to a worker that holds
+none), so writing a source never blocks this process's
 event loop while the worker is itself blocked sending a result.
 
 **Nothing lost.** This process knows which sources each worker holds. A worker process that
@@ -70,6 +73,10 @@ _PIPE_BUDGET = 8192
 
 #: Sent to a worker to stop it: it cancels its executor (as cancelling an in-process run does).
 _STOP = False
+#: Sources a worker process may hold beyond its pipeline: those waiting in its pipe while this
+#: process is busy. On the benchmark's 3,000 small repos (benchmarks/backfill.py's set, three
+#: times over) 16 took ``processes=2`` from 5.60 to 4.69 s (medians of 5; 4 and 8: ~4.9 s).
+_SLACK = 16
 
 
 def _worker_main(tasks: _Frames, results: int, options: dict[str, Any], early: list[Any]) -> None:
@@ -214,8 +221,9 @@ class _Worker:
         return lost
 
     def has_room(self, window: int, size: int) -> bool:
-        """Whether it may be handed a source of ``size`` pickled bytes now."""
-        if self.finished or len(self.held) >= window:
+        """Whether it may be handed a source of ``size`` pickled bytes now (``window``: the
+        pipeline's; this worker process may hold :data:`_SLACK` more)."""
+        if self.finished or len(self.held) >= window + _SLACK:
             return False
         return not self.held or self.held_bytes + size <= self.budget
 
@@ -283,7 +291,8 @@ async def run_in_processes(
         options: keyword arguments of :func:`repo_stream.backfill.backfill` for each executor (no
             checkpoint, client, resolver or stats; they must be picklable).
         processes: processes to walk repos in, this one included (>= 2).
-        window: sources an executor may hold at once.
+        window: sources an executor's pipeline holds: this process's executor holds no more at
+            once, a worker process :data:`_SLACK` more.
 
     Raises:
         ValueError: ``options`` cannot be pickled (a sink that cannot be sent to another process).

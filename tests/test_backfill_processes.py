@@ -123,6 +123,29 @@ def test_frames_read_messages_split_anywhere() -> None:
     assert got == ["a", None, ("result", 7), "b" * 70_000, False]
 
 
+def test_the_hand_out_gives_a_worker_process_its_pipeline_and_the_slack() -> None:
+    # This process's executor holds its pipeline (4 sources here); a worker process 16 more,
+    # which wait in its pipe while this process is busy; either way, under the pipe's budget.
+    from repo_stream.process_pool import _SLACK, _Local, _Worker
+
+    assert _SLACK == 16
+    local = _Local()
+    worker = object.__new__(_Worker)  # its hand-out state only: no process
+    worker.held, worker.held_bytes, worker.budget, worker.finished = [], 0, 1000, False
+    while local.has_room(4, 10):
+        local.give(f"local-{len(local.held)}", b"")
+    while worker.has_room(4, 10):
+        worker.held.append(f"worker-{len(worker.held)}")
+        worker.held_bytes += 10
+    assert (len(local.held), len(worker.held)) == (4, 20)
+    worker.held, worker.held_bytes = ["big"], 995
+    assert not worker.has_room(4, 10)  # the pipe's budget
+    worker.held, worker.held_bytes = [], 0
+    assert worker.has_room(4, 5000)  # any one source goes to a worker that holds none
+    worker.finished = True
+    assert not worker.has_room(4, 10)
+
+
 async def test_two_processes_give_every_input_its_one_result(host: RepoHost, tmp_path: Path) -> None:
     good = {did: host.repo(did, car_reply(car)) for did, car in CARS.items()}
     d404, d500, cut, wrong = (did_of(i) for i in range(30, 34))
@@ -164,7 +187,7 @@ async def test_a_worker_that_dies_fails_only_the_repos_it_held(host: RepoHost, t
     assert Counter(r.source for r in results) == Counter(urls)
     failed = [r for r in results if r.error is not None]
     assert all(r.error is not None and r.error.startswith("WorkerError: worker process") and "exited with code 3" in r.error for r in failed)
-    assert 2 <= len(failed) <= 8  # each worker process dies on its first repo: at most what its pipeline holds
+    assert 2 <= len(failed) <= 8  # each worker process dies on its first repo with what it holds: all but this process's 4
     ok = {r.source: r.records for r in results if r.error is None}
     assert ok == {url: 5 + i for i, url in enumerate(urls) if url in ok}
     assert len(ok) >= len(urls) - 8  # this process's executor walked the rest
