@@ -74,8 +74,8 @@ _PIPE_BUDGET = 8192
 #: Sent to a worker to stop it: it cancels its executor (as cancelling an in-process run does).
 _STOP = False
 #: Sources a worker process may hold beyond its pipeline: those waiting in its pipe while this
-#: process is busy. On the benchmark's 3,000 small repos (benchmarks/backfill.py's set, three
-#: times over) 16 took ``processes=2`` from 5.60 to 4.69 s (medians of 5; 4 and 8: ~4.9 s).
+#: process is busy. On benchmarks/backfill.py's set three times over (``--list-times 3``: 3,000
+#: small repos) 16 took ``processes=2`` from 5.60 to 4.69 s (medians of 5; 4 and 8: ~4.9 s).
 _SLACK = 16
 
 
