@@ -23,8 +23,8 @@ and a pickle. Both ends wait on their pipes in their event loops (``anyio.wait_r
 in a thread (a thread hop costs ~0.17 ms of CPU, once per source in each worker and once per
 result here), and take whatever has arrived with one ``os.read``. The sources a worker holds
 also stay under half its pipe's capacity in bytes (any one source may go to a worker that holds
-none), so writing a source never blocks this process's
-event loop while the worker is itself blocked sending a result.
+none), so writing a source never blocks this process's event loop while the worker is itself
+blocked sending a result.
 
 **Nothing lost.** This process knows which sources each worker holds. A worker process that
 exits without finishing (killed, out of memory, crashed) gives an error result for each of them;
