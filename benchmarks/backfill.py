@@ -106,11 +106,22 @@ def halves(data: dict[str, Any], dids: list[str]) -> list[list[str]]:
     return [[did for did in dids if half[did] == k] for k in (0, 1)]
 
 
+def child_run(name: str, port: int, times: int, *extra: str) -> list[str]:
+    """The command of one measured run in a fresh process (see ``--run``)."""
+    return [sys.executable, __file__, "--run", name, "--port", str(port), "--list-times", str(times), *extra]
+
+
+def figure_of(stdout: str) -> dict[str, Any]:
+    """A measured run's figures, the last line it printed."""
+    figure: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return figure
+
+
 def run_split(port: int, env: dict[str, str], times: int) -> dict[str, Any]:
     """The ``split-2`` run: two ``backfill-m1`` processes over the two halves, started at once."""
     started = time.perf_counter()
     children = [
-        subprocess.Popen([sys.executable, __file__, "--run", "backfill-m1", "--port", str(port), "--half", str(k), "--list-times", str(times)], stdout=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(child_run("backfill-m1", port, times, "--half", str(k)), stdout=subprocess.PIPE, text=True, env=env)
         for k in (0, 1)
     ]
     # Each half's exit time as it happens (within 5 ms): waiting on one, then the other, would
@@ -127,7 +138,7 @@ def run_split(port: int, env: dict[str, str], times: int) -> dict[str, Any]:
         out, _ = child.communicate()
         if child.returncode != 0:
             raise SystemExit(f"split-2: a half exited with {child.returncode}")
-        figures.append(json.loads(out.strip().splitlines()[-1]))
+        figures.append(figure_of(out))
     second_exit = exits[1]
     assert second_exit is not None
     return {
@@ -350,8 +361,8 @@ def main() -> None:
                 if name == "split-2":
                     figure = run_split(port, env, args.list_times)
                 else:
-                    done = subprocess.run([sys.executable, __file__, "--run", name, "--port", str(port), "--list-times", str(args.list_times)], capture_output=True, text=True, check=True, env=env)
-                    figure = json.loads(done.stdout.strip().splitlines()[-1])
+                    done = subprocess.run(child_run(name, port, args.list_times), capture_output=True, text=True, check=True, env=env)
+                    figure = figure_of(done.stdout)
                 print(f"# {figure}", file=sys.stderr)
                 figures.setdefault(name, []).append(figure)
     finally:
