@@ -11,11 +11,11 @@ over the whole process tree (the Dask runs include the scheduler and workers). R
 
 - ``backfill-mN``: :func:`repo_stream.backfill.backfill` with N memory workers, 1 disk worker,
   16 MiB per repo;
-- ``backfill-pN``: the same with ``processes=N``: N worker processes (``repo_stream.process_pool``),
+- ``backfill-pN``: the same with ``processes=N``: N worker processes (``repo_stream.backfill.process_pool``),
   each with 1 memory worker and 1 disk worker, fed one repo at a time by the measured process;
 - ``gather``: the naive way: ``asyncio.gather`` of fetch + load + walk for every repo at once,
   no memory limit (a 4 GiB one);
-- ``dask-wN``: :func:`repo_stream.cluster.backfill_on_dask` on a local cluster of N worker
+- ``dask-wN``: :func:`repo_stream.backfill.cluster.backfill_on_dask` on a local cluster of N worker
   processes (1 thread each), 2 memory workers per worker, shards of 32 repos (the cluster's
   start-up is included);
 - ``split-2``: what two processes can give at best, for comparison with ``backfill-p2``: the
@@ -61,7 +61,7 @@ def plan() -> list[tuple[int, int]]:
 
 
 def _make(item: tuple[int, int]) -> str:
-    from repo_stream.generate import default_did, generate_repo_car
+    from repo_stream.records.generate import default_did, generate_repo_car
 
     seed, n = item
     did = default_did(seed)
@@ -77,7 +77,7 @@ def prepare() -> dict[str, Any]:
     """Make (or reuse) the repo set; return {did: path}, plus the broken DIDs."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from repo_stream.generate import default_did
+    from repo_stream.records.generate import default_did
 
     CACHE.mkdir(parents=True, exist_ok=True)
     items = plan()
@@ -255,7 +255,7 @@ def run_one(name: str, sources: list[str]) -> dict[str, Any]:
     """One measured run in this process; returns its figures."""
     import anyio
 
-    from repo_stream.fetch import FetchOptions
+    from repo_stream.net.fetch import FetchOptions
 
     options = FetchOptions(retries=1, backoff=0.05)
     rss = PeakRSS()
@@ -279,7 +279,7 @@ def run_one(name: str, sources: list[str]) -> dict[str, Any]:
 
         anyio.run(main)
     elif name.startswith("dask-w"):
-        from repo_stream.cluster import backfill_on_dask
+        from repo_stream.backfill.cluster import backfill_on_dask
 
         for result in backfill_on_dask(sources, n_workers=int(name[len("dask-w") :]), shard_size=32, memory_workers=2, mem_limit_mb=16, fetch_options=options):
             results.append((result.records, result.error is None, result.spilled))
@@ -289,7 +289,7 @@ def run_one(name: str, sources: list[str]) -> dict[str, Any]:
         import httpx
 
         from repo_stream import DriverBuilder
-        from repo_stream.fetch import fetch_car
+        from repo_stream.net.fetch import fetch_car
 
         async def one(client: httpx.AsyncClient, url: str) -> tuple[int, bool, bool]:
             try:
@@ -354,7 +354,7 @@ def main() -> None:
     # The runs import with Python's default bytecode cache, as a user's process does (one
     # untimed import writes it first), not recompiling every module in every process.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([sys.executable, "-c", "import repo_stream.backfill, repo_stream.process_pool, repo_stream.cluster, psutil"], check=True, env=env)
+    subprocess.run([sys.executable, "-c", "import repo_stream.backfill.executor, repo_stream.backfill.process_pool, repo_stream.backfill.cluster, psutil"], check=True, env=env)
     try:
         for _ in range(args.repeat):
             for name in args.runs.split(","):

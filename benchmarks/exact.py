@@ -4,7 +4,7 @@
     python benchmarks/exact.py walk PATH MEM_LIMIT_MB [verify]
 
 ``expected`` regenerates the records of ``generate_cached(N, seed=SEED, profile=PROFILE)`` with
-``repo_stream.generate.generate_records`` (no CAR is read: the writer's input, not a reader's
+``repo_stream.records.generate.generate_records`` (no CAR is read: the writer's input, not a reader's
 output), sorts them by key, and prints their count, the sum of their block lengths, records per
 collection, and :func:`digest` of the sorted ``(key, block)`` sequence.
 
@@ -62,7 +62,7 @@ class Tally:
 
 
 def expected(n: int, seed: int, profile: str) -> dict[str, Any]:
-    from repo_stream.generate import generate_records
+    from repo_stream.records.generate import generate_records
 
     tally = Tally()
     tally.add(sorted(generate_records(n, seed=seed, profile=profile)))

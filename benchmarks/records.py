@@ -4,7 +4,7 @@ Run from the repository root (needs libipld besides the package's own dependenci
 
     .venv/bin/pip install -q libipld && .venv/bin/python benchmarks/records.py
 
-Sets: "generated" (2,000 records from ``repo_stream.generate.generate_records``, the mix of a
+Sets: "generated" (2,000 records from ``repo_stream.records.generate.generate_records``, the mix of a
 real account: likes, posts, follows, reposts, blob refs), "signed" (the 600 records of
 ``../shared/car-samples/signed-*.car``) and "little" (the 278 records of the real
 ``little.car``); the sample sets are left out when the samples are absent. Candidates are timed
@@ -31,8 +31,8 @@ import cbrrr
 import dag_cbor
 
 from repo_stream import DriverBuilder
-from repo_stream.generate import generate_records
-from repo_stream.records import Link, decode_record, record_json
+from repo_stream.records.generate import generate_records
+from repo_stream.records.values import Link, decode_record, record_json
 
 SAMPLES = Path(os.environ.get("REPO_STREAM_SAMPLES", Path(__file__).resolve().parents[2] / "shared" / "car-samples"))
 
@@ -99,7 +99,7 @@ def _hook_json(tag: Any, *_: Any) -> Any:
 
 
 def candidates() -> dict[str, Callable[[bytes], Any]]:
-    from repo_stream.records import to_json_value
+    from repo_stream.records.values import to_json_value
 
     found: dict[str, Callable[[bytes], Any]] = {
         "decode_record (cbrrr, cid_ctor=Link, depth check)": decode_record,

@@ -3,7 +3,7 @@
     python benchmarks/run.py [--profiles small,default] [--sizes 10000,100000,500000] [--runs 3]
                              [--methods M,M,...] [--no-exact] [--markdown-out FILE] [--json-out FILE]
 
-For each profile and size, a generated shuffled repo CAR (``repo_stream.generate.generate_cached``,
+For each profile and size, a generated shuffled repo CAR (``repo_stream.records.generate.generate_cached``,
 cached in ``.cache/cars`` at the repo root) is walked in full, in key order, by each method below,
 ``--runs`` times, each walk in its own fresh process; the parent reaps it with ``os.wait4`` for its
 peak RSS (``ru_maxrss``) and times it from ``Popen`` to the reap (the whole process). The child
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--runs must be at least 1")
 
     sys.path.insert(0, str(ROOT))
-    from repo_stream.generate import generate_cached
+    from repo_stream.records.generate import generate_cached
 
     env_line = environment()
     print(env_line, flush=True)

@@ -28,7 +28,7 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from repo_stream import DiskBuilder, DriverBuilder, NeedDisk
-from repo_stream.disk import DiskStore
+from repo_stream.spill.store import DiskStore
 
 Recorded = tuple[list[tuple[bytes, list[Any], int]], list[bytes], list[list[bytes]], int]
 

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from repo_stream import IMPLEMENTATION
-    from repo_stream.generate import generate_cached
+    from repo_stream.records.generate import generate_cached
 
     path = str(generate_cached(args.size, seed=0, order="shuffled", cache_dir=ROOT / ".cache" / "cars", profile=args.profile))
     print(f"{path}: {args.size:,} records, implementation {IMPLEMENTATION}, medians of {args.runs}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import cbor2
 
-from repo_stream.writer import build_repo_car
+from repo_stream.records.writer import build_repo_car
 
 ROOT = Path(__file__).resolve().parents[1]
 

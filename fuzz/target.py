@@ -13,9 +13,9 @@ from typing import Any
 
 import cbor2
 
-from repo_stream import car, implementation, runs
-from repo_stream.blocks import NOT_A_NODE, ROW_PLAIN, ROW_RAW, DiskRecords
-from repo_stream.commit import decode_commit
+from repo_stream.core import car, implementation, runs
+from repo_stream.core.blocks import NOT_A_NODE, ROW_PLAIN, ROW_RAW, DiskRecords
+from repo_stream.core.commit import decode_commit
 from repo_stream.errors import MissingBlockError, NodeDecodeError, RepoStreamError
 
 LIMITS = [1 << 40, 300, 3000, 30000]

@@ -20,7 +20,7 @@ typedef struct {
     RsVerifier *verifier; /* verify_cids: blocks hashed ahead, on a second core (verify.c) */
 } CarParser;
 
-/* Varint as repo_stream.car.read_varint: returns 1 (value, *next set), 0 (ends before `end`),
+/* Varint as repo_stream.core.car.read_varint: returns 1 (value, *next set), 0 (ends before `end`),
  * -1 (error set). `offset` is the stream offset of buf[0]. */
 static int read_varint(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long long offset, uint64_t *value,
                        Py_ssize_t *next) {
@@ -59,7 +59,7 @@ static int cid_varint_error(long long at) {
     return -1;
 }
 
-/* As repo_stream.car._cid_end: where the CID at buf[pos] ends (it must fit before `end`), or -1. */
+/* As repo_stream.core.car._cid_end: where the CID at buf[pos] ends (it must fit before `end`), or -1. */
 static Py_ssize_t cid_end(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, long long offset) {
     long long at = offset + pos;
     if (end - pos >= 2 && buf[pos] == 0x12 && buf[pos + 1] == 0x20) {
@@ -397,7 +397,7 @@ PyTypeObject RsCarParser_Type = {
     .tp_dealloc = (destructor)CarParser_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "CarParser(max_block_size=2097152, verify_cids=False)\n--\n\n"
-              "The C sans-IO CAR v1 parser; the same methods and errors as repo_stream.car.CarParser.",
+              "The C sans-IO CAR v1 parser; the same methods and errors as repo_stream.core.car.CarParser.",
     .tp_methods = CarParser_methods,
     .tp_getset = CarParser_getset,
     .tp_init = (initproc)CarParser_init,

@@ -72,7 +72,7 @@ static PyObject *setup(PyObject *self, PyObject *args, PyObject *kwargs) {
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOO", names, &messages, &not_a_node, &cid_text)) return NULL;
     PyObject *base = PyObject_GetAttrString(messages, "RepoStreamError");
     if (base == NULL) return NULL;
-    PyObject *car = PyImport_ImportModule("repo_stream.car");
+    PyObject *car = PyImport_ImportModule("repo_stream.core.car");
     if (car == NULL) {
         Py_DECREF(base);
         return NULL;
@@ -173,9 +173,9 @@ static PyObject *trim_memory(PyObject *self, PyObject *unused) {
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
      "setup(*, messages, not_a_node, cid_text)\n--\n\nConnect the core to repo_stream's Python side (done by "
-     "repo_stream.implementation)."},
+     "repo_stream.core.implementation)."},
     {"pack_run", rs_pack_run, METH_VARARGS,
-     "pack_run(rows, next_large)\n--\n\nPack spill rows into one sorted run: (run, large) (see repo_stream.runs.pack_run)."},
+     "pack_run(rows, next_large)\n--\n\nPack spill rows into one sorted run: (run, large) (see repo_stream.core.runs.pack_run)."},
     {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
     {"sha256_many", sha256_many, METH_VARARGS,
      "sha256_many(messages, lanes=0)\n--\n\nThe core's SHA-256 digests of a sequence of bytes, hashed side by side "
@@ -189,7 +189,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "repo_stream._native",
-    "The C core of repo-stream: CarParser, BlockTable, Walker, and the spill store's runs (see repo_stream.implementation).", -1, methods,
+    "The C core of repo-stream: CarParser, BlockTable, Walker, and the spill store's runs (see repo_stream.core.implementation).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

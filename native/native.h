@@ -20,10 +20,10 @@
 static const uint8_t RS_CID_PREFIX[4] = {0x01, 0x71, 0x12, 0x20};
 
 /* --- module state (set once by _native.setup) ------------------------------------------------ */
-extern PyObject *rs_messages;   /* the repo_stream.messages module */
-extern PyObject *rs_not_a_node; /* repo_stream.blocks.NOT_A_NODE */
-extern PyObject *rs_cid_text;   /* repo_stream.cid.cid_text */
-extern PyObject *rs_verify;     /* repo_stream.car._verify (CIDs other than v1 dag-cbor sha2-256) */
+extern PyObject *rs_messages;   /* the repo_stream.core.messages module */
+extern PyObject *rs_not_a_node; /* repo_stream.core.blocks.NOT_A_NODE */
+extern PyObject *rs_cid_text;   /* repo_stream.core.cid.cid_text */
+extern PyObject *rs_verify;     /* repo_stream.core.car._verify (CIDs other than v1 dag-cbor sha2-256) */
 extern PyObject *rs_base_error; /* repo_stream.errors.RepoStreamError */
 extern PyObject *rs_len;        /* builtins.len: as a block processor it needs no bytes object */
 
@@ -118,7 +118,7 @@ PyObject *rs_table_process(RsBlockTable *t); /* borrowed; Py_None when there is 
 extern PyTypeObject RsCarParser_Type;
 extern PyTypeObject RsWalker_Type;
 
-/* The record CID's text form: "b" + base32 for CIDv1, else repo_stream.cid.cid_text(). */
+/* The record CID's text form: "b" + base32 for CIDv1, else repo_stream.core.cid.cid_text(). */
 PyObject *rs_cid_text_of(const uint8_t *cid, size_t len);
 
 /* --- runs.c: sorted runs of spilled blocks, their merge and index ------------------------------ */

@@ -504,7 +504,7 @@ static PyObject *BlockTable_take_rows(RsBlockTable *self, PyObject *arg) {
     return Py_BuildValue("(Nn)", rows, size);
 }
 
-/* take_rows, then pack_run of those rows (repo_stream.blocks.MemoryBlocks.take_run), without making
+/* take_rows, then pack_run of those rows (repo_stream.core.blocks.MemoryBlocks.take_run), without making
  * a Python object per row: raw blocks and plain values are packed from where they are. */
 static PyObject *BlockTable_take_run(RsBlockTable *self, PyObject *args) {
     Py_ssize_t max_bytes;
@@ -643,7 +643,7 @@ PyTypeObject RsBlockTable_Type = {
     .tp_dealloc = (destructor)BlockTable_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "BlockTable(root, process, encode)\n--\n\n"
-              "The C in-memory block table; the same behaviour as repo_stream.blocks.MemoryBlocks.",
+              "The C in-memory block table; the same behaviour as repo_stream.core.blocks.MemoryBlocks.",
     .tp_traverse = (traverseproc)BlockTable_traverse,
     .tp_clear = (inquiry)BlockTable_clear_refs,
     .tp_methods = BlockTable_methods,

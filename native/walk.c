@@ -331,7 +331,7 @@ static int valid_utf8(const uint8_t *s, size_t n) {
 static inline int is_alpha(uint8_t c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 static inline int is_alnum(uint8_t c) { return is_alpha(c) || (c >= '0' && c <= '9'); }
 
-/* NSID (https://atproto.com/specs/nsid), as repo_stream.mst.is_valid_collection. */
+/* NSID (https://atproto.com/specs/nsid), as repo_stream.core.mst.is_valid_collection. */
 static int valid_collection(const uint8_t *s, size_t n) {
     if (n == 0 || n > 317) return 0;
     size_t segments = 0, start = 0;
@@ -1077,7 +1077,7 @@ PyTypeObject RsWalker_Type = {
     .tp_dealloc = (destructor)Walker_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Walker(root, nodes, values=None, *, max_depth=32, strict=False, record_cids=False, collections=None)\n--\n\n"
-              "The C MST walker; the same behaviour and errors as repo_stream.walk.Walker.",
+              "The C MST walker; the same behaviour and errors as repo_stream.core.walk.Walker.",
     .tp_traverse = (traverseproc)Walker_traverse,
     .tp_clear = (inquiry)Walker_clear,
     .tp_methods = Walker_methods,

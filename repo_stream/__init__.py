@@ -9,12 +9,14 @@ Load a CAR with :class:`DriverBuilder`; if it fits the memory limit you get a
 Python values or in the atproto JSON form (:mod:`repo_stream.records`).
 """
 
-from .commit import Commit
-from .disk import DiskBuilder, DiskStore
-from .drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from typing import TYPE_CHECKING
+
+from .core.commit import Commit
+from .core.implementation import IMPLEMENTATION
 from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .errors import __all__ as _error_names
-from .implementation import IMPLEMENTATION
+from .read.drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from .spill.store import DiskBuilder, DiskStore
 
 __version__ = "0.1.0"
 
@@ -38,18 +40,23 @@ __all__ = [
 ]
 
 _LAZY = {
-    "JSON_CODEC": "records",
-    "RECORD_CODEC": "records",
-    "Link": "records",
-    "decode_record": "records",
-    "record_json": "records",
-    "to_json_value": "records",
-    "build_repo_car": "writer",
+    "JSON_CODEC": "records.values",
+    "RECORD_CODEC": "records.values",
+    "Link": "records.values",
+    "decode_record": "records.values",
+    "record_json": "records.values",
+    "to_json_value": "records.values",
+    "build_repo_car": "records.writer",
 }
+
+if TYPE_CHECKING:  # the lazily imported names, precisely typed for type checkers
+    from .records.values import JSON_CODEC, RECORD_CODEC, Link, decode_record, record_json, to_json_value
+    from .records.writer import build_repo_car
 
 
 def __getattr__(name: str) -> object:
-    """Import the record decoders and the CAR writer on first use (start-up stays short)."""
+    """Import the record decoders and the CAR writer on first use (start-up stays short: cbrrr
+    and the writer are not needed to walk a repo)."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'repo_stream' has no attribute {name!r}")

@@ -1,13 +1,13 @@
 """Type stub of the C core, ``repo_stream._native`` (native/*.c): the same classes and methods as
-:class:`repo_stream.car.CarParser`, :class:`repo_stream.blocks.MemoryBlocks`,
-:class:`repo_stream.walk.Walker` and :mod:`repo_stream.runs`. See :mod:`repo_stream.implementation`."""
+:class:`repo_stream.core.car.CarParser`, :class:`repo_stream.core.blocks.MemoryBlocks`,
+:class:`repo_stream.core.walk.Walker` and :mod:`repo_stream.core.runs`. See :mod:`repo_stream.core.implementation`."""
 
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 def setup(*, messages: ModuleType, not_a_node: object, cid_text: Callable[[bytes], str]) -> None:
-    """Connect the core to repo_stream's Python side (done by repo_stream.implementation)."""
+    """Connect the core to repo_stream's Python side (done by repo_stream.core.implementation)."""
 
 def sha256(data: bytes | bytearray | memoryview, /) -> bytes:
     """The core's SHA-256 digest of a bytes-like object (for tests)."""
@@ -16,7 +16,7 @@ def trim_memory() -> None:
     """Hand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."""
 
 class BlockTable:
-    """The C in-memory block table; the same behaviour as repo_stream.blocks.MemoryBlocks."""
+    """The C in-memory block table; the same behaviour as repo_stream.core.blocks.MemoryBlocks."""
 
     def __init__(self, root: bytes, process: Callable[[bytes], Any] | None, encode: Callable[[Any], bytes]) -> None: ...
     @property
@@ -33,10 +33,10 @@ class BlockTable:
     def take_run(self, max_bytes: int, next_large: int, /) -> tuple[bytes, list[tuple[int, bytes]], int]: ...
 
 def pack_run(rows: Any, next_large: int, /) -> tuple[bytes, list[tuple[int, bytes]]]:
-    """Pack spill rows into one sorted run; the same bytes as repo_stream.runs.pack_run."""
+    """Pack spill rows into one sorted run; the same bytes as repo_stream.core.runs.pack_run."""
 
 class RunIndex:
-    """Finds entries in a merged run; the same as repo_stream.runs.RunIndex."""
+    """Finds entries in a merged run; the same as repo_stream.core.runs.RunIndex."""
 
     @property
     def total(self) -> int: ...
@@ -46,7 +46,7 @@ class RunIndex:
     def get_many(self, cids: Any, /) -> tuple[list[tuple[int, Any] | None], int, int]: ...
 
 class RunMerge:
-    """Merges sorted runs fed a piece at a time; the same as repo_stream.runs.RunMerge."""
+    """Merges sorted runs fed a piece at a time; the same as repo_stream.core.runs.RunMerge."""
 
     def __init__(self, n: int, index_every: int = ..., split: bool = ...) -> None: ...
     def feed(self, i: int, data: bytes, /) -> None: ...
@@ -54,7 +54,7 @@ class RunMerge:
     def index(self) -> RunIndex | tuple[RunIndex, RunIndex]: ...
 
 class CarParser:
-    """The C sans-IO CAR v1 parser; the same methods and errors as repo_stream.car.CarParser."""
+    """The C sans-IO CAR v1 parser; the same methods and errors as repo_stream.core.car.CarParser."""
 
     def __init__(self, max_block_size: int = ..., verify_cids: bool = ...) -> None: ...
     @property
@@ -76,7 +76,7 @@ class CarParser:
     def read_header(self) -> bytes | None: ...
 
 class Walker:
-    """The C MST walker; the same behaviour and errors as repo_stream.walk.Walker."""
+    """The C MST walker; the same behaviour and errors as repo_stream.core.walk.Walker."""
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 ``get``, ``verify`` and ``generate``.
 
 Every command but ``generate`` reads one repo CAR from SOURCE, opened with
-:func:`repo_stream.source.open_source`: a file path, ``-`` (standard input), an ``http(s)://``
+:func:`repo_stream.net.source.open_source`: a file path, ``-`` (standard input), an ``http(s)://``
 URL (e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``), a DID, a handle (``alice.com``
 or ``@alice.com``) or an ``at://`` URI. DIDs and handles are resolved to the account's PDS
 (``did:plc`` through the PLC directory of ``--plc-url``, default ``https://plc.directory``) and
@@ -36,7 +36,7 @@ interrupted (Ctrl-C, ``error: interrupted``); 141 (128 + SIGPIPE, as ``cat`` and
 killed by SIGPIPE) when standard output is closed early, e.g. by ``| head -1``: nothing is printed
 and the walk stops at once.
 
-``generate`` writes realistic generated repo CARs (see :mod:`repo_stream.generate`) into a cache
+``generate`` writes realistic generated repo CARs (see :mod:`repo_stream.records.generate`) into a cache
 folder (default ``.cache/cars``) and prints their paths; files already there are reused.
 """
 
@@ -56,16 +56,17 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from . import __version__, implementation
-from .cid import cid_text
-from .disk import DiskBuilder
-from .drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from . import __version__
+from .core import implementation
+from .core.cid import cid_text
+from .core.mst import is_valid_collection
 from .errors import RepoStreamError
-from .mst import is_valid_collection
+from .read.drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from .spill.store import DiskBuilder
 
 if TYPE_CHECKING:
-    from .commit import Commit
-    from .source import OpenedSource
+    from .core.commit import Commit
+    from .net.source import OpenedSource
 
 __all__ = ["main", "stats"]
 
@@ -94,7 +95,7 @@ class _Progress:
         """Wrap a source for ``load_car`` so that each chunk read advances the byte bar.
 
         ``source`` has ``async read(n)`` (a file) or is an async iterable of ``bytes`` chunks (a
-        :class:`repo_stream.fetch.CarStream`).
+        :class:`repo_stream.net.fetch.CarStream`).
         """
         if not self.enabled:
             return source
@@ -172,7 +173,7 @@ async def _walking(
     Raises:
         RepoStreamError (SourceError, IdentityError, FetchError, CarError...), OSError.
     """
-    from .source import open_source
+    from .net.source import open_source
 
     async with open_source(source, plc_url=plc_url) as opened:
         bar = _Progress(progress, opened.size)
@@ -219,7 +220,7 @@ async def stats(
     plc_url: str | None = None,
 ) -> dict[str, Any]:
     """Walk the repo CAR of SOURCE ``path`` (a file, ``"-"`` for standard input, a URL, DID or
-    handle; see :func:`repo_stream.source.open_source`) and return its figures as a dict.
+    handle; see :func:`repo_stream.net.source.open_source`) and return its figures as a dict.
 
     Keys: ``did, rev, version, commit, data`` (CIDs as base32 strings), ``records``,
     ``record_bytes`` (sum of record block lengths), ``blocks`` (CAR sections), ``car_bytes``,
@@ -328,7 +329,7 @@ async def _ls(args: argparse.Namespace) -> int:
 
 
 async def _dump(args: argparse.Namespace) -> int:
-    from .records import JSON_CODEC, record_json
+    from .records.values import JSON_CODEC, record_json
 
     builder = _builder(args).with_record_cids(True).with_block_processor(record_json).with_codec(*JSON_CODEC)
     async with _walking_args(args, builder) as walk:
@@ -352,7 +353,7 @@ async def _find(walk: _Walk, key: str) -> Any:
 
 
 async def _get(args: argparse.Namespace) -> int:
-    from .records import JSON_CODEC, record_json
+    from .records.values import JSON_CODEC, record_json
 
     key: str = args.key
     builder = DriverBuilder().with_mem_limit_mb(args.mem_limit_mb).with_block_processor(record_json).with_codec(*JSON_CODEC)
@@ -572,7 +573,7 @@ def _backfill(args: argparse.Namespace) -> int:
         if args.dask is None:
             anyio.run(run)
         else:
-            from .cluster import backfill_on_dask
+            from .backfill.cluster import backfill_on_dask
 
             for result in backfill_on_dask(anyio.run(names), scheduler=args.dask, n_workers=args.engine_workers, **options):
                 stats.count(result)
@@ -599,7 +600,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .generate import generate_cached
+    from .records.generate import generate_cached
 
     for n in args.sizes:
         started = time.perf_counter()
@@ -670,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backfill" and args.dask is not None and args.processes > 1:
         parser.error("backfill: --processes is for one machine; with --dask, the engine's workers are the processes")
     if args.command == "verify" and args.key is None:
-        from .source import classify_source
+        from .net.source import classify_source
 
         if classify_source(args.source) not in ("did", "handle"):
             parser.error("verify: a file, - or URL SOURCE needs --key DIDKEY (only a DID or handle SOURCE has a DID document)")

@@ -177,7 +177,7 @@ class SignatureError(RepoStreamError):
     """A commit signature does not verify with the given key, or the key cannot be used.
 
     Raised by :meth:`repo_stream.Commit.verify_signature` (wrong key, tampered commit, high-S or
-    malformed signature) and :mod:`repo_stream.didkey` (a did:key that cannot be parsed). The
+    malformed signature) and :mod:`repo_stream.crypto.didkey` (a did:key that cannot be parsed). The
     message names the DID and the commit, or the key.
     """
 

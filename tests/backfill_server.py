@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from repo_stream.writer import build_repo_car
+from repo_stream.records.writer import build_repo_car
 
 from .servers import LocalHTTPServer, Reply, Request, json_reply
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from repo_stream import implementation
+from repo_stream.core import implementation
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("REPO_STREAM_SAMPLES", ROOT.parent / "shared" / "car-samples"))

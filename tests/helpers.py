@@ -11,8 +11,8 @@ import cbor2
 import pytest
 
 from repo_stream import DiskBuilder, DriverBuilder, MemoryDriver, NeedDisk
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.writer import build_mst, car_bytes, encode_commit
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.records.writer import build_mst, car_bytes, encode_commit
 
 DID = "did:plc:testtesttesttesttesttest"
 REV = "3kaaaaaaaaaaa"
@@ -103,7 +103,7 @@ async def walk_error(mode: str, car: bytes, cls: type[Exception], configure: Con
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """A test-side LEB128 reader, independent of repo_stream.car: ``(value, next_pos)``."""
+    """A test-side LEB128 reader, independent of repo_stream.core.car: ``(value, next_pos)``."""
     value = shift = 0
     while True:
         byte = buf[pos]

@@ -34,10 +34,10 @@ from repo_stream.backfill import (
     list_repos,
     read_repo_list,
 )
-from repo_stream.cid import cid_str, dag_cbor_cid
 from repo_stream.cli import main
+from repo_stream.core.cid import cid_str, dag_cbor_cid
 from repo_stream.errors import FetchError
-from repo_stream.fetch import FetchOptions
+from repo_stream.net.fetch import FetchOptions
 
 from .backfill_server import LIST_REPOS, RepoHost, car_reply, repo_car_of, repo_records
 from .helpers import sqlite_temp_files
@@ -388,7 +388,7 @@ def test_cli_json_and_out(host: RepoHost, tmp_path: Path, capsys: pytest.Capture
 
 
 async def _dump_rows(car: bytes) -> list[dict[str, object]]:
-    from repo_stream.records import record_json
+    from repo_stream.records.values import record_json
 
     driver = await DriverBuilder().with_record_cids(True).with_block_processor(record_json).load_car(car)
     return [{"key": k, "cid": c, "value": v} async for k, c, v in driver]

@@ -1,4 +1,4 @@
-"""The backfill on a local Dask cluster of worker processes (``repo_stream.cluster``), against a
+"""The backfill on a local Dask cluster of worker processes (``repo_stream.backfill.cluster``), against a
 real local PDS: results, the driver's checkpoint, and a rerun that starts no cluster at all."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from repo_stream.cluster import backfill_on_dask
+from repo_stream.backfill.cluster import backfill_on_dask
 
 from .backfill_server import RepoHost, car_reply, repo_car_of
 from .servers import Reply

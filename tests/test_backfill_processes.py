@@ -1,4 +1,4 @@
-"""The backfill spread over local worker processes (``processes=N``, ``repo_stream.process_pool``),
+"""The backfill spread over local worker processes (``processes=N``, ``repo_stream.backfill.process_pool``),
 against a real local PDS: the same results as in one process, the work in the workers, a worker
 that dies, cancelling, the checkpoint and the command line."""
 
@@ -68,7 +68,7 @@ def worker_processes() -> list[int]:
                 command = f.read()
         except OSError:
             continue
-        if parent == me and b"repo_stream.process_pool" in command:
+        if parent == me and b"repo_stream.backfill.worker" in command:
             pids.append(int(entry))
     return pids
 
@@ -104,7 +104,7 @@ async def test_a_worker_hides_trio_and_click_only_while_httpx_imports(host: Repo
 def test_frames_read_messages_split_anywhere() -> None:
     # The pipes' framing (a 4-byte length and a pickle): messages cut at any byte, several in
     # one read, and the pipe's end.
-    from repo_stream.process_pool import _Frames, _message
+    from repo_stream.backfill.process_pool import _Frames, _message
 
     read_end, write_end = os.pipe()
     frames = _Frames(read_end)
@@ -126,7 +126,7 @@ def test_frames_read_messages_split_anywhere() -> None:
 def test_the_hand_out_gives_a_worker_process_its_pipeline_and_the_slack() -> None:
     # This process's executor holds its pipeline (4 sources here); a worker process 16 more,
     # which wait in its pipe while this process is busy; either way, under the pipe's budget.
-    from repo_stream.process_pool import _SLACK, _Local, _Worker
+    from repo_stream.backfill.process_pool import _SLACK, _Local, _Worker
 
     assert _SLACK == 16
     local = _Local()

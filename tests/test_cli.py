@@ -165,7 +165,7 @@ def test_generate_writes_cached_repos(tmp_path: Path) -> None:
 
 
 def test_generate_small_profile(tmp_path: Path) -> None:
-    from repo_stream.generate import PROFILES, generate_repo_car
+    from repo_stream.records.generate import PROFILES, generate_repo_car
 
     done = run("generate", "80", "--profile", "small", "--seed", "4", "--cache-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr

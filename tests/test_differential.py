@@ -21,9 +21,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from repo_stream import DiskBuilder, DriverBuilder, NeedDisk, NodeDecodeError, RepoStreamError, implementation
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.writer import encode_varint
+from repo_stream import DiskBuilder, DriverBuilder, NeedDisk, NodeDecodeError, RepoStreamError
+from repo_stream.core import implementation
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.records.writer import encode_varint
 
 from .helpers import read_varint
 from .test_properties import (

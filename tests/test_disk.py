@@ -13,10 +13,10 @@ import anyio
 import pytest
 
 from repo_stream import DiskBuilder, DiskError, DriverBuilder, NeedDisk
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.disk import APPLICATION_ID, DiskStore
-from repo_stream.walk import NOT_A_NODE
-from repo_stream.writer import build_mst, car_bytes, encode_commit
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.core.walk import NOT_A_NODE
+from repo_stream.records.writer import build_mst, car_bytes, encode_commit
+from repo_stream.spill.store import APPLICATION_ID, DiskStore
 
 from .helpers import DID, REV, record, repo_car, sqlite_temp_files
 
@@ -62,7 +62,7 @@ async def test_store_is_reused_after_reset(big_car: bytes, tmp_path) -> None:
 async def test_closing_a_database_hands_memory_back(big_car: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     # SQLite's page cache is freed in a worker thread's arena, which glibc keeps: the store trims
     # the heap each time it closes a database (a reset closes one too).
-    from repo_stream import implementation
+    from repo_stream.core import implementation
 
     implementation.trim_memory()  # the real one runs (the C core's malloc_trim, or nothing)
     trims: list[int] = []
@@ -102,7 +102,7 @@ async def test_closed_store_is_refused(big_car: bytes) -> None:
 
 async def test_spilled_walk_keeps_memory_bounded(big_car: bytes, monkeypatch) -> None:
     """While finishing, the block table never holds more than the limit (checked before every drain)."""
-    from repo_stream import drivers
+    from repo_stream.read import drivers
 
     driver = await spill(big_car, limit_mb=0.05)
     peaks = []
@@ -150,7 +150,7 @@ async def test_walk_chunks_are_one_thread_hop_each(big_car: bytes, monkeypatch) 
 _SPILLER = """
 import sys, anyio
 from repo_stream import DiskBuilder, DriverBuilder, NeedDisk
-from repo_stream.disk import DiskStore
+from repo_stream.spill.store import DiskStore
 
 car = open(sys.argv[1], "rb").read()
 point = sys.argv[2]
@@ -466,9 +466,9 @@ async def test_temporary_store_reports_its_name_in_errors(big_car: bytes) -> Non
 
 async def test_temporary_store_where_sqlite_keeps_temporary_databases_in_memory(big_car: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     """There the store names its own files, and unlinks them as soon as SQLite has opened them."""
-    import repo_stream.disk
+    import repo_stream.spill.store
 
-    monkeypatch.setattr(repo_stream.disk, "TEMPORARY_IN_MEMORY", True)
+    monkeypatch.setattr(repo_stream.spill.store, "TEMPORARY_IN_MEMORY", True)
     before = sqlite_temp_files()
     async with await DiskBuilder().with_cache_size_mb(1).open() as store:
         for _ in range(2):  # and again after a reset
@@ -525,9 +525,9 @@ async def test_first_block_wins_between_nodes_and_the_rest(impl: str, node_first
 
 async def test_merged_runs_in_many_segments(big_car: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     """Look-ups that fall in any segment of a merged run, or across two."""
-    import repo_stream.disk
+    import repo_stream.spill.store
 
-    monkeypatch.setattr(repo_stream.disk, "_segment_size", lambda total: 10_000)
+    monkeypatch.setattr(repo_stream.spill.store, "_segment_size", lambda total: 10_000)
     async with await DiskBuilder().open() as store:
         _, driver = await (await spill(big_car)).finish_loading(store)
         assert [r async for r in driver] == [(key, len(block)) for key, block in sorted(POSTS)]

@@ -36,16 +36,16 @@ from repo_stream import (
     SourceError,
     TruncatedCarError,
 )
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.fetch import (
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.net.fetch import (
     CarStream,
     FetchOptions,
     fetch_car,
     parse_retry_after,
     repo_url,
 )
-from repo_stream.identity import make_dns_resolver
-from repo_stream.source import OpenedSource, classify_source, open_source
+from repo_stream.net.identity import make_dns_resolver
+from repo_stream.net.source import OpenedSource, classify_source, open_source
 
 from .helpers import DID as HELPER_DID
 from .helpers import REV as HELPER_REV
@@ -394,13 +394,13 @@ def test_local_sources_do_not_load_the_network_stack() -> None:
     code = (
         "import sys, anyio\n"
         "from repo_stream import DriverBuilder\n"
-        "from repo_stream.source import open_source\n"
+        "from repo_stream.net.source import open_source\n"
         "async def main():\n"
         f"    async with open_source({str(REPO_100)!r}) as opened:\n"
         "        driver = await DriverBuilder().load_car(opened.source)\n"
         "        print(len([r async for r in driver]))\n"
         "anyio.run(main)\n"
-        "print(sorted(m for m in ('httpx', 'dns', 'repo_stream.identity', 'repo_stream.fetch') if m in sys.modules))\n"
+        "print(sorted(m for m in ('httpx', 'dns', 'repo_stream.net.identity', 'repo_stream.net.fetch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert out.split("\n")[:2] == [str(EXPECTED_100["records"]), "[]"]

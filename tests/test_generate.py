@@ -21,7 +21,8 @@ import pytest
 from multiformats import CID
 
 from repo_stream import DriverBuilder, MemoryDriver
-from repo_stream.generate import (
+from repo_stream.core.mst import is_valid_key
+from repo_stream.records.generate import (
     DEFAULT_CACHE_DIR,
     PROFILES,
     default_did,
@@ -30,7 +31,6 @@ from repo_stream.generate import (
     generate_repo_car,
     repo_rev,
 )
-from repo_stream.mst import is_valid_key
 
 pytestmark = pytest.mark.anyio
 
@@ -341,7 +341,7 @@ def test_generate_cached_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert path.read_bytes() == car(300, 3, "reverse")
     assert sorted(p.name for p in cache.iterdir()) == [path.name]
 
-    import repo_stream.generate as generate
+    import repo_stream.records.generate as generate
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cached file must not be generated again")
@@ -352,7 +352,7 @@ def test_generate_cached_writes_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 
 def test_generate_cached_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import repo_stream.generate as generate
+    import repo_stream.records.generate as generate
 
     def broken(out, *args: object, **kwargs: object) -> None:
         out.write(b"partial")

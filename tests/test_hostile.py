@@ -53,9 +53,9 @@ from repo_stream import (
     TruncatedCarError,
     VarintError,
 )
-from repo_stream.cid import cid_str, dag_cbor_cid
-from repo_stream.mst import key_layer
-from repo_stream.writer import build_mst, build_repo_car, car_bytes, encode_commit, encode_node, encode_varint, link
+from repo_stream.core.cid import cid_str, dag_cbor_cid
+from repo_stream.core.mst import key_layer
+from repo_stream.records.writer import build_mst, build_repo_car, car_bytes, encode_commit, encode_node, encode_varint, link
 
 from . import helpers
 from .helpers import Configure, read_varint
@@ -171,7 +171,7 @@ def header_of(car: bytes) -> bytes:
     return car[: pos + length]
 
 
-# A test-side CAR splitter, independent of repo_stream.car.
+# A test-side CAR splitter, independent of repo_stream.core.car.
 
 
 def _cid_len(buf: bytes, pos: int) -> int:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from repo_stream import IdentityError, RepoStreamError
-from repo_stream.identity import (
+from repo_stream.net.identity import (
     ResolvedIdentity,
     did_document_url,
     is_valid_did,

@@ -8,7 +8,7 @@ import cbor2
 import pytest
 
 from repo_stream import DiskBuilder, DriverBuilder, MemoryDriver, NeedDisk, ProcessorError
-from repo_stream.cid import cid_str, dag_cbor_cid
+from repo_stream.core.cid import cid_str, dag_cbor_cid
 
 from .helpers import record, repo_car, walk_both
 

@@ -1,7 +1,7 @@
 """Property tests: mutated repo CARs give exactly the right records or a RepoStreamError.
 
 A few valid CARs are built here (:func:`tests.helpers.repo_car`,
-:func:`repo_stream.writer.build_repo_car`) and mutated by hypothesis: sections reordered,
+:func:`repo_stream.records.writer.build_repo_car`) and mutated by hypothesis: sections reordered,
 duplicated or removed (at section granularity, with a small splitter written here), truncation,
 bit flips, and splices of byte ranges. Every walk runs under ``anyio.fail_after`` and must either
 give exactly the original records, or raise a :class:`RepoStreamError` subclass; anything else
@@ -41,9 +41,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from repo_stream import DiskBuilder, DriverBuilder, MissingBlockError, NeedDisk, RepoStreamError, TruncatedCarError
-from repo_stream.car import DEFAULT_READ_SIZE
-from repo_stream.mst import is_valid_key
-from repo_stream.writer import build_repo_car
+from repo_stream.core.car import DEFAULT_READ_SIZE
+from repo_stream.core.mst import is_valid_key
+from repo_stream.records.writer import build_repo_car
 
 from .helpers import DID, REV, read_varint, record, repo_car
 

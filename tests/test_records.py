@@ -2,7 +2,7 @@
 
 Expected values come from elsewhere: the reference implementation's JSON dumps beside the signed
 samples, the multiformats package (CID strings), the standard library's base64, and blocks
-written by cbor2 or the dag-cbor package, never by repo_stream.records itself.
+written by cbor2 or the dag-cbor package, never by repo_stream.records.values itself.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from multiformats import CID
 
 from repo_stream import DriverBuilder, ProcessorError, RecordDecodeError
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.records import (
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.records.values import (
     JSON_CODEC,
     MAX_DEPTH,
     RECORD_CODEC,
@@ -31,7 +31,7 @@ from repo_stream.records import (
     record_json,
     to_json_value,
 )
-from repo_stream.writer import link
+from repo_stream.records.writer import link
 
 from .conftest import sample_path
 from .helpers import repo_car, walk, walk_both

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from repo_stream import DiskError, implementation, runs
+from repo_stream import DiskError
+from repo_stream.core import implementation, runs
 
 pytestmark = pytest.mark.skipif("c" not in implementation.available() and not os.environ.get("CI"), reason="the C core is not built here")
 

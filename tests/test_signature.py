@@ -34,16 +34,16 @@ from repo_stream import (
     SignatureError,
     build_repo_car,
 )
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.commit import decode_commit
-from repo_stream.didkey import (
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.core.commit import decode_commit
+from repo_stream.crypto.didkey import (
     format_did_key,
     format_multikey,
     parse_did_key,
     parse_multikey,
 )
-from repo_stream.signature import CURVE_ORDERS, sign, verify
-from repo_stream.writer import encode_commit, encode_unsigned_commit, link
+from repo_stream.crypto.signature import CURVE_ORDERS, sign, verify
+from repo_stream.records.writer import encode_commit, encode_unsigned_commit, link
 
 from .conftest import sample_path
 

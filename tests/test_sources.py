@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from repo_stream import DriverBuilder, MemoryDriver, SourceError, TruncatedCarError, VarintError
-from repo_stream.writer import build_repo_car
+from repo_stream.records.writer import build_repo_car
 
 pytestmark = pytest.mark.anyio
 

@@ -6,8 +6,8 @@ import cbor2
 import pytest
 
 from repo_stream import CommitError, DriverBuilder, MemoryDriver
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.writer import build_mst, car_bytes, link
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.records.writer import build_mst, car_bytes, link
 
 from .helpers import DID, REV, record
 

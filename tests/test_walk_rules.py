@@ -1,9 +1,9 @@
 """Every MST walker rule, checked with small CARs built here, in memory and spilled to disk.
 
-Each rule of :mod:`repo_stream.walk` gets inputs that break it and must fail with exactly its
+Each rule of :mod:`repo_stream.core.walk` gets inputs that break it and must fail with exactly its
 error class (not a parent, not a sibling), both when the whole CAR is walked from memory and when
 a tiny memory limit forces it through the SQLite spill store. Valid trees, built by hand and by
-:func:`repo_stream.writer.build_repo_car`, must come out record for record.
+:func:`repo_stream.records.writer.build_repo_car`, must come out record for record.
 
 Nothing is read from disk: keys on a wanted MST layer are found by trying numbered rkeys.
 """
@@ -34,9 +34,9 @@ from repo_stream import (
     PrefixError,
     SubtreeLayerError,
 )
-from repo_stream.cid import dag_cbor_cid
-from repo_stream.mst import key_layer
-from repo_stream.writer import build_mst, build_repo_car, car_bytes, encode_commit, encode_node, link
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.core.mst import key_layer
+from repo_stream.records.writer import build_mst, build_repo_car, car_bytes, encode_commit, encode_node, link
 
 from .helpers import walk, walk_error
 

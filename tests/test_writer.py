@@ -22,10 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from repo_stream import DriverBuilder, InvalidKeyError, KeyOrderError, MemoryDriver
-from repo_stream.cid import dag_cbor_cid, to_cid
-from repo_stream.commit import decode_commit
-from repo_stream.mst import key_layer
-from repo_stream.writer import (
+from repo_stream.core.cid import dag_cbor_cid, to_cid
+from repo_stream.core.commit import decode_commit
+from repo_stream.core.mst import key_layer
+from repo_stream.records.writer import (
     ORDERS,
     build_mst,
     build_repo_car,

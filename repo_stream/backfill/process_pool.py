@@ -4,7 +4,7 @@ One Python process walks one repo at a time on one core: the C core holds the GI
 builds each chunk's items, and fetching, the checkpoint and the sinks are Python. To use more
 cores on one machine, :func:`repo_stream.backfill.backfill` with ``processes=N`` walks repos in
 ``N`` processes: this one and ``N - 1`` worker processes (fresh interpreters, ``python -m
-repo_stream.process_pool``). Each runs the same bounded executor (its own ``memory_workers``,
+repo_stream.backfill.worker``). Each runs the same bounded executor (its own ``memory_workers``,
 ``disk_workers``, fetch client and spill stores) over the sources it is handed; this process
 runs its own in process, beside what must be single: reading the sources, the checkpoint, and
 yielding the results. (A coordinator of its own would be one more interpreter, 30 MB and 0.2 s
@@ -54,6 +54,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -61,9 +62,12 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 
-from .backfill import BackfillResult
+from .results import BackfillResult
 
-__all__ = ["STOP_GRACE", "check_picklable", "run_in_processes"]
+__all__ = ["STOP_GRACE", "Executor", "check_picklable", "run_in_processes"]
+
+#: The in-process executor: ``executor(sources, **options)`` yields one result per source.
+Executor = Callable[..., AsyncGenerator[BackfillResult, None]]
 
 #: Seconds a worker process has to stop after it is sent a stop before it is killed.
 STOP_GRACE = 10.0
@@ -77,48 +81,6 @@ _STOP = False
 #: process is busy. On benchmarks/backfill.py's set three times over (``--list-times 3``: 3,000
 #: small repos) 16 took ``processes=2`` from 5.60 to 4.69 s (medians of 5; 4 and 8: ~4.9 s).
 _SLACK = 16
-
-
-def _worker_main(tasks: _Frames, results: int, options: dict[str, Any], early: list[Any]) -> None:
-    """A worker process: run the backfill over the sources received on ``tasks`` (``early``:
-    those already read with the options).
-
-    ``tasks`` carries sources, then ``None`` (no more), or :data:`_STOP` at any time. Sends on
-    the pipe ``results`` ``("result", BackfillResult)`` per source, then ``("done", None)``;
-    ``("failed", message)`` if the executor itself fails. If the parent is gone (its pipe ends),
-    it finishes the repos it holds and exits.
-    """
-    from .backfill import backfill
-
-    async def run() -> None:
-        sources_send, sources = anyio.create_memory_object_stream[str](math.inf)  # the parent's window bounds it
-        async with anyio.create_task_group() as tg:
-
-            async def read_tasks() -> None:
-                async with sources_send:
-                    messages: list[Any] | None = early
-                    while messages is not None:  # None: the parent is gone
-                        for message in messages:
-                            if message is None:
-                                return
-                            if message is _STOP:
-                                tg.cancel_scope.cancel()
-                                return
-                            sources_send.send_nowait(message)  # unbounded: the parent's window bounds it
-                        await anyio.wait_readable(tasks.fd)
-                        messages = tasks.read()
-
-            tg.start_soon(read_tasks)
-            async with aclosing(backfill(sources, **options)) as run:
-                async for result in run:
-                    _write(results, _message(("result", result)))
-
-    try:
-        anyio.run(run)
-        message: tuple[str, str | None] = ("done", None)
-    except BaseException as exc:
-        message = ("failed", f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no detail'}")
-    _write(results, _message(message))
 
 
 class _Frames:
@@ -171,7 +133,7 @@ class _Room:
 class _Worker:
     """A worker process as this process sees it.
 
-    It is ``python -m repo_stream.process_pool TASKS_FD RESULTS_FD``, not a ``multiprocessing``
+    It is ``python -m repo_stream.backfill.worker TASKS_FD RESULTS_FD``, not a ``multiprocessing``
     child: nothing of the caller's ``__main__`` is run again in it (a script without an
     ``if __name__ == "__main__"`` guard works), and its standard streams stay the caller's.
     It gets this process's ``sys.path`` first, then the options, on its tasks pipe.
@@ -186,7 +148,7 @@ class _Worker:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "repo_stream.process_pool", str(tasks_r), str(results_w)],
+                [sys.executable, "-m", "repo_stream.backfill.worker", str(tasks_r), str(results_w)],
                 pass_fds=(tasks_r, results_w),
                 stdin=subprocess.DEVNULL,
             )
@@ -281,6 +243,7 @@ async def run_in_processes(
     options: dict[str, Any],
     processes: int,
     window: int,
+    executor: Executor,
 ) -> None:
     """Run every source of ``todo`` in this process and ``processes - 1`` worker processes;
     send one result per source.
@@ -293,12 +256,13 @@ async def run_in_processes(
         processes: processes to walk repos in, this one included (>= 2).
         window: sources an executor's pipeline holds: this process's executor holds no more at
             once, a worker process :data:`_SLACK` more.
+        executor: the in-process executor this process runs its share with
+            (:func:`repo_stream.backfill.backfill`, passed in so that this module does not
+            import it; a worker process runs it through :mod:`repo_stream.backfill.worker`).
 
     Raises:
         ValueError: ``options`` cannot be pickled (a sink that cannot be sent to another process).
     """
-    from .backfill import backfill
-
     pickled = check_picklable(options)
     workers: list[_Worker] = []
     local = _Local()
@@ -319,8 +283,8 @@ async def run_in_processes(
                 for executor in executors:
                     executor.end()
 
-            async def run_local() -> None:
-                async with aclosing(backfill(local.sources, **options)) as run:
+            async def walk_here() -> None:
+                async with aclosing(executor(local.sources, **options)) as run:
                     async for result in run:
                         local.held.remove(result.source)
                         room.changed()
@@ -342,7 +306,7 @@ async def run_in_processes(
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(hand_out)
-                tg.start_soon(run_local)
+                tg.start_soon(walk_here)
                 for worker in workers:
                     tg.start_soon(collect, worker)
     finally:
@@ -410,49 +374,3 @@ def _stop(workers: list[_Worker]) -> None:
         for fd in (worker.tasks, worker.results.fd):
             os.close(fd)
         worker.tasks = worker.results.fd = -1
-
-
-def _import_http_stack() -> None:
-    """Import httpx and httpcore without the optional parts a worker never uses.
-
-    A worker runs on asyncio and has no command line, but httpcore imports trio whenever it is
-    installed (to run under trio too: ~70 ms of the worker's start-up) and httpx imports click,
-    rich and pygments for its command line (~20 ms). Both are hidden while httpx and httpcore
-    import (``import trio`` raises ImportError), then shown again: a sink may import them.
-    """
-    hidden = [name for name in ("trio", "click") if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None  # type: ignore[assignment]  # makes `import name` raise ImportError
-    try:
-        import httpcore  # noqa: F401
-        import httpx  # noqa: F401
-    finally:
-        for name in hidden:
-            del sys.modules[name]
-
-
-def _main(argv: list[str]) -> None:
-    """A worker process's entry: ``python -m repo_stream.process_pool TASKS_FD RESULTS_FD``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the parent, which stops this one
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked by the parent until now
-    tasks = _Frames(int(argv[1]))
-    results = int(argv[2])
-    try:
-        received: list[Any] = []
-        while len(received) < 2:  # sys.path, then the options (still pickled), and maybe sources
-            messages = tasks.read()
-            if messages is None:
-                raise EOFError("the parent process is gone")
-            received += messages
-        path, options, *early = received
-        sys.path[:] = path
-        _import_http_stack()
-        options = pickle.loads(options)  # with the caller's sys.path: the sink's class may be the caller's
-    except BaseException as exc:  # e.g. a sink whose class this process cannot import
-        _write(results, _message(("failed", f"cannot read its options: {type(exc).__name__}: {' '.join(str(exc).split())}")))
-        return
-    _worker_main(tasks, results, options, early)
-
-
-if __name__ == "__main__":
-    _main(sys.argv)

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from multiformats import multibase, multicodec
 
-from .errors import SignatureError
+from ..errors import SignatureError
 
 __all__ = ["CURVES", "PublicKey", "format_did_key", "format_multikey", "parse_did_key", "parse_multikey"]
 

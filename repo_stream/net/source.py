@@ -2,14 +2,14 @@
 
 SOURCE is a file path, ``-`` (standard input), an ``http(s)://`` URL (e.g. a PDS's
 ``/xrpc/com.atproto.sync.getRepo?did=DID``), a DID, a handle, or an ``at://`` URI. Names are
-resolved to the account's PDS with :mod:`repo_stream.identity` and fetched with
-:mod:`repo_stream.fetch`; those modules (and httpx and dnspython) are imported only when a source
+resolved to the account's PDS with :mod:`repo_stream.net.identity` and fetched with
+:mod:`repo_stream.net.fetch`; those modules (and httpx and dnspython) are imported only when a source
 needs them, so opening a local file stays quick to start.
 
 Example::
 
     from repo_stream import DriverBuilder
-    from repo_stream.source import open_source
+    from repo_stream.net.source import open_source
 
     async with open_source("alice.example.com") as opened:   # or a path, "-", a URL, a DID...
         driver = await DriverBuilder().load_car(opened.source)  # read inside the block
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from .errors import IdentityError, SourceError
+from ..errors import IdentityError, SourceError
 
 if TYPE_CHECKING:
     import dns.asyncresolver
@@ -77,7 +77,7 @@ class OpenedSource:
 
     Attributes:
         source: what to pass to ``DriverBuilder.load_car``: an anyio ``AsyncFile`` (path, stdin)
-            or a :class:`repo_stream.fetch.CarStream` (url, did, handle).
+            or a :class:`repo_stream.net.fetch.CarStream` (url, did, handle).
         kind: ``"path"``, ``"stdin"``, ``"url"``, ``"did"`` or ``"handle"``.
         name: the SOURCE string as given.
         did: the DID whose repo is expected (from the DID, handle or ``at://`` URI, or a getRepo
@@ -85,7 +85,7 @@ class OpenedSource:
         url: the URL fetched, or None.
         size: the CAR's size in bytes when known (a regular file's size, or Content-Length).
         identity: the resolved identity (DID and handle sources), else None.
-        stream: the :class:`repo_stream.fetch.CarStream` for HTTP sources, else None.
+        stream: the :class:`repo_stream.net.fetch.CarStream` for HTTP sources, else None.
     """
 
     source: Any
@@ -130,9 +130,9 @@ async def open_source(
     - a file path: opened with anyio; ``-``: standard input (``stdin`` if given, a binary file,
       else ``sys.stdin.buffer``; not closed);
     - an ``http://`` or ``https://`` URL, e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``:
-      fetched with :func:`repo_stream.fetch.fetch_car`;
+      fetched with :func:`repo_stream.net.fetch.fetch_car`;
     - a DID, handle, ``@handle`` or ``at://`` URI: resolved with
-      :func:`repo_stream.identity.resolve_identity` (handles verified both ways) to the PDS of
+      :func:`repo_stream.net.identity.resolve_identity` (handles verified both ways) to the PDS of
       its DID document, then ``{pds}/xrpc/com.atproto.sync.getRepo?did={did}`` is fetched.
 
     Read the CAR inside the ``async with`` block: the file or response is closed on exit.
@@ -143,14 +143,14 @@ async def open_source(
         client: the HTTP client for resolution and fetching (default: a new one, closed on exit).
         dns_resolver: DNS resolver for handles (default: the system's).
         identity_timeout: seconds for each identity lookup (None: 10).
-        options: the fetch's timeouts, size cap and retries (:class:`repo_stream.fetch.FetchOptions`).
+        options: the fetch's timeouts, size cap and retries (:class:`repo_stream.net.fetch.FetchOptions`).
         stdin: the binary file to read for ``-``.
 
     Raises:
         SourceError: a path that cannot be opened (missing, a directory, no permission).
         IdentityError: a malformed DID, handle or at:// URI (or a bad ``did`` parameter in a
             getRepo URL), resolution failing, or a DID document with no ``#atproto_pds``.
-        FetchError: as :func:`repo_stream.fetch.fetch_car` (an invalid URL too).
+        FetchError: as :func:`repo_stream.net.fetch.fetch_car` (an invalid URL too).
     """
     kind = classify_source(source)
     if kind == "stdin":
@@ -210,7 +210,7 @@ def _did_parameter(url: str) -> str | None:
     """The ``did`` query parameter of a getRepo URL, checked for DID syntax; None for other URLs."""
     import httpx
 
-    from .errors import FetchError
+    from ..errors import FetchError
     from .identity import is_valid_did
 
     try:

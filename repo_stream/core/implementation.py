@@ -2,7 +2,7 @@
 
 The hot path is three pieces behind one seam: the sans-IO CAR parser, the in-memory block table
 and the MST walker. :mod:`repo_stream._native` (C, built by ``pip install .``) implements all
-three; :mod:`repo_stream.car`, :mod:`repo_stream.blocks` and :mod:`repo_stream.walk` are the
+three; :mod:`repo_stream.core.car`, :mod:`repo_stream.core.blocks` and :mod:`repo_stream.core.walk` are the
 readable reference and the fallback where the extension is not built. Both give the same records
 and the same errors.
 
@@ -25,9 +25,9 @@ __all__ = ["IMPLEMENTATION", "Backend", "available", "backend", "trim_memory", "
 class Backend:
     """One implementation's classes: ``CarParser(max_block_size, verify_cids)``,
     ``BlockTable(root, process, encode)`` and ``Walker(root, nodes, values, *, max_depth, strict,
-    record_cids)``, with the methods of :class:`repo_stream.car.CarParser`,
-    :class:`repo_stream.blocks.MemoryBlocks` and :class:`repo_stream.walk.Walker`; and the spill
-    store's sorted runs, :func:`repo_stream.runs.pack_run` and ``RunMerge`` (whose ``index()``
+    record_cids)``, with the methods of :class:`repo_stream.core.car.CarParser`,
+    :class:`repo_stream.core.blocks.MemoryBlocks` and :class:`repo_stream.core.walk.Walker`; and the spill
+    store's sorted runs, :func:`repo_stream.core.runs.pack_run` and ``RunMerge`` (whose ``index()``
     gives a ``RunIndex``), the same bytes from both."""
 
     name: str
@@ -41,7 +41,7 @@ class Backend:
 PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker, runs.pack_run, runs.RunMerge)
 C: Backend | None
 try:
-    from . import _native
+    from .. import _native
 except ImportError:  # not built: the reference runs
     C = None
 else:

@@ -16,7 +16,7 @@ install of a few MB, a local process cluster that starts in about a second and f
 Example (a real cluster: ``dask scheduler`` on one host, ``dask worker tcp://HOST:8786
 --nthreads 1`` on each machine)::
 
-    from repo_stream.cluster import backfill_on_dask
+    from repo_stream.backfill.cluster import backfill_on_dask
 
     for result in backfill_on_dask(dids, scheduler="tcp://HOST:8786", checkpoint="run.db",
                                    memory_workers=2, mem_limit_mb=64):
@@ -34,7 +34,9 @@ from typing import Any
 
 import anyio
 
-from .backfill import BackfillResult, Checkpoint, backfill, is_done
+from .checkpoint import Checkpoint, is_done
+from .executor import backfill
+from .results import BackfillResult
 
 __all__ = ["backfill_on_dask", "run_shard"]
 

@@ -2,7 +2,7 @@
 
 :func:`generate_records` yields ``(key, record_block)`` pairs shaped like a real Bluesky account;
 :func:`generate_repo_car` writes them as a canonical repo CAR with
-:func:`repo_stream.writer.build_repo_car`; :func:`generate_cached` does that once per
+:func:`repo_stream.records.writer.build_repo_car`; :func:`generate_cached` does that once per
 ``(n, order, seed, profile)`` into a cache folder and returns the file's path.
 
 Determinism: everything random comes from one ``random.Random(seed)`` owned by the call (no global
@@ -76,7 +76,7 @@ from typing import Any
 
 import cbor2
 
-from .commit import Commit
+from ..core.commit import Commit
 from .writer import ORDERS, build_repo_car
 
 __all__ = [
@@ -645,7 +645,7 @@ def generate_repo_car(
 
     Args:
         path: a filesystem path (``str`` / ``PathLike``; created or truncated) or a binary file
-            object with ``.write`` (left open), as for :func:`~repo_stream.writer.build_repo_car`.
+            object with ``.write`` (left open), as for :func:`~repo_stream.records.writer.build_repo_car`.
         n: the number of records, ``int >= 0``.
         seed: the generator seed; also the block-shuffle seed when ``order="shuffled"``.
         order: ``"preorder"``, ``"shuffled"`` or ``"reverse"`` (see ``build_repo_car``).
@@ -653,7 +653,7 @@ def generate_repo_car(
         profile: the record mix, ``"default"`` or ``"small"`` (see :data:`PROFILES`).
 
     Returns:
-        The written :class:`~repo_stream.commit.Commit` (``rev`` is :func:`repo_rev` of ``seed``,
+        The written :class:`~repo_stream.core.commit.Commit` (``rev`` is :func:`repo_rev` of ``seed``,
         unsigned: ``sig`` is empty).
 
     The same arguments always give a byte-identical file. Writing streams the records through a

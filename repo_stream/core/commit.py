@@ -11,7 +11,7 @@ the raw block in :attr:`Commit.block`, and :meth:`Commit.verify_signature` re-en
 dataclass's five fields together with the block's extra fields (if any): a commit whose extra
 fields were added or changed after signing does not verify, and neither does one whose
 dataclass fields were changed (``dataclasses.replace``). Without extra fields the unsigned
-bytes are exactly :func:`repo_stream.writer.encode_unsigned_commit` of the fields.
+bytes are exactly :func:`encode_unsigned_commit` of the fields.
 """
 
 from __future__ import annotations
@@ -19,19 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+import cbor2
+
+from ..errors import CommitError, SignatureError
 from .cid import cid_str, dag_cbor_cid, is_plain_cid, to_cid
 from .dagcbor import DagCborError, StrictDecoder, link_cid
-from .errors import CommitError, SignatureError
 
 if TYPE_CHECKING:  # imported when used: multiformats, cryptography and cbrrr cost ~0.15 s at start-up
     from multiformats import CID
 
-    from .didkey import PublicKey
+    from ..crypto.didkey import PublicKey
 
 #: The fields of a v3 commit.
 COMMIT_FIELDS: Final = frozenset({"did", "version", "data", "rev", "prev", "sig"})
 
-__all__ = ["COMMIT_FIELDS", "Commit", "decode_commit"]
+__all__ = ["COMMIT_FIELDS", "Commit", "decode_commit", "encode_commit", "encode_unsigned_commit"]
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,6 @@ class Commit:
     def cid(self) -> CID:
         """The commit's CID (dag-cbor, sha2-256) computed from :attr:`block`, or from the
         fields encoded canonically when there is no block."""
-        from .writer import encode_commit
-
         block = self.block or encode_commit(self.did, self.data_bytes, self.rev, self._prev_bytes(), self.sig, self.version)
         return to_cid(dag_cbor_cid(block))
 
@@ -114,8 +114,6 @@ class Commit:
 
         Spec: atproto repository, "Commit Objects"; atproto cryptography.
         """
-        from .writer import encode_unsigned_commit
-
         if self.block:
             try:
                 import cbrrr
@@ -154,8 +152,8 @@ class Commit:
         Spec: atproto repository, "Commit Objects"; atproto cryptography (ECDSA over SHA-256,
         low-S, compact signatures).
         """
-        from .didkey import parse_did_key
-        from .signature import verify
+        from ..crypto.didkey import parse_did_key
+        from ..crypto.signature import verify
 
         where = f"commit {self.cid} of {self.did}"
         if isinstance(key, str):
@@ -235,3 +233,58 @@ def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Co
     except Exception as exc:
         raise CommitError(f"{where}: {exc}") from exc
     return commit, data
+
+
+def _commit_map(did: str, data_cid: bytes, rev: str, prev: bytes | None, version: int) -> dict[str, Any]:
+    return {
+        "did": did,
+        "version": version,
+        "data": cbor2.CBORTag(42, b"\x00" + bytes(data_cid)),
+        "rev": rev,
+        "prev": None if prev is None else cbor2.CBORTag(42, b"\x00" + bytes(prev)),
+    }
+
+
+def encode_unsigned_commit(did: str, data_cid: bytes, rev: str, prev: bytes | None = None, version: int = 3) -> bytes:
+    """Encode the unsigned commit ``{did, version, data, rev, prev}`` (no ``sig`` field).
+
+    These are the bytes an atproto signing key signs (sha-256 then ECDSA, low-S).
+
+    Args:
+        did: the account DID string (not checked).
+        data_cid: raw CID of the MST root node.
+        rev: the revision string, normally a TID (not checked).
+        prev: raw CID of the previous commit, or ``None`` (encoded as null).
+        version: the ``version`` field; any value is encoded as given.
+
+    Returns:
+        Canonical DAG-CBOR bytes, keys in the order did, rev, data, prev, version.
+
+    Spec: atproto repository, "Commit Objects".
+    """
+    return cbor2.dumps(_commit_map(did, data_cid, rev, prev, version), canonical=True)
+
+
+def encode_commit(
+    did: str, data_cid: bytes, rev: str, prev: bytes | None = None, sig: bytes = b"", version: int = 3
+) -> bytes:
+    """Encode a signed commit ``{did, version, data, rev, prev, sig}`` in canonical DAG-CBOR.
+
+    No validation: any ``version``, an empty or bogus ``sig``, any strings are encoded as given.
+
+    Args:
+        did: the account DID string.
+        data_cid: raw CID of the MST root node (written as a link).
+        rev: the revision string.
+        prev: raw CID of the previous commit, or ``None`` (encoded as null).
+        sig: signature bytes (encoded as a CBOR byte string).
+        version: the ``version`` field, 3 for current repos.
+
+    Returns:
+        The commit block bytes, keys in the order did, rev, sig, data, prev, version.
+
+    Spec: atproto repository, "Commit Objects".
+    """
+    obj = _commit_map(did, data_cid, rev, prev, version)
+    obj["sig"] = bytes(sig)
+    return cbor2.dumps(obj, canonical=True)

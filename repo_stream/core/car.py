@@ -20,14 +20,14 @@ from typing import Any, Protocol, runtime_checkable
 import anyio
 import cbor2
 
-from . import messages
-from .cid import DAG_CBOR_SHA256_PREFIX
-from .dagcbor import DagCborError, StrictDecoder
-from .errors import (
+from ..errors import (
     CarHeaderError,
     SourceError,
     VarintError,
 )
+from . import messages
+from .cid import DAG_CBOR_SHA256_PREFIX
+from .dagcbor import DagCborError, StrictDecoder
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_SIZE",

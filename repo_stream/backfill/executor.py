@@ -1,6 +1,6 @@
 """Backfill many repos at once: a bounded executor with memory workers and a disk-worker queue.
 
-:func:`backfill` takes repo sources (anything :func:`repo_stream.source.open_source` opens: DIDs,
+:func:`backfill` takes repo sources (anything :func:`repo_stream.net.source.open_source` opens: DIDs,
 handles, ``at://`` URIs, getRepo URLs, paths) and yields one :class:`BackfillResult` per source, in
 completion order. Inside, a pipeline of anyio tasks joined by bounded memory streams:
 
@@ -22,7 +22,7 @@ Peak memory is about ``(memory_workers + disk_queue_size) x mem_limit + disk_wor
 
 One process uses one core (the C core holds the GIL while it builds items, and the rest is
 Python): ``processes=N`` runs the executor in N processes, this one and N - 1 worker processes
-it feeds one source at a time (:mod:`repo_stream.process_pool`).
+it feeds one source at a time (:mod:`repo_stream.backfill.process_pool`).
 
 A :class:`Checkpoint` (an SQLite file) records every finished repo; a rerun with the same file
 yields the recorded results (``skipped=True``) without fetching those repos again, and
@@ -44,448 +44,38 @@ atproto.com/specs/repository.
 
 from __future__ import annotations
 
-import base64
-import json
 import math
 import os
-import sqlite3
-import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from contextlib import AsyncExitStack
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStream
 from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 
-from .commit import Commit
-from .disk import DiskBuilder, DiskStore
-from .drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, NeedDisk
-from .errors import FetchError, IdentityError, RepoStreamError, SignatureError, SourceError
+from ..core.commit import Commit
+from ..errors import FetchError, IdentityError, SignatureError, SourceError
+from ..read.drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, NeedDisk
+from ..spill.store import DiskBuilder, DiskStore
+from .checkpoint import Checkpoint, is_done
+from .results import BackfillResult, BackfillStats
+from .sinks import RepoSink
 
 if TYPE_CHECKING:
     import dns.asyncresolver
     import httpx
     from anyio.abc import TaskGroup
 
-    from .fetch import FetchOptions
-    from .source import OpenedSource
+    from ..net.fetch import FetchOptions
+    from ..net.source import OpenedSource
 
-__all__ = [
-    "BackfillResult",
-    "BackfillStats",
-    "Checkpoint",
-    "JsonlSink",
-    "RepoSink",
-    "backfill",
-    "host_sources",
-    "list_repos",
-    "read_repo_list",
-]
+__all__ = ["backfill"]
 
 _CHUNK = 1024  # records per next_chunk
 _BATCH = 256  # checkpoint rows per look-up or transaction
-
-
-@dataclass(frozen=True, slots=True)
-class BackfillResult:
-    """The outcome of one repo of a backfill.
-
-    Attributes:
-        source: the source string as given (DID, handle, URL, path...).
-        did: the commit's DID, or the DID asked for if the repo failed before its commit was
-            read, or None (a path or URL whose commit was never read).
-        rev: the commit's rev (a TID string), or None.
-        records: records walked (on failure: those walked before it).
-        record_bytes: the sum of the records' block lengths, bytes.
-        spilled: True if the repo went past ``mem_limit_mb`` and was finished by a disk worker.
-        seconds: wall time from opening the source to the last record (or the failure).
-        error: None on success, else one line saying what went wrong (the exception's class and
-            message, naming the DID, URL or CID).
-        skipped: True if this result was read back from the checkpoint rather than run now.
-    """
-
-    source: str
-    did: str | None
-    rev: str | None
-    records: int
-    record_bytes: int
-    spilled: bool
-    seconds: float
-    error: str | None
-    skipped: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when the repo was walked to its end without error."""
-        return self.error is None
-
-    def to_json(self) -> dict[str, Any]:
-        """The CLI's ``--json`` object: ``{"repo", "did", "rev", "records", "record_bytes",
-        "spilled", "seconds", "error", "skipped"}``."""
-        data = asdict(self)
-        data["repo"] = data.pop("source")
-        data["seconds"] = round(self.seconds, 6)
-        return {key: data[key] for key in ("repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped")}
-
-
-@dataclass
-class BackfillStats:
-    """Live counters of a run (pass one to :func:`backfill` as ``stats=`` to watch it).
-
-    Attributes:
-        inputs: sources read so far. done: results yielded. failed: results with an error.
-        skipped: results read back from the checkpoint. spilled: repos finished by disk workers.
-        records, record_bytes: totals over the results yielded (bytes).
-        in_memory: repos whose blocks are held in memory right now (loading, walking, or waiting
-            for or in the disk queue); in_memory_peak: its highest value.
-        disk_queue: NeedDisks waiting in the disk queue now; disk_queue_peak: its highest value;
-            disk_queue_size: the queue's bound.
-        started: ``time.monotonic()`` at the start.
-    """
-
-    inputs: int = 0
-    done: int = 0
-    failed: int = 0
-    skipped: int = 0
-    spilled: int = 0
-    records: int = 0
-    record_bytes: int = 0
-    in_memory: int = 0
-    in_memory_peak: int = 0
-    disk_queue: int = 0
-    disk_queue_peak: int = 0
-    disk_queue_size: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    def count(self, result: BackfillResult) -> None:
-        """Add one yielded result to the totals."""
-        self.done += 1
-        self.failed += result.error is not None
-        self.skipped += result.skipped
-        self.spilled += result.spilled and not result.skipped
-        if not result.skipped:
-            self.records += result.records
-            self.record_bytes += result.record_bytes
-
-    def _hold(self, n: int) -> None:
-        self.in_memory += n
-        self.in_memory_peak = max(self.in_memory_peak, self.in_memory)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sinks
-
-
-class RepoSink(Protocol):
-    """Receives each repo's records: an async callable ``sink(source, commit, items)``.
-
-    ``items`` is one chunk (a list) of ``(key, cid, value)`` tuples in key order: ``key`` the MST
-    key ``collection/rkey``, ``cid`` the record's CID (base32 str), ``value`` the record block's
-    raw DAG-CBOR bytes. A sink may also define ``async finish(source, commit, error)``, called
-    once per repo whose commit was read, after its last chunk, with ``error`` None on success or
-    the exception that ended the repo. A sink that raises fails that repo only.
-    """
-
-    def __call__(self, source: str, commit: Commit, items: list[Any]) -> Awaitable[None]: ...
-
-
-def bytes_value(block: bytes) -> Any:
-    """The raw block as ``{"$bytes": base64}`` (atproto's JSON form of bytes), for records that
-    need not be decoded."""
-    return {"$bytes": base64.b64encode(block).decode("ascii")}
-
-
-def json_value(block: bytes) -> Any:
-    """The default :class:`JsonlSink` value: the record in the atproto JSON form, as ``dump``
-    writes it (:func:`repo_stream.records.record_json`)."""
-    from .records import record_json
-
-    return record_json(block)
-
-
-class JsonlSink:
-    """Writes each repo's records to ``DIR/<did>.jsonl``: one ``{"key", "cid", "value"}`` object a
-    line, in key order.
-
-    ``value`` converts the record block's bytes to a JSON value (default :func:`json_value`, the
-    ``dump`` format; :func:`bytes_value` keeps the raw block).
-    A repo is written to ``<did>.jsonl.part`` and renamed when complete; a repo that fails leaves
-    no file. Picklable (it holds only the folder and the converter), so cluster workers can use it.
-    """
-
-    def __init__(self, directory: str | os.PathLike[str], value: Callable[[bytes], Any] = json_value) -> None:
-        self.directory = os.fspath(directory)
-        self.value = value
-        self._files: dict[tuple[str, str], Any] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory, "value": self.value}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["directory"], state["value"])  # type: ignore[misc]
-
-    def path(self, did: str) -> str:
-        """The output path of ``did``'s records."""
-        return os.path.join(self.directory, did.replace("/", "_") + ".jsonl")
-
-    async def __call__(self, source: str, commit: Commit, items: list[Any]) -> None:
-        key = (source, commit.did)
-        file = self._files.get(key)
-        if file is None:
-            os.makedirs(self.directory, exist_ok=True)
-            file = self._files[key] = await anyio.open_file(self.path(commit.did) + ".part", "w", encoding="utf-8")
-        value = self.value
-        text = "".join(json.dumps({"key": k, "cid": c, "value": value(v)}, separators=(",", ":")) + "\n" for k, c, v in items)
-        await file.write(text)
-
-    async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
-        """Close the repo's file: rename it into place on success, remove it on failure."""
-        file = self._files.pop((source, commit.did), None)
-        path = self.path(commit.did)
-        if file is None:  # an empty repo: no chunk came
-            if error is None:
-                os.makedirs(self.directory, exist_ok=True)
-                await anyio.Path(path).write_text("")
-            return
-        with anyio.CancelScope(shield=True):
-            await file.aclose()
-        if error is None:
-            os.replace(path + ".part", path)
-        else:
-            try:
-                os.unlink(path + ".part")
-            except FileNotFoundError:
-                pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Where repos come from
-
-
-async def read_repo_list(path: str, *, stdin: Any = None) -> AsyncIterator[str]:
-    """Yield the identifiers of a file, one a line (``-``: standard input, or the text file
-    ``stdin``); blank lines and lines starting with ``#`` are skipped, spaces trimmed.
-
-    Raises:
-        OSError: the file cannot be opened or read.
-    """
-    if path == "-":
-        lines: Any = anyio.wrap_file(stdin if stdin is not None else sys.stdin)
-        async for line in lines:
-            name = line.strip()
-            if name and not name.startswith("#"):
-                yield name
-        return
-    async with await anyio.open_file(path, "r", encoding="utf-8") as file:
-        async for line in file:
-            name = line.strip()
-            if name and not name.startswith("#"):
-                yield name
-
-
-async def list_repos(
-    host: str,
-    *,
-    client: httpx.AsyncClient | None = None,
-    page_size: int = 1000,
-    timeout: float = 30.0,
-    include_inactive: bool = False,
-) -> AsyncIterator[str]:
-    """Yield the DID of every repo a PDS or relay hosts, from ``com.atproto.sync.listRepos``,
-    page by page (following ``cursor`` until a page comes back without one or empty).
-
-    Repos listed with ``"active": false`` are left out unless ``include_inactive`` (their getRepo
-    fails by spec). Pages are fetched one at a time, as the consumer needs them.
-
-    Args:
-        host: the host's base URL, e.g. ``https://pds.example.com``.
-        client: the HTTP client (default: a new one, closed at the end).
-        page_size: the ``limit`` asked per page (1..1000).
-        timeout: seconds allowed per page.
-
-    Raises:
-        FetchError: a page fails (status, connection, timeout, not JSON, wrong shape); the message
-            names the URL and cursor.
-
-    Spec: atproto.com/specs/sync ("com.atproto.sync.listRepos"), lexicon ``com.atproto.sync.listRepos``.
-    """
-    import httpx
-
-    from .identity import _client_scope
-
-    base = host.rstrip("/") + "/xrpc/com.atproto.sync.listRepos"
-    cursor: str | None = None
-    async with _client_scope(client) as http:
-        while True:
-            params: dict[str, str | int] = {"limit": page_size}
-            if cursor is not None:
-                params["cursor"] = cursor
-            where = f"listRepos {base}" + (f" (cursor {cursor!r})" if cursor is not None else "")
-            try:
-                response = await http.get(base, params=params, timeout=timeout, follow_redirects=True)
-            except httpx.HTTPError as exc:
-                raise FetchError(f"{where}: {type(exc).__name__}: {exc or 'no detail'}", url=base) from exc
-            if response.status_code != 200:
-                snippet = " ".join(response.text.split())[:200]
-                raise FetchError(f"{where}: HTTP {response.status_code}: {snippet}", url=base, status=response.status_code)
-            try:
-                page = response.json()
-            except ValueError:
-                raise FetchError(f"{where}: the answer is not JSON", url=base, status=200) from None
-            repos = page.get("repos") if isinstance(page, dict) else None
-            if not isinstance(repos, list):
-                raise FetchError(f"{where}: the answer has no 'repos' list", url=base, status=200)
-            for repo in repos:
-                if not isinstance(repo, dict) or not isinstance(repo.get("did"), str):
-                    raise FetchError(f"{where}: a 'repos' entry has no 'did' string: {str(repo)[:100]}", url=base, status=200)
-                if include_inactive or repo.get("active", True) is not False:
-                    yield repo["did"]
-            next_cursor = page.get("cursor")
-            if not repos or not isinstance(next_cursor, str) or not next_cursor or next_cursor == cursor:
-                return
-            cursor = next_cursor
-
-
-async def host_sources(host: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000) -> AsyncIterator[str]:
-    """Every active repo of ``host`` (:func:`list_repos`) as its getRepo URL on that host
-    (``{host}/xrpc/com.atproto.sync.getRepo?did=DID``), so repos are fetched from the host
-    itself with no identity look-ups, and each commit's DID is still checked."""
-    from .fetch import repo_url
-
-    async for did in list_repos(host, client=client, page_size=page_size):
-        yield repo_url(host, did)
-
-
-# ---------------------------------------------------------------------------------------------
-# The checkpoint
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS repos (
-    source TEXT PRIMARY KEY,
-    did TEXT,
-    rev TEXT,
-    outcome TEXT NOT NULL,          -- 'ok' or 'error'
-    error TEXT,
-    records INTEGER NOT NULL,
-    record_bytes INTEGER NOT NULL,
-    spilled INTEGER NOT NULL,
-    seconds REAL NOT NULL,
-    finished_at REAL NOT NULL       -- Unix time, seconds
-)
-"""
-
-
-class Checkpoint:
-    """An SQLite file recording each finished repo of a backfill: source, DID, rev, outcome
-    (``ok`` or ``error``), error, figures and the time it finished.
-
-    Rows are keyed by source string; recording a source again replaces its row. The database is
-    in WAL mode with ``synchronous=NORMAL``: a recorded batch survives the process being killed.
-    The ``*_sync`` methods block (use them from threads or synchronous code); the async ones run
-    them in a worker thread, one at a time.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Open (creating if needed) the checkpoint at ``path``.
-
-        Raises:
-            RepoStreamError: SQLite cannot open it or it is not a checkpoint.
-        """
-        self.path = os.fspath(path)
-        try:
-            self._conn: sqlite3.Connection | None = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=10000")
-            self._conn.execute(_SCHEMA)
-        except sqlite3.Error as exc:
-            raise RepoStreamError(f"checkpoint {self.path}: {exc}") from exc
-        self._limiter = anyio.CapacityLimiter(1)
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RepoStreamError(f"checkpoint {self.path} is closed")
-        return self._conn
-
-    def lookup_sync(self, sources: list[str]) -> dict[str, BackfillResult]:
-        """The recorded results of those of ``sources`` that have one (``skipped=True``)."""
-        found: dict[str, BackfillResult] = {}
-        db = self._db()
-        unique = list(dict.fromkeys(sources))
-        try:
-            for start in range(0, len(unique), 500):
-                part = unique[start : start + 500]
-                rows = db.execute(
-                    "SELECT source, did, rev, error, records, record_bytes, spilled, seconds, outcome FROM repos "
-                    f"WHERE source IN ({', '.join('?' * len(part))})",
-                    part,
-                ).fetchall()
-                for source, did, rev, error, records, record_bytes, spilled, seconds, outcome in rows:
-                    if outcome != "ok" and error is None:
-                        error = f"recorded as {outcome!r}"
-                    found[source] = BackfillResult(source, did, rev, records, record_bytes, bool(spilled), seconds, error, skipped=True)
-        except sqlite3.Error as exc:
-            raise RepoStreamError(f"checkpoint {self.path}: {exc}") from exc
-        return found
-
-    def record_sync(self, results: Iterable[BackfillResult]) -> None:
-        """Record finished repos in one transaction (results with ``skipped`` are ignored)."""
-        now = time.time()
-        rows = [
-            (r.source, r.did, r.rev, "ok" if r.error is None else "error", r.error, r.records, r.record_bytes, int(r.spilled), r.seconds, now)
-            for r in results
-            if not r.skipped
-        ]
-        if not rows:
-            return
-        db = self._db()
-        try:
-            db.execute("BEGIN")
-            try:
-                db.executemany("INSERT OR REPLACE INTO repos VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise RepoStreamError(f"checkpoint {self.path}: {exc}") from exc
-
-    def counts_sync(self) -> dict[str, int]:
-        """Recorded repos per outcome, e.g. ``{"ok": 980, "error": 20}``."""
-        return dict(self._db().execute("SELECT outcome, count(*) FROM repos GROUP BY outcome").fetchall())
-
-    def close_sync(self) -> None:
-        """Close the database (safe to call twice)."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
-
-    async def lookup(self, sources: list[str]) -> dict[str, BackfillResult]:
-        """:meth:`lookup_sync` in a worker thread."""
-        return await anyio.to_thread.run_sync(self.lookup_sync, sources, limiter=self._limiter)
-
-    async def record(self, results: list[BackfillResult]) -> None:
-        """:meth:`record_sync` in a worker thread; finishes even if cancelled meanwhile."""
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self.record_sync, results, limiter=self._limiter)
-
-    async def close(self) -> None:
-        """:meth:`close_sync` in a worker thread."""
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self.close_sync, limiter=self._limiter)
-
-
-def is_done(result: BackfillResult | None, retry_failed: bool) -> bool:
-    """Whether a recorded result means the repo should not run again."""
-    return result is not None and (result.error is None or not retry_failed)
-
-
-# ---------------------------------------------------------------------------------------------
-# The executor
 
 
 def _describe(exc: BaseException) -> str:
@@ -596,7 +186,7 @@ class _Run:
         if opened.signing_key is not None:
             return opened.signing_key
         if did not in self.keys:
-            from .identity import DEFAULT_PLC_URL, parse_did_document, resolve_did
+            from ..net.identity import DEFAULT_PLC_URL, parse_did_document, resolve_did
 
             document = await resolve_did(did, client=self.http, plc_url=self.o["plc_url"] or DEFAULT_PLC_URL)
             self.keys[did] = parse_did_document(did, document).signing_key
@@ -662,7 +252,7 @@ class _Run:
                         await todo.send(source)
 
     async def opener(self, todo: ObjectReceiveStream[str], opened: ObjectSendStream[_Job], results: ObjectSendStream[BackfillResult]) -> None:
-        from .source import open_source
+        from ..net.source import open_source
 
         o = self.o
         async with todo, opened, results:
@@ -845,14 +435,14 @@ async def backfill(
         checkpoint: an SQLite file path (or an open :class:`Checkpoint`) recording finished
             repos; sources recorded there are not run again but yielded from it (``skipped``).
         retry_failed: run sources recorded as failed again.
-        plc_url, client, dns_resolver, fetch_options: as for :func:`repo_stream.source.open_source`
+        plc_url, client, dns_resolver, fetch_options: as for :func:`repo_stream.net.source.open_source`
             (one client is shared by the whole run; by default a new one, closed at the end).
         stats: a :class:`BackfillStats` to update as the run goes (for progress displays).
         processes: with more than 1, the repos run in that many processes: this one and
             ``processes - 1`` worker processes, each with the executor above (its own
             ``memory_workers``, ``disk_workers`` and fetch client), handed one source at a time
             by this process, which alone reads ``sources``, keeps the checkpoint and yields the
-            results (see :mod:`repo_stream.process_pool`). The sink must then be picklable (the
+            results (see :mod:`repo_stream.backfill.process_pool`). The sink must then be picklable (the
             worker processes call copies of it, this process the sink itself), ``client`` and
             ``dns_resolver`` are not allowed, and ``stats`` counts results only (not the repos
             held or the disk queue).
@@ -897,7 +487,7 @@ async def backfill(
         if client is None and processes == 1:
             import httpx
 
-            from .identity import _USER_AGENT, _ssl_context
+            from ..net.identity import _USER_AGENT, _ssl_context
 
             client = await stack.enter_async_context(
                 httpx.AsyncClient(
@@ -933,7 +523,7 @@ async def backfill(
                     from .process_pool import run_in_processes
 
                     window = concurrency + memory_workers + disk_queue_size + disk_workers + 1
-                    tg.start_soon(run_in_processes, todo, results_send, worker_options, processes, window)
+                    tg.start_soon(run_in_processes, todo, results_send, worker_options, processes, window, backfill)
                 else:
                     await run.start_workers(tg, todo, results_send, concurrency, memory_workers, disk_workers, disk_queue_size)
                 async with out:
@@ -950,3 +540,4 @@ async def backfill(
             await run.cleanup()
         if run.feed_error is not None:
             raise run.feed_error
+

@@ -5,7 +5,7 @@ reader must accept (:func:`build_repo_car`) and to hand-craft hostile ones (:fun
 :func:`encode_commit`, :func:`write_car`, ...). Nothing here validates more than it says: the
 low-level helpers encode whatever they are given.
 
-CIDs are raw ``bytes`` throughout (see :mod:`repo_stream.cid`); blocks are DAG-CBOR ``bytes``.
+CIDs are raw ``bytes`` throughout (see :mod:`repo_stream.core.cid`); blocks are DAG-CBOR ``bytes``.
 
 Specs:
 
@@ -35,10 +35,10 @@ from typing import Any
 
 import cbor2
 
-from .cid import dag_cbor_cid, to_cid
-from .commit import Commit
-from .errors import InvalidKeyError, KeyOrderError
-from .mst import is_valid_key, key_layer
+from ..core.cid import dag_cbor_cid, to_cid
+from ..core.commit import Commit, encode_commit, encode_unsigned_commit
+from ..core.mst import is_valid_key, key_layer
+from ..errors import InvalidKeyError, KeyOrderError
 
 __all__ = [
     "ORDERS",
@@ -148,7 +148,7 @@ def encode_node(left: bytes | None, entries: Iterable[tuple[int, bytes, bytes, b
             the right subtree's raw CID or ``None``.
 
     Returns:
-        The node block bytes; its CID is :func:`repo_stream.cid.dag_cbor_cid` of them.
+        The node block bytes; its CID is :func:`repo_stream.core.cid.dag_cbor_cid` of them.
 
     Spec: atproto repository, "MST Structure" (node and entry fields).
     """
@@ -170,61 +170,6 @@ def encode_node(left: bytes | None, entries: Iterable[tuple[int, bytes, bytes, b
     out.append(b"\x61l")
     out.append(b"\xf6" if left is None else _link_bytes(bytes(left)))
     return b"".join(out)
-
-
-def _commit_map(did: str, data_cid: bytes, rev: str, prev: bytes | None, version: int) -> dict[str, Any]:
-    return {
-        "did": did,
-        "version": version,
-        "data": link(data_cid),
-        "rev": rev,
-        "prev": None if prev is None else link(prev),
-    }
-
-
-def encode_unsigned_commit(did: str, data_cid: bytes, rev: str, prev: bytes | None = None, version: int = 3) -> bytes:
-    """Encode the unsigned commit ``{did, version, data, rev, prev}`` (no ``sig`` field).
-
-    These are the bytes an atproto signing key signs (sha-256 then ECDSA, low-S).
-
-    Args:
-        did: the account DID string (not checked).
-        data_cid: raw CID of the MST root node.
-        rev: the revision string, normally a TID (not checked).
-        prev: raw CID of the previous commit, or ``None`` (encoded as null).
-        version: the ``version`` field; any value is encoded as given.
-
-    Returns:
-        Canonical DAG-CBOR bytes, keys in the order did, rev, data, prev, version.
-
-    Spec: atproto repository, "Commit Objects".
-    """
-    return cbor2.dumps(_commit_map(did, data_cid, rev, prev, version), canonical=True)
-
-
-def encode_commit(
-    did: str, data_cid: bytes, rev: str, prev: bytes | None = None, sig: bytes = b"", version: int = 3
-) -> bytes:
-    """Encode a signed commit ``{did, version, data, rev, prev, sig}`` in canonical DAG-CBOR.
-
-    No validation: any ``version``, an empty or bogus ``sig``, any strings are encoded as given.
-
-    Args:
-        did: the account DID string.
-        data_cid: raw CID of the MST root node (written as a link).
-        rev: the revision string.
-        prev: raw CID of the previous commit, or ``None`` (encoded as null).
-        sig: signature bytes (encoded as a CBOR byte string).
-        version: the ``version`` field, 3 for current repos.
-
-    Returns:
-        The commit block bytes, keys in the order did, rev, sig, data, prev, version.
-
-    Spec: atproto repository, "Commit Objects".
-    """
-    obj = _commit_map(did, data_cid, rev, prev, version)
-    obj["sig"] = bytes(sig)
-    return cbor2.dumps(obj, canonical=True)
 
 
 def encode_car_header(roots: Iterable[bytes]) -> bytes:
@@ -407,7 +352,7 @@ def build_mst(
     Args:
         sorted_pairs: ``(key, cid)``: full UTF-8 key bytes in strictly increasing bytewise order,
             and the raw CID of the key's record.
-        layer_of: the layer function, :func:`repo_stream.mst.key_layer` by default (leading zero
+        layer_of: the layer function, :func:`repo_stream.core.mst.key_layer` by default (leading zero
             bits of sha256(key) // 2). Pass another to build trees with wrong layers.
 
     Returns:
@@ -465,7 +410,7 @@ def build_repo_car(
             ``sig`` is ``b""``.
 
     Returns:
-        The :class:`~repo_stream.commit.Commit` written (version 3, ``prev`` None); its CID is
+        The :class:`~repo_stream.core.commit.Commit` written (version 3, ``prev`` None); its CID is
         the CAR's only root.
 
     Raises:

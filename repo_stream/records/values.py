@@ -38,7 +38,7 @@ cbrrr ``atjson_mode=True`` alone                              1669     1194     
 cbor2 ``tag_hook`` -> ``{"$link"}`` + a ``$bytes`` pass       6156     3890    22589
 =======================================================  =========  =======  =======
 
-Sets: "generated": 2,000 records from :func:`repo_stream.generate.generate_records` (the mix of
+Sets: "generated": 2,000 records from :func:`repo_stream.records.generate.generate_records` (the mix of
 a real account: likes, posts, follows, reposts, blob refs; 246 bytes on average, 138 links);
 "signed": the 600 records of the two ``signed-*.car`` samples (185 bytes, no links); "little":
 the 278 records of the real ``little.car`` (888 bytes, 25 links; its 7 long-form documents of
@@ -80,7 +80,7 @@ from typing import Any, Final
 import cbrrr
 from multiformats import CID as MultiformatsCID
 
-from .errors import RecordDecodeError
+from ..errors import RecordDecodeError
 
 __all__ = ["JSON_CODEC", "MAX_DEPTH", "RECORD_CODEC", "Link", "decode_record", "record_json", "to_json_value"]
 

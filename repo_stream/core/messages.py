@@ -11,8 +11,7 @@ hex when it is not a valid CID) for blocks, a key for MST entries and records.
 
 from __future__ import annotations
 
-from .cid import cid_str
-from .errors import (
+from ..errors import (
     BlockTooLargeError,
     CarHeaderError,
     CidError,
@@ -34,6 +33,7 @@ from .errors import (
     TruncatedCarError,
     VarintError,
 )
+from .cid import cid_str
 from .mst import MAX_KEY_BYTES
 
 # --- CAR framing (spec: IPLD CARv1) ------------------------------------------------------------

@@ -10,8 +10,8 @@ The flow (after the Rust crate repo-stream)::
         for key, value in chunk: ...
 
 The drivers are the async shell around the hot path (the sans-IO CAR parser, the block table and
-the walker; see :mod:`repo_stream.implementation` for the C core and the pure-Python reference).
-How blocks are kept, processed and counted is described in :mod:`repo_stream.blocks`. When the
+the walker; see :mod:`repo_stream.core.implementation` for the C core and the pure-Python reference).
+How blocks are kept, processed and counted is described in :mod:`repo_stream.core.blocks`. When the
 counted bytes reach the limit, :meth:`DriverBuilder.load_car` stops reading and returns
 :class:`NeedDisk` holding what it has and the unread rest of the source.
 """
@@ -24,17 +24,17 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import anyio.lowlevel
 
-from . import implementation
-from .blocks import BLOCK_OVERHEAD, DiskRecords
-from .car import DEFAULT_MAX_BLOCK_SIZE, DEFAULT_READ_SIZE, CarReader
-from .cid import cid_str, is_plain_cid, to_cid
-from .commit import Commit, decode_commit
-from .disk import CBOR_CODEC, Codec, DiskStore
-from .errors import DiskError, MissingBlockError
-from .mst import is_valid_collection
-from .walk import DEFAULT_MAX_DEPTH
+from ..core import implementation
+from ..core.blocks import BLOCK_OVERHEAD, DiskRecords
+from ..core.car import DEFAULT_MAX_BLOCK_SIZE, DEFAULT_READ_SIZE, CarReader
+from ..core.cid import cid_str, is_plain_cid, to_cid
+from ..core.commit import Commit, decode_commit
+from ..core.mst import is_valid_collection
+from ..core.walk import DEFAULT_MAX_DEPTH
+from ..errors import DiskError, MissingBlockError
+from ..spill.store import CBOR_CODEC, Codec, DiskStore
 
-if TYPE_CHECKING:  # imported on first use (see repo_stream.cid)
+if TYPE_CHECKING:  # imported on first use (see repo_stream.core.cid)
     from multiformats import CID
 
 __all__ = ["BLOCK_OVERHEAD", "DriverBuilder", "MemoryDriver", "NeedDisk", "DiskDriver"]
@@ -73,7 +73,7 @@ class DriverBuilder(Generic[T]):
     def with_block_processor(self, process: Callable[[bytes], Any]) -> DriverBuilder[Any]:
         """Set the function that turns a record block's bytes into the emitted value (default: none).
 
-        It is called once per block, when loaded or when emitted (see :mod:`repo_stream.blocks`),
+        It is called once per block, when loaded or when emitted (see :mod:`repo_stream.core.blocks`),
         and on disk walks inside the store's worker thread. It should be deterministic.
         """
         self._process = process
@@ -230,7 +230,7 @@ class _Driver(Generic[T]):
     """What the drivers share: the commit, counters, and iteration over chunks.
 
     Attributes:
-        commit: the repo's :class:`~repo_stream.commit.Commit`.
+        commit: the repo's :class:`~repo_stream.core.commit.Commit`.
         commit_cid_bytes: the commit's CID (the CAR's first root) as raw binary CID bytes.
     """
 
@@ -309,7 +309,7 @@ class MemoryDriver(_Driver[T]):
 
 
 class NeedDisk(Generic[T]):
-    """Loading stopped at the memory limit; finish it into a :class:`~repo_stream.disk.DiskStore`.
+    """Loading stopped at the memory limit; finish it into a :class:`~repo_stream.spill.store.DiskStore`.
 
     Attributes:
         commit: the commit, if its block was read before the limit was reached, else ``None``.
@@ -377,7 +377,7 @@ DISK_COUNT_CHUNK = 8192
 
 
 class DiskDriver(_Driver[T]):
-    """Walks a repo from a :class:`~repo_stream.disk.DiskStore`. Made by :meth:`NeedDisk.finish_loading`.
+    """Walks a repo from a :class:`~repo_stream.spill.store.DiskStore`. Made by :meth:`NeedDisk.finish_loading`.
 
     Each :meth:`next_chunk` runs its whole part of the walk in the store's worker thread: one
     thread hop per chunk, not per block.

@@ -1,7 +1,7 @@
 """The block store: the in-memory block table, its memory accounting, the spill row format, and
 the look-up protocol between the walker and the store.
 
-The walker (:mod:`repo_stream.walk`, or the C core's) needs only MST nodes, through
+The walker (:mod:`repo_stream.core.walk`, or the C core's) needs only MST nodes, through
 :class:`NodeLookup`, and emits ``(key, record CID)`` pairs. Turning a record CID into the value
 the user gets (the processed value, the raw bytes, a processor error, a missing block) is the
 store's job, through :class:`RecordValues`: :class:`MemoryBlocks` here (the pure-Python
@@ -176,7 +176,7 @@ class MemoryBlocks:
         return rows, size
 
     def take_run(self, max_bytes: int, next_large: int) -> tuple[bytes, list[tuple[int, bytes]], int]:
-        """:meth:`take_rows`, packed into one sorted run (:func:`repo_stream.runs.pack_run`).
+        """:meth:`take_rows`, packed into one sorted run (:func:`repo_stream.core.runs.pack_run`).
 
         Returns:
             ``(run, large, size)``: the run, its payloads stored apart (numbered from

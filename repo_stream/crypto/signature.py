@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from ..errors import SignatureError
 from .didkey import PublicKey, format_did_key
-from .errors import SignatureError
 
 __all__ = ["CURVE_ORDERS", "sign", "verify"]
 

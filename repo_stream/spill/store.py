@@ -8,8 +8,8 @@ When a repo does not fit in the memory limit, its blocks go into SQLite. The for
     large(id INTEGER PRIMARY KEY, data BLOB NOT NULL)
 
 **Sorted runs, not a row per block.** Each batch of spill rows (``(cid, kind, data)``, see
-:mod:`repo_stream.blocks`) is sorted by CID and packed into one *run*, stored in ``runs`` rows of
-1 MiB (the format: :mod:`repo_stream.runs`); payloads over 8 KiB go to ``large``, one row each,
+:mod:`repo_stream.core.blocks`) is sorted by CID and packed into one *run*, stored in ``runs`` rows of
+1 MiB (the format: :mod:`repo_stream.core.runs`); payloads over 8 KiB go to ``large``, one row each,
 and the run holds their id. The first look-up merges the runs (a k-way merge in bounded memory,
 read and written through SQLite's incremental blob I/O), keeping the first block of a CID stored
 twice, as in memory, into two merged runs in ``merged``: the raw blocks shaped like MST nodes, and
@@ -64,10 +64,10 @@ from typing import Any, Self, TypeVar
 import anyio
 import cbor2
 
-from . import implementation
-from .blocks import NOT_A_NODE
-from .errors import DiskError
-from .runs import LARGE, large_value
+from ..core import implementation
+from ..core.blocks import NOT_A_NODE
+from ..core.runs import LARGE, large_value
+from ..errors import DiskError
 
 __all__ = ["CBOR_CODEC", "Codec", "DiskBuilder", "DiskStore"]
 
@@ -199,7 +199,7 @@ class DiskStore:
     """An open SQLite spill store. Use :class:`DiskBuilder` to make one.
 
     It is an async context manager (``async with store:`` closes it). After a walk, a
-    :class:`~repo_stream.drivers.DiskDriver` hands it back through ``reset_store()``, emptied and
+    :class:`~repo_stream.read.drivers.DiskDriver` hands it back through ``reset_store()``, emptied and
     ready for the next repo. Only one driver may use a store at a time.
     """
 
@@ -432,7 +432,7 @@ class DiskStore:
         return large_value(row[0], found[0])
 
     def lookup(self, decode: Callable[[bytes], Any]) -> _DiskLookup:
-        """A :class:`~repo_stream.blocks.NodeLookup` with ``fetch_many``, over this store.
+        """A :class:`~repo_stream.core.blocks.NodeLookup` with ``fetch_many``, over this store.
 
         Runs stored since the last look-up are merged on its first query (in the worker thread).
 

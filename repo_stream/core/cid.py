@@ -14,7 +14,7 @@ import hashlib
 from base64 import b32encode as _b32encode
 from typing import TYPE_CHECKING
 
-from .errors import CidError
+from ..errors import CidError
 
 if TYPE_CHECKING:  # imported on first use: multiformats takes ~70 ms to import
     from multiformats import CID

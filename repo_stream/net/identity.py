@@ -34,7 +34,7 @@ from urllib.parse import unquote
 import anyio
 import httpx
 
-from .errors import IdentityError
+from ..errors import IdentityError
 
 if TYPE_CHECKING:  # imported where used: dnspython and multiformats take ~25 ms and ~2 MB to import,
     # which a process fetching repos by URL or walking files (a backfill worker, `stats URL`) never needs
@@ -631,7 +631,7 @@ async def resolve_identity(
 
     Returns:
         A :class:`ResolvedIdentity`; ``pds`` and ``signing_key`` may be None if the document
-        lacks them (callers that need them raise, e.g. :func:`repo_stream.fetch.open_source`).
+        lacks them (callers that need them raise, e.g. :func:`repo_stream.net.fetch.open_source`).
 
     Raises:
         IdentityError: anything in the chain fails; the message names the handle, DID, URL or

@@ -15,7 +15,7 @@ before a longer one that it starts), each CID at most once. An entry is::
                      8 bytes IEEE 754 little-endian; str: UTF-8; None: nothing; with 0x80: the
                      ``large`` row's id, 8 bytes little-endian
 
-Kinds 2 to 6 are the spill rows' :data:`~repo_stream.blocks.ROW_PLAIN` values. A payload longer
+Kinds 2 to 6 are the spill rows' :data:`~repo_stream.core.blocks.ROW_PLAIN` values. A payload longer
 than :data:`LARGE_PAYLOAD` bytes is stored apart, in its own SQLite row, so that an entry (and
 what a merge holds of each run) stays small whatever the blocks.
 

@@ -21,11 +21,11 @@ Checked on the way (each rule has its own :class:`~repo_stream.errors.MstError` 
   reached through a CIDv1 with the dag-cbor codec (0x71). With ``strict`` (``with_verify_cids``)
   it must also be canonical DAG-CBOR (minimal integers and lengths, map keys in canonical order).
 
-The walker only needs MST nodes (:class:`~repo_stream.blocks.NodeLookup`) and emits
-``(key, record CID)`` pairs; a :class:`~repo_stream.blocks.RecordValues` store turns each chunk of
+The walker only needs MST nodes (:class:`~repo_stream.core.blocks.NodeLookup`) and emits
+``(key, record CID)`` pairs; a :class:`~repo_stream.core.blocks.RecordValues` store turns each chunk of
 pairs into the items the user gets. The C core (:mod:`repo_stream._native`) has a walker with the
 same behaviour, the same errors and the same messages (both build them with
-:mod:`repo_stream.messages`).
+:mod:`repo_stream.core.messages`).
 
 Because every subtree sits exactly one layer lower, no block can be visited twice along one path:
 a node that links to itself (a forged CID) fails the layer rule instead of looping.
@@ -40,10 +40,10 @@ from typing import Any
 
 import cbor2
 
+from ..errors import RepoStreamError
 from . import messages
 from .blocks import NOT_A_NODE, NodeLookup, RecordValues
 from .dagcbor import DagCborError, StrictDecoder
-from .errors import RepoStreamError
 from .mst import MAX_KEY_BYTES, is_valid_collection
 
 __all__ = ["DEFAULT_MAX_DEPTH", "Walker", "decode_node"]
@@ -212,9 +212,9 @@ class Walker:
 
     Args:
         root: raw CID bytes of the root MST node (the commit's ``data``).
-        nodes: where MST nodes are found (a :class:`~repo_stream.blocks.NodeLookup`).
+        nodes: where MST nodes are found (a :class:`~repo_stream.core.blocks.NodeLookup`).
         values: the store that turns ``(key, record CID)`` pairs into items
-            (:class:`~repo_stream.blocks.RecordValues`); ``None`` to emit the pairs.
+            (:class:`~repo_stream.core.blocks.RecordValues`); ``None`` to emit the pairs.
         max_depth: the deepest node nesting accepted (root is depth 1).
         strict: refuse nodes that are not canonical DAG-CBOR (the drivers set it with
             ``with_verify_cids``).

@@ -6,7 +6,7 @@ see :func:`repo_url`) as an async iterable of ``bytes`` chunks that
 retries on HTTP 429 and 5xx and on connection failures before the body starts, honouring
 ``Retry-After``, and enforces connect, read and total timeouts and a size cap (see
 :class:`FetchOptions`). To open a DID, a handle or any other SOURCE string, use
-:func:`repo_stream.source.open_source`.
+:func:`repo_stream.net.source.open_source`.
 
 Example::
 
@@ -32,7 +32,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
-from .errors import FetchError, SourceError
+from ..errors import FetchError, SourceError
 from .identity import _client_scope, _http_url
 
 __all__ = [
