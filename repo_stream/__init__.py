@@ -1,9 +1,14 @@
 """repo-stream: stream the records of an atproto repository CAR in key order, in bounded memory.
 
-Load a CAR with :class:`DriverBuilder`; if it fits the memory limit you get a
-:class:`MemoryDriver`, else a :class:`NeedDisk` to finish into a :class:`DiskStore`
-(from :class:`DiskBuilder`), giving a :class:`DiskDriver`. Either driver yields
-``(key, value)`` records in strictly increasing key order. Every error is a
+The high-level API: ``async with open_repo(SOURCE) as repo: async for record in repo: ...``
+(:func:`open_repo`, a :class:`Repo` of :class:`Record` items, spilling to disk by itself), its
+synchronous form :func:`iter_records`, and :func:`get_record` / :func:`get_record_sync` for one
+record. SOURCE is a path, bytes, an open file, a getRepo URL, a DID, a handle or an ``at://`` URI.
+
+The low-level API (after the Rust crate repo-stream): load a CAR with :class:`DriverBuilder`; if
+it fits the memory limit you get a :class:`MemoryDriver`, else a :class:`NeedDisk` to finish
+into a :class:`DiskStore` (from :class:`DiskBuilder`), giving a :class:`DiskDriver`. Either
+driver yields ``(key, value)`` items in strictly increasing key order. Every error is a
 :class:`RepoStreamError`. :func:`build_repo_car` writes canonical repo CARs.
 :func:`decode_record` and :func:`record_json` are ready block processors that give records as
 Python values or in the atproto JSON form (:mod:`repo_stream.records`).
@@ -15,12 +20,22 @@ from .core.commit import Commit
 from .core.implementation import IMPLEMENTATION
 from .errors import *  # noqa: F403 - the error classes are part of the public API
 from .errors import __all__ as _error_names
-from .read.drivers import DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from .read.blocking import get_record_sync, iter_records
+from .read.drivers import DEFAULT_MEM_LIMIT_MB, DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
+from .read.repo import OpenRepo, Record, Repo, get_record, open_repo
 from .spill.store import DiskBuilder, DiskStore
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "open_repo",
+    "iter_records",
+    "get_record",
+    "get_record_sync",
+    "OpenRepo",
+    "Record",
+    "Repo",
+    "DEFAULT_MEM_LIMIT_MB",
     "Commit",
     "DiskBuilder",
     "DiskDriver",

@@ -19,7 +19,7 @@ counted bytes reach the limit, :meth:`DriverBuilder.load_car` stops reading and 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -37,23 +37,37 @@ from ..spill.store import CBOR_CODEC, Codec, DiskStore
 if TYPE_CHECKING:  # imported on first use (see repo_stream.core.cid)
     from multiformats import CID
 
-__all__ = ["BLOCK_OVERHEAD", "DriverBuilder", "MemoryDriver", "NeedDisk", "DiskDriver"]
+__all__ = ["BLOCK_OVERHEAD", "DEFAULT_MEM_LIMIT_MB", "DriverBuilder", "MemoryDriver", "NeedDisk", "DiskDriver"]
 
-T = TypeVar("T")
+#: The item type of a walk: ``tuple[str, V]`` (key, value), or ``tuple[str, str, V]`` (key, CID,
+#: value) with ``with_record_cids``.
+Item = TypeVar("Item")
+V = TypeVar("V")
+U = TypeVar("U")
+
+#: The default memory limit, MiB, of the library and of the command line alike.
+DEFAULT_MEM_LIMIT_MB = 64
 
 _MIB = 1024 * 1024
 
 
-class DriverBuilder(Generic[T]):
-    """Configures and starts loading a repo CAR.
+class DriverBuilder(Generic[Item]):
+    """Configures and starts loading a repo CAR (the low-level API; :func:`repo_stream.open_repo`
+    is the high-level one).
 
-    Every ``with_*`` method returns the builder, so calls chain. Defaults: 16 MiB memory limit,
-    raw bytes as values, 2 MiB maximum block size, no CID verification, maximum MST depth 32,
-    items ``(key, value)``.
+    Every ``with_*`` method returns the builder, so calls chain. Defaults: 64 MiB memory limit
+    (:data:`DEFAULT_MEM_LIMIT_MB`), raw bytes as values, 2 MiB maximum block size, no CID
+    verification, maximum MST depth 32, items ``(key, value)``.
+
+    Typing: ``Item`` is the type of the items the drivers give: ``DriverBuilder()`` is a
+    ``DriverBuilder[tuple[str, bytes]]``; :meth:`with_block_processor` with a
+    ``Callable[[bytes], U]`` makes it ``DriverBuilder[tuple[str, U]]``, and
+    :meth:`with_record_cids` ``DriverBuilder[tuple[str, str, U]]``, so the value type flows
+    through :meth:`load_car`, ``next_chunk`` and ``async for``.
     """
 
-    def __init__(self) -> None:
-        self._mem_limit = 16 * _MIB
+    def __init__(self: DriverBuilder[tuple[str, bytes]]) -> None:
+        self._mem_limit = int(DEFAULT_MEM_LIMIT_MB * _MIB)
         self._process: Callable[[bytes], Any] | None = None
         self._codec: Codec = CBOR_CODEC
         self._max_block_size = DEFAULT_MAX_BLOCK_SIZE
@@ -63,35 +77,44 @@ class DriverBuilder(Generic[T]):
         self._record_cids = False
         self._collections: frozenset[str] | None = None
 
-    def with_mem_limit_mb(self, mb: float) -> DriverBuilder[T]:
-        """Set the memory limit for kept blocks, in MiB (default 16); above it, loading spills."""
+    def with_mem_limit_mb(self, mb: float) -> DriverBuilder[Item]:
+        """Set the memory limit for kept blocks and values, in MiB (default 64); above it, loading
+        stops with :class:`NeedDisk`."""
         if mb <= 0:
             raise ValueError(f"memory limit must be positive, got {mb} MiB")
         self._mem_limit = int(mb * _MIB)
         return self
 
+    @overload
+    def with_block_processor(
+        self: DriverBuilder[tuple[str, str, Any]], process: Callable[[bytes], U]
+    ) -> DriverBuilder[tuple[str, str, U]]: ...
+    @overload
+    def with_block_processor(self: DriverBuilder[tuple[str, Any]], process: Callable[[bytes], U]) -> DriverBuilder[tuple[str, U]]: ...
     def with_block_processor(self, process: Callable[[bytes], Any]) -> DriverBuilder[Any]:
         """Set the function that turns a record block's bytes into the emitted value (default: none).
 
         It is called once per block, when loaded or when emitted (see :mod:`repo_stream.core.blocks`),
-        and on disk walks inside the store's worker thread. It should be deterministic.
+        and on disk walks inside the store's worker thread. It should be deterministic. The
+        builder's item type becomes ``tuple[str, U]`` (``tuple[str, str, U]`` with record CIDs)
+        for a ``Callable[[bytes], U]``.
         """
         self._process = process
         return self
 
-    def with_codec(self, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> DriverBuilder[T]:
+    def with_codec(self, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> DriverBuilder[Item]:
         """Set how processed values are stored on disk (default CBOR; pickle is never used)."""
         self._codec = (encode, decode)
         return self
 
-    def with_max_block_size(self, nbytes: int) -> DriverBuilder[T]:
+    def with_max_block_size(self, nbytes: int) -> DriverBuilder[Item]:
         """Set the largest accepted block, in bytes (default 2 MiB); larger sections are an error."""
         if nbytes < 1:
             raise ValueError(f"max block size must be positive, got {nbytes}")
         self._max_block_size = nbytes
         return self
 
-    def with_verify_cids(self, verify: bool = True) -> DriverBuilder[T]:
+    def with_verify_cids(self, verify: bool = True) -> DriverBuilder[Item]:
         """Check every block against its CID's sha2-256 digest while loading (default off).
 
         Turn it on for CARs from sources you do not trust; a mismatch raises
@@ -102,27 +125,37 @@ class DriverBuilder(Generic[T]):
         self._verify_cids = verify
         return self
 
-    def with_max_depth(self, depth: int) -> DriverBuilder[T]:
+    def with_max_depth(self, depth: int) -> DriverBuilder[Item]:
         """Set the deepest MST node nesting accepted (default 32)."""
         if depth < 1:
             raise ValueError(f"max depth must be at least 1, got {depth}")
         self._max_depth = depth
         return self
 
-    def with_read_size(self, nbytes: int) -> DriverBuilder[T]:
+    def with_read_size(self, nbytes: int) -> DriverBuilder[Item]:
         """Set how many bytes are requested from the source per read (default 1 MiB)."""
         if nbytes < 1:
             raise ValueError(f"read size must be positive, got {nbytes}")
         self._read_size = nbytes
         return self
 
-    def with_record_cids(self, record_cids: bool = True) -> DriverBuilder[T]:
+    @overload
+    def with_record_cids(
+        self: DriverBuilder[tuple[str, V]] | DriverBuilder[tuple[str, str, V]], record_cids: Literal[True] = ...
+    ) -> DriverBuilder[tuple[str, str, V]]: ...
+    @overload
+    def with_record_cids(
+        self: DriverBuilder[tuple[str, V]] | DriverBuilder[tuple[str, str, V]], record_cids: Literal[False]
+    ) -> DriverBuilder[tuple[str, V]]: ...
+    @overload
+    def with_record_cids(self, record_cids: bool) -> DriverBuilder[Any]: ...
+    def with_record_cids(self, record_cids: bool = True) -> DriverBuilder[Any]:
         """Emit ``(key, cid, value)`` items, ``cid`` the record's CID as a base32 string
         (``"bafyrei..."``), instead of ``(key, value)`` (default off)."""
         self._record_cids = record_cids
         return self
 
-    def with_collections(self, collections: Iterable[str] | None) -> DriverBuilder[T]:
+    def with_collections(self, collections: Iterable[str] | None) -> DriverBuilder[Item]:
         """Emit only the records of these collections (NSIDs such as ``"app.bsky.feed.post"``), and
         walk only the subtrees whose key range can hold them (``None``, the default: every record).
 
@@ -144,7 +177,7 @@ class DriverBuilder(Generic[T]):
         self._collections = names
         return self
 
-    async def load_car(self, source: Any) -> MemoryDriver[T] | NeedDisk[T]:
+    async def load_car(self, source: Any) -> MemoryDriver[Item] | NeedDisk[Item]:
         """Read a repo CAR from ``source`` until it ends or the memory limit is reached.
 
         Args:
@@ -226,7 +259,7 @@ class _Loading:
         )
 
 
-class _Driver(Generic[T]):
+class _Driver(Generic[Item]):
     """What the drivers share: the commit, counters, and iteration over chunks.
 
     Attributes:
@@ -268,10 +301,10 @@ class _Driver(Generic[T]):
         """MST nodes expanded by the walk so far (fewer with ``with_collections``)."""
         return int(self._walker.nodes_visited)
 
-    async def next_chunk(self, n: int = 256) -> list[Any] | None:  # pragma: no cover - abstract
+    async def next_chunk(self, n: int = 256) -> list[Item] | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    async def __aiter__(self) -> AsyncIterator[Item]:
         """Iterate over the items (``(key, value)``, or ``(key, cid, value)``), 256 at a time."""
         while (chunk := await self.next_chunk(256)) is not None:
             for record in chunk:
@@ -287,7 +320,7 @@ async def _close_quietly(reader: CarReader) -> None:
             pass
 
 
-class MemoryDriver(_Driver[T]):
+class MemoryDriver(_Driver[Item]):
     """Walks a repo whose blocks all fit in memory. Made by :meth:`DriverBuilder.load_car`."""
 
     def __init__(self, loading: _Loading) -> None:
@@ -295,7 +328,7 @@ class MemoryDriver(_Driver[T]):
         self._reader = loading.reader
         self._walker = loading.walker(loading.table, loading.table)
 
-    async def next_chunk(self, n: int = 256) -> list[Any] | None:
+    async def next_chunk(self, n: int = 256) -> list[Item] | None:
         """Return the next up to ``n`` items in key order, or ``None`` at the end.
 
         Items are ``(key, value)``, or ``(key, cid, value)`` with ``with_record_cids``. Each call
@@ -308,7 +341,7 @@ class MemoryDriver(_Driver[T]):
         return self._walker.next_chunk(n)  # type: ignore[no-any-return]
 
 
-class NeedDisk(Generic[T]):
+class NeedDisk(Generic[Item]):
     """Loading stopped at the memory limit; finish it into a :class:`~repo_stream.spill.store.DiskStore`.
 
     Attributes:
@@ -324,7 +357,7 @@ class NeedDisk(Generic[T]):
         """The commit's CID (the CAR's first root)."""
         return to_cid(self._loading.root)
 
-    async def finish_loading(self, store: DiskStore) -> tuple[Commit, DiskDriver[T]]:
+    async def finish_loading(self, store: DiskStore) -> tuple[Commit, DiskDriver[Item]]:
         """Move the kept blocks and the rest of the source into ``store``; return the commit and a driver.
 
         Writes go in batched transactions of at most ``min(limit / 2, 8 MiB)`` of blocks, so memory
@@ -376,7 +409,7 @@ async def _drain(store: DiskStore, table: Any, batch: int) -> None:
 DISK_COUNT_CHUNK = 8192
 
 
-class DiskDriver(_Driver[T]):
+class DiskDriver(_Driver[Item]):
     """Walks a repo from a :class:`~repo_stream.spill.store.DiskStore`. Made by :meth:`NeedDisk.finish_loading`.
 
     Each :meth:`next_chunk` runs its whole part of the walk in the store's worker thread: one
@@ -391,7 +424,7 @@ class DiskDriver(_Driver[T]):
         records = DiskRecords(store.lookup(decode), loading.builder._process, decode)
         self._walker = loading.walker(records, records)
 
-    async def next_chunk(self, n: int = 256) -> list[Any] | None:
+    async def next_chunk(self, n: int = 256) -> list[Item] | None:
         """Return the next up to ``n`` items in key order, or ``None`` at the end.
 
         Raises:

@@ -75,14 +75,30 @@ from __future__ import annotations
 import binascii
 import gc
 import math
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import cbrrr
 from multiformats import CID as MultiformatsCID
 
 from ..errors import RecordDecodeError
 
-__all__ = ["JSON_CODEC", "MAX_DEPTH", "RECORD_CODEC", "Link", "decode_record", "record_json", "to_json_value"]
+__all__ = [
+    "JSON_CODEC",
+    "MAX_DEPTH",
+    "RECORD_CODEC",
+    "JsonValue",
+    "Link",
+    "RecordValue",
+    "decode_record",
+    "record_json",
+    "to_json_value",
+]
+
+#: A value of the atproto JSON form (:func:`record_json`): links are ``{"$link": ...}`` and bytes
+#: ``{"$bytes": ...}`` maps. (``float`` only in the rare record that has one.)
+JsonValue: TypeAlias = "bool | int | float | str | list[JsonValue] | dict[str, JsonValue] | None"
+#: A decoded DAG-CBOR value (:func:`decode_record`): links are :class:`Link`, bytes ``bytes``.
+RecordValue: TypeAlias = "bool | int | float | str | bytes | Link | list[RecordValue] | dict[str, RecordValue] | None"
 
 #: The deepest nesting of maps and lists accepted in a record (the record's own map is depth 1).
 MAX_DEPTH: Final = 256
@@ -208,7 +224,7 @@ def _error(block: bytes, exc: BaseException) -> RecordDecodeError:
     return RecordDecodeError(f"record block of {len(block)} bytes is not one well-formed DAG-CBOR item: {detail}")
 
 
-def decode_record(block: bytes) -> Any:
+def decode_record(block: bytes) -> RecordValue:
     """Decode a record block into Python values; a block processor.
 
     Args:
@@ -227,7 +243,7 @@ def decode_record(block: bytes) -> Any:
     IPLD DAG-CBOR.
     """
     try:
-        value = _decode(block, False, Link)
+        value: RecordValue = _decode(block, False, Link)  # type: ignore[assignment]  # cid_ctor=Link: links are Link
     except Exception as exc:
         raise _error(block, exc) from exc
     if len(block) > MAX_DEPTH and _heads(block) > MAX_DEPTH:
@@ -238,7 +254,7 @@ def decode_record(block: bytes) -> Any:
     return value
 
 
-def record_json(block: bytes) -> Any:
+def record_json(block: bytes) -> JsonValue:
     """Decode a record block straight into the atproto JSON form; a block processor.
 
     Equal to ``to_json_value(decode_record(block))``, built in C by cbrrr: links become
@@ -257,13 +273,12 @@ def record_json(block: bytes) -> Any:
     Representation".
     """
     try:
-        value = _decode(block, True, Link)  # (no cid_ctor is called in JSON mode)
+        value: JsonValue = _decode(block, True, Link)  # type: ignore[assignment]  # JSON mode: no CID values
     except Exception:  # decode_record below raises the precise error
         # A float (which cbrrr's JSON mode refuses), or a malformed block: decode_record says
         # which, and to_json_value refuses the reserved keys.
-        value = decode_record(block)
         try:
-            return to_json_value(value)
+            return to_json_value(decode_record(block))
         except (TypeError, ValueError) as exc:
             raise _error(block, exc) from exc
     # 0xd8 starts every link's tag head; looking for one byte is memchr (~0.1 us), for the two
@@ -315,7 +330,7 @@ def _to_json(value: Any, depth: int) -> Any:
     raise TypeError(f"{type(value).__name__} is not an atproto data model type")
 
 
-def to_json_value(value: Any) -> Any:
+def to_json_value(value: Any) -> JsonValue:
     """Turn a decoded value (from :func:`decode_record`) into the atproto JSON form.
 
     Links (:class:`Link`, any ``cbrrr.CID``, a multiformats ``CID``) become
@@ -331,7 +346,8 @@ def to_json_value(value: Any) -> Any:
 
     Spec: atproto data model, "JSON Representation".
     """
-    return _to_json(value, 0)
+    json_value: JsonValue = _to_json(value, 0)
+    return json_value
 
 
 def _encode_record(value: Any) -> bytes:

@@ -1,0 +1,84 @@
+"""The synchronous forms of the high-level API, for scripts and notebooks: no event loop in sight.
+
+Example::
+
+    import repo_stream
+
+    for record in repo_stream.iter_records("repo.car", collections=["app.bsky.feed.post"]):
+        print(record.rkey, record.value["text"])
+
+The walk runs on an event loop of its own in a worker thread (anyio's blocking portal), so these
+work the same from a plain script and from inside a running event loop (Jupyter, an async web
+handler: the caller's loop is blocked while it waits for each chunk, as for any blocking call).
+Records cross from that thread a chunk at a time (:data:`~repo_stream.read.repo.CHUNK_SIZE`
+records), so the crossing costs little against the walk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+
+from anyio.from_thread import start_blocking_portal
+
+from .repo import CHUNK_SIZE, OpenRepo, Record, RepoSource, Values, get_record, open_repo
+
+if TYPE_CHECKING:
+    from ..records.values import JsonValue, RecordValue
+
+__all__ = ["get_record_sync", "iter_records"]
+
+U = TypeVar("U")
+
+
+@overload
+def iter_records(source: RepoSource, *, values: Literal["json"] = ..., **options: Any) -> Iterator[Record[dict[str, JsonValue]]]: ...
+@overload
+def iter_records(source: RepoSource, *, values: Literal["raw"], **options: Any) -> Iterator[Record[bytes]]: ...
+@overload
+def iter_records(source: RepoSource, *, values: Literal["python"], **options: Any) -> Iterator[Record[dict[str, RecordValue]]]: ...
+@overload
+def iter_records(source: RepoSource, *, values: Callable[[bytes], U], **options: Any) -> Iterator[Record[U]]: ...
+def iter_records(source: RepoSource, *, values: Values | Callable[[bytes], Any] = "json", **options: Any) -> Iterator[Record[Any]]:
+    """Every record of a repo in key order, synchronously: ``for record in iter_records(SOURCE):``.
+
+    A generator over :func:`~repo_stream.open_repo` (same arguments, same :class:`Record` items,
+    spilling to a temporary store by itself past ``mem_limit_mb``). Nothing is opened until the
+    first record is asked for. Leaving the loop early (``break``, an exception) or closing the
+    generator stops the walk and closes the source and the spill store; a generator dropped
+    without closing is closed when it is garbage-collected.
+
+    Args:
+        source: as for :func:`~repo_stream.open_repo`: a SOURCE string, a path, bytes, an open
+            binary file.
+        values: as for :func:`~repo_stream.open_repo` (default ``"json"``).
+        **options: the other keyword arguments of :func:`~repo_stream.open_repo`
+            (``collections``, ``mem_limit_mb``, ``spill_dir``, ``verify``, ...).
+
+    Raises:
+        The errors of :func:`~repo_stream.open_repo` and :meth:`Repo.next_chunk
+        <repo_stream.Repo.next_chunk>`, raised in the calling thread.
+    """
+    return _iterate(open_repo(source, values=values, **options))  # options checked now, in the caller
+
+
+def _iterate(opener: OpenRepo[U]) -> Iterator[Record[U]]:
+    with start_blocking_portal() as portal, portal.wrap_async_context_manager(opener) as repo:
+        while (chunk := portal.call(repo.next_chunk, CHUNK_SIZE)) is not None:
+            yield from chunk
+
+
+def get_record_sync(
+    source: RepoSource, key: str, *, values: Values | Callable[[bytes], Any] = "json", **options: Any
+) -> Record[Any] | None:
+    """:func:`~repo_stream.get_record`, synchronously: one record, or None if there is none at
+    ``key`` (``collection/rkey``).
+
+    Raises:
+        InvalidKeyError: ``key`` is not ``collection/rkey``. The errors of
+        :func:`~repo_stream.open_repo`.
+    """
+    with start_blocking_portal() as portal:
+        record: Record[Any] | None = portal.call(partial(get_record, source, key, values=values, **options))
+        return record
