@@ -11,20 +11,21 @@ import argparse
 
 import anyio
 
-from repo_stream import DiskBuilder, DriverBuilder, NeedDisk, RepoStreamError
+from repo_stream import DiskBuilder, DiskDriver, DiskStore, DriverBuilder, MemoryDriver, NeedDisk, RepoStreamError
 
 
 async def walk(path: str, mem_limit_mb: float) -> None:
     async with await anyio.open_file(path, "rb") as f:
-        driver = await DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).load_car(f)
-        store = None
-        if isinstance(driver, NeedDisk):
+        loaded = await DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).load_car(f)
+        store: DiskStore | None = None
+        driver: MemoryDriver[tuple[str, int]] | DiskDriver[tuple[str, int]]
+        if isinstance(loaded, NeedDisk):
             # No path: SQLite's temporary database, whose file has no name (nothing is left behind).
             store = await DiskBuilder().with_cache_size_mb(32).with_max_stored_mb(10_240).open()
-            commit, driver = await driver.finish_loading(store)
+            commit, driver = await loaded.finish_loading(store)
             print(f"# spilled to {store.name}")
         else:
-            commit = driver.commit
+            commit, driver = loaded.commit, loaded
         print(f"# {commit.did} rev {commit.rev}, MST root {commit.data}")
         records = total = 0
         try:

@@ -57,8 +57,8 @@ def iter_records(source: RepoSource, *, values: Values | Callable[[bytes], Any] 
             (``collections``, ``mem_limit_mb``, ``spill_dir``, ``verify``, ...).
 
     Raises:
-        The errors of :func:`~repo_stream.open_repo` and :meth:`Repo.next_chunk
-        <repo_stream.Repo.next_chunk>`, raised in the calling thread.
+        RepoStreamError: the errors of :func:`~repo_stream.open_repo` and
+            :meth:`Repo.next_chunk <repo_stream.Repo.next_chunk>`, raised in the calling thread.
     """
     return _iterate(open_repo(source, values=values, **options))  # options checked now, in the caller
 

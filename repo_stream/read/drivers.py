@@ -188,8 +188,11 @@ class DriverBuilder(Generic[Item]):
             :class:`MemoryDriver` if the whole CAR fit, else :class:`NeedDisk`.
 
         Raises:
-            CarError subclasses (framing), CommitError, MissingBlockError (no commit block),
-            CidMismatchError (with verification), SourceError.
+            CarError: the CAR framing is malformed (a subclass says how).
+            CommitError: the commit block is malformed.
+            MissingBlockError: there is no commit block.
+            CidMismatchError: a block does not match its CID (with verification).
+            SourceError: the byte source failed.
         """
         impl = implementation.backend()
         reader = CarReader(source, impl.CarParser(self._max_block_size, self._verify_cids), self._read_size)
@@ -335,7 +338,9 @@ class MemoryDriver(_Driver[Item]):
         passes an anyio checkpoint, so a long walk can be cancelled and lets other tasks run.
 
         Raises:
-            MstError subclasses, MissingBlockError, ProcessorError.
+            MstError: an MST rule is broken (a subclass says which).
+            MissingBlockError: a block the walk needs is not in the CAR.
+            ProcessorError: the block processor raised on an emitted record.
         """
         await anyio.lowlevel.checkpoint()
         return self._walker.next_chunk(n)  # type: ignore[no-any-return]
@@ -364,8 +369,9 @@ class NeedDisk(Generic[Item]):
         stays within the limit throughout.
 
         Raises:
-            DiskError (including going past ``max_stored_mb``), the errors of
-            :meth:`DriverBuilder.load_car`, and :class:`MissingBlockError` if there is no commit.
+            DiskError: the store failed, or would grow past ``max_stored_mb``.
+            MissingBlockError: there is no commit.
+            RepoStreamError: the errors of :meth:`DriverBuilder.load_car`.
         """
         loading = self._loading
         if store.closed:
@@ -428,7 +434,10 @@ class DiskDriver(_Driver[Item]):
         """Return the next up to ``n`` items in key order, or ``None`` at the end.
 
         Raises:
-            MstError subclasses, MissingBlockError, ProcessorError, DiskError.
+            MstError: an MST rule is broken (a subclass says which).
+            MissingBlockError: a block the walk needs is not in the CAR.
+            ProcessorError: the block processor raised on an emitted record.
+            DiskError: the spill store failed.
         """
         if self._walker.done:
             return None

@@ -147,9 +147,13 @@ class Repo(Generic[V]):
         """The next up to ``n`` records in key order, or None at the end.
 
         Raises:
-            MstError subclasses, MissingBlockError, ProcessorError (the ``values`` callable or
-            decoder failed on a record; its exception is the ``__cause__``), DiskError,
-            SourceError, CarError subclasses.
+            MstError: an MST rule is broken (a subclass says which).
+            MissingBlockError: a block the walk needs is not in the CAR.
+            ProcessorError: the ``values`` callable or decoder failed on a record; its exception
+                is the ``__cause__``.
+            DiskError: the spill store failed.
+            SourceError: the byte source failed.
+            CarError: the rest of the CAR is malformed (a subclass says how).
         """
         chunk = await self._driver.next_chunk(n)
         if chunk is None:
@@ -404,8 +408,10 @@ def open_repo(
         signing_key: the account's signing key (``did:key:z...``) to check the signature with.
         record_cids: give each record's CID (:attr:`Record.cid`; default True; False saves the
             base32 encoding of each CID).
-        plc_url, client, dns_resolver, fetch_options: as for
-            :func:`repo_stream.net.source.open_source`.
+        plc_url: as for :func:`repo_stream.net.source.open_source`.
+        client: as for :func:`repo_stream.net.source.open_source`.
+        dns_resolver: as for :func:`repo_stream.net.source.open_source`.
+        fetch_options: as for :func:`repo_stream.net.source.open_source`.
 
     Returns:
         An async context manager giving a :class:`Repo`.
@@ -413,10 +419,15 @@ def open_repo(
     Raises:
         ValueError: an option out of range, a collection that is not an NSID, an unknown
             ``values`` name (at once, before anything is opened).
-        On entering: IdentityError, FetchError (resolving and fetching), SourceError, CarError
-        subclasses, CommitError, MissingBlockError, CidMismatchError (``verify``),
-        SignatureError (``verify``), DiskError (spilling). While iterating: see
-        :meth:`Repo.next_chunk`.
+        IdentityError: on entering, a DID or handle SOURCE does not resolve.
+        FetchError: on entering, fetching the repo failed.
+        SourceError: on entering, the byte source failed.
+        CarError: on entering, the CAR framing is malformed (a subclass says how).
+        CommitError: on entering, the commit is malformed.
+        MissingBlockError: on entering, there is no commit block.
+        CidMismatchError: on entering, with ``verify``, a block does not match its CID.
+        SignatureError: on entering, with ``verify``, the commit's signature does not verify.
+        DiskError: on entering, spilling failed. While iterating: see :meth:`Repo.next_chunk`.
     """
     builder: DriverBuilder[Any] = (
         DriverBuilder()
