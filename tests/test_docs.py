@@ -117,10 +117,11 @@ def test_snippets_mypy_strict(tmp_path: Path) -> None:
     _tool("mypy")
     folder = tmp_path / "snippets"
     folder.mkdir()
-    names = {}
+    names: dict[str, tuple[str, int]] = {}  # file name -> (Markdown file or example, line of its ```python fence)
     for snippet in SNIPPETS:
         (folder / f"{snippet.name}.py").write_text(snippet.code, encoding="utf-8")
-        names[f"{snippet.name}.py"] = snippet.where
+        path, _, line = snippet.where.partition(":")
+        names[f"{snippet.name}.py"] = (path, int(line) if line else 0)
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--python-version", "3.11", str(folder)],
         cwd=ROOT,  # pyproject's [tool.mypy], and repo_stream found in the checkout
@@ -130,9 +131,13 @@ def test_snippets_mypy_strict(tmp_path: Path) -> None:
         check=False,
         env={**os.environ, "MYPYPATH": str(ROOT)},
     )
-    report = done.stdout
-    for file, where in names.items():
-        report = report.replace(str(folder / file), where).replace(f"snippets/{file}", where)
+
+    def where(match: re.Match[str]) -> str:
+        """``.../readme_l39.py:5:`` -> ``README.md:44:``, the line in the Markdown file."""
+        path, fence = names.get(match.group(1), (match.group(1), 0))
+        return f"{path}:{fence + int(match.group(2))}:"
+
+    report = re.sub(r"(?:\S*/)?(\w+\.py):(\d+):", where, done.stdout)
     assert done.returncode == 0, f"mypy --strict on the docs' snippets failed:\n{report}{done.stderr}"
 
 
