@@ -48,6 +48,9 @@ struct RsBlockTable {
     PyObject *encode;       /* callable */
     Chunk *take_chunk;      /* take_rows cursor */
     size_t take_off;
+    uint8_t init_called;    /* __init__ has run (once: a second call is refused) */
+    uint8_t ready;          /* __init__ succeeded */
+    uint8_t busy;           /* a method (or a parser or walker using the table) is running */
 };
 
 /* NH keys, drawn from CPython's keyed SipHash (so from PYTHONHASHSEED or the process's random
@@ -300,6 +303,15 @@ Py_ssize_t rs_table_used(RsBlockTable *t) { return t->used; }
 
 PyObject *rs_table_process(RsBlockTable *t) { return t->process; }
 
+int rs_table_enter(RsBlockTable *t) {
+    if (!t->ready) return rs_not_initialised("BlockTable");
+    if (t->busy) return rs_reentered("BlockTable");
+    t->busy = 1;
+    return 0;
+}
+
+void rs_table_leave(RsBlockTable *t) { t->busy = 0; }
+
 /* Block tables released between two malloc_trim calls (see rs_trim). */
 #define TRIM_BYTES ((size_t)16 << 20)
 
@@ -344,18 +356,20 @@ static void clear_blocks(RsBlockTable *t) {
 static int BlockTable_init(RsBlockTable *self, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"root", "process", "encode", NULL};
     PyObject *root, *process, *encode;
+    if (self->init_called) return rs_init_twice("BlockTable");
+    self->init_called = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "SOO", names, &root, &process, &encode)) return -1;
     if (process != Py_None && !PyCallable_Check(process)) {
         PyErr_SetString(PyExc_TypeError, "process must be callable or None");
         return -1;
     }
-    clear_blocks(self);
     Py_INCREF(root);
     Py_XSETREF(self->root, root);
     Py_INCREF(process);
     Py_XSETREF(self->process, process);
     Py_INCREF(encode);
     Py_XSETREF(self->encode, encode);
+    self->ready = 1;
     return 0;
 }
 
@@ -382,7 +396,11 @@ static void BlockTable_dealloc(RsBlockTable *self) {
 static PyObject *BlockTable_add(RsBlockTable *self, PyObject *args) {
     Py_buffer cid, block;
     if (!PyArg_ParseTuple(args, "y*y*:add", &cid, &block)) return NULL;
-    int r = rs_table_add(self, cid.buf, (size_t)cid.len, block.buf, (size_t)block.len);
+    int r = rs_table_enter(self);
+    if (r == 0) {
+        r = rs_table_add(self, cid.buf, (size_t)cid.len, block.buf, (size_t)block.len);
+        rs_table_leave(self);
+    }
     PyBuffer_Release(&cid);
     PyBuffer_Release(&block);
     if (r < 0) return NULL;
@@ -390,6 +408,8 @@ static PyObject *BlockTable_add(RsBlockTable *self, PyObject *args) {
 }
 
 static PyObject *BlockTable_raw_block(RsBlockTable *self, PyObject *arg) {
+    if (!self->ready) return rs_not_initialised("BlockTable"), NULL;
+    if (self->busy) return rs_reentered("BlockTable"), NULL;
     Py_buffer cid;
     if (PyObject_GetBuffer(arg, &cid, PyBUF_SIMPLE) < 0) return NULL;
     const uint8_t *data = NULL;
@@ -402,6 +422,8 @@ static PyObject *BlockTable_raw_block(RsBlockTable *self, PyObject *arg) {
 }
 
 static PyObject *BlockTable_node(RsBlockTable *self, PyObject *arg) {
+    if (!self->ready) return rs_not_initialised("BlockTable"), NULL;
+    if (self->busy) return rs_reentered("BlockTable"), NULL;
     Py_buffer cid;
     if (PyObject_GetBuffer(arg, &cid, PyBUF_SIMPLE) < 0) return NULL;
     const uint8_t *data = NULL;
@@ -482,9 +504,18 @@ static uint8_t *take_next(RsBlockTable *self) {
     return NULL;
 }
 
+static PyObject *take_rows(RsBlockTable *self, Py_ssize_t max_bytes);
+
 static PyObject *BlockTable_take_rows(RsBlockTable *self, PyObject *arg) {
     Py_ssize_t max_bytes = PyLong_AsSsize_t(arg);
     if (max_bytes == -1 && PyErr_Occurred()) return NULL;
+    if (rs_table_enter(self) < 0) return NULL;
+    PyObject *out = take_rows(self, max_bytes);
+    rs_table_leave(self);
+    return out;
+}
+
+static PyObject *take_rows(RsBlockTable *self, Py_ssize_t max_bytes) {
     PyObject *rows = PyList_New(0);
     if (rows == NULL) return NULL;
     Py_ssize_t size = 0;
@@ -506,10 +537,19 @@ static PyObject *BlockTable_take_rows(RsBlockTable *self, PyObject *arg) {
 
 /* take_rows, then pack_run of those rows (repo_stream.blocks.MemoryBlocks.take_run), without making
  * a Python object per row: raw blocks and plain values are packed from where they are. */
+static PyObject *take_run(RsBlockTable *self, Py_ssize_t max_bytes, unsigned long long next_large);
+
 static PyObject *BlockTable_take_run(RsBlockTable *self, PyObject *args) {
     Py_ssize_t max_bytes;
     unsigned long long next_large;
     if (!PyArg_ParseTuple(args, "nK", &max_bytes, &next_large)) return NULL;
+    if (rs_table_enter(self) < 0) return NULL;
+    PyObject *out = take_run(self, max_bytes, next_large);
+    rs_table_leave(self);
+    return out;
+}
+
+static PyObject *take_run(RsBlockTable *self, Py_ssize_t max_bytes, unsigned long long next_large) {
     size_t cap = 1024, n = 0;
     RsEntry *e = PyMem_Malloc(cap * sizeof(RsEntry));
     PyObject *keep = PyList_New(0); /* the encoded values, alive until packed */
@@ -593,7 +633,9 @@ done:
 
 static PyObject *BlockTable_clear(RsBlockTable *self, PyObject *unused) {
     (void)unused;
+    if (rs_table_enter(self) < 0) return NULL;
     clear_blocks(self);
+    rs_table_leave(self);
     Py_RETURN_NONE;
 }
 

@@ -68,6 +68,7 @@ typedef struct {
     size_t n_pbytes, cap_pbytes;
     uint8_t *ahead; /* LAYERS_AHEAD_BYTES: the keys layers_ahead() hashes */
     int8_t layers[LAYERS_AHEAD];
+    uint8_t init_called, running; /* see rs_init_twice in native.h */
 } Walker;
 
 /* --- growable buffers ------------------------------------------------------------------------- */
@@ -876,9 +877,16 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
     Py_buffer root;
     PyObject *nodes, *values = Py_None, *collections = Py_None;
     int max_depth = 32, strict = 0, record_cids = 0;
+    if (self->init_called) return rs_init_twice("Walker");
+    self->init_called = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*O|O$ippO", names, &root, &nodes, &values, &max_depth, &strict,
                                      &record_cids, &collections))
         return -1;
+    if (PyObject_TypeCheck(nodes, &RsBlockTable_Type) && rs_table_enter((RsBlockTable *)nodes) < 0) {
+        PyBuffer_Release(&root); /* not initialised: refused now, not when walked */
+        return -1;
+    }
+    if (PyObject_TypeCheck(nodes, &RsBlockTable_Type)) rs_table_leave((RsBlockTable *)nodes);
     if (collections != Py_None) {
         PyObject *seq = PySequence_Fast(collections, "collections must be an iterable of str");
         if (seq == NULL) {
@@ -909,11 +917,6 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
             self->n_wanted++;
         }
         Py_DECREF(seq);
-    }
-    if (self->nodes != NULL) {
-        PyBuffer_Release(&root);
-        PyErr_SetString(PyExc_RuntimeError, "Walker.__init__ called twice");
-        return -1;
     }
     /* the scratch key buffers are never NULL, so an empty one is b"" / "" in messages */
     if (root.len > UINT32_MAX / 4 || rs_reserve((void **)&self->items, &self->cap_items, 1, sizeof(Item)) < 0 ||
@@ -1001,11 +1004,21 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
     if (n < 1) return PyErr_Format(PyExc_ValueError, "chunk size must be at least 1, got %zd", n);
-    if (self->nodes == NULL) return PyErr_Format(PyExc_RuntimeError, "the walker is not initialised");
+    if (self->nodes == NULL) return rs_not_initialised("Walker"), NULL;
+    if (self->running) return rs_reentered("Walker"), NULL;
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     PyObject *deferred = NULL;
-    if (step(self, n, out, &deferred) < 0) {
+    /* the walk reads its stack and the table's blocks in place: nothing may call into either meanwhile */
+    if (self->table && rs_table_enter(self->table) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    self->running = 1;
+    int stepped = step(self, n, out, &deferred);
+    self->running = 0;
+    if (self->table) rs_table_leave(self->table);
+    if (stepped < 0) {
         Py_XDECREF(deferred);
         Py_DECREF(out);
         return fail(self);
@@ -1017,7 +1030,9 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
         return fail(self);
     }
     if (!(self->table != NULL && self->values == (PyObject *)self->table) && self->values != Py_None) {
+        self->running = 1;
         PyObject *items = PyObject_CallMethod(self->values, "values", "(OO)", out, self->record_cids ? Py_True : Py_False);
+        self->running = 0;
         Py_DECREF(out);
         if (items == NULL) return fail(self);
         out = items;
@@ -1037,6 +1052,7 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
 
 static PyObject *Walker_abandon(Walker *self, PyObject *unused) {
     (void)unused;
+    if (self->running) return rs_reentered("Walker"), NULL;
     self->n_items = 0;
     self->n_bytes = 0;
     Py_RETURN_NONE;
