@@ -210,7 +210,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&RsCarParser_Type) < 0 || PyType_Ready(&RsBlockTable_Type) < 0 || PyType_Ready(&RsWalker_Type) < 0 ||
-        rs_runs_ready() < 0)
+        rs_runs_ready() < 0 || rs_table_keys_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

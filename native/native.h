@@ -122,6 +122,8 @@ Py_ssize_t rs_table_used(RsBlockTable *t);
 /* Whether cid is the table's root (the commit's CID). */
 int rs_table_is_root(RsBlockTable *t, const uint8_t *cid, size_t cid_len);
 PyObject *rs_table_process(RsBlockTable *t); /* borrowed; Py_None when there is no processor */
+/* Draw the table hash's keys from the operating system (at import): 0, or -1 with OSError. */
+int rs_table_keys_init(void);
 /* Guards for callers holding a table across a callback: rs_table_enter checks it is initialised and
  * not busy, then marks it busy (0), or sets RuntimeError (-1); rs_table_leave unmarks it. */
 int rs_table_enter(RsBlockTable *t);

@@ -3,16 +3,20 @@
  * Blocks are packed into an arena of chunks as records [flags:1][cid_len:1][data_len:4][cid][data]
  * (data is the raw block, or, for a processed block, a PyObject* it owns). An open-addressing hash
  * table of tagged pointers (the record's address in the low 48 bits, 16 bits of the CID's hash
- * above) finds them. The hash is keyed by the process's hash secret (NH over the usual 36-byte
- * CIDs, CPython's SipHash over others), so forged CIDs cannot make it degrade.
+ * above) finds them. The hash is NH keyed from the operating system's randomness at import (not
+ * from CPython's hash secret, which PYTHONHASHSEED fixes), so forged CIDs cannot make it degrade.
  *
  * `used` counts the real bytes: records written to the arena, the slot array, and the processed
  * values' sizes as the reference counts them (8 for a number or None, len of bytes/str, the
  * block's length otherwise). */
 #include "native.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -53,37 +57,92 @@ struct RsBlockTable {
     uint8_t busy;           /* a method (or a parser or walker using the table) is running */
 };
 
-/* NH keys, drawn from CPython's keyed SipHash (so from PYTHONHASHSEED or the process's random
- * secret) on first use. */
-static uint32_t nh_key[10];
-static int nh_ready;
+/* NH keys, drawn from the operating system's randomness (getrandom, else /dev/urandom) when the
+ * module is imported: independent of PYTHONHASHSEED, which a deployment may fix (the benchmarks do),
+ * and with it the keys, so that anyone could forge CIDs that all land in one slot. Words 0-9 key
+ * the usual 36-byte CIDs; words 10-75 key the others (up to 255 bytes, zero-padded to 64 words, then
+ * their length), and nh_tail[i] is what the zero pairs from pair i on add. */
+#define NH_LONG 66
+static uint32_t nh_key[10 + NH_LONG];
+static uint64_t nh_tail[NH_LONG / 2 + 1];
 
-static void nh_init(void) {
-    for (uint64_t i = 0; i < 10; i++) {
-        uint64_t x = 0x9e3779b97f4a7c15ULL * (i + 1);
-        nh_key[i] = (uint32_t)((uint64_t)_Py_HashBytes(&x, sizeof x) >> 16);
+static int random_bytes(void *out, size_t n) {
+    uint8_t *p = out;
+#ifdef SYS_getrandom
+    while (n > 0) {
+        long got = syscall(SYS_getrandom, p, n, 0);
+        if (got < 0) {
+            if (errno == EINTR) continue;
+            break; /* ENOSYS (an old kernel) or a seccomp filter: read /dev/urandom */
+        }
+        p += got;
+        n -= (size_t)got;
     }
-    nh_ready = 1;
+    if (n == 0) return 0;
+#endif
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    while (n > 0) {
+        ssize_t got = read(fd, p, n);
+        if (got < 0 && errno == EINTR) continue;
+        if (got <= 0) {
+            close(fd);
+            return -1;
+        }
+        p += got;
+        n -= (size_t)got;
+    }
+    close(fd);
+    return 0;
 }
 
-/* The CID's table hash. A 36-byte CID (v1, sha2-256) takes NH (the universal hash of UMAC:
- * the sum of (m[2i] + k[2i]) * (m[2i+1] + k[2i+1]) over 32-bit words, two different inputs
- * colliding with probability 2^-32 under random keys), then a bijective mixer (MurmurHash3's
- * fmix64) so that the low bits, the slot index, depend on every bit: about 5x faster than SipHash
- * on 36 bytes. Other CIDs take CPython's SipHash. */
-static inline uint64_t hash_cid(const uint8_t *cid, size_t len) {
-    if (len != 36) return (uint64_t)_Py_HashBytes(cid, (Py_ssize_t)len);
-    if (!nh_ready) nh_init();
-    uint32_t m[10] = {0};
-    memcpy(m, cid, 36);
-    uint64_t h = 0;
-    for (int i = 0; i < 10; i += 2) h += (uint64_t)(uint32_t)(m[i] + nh_key[i]) * (uint32_t)(m[i + 1] + nh_key[i + 1]);
+int rs_table_keys_init(void) {
+    if (random_bytes(nh_key, sizeof nh_key) < 0) {
+        PyErr_SetString(PyExc_OSError, "repo_stream._native: no randomness from the operating system (getrandom, /dev/urandom)");
+        return -1;
+    }
+    const uint32_t *k = nh_key + 10;
+    nh_tail[NH_LONG / 2] = 0;
+    for (size_t i = NH_LONG / 2 - 1; i-- > 0;) nh_tail[i] = nh_tail[i + 1] + (uint64_t)k[2 * i] * k[2 * i + 1];
+    return 0;
+}
+
+static inline uint64_t fmix64(uint64_t h) {
     h ^= h >> 33;
     h *= 0xff51afd7ed558ccdULL;
     h ^= h >> 33;
     h *= 0xc4ceb9fe1a85ec53ULL;
     h ^= h >> 33;
     return h;
+}
+
+/* NH over a CID of any length up to 255 bytes, as if zero-padded to 64 words and followed by its
+ * length: two different CIDs differ in some word, so they collide with probability 2^-32. */
+static uint64_t hash_long(const uint8_t *cid, size_t len) {
+    const uint32_t *k = nh_key + 10;
+    uint32_t m[64] = {0};
+    if (len > 255) len = 255; /* never: the table refuses longer CIDs before hashing */
+    memcpy(m, cid, len);
+    size_t pairs = (len + 7) / 8;
+    uint64_t h = 0;
+    for (size_t i = 0; i < pairs; i++) h += (uint64_t)(uint32_t)(m[2 * i] + k[2 * i]) * (uint32_t)(m[2 * i + 1] + k[2 * i + 1]);
+    h += nh_tail[pairs] - nh_tail[32]; /* the zero pairs after the CID, up to pair 31 */
+    h += (uint64_t)(uint32_t)((uint32_t)len + k[64]) * k[65];
+    return fmix64(h);
+}
+
+/* The CID's table hash. A 36-byte CID (v1, sha2-256) takes NH (the universal hash of UMAC:
+ * the sum of (m[2i] + k[2i]) * (m[2i+1] + k[2i+1]) over 32-bit words, two different inputs
+ * colliding with probability 2^-32 under random keys), then a bijective mixer (MurmurHash3's
+ * fmix64) so that the low bits, the slot index, depend on every bit: about 5x faster than SipHash
+ * on 36 bytes. Other CIDs take hash_long. */
+static inline uint64_t hash_cid(const uint8_t *cid, size_t len) {
+    if (len != 36) return hash_long(cid, len);
+    uint32_t m[10] = {0};
+    memcpy(m, cid, 36);
+    uint64_t h = 0;
+    for (int i = 0; i < 10; i += 2) h += (uint64_t)(uint32_t)(m[i] + nh_key[i]) * (uint32_t)(m[i + 1] + nh_key[i + 1]);
+    return fmix64(h);
 }
 
 static inline uint8_t *rec_of(uint64_t slot) { return (uint8_t *)(uintptr_t)(slot & PTR_MASK); }
@@ -646,6 +705,22 @@ static PyObject *BlockTable_get_used(RsBlockTable *self, void *closure) {
     return PyLong_FromSsize_t(self->used);
 }
 
+/* The longest run of slots a look-up of a kept CID walks past its home slot (0: every CID in its
+ * own). Computed when asked, for tests: forged colliding CIDs would make it as long as their count. */
+static PyObject *BlockTable_get_longest_probe(RsBlockTable *self, void *closure) {
+    (void)closure;
+    size_t longest = 0;
+    for (size_t i = 0; i < self->nslots; i++) {
+        uint64_t s = self->slots[i];
+        if (s == 0) continue;
+        const uint8_t *rec = rec_of(s);
+        size_t home = (size_t)hash_cid(rec + HEADER_BYTES, rec[1]) & (self->nslots - 1);
+        size_t distance = (i - home) & (self->nslots - 1);
+        if (distance > longest) longest = distance;
+    }
+    return PyLong_FromSize_t(longest);
+}
+
 static PyObject *BlockTable_get_process(RsBlockTable *self, void *closure) {
     (void)closure;
     return Py_NewRef(self->process ? self->process : Py_None);
@@ -673,6 +748,8 @@ static PyMethodDef BlockTable_methods[] = {
 static PyGetSetDef BlockTable_getset[] = {
     {"used", (getter)BlockTable_get_used, NULL, "Bytes counted (the table's real bytes).", NULL},
     {"process", (getter)BlockTable_get_process, NULL, "The block processor, or None.", NULL},
+    {"longest_probe", (getter)BlockTable_get_longest_probe, NULL,
+     "Slots the longest look-up of a kept CID walks past its home slot (for tests).", NULL},
     {"root", (getter)BlockTable_get_root, NULL, "The commit's raw CID.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

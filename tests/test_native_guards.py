@@ -211,3 +211,107 @@ def test_callbacks_calling_into_a_running_walk_are_refused() -> None:
     assert isinstance(info.value.__cause__, RuntimeError)
     assert str(info.value.__cause__) == "BlockTable is already running (called again from a callback)"
     assert len(table) == 3
+
+
+# --- the table's hash keys (issue 19, item 12) ----------------------------------------------------
+
+MASK32 = 0xFFFFFFFF
+MASK64 = (1 << 64) - 1
+PREFIX = b"\x01\x71\x12\x20"  # CIDv1, dag-cbor, sha2-256, 32 bytes
+
+
+def old_nh_keys() -> list[int]:
+    """The NH keys the C table used to draw from CPython's hash secret: SipHash of 8 fixed bytes
+    each. ``hash(bytes)`` is that SipHash, so under PYTHONHASHSEED=0 they are public."""
+    keys = []
+    for i in range(10):
+        x = (0x9E3779B97F4A7C15 * (i + 1)) & MASK64
+        keys.append(((hash(x.to_bytes(8, "little")) & MASK64) >> 16) & MASK32)
+    return keys
+
+
+def old_nh(cid: bytes, keys: list[int]) -> int:
+    """The old table hash of a 36-byte CID before its mixer (a bijection: equal here, equal after)."""
+    m = [int.from_bytes(cid[i : i + 4], "little") for i in range(0, 36, 4)] + [0]
+    return sum(((m[i] + keys[i]) & MASK32) * ((m[i + 1] + keys[i + 1]) & MASK32) for i in range(0, 10, 2)) & MASK64
+
+
+def factor_pairs(product: int) -> list[tuple[int, int]]:
+    """Pairs (x, y) of 32-bit factors with x * y == product."""
+    pairs = []
+    divisors = [1]
+    n = product
+    p = 2
+    while n > 1:
+        e = 0
+        while n % p == 0:
+            n //= p
+            e += 1
+        if e:
+            divisors = [d * p**k for d in divisors for k in range(e + 1)]
+        p += 1
+    for x in sorted(divisors):
+        y = product // x
+        if x <= MASK32 and y <= MASK32:
+            pairs.append((x, y))
+    return pairs
+
+
+def colliding_cids(keys: list[int], count: int) -> list[bytes]:
+    """``count`` different 36-byte CIDs whose old table hashes under ``keys`` are all equal: two
+    word pairs of the digest are chosen so that each pair's NH product stays the same."""
+    product = 2**10 * 3**5 * 5**3 * 7**2 * 11 * 13 * 17 * 19 * 23 * 29 * 31  # 61 bits, many 32-bit factor pairs
+    pairs = factor_pairs(product)
+    assert len(pairs) ** 2 >= count
+    out = []
+    for a, b in pairs:
+        for c, d in pairs:
+            words = [int.from_bytes(PREFIX, "little"), 7, 0, 0, 0, 0, 11, 13, 17]
+            words[2], words[3] = (a - keys[2]) & MASK32, (b - keys[3]) & MASK32
+            words[4], words[5] = (c - keys[4]) & MASK32, (d - keys[5]) & MASK32
+            out.append(b"".join(w.to_bytes(4, "little") for w in words))
+            if len(out) == count:
+                return out
+    raise AssertionError("not enough factor pairs")
+
+
+LOAD_SCRIPT = r"""
+import sys, time
+from repo_stream import implementation
+from repo_stream import _native
+car = sys.stdin.buffer.read()
+parser = _native.CarParser(2 * 1024 * 1024, False)
+parser.feed(car)
+parser.read_header()
+table = _native.BlockTable(b"no root", None, bytes)
+start = time.perf_counter()
+while parser.load_into(table, 1 << 40):
+    pass
+parser.finish()
+print(len(table), table.longest_probe, time.perf_counter() - start)
+"""
+
+
+def test_table_hash_is_keyed_from_the_os_not_from_pythonhashseed() -> None:
+    """With PYTHONHASHSEED=0 the old keys were public: CIDs forged for them all fell into one slot
+    run (80,000 took 7.3 s to load). The keys now come from getrandom at import."""
+    import subprocess
+    import sys
+
+    from repo_stream.writer import car_bytes
+
+    count = 20_000
+    keys_script = "from tests.test_native_guards import old_nh_keys; print(old_nh_keys())"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    seed0 = subprocess.run([sys.executable, "-c", keys_script], env=env, capture_output=True, text=True, check=True)
+    keys = [int(k) for k in seed0.stdout.strip("[]\n").split(",")]
+    cids = colliding_cids(keys, count)
+    assert len(set(cids)) == count
+    assert len({old_nh(cid, keys) for cid in cids}) == 1  # the old scheme: every one in the same slot
+    car = car_bytes([cids[0]], [(cid, b"\x01") for cid in cids])
+    for _ in range(2):  # each start draws new keys: neither run degrades
+        run = subprocess.run([sys.executable, "-c", LOAD_SCRIPT], input=car, env=env, capture_output=True, check=True)
+        kept, longest, seconds = run.stdout.decode().split()
+        assert int(kept) == count
+        assert int(longest) < 1000, f"longest probe {longest} for {count} forged CIDs"  # ~40; old scheme: ~20,000
+        assert float(seconds) < 5.0  # ~0.01 s; the old scheme took ~0.5 s here, ~7 s for 80,000
