@@ -43,6 +43,7 @@ import functools
 import hashlib
 import re
 from array import array
+from itertools import accumulate
 from typing import Any
 
 import cbor2
@@ -215,18 +216,25 @@ def _consume(stack: list[list[Any]]) -> None:
         return
 
 
+#: A node of more entries than this is kept on the stack joined into a few bytes objects (see
+#: :class:`_Frame`); a smaller one (nearly every node) as its decoded entries, at most this many
+#: entries' objects per level, as that is quicker to build.
+_SMALL_NODE = 64
+
+
 class _Frame:
     """An expanded node on the walk's stack, kept compressed (see the module docstring).
 
-    Entry ``i``'s key is the previous key's first ``ps[i]`` bytes and then
-    ``ks[koff[i]:koff[i + 1]]``; its record CID is ``vs[voff[i]:voff[i + 1]]`` and its subtree's
-    ``ts[toff[i]:toff[i + 1]]`` (empty: none, or a subtree dropped by the collection filter).
-    ``left`` is the left subtree still to walk (None once pushed, or if dropped). ``i`` is the next
-    entry, ``key`` the last key built (entry ``i - 1``'s, or entry ``i``'s while its subtree is
-    next: ``subtree`` set).
+    ``entry(i)`` is entry ``i``'s ``(p, k, v, t)``, ``t`` empty for no subtree (or one dropped by the
+    collection filter); its key is the previous key's first ``p`` bytes, then ``k``. A small node
+    keeps its decoded entries; a big one its ``k`` suffixes, ``v`` and ``t`` CIDs joined into one
+    bytes object each (``ks[koff[i]:koff[i + 1]]``...) and its ``p`` in an array: about the node's
+    own size. ``left`` is the left subtree still to walk (None once pushed, or if dropped). ``i``
+    is the next entry, ``key`` the last key built (entry ``i - 1``'s, or while ``subtree`` is set,
+    entry ``i``'s, whose subtree is next).
     """
 
-    __slots__ = ("ks", "koff", "ps", "vs", "voff", "ts", "toff", "n", "i", "key", "subtree", "left", "child", "depth", "lo", "hi")
+    __slots__ = ("entries", "ts", "ks", "koff", "ps", "vs", "voff", "toff", "n", "i", "key", "subtree", "left", "child", "depth", "lo", "hi")
 
     def __init__(
         self,
@@ -238,14 +246,19 @@ class _Frame:
         lo: bytes | None,
         hi: bytes | None,
     ) -> None:
-        self.ks = b"".join([k for _p, k, _v, _t in entries])
-        self.vs = b"".join([v for _p, _k, v, _t in entries])
-        self.ts = b"".join(ts)
-        self.ps = array("H", [p for p, _k, _v, _t in entries])  # checked: at most MAX_KEY_BYTES
-        self.koff = _offsets([len(k) for _p, k, _v, _t in entries])
-        self.voff = _offsets([len(v) for _p, _k, v, _t in entries])
-        self.toff = _offsets([len(t) for t in ts])
         self.n = len(entries)
+        if self.n <= _SMALL_NODE:
+            self.entries: list[tuple[int, bytes, bytes, bytes | None]] | None = entries
+            self.ts: list[bytes] | bytes = ts
+        else:
+            self.entries = None
+            self.ks = b"".join([k for _p, k, _v, _t in entries])
+            self.vs = b"".join([v for _p, _k, v, _t in entries])
+            self.ts = b"".join(ts)
+            self.ps = array("H", [p for p, _k, _v, _t in entries])  # checked: at most MAX_KEY_BYTES
+            self.koff = _offsets([len(k) for _p, k, _v, _t in entries])
+            self.voff = _offsets([len(v) for _p, _k, v, _t in entries])
+            self.toff = _offsets([len(t) for t in ts])
         self.i = 0
         self.key = b""
         self.subtree = False
@@ -255,18 +268,19 @@ class _Frame:
         self.lo = lo
         self.hi = hi
 
-    def key_at(self, i: int, prev: bytes) -> bytes:
-        """Entry ``i``'s key, given entry ``i - 1``'s."""
-        return prev[: self.ps[i]] + self.ks[self.koff[i] : self.koff[i + 1]]
+    def entry(self, i: int) -> tuple[int, bytes, bytes, bytes]:
+        """Entry ``i``'s ``(p, k, v, t)`` (``t`` empty: no subtree to walk)."""
+        if self.entries is not None:
+            p, k, v, _t = self.entries[i]
+            return p, k, v, self.ts[i]  # type: ignore[return-value]
+        koff, voff, toff = self.koff, self.voff, self.toff
+        return self.ps[i], self.ks[koff[i] : koff[i + 1]], self.vs[voff[i] : voff[i + 1]], self.ts[toff[i] : toff[i + 1]]  # type: ignore[return-value]
 
 
 def _offsets(lengths: list[int]) -> array[int]:
     """Start offsets of pieces of these lengths laid end to end, and the end: ``len + 1`` items."""
-    out = array("L", [0]) * (len(lengths) + 1)
-    at = 0
-    for i, n in enumerate(lengths):
-        at += n
-        out[i + 1] = at
+    out = array("Q", [0])
+    out.extend(accumulate(lengths))
     return out
 
 
@@ -371,20 +385,24 @@ class Walker:
                 f = item
                 if f.left is not None:  # walked first
                     left, f.left = f.left, None
-                    stack.append((0, left, f.child, f.depth + 1, f.lo, f.key_at(0, b"")))
+                    stack.append((0, left, f.child, f.depth + 1, f.lo, f.entry(0)[1]))
                     continue
                 i = f.i
+                p, k, v, t = f.entry(i)
                 if f.subtree:  # entry i's subtree, between its key and the next
                     f.subtree = False
                     f.i = i + 1
-                    hi = f.key_at(i + 1, f.key) if i + 1 < f.n else f.hi
                     if f.i == f.n:
                         pop()
-                    stack.append((0, f.ts[f.toff[i] : f.toff[i + 1]], f.child, f.depth + 1, f.key, hi))
+                        hi = f.hi
+                    else:
+                        np, nk, _v, _t = f.entry(i + 1)
+                        hi = f.key[:np] + nk
+                    stack.append((0, t, f.child, f.depth + 1, f.key, hi))
                     continue
-                key = f.key_at(i, f.key)
+                key = f.key[:p] + k if p else k
                 f.key = key
-                if f.toff[i + 1] > f.toff[i]:
+                if t:
                     f.subtree = True
                 else:
                     f.i = i + 1
@@ -394,7 +412,7 @@ class Walker:
                 if skey <= last:
                     raise messages.key_order(skey, last)
                 if wanted is None or skey.partition("/")[0] in wanted:
-                    emit((skey, f.vs[f.voff[i] : f.voff[i + 1]]))
+                    emit((skey, v))
                 last = skey
                 continue
             pop()
