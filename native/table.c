@@ -7,8 +7,8 @@
  * from CPython's hash secret, which PYTHONHASHSEED fixes), so forged CIDs cannot make it degrade.
  *
  * `used` counts the real bytes: records written to the arena, the slot array, and the processed
- * values' sizes as the reference counts them (8 for a number or None, len of bytes/str, the
- * block's length otherwise). */
+ * values' sizes as the reference counts them (8 for a number or None, len of bytes/str, what a
+ * container costs as Python objects: value_size). */
 #include "native.h"
 
 #include <errno.h>
@@ -254,14 +254,94 @@ static uint8_t *arena_alloc(RsBlockTable *t, size_t size) {
     return p;
 }
 
-/* The reference's size of a processed value (blocks.MemoryBlocks.add): 8 for a number or None, the
- * length of bytes or str, the block's length for anything else (encoding it just to count it costs
- * more than decoding it). */
-static Py_ssize_t value_size(PyObject *v, size_t block_len) {
+/* What one object costs, as sys.getsizeof gives it (its own bytes, and the GC header of a type
+ * the collector tracks): computed from its type and length, except a dict's, which is asked. */
+static PyObject *sizeof_name;
+
+static Py_ssize_t object_size(PyObject *o) {
+    PyTypeObject *type = Py_TYPE(o);
+    Py_ssize_t gc = PyType_IS_GC(type) ? 16 : 0;
+    if (PyUnicode_CheckExact(o)) {
+        Py_ssize_t n = PyUnicode_GET_LENGTH(o);
+        if (PyUnicode_IS_COMPACT_ASCII(o)) return (Py_ssize_t)sizeof(PyASCIIObject) + n + 1;
+        return (Py_ssize_t)sizeof(PyCompactUnicodeObject) + (n + 1) * (Py_ssize_t)PyUnicode_KIND(o);
+    }
+    if (PyBytes_CheckExact(o)) return (Py_ssize_t)offsetof(PyBytesObject, ob_sval) + 1 + PyBytes_GET_SIZE(o);
+    if (PyList_CheckExact(o)) return (Py_ssize_t)sizeof(PyListObject) + ((PyListObject *)o)->allocated * (Py_ssize_t)sizeof(PyObject *) + gc;
+    if (PyLong_CheckExact(o)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow) return 64;
+        unsigned long long m = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+        return m < (1ULL << 30) ? 28 : m < (1ULL << 60) ? 32 : 36;
+    }
+    if (PyDict_CheckExact(o)) {
+        if (sizeof_name == NULL && (sizeof_name = PyUnicode_InternFromString("__sizeof__")) == NULL) return -1;
+        PyObject *r = PyObject_CallMethodNoArgs(o, sizeof_name);
+        if (r == NULL) return -1;
+        Py_ssize_t n = PyLong_AsSsize_t(r);
+        Py_DECREF(r);
+        return n < 0 ? -1 : n + gc;
+    }
+    Py_ssize_t n = type->tp_basicsize + gc;
+    if (type->tp_itemsize) {
+        Py_ssize_t items = Py_SIZE(o);
+        n += (items < 0 ? -items : items) * type->tp_itemsize;
+    }
+    return n;
+}
+
+/* The size a processed value is counted for (blocks.value_size in the reference): 8 for a number
+ * or None, the length of bytes or str; for anything else what it costs as Python objects, every
+ * object it holds through dicts, lists and tuples (a decoded record is ~4-5x its block).
+ * Iterative; -1 with an error set. */
+static Py_ssize_t value_size(PyObject *v) {
     if (PyLong_CheckExact(v) || PyBool_Check(v) || PyFloat_CheckExact(v) || v == Py_None) return 8;
     if (PyBytes_CheckExact(v)) return PyBytes_GET_SIZE(v);
     if (PyUnicode_CheckExact(v)) return PyUnicode_GET_LENGTH(v);
-    return (Py_ssize_t)block_len;
+    PyObject *small[64];
+    PyObject **stack = small;
+    size_t n = 0, cap = 64;
+    Py_ssize_t total = 0;
+    stack[n++] = v; /* borrowed: nothing runs that could drop them (a dict's own __sizeof__ only) */
+    while (n > 0) {
+        PyObject *o = stack[--n];
+        Py_ssize_t size = object_size(o);
+        if (size < 0) goto fail;
+        total += size;
+        Py_ssize_t more = PyDict_CheckExact(o) ? 2 * PyDict_GET_SIZE(o)
+                          : PyList_CheckExact(o) ? PyList_GET_SIZE(o)
+                          : PyTuple_CheckExact(o) ? PyTuple_GET_SIZE(o) : 0;
+        if (more == 0) continue;
+        if (n + (size_t)more > cap) {
+            size_t want = cap;
+            while (want < n + (size_t)more) want *= 2;
+            PyObject **grown = stack == small ? PyMem_Malloc(want * sizeof *grown) : PyMem_Realloc(stack, want * sizeof *grown);
+            if (grown == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            if (stack == small) memcpy(grown, small, n * sizeof *grown);
+            stack = grown;
+            cap = want;
+        }
+        if (PyDict_CheckExact(o)) {
+            Py_ssize_t pos = 0;
+            PyObject *key, *value;
+            while (PyDict_Next(o, &pos, &key, &value)) {
+                stack[n++] = key;
+                stack[n++] = value;
+            }
+        } else {
+            PyObject **items = PyList_CheckExact(o) ? ((PyListObject *)o)->ob_item : ((PyTupleObject *)o)->ob_item;
+            for (Py_ssize_t i = 0; i < more; i++) stack[n++] = items[i];
+        }
+    }
+    if (stack != small) PyMem_Free(stack);
+    return total;
+fail:
+    if (stack != small) PyMem_Free(stack);
+    return -1;
 }
 
 static int node_shaped(const uint8_t *block, size_t len) {
@@ -296,7 +376,11 @@ int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint
             if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
             PyErr_Clear(); /* kept raw: processed again, and the error raised, only if emitted */
         } else {
-            vsize = value_size(value, block_len);
+            vsize = value_size(value);
+            if (vsize < 0) {
+                Py_DECREF(value);
+                return -1;
+            }
             flags = F_PROCESSED;
         }
     }

@@ -318,10 +318,10 @@ class Walker:
         record_cids: bool = False,
         collections: frozenset[str] | None = None,
     ) -> None:
-        # Stack items: (0, cid, expected_layer or -1 for the root, depth, lo, hi) for nodes, where
-        #              lo < every key of the subtree < hi (bytes, or None for no bound),
-        #              (1, key: str, cid) for records.
-        self._stack: list[tuple[Any, ...]] = [(0, root, -1, 1, None, None)]
+        # Stack items: (0, cid, expected_layer or -1 for the root, depth, lo, hi) for nodes still
+        #              to expand, where lo < every key of the subtree < hi (bytes, or None for
+        #              no bound); a _Frame for an expanded node, its records and subtrees.
+        self._stack: list[tuple[Any, ...] | _Frame] = [(0, root, -1, 1, None, None)]
         self._collections = collections
         # Keys of collection C are exactly those with C + "/" <= key < C + "0" ("0" follows "/").
         self._ranges = None if collections is None else [(c.encode() + b"/", c.encode() + b"0") for c in sorted(collections)]
@@ -416,6 +416,7 @@ class Walker:
                 last = skey
                 continue
             pop()
+            assert type(item) is tuple
             _, cid, expected, depth, lo, hi = item
             if depth > self._max_depth:
                 raise messages.depth_limit(cid, depth, self._max_depth)
@@ -441,7 +442,7 @@ class Walker:
         return any((hi is None or hi > first) and (lo is None or lo < end) for first, end in ranges)
 
     def _expand(
-        self, cid: bytes, block: bytes, expected: int, depth: int, lo: bytes | None, hi: bytes | None, stack: list[tuple[Any, ...]]
+        self, cid: bytes, block: bytes, expected: int, depth: int, lo: bytes | None, hi: bytes | None, stack: list[tuple[Any, ...] | _Frame]
     ) -> list[bytes] | None:
         """Decode one node, check its rules and push it as a :class:`_Frame` (or, for a node with
         only a left subtree, that subtree).
