@@ -19,7 +19,8 @@ mkdir -p "$build" "$here/fuzz/corpus" "$here/fuzz/findings"
 "$py" "$here/fuzz/seeds.py" "$build/seeds"
 site=$("$py" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 cd "$here"
-ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+# PYTHONMALLOC=malloc: buffers of 512 bytes or less come from malloc too, where ASan sees them.
+PYTHONMALLOC=malloc ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 PYTHONPATH="$here:$site" REPO_STREAM_PURE_PYTHON=0 \
     "$build/fuzz-core" -max_total_time="$seconds" -max_len=65536 -timeout=20 -rss_limit_mb=4096 \
     -artifact_prefix="$here/fuzz/findings/" -print_final_stats=1 "$here/fuzz/corpus" "$build/seeds"

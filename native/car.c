@@ -18,7 +18,17 @@ typedef struct {
     int verify;
     long long bytes_fed, blocks_read;
     RsVerifier *verifier; /* verify_cids: blocks hashed ahead, on a second core (verify.c) */
+    uint8_t init_called, ready, busy; /* see rs_init_twice in native.h */
 } CarParser;
+
+/* Enter a method: initialised and not running (a callback such as a block processor calling back
+ * into the parser would find its buffer moved). 0 (now busy), or -1 with RuntimeError. */
+static int enter(CarParser *self) {
+    if (!self->ready) return rs_not_initialised("CarParser");
+    if (self->busy) return rs_reentered("CarParser");
+    self->busy = 1;
+    return 0;
+}
 
 /* Varint as repo_stream.core.car.read_varint: returns 1 (value, *next set), 0 (ends before `end`),
  * -1 (error set). `offset` is the stream offset of buf[0]. */
@@ -180,6 +190,8 @@ static int CarParser_init(CarParser *self, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"max_block_size", "verify_cids", NULL};
     Py_ssize_t max_block_size = 2 * 1024 * 1024;
     int verify = 0;
+    if (self->init_called) return rs_init_twice("CarParser");
+    self->init_called = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|np", names, &max_block_size, &verify)) return -1;
     if (max_block_size < 1 || max_block_size > ((Py_ssize_t)1 << 40)) {
         PyErr_Format(PyExc_ValueError, "max_block_size must be from 1 to 2**40 bytes, got %zd", max_block_size);
@@ -196,6 +208,7 @@ static int CarParser_init(CarParser *self, PyObject *args, PyObject *kwargs) {
     self->bytes_fed = self->blocks_read = 0;
     rs_verifier_free(self->verifier);
     self->verifier = NULL;
+    self->ready = 1;
     return 0;
 }
 
@@ -205,7 +218,7 @@ static void CarParser_dealloc(CarParser *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *CarParser_feed(CarParser *self, PyObject *arg) {
+static PyObject *parser_feed(CarParser *self, PyObject *arg) {
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
     Py_ssize_t n = view.len;
@@ -236,7 +249,7 @@ static PyObject *CarParser_feed(CarParser *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
-static PyObject *CarParser_read_header(CarParser *self, PyObject *unused) {
+static PyObject *parser_read_header(CarParser *self, PyObject *unused) {
     (void)unused;
     uint64_t length;
     Py_ssize_t start;
@@ -258,7 +271,7 @@ static PyObject *CarParser_read_header(CarParser *self, PyObject *unused) {
     return PyBytes_FromStringAndSize((const char *)self->buf + start, (Py_ssize_t)length);
 }
 
-static PyObject *CarParser_finish(CarParser *self, PyObject *unused) {
+static PyObject *parser_finish(CarParser *self, PyObject *unused) {
     (void)unused;
     if (!self->header_done) {
         if (self->bytes_fed == 0) return rs_raise("empty_input", "()"), NULL;
@@ -318,7 +331,7 @@ static PyObject *load_into(CarParser *self, RsBlockTable *t, Py_ssize_t limit) {
 
 /* The buffer may move once control is back in Python: the verifier's thread must be done with it
  * (and, in a process forked since, the verifier starts afresh: see verify.c). */
-static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
+static PyObject *parser_next_sections(CarParser *self, PyObject *unused) {
     (void)unused;
     rs_verifier_quiesce(self->verifier);
     PyObject *out = next_sections(self);
@@ -326,13 +339,15 @@ static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
     return out;
 }
 
-static PyObject *CarParser_load_into(CarParser *self, PyObject *args) {
+static PyObject *parser_load_into(CarParser *self, PyObject *args) {
     PyObject *table;
     Py_ssize_t limit;
     if (!PyArg_ParseTuple(args, "O!n:load_into", &RsBlockTable_Type, &table, &limit)) return NULL;
+    if (rs_table_enter((RsBlockTable *)table) < 0) return NULL;
     rs_verifier_quiesce(self->verifier);
     PyObject *out = load_into(self, (RsBlockTable *)table, limit);
     rs_verifier_quiesce(self->verifier);
+    rs_table_leave((RsBlockTable *)table);
     return out;
 }
 
@@ -365,6 +380,41 @@ static PyObject *CarParser_get_max_block_size(CarParser *self, void *closure) {
 static PyObject *CarParser_get_verify(CarParser *self, void *closure) {
     (void)closure;
     return PyBool_FromLong(self->verify);
+}
+
+static PyObject *CarParser_feed(CarParser *self, PyObject *arg) {
+    if (enter(self) < 0) return NULL;
+    PyObject *out = parser_feed(self, arg);
+    self->busy = 0;
+    return out;
+}
+
+static PyObject *CarParser_read_header(CarParser *self, PyObject *unused) {
+    if (enter(self) < 0) return NULL;
+    PyObject *out = parser_read_header(self, unused);
+    self->busy = 0;
+    return out;
+}
+
+static PyObject *CarParser_finish(CarParser *self, PyObject *unused) {
+    if (enter(self) < 0) return NULL;
+    PyObject *out = parser_finish(self, unused);
+    self->busy = 0;
+    return out;
+}
+
+static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
+    if (enter(self) < 0) return NULL;
+    PyObject *out = parser_next_sections(self, unused);
+    self->busy = 0;
+    return out;
+}
+
+static PyObject *CarParser_load_into(CarParser *self, PyObject *args) {
+    if (enter(self) < 0) return NULL;
+    PyObject *out = parser_load_into(self, args);
+    self->busy = 0;
+    return out;
 }
 
 static PyMethodDef CarParser_methods[] = {

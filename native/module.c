@@ -38,6 +38,21 @@ int rs_raise(const char *name, const char *fmt, ...) {
     return -1;
 }
 
+int rs_init_twice(const char *type) {
+    PyErr_Format(PyExc_RuntimeError, "%s.__init__ called twice", type);
+    return -1;
+}
+
+int rs_not_initialised(const char *type) {
+    PyErr_Format(PyExc_RuntimeError, "%s is not initialised (its __init__ did not run)", type);
+    return -1;
+}
+
+int rs_reentered(const char *type) {
+    PyErr_Format(PyExc_RuntimeError, "%s is already running (called again from a callback)", type);
+    return -1;
+}
+
 static const char B32[] = "abcdefghijklmnopqrstuvwxyz234567";
 
 PyObject *rs_cid_text_of(const uint8_t *cid, size_t len) {
@@ -195,7 +210,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&RsCarParser_Type) < 0 || PyType_Ready(&RsBlockTable_Type) < 0 || PyType_Ready(&RsWalker_Type) < 0 ||
-        rs_runs_ready() < 0)
+        rs_runs_ready() < 0 || rs_table_keys_init() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;

@@ -42,6 +42,15 @@ int rs_reserve(void **buf, size_t *cap, size_t need, size_t elem);
  * (a spill store closed: its SQLite page cache, freed in a worker thread's arena). In table.c. */
 void rs_trim(size_t released, int force);
 
+/* --- guards of the C types' entry points (module.c) ------------------------------------------
+ * A type's __init__ runs once (a second call, even after a failed first, raises); every method
+ * checks that it ran; and a method that may call back into Python (a processor, a codec, a store)
+ * marks the object busy, so that a callback calling into the same object is refused instead of
+ * finding its buffers moved or freed. Each sets RuntimeError and returns -1. */
+int rs_init_twice(const char *type);   /* "<type>.__init__ called twice" */
+int rs_not_initialised(const char *type); /* "<type> is not initialised (its __init__ did not run)" */
+int rs_reentered(const char *type);   /* "<type> is already running (called again from a callback)" */
+
 /* --- sha256.c -------------------------------------------------------------------------------- */
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
 /* The digests of n messages (out[i] of data[i], len[i] bytes), hashed side by side in vector lanes
@@ -113,6 +122,12 @@ Py_ssize_t rs_table_used(RsBlockTable *t);
 /* Whether cid is the table's root (the commit's CID). */
 int rs_table_is_root(RsBlockTable *t, const uint8_t *cid, size_t cid_len);
 PyObject *rs_table_process(RsBlockTable *t); /* borrowed; Py_None when there is no processor */
+/* Draw the table hash's keys from the operating system (at import): 0, or -1 with OSError. */
+int rs_table_keys_init(void);
+/* Guards for callers holding a table across a callback: rs_table_enter checks it is initialised and
+ * not busy, then marks it busy (0), or sets RuntimeError (-1); rs_table_leave unmarks it. */
+int rs_table_enter(RsBlockTable *t);
+void rs_table_leave(RsBlockTable *t);
 
 /* --- car.c / walk.c --------------------------------------------------------------------------- */
 extern PyTypeObject RsCarParser_Type;

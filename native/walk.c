@@ -15,18 +15,41 @@
 #define LAYERS_AHEAD_BYTES 8192
 #define RECORD_AHEAD 4 /* items: how far ahead the walk fetches records into the cache */
 
+/* The walk's stack holds two kinds of items. A node still to expand: its CID, then (with a
+ * collection filter) its subtree's key bounds, on the byte stack. An expanded node, a frame: its
+ * entries kept as compressed as in the node (a key is its prefix length and suffix), each key built
+ * again only when its record is emitted, so the stack costs about the bytes of the nodes on the
+ * current path, never their keys spelled out (an entry of ~22 bytes can stand for a key of ~830).
+ * A frame's region on the byte stack (8-byte aligned): a FrameHead, the last key built (key_cap
+ * bytes), the entries (FRAME_ENTRY header, k, v, t), then the node's bounds and its left CID. */
 typedef struct {
-    uint64_t hash;    /* the CID's table hash (with a C table), computed when pushed */
-    uint32_t off;     /* into the byte stack: key bytes (records), then CID bytes */
-    uint32_t key_len; /* records only */
-    uint32_t cid_len;
-    int32_t layer; /* nodes: the expected layer, -1 for the root */
+    uint64_t hash;    /* nodes: the CID's table hash (with a C table), computed when pushed */
+    uint32_t off;     /* into the byte stack: a node's CID then bounds, or a frame's region */
+    uint32_t cid_len; /* nodes */
+    int32_t layer;    /* nodes: the expected layer, -1 for the root */
     uint32_t depth;
     uint32_t lo_len, hi_len; /* nodes, with a collection filter: the subtree's key bounds, stored after the CID */
-    uint32_t lo_off, hi_off; /* pending items only: where the bounds are in pbytes */
-    uint8_t is_record;
-    uint8_t bounds; /* 1: has lo, 2: has hi, 0x80: dropped (pending only) */
+    uint8_t is_frame;
+    uint8_t bounds; /* nodes: 1 has lo, 2 has hi */
 } Item;
+
+typedef struct {
+    uint32_t next;                    /* the next entry to emit (an offset in the region) */
+    uint32_t end;                     /* where the entries end */
+    uint32_t ahead_rec, ahead_n;      /* records fetched into the cache up to there: ahead_n entries after next */
+    uint32_t key_len, key_cap;        /* the last key built (after the head) */
+    uint32_t lo_off, lo_len, hi_off, hi_len; /* the node's bounds (filter only), in the region */
+    uint32_t left_off, left_len;      /* the left subtree still to walk (0: none, dropped, or pushed) */
+    uint32_t sub_off, sub_len;        /* the last emitted entry's subtree, next to walk (0: none) */
+    int32_t child;                    /* the subtrees' layer */
+    uint32_t depth;                   /* the node's depth */
+    uint8_t has_lo, has_hi;
+} FrameHead;
+
+/* An entry in a frame: p (u16), k_len (u16), v_len (u32), t_len (u32, 0: no subtree or dropped),
+ * the record CID's table hash (u64), then k, v and t. p and k_len are checked keys: at most 1024. */
+#define FRAME_ENTRY 20
+#define FRAME_ALIGN 8
 
 typedef struct {
     uint8_t *name; /* the collection, then "/" at [len]; "0" replaces it for the range's end */
@@ -62,12 +85,11 @@ typedef struct {
     size_t cap_entries;
     uint8_t *key, *prev, *cid;
     size_t cap_key, prev_len, cap_prev, cap_cid;
-    Item *pending; /* a node's items before they go on the stack, in walk order */
-    size_t cap_pending;
-    uint8_t *pbytes;
-    size_t n_pbytes, cap_pbytes;
+    uint8_t *nbuf; /* the bounds of the node being expanded (copied off the stack), then a child's */
+    size_t cap_nbuf;
     uint8_t *ahead; /* LAYERS_AHEAD_BYTES: the keys layers_ahead() hashes */
     int8_t layers[LAYERS_AHEAD];
+    uint8_t init_called, running; /* see rs_init_twice in native.h */
 } Walker;
 
 /* --- growable buffers ------------------------------------------------------------------------- */
@@ -178,8 +200,9 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
             if (expect_head(&c, 4, &entries, &noncanon) < 0)
                 return node_error(cid, cid_len, noncanon ? canon : "'e' is not a list");
             if (entries > (uint64_t)(c.end - c.p)) return node_error(cid, cid_len, "'e' claims more entries than there are bytes");
-            if (rs_reserve((void **)&w->entries, &w->cap_entries, (size_t)entries + 1, sizeof(Entry)) < 0) return -1;
             for (uint64_t j = 0; j < entries; j++) {
+                /* sized by the entries decoded, not by the count the node claims */
+                if (rs_reserve((void **)&w->entries, &w->cap_entries, (size_t)j + 1, sizeof(Entry)) < 0) return -1;
                 Entry *e = &w->entries[j];
                 memset(e, 0, sizeof *e);
                 uint64_t fields;
@@ -370,56 +393,54 @@ static int valid_rkey(const uint8_t *s, size_t n) {
 
 /* --- the stack ---------------------------------------------------------------------------------- */
 
-/* Append an item to the pending list with its key and CID bytes. */
-static int pend(Walker *w, int is_record, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len,
-                int32_t layer, uint32_t depth, size_t *count) {
-    if (key_len + cid_len > UINT32_MAX / 2) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    if (rs_reserve((void **)&w->pending, &w->cap_pending, *count + 1, sizeof(Item)) < 0) return -1;
-    if (rs_reserve((void **)&w->pbytes, &w->cap_pbytes, w->n_pbytes + key_len + cid_len, 1) < 0) return -1;
-    Item *it = &w->pending[(*count)++];
-    it->off = (uint32_t)w->n_pbytes;
-    it->key_len = (uint32_t)key_len;
-    it->cid_len = (uint32_t)cid_len;
-    it->layer = layer;
-    it->depth = depth;
-    it->is_record = (uint8_t)is_record;
-    it->lo_len = it->hi_len = it->lo_off = it->hi_off = 0;
-    it->bounds = 0;
-    it->hash = 0;
-    if (key_len) memcpy(w->pbytes + w->n_pbytes, key, key_len);
-    memcpy(w->pbytes + w->n_pbytes + key_len, cid, cid_len);
-    w->n_pbytes += key_len + cid_len;
-    return 0;
-}
-
-/* Move the pending items onto the stack, last first, so the first is on top. */
-static int push_pending(Walker *w, size_t count) {
-    if (rs_reserve((void **)&w->items, &w->cap_items, w->n_items + count, sizeof(Item)) < 0) return -1;
-    size_t need = 0;
-    for (size_t i = 0; i < count; i++)
-        need += (size_t)w->pending[i].key_len + w->pending[i].cid_len + w->pending[i].lo_len + w->pending[i].hi_len;
-    if (rs_reserve((void **)&w->bytes, &w->cap_bytes, w->n_bytes + need, 1) < 0) return -1;
+/* Push a node item: its CID and (flags in `bounds`) its bounds, copied from anywhere but the byte
+ * stack (which may move). 0, or -1 with an error. */
+static int push_node(Walker *w, const uint8_t *cid, size_t cid_len, int32_t layer, uint32_t depth, const uint8_t *lo,
+                     size_t lo_len, const uint8_t *hi, size_t hi_len, int bounds) {
+    size_t need = cid_len + lo_len + hi_len;
     if (w->n_bytes + need > UINT32_MAX) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = count; i-- > 0;) {
-        Item it = w->pending[i];
-        size_t n = it.key_len + it.cid_len;
-        /* start fetching the children's table slots now: their look-ups overlap, not queue */
-        if (w->table) it.hash = rs_table_hash(w->table, w->pbytes + it.off + it.key_len, it.cid_len);
-        uint8_t *to = w->bytes + w->n_bytes;
-        memcpy(to, w->pbytes + it.off, n);
-        if (it.lo_len) memcpy(to + n, w->pbytes + it.lo_off, it.lo_len);
-        if (it.hi_len) memcpy(to + n + it.lo_len, w->pbytes + it.hi_off, it.hi_len);
-        it.off = (uint32_t)w->n_bytes;
-        w->n_bytes += n + it.lo_len + it.hi_len;
-        w->items[w->n_items++] = it;
-    }
+    if (rs_reserve((void **)&w->items, &w->cap_items, w->n_items + 1, sizeof(Item)) < 0 ||
+        rs_reserve((void **)&w->bytes, &w->cap_bytes, w->n_bytes + need + 1, 1) < 0)
+        return -1;
+    Item it = {0};
+    it.off = (uint32_t)w->n_bytes;
+    it.cid_len = (uint32_t)cid_len;
+    it.layer = layer;
+    it.depth = depth;
+    it.lo_len = (uint32_t)lo_len;
+    it.hi_len = (uint32_t)hi_len;
+    it.bounds = (uint8_t)bounds;
+    uint8_t *to = w->bytes + w->n_bytes;
+    memcpy(to, cid, cid_len);
+    if (lo_len) memcpy(to + cid_len, lo, lo_len);
+    if (hi_len) memcpy(to + cid_len + lo_len, hi, hi_len);
+    /* start fetching the node's table slot now: the look-up overlaps what comes before it */
+    if (w->table) it.hash = rs_table_hash(w->table, cid, cid_len);
+    w->n_bytes += need;
+    w->items[w->n_items++] = it;
     return 0;
+}
+
+/* A frame entry's fields. */
+static inline void entry_at(const uint8_t *e, size_t *p, size_t *k_len, size_t *v_len, size_t *t_len, uint64_t *hash) {
+    uint16_t p16, k16;
+    uint32_t v32, t32;
+    memcpy(&p16, e, 2);
+    memcpy(&k16, e + 2, 2);
+    memcpy(&v32, e + 4, 4);
+    memcpy(&t32, e + 8, 4);
+    memcpy(hash, e + 12, 8);
+    *p = p16, *k_len = k16, *v_len = v32, *t_len = t32;
+}
+
+static inline size_t entry_size(const uint8_t *e) {
+    size_t p, k, v, t;
+    uint64_t h;
+    entry_at(e, &p, &k, &v, &t, &h);
+    return FRAME_ENTRY + k + v + t;
 }
 
 /* --- with_collections ------------------------------------------------------------------------ */
@@ -481,17 +502,6 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
     size_t left_len, count;
     if (decode_node(w, cid, cid_len, block, len, &left, &left_len, &count) < 0) return -1;
     int is_root = expected < 0;
-    size_t npend = 0;
-    w->n_pbytes = 0;
-    /* the node's own bounds go first in pbytes, so every bound a child gets is found there */
-    size_t nlo_off = 0, nhi_off = 0;
-    if (w->wanted) {
-        if (rs_reserve((void **)&w->pbytes, &w->cap_pbytes, nb.lo_len + nb.hi_len + 1, 1) < 0) return -1;
-        if (nb.lo_len) memcpy(w->pbytes, nb.lo, nb.lo_len);
-        if (nb.hi_len) memcpy(w->pbytes + nb.lo_len, nb.hi, nb.hi_len);
-        nhi_off = nb.lo_len;
-        w->n_pbytes = nb.lo_len + nb.hi_len;
-    }
     if (count == 0) {
         if (left == NULL) {
             if (is_root) return 0; /* the empty repo */
@@ -500,15 +510,9 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
         if (is_root) return rs_raise("empty_root", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
         if (expected == 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
         if (!may_hold(w, nb.lo, nb.lo_len, nb.has_lo, nb.hi, nb.hi_len, nb.has_hi)) return 0;
-        if (pend(w, 0, NULL, 0, left, left_len, expected - 1, depth + 1, &npend) < 0) return -1;
-        Item *it = &w->pending[0];
-        it->lo_off = (uint32_t)nlo_off;
-        it->lo_len = (uint32_t)nb.lo_len;
-        it->hi_off = (uint32_t)nhi_off;
-        it->hi_len = (uint32_t)nb.hi_len;
-        it->bounds = (uint8_t)((nb.has_lo ? 1 : 0) | (nb.has_hi ? 2 : 0));
         if (add_subtree(subtrees, left, left_len) < 0) return -1;
-        return push_pending(w, npend);
+        return push_node(w, left, left_len, expected - 1, depth + 1, nb.lo, nb.lo_len, nb.hi, nb.hi_len,
+                         (nb.has_lo ? 1 : 0) | (nb.has_hi ? 2 : 0));
     }
     w->prev_len = 0;
     int layer = -1;
@@ -516,6 +520,7 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
     const uint8_t *last_collection = NULL;
     size_t last_collection_len = 0;
     uint8_t collection_buf[320];
+    size_t key_cap = 1, entry_bytes = 0;
     /* entries [ahead_from, ahead_to) have their layers in w->layers, hashed side by side */
     size_t ahead_from = 0, ahead_to = 0;
     int many = rs_sha256_lanes() > 1;
@@ -569,74 +574,92 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
         const uint8_t *rkey = slash ? slash + 1 : key + key_len;
         if (!valid_rkey(rkey, (size_t)(key + key_len - rkey)))
             return rs_raise("invalid_key", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
-        if (pend(w, 1, key, key_len, e->v, e->v_len, 0, 0, &npend) < 0) return -1;
-        if (e->has_t) {
-            if (child < 0)
-                return rs_raise("subtree_at_layer0", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
-                                (Py_ssize_t)key_len);
-            if (pend(w, 0, NULL, 0, e->t, e->t_len, child, depth + 1, &npend) < 0) return -1;
-        }
+        if (e->has_t && child < 0)
+            return rs_raise("subtree_at_layer0", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
+                            (Py_ssize_t)key_len);
+        /* with a filter, the previous entry's subtree lies between the previous key and this one */
+        if (j > 0 && w->entries[j - 1].has_t && !may_hold(w, w->prev, w->prev_len, 1, key, key_len, 1)) w->entries[j - 1].has_t = 0;
         /* prev = key (at most 1024 bytes here) */
         if (rs_reserve((void **)&w->prev, &w->cap_prev, key_len + 1, 1) < 0) return -1;
         memcpy(w->prev, key, key_len);
         w->prev_len = key_len;
+        if (key_len > key_cap) key_cap = key_len;
     }
     if (layer != expected && !is_root) return rs_raise("wrong_layer", "(y#ii)", (const char *)cid, (Py_ssize_t)cid_len, layer, (int)expected);
-    if (left != NULL) {
-        if (child < 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
-        /* walked first: on top, so first in the pending order */
-        if (rs_reserve((void **)&w->pending, &w->cap_pending, npend + 1, sizeof(Item)) < 0) return -1;
-        size_t before = npend;
-        if (pend(w, 0, NULL, 0, left, left_len, child, depth + 1, &npend) < 0) return -1;
-        Item it = w->pending[before];
-        memmove(w->pending + 1, w->pending, before * sizeof(Item));
-        w->pending[0] = it;
+    if (left != NULL && child < 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
+    Entry *final = &w->entries[count - 1];
+    if (final->has_t && !may_hold(w, w->prev, w->prev_len, 1, nb.hi, nb.hi_len, nb.has_hi)) final->has_t = 0;
+    /* the first key is the first entry's k (its p is 0: nothing comes before it) */
+    int keep_left = left != NULL && may_hold(w, nb.lo, nb.lo_len, nb.has_lo, w->entries[0].k, w->entries[0].k_len, 1);
+    for (size_t j = 0; j < count; j++) {
+        Entry *e = &w->entries[j];
+        entry_bytes += FRAME_ENTRY + e->k_len + e->v_len + (e->has_t ? e->t_len : 0);
+        if (e->has_t && add_subtree(subtrees, e->t, e->t_len) < 0) return -1;
     }
-    /* Bounds of each subtree (the keys around it), and with a filter, drop the subtrees that
-     * cannot hold a wanted collection; the rest go to `subtrees` (entries' first, then left). */
-    size_t first_record = left != NULL ? 1 : 0;
-    if (w->wanted) {
-        for (size_t j = 0; j < npend; j++) {
-            Item *it = &w->pending[j];
-            if (it->is_record) continue;
-            Item *lo_rec = j > 0 && w->pending[j - 1].is_record ? &w->pending[j - 1] : NULL;
-            Item *hi_rec = j + 1 < npend && w->pending[j + 1].is_record ? &w->pending[j + 1] : NULL;
-            if (lo_rec) {
-                it->lo_off = lo_rec->off;
-                it->lo_len = lo_rec->key_len;
-                it->bounds |= 1;
-            } else if (nb.has_lo) {
-                it->lo_off = (uint32_t)nlo_off;
-                it->lo_len = (uint32_t)nb.lo_len;
-                it->bounds |= 1;
-            }
-            if (hi_rec) {
-                it->hi_off = hi_rec->off;
-                it->hi_len = hi_rec->key_len;
-                it->bounds |= 2;
-            } else if (nb.has_hi) {
-                it->hi_off = (uint32_t)nhi_off;
-                it->hi_len = (uint32_t)nb.hi_len;
-                it->bounds |= 2;
-            }
-            if (!may_hold(w, w->pbytes + it->lo_off, it->lo_len, it->bounds & 1, w->pbytes + it->hi_off, it->hi_len,
-                          it->bounds & 2))
-                it->bounds |= 0x80;
-        }
-    }
-    size_t kept = 0;
-    for (size_t j = 0; j < npend; j++) {
-        Item *it = &w->pending[j];
-        if (it->bounds & 0x80) continue;
-        if (!it->is_record && j >= first_record &&
-            add_subtree(subtrees, w->pbytes + it->off + it->key_len, it->cid_len) < 0)
-            return -1;
-        w->pending[kept++] = *it;
-    }
-    if (left != NULL && kept > 0 && !w->pending[0].is_record && first_record &&
-        !(w->pending[0].bounds & 0x80) && add_subtree(subtrees, left, left_len) < 0)
+    if (keep_left && add_subtree(subtrees, left, left_len) < 0) return -1;
+
+    /* The frame: head, key buffer, entries, bounds, left CID. */
+    size_t start = (w->n_bytes + FRAME_ALIGN - 1) & ~(size_t)(FRAME_ALIGN - 1);
+    size_t size = sizeof(FrameHead) + key_cap + entry_bytes + nb.lo_len + nb.hi_len + (keep_left ? left_len : 0);
+    if (start + size > UINT32_MAX) {
+        PyErr_NoMemory();
         return -1;
-    return push_pending(w, kept);
+    }
+    if (rs_reserve((void **)&w->items, &w->cap_items, w->n_items + 1, sizeof(Item)) < 0 ||
+        rs_reserve((void **)&w->bytes, &w->cap_bytes, start + size, 1) < 0)
+        return -1;
+    uint8_t *region = w->bytes + start;
+    FrameHead *f = (FrameHead *)region;
+    memset(f, 0, sizeof *f);
+    size_t at = sizeof(FrameHead) + key_cap;
+    f->key_cap = (uint32_t)key_cap;
+    f->next = (uint32_t)at;
+    for (size_t j = 0; j < count; j++) {
+        Entry *e = &w->entries[j];
+        uint16_t p16 = (uint16_t)e->p, k16 = (uint16_t)e->k_len;
+        uint32_t v32 = (uint32_t)e->v_len, t32 = e->has_t ? (uint32_t)e->t_len : 0;
+        uint64_t hash = w->table ? rs_table_hash(w->table, e->v, e->v_len) : 0;
+        uint8_t *to = region + at;
+        memcpy(to, &p16, 2);
+        memcpy(to + 2, &k16, 2);
+        memcpy(to + 4, &v32, 4);
+        memcpy(to + 8, &t32, 4);
+        memcpy(to + 12, &hash, 8);
+        to += FRAME_ENTRY;
+        if (e->k_len) memcpy(to, e->k, e->k_len);
+        memcpy(to + e->k_len, e->v, e->v_len);
+        if (t32) memcpy(to + e->k_len + e->v_len, e->t, t32);
+        at += FRAME_ENTRY + e->k_len + e->v_len + t32;
+    }
+    f->end = (uint32_t)at;
+    f->ahead_rec = f->next;
+    if (nb.has_lo) {
+        f->has_lo = 1;
+        f->lo_off = (uint32_t)at;
+        f->lo_len = (uint32_t)nb.lo_len;
+        if (nb.lo_len) memcpy(region + at, nb.lo, nb.lo_len);
+        at += nb.lo_len;
+    }
+    if (nb.has_hi) {
+        f->has_hi = 1;
+        f->hi_off = (uint32_t)at;
+        f->hi_len = (uint32_t)nb.hi_len;
+        if (nb.hi_len) memcpy(region + at, nb.hi, nb.hi_len);
+        at += nb.hi_len;
+    }
+    if (keep_left) {
+        f->left_off = (uint32_t)at;
+        f->left_len = (uint32_t)left_len;
+        memcpy(region + at, left, left_len);
+    }
+    f->child = child;
+    f->depth = depth;
+    Item it = {0};
+    it.off = (uint32_t)start;
+    it.is_frame = 1;
+    w->items[w->n_items++] = it;
+    w->n_bytes = start + size;
+    return 0;
 }
 
 /* --- emitting ----------------------------------------------------------------------------------- */
@@ -748,32 +771,121 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
     }
     int status = 0;
     while (w->n_items > 0 && PyList_GET_SIZE(out) < n) {
-        Item it = w->items[--w->n_items];
-        /* the slot of an item a few pops away was fetched when it was pushed: fetch its record now */
-        if (in_table && w->n_items >= RECORD_AHEAD) rs_table_prefetch_record(w->table, w->items[w->n_items - RECORD_AHEAD].hash);
-        if (it.is_record) {
-            const uint8_t *key = w->bytes + it.off;
-            const uint8_t *cid = key + it.key_len;
-            size_t common = it.key_len < w->last_len ? it.key_len : w->last_len;
+        Item *top = &w->items[w->n_items - 1];
+        if (top->is_frame) {
+            size_t base = top->off;
+            FrameHead *f = (FrameHead *)(w->bytes + base);
+            if (f->left_len) { /* walked first: between the node's lower bound and its first key */
+                const uint8_t *first = w->bytes + base + f->next + FRAME_ENTRY;
+                size_t p, k_len, v_len, t_len;
+                uint64_t h;
+                entry_at(w->bytes + base + f->next, &p, &k_len, &v_len, &t_len, &h);
+                /* copied off the stack first: pushing may move it */
+                size_t need = f->left_len + f->lo_len + k_len;
+                if (rs_reserve((void **)&w->nbuf, &w->cap_nbuf, need + 1, 1) < 0) {
+                    status = -1;
+                    break;
+                }
+                memcpy(w->nbuf, w->bytes + base + f->left_off, f->left_len);
+                if (f->lo_len) memcpy(w->nbuf + f->left_len, w->bytes + base + f->lo_off, f->lo_len);
+                if (k_len) memcpy(w->nbuf + f->left_len + f->lo_len, first, k_len);
+                size_t left_len = f->left_len, lo_len = f->lo_len;
+                int bounds = (f->has_lo ? 1 : 0) | 2;
+                int32_t child = f->child;
+                uint32_t depth = f->depth;
+                f->left_len = 0;
+                if (push_node(w, w->nbuf, left_len, child, depth + 1, w->nbuf + left_len, w->wanted ? lo_len : 0,
+                              w->nbuf + left_len + lo_len, w->wanted ? k_len : 0, w->wanted ? bounds : 0) < 0) {
+                    status = -1;
+                    break;
+                }
+                continue;
+            }
+            uint8_t *key = w->bytes + base + sizeof(FrameHead);
+            if (f->sub_len) { /* the last record's subtree: between its key and the next */
+                size_t sub_len = f->sub_len, key_len = f->key_len, hi_len = 0;
+                int has_hi = 0;
+                size_t need = sub_len + key_len + MAX_KEY_BYTES + f->hi_len;
+                if (rs_reserve((void **)&w->nbuf, &w->cap_nbuf, need + 1, 1) < 0) {
+                    status = -1;
+                    break;
+                }
+                f = (FrameHead *)(w->bytes + base);
+                memcpy(w->nbuf, w->bytes + base + f->sub_off, sub_len);
+                memcpy(w->nbuf + sub_len, key, key_len);
+                uint8_t *hi = w->nbuf + sub_len + key_len;
+                if (f->next < f->end) { /* the next key: this one's first p bytes, then its k */
+                    size_t p, k_len, v_len, t_len;
+                    uint64_t h;
+                    entry_at(w->bytes + base + f->next, &p, &k_len, &v_len, &t_len, &h);
+                    memcpy(hi, key, p);
+                    if (k_len) memcpy(hi + p, w->bytes + base + f->next + FRAME_ENTRY, k_len);
+                    hi_len = p + k_len;
+                    has_hi = 1;
+                } else if (f->has_hi) {
+                    if (f->hi_len) memcpy(hi, w->bytes + base + f->hi_off, f->hi_len);
+                    hi_len = f->hi_len;
+                    has_hi = 1;
+                }
+                int32_t child = f->child;
+                uint32_t depth = f->depth;
+                f->sub_len = 0;
+                if (f->next >= f->end) { /* the frame is done: the subtree takes its place */
+                    w->n_items--;
+                    w->n_bytes = base;
+                }
+                if (push_node(w, w->nbuf, sub_len, child, depth + 1, w->nbuf + sub_len, w->wanted ? key_len : 0, hi,
+                              w->wanted ? hi_len : 0, w->wanted ? (1 | (has_hi ? 2 : 0)) : 0) < 0) {
+                    status = -1;
+                    break;
+                }
+                continue;
+            }
+            /* the next record: its key is the last key's first p bytes, then its k */
+            const uint8_t *e = w->bytes + base + f->next;
+            size_t p, k_len, v_len, t_len;
+            uint64_t hash;
+            entry_at(e, &p, &k_len, &v_len, &t_len, &hash);
+            if (k_len) memcpy(key + p, e + FRAME_ENTRY, k_len);
+            size_t key_len = p + k_len;
+            f->key_len = (uint32_t)key_len;
+            const uint8_t *cid = e + FRAME_ENTRY + k_len;
+            if (t_len) {
+                f->sub_off = (uint32_t)(f->next + FRAME_ENTRY + k_len + v_len);
+                f->sub_len = (uint32_t)t_len;
+            }
+            f->next += (uint32_t)(FRAME_ENTRY + k_len + v_len + t_len);
+            if (in_table) { /* fetch the records a few entries on into the cache (their slots were, at expand) */
+                if (f->ahead_n > 0) f->ahead_n--;
+                if (f->ahead_rec < f->next) f->ahead_rec = f->next, f->ahead_n = 0;
+                while (f->ahead_n < RECORD_AHEAD && f->ahead_rec < f->end) {
+                    uint64_t h;
+                    memcpy(&h, w->bytes + base + f->ahead_rec + 12, 8);
+                    rs_table_prefetch_record(w->table, h);
+                    f->ahead_rec += (uint32_t)entry_size(w->bytes + base + f->ahead_rec);
+                    f->ahead_n++;
+                }
+            }
+            size_t common = key_len < w->last_len ? key_len : w->last_len;
             int cmp = memcmp(key, w->last, common);
-            if (cmp < 0 || (cmp == 0 && it.key_len <= w->last_len)) {
-                status = rs_raise("key_order", "(s#s#)", (const char *)key, (Py_ssize_t)it.key_len, (const char *)w->last,
+            if (cmp < 0 || (cmp == 0 && key_len <= w->last_len)) {
+                status = rs_raise("key_order", "(s#s#)", (const char *)key, (Py_ssize_t)key_len, (const char *)w->last,
                                   (Py_ssize_t)w->last_len);
                 break;
             }
-            if (!wanted_key(w, key, it.key_len)) {
+            if (!wanted_key(w, key, key_len)) {
                 /* not a wanted collection: checked for order, not emitted */
             } else if (in_table && w->values == (PyObject *)w->table) {
                 /* After a record fails to resolve, the walk part still runs to n records (its own
                  * errors come first, as in the reference); placeholders keep the count. */
-                int got = *deferred == NULL ? emit_resolved(w, out, key, it.key_len, cid, it.cid_len, it.hash, deferred) : 0;
+                int got = *deferred == NULL ? emit_resolved(w, out, key, key_len, cid, v_len, hash, deferred) : 0;
                 if (got < 0 || (got == 0 && PyList_Append(out, Py_None) < 0)) {
                     status = -1;
                     break;
                 }
             } else {
-                PyObject *pair = Py_BuildValue("(s#y#)", (const char *)key, (Py_ssize_t)it.key_len, (const char *)cid,
-                                               (Py_ssize_t)it.cid_len);
+                PyObject *pair = Py_BuildValue("(s#y#)", (const char *)key, (Py_ssize_t)key_len, (const char *)cid,
+                                               (Py_ssize_t)v_len);
                 if (pair == NULL || PyList_Append(out, pair) < 0) {
                     Py_XDECREF(pair);
                     status = -1;
@@ -781,15 +893,22 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
                 }
                 Py_DECREF(pair);
             }
-            if (rs_reserve((void **)&w->last, &w->cap_last, it.key_len + 1, 1) < 0) {
+            /* the frame's bytes may have moved (a processor can allocate; the stack does not) */
+            f = (FrameHead *)(w->bytes + base);
+            key = w->bytes + base + sizeof(FrameHead);
+            if (rs_reserve((void **)&w->last, &w->cap_last, key_len + 1, 1) < 0) {
                 status = -1;
                 break;
             }
-            memcpy(w->last, key, it.key_len);
-            w->last_len = it.key_len;
-            w->n_bytes = it.off;
+            memcpy(w->last, key, key_len);
+            w->last_len = key_len;
+            if (f->sub_len == 0 && f->next >= f->end) { /* done */
+                w->n_items--;
+                w->n_bytes = base;
+            }
             continue;
         }
+        Item it = w->items[--w->n_items];
         /* a node: copy its CID out of the byte stack, which may move while children are pushed */
         if (rs_reserve((void **)&w->cid, &w->cap_cid, (size_t)it.cid_len + 1, 1) < 0) {
             status = -1;
@@ -798,9 +917,14 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
         memcpy(w->cid, w->bytes + it.off, it.cid_len);
         const uint8_t *cid = w->cid;
         size_t cid_len = it.cid_len;
-        /* the subtree's bounds stay in place on the byte stack until expand has copied them */
-        Bounds nb = {w->bytes + it.off + it.cid_len, w->bytes + it.off + it.cid_len + it.lo_len, it.lo_len, it.hi_len,
-                     it.bounds & 1, (it.bounds & 2) != 0};
+        /* the subtree's bounds, copied off the byte stack: the node's frame takes its place there */
+        if (rs_reserve((void **)&w->nbuf, &w->cap_nbuf, (size_t)it.lo_len + it.hi_len + 1, 1) < 0) {
+            status = -1;
+            break;
+        }
+        memcpy(w->nbuf, w->bytes + it.off + it.cid_len, (size_t)it.lo_len + it.hi_len);
+        w->n_bytes = it.off;
+        Bounds nb = {w->nbuf, w->nbuf + it.lo_len, it.lo_len, it.hi_len, it.bounds & 1, (it.bounds & 2) != 0};
         if ((int64_t)it.depth > (int64_t)w->max_depth) {
             status = rs_raise("depth_limit", "(y#Ii)", (const char *)cid, (Py_ssize_t)cid_len, (unsigned int)it.depth, w->max_depth);
             break;
@@ -876,9 +1000,16 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
     Py_buffer root;
     PyObject *nodes, *values = Py_None, *collections = Py_None;
     int max_depth = 32, strict = 0, record_cids = 0;
+    if (self->init_called) return rs_init_twice("Walker");
+    self->init_called = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*O|O$ippO", names, &root, &nodes, &values, &max_depth, &strict,
                                      &record_cids, &collections))
         return -1;
+    if (PyObject_TypeCheck(nodes, &RsBlockTable_Type) && rs_table_enter((RsBlockTable *)nodes) < 0) {
+        PyBuffer_Release(&root); /* not initialised: refused now, not when walked */
+        return -1;
+    }
+    if (PyObject_TypeCheck(nodes, &RsBlockTable_Type)) rs_table_leave((RsBlockTable *)nodes);
     if (collections != Py_None) {
         PyObject *seq = PySequence_Fast(collections, "collections must be an iterable of str");
         if (seq == NULL) {
@@ -909,11 +1040,6 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
             self->n_wanted++;
         }
         Py_DECREF(seq);
-    }
-    if (self->nodes != NULL) {
-        PyBuffer_Release(&root);
-        PyErr_SetString(PyExc_RuntimeError, "Walker.__init__ called twice");
-        return -1;
     }
     /* the scratch key buffers are never NULL, so an empty one is b"" / "" in messages */
     if (root.len > UINT32_MAX / 4 || rs_reserve((void **)&self->items, &self->cap_items, 1, sizeof(Item)) < 0 ||
@@ -971,8 +1097,7 @@ static void Walker_dealloc(Walker *self) {
     PyMem_Free(self->key);
     PyMem_Free(self->prev);
     PyMem_Free(self->cid);
-    PyMem_Free(self->pending);
-    PyMem_Free(self->pbytes);
+    PyMem_Free(self->nbuf);
     PyMem_Free(self->ahead);
     for (size_t i = 0; i < self->n_wanted; i++) PyMem_Free(self->wanted[i].name);
     PyMem_Free(self->wanted);
@@ -1001,11 +1126,21 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     Py_ssize_t n = PyLong_AsSsize_t(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
     if (n < 1) return PyErr_Format(PyExc_ValueError, "chunk size must be at least 1, got %zd", n);
-    if (self->nodes == NULL) return PyErr_Format(PyExc_RuntimeError, "the walker is not initialised");
+    if (self->nodes == NULL) return rs_not_initialised("Walker"), NULL;
+    if (self->running) return rs_reentered("Walker"), NULL;
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     PyObject *deferred = NULL;
-    if (step(self, n, out, &deferred) < 0) {
+    /* the walk reads its stack and the table's blocks in place: nothing may call into either meanwhile */
+    if (self->table && rs_table_enter(self->table) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    self->running = 1;
+    int stepped = step(self, n, out, &deferred);
+    self->running = 0;
+    if (self->table) rs_table_leave(self->table);
+    if (stepped < 0) {
         Py_XDECREF(deferred);
         Py_DECREF(out);
         return fail(self);
@@ -1017,7 +1152,9 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
         return fail(self);
     }
     if (!(self->table != NULL && self->values == (PyObject *)self->table) && self->values != Py_None) {
+        self->running = 1;
         PyObject *items = PyObject_CallMethod(self->values, "values", "(OO)", out, self->record_cids ? Py_True : Py_False);
+        self->running = 0;
         Py_DECREF(out);
         if (items == NULL) return fail(self);
         out = items;
@@ -1037,6 +1174,7 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
 
 static PyObject *Walker_abandon(Walker *self, PyObject *unused) {
     (void)unused;
+    if (self->running) return rs_reentered("Walker"), NULL;
     self->n_items = 0;
     self->n_bytes = 0;
     Py_RETURN_NONE;

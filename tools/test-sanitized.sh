@@ -15,7 +15,11 @@ REPO_STREAM_SANITIZE=1 "$py" setup.py -q build_ext --inplace 2>&1 | { grep -E "w
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+# Every allocation through malloc, so ASan sees buffers of 512 bytes or less too (pymalloc's arenas
+# would hide them: walk.c's key, prev, last and stack buffers start that small).
+export PYTHONMALLOC=malloc
 export REPO_STREAM_TEST_IMPLEMENTATIONS=c REPO_STREAM_SAMPLES="$here/../shared/car-samples"
 "$py" -c "import repo_stream; assert repo_stream.IMPLEMENTATION == 'c', 'sanitized C core not loaded'"
 "$py" -m pytest -q -p no:cacheprovider tests/test_hostile.py tests/test_walk_rules.py tests/test_properties.py \
-    tests/test_differential.py tests/test_samples.py tests/test_processor.py tests/test_runs.py tests/test_disk.py
+    tests/test_differential.py tests/test_samples.py tests/test_processor.py tests/test_runs.py tests/test_disk.py \
+    tests/test_native_guards.py tests/test_memory_promise.py

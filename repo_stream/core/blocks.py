@@ -14,8 +14,10 @@ as a record. An exception from the processor is kept back (the raw block is kept
 raised as :class:`~repo_stream.errors.ProcessorError` only if that block is emitted as a record.
 
 **Memory accounting** (the reference): a kept block counts its raw length, or its processed
-value's size (8 for a number or None, ``len`` for bytes/str, its block's length for anything
-else), plus :data:`BLOCK_OVERHEAD` bytes. The C core counts the real bytes of its table instead.
+value's size (:func:`value_size`: 8 for a number or None, ``len`` for bytes/str, and for a
+container, such as a decoded record, what it costs as Python objects: ~4-5x its block), plus
+:data:`BLOCK_OVERHEAD` bytes. The C core counts the real bytes of its table, and the same
+container sizes.
 A processed value that is not plain is encoded with the codec only when it is spilled (once);
 a codec failure is a :class:`~repo_stream.errors.DiskError`.
 
@@ -26,6 +28,7 @@ is: int in 64 bits, float, str, bytes, None).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -46,6 +49,7 @@ __all__ = [
     "is_node_shaped",
     "plain_row",
     "resolve",
+    "value_size",
 ]
 
 #: Bytes counted per kept block on top of its data: the dict slot, the CID key and object headers.
@@ -60,6 +64,37 @@ _INT64 = 1 << 63  # SQLite integers are signed 64-bit
 # Every MST node starts with map(2), text(1) "e", then an array header (major type 4).
 _NODE_START = b"\xa2ae"
 _MISSING: Any = object()
+_getsizeof = sys.getsizeof
+
+
+def value_size(value: Any) -> int:
+    """The bytes a processed value is counted for against the memory limit.
+
+    8 for a number or None, the length of bytes or str; for anything else, what it costs as
+    Python objects: ``sys.getsizeof`` of every object it holds, through dicts (keys and values),
+    lists and tuples (a decoded record is ~4-5x its block; counting the block's length, as before,
+    let ``dump --mem-limit-mb 64`` reach ~300 MB). Iterative: a deep value does not recurse. An
+    object of another type counts its own ``getsizeof`` only.
+    """
+    t = type(value)
+    if t is int or t is bool or t is float or value is None:
+        return 8
+    if t is bytes or t is str:
+        return len(value)
+    total = 0
+    stack = [value]
+    pop = stack.pop
+    push = stack.extend
+    while stack:
+        v = pop()
+        total += _getsizeof(v)
+        t = type(v)
+        if t is dict:
+            push(v)
+            push(v.values())
+        elif t is list or t is tuple:
+            push(v)
+    return total
 
 
 def is_node_shaped(block: bytes) -> bool:
@@ -132,15 +167,8 @@ class MemoryBlocks:
             raw[cid] = block  # processed again, and the error raised, only if emitted
             self.used += len(block) + BLOCK_OVERHEAD
             return
-        t = type(value)
-        if t is int or t is bool or t is float or value is None:
-            size = 8
-        elif t is bytes or t is str:
-            size = len(value)
-        else:
-            size = len(block)  # a container: its block's length, not an encoding (~5 us a record)
         processed[cid] = value
-        self.used += size + BLOCK_OVERHEAD
+        self.used += value_size(value) + BLOCK_OVERHEAD
 
     def raw_block(self, cid: bytes) -> bytes | None:
         """The raw bytes kept for ``cid`` (the commit's, say), else ``None``."""

@@ -29,6 +29,12 @@ same behaviour, the same errors and the same messages (both build them with
 
 Because every subtree sits exactly one layer lower, no block can be visited twice along one path:
 a node that links to itself (a forged CID) fails the layer rule instead of looping.
+
+**Memory.** Prefix compression lets an entry of ~22 bytes stand for a key of ~830, so the walk
+keeps an expanded node on its stack as compressed as the node itself (a :class:`_Frame`: the
+entries' ``k`` suffixes, ``v`` and ``t`` CIDs joined, ``p`` in an array) and builds each key again
+only when its record is emitted: the stack costs about the bytes of the nodes on the current path,
+which the store has counted, never their keys spelled out.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from array import array
+from itertools import accumulate
 from typing import Any
 
 import cbor2
@@ -108,6 +116,7 @@ def decode_node(cid: bytes, block: bytes, decoder: StrictDecoder, strict: bool) 
     append = out.append
     in_order = True
     for i, entry in enumerate(entries):
+        entries[i] = None  # each decoded map goes as its tuple comes: not both for the whole node
         if type(entry) is not dict or len(entry) != 4:
             raise messages.node_decode(cid, f"entry {i} is not a map of exactly p, k, v, t")
         try:
@@ -207,6 +216,74 @@ def _consume(stack: list[list[Any]]) -> None:
         return
 
 
+#: A node of more entries than this is kept on the stack joined into a few bytes objects (see
+#: :class:`_Frame`); a smaller one (nearly every node) as its decoded entries, at most this many
+#: entries' objects per level, as that is quicker to build.
+_SMALL_NODE = 64
+
+
+class _Frame:
+    """An expanded node on the walk's stack, kept compressed (see the module docstring).
+
+    ``entry(i)`` is entry ``i``'s ``(p, k, v, t)``, ``t`` empty for no subtree (or one dropped by the
+    collection filter); its key is the previous key's first ``p`` bytes, then ``k``. A small node
+    keeps its decoded entries; a big one its ``k`` suffixes, ``v`` and ``t`` CIDs joined into one
+    bytes object each (``ks[koff[i]:koff[i + 1]]``...) and its ``p`` in an array: about the node's
+    own size. ``left`` is the left subtree still to walk (None once pushed, or if dropped). ``i``
+    is the next entry, ``key`` the last key built (entry ``i - 1``'s, or while ``subtree`` is set,
+    entry ``i``'s, whose subtree is next).
+    """
+
+    __slots__ = ("entries", "ts", "ks", "koff", "ps", "vs", "voff", "toff", "n", "i", "key", "subtree", "left", "child", "depth", "lo", "hi")
+
+    def __init__(
+        self,
+        entries: list[tuple[int, bytes, bytes, bytes | None]],
+        ts: list[bytes],
+        left: bytes | None,
+        child: int,
+        depth: int,
+        lo: bytes | None,
+        hi: bytes | None,
+    ) -> None:
+        self.n = len(entries)
+        if self.n <= _SMALL_NODE:
+            self.entries: list[tuple[int, bytes, bytes, bytes | None]] | None = entries
+            self.ts: list[bytes] | bytes = ts
+        else:
+            self.entries = None
+            self.ks = b"".join([k for _p, k, _v, _t in entries])
+            self.vs = b"".join([v for _p, _k, v, _t in entries])
+            self.ts = b"".join(ts)
+            self.ps = array("H", [p for p, _k, _v, _t in entries])  # checked: at most MAX_KEY_BYTES
+            self.koff = _offsets([len(k) for _p, k, _v, _t in entries])
+            self.voff = _offsets([len(v) for _p, _k, v, _t in entries])
+            self.toff = _offsets([len(t) for t in ts])
+        self.i = 0
+        self.key = b""
+        self.subtree = False
+        self.left = left
+        self.child = child
+        self.depth = depth
+        self.lo = lo
+        self.hi = hi
+
+    def entry(self, i: int) -> tuple[int, bytes, bytes, bytes]:
+        """Entry ``i``'s ``(p, k, v, t)`` (``t`` empty: no subtree to walk)."""
+        if self.entries is not None:
+            p, k, v, _t = self.entries[i]
+            return p, k, v, self.ts[i]  # type: ignore[return-value]
+        koff, voff, toff = self.koff, self.voff, self.toff
+        return self.ps[i], self.ks[koff[i] : koff[i + 1]], self.vs[voff[i] : voff[i + 1]], self.ts[toff[i] : toff[i + 1]]  # type: ignore[return-value]
+
+
+def _offsets(lengths: list[int]) -> array[int]:
+    """Start offsets of pieces of these lengths laid end to end, and the end: ``len + 1`` items."""
+    out = array("Q", [0])
+    out.extend(accumulate(lengths))
+    return out
+
+
 class Walker:
     """An in-order MST walk that emits records in chunks and can be resumed.
 
@@ -241,10 +318,10 @@ class Walker:
         record_cids: bool = False,
         collections: frozenset[str] | None = None,
     ) -> None:
-        # Stack items: (0, cid, expected_layer or -1 for the root, depth, lo, hi) for nodes, where
-        #              lo < every key of the subtree < hi (bytes, or None for no bound),
-        #              (1, key: str, cid) for records.
-        self._stack: list[tuple[Any, ...]] = [(0, root, -1, 1, None, None)]
+        # Stack items: (0, cid, expected_layer or -1 for the root, depth, lo, hi) for nodes still
+        #              to expand, where lo < every key of the subtree < hi (bytes, or None for
+        #              no bound); a _Frame for an expanded node, its records and subtrees.
+        self._stack: list[tuple[Any, ...] | _Frame] = [(0, root, -1, 1, None, None)]
         self._collections = collections
         # Keys of collection C are exactly those with C + "/" <= key < C + "0" ("0" follows "/").
         self._ranges = None if collections is None else [(c.encode() + b"/", c.encode() + b"0") for c in sorted(collections)]
@@ -303,15 +380,43 @@ class Walker:
         prefetch = getattr(self._nodes, "prefetch", None)
         wanted = self._collections
         while stack and len(out) < n:
-            item = pop()
-            if item[0] == 1:
-                key = item[1]
-                if key <= last:
-                    raise messages.key_order(key, last)
-                if wanted is None or key.partition("/")[0] in wanted:
-                    emit((key, item[2]))
-                last = key
+            item = stack[-1]
+            if type(item) is _Frame:
+                f = item
+                if f.left is not None:  # walked first
+                    left, f.left = f.left, None
+                    stack.append((0, left, f.child, f.depth + 1, f.lo, f.entry(0)[1]))
+                    continue
+                i = f.i
+                p, k, v, t = f.entry(i)
+                if f.subtree:  # entry i's subtree, between its key and the next
+                    f.subtree = False
+                    f.i = i + 1
+                    if f.i == f.n:
+                        pop()
+                        hi = f.hi
+                    else:
+                        np, nk, _v, _t = f.entry(i + 1)
+                        hi = f.key[:np] + nk
+                    stack.append((0, t, f.child, f.depth + 1, f.key, hi))
+                    continue
+                key = f.key[:p] + k if p else k
+                f.key = key
+                if t:
+                    f.subtree = True
+                else:
+                    f.i = i + 1
+                    if f.i == f.n:
+                        pop()
+                skey = key.decode()
+                if skey <= last:
+                    raise messages.key_order(skey, last)
+                if wanted is None or skey.partition("/")[0] in wanted:
+                    emit((skey, v))
+                last = skey
                 continue
+            pop()
+            assert type(item) is tuple
             _, cid, expected, depth, lo, hi = item
             if depth > self._max_depth:
                 raise messages.depth_limit(cid, depth, self._max_depth)
@@ -337,12 +442,13 @@ class Walker:
         return any((hi is None or hi > first) and (lo is None or lo < end) for first, end in ranges)
 
     def _expand(
-        self, cid: bytes, block: bytes, expected: int, depth: int, lo: bytes | None, hi: bytes | None, stack: list[tuple[Any, ...]]
+        self, cid: bytes, block: bytes, expected: int, depth: int, lo: bytes | None, hi: bytes | None, stack: list[tuple[Any, ...] | _Frame]
     ) -> list[bytes] | None:
-        """Decode one node, check its rules and push its subtrees and records (reversed).
+        """Decode one node, check its rules and push it as a :class:`_Frame` (or, for a node with
+        only a left subtree, that subtree).
 
-        Subtrees whose key range cannot hold a wanted collection are not pushed. Returns the
-        subtree CIDs it pushed, for stores that fetch in batches.
+        Subtrees whose key range cannot hold a wanted collection are dropped. Returns the subtree
+        CIDs kept (the entries', then the left one), for stores that fetch in batches.
         """
         left, entries = decode_node(cid, block, self._decoder, self._strict)
         is_root = expected < 0
@@ -360,14 +466,18 @@ class Walker:
             stack.append((0, left, expected - 1, depth + 1, lo, hi))
             return [left]
 
-        # Rebuild keys and check prefixes, layers and syntax; collect the items in walk order.
-        built: list[tuple[bytes, str, bytes, bytes | None]] = []
-        append = built.append
+        # Rebuild keys and check prefixes, layers and syntax, keeping only the last key built: a
+        # node's keys spelled out can be ~40x its bytes. With a filter, a subtree is dropped (its
+        # CID left empty) when the keys around it rule out every wanted collection.
+        filtered = self._ranges is not None
+        may_hold = self._may_hold
+        ts: list[bytes] = []
+        first_key = b""
         prev = b""
         layer = -1
         child = expected - 1
         last_collection = None
-        for p, k, vcid, tcid in entries:
+        for i, (p, k, _vcid, tcid) in enumerate(entries):
             if p:
                 if p < 0 or p > len(prev):
                     raise messages.prefix_outside(cid, p, prev)
@@ -400,25 +510,22 @@ class Walker:
                 raise messages.invalid_key(cid, skey)
             if tcid is not None and child < 0:
                 raise messages.subtree_at_layer0(cid, skey)
-            append((key, skey, vcid, tcid))
+            if i == 0:
+                first_key = key
+            elif filtered and ts[-1] and not may_hold(prev, key):
+                ts[-1] = b""
+            ts.append(tcid or b"")
             prev = key
         if layer != expected and not is_root:  # after the loop, so a mixed node reports the mix
             raise messages.wrong_layer(cid, layer, expected)
         if left is not None and child < 0:
             raise messages.left_at_layer0(cid)
-        items: list[tuple[Any, ...]] = []
-        subtrees: list[bytes] = []
-        may_hold = self._may_hold
-        for i, (key, skey, vcid, tcid) in enumerate(built):
-            items.append((1, skey, vcid))
-            if tcid is not None:
-                after = built[i + 1][0] if i + 1 < len(built) else hi
-                if may_hold(key, after):
-                    items.append((0, tcid, child, depth + 1, key, after))
-                    subtrees.append(tcid)
-        stack.extend(items[::-1])
-        if left is not None and may_hold(lo, built[0][0]):
-            stack.append((0, left, child, depth + 1, lo, built[0][0]))  # walked first: on top
+        if filtered and ts[-1] and not may_hold(prev, hi):
+            ts[-1] = b""
+        subtrees = [t for t in ts if t]
+        keep_left = left is not None and may_hold(lo, first_key)
+        stack.append(_Frame(entries, ts, left if keep_left else None, child, depth, lo, hi))
+        if keep_left:
+            assert left is not None
             subtrees.append(left)
         return subtrees
-
