@@ -6,7 +6,7 @@
  *
  * With a BlockTable as `nodes` and `values`, nodes are read in place and each emitted record
  * becomes its Python item right here; otherwise `nodes.node(cid)` / `nodes.prefetch(cids)` and
- * `values.values(pairs, record_cids)` are called (the disk store). */
+ * `values.values(pairs, record_cids, record_type)` are called (the disk store). */
 #include "native.h"
 
 #define MAX_KEY_BYTES 1024
@@ -75,6 +75,8 @@ typedef struct {
     PyObject *nodes, *values;
     RsBlockTable *table; /* nodes and values are this C table */
     int max_depth, strict, record_cids;
+    PyObject *record_type; /* a tuple subclass: items are record_type(key, collection, rkey, cid, value); or NULL */
+    PyObject *collection; /* the last emitted record's collection str, reused while it repeats */
     Wanted *wanted; /* with_collections: the collections, or NULL for all */
     size_t n_wanted;
     long long nodes_visited;
@@ -664,6 +666,48 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
 
 /* --- emitting ----------------------------------------------------------------------------------- */
 
+/* record_type(key, collection, rkey, cid text or None, value), as repo_stream.core.blocks.make_item
+ * makes it: the key split at its first '/' (keys are checked to have one). The collection str is
+ * the previous record's while it repeats (records come in key order, so collection by
+ * collection). Steals `k` and `value`; NULL with an error set. */
+static PyObject *record_item(Walker *w, PyObject *k, const uint8_t *key, size_t key_len, const uint8_t *cid,
+                             size_t cid_len, PyObject *value) {
+    PyObject *coll = NULL, *rkey = NULL, *text = NULL, *item = NULL;
+    const uint8_t *slash = memchr(key, '/', key_len);
+    size_t clen = slash ? (size_t)(slash - key) : key_len;
+    const uint8_t *rest = slash ? slash + 1 : key + key_len;
+    Py_ssize_t prev_len = w->collection ? PyUnicode_GET_LENGTH(w->collection) : -1;
+    /* keys are valid UTF-8 and collections ASCII (NSIDs), so lengths in code points are bytes */
+    if (prev_len == (Py_ssize_t)clen && PyUnicode_IS_ASCII(w->collection) &&
+        memcmp(PyUnicode_DATA(w->collection), key, clen) == 0) {
+        coll = Py_NewRef(w->collection);
+    } else {
+        coll = PyUnicode_FromStringAndSize((const char *)key, (Py_ssize_t)clen);
+        if (coll == NULL) goto error;
+        Py_XSETREF(w->collection, Py_NewRef(coll));
+    }
+    rkey = PyUnicode_FromStringAndSize((const char *)rest, (Py_ssize_t)(key + key_len - rest));
+    if (rkey == NULL) goto error;
+    text = w->record_cids ? rs_cid_text_of(cid, cid_len) : Py_NewRef(Py_None);
+    if (text == NULL) goto error;
+    PyTypeObject *type = (PyTypeObject *)w->record_type;
+    item = type->tp_alloc(type, 5);
+    if (item == NULL) goto error;
+    PyTuple_SET_ITEM(item, 0, k);
+    PyTuple_SET_ITEM(item, 1, coll);
+    PyTuple_SET_ITEM(item, 2, rkey);
+    PyTuple_SET_ITEM(item, 3, text);
+    PyTuple_SET_ITEM(item, 4, value);
+    return item;
+error:
+    Py_DECREF(k);
+    Py_DECREF(value);
+    Py_XDECREF(coll);
+    Py_XDECREF(rkey);
+    Py_XDECREF(text);
+    return NULL;
+}
+
 /* The item for one record, resolved in the C table: 1 (appended), 0 (failed: *error set to the
  * exception to raise after the walk part), -1 (an error to raise now). */
 static int emit_resolved(Walker *w, PyObject *out, const uint8_t *key, size_t key_len, const uint8_t *cid,
@@ -710,7 +754,10 @@ static int emit_resolved(Walker *w, PyObject *out, const uint8_t *key, size_t ke
         return -1;
     }
     PyObject *item;
-    if (w->record_cids) {
+    if (w->record_type != NULL) {
+        item = record_item(w, k, key, key_len, cid, cid_len, value); /* steals k and value */
+        if (item == NULL) return -1;
+    } else if (w->record_cids) {
         PyObject *text = rs_cid_text_of(cid, cid_len);
         if (text == NULL) {
             Py_DECREF(k);
@@ -996,15 +1043,20 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
 /* --- the type ---------------------------------------------------------------------------------- */
 
 static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"root", "nodes", "values", "max_depth", "strict", "record_cids", "collections", NULL};
+    static char *names[] = {"root", "nodes", "values", "max_depth", "strict", "record_cids", "collections", "record_type", NULL};
     Py_buffer root;
-    PyObject *nodes, *values = Py_None, *collections = Py_None;
+    PyObject *nodes, *values = Py_None, *collections = Py_None, *record_type = Py_None;
     int max_depth = 32, strict = 0, record_cids = 0;
     if (self->init_called) return rs_init_twice("Walker");
     self->init_called = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*O|O$ippO", names, &root, &nodes, &values, &max_depth, &strict,
-                                     &record_cids, &collections))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*O|O$ippOO", names, &root, &nodes, &values, &max_depth, &strict,
+                                     &record_cids, &collections, &record_type))
         return -1;
+    if (record_type != Py_None && !(PyType_Check(record_type) && PyType_IsSubtype((PyTypeObject *)record_type, &PyTuple_Type))) {
+        PyBuffer_Release(&root);
+        PyErr_SetString(PyExc_TypeError, "record_type must be a tuple subclass (a NamedTuple of five fields) or None");
+        return -1;
+    }
     if (PyObject_TypeCheck(nodes, &RsBlockTable_Type) && rs_table_enter((RsBlockTable *)nodes) < 0) {
         PyBuffer_Release(&root); /* not initialised: refused now, not when walked */
         return -1;
@@ -1068,6 +1120,7 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
     self->max_depth = max_depth;
     self->strict = strict;
     self->record_cids = record_cids;
+    if (record_type != Py_None) self->record_type = Py_NewRef(record_type);
     return 0;
 }
 
@@ -1075,6 +1128,8 @@ static int Walker_traverse(Walker *self, visitproc visit, void *arg) {
     Py_VISIT(self->nodes);
     Py_VISIT(self->values);
     Py_VISIT(self->failed);
+    Py_VISIT(self->record_type);
+    Py_VISIT(self->collection);
     return 0;
 }
 
@@ -1082,6 +1137,8 @@ static int Walker_clear(Walker *self) {
     Py_CLEAR(self->nodes);
     Py_CLEAR(self->values);
     Py_CLEAR(self->failed);
+    Py_CLEAR(self->record_type);
+    Py_CLEAR(self->collection);
     self->table = NULL;
     self->n_items = 0;
     return 0;
@@ -1153,7 +1210,8 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     }
     if (!(self->table != NULL && self->values == (PyObject *)self->table) && self->values != Py_None) {
         self->running = 1;
-        PyObject *items = PyObject_CallMethod(self->values, "values", "(OO)", out, self->record_cids ? Py_True : Py_False);
+        PyObject *items = PyObject_CallMethod(self->values, "values", "(OOO)", out, self->record_cids ? Py_True : Py_False,
+                                              self->record_type ? self->record_type : Py_None);
         self->running = 0;
         Py_DECREF(out);
         if (items == NULL) return fail(self);
@@ -1214,7 +1272,7 @@ PyTypeObject RsWalker_Type = {
     .tp_basicsize = sizeof(Walker),
     .tp_dealloc = (destructor)Walker_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "Walker(root, nodes, values=None, *, max_depth=32, strict=False, record_cids=False, collections=None)\n--\n\n"
+    .tp_doc = "Walker(root, nodes, values=None, *, max_depth=32, strict=False, record_cids=False, collections=None, record_type=None)\n--\n\n"
               "The C MST walker; the same behaviour and errors as repo_stream.core.walk.Walker.",
     .tp_traverse = (traverseproc)Walker_traverse,
     .tp_clear = (inquiry)Walker_clear,

@@ -2,7 +2,7 @@
 :class:`repo_stream.core.car.CarParser`, :class:`repo_stream.core.blocks.MemoryBlocks`,
 :class:`repo_stream.core.walk.Walker` and :mod:`repo_stream.core.runs`. See :mod:`repo_stream.core.implementation`."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
@@ -90,6 +90,8 @@ class Walker:
         max_depth: int = ...,
         strict: bool = ...,
         record_cids: bool = ...,
+        collections: Iterable[str] | None = ...,
+        record_type: type | None = ...,
     ) -> None: ...
     @property
     def done(self) -> bool: ...

@@ -297,3 +297,13 @@ def test_the_default_limit_spills_a_repo_over_64_mib(tmp_path: Path, monkeypatch
 
     assert anyio.run(spills)
     assert os.listdir(tmp) == []
+
+
+def test_the_walk_refuses_a_record_type_that_is_not_a_tuple_subclass() -> None:
+    from repo_stream.core import implementation
+
+    impl = implementation.backend()
+    table = impl.BlockTable(b"\x01", None, None)
+    for bad in (int, dict, "Record", object()):
+        with pytest.raises(TypeError, match="record_type must be a tuple subclass"):
+            impl.Walker(b"\x01", table, table, record_type=bad)

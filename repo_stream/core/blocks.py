@@ -119,8 +119,10 @@ class NodeLookup(Protocol):
 class RecordValues(Protocol):
     """Turns the walker's ``(key, record CID)`` pairs into the items the user gets."""
 
-    def values(self, pairs: list[tuple[str, bytes]], record_cids: bool) -> list[tuple[Any, ...]]:
-        """``(key, value)`` per pair, or ``(key, cid_text, value)`` with ``record_cids``.
+    def values(self, pairs: list[tuple[str, bytes]], record_cids: bool, record_type: type | None = None) -> list[tuple[Any, ...]]:
+        """``(key, value)`` per pair, or ``(key, cid_text, value)`` with ``record_cids``; with a
+        ``record_type``, ``record_type(key, collection, rkey, cid_text or None, value)`` (see
+        :func:`make_item`).
 
         Raises:
             MissingBlockError: a record block is absent. ProcessorError: the processor failed.
@@ -233,8 +235,8 @@ class MemoryBlocks:
 
     # --- RecordValues -------------------------------------------------------------------------
 
-    def values(self, pairs: list[tuple[str, bytes]], record_cids: bool) -> list[tuple[Any, ...]]:
-        return resolve(pairs, self.processed.get, self.raw.get, self.process, record_cids)
+    def values(self, pairs: list[tuple[str, bytes]], record_cids: bool, record_type: type | None = None) -> list[tuple[Any, ...]]:
+        return resolve(pairs, self.processed.get, self.raw.get, self.process, record_cids, record_type)
 
 
 class DiskRecords:
@@ -255,9 +257,9 @@ class DiskRecords:
         self._decode = decode
         self.node = lookup.node
 
-    def values(self, pairs: list[tuple[str, bytes]], record_cids: bool) -> list[tuple[Any, ...]]:
+    def values(self, pairs: list[tuple[str, bytes]], record_cids: bool, record_type: type | None = None) -> list[tuple[Any, ...]]:
         rows, all_plain = self._lookup.fetch_many([cid for _key, cid in pairs])
-        if all_plain and not record_cids:  # the usual case with a processor such as len
+        if all_plain and not record_cids and record_type is None:  # the usual case with a processor such as len
             return [(key, row[1]) for (key, _cid), row in zip(pairs, rows, strict=True)]
         process = self._process
         decode = self._decode
@@ -277,8 +279,19 @@ class DiskRecords:
                     value = process(value)
                 except Exception as exc:
                     raise messages.processor_failed(key, cid, exc) from exc
-            append((key, cid_text(cid), value) if record_cids else (key, value))
+            append(make_item(key, cid, value, record_cids, record_type))
         return out
+
+
+def make_item(key: str, cid: bytes, value: Any, record_cids: bool, record_type: type | None) -> tuple[Any, ...]:
+    """One walk item: ``(key, value)``; ``(key, cid_text, value)`` with ``record_cids``; or with a
+    ``record_type`` (a tuple subclass of five fields, such as :class:`repo_stream.Record`)
+    ``record_type(key, collection, rkey, cid_text or None, value)``, the key split at its first
+    ``/``."""
+    if record_type is not None:
+        collection, _, rkey = key.partition("/")
+        return tuple.__new__(record_type, (key, collection, rkey, cid_text(cid) if record_cids else None, value))
+    return (key, cid_text(cid), value) if record_cids else (key, value)
 
 
 def resolve(
@@ -287,6 +300,7 @@ def resolve(
     get_raw: Callable[[bytes], bytes | None],
     process: Callable[[bytes], Any] | None,
     record_cids: bool,
+    record_type: type | None = None,
 ) -> list[tuple[Any, ...]]:
     """Turn ``(key, record CID)`` pairs into items, in order: the processed value kept for the CID,
     else its raw block through ``process`` (or as it is), as ``(key, value)`` or, with
@@ -309,5 +323,5 @@ def resolve(
                     value = process(value)
                 except Exception as exc:
                     raise messages.processor_failed(key, cid, exc) from exc
-        append((key, cid_text(cid), value) if record_cids else (key, value))
+        append(make_item(key, cid, value, record_cids, record_type))
     return out

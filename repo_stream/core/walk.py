@@ -296,6 +296,8 @@ class Walker:
         strict: refuse nodes that are not canonical DAG-CBOR (the drivers set it with
             ``with_verify_cids``).
         record_cids: passed to ``values``: items are ``(key, cid_text, value)``.
+        record_type: passed to ``values``: items are ``record_type(key, collection, rkey,
+            cid_text or None, value)`` (:func:`repo_stream.core.blocks.make_item`).
         collections: emit only the records of these collections (NSIDs), and skip every subtree
             whose key range cannot hold one of their keys; ``None`` for all.
 
@@ -303,7 +305,7 @@ class Walker:
     """
 
     __slots__ = (
-        "_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_failed", "_decoder",
+        "_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_record_type", "_failed", "_decoder",
         "_collections", "_ranges", "records", "nodes_visited",
     )
 
@@ -317,7 +319,10 @@ class Walker:
         strict: bool = False,
         record_cids: bool = False,
         collections: frozenset[str] | None = None,
+        record_type: type | None = None,
     ) -> None:
+        if record_type is not None and not (isinstance(record_type, type) and issubclass(record_type, tuple)):
+            raise TypeError("record_type must be a tuple subclass (a NamedTuple of five fields) or None")
         # Stack items: (0, cid, expected_layer or -1 for the root, depth, lo, hi) for nodes still
         #              to expand, where lo < every key of the subtree < hi (bytes, or None for
         #              no bound); a _Frame for an expanded node, its records and subtrees.
@@ -333,6 +338,7 @@ class Walker:
         self._max_depth = max_depth
         self._strict = strict
         self._record_cids = record_cids
+        self._record_type = record_type
         self._failed: RepoStreamError | None = None
         self._decoder = StrictDecoder(max_depth=8, all_tags=True)  # nodes allow no tag but 42
         #: Records emitted so far.
@@ -361,7 +367,7 @@ class Walker:
             raise ValueError(f"chunk size must be at least 1, got {n}")
         try:
             pairs = self._step(n)
-            out = pairs if self._values is None else self._values.values(pairs, self._record_cids)
+            out = pairs if self._values is None else self._values.values(pairs, self._record_cids, self._record_type)
         except RepoStreamError as exc:
             self._failed = exc
             raise

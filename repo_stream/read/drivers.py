@@ -76,6 +76,9 @@ class DriverBuilder(Generic[Item]):
         self._read_size = DEFAULT_READ_SIZE
         self._record_cids = False
         self._collections: frozenset[str] | None = None
+        # Set by the high-level API (repo_stream.read.repo): items are this tuple subclass,
+        # made by the walk itself (no second pass over each chunk).
+        self._record_type: type | None = None
 
     def with_mem_limit_mb(self, mb: float) -> DriverBuilder[Item]:
         """Set the memory limit for kept blocks and values, in MiB (default 64); above it, loading
@@ -259,6 +262,7 @@ class _Loading:
             strict=builder._verify_cids,
             record_cids=builder._record_cids,
             collections=builder._collections,
+            record_type=builder._record_type,
         )
 
 

@@ -155,10 +155,8 @@ class Repo(Generic[V]):
             SourceError: the byte source failed.
             CarError: the rest of the CAR is malformed (a subclass says how).
         """
-        chunk = await self._driver.next_chunk(n)
-        if chunk is None:
-            return None
-        return _records(chunk) if self._record_cids else _records_without_cids(chunk)
+        chunk: list[Record[V]] | None = await self._driver.next_chunk(n)  # the walk makes Records itself
+        return chunk
 
     async def __aiter__(self) -> AsyncIterator[Record[V]]:
         """Every record in strictly increasing key order (the errors of :meth:`next_chunk`)."""
@@ -240,24 +238,6 @@ class OpenRepo(Generic[V]):
             commit.verify_signature(key)
             verified = True
         return Repo(commit, walk, source=opened, spilled=spilled, signature_verified=verified, record_cids=o["record_cids"])
-
-
-def _records(chunk: list[tuple[str, str, V]]) -> list[Record[V]]:
-    out: list[Record[V]] = []
-    append = out.append
-    for key, cid, value in chunk:
-        collection, _, rkey = key.partition("/")
-        append(Record(key, collection, rkey, cid, value))
-    return out
-
-
-def _records_without_cids(chunk: list[tuple[str, V]]) -> list[Record[V]]:
-    out: list[Record[V]] = []
-    append = out.append
-    for key, value in chunk:
-        collection, _, rkey = key.partition("/")
-        append(Record(key, collection, rkey, None, value))
-    return out
 
 
 def _json_map() -> Callable[[bytes], dict[str, JsonValue]]:
@@ -450,6 +430,7 @@ def open_repo(
         raise ValueError(f"values must be 'raw', 'json', 'python' or a callable, got {values!r}")
     if disk_cache_mb < 1:
         raise ValueError(f"disk_cache_mb must be at least 1, got {disk_cache_mb}")
+    builder._record_type = Record  # the walk makes each item a Record (C: no second pass, no per-record Python)
     if signing_key is not None:
         from ..crypto.didkey import parse_did_key
 
