@@ -36,6 +36,10 @@ interrupted (Ctrl-C, ``error: interrupted``); 141 (128 + SIGPIPE, as ``cat`` and
 killed by SIGPIPE) when standard output is closed early, e.g. by ``| head -1``: nothing is printed
 and the walk stops at once.
 
+Where the C core (``repo_stream._native``) is not built, every command but ``generate`` says so
+once on stderr (``warning: the C core ... is not built``) and runs the pure-Python implementation:
+same output, slower. ``REPO_STREAM_PURE_PYTHON=1`` asks for that implementation, silently.
+
 ``generate`` writes realistic generated repo CARs (see :mod:`repo_stream.records.generate`) into a cache
 folder (default ``.cache/cars``) and prints their paths; files already there are reused.
 """
@@ -663,6 +667,19 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
+def _note_pure_python(command: str) -> None:
+    """Say once, on stderr, that the walk runs the pure-Python implementation because the C core
+    is missing (not when ``REPO_STREAM_PURE_PYTHON`` asked for it; ``generate`` does not walk)."""
+    if command != "generate" and implementation.C is None and not implementation.PURE_PYTHON_ASKED:
+        print(
+            f"warning: the C core (repo_stream._native) is not built ({implementation.NATIVE_IMPORT_ERROR}): "
+            "running the pure-Python implementation, with the same results, more slowly "
+            "(REPO_STREAM_PURE_PYTHON=1 silences this)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted,
     141 standard output closed early)."""
@@ -675,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if classify_source(args.source) not in ("did", "handle"):
             parser.error("verify: a file, - or URL SOURCE needs --key DIDKEY (only a DID or handle SOURCE has a DID document)")
+    _note_pure_python(args.command)
     try:
         status = _run(args)
         sys.stdout.flush()

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -508,3 +509,27 @@ def test_interrupted_is_one_line_and_130() -> None:
     finally:
         child.kill()
     assert (child.returncode, out, err) == (130, b"", b"error: interrupted\n")
+
+
+# A CLI whose C core cannot be imported (as where it was not built): None in sys.modules makes the
+# import fail the way a missing module does.
+_WITHOUT_C_CORE = "import sys; sys.modules['repo_stream._native'] = None; from repo_stream.cli import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize("asked", [None, "1"])
+def test_a_missing_c_core_is_said_once_unless_pure_python_was_asked_for(car_path: Path, asked: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REPO_STREAM_PURE_PYTHON"}
+    if asked is not None:
+        env["REPO_STREAM_PURE_PYTHON"] = asked
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_C_CORE, "stats", str(car_path), "--json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["records"], result["implementation"]) == (65, "python")
+    note = (
+        "warning: the C core (repo_stream._native) is not built (import of repo_stream._native halted; None in sys.modules): "
+        "running the pure-Python implementation, with the same results, more slowly (REPO_STREAM_PURE_PYTHON=1 silences this)\n"
+    )
+    assert done.stderr == ("" if asked else note)
