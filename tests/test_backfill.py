@@ -374,7 +374,8 @@ def test_cli_json_and_out(host: RepoHost, tmp_path: Path, capsys: pytest.Capture
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert len(lines) == 6
-    assert all(set(line) == {"repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped"} for line in lines)
+    keys = {"repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped", "verified"}
+    assert all(set(line) == keys and line["verified"] is None for line in lines)
     got = {line["repo"]: line for line in lines}
     assert got[bad]["error"].startswith("FetchError") and got[bad]["did"] == did_of(500)
     assert [got[u]["records"] for u in urls] == SIZES
@@ -411,8 +412,11 @@ def test_cli_human_output_from_stdin(tmp_path: Path) -> None:
         input=f"{REPO_2000}\n{tmp_path / 'missing.car'}\n", capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    rows = {line.split("\t")[0]: line.split("\t") for line in done.stdout.splitlines()}
-    assert rows[str(REPO_2000)] == [str(REPO_2000), DID_2000, EXPECTED["repo-2000-shuffled.car"]["rev"], "2000", "ok"]
-    assert rows[str(tmp_path / "missing.car")][4].startswith("SourceError")
+    header, *lines = done.stdout.splitlines()
+    assert header == "source\tdid\trev\trecords\tverified\tstatus"
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines}
+    assert rows[str(REPO_2000)] == [str(REPO_2000), DID_2000, EXPECTED["repo-2000-shuffled.car"]["rev"], "2000", "-", "ok"]
+    assert rows[str(tmp_path / "missing.car")][4] == "-"
+    assert rows[str(tmp_path / "missing.car")][5].startswith("SourceError")
     assert len(rows) == 2
     assert "2 repos" in done.stderr and "1 failed" in done.stderr

@@ -68,7 +68,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import random
-import tempfile
+import secrets
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -707,7 +707,10 @@ def generate_cached(
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{target.name}-")
+    # A new file with the usual mode (0666 less the umask, as open() gives; mkstemp's is 0600),
+    # under a unique temporary name, renamed into place once complete.
+    tmp = str(folder / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             generate_repo_car(out, n, seed=seed, order=order, profile=profile)
