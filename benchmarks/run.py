@@ -5,9 +5,13 @@
 
 For each profile and size, a generated shuffled repo CAR (``repo_stream.records.generate.generate_cached``,
 cached in ``.cache/cars`` at the repo root) is walked in full, in key order, by each method below,
-``--runs`` times, each walk in its own fresh process; the parent reaps it with ``os.wait4`` for its
-peak RSS (``ru_maxrss``) and times it from ``Popen`` to the reap (the whole process). The child
-reports the seconds from just before it opens the file to the end of the walk.
+``--runs`` times, each walk in its own fresh process, timed from ``Popen`` to the reap (the whole
+process). The child reports the seconds from just before it opens the file to the end of the walk,
+and its own peak RSS: ``VmHWM`` of ``/proc/self/status`` as it exits (a small wrapper runs the
+command and writes it to a file). Not ``ru_maxrss`` from ``os.wait4``: on Linux that starts at the
+parent's peak (the child is spawned with ``vfork``, and ``execve`` keeps the old address space's
+high-water mark), so every row would show at least this script's own peak, e.g. after it generated
+a CAR. ``ru_maxrss`` is the fallback where ``/proc`` is missing.
 
 Methods (``--methods``; the first eight run by default):
 
@@ -154,19 +158,57 @@ class _Watcher:
         return sorted(self.seen)
 
 
-def run_child(argv: list[str], *, pure: bool = False, watch: bool = False) -> dict[str, Any]:
-    """Run ``argv`` in a fresh process (cwd: repo root, private ``TMPDIR``); return its last JSON line.
+# Runs a Python command (``-m MODULE``, ``-c CODE`` or ``SCRIPT``, then its arguments) and, as the
+# process exits, writes its peak RSS (``VmHWM``, KiB) to the file named first: the exec'd process's
+# own address space, whatever the parent's size.
+_PEAK_WRAPPER = """\
+import atexit, os, runpy, sys
+out, kind, target, *rest = sys.argv[1:]
+def report():
+    try:
+        with open("/proc/self/status") as status:
+            kib = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+        with open(out, "w") as f:
+            f.write(kib)
+    except (OSError, StopIteration):
+        pass
+atexit.register(report)
+sys.argv = [target, *rest]
+if kind == "-m":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+elif kind == "-c":
+    sys.argv[0] = "-c"
+    exec(compile(target, "<string>", "exec"), {"__name__": "__main__"})
+else:
+    sys.path[0] = os.path.dirname(os.path.abspath(target))
+    runpy.run_path(target, run_name="__main__")
+"""
 
-    Adds ``process_s`` (Popen to reap, seconds), ``peak_rss`` (bytes, ``ru_maxrss`` of that
-    process), ``tmp_left`` (names left in its ``TMPDIR``, which is then removed) and, with
-    ``watch``, ``tmp_seen`` (names seen there during the run).
+
+def _with_peak_report(argv: list[str], out: str) -> list[str]:
+    """``argv`` (``[sys.executable, ...]``) run under :data:`_PEAK_WRAPPER`, which writes to ``out``."""
+    kind, target, rest = (argv[1], argv[2], argv[3:]) if argv[1] in ("-m", "-c") else ("path", argv[1], argv[2:])
+    return [argv[0], "-c", _PEAK_WRAPPER, out, kind, target, *rest]
+
+
+def run_child(argv: list[str], *, pure: bool = False, watch: bool = False) -> dict[str, Any]:
+    """Run ``argv`` (``[sys.executable, ...]``) in a fresh process (cwd: repo root, private
+    ``TMPDIR``); return its last JSON line.
+
+    Adds ``process_s`` (Popen to reap, seconds), ``peak_rss`` (bytes: the child's own peak,
+    ``VmHWM`` as it exits; ``ru_maxrss`` where there is no ``/proc``), ``peak_rss_from``
+    (``"VmHWM"`` or ``"ru_maxrss"``), ``tmp_left`` (names left in its ``TMPDIR``, which is then
+    removed) and, with ``watch``, ``tmp_seen`` (names seen there during the run).
     """
     tmp = tempfile.mkdtemp(prefix="rs-bench-tmp-")
+    peak_fd, peak_file = tempfile.mkstemp(prefix="rs-bench-peak-")
+    os.close(peak_fd)
     watcher = _Watcher(tmp) if watch else None
     try:
         with tempfile.TemporaryFile() as err:
             started = time.perf_counter()
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=_env(tmp, pure), cwd=ROOT)
+            command = _with_peak_report(argv, peak_file)
+            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, env=_env(tmp, pure), cwd=ROOT)
             assert proc.stdout is not None
             out = proc.stdout.read()
             proc.stdout.close()
@@ -181,13 +223,19 @@ def run_child(argv: list[str], *, pure: bool = False, watch: bool = False) -> di
                 )
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         result["tmp_left"] = sorted(os.listdir(tmp))
+        with open(peak_file) as f:
+            own_kib = f.read().strip()
     finally:
         if watcher is not None and not watcher._stop.is_set():
             watcher.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+        os.unlink(peak_file)
     result["tmp_seen"] = seen
     result["process_s"] = wall
-    result["peak_rss"] = usage.ru_maxrss * 1024  # KiB on Linux
+    if own_kib:
+        result["peak_rss"], result["peak_rss_from"] = int(own_kib) * 1024, "VmHWM"
+    else:  # no /proc: ru_maxrss, which counts the parent's peak too (KiB on Linux)
+        result["peak_rss"], result["peak_rss_from"] = usage.ru_maxrss * 1024, "ru_maxrss"
     return result
 
 
@@ -533,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"Median of {args.runs} runs, each in a fresh process. Process s: the whole process, start to exit "
         f"(`python -m repo_stream stats ... --json` for repo-stream; `benchmarks/peers.py` for the others); "
         f"from open s: from just before the CAR is opened to the end of the walk, which MB/s (MB = 10^6 bytes of CAR) "
-        f"and records/s use. Peak RSS: `ru_maxrss` of the process, max over runs; Python start-up with "
+        f"and records/s use. Peak RSS: the process's own (`VmHWM` as it exits), max over runs; Python start-up with "
         f"repo-stream's imports alone takes {floor['process_s']:.2f} s and {floor['peak_rss'] / 1e6:.0f} MB. "
         f"[c]/[python]: the implementation `stats --json` reported. Generated shuffled repos "
         f"(`generate_cached(n, profile=...)`); every run emitted exactly the generator's records. {env_line}."),

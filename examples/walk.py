@@ -8,6 +8,8 @@ Prints each record's key and block size, then the totals.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import anyio
 
@@ -47,6 +49,15 @@ def main() -> None:
     args = parser.parse_args()
     try:
         anyio.run(walk, args.car, args.mem_limit_mb)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of standard output went away (`| head -1`): stop quietly with 141 (128 +
+        # SIGPIPE), as the CLI does. Standard output goes to /dev/null so that the interpreter's
+        # own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise SystemExit(141) from None
     except (RepoStreamError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
 

@@ -1,7 +1,7 @@
 """Command line: ``repo-stream`` (or ``python -m repo_stream``) with ``stats``, ``ls``, ``dump``,
-``get``, ``verify`` and ``generate``.
+``get``, ``verify``, ``backfill`` and ``generate``.
 
-Every command but ``generate`` reads one repo CAR from SOURCE, opened with
+Every command but ``backfill`` and ``generate`` reads one repo CAR from SOURCE, opened with
 :func:`repo_stream.net.source.open_source`: a file path, ``-`` (standard input), an ``http(s)://``
 URL (e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``), a DID, a handle (``alice.com``
 or ``@alice.com``) or an ``at://`` URI. DIDs and handles are resolved to the account's PDS
@@ -17,11 +17,18 @@ the repo served must be the DID's own (its commit's ``did``).
 - ``dump SOURCE``: one ``{"key", "cid", "value"}`` JSON object per line in key order, the value in
   the atproto data model's JSON form (:func:`repo_stream.records.record_json`).
 - ``get SOURCE KEY``: the value of the record ``KEY`` (``collection/rkey``) as one JSON object; a
-  key that is not in the repo is an error.
+  key that is not in the repo is an error, a ``KEY`` that is not ``collection/rkey`` a usage error.
 - ``verify SOURCE [--key DIDKEY]``: checks every block against its CID, every MST rule (canonical
   nodes and commit, key order, layers), and the commit's signature, with ``--key`` or the
   ``#atproto`` key of the DID document of a DID or handle SOURCE (a file, ``-`` or URL SOURCE
-  needs ``--key``: without it that is a usage error, exit 2). Prints one summary line.
+  needs ``--key``: without it that is a usage error, exit 2, as is a ``--key`` that is not an
+  atproto did:key). Prints one summary line.
+- ``backfill --repos FILE | --host URL``: walks many repos at once, resumably (see
+  :func:`repo_stream.backfill.backfill`); one tab-separated line per repo after a header line
+  (:data:`BACKFILL_COLUMNS`, documented in ``backfill --help``) or, with ``--json``, one JSON
+  object per repo. ``--verify cids`` checks every block's CID and every MST rule,
+  ``--verify``/``--verify signature`` the commit signature too (with ``--key DIDKEY``, one key
+  for every repo, else each account's DID document key).
 
 ``--collection NSID`` (repeatable) on stats, ls, dump and get walks only the MST subtrees whose
 key range can hold those collections and emits only their records.
@@ -35,6 +42,10 @@ error (argparse: unknown options, a non-positive ``--mem-limit-mb``, an invalid 
 interrupted (Ctrl-C, ``error: interrupted``); 141 (128 + SIGPIPE, as ``cat`` and other tools
 killed by SIGPIPE) when standard output is closed early, e.g. by ``| head -1``: nothing is printed
 and the walk stops at once.
+
+Where the C core (``repo_stream._native``) is not built, every command but ``generate`` says so
+once on stderr (``warning: the C core ... is not built``) and runs the pure-Python implementation:
+same output, slower. ``REPO_STREAM_PURE_PYTHON=1`` asks for that implementation, silently.
 
 ``generate`` writes realistic generated repo CARs (see :mod:`repo_stream.records.generate`) into a cache
 folder (default ``.cache/cars``) and prints their paths; files already there are reused.
@@ -59,7 +70,7 @@ import anyio
 from . import __version__
 from .core import implementation
 from .core.cid import cid_text
-from .core.mst import is_valid_collection
+from .core.mst import is_valid_collection, is_valid_key
 from .errors import RepoStreamError
 from .read.drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, MemoryDriver, NeedDisk
 from .spill.store import DiskBuilder
@@ -357,9 +368,7 @@ async def _get(args: argparse.Namespace) -> int:
 
     key: str = args.key
     builder = DriverBuilder().with_mem_limit_mb(args.mem_limit_mb).with_block_processor(record_json).with_codec(*JSON_CODEC)
-    collection = key.partition("/")[0]
-    if is_valid_collection(collection):
-        builder = _select(builder, [collection])  # walk only the subtrees that can hold the key
+    builder = _select(builder, [key.partition("/")[0]])  # walk only the subtrees that can hold the key
     async with _walking_args(args, builder) as walk:
         value = await _find(walk, key)
         if value is not _MISSING:
@@ -423,8 +432,21 @@ def _collection(text: str) -> str:
 
 
 def _did_key(text: str) -> str:
-    if not text.startswith("did:key:z"):
-        raise argparse.ArgumentTypeError(f"not a did:key (did:key:z...): {text!r}")
+    """A did:key that parses to an atproto signing key (checked before any work)."""
+    from .crypto.didkey import parse_did_key
+    from .errors import SignatureError
+
+    try:
+        parse_did_key(text)
+    except SignatureError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _record_key(text: str) -> str:
+    """A record key ``collection/rkey`` (an NSID, a slash, a record key)."""
+    if not is_valid_key(text):
+        raise argparse.ArgumentTypeError(f"not a record key collection/rkey (e.g. app.bsky.actor.profile/self): {text!r}")
     return text
 
 
@@ -475,7 +497,7 @@ def _parser() -> argparse.ArgumentParser:
     _source_arguments(p)
     p = commands.add_parser("get", help="print one record's value as JSON")
     _source_arguments(p, collections=False)
-    p.add_argument("key", metavar="KEY", help="the record's key, collection/rkey (e.g. app.bsky.actor.profile/self)")
+    p.add_argument("key", type=_record_key, metavar="KEY", help="the record's key, collection/rkey (e.g. app.bsky.actor.profile/self)")
     p = commands.add_parser("verify", help="check every block's CID, every MST rule and the commit signature")
     _source_arguments(p, collections=False)
     p.add_argument(
@@ -484,7 +506,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIDKEY",
         help="the account's signing key, did:key:z... (default: from the DID document of a DID or handle SOURCE)",
     )
-    b = commands.add_parser("backfill", help="walk many repos at once, resumably (DIDs, handles, URLs, paths)")
+    b = commands.add_parser(
+        "backfill",
+        help="walk many repos at once, resumably (DIDs, handles, URLs, paths)",
+        description=_BACKFILL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     where = b.add_mutually_exclusive_group(required=True)
     where.add_argument("--repos", metavar="FILE", help="a file of repo sources, one a line (# comments), or - for standard input")
     where.add_argument("--host", metavar="URL", help="every active repo of a PDS or relay (com.atproto.sync.listRepos)")
@@ -503,12 +530,51 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--checkpoint", metavar="PATH", help="SQLite file recording finished repos; a rerun skips them")
     b.add_argument("--retry-failed", action="store_true", help="run repos the checkpoint records as failed again")
     b.add_argument("--out", metavar="DIR", help="write each repo's records as DIR/<did>.jsonl")
-    b.add_argument("--verify", action="store_true", help="check every block against its CID and the commit signature")
+    b.add_argument(
+        "--verify",
+        nargs="?",
+        const="signature",
+        choices=["cids", "signature"],
+        help="cids: check every block against its CID and every MST rule; signature (the default of a bare --verify): "
+        "that and the commit's signature, with --key or each account's DID document key",
+    )
+    b.add_argument(
+        "--key",
+        type=_did_key,
+        metavar="DIDKEY",
+        help="the signing key of every repo, did:key:z... (e.g. local files of one account); implies --verify signature",
+    )
     b.add_argument("--json", action="store_true", help="one JSON object per repo on stdout; the summary on stderr")
     b.add_argument("--plc-url", metavar="URL", default=None, help="PLC directory for did:plc (default https://plc.directory)")
     b.add_argument("--dask", metavar="ADDRESS", default=None, help="run on a Dask cluster: a scheduler address, or 'local' for a local one")
     b.add_argument("--engine-workers", type=_positive_int, default=2, metavar="W", help="worker processes of --dask local (default 2)")
+    for sub in commands.choices.values():
+        sub.set_defaults(command_parser=sub)  # a command's usage errors print its own usage
     return parser
+
+
+#: The columns of ``backfill``'s tab-separated lines (its header line).
+BACKFILL_COLUMNS = ("source", "did", "rev", "records", "verified", "status")
+
+_BACKFILL_DESCRIPTION = """\
+Walk many repos at once, resumably (DIDs, handles, URLs, paths).
+
+Output: one line per repo on stdout, in completion order, after a header line naming the
+tab-separated columns:
+  source    the repo as given
+  did       the commit's DID (or the DID asked for), - if unknown
+  rev       the commit's rev, - if not read
+  records   records walked (on failure: before it)
+  verified  what was checked, on success: cids (every block's CID and every MST rule),
+            cids+signature (and the commit's signature), - (nothing: no --verify, a failure,
+            or a repo skipped as done in the checkpoint)
+  status    ok, skipped (done in the checkpoint), or the error (its class and message)
+With --json: one JSON object per repo instead (repo, did, rev, records, record_bytes, spilled,
+seconds, error, skipped, verified), no header. A summary line goes to stderr.
+
+Exit status: 0 once the run completed, whatever single repos did (see their status); 1 the run
+could not go on (e.g. the repo list cannot be read); 2 usage; 130 interrupted.
+"""
 
 
 def _backfill(args: argparse.Namespace) -> int:
@@ -532,12 +598,16 @@ def _backfill(args: argparse.Namespace) -> int:
 
         bar = tqdm(unit=" repos", desc="backfill", file=sys.stderr, dynamic_ncols=True)
 
+    header = [] if args.json else ["\t".join(BACKFILL_COLUMNS)]  # printed before the first repo's line
+
     def report(result: BackfillResult) -> None:
         if args.json:
             line = json.dumps(result.to_json())
         else:
             status = "skipped" if result.skipped else "ok"
-            line = "\t".join([result.source, result.did or "-", result.rev or "-", str(result.records), result.error or status])
+            fields = [result.source, result.did or "-", result.rev or "-", str(result.records), result.verified or "-", result.error or status]
+            line = "\n".join([*header, "\t".join(fields)])
+            header.clear()
         if bar is not None and not args.json:
             bar.write(line)
         else:
@@ -554,7 +624,7 @@ def _backfill(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "sink": JsonlSink(args.out) if args.out else None, "memory_workers": args.memory_workers,
         "disk_workers": args.disk_workers, "mem_limit_mb": args.mem_limit_mb, "fetch_concurrency": args.fetch_concurrency,
-        "spill_dir": args.spill_dir, "verify": args.verify, "checkpoint": args.checkpoint,
+        "spill_dir": args.spill_dir, "verify": args.verify or False, "signing_key": args.key, "checkpoint": args.checkpoint,
         "retry_failed": args.retry_failed, "plc_url": args.plc_url,
     }  # fmt: skip
     if args.processes > 1:
@@ -663,18 +733,38 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
+def _note_pure_python(command: str) -> None:
+    """Say once, on stderr, that the walk runs the pure-Python implementation because the C core
+    is missing (not when ``REPO_STREAM_PURE_PYTHON`` asked for it; ``generate`` does not walk)."""
+    if command != "generate" and implementation.C is None and not implementation.PURE_PYTHON_ASKED:
+        print(
+            f"warning: the C core (repo_stream._native) is not built ({implementation.NATIVE_IMPORT_ERROR}): "
+            "running the pure-Python implementation, with the same results, more slowly "
+            "(REPO_STREAM_PURE_PYTHON=1 silences this)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted,
     141 standard output closed early)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command == "backfill" and args.dask is not None and args.processes > 1:
-        parser.error("backfill: --processes is for one machine; with --dask, the engine's workers are the processes")
+    usage_error: Callable[[str], Any] = args.command_parser.error
+    if args.command == "backfill":
+        if args.dask is not None and args.processes > 1:
+            usage_error("--processes is for one machine; with --dask, the engine's workers are the processes")
+        if args.key is not None:
+            if args.verify == "cids":
+                usage_error("--key is for checking signatures: it goes with --verify signature (or alone), not --verify cids")
+            args.verify = "signature"
     if args.command == "verify" and args.key is None:
         from .net.source import classify_source
 
         if classify_source(args.source) not in ("did", "handle"):
-            parser.error("verify: a file, - or URL SOURCE needs --key DIDKEY (only a DID or handle SOURCE has a DID document)")
+            usage_error("a file, - or URL SOURCE needs --key DIDKEY (only a DID or handle SOURCE has a DID document)")
+    _note_pure_python(args.command)
     try:
         status = _run(args)
         sys.stdout.flush()

@@ -19,7 +19,7 @@ IMPLEMENTATIONS = os.environ.get("REPO_STREAM_TEST_IMPLEMENTATIONS", "c,python")
 
 #: Test modules that never run the hot path (they test the writer, the generator, identity
 #: resolution, signatures): once is enough, on the first implementation.
-CORE_FREE = {"test_writer", "test_generate", "test_identity", "test_signature", "test_docs"}
+CORE_FREE = {"test_writer", "test_generate", "test_identity", "test_signature", "test_docs", "test_install"}
 #: Test modules that switch implementations themselves.
 SELF_MANAGED = {"test_differential", "test_runs", "test_native_guards"}
 

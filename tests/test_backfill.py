@@ -36,7 +36,7 @@ from repo_stream.backfill import (
 )
 from repo_stream.cli import main
 from repo_stream.core.cid import cid_str, dag_cbor_cid
-from repo_stream.errors import FetchError
+from repo_stream.errors import FetchError, SignatureError
 from repo_stream.net.fetch import FetchOptions
 
 from .backfill_server import LIST_REPOS, RepoHost, car_reply, repo_car_of, repo_records
@@ -361,6 +361,54 @@ async def test_verify_with_a_wrong_signing_key(host: RepoHost) -> None:
     assert checked.error is not None and checked.error.startswith("SignatureError")
 
 
+def _signed_file(folder: Path, name: str, did: str) -> tuple[Path, str]:
+    """A CAR of 6 records signed with a new secp256k1 key: its path and the key's did:key."""
+    import functools
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from repo_stream.crypto.didkey import format_did_key
+    from repo_stream.crypto.signature import sign
+    from repo_stream.records.writer import build_repo_car
+
+    private = ec.generate_private_key(ec.SECP256K1())
+    path = folder / name
+    build_repo_car(repo_records(did, 6), did=did, rev="3kaaaaaaaaaab", path=path, sign=functools.partial(sign, private))
+    return path, format_did_key(private.public_key())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_verify_modes_and_one_signing_key_on_local_files(tmp_path: Path, processes: int) -> None:
+    """Offline: ``verify="cids"`` checks CIDs and MST rules only, ``signing_key`` replaces the DID
+    documents; each result says what was checked, also from worker processes."""
+    first, key = _signed_file(tmp_path, "first.car", did_of(410))
+    second, _ = _signed_file(tmp_path, "second.car", did_of(411))
+    paths = [str(first), str(second)]
+
+    def outcome(results: list[BackfillResult]) -> dict[str, tuple[int, str | None, str | None]]:
+        return {Path(r.source).name: (r.records, r.verified, r.error and r.error.partition(":")[0]) for r in results}
+
+    got = outcome(await run_all(paths, verify="cids", processes=processes))
+    assert got == {"first.car": (6, "cids", None), "second.car": (6, "cids", None)}
+    got = outcome(await run_all(paths, verify=True, signing_key=key, processes=processes))
+    assert got == {"first.car": (6, "cids+signature", None), "second.car": (0, None, "SignatureError")}
+    assert outcome(await run_all(paths, processes=processes)) == {"first.car": (6, None, None), "second.car": (6, None, None)}
+
+
+@pytest.mark.anyio
+async def test_verify_options_are_checked_up_front() -> None:
+    key = "did:key:zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU76E"
+    with pytest.raises(ValueError, match="signing_key is for verifying signatures"):
+        await run_all(["x.car"], verify="cids", signing_key=key)
+    with pytest.raises(ValueError, match="signing_key is for verifying signatures"):
+        await run_all(["x.car"], signing_key=key)
+    with pytest.raises(ValueError, match="verify must be False, True, 'cids' or 'signature', got 'all'"):
+        await run_all(["x.car"], verify="all")
+    with pytest.raises(SignatureError, match="did:key 'did:key:z'"):
+        await run_all(["x.car"], verify=True, signing_key="did:key:z")
+
+
 # --- the command line ------------------------------------------------------------------------
 
 
@@ -374,7 +422,8 @@ def test_cli_json_and_out(host: RepoHost, tmp_path: Path, capsys: pytest.Capture
     captured = capsys.readouterr()
     lines = [json.loads(line) for line in captured.out.splitlines()]
     assert len(lines) == 6
-    assert all(set(line) == {"repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped"} for line in lines)
+    keys = {"repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped", "verified"}
+    assert all(set(line) == keys and line["verified"] is None for line in lines)
     got = {line["repo"]: line for line in lines}
     assert got[bad]["error"].startswith("FetchError") and got[bad]["did"] == did_of(500)
     assert [got[u]["records"] for u in urls] == SIZES
@@ -411,8 +460,11 @@ def test_cli_human_output_from_stdin(tmp_path: Path) -> None:
         input=f"{REPO_2000}\n{tmp_path / 'missing.car'}\n", capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    rows = {line.split("\t")[0]: line.split("\t") for line in done.stdout.splitlines()}
-    assert rows[str(REPO_2000)] == [str(REPO_2000), DID_2000, EXPECTED["repo-2000-shuffled.car"]["rev"], "2000", "ok"]
-    assert rows[str(tmp_path / "missing.car")][4].startswith("SourceError")
+    header, *lines = done.stdout.splitlines()
+    assert header == "source\tdid\trev\trecords\tverified\tstatus"
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines}
+    assert rows[str(REPO_2000)] == [str(REPO_2000), DID_2000, EXPECTED["repo-2000-shuffled.car"]["rev"], "2000", "-", "ok"]
+    assert rows[str(tmp_path / "missing.car")][4] == "-"
+    assert rows[str(tmp_path / "missing.car")][5].startswith("SourceError")
     assert len(rows) == 2
     assert "2 repos" in done.stderr and "1 failed" in done.stderr

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import re
 import signal
 import subprocess
@@ -288,7 +289,7 @@ def test_get_a_record_and_a_missing_key(car_path: Path) -> None:
     done = run_bytes("get", str(car_path), key)
     assert done.returncode == 0, done.stderr
     assert json_lines(done.stdout) == [cbor2.loads(block)]
-    for missing in ["app.bsky.feed.like/3k99999999999", "app.bsky.feed.zzz/x", "not a key"]:
+    for missing in ["app.bsky.feed.like/3k99999999999", "app.bsky.feed.zzz/x"]:  # (not a key: a usage error)
         bad = run_bytes("get", str(car_path), missing)
         assert bad.returncode == 1 and bad.stdout == b""
         pattern = rf"error: no record {missing} in the repo of {DID} \(commit bafyrei[a-z2-7]{{52}}, rev {REV}\)\n"
@@ -347,8 +348,10 @@ def test_verify_fails_on_a_tampered_car(tmp_path: Path) -> None:
 
 def test_verify_a_file_needs_a_key(car_path: Path) -> None:
     done = run_bytes("verify", str(car_path))
-    assert done.returncode == 2
-    assert b"verify: a file, - or URL SOURCE needs --key DIDKEY" in done.stderr
+    assert done.returncode == 2 and done.stdout == b""
+    # verify's own usage, not the top-level one.
+    assert done.stderr.startswith(b"usage: repo-stream verify [-h]")
+    assert done.stderr.endswith(b"repo-stream verify: error: a file, - or URL SOURCE needs --key DIDKEY (only a DID or handle SOURCE has a DID document)\n")
     bad = run_bytes("verify", str(car_path), "--key", "zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU76E")
     assert bad.returncode == 2 and b"not a did:key" in bad.stderr
 
@@ -468,7 +471,7 @@ def test_usage_errors_exit_2(args: list[str], message: str) -> None:
 def test_errors_are_one_line_for_every_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.car"
     bad.write_bytes(b"\x05hello")
-    for args in (["ls", str(bad)], ["dump", str(bad)], ["get", str(bad), "a.b.c/d"], ["verify", str(bad), "--key", "did:key:zQ3sh"]):
+    for args in (["ls", str(bad)], ["dump", str(bad)], ["get", str(bad), "a.b.c/d"], ["verify", str(bad), "--key", "did:key:zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU76E"]):
         done = run_bytes(*args)
         assert done.returncode == 1, args
         assert done.stderr.startswith(b"error: CAR header (bytes 1..6) is not valid DAG-CBOR"), done.stderr
@@ -508,3 +511,174 @@ def test_interrupted_is_one_line_and_130() -> None:
     finally:
         child.kill()
     assert (child.returncode, out, err) == (130, b"", b"error: interrupted\n")
+
+
+# A CLI whose C core cannot be imported (as where it was not built): None in sys.modules makes the
+# import fail the way a missing module does.
+_WITHOUT_C_CORE = "import sys; sys.modules['repo_stream._native'] = None; from repo_stream.cli import main; sys.exit(main())"
+
+
+@pytest.mark.parametrize("asked", [None, "1"])
+def test_a_missing_c_core_is_said_once_unless_pure_python_was_asked_for(car_path: Path, asked: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "REPO_STREAM_PURE_PYTHON"}
+    if asked is not None:
+        env["REPO_STREAM_PURE_PYTHON"] = asked
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_C_CORE, "stats", str(car_path), "--json"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert (result["records"], result["implementation"]) == (65, "python")
+    note = (
+        "warning: the C core (repo_stream._native) is not built (import of repo_stream._native halted; None in sys.modules): "
+        "running the pure-Python implementation, with the same results, more slowly (REPO_STREAM_PURE_PYTHON=1 silences this)\n"
+    )
+    assert done.stderr == ("" if asked else note)
+
+
+# --- usage errors before any work, backfill's output and checks, examples, file modes ----------
+
+
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("did:key:z", "argument --key: did:key 'did:key:z': no known multicodec prefix"),
+        ("zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU76E", "argument --key: key 'zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU76E': not a did:key"),
+        ("did:key:zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU7", "argument --key: did:key 'did:key:zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU7'"),
+    ],
+)
+def test_verify_an_invalid_did_key_is_a_usage_error_before_any_work(key: str, message: str) -> None:
+    # The CAR does not exist: a usage error (2), not "cannot open" (1), shows nothing was opened.
+    done = run("verify", "/nonexistent/repo.car", "--key", key)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: repo-stream verify") and message in done.stderr
+    assert done.stderr.count("error") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("key", ["notakey", "app.bsky.feed.post/", "/3k2a", "post/3k2a", "app.bsky.feed.post/a/b", "app.bsky.feed.post/.."])
+def test_get_a_key_that_is_not_collection_rkey_is_a_usage_error_before_any_work(key: str) -> None:
+    done = run("get", "/nonexistent/repo.car", key)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: repo-stream get")
+    assert f"repo-stream get: error: argument KEY: not a record key collection/rkey (e.g. app.bsky.actor.profile/self): {key!r}\n" in done.stderr
+
+
+def test_backfill_an_unreadable_repo_list_is_one_line() -> None:
+    done = run("backfill", "--repos", "/nonexistent/repos.txt")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "error: cannot read repo list /nonexistent/repos.txt: No such file or directory\n"
+
+
+def test_backfill_help_documents_the_columns_and_the_checks() -> None:
+    done = run("backfill", "--help")
+    assert done.returncode == 0
+    help_text = " ".join(done.stdout.split())
+    for text in (
+        "tab-separated columns: source the repo as given did",
+        "verified what was checked, on success: cids (every block's CID and every MST rule), cids+signature",
+        "status ok, skipped (done in the checkpoint), or the error",
+        "--verify [{cids,signature}]",
+        "--key DIDKEY the signing key of every repo",
+        "Exit status: 0 once the run completed",
+    ):
+        assert text in help_text
+
+
+def _signed_car(tmp_path: Path, name: str, curve: Any) -> tuple[Path, str]:
+    """A CAR of POSTS signed with a new key: its path and the key's did:key."""
+    import functools
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from repo_stream.crypto.didkey import format_did_key
+    from repo_stream.crypto.signature import sign
+    from repo_stream.records.writer import build_repo_car
+
+    private = ec.generate_private_key(curve)
+    path = tmp_path / name
+    build_repo_car(POSTS, did=DID, rev=REV, path=path, sign=functools.partial(sign, private))
+    return path, format_did_key(private.public_key())
+
+
+def test_backfill_verifies_local_files_with_one_key_or_cids_only(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    good, key = _signed_car(tmp_path, "good.car", ec.SECP256K1())
+    other, other_key = _signed_car(tmp_path, "other.car", ec.SECP256R1())
+    listing = tmp_path / "repos.txt"
+    listing.write_text(f"{good}\n{other}\n")
+    header = "source\tdid\trev\trecords\tverified\tstatus"
+
+    def rows(*options: str) -> dict[str, list[str]]:
+        done = run("backfill", "--repos", str(listing), "--memory-workers", "1", *options)
+        assert done.returncode == 0, done.stderr
+        first, *lines = done.stdout.splitlines()
+        assert first == header
+        return {Path(line.split("\t")[0]).name: line.split("\t")[1:] for line in lines}
+
+    # --key alone checks the signatures (offline: no DID document needed).
+    assert rows("--key", key) == {
+        "good.car": [DID, REV, "40", "cids+signature", "ok"],
+        "other.car": [DID, REV, "0", "-", f"SignatureError: commit {_commit_cid(other)} of {DID}: signature does not verify with key {key}"],
+    }
+    assert rows("--verify", "signature", "--key", other_key)["other.car"] == [DID, REV, "40", "cids+signature", "ok"]
+    # --verify cids: CIDs and MST rules, no signature.
+    assert rows("--verify", "cids") == {"good.car": [DID, REV, "40", "cids", "ok"], "other.car": [DID, REV, "40", "cids", "ok"]}
+    assert rows() == {"good.car": [DID, REV, "40", "-", "ok"], "other.car": [DID, REV, "40", "-", "ok"]}
+    # A broken block: --verify cids fails it, no --verify does not look.
+    data = bytearray(good.read_bytes())
+    at = data.index(b"post number 7")
+    data[at : at + 13] = b"post number 8"
+    good.write_bytes(bytes(data))
+    broken = rows("--verify", "cids")["good.car"]
+    assert broken[3] == "-" and broken[4].startswith("CidMismatchError"), broken
+    assert rows()["good.car"] == [DID, REV, "40", "-", "ok"]
+    # --json says what was checked too.
+    done = run("backfill", "--repos", str(listing), "--json", "--verify", "cids")
+    assert sorted((Path(r["repo"]).name, r["verified"]) for r in map(json.loads, done.stdout.splitlines())) == [
+        ("good.car", None), ("other.car", "cids"),
+    ]  # fmt: skip
+
+
+def _commit_cid(path: Path) -> str:
+    return json.loads(run("stats", str(path), "--json").stdout)["commit"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--verify", "cids", "--key", "did:key:zQ3shcCqfar5htv2sHrykmRYJJUSkMUDKZNeb4ZBmSAEQU76E"], "--key is for checking signatures"),
+        (["--key", "did:key:z"], "argument --key: did:key 'did:key:z'"),
+        (["--verify", "everything"], "argument --verify: invalid choice: 'everything'"),
+    ],
+)
+def test_backfill_verify_usage_errors(args: list[str], message: str) -> None:
+    done = run("backfill", "--repos", "/nonexistent/repos.txt", *args)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith("usage: repo-stream backfill") and message in done.stderr
+
+
+def test_the_walk_example_ends_quietly_when_stdout_closes() -> None:
+    """``examples/walk.py REPO | head -1`` behaves as the CLI: no error, exit 141."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "walk.py"
+    child = subprocess.Popen([sys.executable, str(example), str(FIXTURES / "repo-2000-shuffled.car")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    first = child.stdout.readline()
+    child.stdout.close()
+    status = child.wait(timeout=60)
+    err = child.stderr.read()
+    child.stderr.close()
+    assert first.startswith(b"# did:plc:zvqt5whrnlpzdn2yjirglmpv rev ")
+    assert (status, err) == (141, b"")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_generated_cars_have_the_usual_mode(tmp_path: Path, umask: int, mode: int) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "repo_stream", "generate", "30", "--cache-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, umask=umask,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    path = Path(done.stdout.split("\t")[0])
+    assert (path.stat().st_mode & 0o777, [p.name for p in tmp_path.iterdir()]) == (mode, [path.name])

@@ -107,72 +107,106 @@ def backfill_on_dask(
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
     for key in ("checkpoint", "client", "stats", "dns_resolver"):
         options.pop(key, None)
-    cluster: Any = None
-    client: Any = None
-    own_client = False
-
-    def connect() -> Any:
-        """The Dask client, made on first need (a rerun with everything recorded starts none)."""
-        nonlocal cluster, client, own_client
-        if client is None:
-            if isinstance(scheduler, Client):
-                client = scheduler
-            elif scheduler in (None, "local"):
-                cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)  # type: ignore[no-untyped-call]
-                client, own_client = Client(cluster), True  # type: ignore[no-untyped-call]
-            else:
-                client, own_client = Client(scheduler), True  # type: ignore[no-untyped-call]
-        return client
-
+    cluster = _Cluster(scheduler, n_workers, Client, LocalCluster)
     store = Checkpoint(checkpoint) if checkpoint is not None else None
     try:
-        window = max_in_flight
-        shards = _shards(sources, shard_size)
-        running: Any = None
-        pending: dict[Any, list[str]] = {}
-        exhausted = False
-        while True:
-            while not exhausted and (window is None or len(pending) < window):
-                shard = next(shards, None)
-                if shard is None:
-                    exhausted = True
-                    break
-                if store is not None:
-                    recorded = store.lookup_sync(shard)
-                    todo = []
-                    for source in shard:
-                        result = recorded.get(source)
-                        if is_done(result, retry_failed):
-                            assert result is not None
-                            yield result
-                        else:
-                            todo.append(source)
-                    shard = todo
-                if shard:
-                    dask = connect()
-                    if window is None:
-                        window = 2 * (sum(dask.nthreads().values()) or 1)
-                    future = dask.submit(run_shard, shard, options, pure=False)
-                    pending[future] = shard
-                    if running is None:
-                        running = as_completed([future])  # type: ignore[no-untyped-call]
-                    else:
-                        running.add(future)
-            if not pending:
-                return
-            future = next(running)
-            shard = pending.pop(future)
-            try:
-                results = future.result()
-            except Exception as exc:
-                results = _failed_shard(shard, exc)
-            if store is not None:
-                store.record_sync(results)
-            yield from results
+        yield from _run_shards(_shards(sources, shard_size), cluster, options, max_in_flight, store, retry_failed, as_completed)
     finally:
         if store is not None:
             store.close_sync()
-        if own_client and client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        cluster.close()
+
+
+class _Cluster:
+    """The run's Dask client, made on first need (a rerun with everything recorded starts none);
+    :meth:`close` closes the client and local cluster this made (not a client given)."""
+
+    def __init__(self, scheduler: Any, n_workers: int, client_class: Any, local_cluster_class: Any) -> None:
+        self.scheduler = scheduler
+        self.n_workers = n_workers
+        self._client_class = client_class
+        self._local_cluster_class = local_cluster_class
+        self._cluster: Any = None
+        self._client: Any = None
+        self._own_client = False
+
+    def client(self) -> Any:
+        if self._client is None:
+            if isinstance(self.scheduler, self._client_class):
+                self._client = self.scheduler
+            elif self.scheduler in (None, "local"):
+                self._cluster = self._local_cluster_class(
+                    n_workers=self.n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+                )
+                self._client, self._own_client = self._client_class(self._cluster), True
+            else:
+                self._client, self._own_client = self._client_class(self.scheduler), True
+        return self._client
+
+    def close(self) -> None:
+        if self._own_client and self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+def _skip_recorded(store: Checkpoint | None, shard: list[str], retry_failed: bool) -> tuple[list[BackfillResult], list[str]]:
+    """The results the checkpoint already has for ``shard`` (``skipped``), and the sources to run."""
+    if store is None:
+        return [], shard
+    recorded = store.lookup_sync(shard)
+    done: list[BackfillResult] = []
+    todo: list[str] = []
+    for source in shard:
+        result = recorded.get(source)
+        if is_done(result, retry_failed):
+            assert result is not None
+            done.append(result)
+        else:
+            todo.append(source)
+    return done, todo
+
+
+def _run_shards(
+    shards: Iterator[list[str]],
+    cluster: _Cluster,
+    options: dict[str, Any],
+    window: int | None,
+    store: Checkpoint | None,
+    retry_failed: bool,
+    as_completed: Any,
+) -> Iterator[BackfillResult]:
+    """Keep ``window`` shards submitted (default: twice the cluster's worker threads), yielding
+    recorded results as their shards are read and each finished shard's results (recorded first)."""
+    running: Any = None
+    pending: dict[Any, list[str]] = {}
+    exhausted = False
+    while True:
+        while not exhausted and (window is None or len(pending) < window):
+            shard = next(shards, None)
+            if shard is None:
+                exhausted = True
+                break
+            done, shard = _skip_recorded(store, shard, retry_failed)
+            yield from done
+            if shard:
+                dask = cluster.client()
+                if window is None:
+                    window = 2 * (sum(dask.nthreads().values()) or 1)
+                future = dask.submit(run_shard, shard, options, pure=False)
+                pending[future] = shard
+                if running is None:
+                    running = as_completed([future])
+                else:
+                    running.add(future)
+        if not pending:
+            return
+        future = next(running)
+        shard = pending.pop(future)
+        try:
+            results = future.result()
+        except Exception as exc:
+            results = _failed_shard(shard, exc)
+        if store is not None:
+            store.record_sync(results)
+        yield from results

@@ -50,7 +50,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStream
@@ -75,6 +75,32 @@ if TYPE_CHECKING:
 __all__ = ["backfill"]
 
 _CHUNK = 1024  # records per next_chunk
+#: BackfillResult.verified of a successful repo, by verify mode.
+_VERIFIED: dict[str | None, str | None] = {None: None, "cids": "cids", "signature": "cids+signature"}
+
+
+def _verify_mode(verify: object, signing_key: str | None) -> Literal["cids", "signature"] | None:
+    """``backfill``'s ``verify`` and ``signing_key`` as one mode: None, "cids" or "signature".
+
+    Raises:
+        ValueError: an unknown ``verify``, or a ``signing_key`` without signature verification.
+        SignatureError: ``signing_key`` does not parse.
+    """
+    if verify is True or verify == "signature":
+        mode: Literal["cids", "signature"] | None = "signature"
+    elif verify is False or verify is None:
+        mode = None
+    elif verify == "cids":
+        mode = "cids"
+    else:
+        raise ValueError(f"verify must be False, True, 'cids' or 'signature', got {verify!r}")
+    if signing_key is not None:
+        if mode != "signature":
+            raise ValueError("signing_key is for verifying signatures: give it with verify=True (or 'signature')")
+        from ..crypto.didkey import parse_did_key
+
+        parse_did_key(signing_key)  # raises SignatureError
+    return mode
 _BATCH = 256  # checkpoint rows per look-up or transaction
 
 
@@ -129,7 +155,7 @@ class _Run:
 
     def builder(self) -> DriverBuilder[Any]:
         o = self.o
-        builder: DriverBuilder[Any] = DriverBuilder().with_mem_limit_mb(o["mem_limit_mb"]).with_verify_cids(o["verify"])
+        builder: DriverBuilder[Any] = DriverBuilder().with_mem_limit_mb(o["mem_limit_mb"]).with_verify_cids(o["verify"] is not None)
         if o["sink"] is None:
             return builder.with_block_processor(len)
         return builder.with_record_cids(True)
@@ -151,6 +177,7 @@ class _Run:
             spilled=job.spilled,
             seconds=time.monotonic() - job.started,
             error=None if error is None else _describe(error),
+            verified=None if error is not None else _VERIFIED[self.o["verify"]],
         )
 
     def release(self, job: _Job) -> None:
@@ -175,8 +202,8 @@ class _Run:
         job.commit = commit
         assert job.opened is not None
         job.opened.check_did(commit.did)
-        if self.o["verify"]:
-            key = await self.signing_key(job.opened, commit.did)
+        if self.o["verify"] == "signature":
+            key = self.o["signing_key"] or await self.signing_key(job.opened, commit.did)
             if key is None:
                 raise SignatureError(f"{commit.did}: its DID document has no #atproto signing key to verify commit {commit.cid}")
             commit.verify_signature(key)  # raises SignatureError
@@ -394,7 +421,8 @@ async def backfill(
     disk_queue_size: int = 0,
     disk_cache_mb: int = 32,
     spill_dir: str | os.PathLike[str] | None = None,
-    verify: bool = False,
+    verify: bool | Literal["cids", "signature"] = False,
+    signing_key: str | None = None,
     checkpoint: str | os.PathLike[str] | Checkpoint | None = None,
     retry_failed: bool = False,
     plc_url: str | None = None,
@@ -429,9 +457,13 @@ async def backfill(
         spill_dir: the folder for spill files (default: the system's temporary folder). Each
             disk worker's store is a file there that is unlinked as soon as SQLite has opened it,
             so the folder shows nothing and even a ``kill -9`` of the run leaves nothing in it.
-        verify: check every block against its CID (``with_verify_cids``) and the commit's
-            signature against the account's signing key (when ``Commit.verify_signature`` is
-            available).
+        verify: ``"cids"``: check every block against its CID and every MST rule
+            (``with_verify_cids``); ``"signature"`` or True: that and the commit's signature,
+            against ``signing_key`` or else the account's key from its DID document (resolved,
+            so a path or URL source needs the network or ``signing_key``). Each successful
+            result says what was checked (:attr:`BackfillResult.verified`).
+        signing_key: one ``did:key:z...`` that signed every repo (e.g. local files of one
+            account); needs ``verify`` True or ``"signature"``.
         checkpoint: an SQLite file path (or an open :class:`Checkpoint`) recording finished
             repos; sources recorded there are not run again but yielded from it (``skipped``).
         retry_failed: run sources recorded as failed again.
@@ -451,8 +483,10 @@ async def backfill(
             held or the disk queue).
 
     Raises:
-        ValueError: a worker count or limit out of range; with ``processes``, a ``client`` or
+        ValueError: a worker count or limit out of range; ``verify`` not one of the above, or a
+            ``signing_key`` without signature verification; with ``processes``, a ``client`` or
             ``dns_resolver``, or options (the sink) that cannot be pickled.
+        SignatureError: ``signing_key`` is not a did:key of an atproto signing key.
         RepoStreamError: the checkpoint cannot be opened or written; whatever ``sources`` raised
             (e.g. a ``FetchError`` from listRepos), after the results of the repos already read.
     """
@@ -466,6 +500,7 @@ async def backfill(
     concurrency = fetch_concurrency if fetch_concurrency is not None else memory_workers
     if concurrency < 1:
         raise ValueError(f"fetch_concurrency must be at least 1, got {concurrency}")
+    mode = _verify_mode(verify, signing_key)
     if processes > 1 and (client is not None or dns_resolver is not None):
         raise ValueError("client and dns_resolver cannot be sent to worker processes: leave them out with processes > 1")
     worker_options: dict[str, Any] | None = None
@@ -476,8 +511,8 @@ async def backfill(
             "sink": sink, "memory_workers": memory_workers, "disk_workers": disk_workers,
             "mem_limit_mb": mem_limit_mb, "fetch_concurrency": concurrency,
             "disk_queue_size": disk_queue_size, "disk_cache_mb": disk_cache_mb,
-            "spill_dir": None if spill_dir is None else os.fspath(spill_dir), "verify": verify,
-            "plc_url": plc_url, "fetch_options": fetch_options,
+            "spill_dir": None if spill_dir is None else os.fspath(spill_dir), "verify": mode or False,
+            "signing_key": signing_key, "plc_url": plc_url, "fetch_options": fetch_options,
         }  # fmt: skip
         check_picklable(worker_options)
     stats = stats if stats is not None else BackfillStats()
@@ -500,7 +535,7 @@ async def backfill(
                 )
             )
         options = {
-            "sink": sink, "mem_limit_mb": mem_limit_mb, "verify": verify, "checkpoint": checkpoint,
+            "sink": sink, "mem_limit_mb": mem_limit_mb, "verify": mode, "signing_key": signing_key, "checkpoint": checkpoint,
             "retry_failed": retry_failed, "plc_url": plc_url, "client": client, "dns_resolver": dns_resolver,
             "fetch_options": fetch_options, "spill_dir": None if spill_dir is None else os.fspath(spill_dir),
             "disk_cache_mb": disk_cache_mb,

@@ -26,6 +26,10 @@ class BackfillResult:
         error: None on success, else one line saying what went wrong (the exception's class and
             message, naming the DID, URL or CID).
         skipped: True if this result was read back from the checkpoint rather than run now.
+        verified: what was checked, on success: ``"cids"`` (every block against its CID and
+            every MST rule), ``"cids+signature"`` (that and the commit's signature), or None
+            (nothing beyond reading: ``verify`` off, a failure, or a result read back from the
+            checkpoint).
     """
 
     source: str
@@ -37,6 +41,7 @@ class BackfillResult:
     seconds: float
     error: str | None
     skipped: bool = False
+    verified: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -45,11 +50,11 @@ class BackfillResult:
 
     def to_json(self) -> dict[str, Any]:
         """The CLI's ``--json`` object: ``{"repo", "did", "rev", "records", "record_bytes",
-        "spilled", "seconds", "error", "skipped"}``."""
+        "spilled", "seconds", "error", "skipped", "verified"}``."""
         data = asdict(self)
         data["repo"] = data.pop("source")
         data["seconds"] = round(self.seconds, 6)
-        return {key: data[key] for key in ("repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped")}
+        return {key: data[key] for key in ("repo", "did", "rev", "records", "record_bytes", "spilled", "seconds", "error", "skipped", "verified")}
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import FetchError
+from ..errors import FetchError, SourceError
 
 if TYPE_CHECKING:
     import httpx
@@ -24,20 +24,31 @@ async def read_repo_list(path: str, *, stdin: Any = None) -> AsyncIterator[str]:
     ``stdin``); blank lines and lines starting with ``#`` are skipped, spaces trimmed.
 
     Raises:
-        OSError: the file cannot be opened or read.
+        SourceError: the file cannot be opened or read, or is not UTF-8 text
+            (``cannot read repo list PATH: No such file or directory``).
     """
-    if path == "-":
-        lines: Any = anyio.wrap_file(stdin if stdin is not None else sys.stdin)
-        async for line in lines:
-            name = line.strip()
-            if name and not name.startswith("#"):
-                yield name
-        return
-    async with await anyio.open_file(path, "r", encoding="utf-8") as file:
-        async for line in file:
-            name = line.strip()
-            if name and not name.startswith("#"):
-                yield name
+    name = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            lines: Any = anyio.wrap_file(stdin if stdin is not None else sys.stdin)
+            async for line in lines:
+                if entry := _entry(line):
+                    yield entry
+            return
+        async with await anyio.open_file(path, "r", encoding="utf-8") as file:
+            async for line in file:
+                if entry := _entry(line):
+                    yield entry
+    except OSError as exc:
+        raise SourceError(f"cannot read repo list {name}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"cannot read repo list {name}: not UTF-8 text ({exc.reason})") from exc
+
+
+def _entry(line: str) -> str | None:
+    """A list line's identifier, or None for a blank or ``#`` comment line."""
+    name = line.strip()
+    return name if name and not name.startswith("#") else None
 
 
 async def list_repos(

@@ -40,16 +40,21 @@ class Backend:
 
 PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker, runs.pack_run, runs.RunMerge)
 C: Backend | None
+#: Why the C core could not be imported (``None`` when it was): the ImportError's message.
+NATIVE_IMPORT_ERROR: str | None = None
+#: ``REPO_STREAM_PURE_PYTHON`` asked for the reference (rather than the C core being missing).
+PURE_PYTHON_ASKED: bool = os.environ.get("REPO_STREAM_PURE_PYTHON", "") not in ("", "0")
 try:
     from .. import _native
-except ImportError:  # not built: the reference runs
+except ImportError as exc:  # not built (or not loadable): the reference runs
     C = None
+    NATIVE_IMPORT_ERROR = str(exc) or type(exc).__name__
 else:
     _native.setup(messages=messages, not_a_node=blocks.NOT_A_NODE, cid_text=cid.cid_text)
     C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge)
 
 _BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
-_active: Backend = PYTHON if C is None or os.environ.get("REPO_STREAM_PURE_PYTHON", "") not in ("", "0") else C
+_active: Backend = PYTHON if C is None or PURE_PYTHON_ASKED else C
 #: The implementation in use: ``"c"`` or ``"python"``.
 IMPLEMENTATION: str = _active.name
 

@@ -68,9 +68,9 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import random
-import tempfile
+import secrets
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -299,100 +299,108 @@ def generate_records(
     return _records(n, rng, own_did, clock, weights)
 
 
-def _records(
-    n: int, rng: random.Random, own: str, clock: int, weights: tuple[tuple[str, float], ...]
-) -> Iterator[tuple[str, bytes]]:
-    rand = rng.random
-    randrange = rng.randrange
-    randbytes = rng.randbytes
-    getrandbits = rng.getrandbits
-    choice = rng.choice
-    choices = rng.choices
-    dumps = cbor2.dumps
-    tid = _tid
-    b32_bits = _b32_bits
-    Tag = cbor2.CBORTag
+class _Account:
+    """The records of one generated account, made one at a time from its ``random.Random``: one
+    method per record kind, ``(now, rkey) -> (key, record)`` (``now`` in microseconds since the
+    epoch), sharing the account's recent posts, lists and publication, which later records refer to.
+
+    Every random draw comes from ``rng``, in call order: the same seed gives the same records.
+    """
+
+    __slots__ = (
+        "rand", "randrange", "randbytes", "getrandbits", "choice", "choices", "own", "pool", "pool_n",
+        "_day", "_day_text", "my_posts", "ungated", "unpostgated", "my_lists", "publication",
+    )  # fmt: skip
+
+    def __init__(self, rng: random.Random, own: str, n: int) -> None:
+        self.rand = rng.random
+        self.randrange = rng.randrange
+        self.randbytes = rng.randbytes
+        self.getrandbits = rng.getrandbits
+        self.choice = rng.choice
+        self.choices = rng.choices
+        self.own = own
+        # Other accounts this one interacts with (skewed: see other_did).
+        self.pool = [self.fresh_did() for _ in range(min(4096, max(16, n // 4)))]
+        self.pool_n = len(self.pool)
+        self._day = -1  # the day iso() last formatted, and its text
+        self._day_text = ""
+        # This account's own things other records refer to.
+        self.my_posts: deque[str] = deque(maxlen=64)  # recent post rkeys, for quotes and self-replies
+        self.ungated: deque[str] = deque(maxlen=64)  # post rkeys without a threadgate yet
+        self.unpostgated: deque[str] = deque(maxlen=64)
+        self.my_lists: list[str] = []
+        self.publication: list[str] = []
 
     # --- cheap random identifiers -----------------------------------------------------------
 
-    def cid_str() -> str:
+    def cid_str(self) -> str:
         # base32 of 0x01711220 + a 32-byte digest: "bafyrei" for the first 30 bits, then 26
         # character pairs for the prefix's last 2 bits (zero), the digest and 2 bits of padding.
-        return "bafyrei" + b32_bits(getrandbits(256) << 2, 26)
+        return "bafyrei" + _b32_bits(self.getrandbits(256) << 2, 26)
 
-    def fresh_did() -> str:
-        return _did_from(getrandbits(120))
+    def fresh_did(self) -> str:
+        return _did_from(self.getrandbits(120))
 
-    pool = [fresh_did() for _ in range(min(4096, max(16, n // 4)))]
-    pool_n = len(pool)
+    def other_did(self) -> str:  # skewed: a few accounts get most of the attention
+        return self.pool[int(self.rand() ** 3 * self.pool_n)]
 
-    def other_did() -> str:  # skewed: a few accounts get most of the attention
-        return pool[int(rand() ** 3 * pool_n)]
+    def other_tid(self, now: int) -> str:
+        return _tid(now - self.randrange(1, 120 * _DAY_US), self.randrange(1024))
 
-    def other_tid(now: int) -> str:
-        return tid(now - randrange(1, 120 * _DAY_US), randrange(1024))
+    def strong_ref(self, now: int) -> dict[str, str]:
+        return {"uri": f"at://{self.other_did()}/app.bsky.feed.post/{self.other_tid(now)}", "cid": self.cid_str()}
 
-    def strong_ref(now: int) -> dict[str, str]:
-        return {"uri": f"at://{other_did()}/app.bsky.feed.post/{other_tid(now)}", "cid": cid_str()}
-
-    def blob(mime: str, lo: int, hi: int) -> dict[str, Any]:
-        ref = Tag(42, b"\x00" + _RAW_SHA256 + randbytes(32))
-        return {"$type": "blob", "ref": ref, "mimeType": mime, "size": randrange(lo, hi)}
+    def blob(self, mime: str, lo: int, hi: int) -> dict[str, Any]:
+        ref = cbor2.CBORTag(42, b"\x00" + _RAW_SHA256 + self.randbytes(32))
+        return {"$type": "blob", "ref": ref, "mimeType": mime, "size": self.randrange(lo, hi)}
 
     # --- time --------------------------------------------------------------------------------
-    day_cache = [-1, ""]
 
-    def iso(us: int) -> str:
+    def iso(self, us: int) -> str:
         day, rem = divmod(us, _DAY_US)
-        if day != day_cache[0]:
-            day_cache[0] = day
-            day_cache[1] = (_EPOCH_DATE + _dt.timedelta(days=day)).isoformat()
+        if day != self._day:
+            self._day = day
+            self._day_text = (_EPOCH_DATE + _dt.timedelta(days=day)).isoformat()
         secs, micros = divmod(rem, 1_000_000)
         h, rest = divmod(secs, 3600)
         m, s = divmod(rest, 60)
-        return f"{day_cache[1]}T{h:02d}:{m:02d}:{s:02d}.{micros // 1000:03d}Z"
+        return f"{self._day_text}T{h:02d}:{m:02d}:{s:02d}.{micros // 1000:03d}Z"
 
-    def words(k: int) -> str:
-        return " ".join(choices(_WORDS, k=k))
+    def words(self, k: int) -> str:
+        return " ".join(self.choices(_WORDS, k=k))
 
-    def sentence(lo: int, hi: int) -> str:
-        text = words(randrange(lo, hi))
-        return text[0].upper() + text[1:] + choice(_ENDINGS)
-
-    # --- this account's own things other records refer to ------------------------------------
-    my_posts: deque[str] = deque(maxlen=64)  # recent post rkeys, for quotes and self-replies
-    ungated: deque[str] = deque(maxlen=64)  # post rkeys without a threadgate yet
-    unpostgated: deque[str] = deque(maxlen=64)
-    my_lists: list[str] = []
-    publication: list[str] = []
+    def sentence(self, lo: int, hi: int) -> str:
+        text = self.words(self.randrange(lo, hi))
+        return text[0].upper() + text[1:] + self.choice(_ENDINGS)
 
     # --- the records ---------------------------------------------------------------------------
-    def profile(now: int, _rkey: str) -> tuple[str, dict[str, Any]]:
+    def profile(self, now: int, _rkey: str) -> tuple[str, dict[str, Any]]:
         return "app.bsky.actor.profile/self", {
             "$type": "app.bsky.actor.profile",
-            "displayName": sentence(1, 3).rstrip(".!?…"),
-            "description": sentence(8, 30) + " " + sentence(3, 10),
-            "avatar": blob("image/jpeg", 20_000, 400_000),
-            "banner": blob("image/jpeg", 80_000, 900_000),
-            "createdAt": iso(now),
+            "displayName": self.sentence(1, 3).rstrip(".!?…"),
+            "description": self.sentence(8, 30) + " " + self.sentence(3, 10),
+            "avatar": self.blob("image/jpeg", 20_000, 400_000),
+            "banner": self.blob("image/jpeg", 80_000, 900_000),
+            "createdAt": self.iso(now),
         }
 
-    def post(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        r = rand()
-        k = randrange(1, 12) if r < 0.35 else randrange(8, 28) if r < 0.8 else randrange(25, 55)
-        text = sentence(k, k + 1)
+    def post(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        r = self.rand()
+        k = self.randrange(1, 12) if r < 0.35 else self.randrange(8, 28) if r < 0.8 else self.randrange(25, 55)
+        text = self.sentence(k, k + 1)
         facets: list[dict[str, Any]] | None = None
-        if rand() < 0.15:
-            kind = randrange(3)
+        if self.rand() < 0.15:
+            kind = self.randrange(3)
             if kind == 0:
                 feature: dict[str, str] = {"$type": "app.bsky.richtext.facet#link"}
-                piece = feature["uri"] = f"{choice(_SITES)}/{choice(_WORDS)}/{randrange(10**6)}"
+                piece = feature["uri"] = f"{self.choice(_SITES)}/{self.choice(_WORDS)}/{self.randrange(10**6)}"
             elif kind == 1:
-                handle = f"{choice(_TAGS)}{randrange(1000)}.bsky.social"
+                handle = f"{self.choice(_TAGS)}{self.randrange(1000)}.bsky.social"
                 piece = "@" + handle
-                feature = {"$type": "app.bsky.richtext.facet#mention", "did": other_did()}
+                feature = {"$type": "app.bsky.richtext.facet#mention", "did": self.other_did()}
             else:
-                tag = choice(_TAGS)
+                tag = self.choice(_TAGS)
                 piece = "#" + tag
                 feature = {"$type": "app.bsky.richtext.facet#tag", "tag": tag}
             start = len(text.encode("utf-8")) + 1
@@ -407,215 +415,237 @@ def _records(
         text = text[:300]
         if facets is not None and facets[0]["index"]["byteEnd"] > len(text.encode("utf-8")):
             facets = None  # the facet was cut off
-        rec: dict[str, Any] = {"$type": "app.bsky.feed.post", "text": text, "createdAt": iso(now)}
-        if rand() < 0.95:
-            rec["langs"] = choice(_LANGS)
+        rec: dict[str, Any] = {"$type": "app.bsky.feed.post", "text": text, "createdAt": self.iso(now)}
+        if self.rand() < 0.95:
+            rec["langs"] = self.choice(_LANGS)
         if facets is not None:
             rec["facets"] = facets
-        if rand() < 0.3:
-            if my_posts and rand() < 0.2:  # continuing one's own thread
-                parent = {"uri": f"at://{own}/app.bsky.feed.post/{choice(my_posts)}", "cid": cid_str()}
+        if self.rand() < 0.3:
+            if self.my_posts and self.rand() < 0.2:  # continuing one's own thread
+                parent = {"uri": f"at://{self.own}/app.bsky.feed.post/{self.choice(self.my_posts)}", "cid": self.cid_str()}
             else:
-                parent = strong_ref(now)
-            rec["reply"] = {"root": parent if rand() < 0.5 else strong_ref(now), "parent": parent}
-        if rand() < 0.25:
-            r = rand()
+                parent = self.strong_ref(now)
+            rec["reply"] = {"root": parent if self.rand() < 0.5 else self.strong_ref(now), "parent": parent}
+        if self.rand() < 0.25:
+            r = self.rand()
             if r < 0.6:
                 rec["embed"] = {
                     "$type": "app.bsky.embed.images",
                     "images": [
                         {
-                            "alt": words(randrange(2, 14)) if rand() < 0.6 else "",
-                            "image": blob(choice(_MIMES), 30_000, 1_000_000),
-                            "aspectRatio": {"width": randrange(600, 2000), "height": randrange(600, 2000)},
+                            "alt": self.words(self.randrange(2, 14)) if self.rand() < 0.6 else "",
+                            "image": self.blob(self.choice(_MIMES), 30_000, 1_000_000),
+                            "aspectRatio": {"width": self.randrange(600, 2000), "height": self.randrange(600, 2000)},
                         }
-                        for _ in range(1 + (rand() < 0.3) + (rand() < 0.2) + (rand() < 0.1))
+                        for _ in range(1 + (self.rand() < 0.3) + (self.rand() < 0.2) + (self.rand() < 0.1))
                     ],
                 }
             elif r < 0.8:
                 external: dict[str, Any] = {
-                    "uri": f"{choice(_SITES)}/{choice(_WORDS)}-{choice(_WORDS)}-{randrange(10**5)}",
-                    "title": sentence(3, 9),
-                    "description": sentence(6, 25),
+                    "uri": f"{self.choice(_SITES)}/{self.choice(_WORDS)}-{self.choice(_WORDS)}-{self.randrange(10**5)}",
+                    "title": self.sentence(3, 9),
+                    "description": self.sentence(6, 25),
                 }
-                if rand() < 0.7:
-                    external["thumb"] = blob("image/jpeg", 5_000, 300_000)
+                if self.rand() < 0.7:
+                    external["thumb"] = self.blob("image/jpeg", 5_000, 300_000)
                 rec["embed"] = {"$type": "app.bsky.embed.external", "external": external}
             else:
-                quoted = strong_ref(now)
-                if my_posts and rand() < 0.3:
-                    quoted = {"uri": f"at://{own}/app.bsky.feed.post/{choice(my_posts)}", "cid": cid_str()}
+                quoted = self.strong_ref(now)
+                if self.my_posts and self.rand() < 0.3:
+                    quoted = {"uri": f"at://{self.own}/app.bsky.feed.post/{self.choice(self.my_posts)}", "cid": self.cid_str()}
                 rec["embed"] = {"$type": "app.bsky.embed.record", "record": quoted}
-        my_posts.append(rkey)
-        ungated.append(rkey)
-        unpostgated.append(rkey)
+        self.my_posts.append(rkey)
+        self.ungated.append(rkey)
+        self.unpostgated.append(rkey)
         return "app.bsky.feed.post/" + rkey, rec
 
-    def like(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        if rand() < 0.01:
-            subject = {"uri": f"at://{other_did()}/app.bsky.feed.generator/{choice(_TAGS)}", "cid": cid_str()}
+    def like(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        if self.rand() < 0.01:
+            subject = {"uri": f"at://{self.other_did()}/app.bsky.feed.generator/{self.choice(_TAGS)}", "cid": self.cid_str()}
         else:
-            subject = strong_ref(now)
-        return "app.bsky.feed.like/" + rkey, {"$type": "app.bsky.feed.like", "subject": subject, "createdAt": iso(now)}
+            subject = self.strong_ref(now)
+        return "app.bsky.feed.like/" + rkey, {"$type": "app.bsky.feed.like", "subject": subject, "createdAt": self.iso(now)}
 
-    def repost(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        rec = {"$type": "app.bsky.feed.repost", "subject": strong_ref(now), "createdAt": iso(now)}
+    def repost(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        rec = {"$type": "app.bsky.feed.repost", "subject": self.strong_ref(now), "createdAt": self.iso(now)}
         return "app.bsky.feed.repost/" + rkey, rec
 
-    def follow(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        subject = other_did() if rand() < 0.3 else fresh_did()
-        return "app.bsky.graph.follow/" + rkey, {"$type": "app.bsky.graph.follow", "subject": subject, "createdAt": iso(now)}
+    def follow(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        subject = self.other_did() if self.rand() < 0.3 else self.fresh_did()
+        return "app.bsky.graph.follow/" + rkey, {"$type": "app.bsky.graph.follow", "subject": subject, "createdAt": self.iso(now)}
 
-    def block(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        rec = {"$type": "app.bsky.graph.block", "subject": fresh_did(), "createdAt": iso(now)}
+    def block(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        rec = {"$type": "app.bsky.graph.block", "subject": self.fresh_did(), "createdAt": self.iso(now)}
         return "app.bsky.graph.block/" + rkey, rec
 
-    def graph_list(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        my_lists.append(rkey)
-        purpose = "app.bsky.graph.defs#modlist" if rand() < 0.3 else "app.bsky.graph.defs#curatelist"
-        rec = {"$type": "app.bsky.graph.list", "name": sentence(1, 4), "purpose": purpose, "createdAt": iso(now)}
-        if rand() < 0.7:
-            rec["description"] = sentence(4, 20)
+    def graph_list(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        self.my_lists.append(rkey)
+        purpose = "app.bsky.graph.defs#modlist" if self.rand() < 0.3 else "app.bsky.graph.defs#curatelist"
+        rec = {"$type": "app.bsky.graph.list", "name": self.sentence(1, 4), "purpose": purpose, "createdAt": self.iso(now)}
+        if self.rand() < 0.7:
+            rec["description"] = self.sentence(4, 20)
         return "app.bsky.graph.list/" + rkey, rec
 
-    def listitem(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        if not my_lists:
-            return graph_list(now, rkey)
+    def listitem(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        if not self.my_lists:
+            return self.graph_list(now, rkey)
         return "app.bsky.graph.listitem/" + rkey, {
             "$type": "app.bsky.graph.listitem",
-            "subject": fresh_did() if rand() < 0.5 else other_did(),
-            "list": f"at://{own}/app.bsky.graph.list/{choice(my_lists)}",
-            "createdAt": iso(now),
+            "subject": self.fresh_did() if self.rand() < 0.5 else self.other_did(),
+            "list": f"at://{self.own}/app.bsky.graph.list/{self.choice(self.my_lists)}",
+            "createdAt": self.iso(now),
         }
 
-    def threadgate(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        if not ungated:  # keyed by a post's rkey; without a post to gate, like something
-            return like(now, rkey)
-        post_rkey = ungated.popleft()
+    def threadgate(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        if not self.ungated:  # keyed by a post's rkey; without a post to gate, like something
+            return self.like(now, rkey)
+        post_rkey = self.ungated.popleft()
         rules: list[dict[str, Any]] = [{"$type": "app.bsky.feed.threadgate#followingRule"}]
-        if rand() < 0.4:
+        if self.rand() < 0.4:
             rules.append({"$type": "app.bsky.feed.threadgate#mentionRule"})
-        if my_lists and rand() < 0.2:
-            gate_list = f"at://{own}/app.bsky.graph.list/{choice(my_lists)}"
+        if self.my_lists and self.rand() < 0.2:
+            gate_list = f"at://{self.own}/app.bsky.graph.list/{self.choice(self.my_lists)}"
             rules.append({"$type": "app.bsky.feed.threadgate#listRule", "list": gate_list})
         return "app.bsky.feed.threadgate/" + post_rkey, {
             "$type": "app.bsky.feed.threadgate",
-            "post": f"at://{own}/app.bsky.feed.post/{post_rkey}",
+            "post": f"at://{self.own}/app.bsky.feed.post/{post_rkey}",
             "allow": rules,
-            "createdAt": iso(now),
+            "createdAt": self.iso(now),
         }
 
-    def postgate(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        if not unpostgated:
-            return like(now, rkey)
-        post_rkey = unpostgated.popleft()
+    def postgate(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        if not self.unpostgated:
+            return self.like(now, rkey)
+        post_rkey = self.unpostgated.popleft()
         return "app.bsky.feed.postgate/" + post_rkey, {
             "$type": "app.bsky.feed.postgate",
-            "post": f"at://{own}/app.bsky.feed.post/{post_rkey}",
+            "post": f"at://{self.own}/app.bsky.feed.post/{post_rkey}",
             "embeddingRules": [{"$type": "app.bsky.feed.postgate#disableRule"}],
             "detachedEmbeddingUris": [],
-            "createdAt": iso(now),
+            "createdAt": self.iso(now),
         }
 
-    def star(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+    def star(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
         return "sh.tangled.feed.star/" + rkey, {
             "$type": "sh.tangled.feed.star",
-            "subject": f"at://{other_did()}/sh.tangled.repo/{other_tid(now)}",
-            "createdAt": iso(now),
+            "subject": f"at://{self.other_did()}/sh.tangled.repo/{self.other_tid(now)}",
+            "createdAt": self.iso(now),
         }
 
-    def leaflet_publication(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        publication.append(rkey)
+    def leaflet_publication(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        self.publication.append(rkey)
         return "pub.leaflet.publication/" + rkey, {
             "$type": "pub.leaflet.publication",
-            "name": sentence(1, 4).rstrip(".!?…"),
-            "base_path": f"{choice(_TAGS)}.leaflet.pub",
-            "description": sentence(5, 15),
-            "icon": blob("image/png", 2_000, 60_000),
+            "name": self.sentence(1, 4).rstrip(".!?…"),
+            "base_path": f"{self.choice(_TAGS)}.leaflet.pub",
+            "description": self.sentence(5, 15),
+            "icon": self.blob("image/png", 2_000, 60_000),
         }
 
-    def leaflet_document(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+    def leaflet_document(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
         blocks = [
             {
                 "$type": "pub.leaflet.pages.linearDocument#block",
                 "block": {
                     "$type": "pub.leaflet.blocks.text",
-                    "plaintext": " ".join([sentence(6, 30) for _ in range(randrange(1, 5))]),
+                    "plaintext": " ".join([self.sentence(6, 30) for _ in range(self.randrange(1, 5))]),
                     "facets": [],
                 },
             }
-            for _ in range(randrange(2, 9))
+            for _ in range(self.randrange(2, 9))
         ]
         rec: dict[str, Any] = {
             "$type": "pub.leaflet.document",
-            "title": sentence(2, 8).rstrip(".!?…"),
-            "description": sentence(5, 20),
-            "author": own,
-            "publishedAt": iso(now),
+            "title": self.sentence(2, 8).rstrip(".!?…"),
+            "description": self.sentence(5, 20),
+            "author": self.own,
+            "publishedAt": self.iso(now),
             "pages": [{"$type": "pub.leaflet.pages.linearDocument", "blocks": blocks}],
         }
-        if publication:
-            rec["publication"] = f"at://{own}/pub.leaflet.publication/{publication[0]}"
+        if self.publication:
+            rec["publication"] = f"at://{self.own}/pub.leaflet.publication/{self.publication[0]}"
         return "pub.leaflet.document/" + rkey, rec
 
-    def play(now: int, rkey: str) -> tuple[str, dict[str, Any]]:
-        played = now - randrange(1_000_000, 600_000_000)
+    def play(self, now: int, rkey: str) -> tuple[str, dict[str, Any]]:
+        played = now - self.randrange(1_000_000, 600_000_000)
         return "fm.teal.alpha.feed.play/" + rkey, {
             "$type": "fm.teal.alpha.feed.play",
-            "trackName": sentence(1, 5).rstrip(".!?…"),
-            "artistNames": [choice(_ARTISTS)] if rand() < 0.85 else [choice(_ARTISTS), choice(_ARTISTS)],
-            "releaseName": sentence(1, 4).rstrip(".!?…"),
-            "duration": randrange(90, 420),
-            "playedTime": iso(played),
+            "trackName": self.sentence(1, 5).rstrip(".!?…"),
+            "artistNames": [self.choice(_ARTISTS)] if self.rand() < 0.85 else [self.choice(_ARTISTS), self.choice(_ARTISTS)],
+            "releaseName": self.sentence(1, 4).rstrip(".!?…"),
+            "duration": self.randrange(90, 420),
+            "playedTime": self.iso(played),
             "musicServiceBaseDomain": "music.example.com",
             "submissionClientAgent": "scrobbler/0.4.2",
         }
 
-    makers = {
-        "app.bsky.feed.like": like,
-        "app.bsky.feed.post": post,
-        "app.bsky.graph.follow": follow,
-        "app.bsky.feed.repost": repost,
-        "app.bsky.graph.block": block,
-        "fm.teal.alpha.feed.play": play,
-        "app.bsky.graph.listitem": listitem,
-        "app.bsky.feed.threadgate": threadgate,
-        "sh.tangled.feed.star": star,
-        "app.bsky.feed.postgate": postgate,
-        "pub.leaflet.document": leaflet_document,
-        "app.bsky.graph.list": graph_list,
-        "pub.leaflet.publication": leaflet_publication,
-    }
-    mix = [makers[c] for c, _ in weights]
-    cum: list[float] = []
-    total = 0.0
-    for _, w in weights:
-        total += w
-        cum.append(total)
-    # A lookup table of 1000 slots makes drawing a kind one random() and one index.
-    table = []
-    for slot in range(1000):
-        x = (slot + 0.5) / 1000 * total
-        table.append(mix[next(i for i, c in enumerate(cum) if x < c)])
-
-    def odd(now: int, j: int) -> tuple[str, dict[str, Any]]:
+    def odd(self, now: int, j: int) -> tuple[str, dict[str, Any]]:
         collection, rkey = _ODD_KEYS[j]
         if rkey is None:
-            rkey = "".join(choices(_RKEY_CHARS, k=512))
+            rkey = "".join(self.choices(_RKEY_CHARS, k=512))
         if collection == "chat.bsky.actor.declaration":
             return f"{collection}/{rkey}", {"$type": collection, "allowIncoming": "following"}
         if collection == "app.bsky.feed.generator":
             return f"{collection}/{rkey}", {
                 "$type": collection,
                 "did": "did:web:feeds.example.com",
-                "displayName": sentence(1, 3).rstrip(".!?…"),
-                "description": sentence(6, 20),
-                "avatar": blob("image/png", 5_000, 100_000),
-                "createdAt": iso(now),
+                "displayName": self.sentence(1, 3).rstrip(".!?…"),
+                "description": self.sentence(6, 20),
+                "avatar": self.blob("image/png", 5_000, 100_000),
+                "createdAt": self.iso(now),
             }
-        return f"{collection}/{rkey}", {"$type": collection, "note": sentence(2, 10), "createdAt": iso(now)}
+        return f"{collection}/{rkey}", {"$type": collection, "note": self.sentence(2, 10), "createdAt": self.iso(now)}
 
-    # --- the schedule ----------------------------------------------------------------------------
+    def makers(self) -> dict[str, Callable[[int, str], tuple[str, dict[str, Any]]]]:
+        """The record maker of each collection of the mixes (:data:`PROFILES`)."""
+        return {
+            "app.bsky.feed.like": self.like,
+            "app.bsky.feed.post": self.post,
+            "app.bsky.graph.follow": self.follow,
+            "app.bsky.feed.repost": self.repost,
+            "app.bsky.graph.block": self.block,
+            "fm.teal.alpha.feed.play": self.play,
+            "app.bsky.graph.listitem": self.listitem,
+            "app.bsky.feed.threadgate": self.threadgate,
+            "sh.tangled.feed.star": self.star,
+            "app.bsky.feed.postgate": self.postgate,
+            "pub.leaflet.document": self.leaflet_document,
+            "app.bsky.graph.list": self.graph_list,
+            "pub.leaflet.publication": self.leaflet_publication,
+        }
+
+
+def _kind_table(
+    makers: dict[str, Callable[[int, str], tuple[str, dict[str, Any]]]], weights: tuple[tuple[str, float], ...]
+) -> list[Callable[[int, str], tuple[str, dict[str, Any]]]]:
+    """A lookup table of 1000 slots, each the maker of a collection in proportion to its weight:
+    drawing a kind is one ``random()`` and one index."""
+    mix = [makers[c] for c, _ in weights]
+    cum: list[float] = []
+    total = 0.0
+    for _, w in weights:
+        total += w
+        cum.append(total)
+    table = []
+    for slot in range(1000):
+        x = (slot + 0.5) / 1000 * total
+        table.append(mix[next(i for i, c in enumerate(cum) if x < c)])
+    return table
+
+
+def _records(
+    n: int, rng: random.Random, own: str, clock: int, weights: tuple[tuple[str, float], ...]
+) -> Iterator[tuple[str, bytes]]:
+    """The schedule: the profile first, then one record of each kind (``_COVER``), the odd keys
+    spread evenly, and the mix of ``weights`` for the rest, in simulated-time order."""
+    account = _Account(rng, own, n)
+    makers = account.makers()
+    table = _kind_table(makers, weights)
+    rand = rng.random
+    randrange = rng.randrange
+    dumps = cbor2.dumps
+    tid = _tid
+
     n_cover = min(len(_COVER), max(0, n - 1))
     n_odd = min(len(_ODD_KEYS), n // 25)
     free = n - 1 - n_cover  # positions after the profile and the cover records
@@ -628,11 +658,11 @@ def _records(
             clock = randrange(1024)
         rkey = tid(now, clock)
         if i == 0:
-            key, rec = profile(now, rkey)
+            key, rec = account.profile(now, rkey)
         elif i <= n_cover:
             key, rec = makers[_COVER[i - 1]](now, rkey)
         elif i in odd_at:
-            key, rec = odd(now, odd_at[i])
+            key, rec = account.odd(now, odd_at[i])
         else:
             key, rec = table[int(rand() * 1000)](now, rkey)
         yield key, dumps(rec, canonical=True)
@@ -707,7 +737,10 @@ def generate_cached(
     if target.is_file():
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{target.name}-")
+    # A new file with the usual mode (0666 less the umask, as open() gives; mkstemp's is 0600),
+    # under a unique temporary name, renamed into place once complete.
+    tmp = str(folder / f".tmp-{target.name}-{os.getpid()}-{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as out:
             generate_repo_car(out, n, seed=seed, order=order, profile=profile)

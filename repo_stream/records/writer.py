@@ -30,8 +30,8 @@ import io
 import os
 import random
 import tempfile
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, BinaryIO
 
 import cbor2
 
@@ -426,100 +426,139 @@ def build_repo_car(
     if order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
     with tempfile.TemporaryFile(prefix="repo-stream-spool-") as spool:
-        # 1. Spool the record blocks, remembering where each distinct block went.
-        # record CID -> offset << 32 | length in the spool; bitwise-inverted once placed in order
-        where: dict[bytes, int] = {}
-        pairs: list[tuple[bytes, bytes]] = []
-        offset = 0
-        swrite = spool.write
-        for key, block in records:
-            if type(key) is not str:
-                raise InvalidKeyError(f"invalid repo key {key!r}: keys must be str, not {type(key).__name__}")
-            if not is_valid_key(key):
-                raise InvalidKeyError(f"invalid repo key {key!r}: not <collection NSID>/<record key> of <= 1024 bytes")
-            if type(block) is not bytes:
-                if not isinstance(block, (bytearray, memoryview)):
-                    raise TypeError(f"record block for {key!r} must be bytes, got {type(block).__name__}")
-                block = bytes(block)
-            cid = dag_cbor_cid(block)
-            if cid not in where:
-                size = len(block)
-                if size >= 1 << 32:
-                    raise ValueError(f"record block for {key!r} is {size} bytes; at most 4 GiB - 1 is supported")
-                where[cid] = offset << 32 | size
-                swrite(block)
-                offset += size
-            pairs.append((key.encode("utf-8"), cid))
-        spool.flush()
-
-        # 2. Build the tree and the commit.
+        where, pairs = _spool_records(records, spool)
+        # The tree and the commit.
         pairs.sort()
         root, nodes, starts, count = _build(pairs, key_layer)
         record_cids = [cid for _, cid in pairs]
         del pairs
-        unsigned = encode_unsigned_commit(did, root, rev)
-        sig = b""
-        if sign is not None:
-            sig = sign(unsigned)
-            if not isinstance(sig, (bytes, bytearray, memoryview)):
-                raise TypeError(f"sign() must return bytes, got {type(sig).__name__}")
-            sig = bytes(sig)
-        commit_block = encode_commit(did, root, rev, None, sig)
+        sig, commit_block = _commit_block(did, root, rev, sign)
         commit_cid = dag_cbor_cid(commit_block)
-
-        # 3. Decide the block order. In pre-order each node comes right before the first block
-        # of its subtree, i.e. before the record of its smallest key; nodes sharing that key
-        # come parent first (they were closed child first). Node CIDs are distinct by
-        # construction; a record is placed at its first key only (its ``where`` value is
-        # inverted to mark it placed), and never if it is byte-identical to a node or the commit.
-        starts.reverse()
-        starts.sort(key=lambda s: s[0])  # stable: keeps parent-before-child within one start
-        sequence: list[bytes] = [commit_cid]
-        append = sequence.append
-        j = 0
-        nstarts = len(starts)
-        for i in range(count):
-            while j < nstarts and starts[j][0] == i:
-                append(starts[j][1])
-                j += 1
-            cid = record_cids[i]
-            packed = where[cid]
-            if packed >= 0:
-                where[cid] = ~packed
-                if cid not in nodes and cid != commit_cid:
-                    append(cid)
-        while j < nstarts:  # only the empty repo's root
-            append(starts[j][1])
-            j += 1
+        sequence = _block_order(commit_cid, nodes, starts, record_cids, count, where)
         del starts, record_cids
         if order == "shuffled":
             random.Random(seed).shuffle(sequence)
         elif order == "reverse":
             sequence.reverse()
-
-        # 4. Write, reading record blocks back from the spool.
-        fd = spool.fileno()
-
-        def read_spool(off: int, length: int) -> bytes:
-            if hasattr(os, "pread"):
-                data = os.pread(fd, length, off)
-            else:  # pragma: no cover - platforms without pread
-                spool.seek(off)
-                data = spool.read(length)
-            if len(data) != length:
-                raise OSError(f"spool file short read at offset {off}: {len(data)} of {length} bytes")
-            return data
-
-        def blocks() -> Iterable[tuple[bytes, bytes]]:
-            for cid in sequence:
-                if cid == commit_cid:
-                    yield cid, commit_block
-                elif cid in nodes:
-                    yield cid, nodes[cid]
-                else:
-                    packed = ~where[cid]
-                    yield cid, read_spool(packed >> 32, packed & 0xFFFFFFFF)
-
-        write_car(path, [commit_cid], blocks())
+        write_car(path, [commit_cid], _blocks(sequence, commit_cid, commit_block, nodes, where, spool))
 
     return Commit(did=did, version=3, data=to_cid(root), rev=rev, prev=None, sig=sig, block=commit_block)
+
+
+def _spool_records(records: Iterable[tuple[str, bytes]], spool: BinaryIO) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]]]:
+    """Check each record's key and block, append each distinct block (by CID) to ``spool``.
+
+    Returns:
+        ``where``: record CID -> ``offset << 32 | length`` of its block in the spool; and the
+        ``(UTF-8 key, record CID)`` pairs in the order given.
+
+    Raises:
+        InvalidKeyError, TypeError, ValueError: as :func:`build_repo_car`.
+    """
+    where: dict[bytes, int] = {}
+    pairs: list[tuple[bytes, bytes]] = []
+    offset = 0
+    swrite = spool.write
+    for key, block in records:
+        if type(key) is not str:
+            raise InvalidKeyError(f"invalid repo key {key!r}: keys must be str, not {type(key).__name__}")
+        if not is_valid_key(key):
+            raise InvalidKeyError(f"invalid repo key {key!r}: not <collection NSID>/<record key> of <= 1024 bytes")
+        if type(block) is not bytes:
+            if not isinstance(block, (bytearray, memoryview)):
+                raise TypeError(f"record block for {key!r} must be bytes, got {type(block).__name__}")
+            block = bytes(block)
+        cid = dag_cbor_cid(block)
+        if cid not in where:
+            size = len(block)
+            if size >= 1 << 32:
+                raise ValueError(f"record block for {key!r} is {size} bytes; at most 4 GiB - 1 is supported")
+            where[cid] = offset << 32 | size
+            swrite(block)
+            offset += size
+        pairs.append((key.encode("utf-8"), cid))
+    spool.flush()
+    return where, pairs
+
+
+def _commit_block(did: str, root: bytes, rev: str, sign: Callable[[bytes], bytes] | None) -> tuple[bytes, bytes]:
+    """The commit's signature (``sign`` of the unsigned commit, or ``b""``) and its block.
+
+    Raises:
+        TypeError: ``sign`` returned something other than bytes.
+    """
+    unsigned = encode_unsigned_commit(did, root, rev)
+    sig = b""
+    if sign is not None:
+        sig = sign(unsigned)
+        if not isinstance(sig, (bytes, bytearray, memoryview)):
+            raise TypeError(f"sign() must return bytes, got {type(sig).__name__}")
+        sig = bytes(sig)
+    return sig, encode_commit(did, root, rev, None, sig)
+
+
+def _block_order(
+    commit_cid: bytes,
+    nodes: dict[bytes, bytes],
+    starts: list[tuple[int, bytes]],
+    record_cids: list[bytes],
+    count: int,
+    where: dict[bytes, int],
+) -> list[bytes]:
+    """The CIDs of the CAR's blocks in pre-order: the commit, then each node right before the
+    first block of its subtree, i.e. before the record of its smallest key (``starts``: ``(index
+    of that key, node CID)`` as the nodes were closed, child first; nodes sharing a key come
+    parent first). Node CIDs are distinct by construction; a record is placed at its first key
+    only (its ``where`` value is bitwise-inverted to mark it placed), and never if it is
+    byte-identical to a node or the commit. ``starts`` is reordered in place."""
+    starts.reverse()
+    starts.sort(key=lambda s: s[0])  # stable: keeps parent-before-child within one start
+    sequence: list[bytes] = [commit_cid]
+    append = sequence.append
+    j = 0
+    nstarts = len(starts)
+    for i in range(count):
+        while j < nstarts and starts[j][0] == i:
+            append(starts[j][1])
+            j += 1
+        cid = record_cids[i]
+        packed = where[cid]
+        if packed >= 0:
+            where[cid] = ~packed
+            if cid not in nodes and cid != commit_cid:
+                append(cid)
+    while j < nstarts:  # only the empty repo's root
+        append(starts[j][1])
+        j += 1
+    return sequence
+
+
+def _blocks(
+    sequence: list[bytes], commit_cid: bytes, commit_block: bytes, nodes: dict[bytes, bytes], where: dict[bytes, int], spool: BinaryIO
+) -> Iterator[tuple[bytes, bytes]]:
+    """``(CID, block)`` for each CID of ``sequence``, record blocks read back from ``spool`` (at
+    the places :func:`_block_order` marked in ``where``).
+
+    Raises:
+        OSError: the spool reads short.
+    """
+    fd = spool.fileno()
+
+    def read_spool(off: int, length: int) -> bytes:
+        if hasattr(os, "pread"):
+            data = os.pread(fd, length, off)
+        else:  # pragma: no cover - platforms without pread
+            spool.seek(off)
+            data = spool.read(length)
+        if len(data) != length:
+            raise OSError(f"spool file short read at offset {off}: {len(data)} of {length} bytes")
+        return data
+
+    for cid in sequence:
+        if cid == commit_cid:
+            yield cid, commit_block
+        elif cid in nodes:
+            yield cid, nodes[cid]
+        else:
+            packed = ~where[cid]
+            yield cid, read_spool(packed >> 32, packed & 0xFFFFFFFF)
