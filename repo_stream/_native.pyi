@@ -12,6 +12,9 @@ def setup(*, messages: ModuleType, not_a_node: object, cid_text: Callable[[bytes
 def sha256(data: bytes | bytearray | memoryview, /) -> bytes:
     """The core's SHA-256 digest of a bytes-like object (for tests)."""
 
+def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
+    """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
+
 def trim_memory() -> None:
     """Hand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."""
 
