@@ -171,6 +171,7 @@ static PyObject *trim_memory(PyObject *self, PyObject *unused) {
 }
 
 PyObject *rs_transcode_json(PyObject *self, PyObject *block); /* json.c */
+PyObject *rs_arrow_batch(PyObject *self, PyObject *args);      /* arrow.c */
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
@@ -189,6 +190,9 @@ static PyMethodDef methods[] = {
     {"transcode_json", rs_transcode_json, METH_O,
      "transcode_json(block)\n--\n\nA record block (strict DAG-CBOR) as its atproto JSON text (see "
      "repo_stream.records.json_text.transcode_json)."},
+    {"arrow_batch", rs_arrow_batch, METH_VARARGS,
+     "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
+     "(schema, array) of a record batch (see repo_stream.read.arrow)."},
     {NULL, NULL, 0, NULL},
 };
 
