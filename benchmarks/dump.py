@@ -9,7 +9,11 @@ Each round runs, one after the other in a fresh process each, with standard outp
 * ``dump``: ``python -m repo_stream dump PATH --mem-limit-mb 4096`` (in memory);
 * ``dump-64``: ``python -m repo_stream dump PATH --mem-limit-mb 64`` (the default limit: spills);
 * ``libipld-json``: ``benchmarks/peers.py libipld-json PATH`` (decode_car, key-order walk,
-  ``json.dumps`` of each record's line).
+  ``json.dumps`` of each record's line);
+* ``old-dump``: ``dump`` as it was before the transcoder (``benchmarks/dump_child.py``);
+* ``stats``: ``python -m repo_stream stats PATH --mem-limit-mb 4096`` (the tuple walk);
+* ``arrow-raw`` / ``arrow-json``: the repo into one ``pyarrow.Table`` of raw / JSON-text values
+  (``benchmarks/dump_child.py``).
 
 Time is the whole process's wall time (imports included, for all four); peak RSS is the child's
 ``ru_maxrss`` from ``os.wait4``. Prints the per-round figures, then the medians and the ratios
@@ -58,6 +62,10 @@ def main() -> int:
         "dump": [py, "-m", "repo_stream", "dump", path, "--mem-limit-mb", "4096"],
         "dump-64": [py, "-m", "repo_stream", "dump", path, "--mem-limit-mb", "64"],
         "libipld-json": [py, str(HERE / "peers.py"), "libipld-json", path],
+        "old-dump": [py, str(HERE / "dump_child.py"), "old-dump", path],
+        "stats": [py, "-m", "repo_stream", "stats", path, "--mem-limit-mb", "4096", "--json"],
+        "arrow-raw": [py, str(HERE / "dump_child.py"), "arrow-raw", path],
+        "arrow-json": [py, str(HERE / "dump_child.py"), "arrow-json", path],
     }
     if args.only:
         methods = {k: v for k, v in methods.items() if k in args.only}
@@ -77,6 +85,12 @@ def main() -> int:
         print(f"libipld-json / dump: {med['libipld-json'][0] / med['dump'][0]:.2f}x (target >= 2)")
     if "dump" in med and "ls" in med:
         print(f"dump / ls: {med['dump'][0] / med['ls'][0]:.2f}x (target <= 2.5)")
+    if "old-dump" in med and "dump" in med:
+        print(f"old-dump / dump: {med['old-dump'][0] / med['dump'][0]:.2f}x")
+    if "stats" in med and "arrow-raw" in med:
+        print(f"stats / arrow-raw: {med['stats'][0] / med['arrow-raw'][0]:.2f}x (target >= 1.8)")
+    if "old-dump" in med and "arrow-json" in med:
+        print(f"old-dump / arrow-json: {med['old-dump'][0] / med['arrow-json'][0]:.2f}x (target >= 4)")
     if "dump" in med:
         print(f"dump peak RSS - CAR size: {med['dump'][1] - size_mb:.1f} MB (target <= 60)")
     if "dump-64" in med:

@@ -15,6 +15,8 @@
  * owned by the top-level array and freed by its release callback. */
 #include "native.h"
 
+#include <stdatomic.h>
+
 /* --- the C Data Interface's structs (from the specification) --------------------------------- */
 #define ARROW_FLAG_NULLABLE 2
 
@@ -46,12 +48,25 @@ struct ArrowArray {
 #define N_COLUMNS 5
 
 /* --- the schema ------------------------------------------------------------------------------- */
+/* The top-level struct, each column's and the dictionary's can be released on their own (a
+ * consumer may move a child out and release the parent): the block goes when the last one is. */
+#define N_REFS (N_COLUMNS + 2)
+
 typedef struct {
     struct ArrowSchema top, col[N_COLUMNS], dict;
     struct ArrowSchema *children[N_COLUMNS];
+    atomic_int refs;
 } Schema;
 
-static void schema_child_release(struct ArrowSchema *s) { s->release = NULL; }
+static void schema_unref(Schema *all) {
+    if (atomic_fetch_sub(&all->refs, 1) == 1) PyMem_RawFree(all);
+}
+
+static void schema_child_release(struct ArrowSchema *s) {
+    if (s->release == NULL) return;
+    s->release = NULL;
+    schema_unref(s->private_data);
+}
 
 static void schema_release(struct ArrowSchema *s) {
     if (s->release == NULL) return;
@@ -60,14 +75,19 @@ static void schema_release(struct ArrowSchema *s) {
         if (all->col[i].release != NULL) all->col[i].release(&all->col[i]);
     if (all->dict.release != NULL) all->dict.release(&all->dict);
     s->release = NULL;
-    PyMem_RawFree(all);
+    schema_unref(all);
 }
 
 static const char *COLUMN_NAMES[N_COLUMNS] = {"key", "collection", "rkey", "cid", "value"};
 
+/* A capsule owns its own top-level struct: a consumer moves the struct's contents out (and marks
+ * it released), so the struct must outlive what it described. */
 static void schema_capsule_free(PyObject *capsule) {
     struct ArrowSchema *s = PyCapsule_GetPointer(capsule, "arrow_schema");
-    if (s != NULL && s->release != NULL) s->release(s);
+    if (s != NULL) {
+        if (s->release != NULL) s->release(s);
+        PyMem_RawFree(s);
+    }
     PyErr_Clear();
 }
 
@@ -79,11 +99,14 @@ static PyObject *new_schema(int value_kind) {
         c->format = i == 1 ? "i" : i == 4 && value_kind == 0 ? "z" : "u";
         c->name = COLUMN_NAMES[i];
         c->release = schema_child_release;
+        c->private_data = all;
         all->children[i] = c;
     }
+    atomic_init(&all->refs, N_REFS);
     all->dict.format = "u";
     all->dict.name = "";
     all->dict.release = schema_child_release;
+    all->dict.private_data = all;
     all->col[1].dictionary = &all->dict;
     all->top.format = "+s";
     all->top.name = "";
@@ -91,8 +114,17 @@ static PyObject *new_schema(int value_kind) {
     all->top.children = all->children;
     all->top.release = schema_release;
     all->top.private_data = all;
-    PyObject *capsule = PyCapsule_New(&all->top, "arrow_schema", schema_capsule_free);
-    if (capsule == NULL) schema_release(&all->top);
+    struct ArrowSchema *base = PyMem_RawMalloc(sizeof *base);
+    if (base == NULL) {
+        schema_release(&all->top);
+        return PyErr_NoMemory();
+    }
+    *base = all->top;
+    PyObject *capsule = PyCapsule_New(base, "arrow_schema", schema_capsule_free);
+    if (capsule == NULL) {
+        schema_release(base);
+        PyMem_RawFree(base);
+    }
     return capsule;
 }
 
@@ -104,9 +136,21 @@ typedef struct {
     const void *col_buffers[N_COLUMNS][3];
     const void *dict_buffers[3];
     uint8_t *block; /* every buffer below, in one allocation */
+    atomic_int refs;
 } Array;
 
-static void array_child_release(struct ArrowArray *a) { a->release = NULL; }
+static void array_unref(Array *all) {
+    if (atomic_fetch_sub(&all->refs, 1) == 1) {
+        PyMem_RawFree(all->block);
+        PyMem_RawFree(all);
+    }
+}
+
+static void array_child_release(struct ArrowArray *a) {
+    if (a->release == NULL) return;
+    a->release = NULL;
+    array_unref(a->private_data);
+}
 
 static void array_release(struct ArrowArray *a) {
     if (a->release == NULL) return;
@@ -115,13 +159,15 @@ static void array_release(struct ArrowArray *a) {
         if (all->col[i].release != NULL) all->col[i].release(&all->col[i]);
     if (all->dict.release != NULL) all->dict.release(&all->dict);
     a->release = NULL;
-    PyMem_RawFree(all->block);
-    PyMem_RawFree(all);
+    array_unref(all);
 }
 
 static void array_capsule_free(PyObject *capsule) {
     struct ArrowArray *a = PyCapsule_GetPointer(capsule, "arrow_array");
-    if (a != NULL && a->release != NULL) a->release(a);
+    if (a != NULL) {
+        if (a->release != NULL) a->release(a);
+        PyMem_RawFree(a);
+    }
     PyErr_Clear();
 }
 
@@ -245,9 +291,8 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
             vl = PyBytes_GET_SIZE(v);
         }
         if (key == NULL || cid == NULL || value == NULL) { /* cannot happen: cached by pass 1 */
-            all->top.private_data = all;
-            all->top.release = array_release;
-            array_release(&all->top);
+            PyMem_RawFree(all->block);
+            PyMem_RawFree(all);
             return NULL;
         }
         const char *slash = memchr(key, '/', (size_t)kl);
@@ -280,6 +325,7 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         struct ArrowArray *a = &all->col[c];
         a->length = n;
         a->release = array_child_release;
+        a->private_data = all;
         a->buffers = all->col_buffers[c];
         all->col_buffers[c][0] = NULL;
         if (c == 1) {
@@ -300,6 +346,8 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
     all->dict_buffers[1] = doff;
     all->dict_buffers[2] = data[4];
     all->dict.release = array_child_release;
+    all->dict.private_data = all;
+    atomic_init(&all->refs, N_REFS);
     all->top.length = n;
     all->top.n_buffers = 1;
     all->top_buffers[0] = NULL;
@@ -308,9 +356,16 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
     all->top.children = all->children;
     all->top.release = array_release;
     all->top.private_data = all;
-    PyObject *array = PyCapsule_New(&all->top, "arrow_array", array_capsule_free);
-    if (array == NULL) {
+    struct ArrowArray *base = PyMem_RawMalloc(sizeof *base);
+    if (base == NULL) {
         array_release(&all->top);
+        return PyErr_NoMemory();
+    }
+    *base = all->top;
+    PyObject *array = PyCapsule_New(base, "arrow_array", array_capsule_free);
+    if (array == NULL) {
+        array_release(base);
+        PyMem_RawFree(base);
         return NULL;
     }
     PyObject *schema = new_schema(value_kind);
