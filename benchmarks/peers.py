@@ -8,6 +8,11 @@
 * ``atmst``: ``ReadOnlyCARBlockStore`` (``validate_hashes=False``, its faster setting, matching
   repo-stream without ``--verify``) + ``NodeWalker.iter_kv()``; each record's value is its block
   fetched from the store, and the consumer takes its length, as ``stats`` does.
+* ``libipld-json``: ``libipld.decode_car(whole file)``, the same walk, and each record written as
+  ``dump`` writes it, one ``{"key","cid","value"}`` line by ``json.dumps(ensure_ascii=False,
+  separators=(",", ":"))`` (to ``os.devnull``; bytes as ``{"$bytes": base64}`` through
+  ``default=``: libipld hands links back as bytes too, so its links come out as ``$bytes``, a
+  cheaper and wrong form, which only flatters it). The peer of ``dump`` (``benchmarks/dump.py``).
 * ``libipld`` / ``libipld-nogc``: ``libipld.decode_car(whole file)``, then the in-key-order MST
   walk below over the decoded nodes; each record's value is the decoded record libipld made. With
   ``-nogc``, ``gc.disable()`` runs before the file is opened: ``decode_car`` makes a few
@@ -72,8 +77,8 @@ def walk_atmst(path: str) -> dict[str, Any]:
     }
 
 
-def iter_mst(blocks: dict[bytes, Any], root: bytes) -> Iterator[tuple[str, Any]]:
-    """Yield ``(key, decoded record)`` for every record under the MST node ``root``, in key order.
+def iter_mst(blocks: dict[bytes, Any], root: bytes) -> Iterator[tuple[str, bytes, Any]]:
+    """Yield ``(key, record CID bytes, decoded record)`` for every record under the MST node ``root``, in key order.
 
     ``blocks`` is what ``libipld.decode_car`` hands back: ``{CID bytes: decoded block}``; CIDs
     inside nodes are the same raw bytes. A node is ``{"l": left subtree CID or None, "e": [{"p":
@@ -93,7 +98,7 @@ def iter_mst(blocks: dict[bytes, Any], root: bytes) -> Iterator[tuple[str, Any]]
             if raw_key <= previous:
                 raise AssertionError(f"libipld walk: key {raw_key!r} not after {previous!r}")
             previous = raw_key
-            yield raw_key.decode(), blocks[cid]
+            yield raw_key.decode(), cid, blocks[cid]
             continue
         node = blocks[cid]
         items = []
@@ -127,7 +132,7 @@ def walk_libipld(path: str, gc_enabled: bool) -> dict[str, Any]:
     commit = blocks[header["roots"][0]]
     records = 0
     collections: dict[str, int] = {}
-    for key, _record in iter_mst(blocks, commit["data"]):
+    for key, _cid, _record in iter_mst(blocks, commit["data"]):
         # The consumer, as in repo_stream.cli (there is no block length to sum here).
         records += 1
         collection = key.partition("/")[0]
@@ -142,6 +147,50 @@ def walk_libipld(path: str, gc_enabled: bool) -> dict[str, Any]:
     }
 
 
+def walk_libipld_json(path: str) -> dict[str, Any]:
+    """``libipld.decode_car(whole file)``, :func:`iter_mst`, and one JSON line per record (``dump``'s)."""
+    import base64
+    import os
+
+    import libipld
+
+    def jsonable(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return {"$bytes": base64.b64encode(value).decode("ascii").rstrip("=")}
+        raise TypeError(f"{type(value).__name__} has no JSON form")
+
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=jsonable).encode
+    encode_cid = libipld.encode_cid
+    started = time.perf_counter()
+    with open(path, "rb") as f:
+        data = f.read()
+    header, blocks = libipld.decode_car(data)
+    decoded = time.perf_counter()
+    del data
+    commit = blocks[header["roots"][0]]
+    records = 0
+    collections: dict[str, int] = {}
+    with open(os.devnull, "w", encoding="utf-8") as out:
+        lines: list[str] = []
+        for key, cid, record in iter_mst(blocks, commit["data"]):
+            lines.append(dumps({"key": key, "cid": encode_cid(cid), "value": record}) + "\n")
+            records += 1
+            collection = key.partition("/")[0]
+            collections[collection] = collections.get(collection, 0) + 1
+            if len(lines) == 1024:
+                out.write("".join(lines))
+                lines.clear()
+        out.write("".join(lines))
+    done = time.perf_counter()
+    return {
+        "records": records,
+        "record_bytes": None,
+        "collections": collections,
+        "seconds": done - started,
+        "phases": {"decode_car": decoded - started, "walk_and_json": done - decoded},
+    }
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
@@ -153,6 +202,8 @@ def main(argv: list[str]) -> int:
         out = walk_atmst(path)
     elif method == "libipld":
         out = walk_libipld(path, gc_enabled=True)
+    elif method == "libipld-json":
+        out = walk_libipld_json(path)
     elif method == "libipld-nogc":
         out = walk_libipld(path, gc_enabled=False)
     else:

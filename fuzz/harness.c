@@ -19,7 +19,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     if (native == NULL || PyDict_SetItemString(modules, "repo_stream._native", native) < 0) goto fail;
     PyObject *target = PyImport_ImportModule("fuzz.target");
     if (target == NULL) goto fail;
-    PyObject *impl = PyImport_ImportModule("repo_stream.implementation");
+    PyObject *impl = PyImport_ImportModule("repo_stream.core.implementation");
     PyObject *c = impl ? PyObject_GetAttrString(impl, "C") : NULL;
     if (c == NULL || c == Py_None) {
         fprintf(stderr, "the C core did not load\n");

@@ -31,6 +31,11 @@ def main(out: Path) -> None:
         build_repo_car(records, did="did:plc:fuzzfuzzfuzzfuzzfuzzfuzz", rev="3kaaaaaaaaaaa", path=buf, order="shuffled")
         for options in (0x00, 0x01, 0x02, 0x0F, 0x3A, 0x57, 0xE3):
             (out / f"{name}-{options:02x}.car").write_bytes(bytes([options]) + buf.getvalue())
+    # record blocks, for the transcoder (the option byte is ignored there)
+    from repo_stream.records.generate import generate_records
+
+    for i, (_key, block) in enumerate(generate_records(40, seed=3)):
+        (out / f"record-{i:02d}.cbor").write_bytes(b"\x00" + block)
     fixture = ROOT / "fixtures" / "repo-100.car"
     if fixture.is_file():
         (out / "repo-100-00.car").write_bytes(b"\x00" + fixture.read_bytes())

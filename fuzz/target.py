@@ -3,7 +3,9 @@
 Driven synchronously through the sans-IO seam (no event loop), so a run costs microseconds. The
 first byte of an input chooses the settings (verification, a processor, record CIDs, a memory
 limit that makes the load stop and drain rows as spilling does, the size of each feed); the rest
-is the CAR. Both implementations must give the same records, or the same error class and message
+is the CAR. The processor is ``len`` or, when bit 2 of the input's length is set, each
+implementation's ``transcode_json`` (DAG-CBOR to JSON text). The rest is also handed to both
+``transcode_json`` as one record block: the same text, or the same error and message. Both implementations must give the same records, or the same error class and message
 (for ``NodeDecodeError``, the message up to the CID). Anything but a ``RepoStreamError`` is a bug.
 """
 
@@ -17,6 +19,7 @@ from repo_stream.core import car, implementation, runs
 from repo_stream.core.blocks import NOT_A_NODE, ROW_PLAIN, ROW_RAW, DiskRecords
 from repo_stream.core.commit import decode_commit
 from repo_stream.errors import MissingBlockError, NodeDecodeError, RepoStreamError
+from repo_stream.records.json_text import transcode_json_reference
 
 LIMITS = [1 << 40, 300, 3000, 30000]
 COLLECTIONS = [None, None, frozenset({"app.bsky.feed.like"}), frozenset({"app.bsky.graph.follow", "com.example.thing"})]
@@ -70,7 +73,7 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
     impl = implementation.PYTHON if name == "python" else implementation.C
     assert impl is not None
     verify = bool(options & 1)
-    process = len if options & 2 else None
+    process = (impl.transcode_json if (len(data) >> 2) & 1 else len) if options & 2 else None
     record_cids = bool(options & 4)
     limit = LIMITS[(options >> 3) & 3]
     feed = FEEDS[(options >> 5) & 7]
@@ -134,10 +137,22 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
         return ("error", type(exc).__name__, message, out)
 
 
+def transcode(fn: Any, block: bytes) -> tuple[str, str]:
+    try:
+        return ("text", fn(block))
+    except RepoStreamError as exc:
+        return ("error", f"{type(exc).__name__}: {exc}")
+
+
 def fuzz_one(data: bytes) -> None:
     """Run ``data`` through both implementations; raise AssertionError if they differ."""
     if not data:
         return
+    assert implementation.C is not None
+    c_text = transcode(implementation.C.transcode_json, data[1:])
+    python_text = transcode(transcode_json_reference, data[1:])
+    if c_text != python_text:
+        raise AssertionError(f"transcode_json differs:\n  C {c_text!r:.2000}\n  Python {python_text!r:.2000}")
     options, car_bytes = data[0], data[1:]
     c = run("c", car_bytes, options)
     python = run("python", car_bytes, options)

@@ -185,6 +185,9 @@ static PyObject *trim_memory(PyObject *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+PyObject *rs_transcode_json(PyObject *self, PyObject *block); /* json.c */
+PyObject *rs_arrow_batch(PyObject *self, PyObject *args);      /* arrow.c */
+
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
      "setup(*, messages, not_a_node, cid_text)\n--\n\nConnect the core to repo_stream's Python side (done by "
@@ -199,6 +202,12 @@ static PyMethodDef methods[] = {
      "sha256_lanes()\n--\n\nThe most messages the core hashes side by side on this CPU: 16, 8 or 1."},
     {"trim_memory", trim_memory, METH_NOARGS,
      "trim_memory()\n--\n\nHand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."},
+    {"transcode_json", rs_transcode_json, METH_O,
+     "transcode_json(block)\n--\n\nA record block (strict DAG-CBOR) as its atproto JSON text (see "
+     "repo_stream.records.json_text.transcode_json)."},
+    {"arrow_batch", rs_arrow_batch, METH_VARARGS,
+     "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
+     "(schema, array) of a record batch (see repo_stream.read.arrow)."},
     {NULL, NULL, 0, NULL},
 };
 

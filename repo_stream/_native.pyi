@@ -12,6 +12,12 @@ def setup(*, messages: ModuleType, not_a_node: object, cid_text: Callable[[bytes
 def sha256(data: bytes | bytearray | memoryview, /) -> bytes:
     """The core's SHA-256 digest of a bytes-like object (for tests)."""
 
+def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
+    """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
+
+def arrow_batch(chunk: list[tuple[str, str, Any]], value_kind: int, /) -> tuple[object, object]:
+    """A chunk of (key, cid, value) as the Arrow C Data Interface capsules (schema, array) of a record batch."""
+
 def trim_memory() -> None:
     """Hand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."""
 

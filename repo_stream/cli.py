@@ -340,13 +340,16 @@ async def _ls(args: argparse.Namespace) -> int:
 
 
 async def _dump(args: argparse.Namespace) -> int:
-    from .records.values import JSON_CODEC, record_json
+    from .records.json_text import json_text_processor
 
-    builder = _builder(args).with_record_cids(True).with_block_processor(record_json).with_codec(*JSON_CODEC)
+    # Each record is kept as its JSON text (the C core's transcoder): the line is put together
+    # from strings. Keys need no escaping (the walk refuses any key outside the repo key charset),
+    # nor do CIDs (base32 or base58 text), so the line is what json.dumps of the dict would write.
+    builder = _builder(args).with_record_cids(True).with_block_processor(json_text_processor())
     async with _walking_args(args, builder) as walk:
-        while (chunk := await walk.driver.next_chunk(256)) is not None:
+        while (chunk := await walk.driver.next_chunk(1024)) is not None:
             walk.bar.records(len(chunk))
-            _write("".join(_dumps({"key": key, "cid": cid, "value": value}) + "\n" for key, cid, value in chunk))
+            _write("".join([f'{{"key":"{key}","cid":"{cid}","value":{value}}}\n' for key, cid, value in chunk]))
     return 0
 
 

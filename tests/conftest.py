@@ -21,7 +21,7 @@ IMPLEMENTATIONS = os.environ.get("REPO_STREAM_TEST_IMPLEMENTATIONS", "c,python")
 #: resolution, signatures): once is enough, on the first implementation.
 CORE_FREE = {"test_writer", "test_generate", "test_identity", "test_signature", "test_docs", "test_install"}
 #: Test modules that switch implementations themselves.
-SELF_MANAGED = {"test_differential", "test_runs", "test_native_guards"}
+SELF_MANAGED = {"test_differential", "test_runs", "test_native_guards", "test_json_text"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

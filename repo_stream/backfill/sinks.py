@@ -37,7 +37,9 @@ def bytes_value(block: bytes) -> Any:
 
 def json_value(block: bytes) -> Any:
     """The default :class:`JsonlSink` value: the record in the atproto JSON form, as ``dump``
-    writes it (:func:`repo_stream.records.record_json`)."""
+    writes it (:func:`repo_stream.records.record_json`). As the sink's ``value`` it is not called:
+    the sink writes :func:`repo_stream.records.json_text.transcode_json`'s text instead (the same
+    JSON, non-ASCII characters written as UTF-8 rather than ``\\u`` escapes)."""
     from ..records.values import record_json
 
     return record_json(block)
@@ -75,7 +77,13 @@ class JsonlSink:
             os.makedirs(self.directory, exist_ok=True)
             file = self._files[key] = await anyio.open_file(self.path(commit.did) + ".part", "w", encoding="utf-8")
         value = self.value
-        text = "".join(json.dumps({"key": k, "cid": c, "value": value(v)}, separators=(",", ":")) + "\n" for k, c, v in items)
+        if value is json_value:  # the C core's transcoder: the record's JSON text, made in one pass
+            from ..records.json_text import json_text_processor
+
+            transcode = json_text_processor()
+            text = "".join([f'{{"key":"{k}","cid":"{c}","value":{transcode(v)}}}\n' for k, c, v in items])
+        else:
+            text = "".join(json.dumps({"key": k, "cid": c, "value": value(v)}, separators=(",", ":")) + "\n" for k, c, v in items)
         await file.write(text)
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:

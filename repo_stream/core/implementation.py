@@ -28,7 +28,8 @@ class Backend:
     record_cids)``, with the methods of :class:`repo_stream.core.car.CarParser`,
     :class:`repo_stream.core.blocks.MemoryBlocks` and :class:`repo_stream.core.walk.Walker`; and the spill
     store's sorted runs, :func:`repo_stream.core.runs.pack_run` and ``RunMerge`` (whose ``index()``
-    gives a ``RunIndex``), the same bytes from both."""
+    gives a ``RunIndex``), the same bytes from both; and ``transcode_json(block) -> str``, a record
+    block as its atproto JSON text (:mod:`repo_stream.records.json_text`)."""
 
     name: str
     CarParser: Any
@@ -36,9 +37,16 @@ class Backend:
     Walker: Any
     pack_run: Any
     RunMerge: Any
+    transcode_json: Any
 
 
-PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker, runs.pack_run, runs.RunMerge)
+def _python_transcode_json(block: bytes) -> str:
+    from ..records.json_text import _python_transcode_json as transcode  # records imports core: lazily
+
+    return transcode(block)
+
+
+PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker, runs.pack_run, runs.RunMerge, _python_transcode_json)
 C: Backend | None
 #: Why the C core could not be imported (``None`` when it was): the ImportError's message.
 NATIVE_IMPORT_ERROR: str | None = None
@@ -51,7 +59,7 @@ except ImportError as exc:  # not built (or not loadable): the reference runs
     NATIVE_IMPORT_ERROR = str(exc) or type(exc).__name__
 else:
     _native.setup(messages=messages, not_a_node=blocks.NOT_A_NODE, cid_text=cid.cid_text)
-    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge)
+    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge, _native.transcode_json)
 
 _BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
 _active: Backend = PYTHON if C is None or PURE_PYTHON_ASKED else C

@@ -28,6 +28,7 @@ from ..errors import (
     NodeDecodeError,
     PrefixError,
     ProcessorError,
+    RecordDecodeError,
     RepoStreamError,
     SubtreeLayerError,
     TruncatedCarError,
@@ -191,3 +192,10 @@ def processor_failed(key: str, cid: bytes, exc: BaseException) -> RepoStreamErro
 
 def store_corrupt(where: str, offset: int) -> RepoStreamError:
     return DiskError(f"spill store damaged: {where} does not read back as sorted entries at byte {offset}")
+
+
+# --- record values (spec: IPLD DAG-CBOR, "Strictness"; atproto data model) ---------------------
+
+
+def record_not_dagcbor(size: int, offset: int, detail: str) -> RepoStreamError:
+    return RecordDecodeError(f"record block of {size} bytes is not one well-formed DAG-CBOR item: {detail} (at byte {offset})")

@@ -35,6 +35,7 @@ from ..errors import DiskError, MissingBlockError
 from ..spill.store import CBOR_CODEC, Codec, DiskStore
 
 if TYPE_CHECKING:  # imported on first use (see repo_stream.core.cid)
+    import pyarrow
     from multiformats import CID
 
 __all__ = ["BLOCK_OVERHEAD", "DEFAULT_MEM_LIMIT_MB", "DriverBuilder", "MemoryDriver", "NeedDisk", "DiskDriver"]
@@ -310,6 +311,32 @@ class _Driver(Generic[Item]):
 
     async def next_chunk(self, n: int = 256) -> list[Item] | None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    async def next_batch(self, n: int = 65536) -> pyarrow.RecordBatch | None:
+        """The next up to ``n`` records in key order as one ``pyarrow.RecordBatch``, or ``None``
+        at the end (:mod:`repo_stream.read.arrow`: columns ``key``, ``collection``, ``rkey``,
+        ``cid``, ``value``; ``value`` binary for raw blocks, utf8 for JSON text).
+
+        The walk must give record CIDs (``with_record_cids(True)``) and ``bytes`` values (no
+        block processor) or ``str`` values (the JSON text processor,
+        :func:`repo_stream.records.json_text.json_text_processor`). The C core writes the
+        columns straight into Arrow buffers (Arrow C Data Interface). Needs pyarrow (the
+        ``arrow`` extra).
+
+        Raises:
+            TypeError: the items are not ``(key, cid, bytes | str)``.
+            ImportError: pyarrow is not installed. And the errors of :meth:`next_chunk`.
+        """
+        from .arrow import record_batch
+
+        chunk = await self.next_chunk(n)
+        if chunk is None:
+            return None
+        first = chunk[0]
+        if not isinstance(first, tuple) or len(first) != 3:
+            raise TypeError("next_batch needs record CIDs: build the driver with with_record_cids(True)")
+        items: list[Any] = chunk
+        return record_batch(items, json_values=type(first[2]) is str)
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         """Iterate over the items (``(key, value)``, or ``(key, cid, value)``), 256 at a time."""

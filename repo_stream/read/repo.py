@@ -42,6 +42,7 @@ from .drivers import DEFAULT_MEM_LIMIT_MB, DiskDriver, DriverBuilder, MemoryDriv
 if TYPE_CHECKING:
     import dns.asyncresolver
     import httpx
+    import pyarrow
 
     from ..net.fetch import FetchOptions
     from ..net.source import OpenedSource
@@ -59,8 +60,9 @@ CHUNK_SIZE = 1024
 #: How record values are given: ``"raw"`` (the record block's DAG-CBOR bytes), ``"json"`` (the
 #: atproto JSON form, :func:`repo_stream.records.record_json`), ``"python"`` (Python values with
 #: :class:`~repo_stream.records.Link` and ``bytes``, :func:`repo_stream.records.decode_record`), or
-#: a callable ``(bytes) -> value`` of your own (a block processor).
-Values = Literal["raw", "json", "python"]
+#: ``"json_text"`` (the JSON form as text, a ``str``: :mod:`repo_stream.records.json_text`), or a
+#: callable ``(bytes) -> value`` of your own (a block processor).
+Values = Literal["raw", "json", "python", "json_text"]
 
 #: What :func:`open_repo` reads: a SOURCE string (a path, ``-``, a getRepo URL, a DID, a handle, an
 #: ``at://`` URI; see :func:`repo_stream.net.source.open_source`), a path object, the CAR's bytes,
@@ -157,6 +159,22 @@ class Repo(Generic[V]):
         """
         chunk: list[Record[V]] | None = await self._driver.next_chunk(n)  # the walk makes Records itself
         return chunk
+
+    async def batches(self, n: int = 65536) -> AsyncIterator[pyarrow.RecordBatch]:
+        """Every record in key order, ``n`` at a time, as ``pyarrow.RecordBatch`` es (columns
+        ``key``, ``collection`` (dictionary), ``rkey``, ``cid``, ``value``: binary with
+        ``values="raw"``, utf8 JSON text with ``values="json_text"``; see
+        :mod:`repo_stream.read.arrow`). ``pyarrow.Table.from_batches`` makes one table of them.
+
+        Raises:
+            TypeError: the repo was opened with other ``values``, or ``record_cids=False``.
+            ImportError: pyarrow is not installed (``pip install 'repo-stream[arrow]'``). And the
+            errors of :meth:`next_chunk`.
+        """
+        if not self._record_cids:
+            raise TypeError("batches() needs record CIDs: open the repo with record_cids=True")
+        while (batch := await self._driver.next_batch(n)) is not None:
+            yield batch
 
     async def __aiter__(self) -> AsyncIterator[Record[V]]:
         """Every record in strictly increasing key order (the errors of :meth:`next_chunk`)."""
@@ -299,6 +317,23 @@ def open_repo(
 def open_repo(
     source: RepoSource,
     *,
+    values: Literal["json_text"],
+    collections: Iterable[str] | None = ...,
+    mem_limit_mb: float = ...,
+    spill_dir: str | os.PathLike[str] | None = ...,
+    disk_cache_mb: int = ...,
+    verify: bool = ...,
+    signing_key: str | None = ...,
+    record_cids: bool = ...,
+    plc_url: str | None = ...,
+    client: httpx.AsyncClient | None = ...,
+    dns_resolver: dns.asyncresolver.Resolver | None = ...,
+    fetch_options: FetchOptions | None = ...,
+) -> OpenRepo[str]: ...
+@overload
+def open_repo(
+    source: RepoSource,
+    *,
     values: Literal["raw"],
     collections: Iterable[str] | None = ...,
     mem_limit_mb: float = ...,
@@ -375,6 +410,9 @@ def open_repo(
             byte source.
         values: how record values are given (:data:`Values`, or a callable ``(bytes) -> U``);
             default ``"json"``. With a callable, the :class:`Repo`'s records are ``Record[U]``.
+            ``"json_text"``: each value is the record's JSON text (``str``, made by the C core's
+            transcoder, :mod:`repo_stream.records.json_text`), for writing out or
+            :meth:`Repo.batches`.
         collections: only these collections' records (NSIDs); only the subtrees that can hold
             them are walked. None: every record.
         mem_limit_mb: the memory limit for kept blocks and values, MiB (default 64, as the
@@ -424,10 +462,14 @@ def open_repo(
         from ..records.values import RECORD_CODEC
 
         builder = builder.with_block_processor(_python_map()).with_codec(*RECORD_CODEC)
+    elif values == "json_text":
+        from ..records.json_text import json_text_processor
+
+        builder = builder.with_block_processor(json_text_processor())
     elif callable(values):
         builder = builder.with_block_processor(values)
     elif values != "raw":
-        raise ValueError(f"values must be 'raw', 'json', 'python' or a callable, got {values!r}")
+        raise ValueError(f"values must be 'raw', 'json', 'python', 'json_text' or a callable, got {values!r}")
     if disk_cache_mb < 1:
         raise ValueError(f"disk_cache_mb must be at least 1, got {disk_cache_mb}")
     builder._record_type = Record  # the walk makes each item a Record (C: no second pass, no per-record Python)

@@ -1,0 +1,113 @@
+"""Records as Arrow record batches: :func:`record_batch`, behind ``driver.next_batch(n)`` and
+``repo.batches(n)``.
+
+A batch has the columns ``key`` (utf8), ``collection`` (dictionary<int32, utf8>), ``rkey``
+(utf8), ``cid`` (utf8, the base32 CID) and ``value``: ``binary`` (the record block's DAG-CBOR
+bytes, the walk's values without a block processor) or ``utf8`` (the record's atproto JSON text,
+with :func:`repo_stream.records.json_text.json_text_processor`'s processor). The C core writes
+the columns' buffers itself from the walk's chunk and hands them to pyarrow through the Arrow C
+Data Interface (plain structs: no Arrow library is linked into the core; pyarrow only imports
+them, without copying). The pure-Python reference builds the same batch with pyarrow's
+constructors.
+
+pyarrow is an extra: ``pip install 'repo-stream[arrow]'``. Spec: Arrow C Data Interface,
+https://arrow.apache.org/docs/format/CDataInterface.html.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..core import implementation
+
+if TYPE_CHECKING:
+    import pyarrow
+
+__all__ = ["record_batch", "schema"]
+
+
+def _pyarrow() -> Any:
+    try:
+        import pyarrow
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("Arrow batches need pyarrow: pip install 'repo-stream[arrow]'") from exc
+    return pyarrow
+
+
+def schema(json_values: bool) -> pyarrow.Schema:
+    """The batches' schema: ``value`` is ``utf8`` with ``json_values``, else ``binary``."""
+    pa = _pyarrow()
+    return pa.schema(
+        [
+            pa.field("key", pa.utf8(), nullable=False),
+            pa.field("collection", pa.dictionary(pa.int32(), pa.utf8()), nullable=False),
+            pa.field("rkey", pa.utf8(), nullable=False),
+            pa.field("cid", pa.utf8(), nullable=False),
+            pa.field("value", pa.utf8() if json_values else pa.binary(), nullable=False),
+        ]
+    )
+
+
+class _Capsules:
+    """The Arrow PyCapsule interface over the C core's two capsules (read once)."""
+
+    __slots__ = ("_pair",)
+
+    def __init__(self, pair: tuple[object, object]) -> None:
+        self._pair = pair
+
+    def __arrow_c_array__(self, requested_schema: object = None) -> tuple[object, object]:
+        return self._pair
+
+
+def _python_batch(chunk: list[tuple[str, str, Any]], json_values: bool) -> pyarrow.RecordBatch:
+    pa = _pyarrow()
+    value_type = str if json_values else bytes
+    for item in chunk:
+        if type(item) is not tuple or len(item) != 3:
+            raise TypeError("arrow_batch: items are (key, cid, value) tuples (a walk with record CIDs)")
+        for value, what, want in ((item[0], "key", str), (item[1], "cid", str), (item[2], "value", value_type)):
+            if not isinstance(value, want):
+                raise TypeError(f"arrow_batch: the {what} of an item is {type(value).__name__}, not {want.__name__}")
+    keys = [k for k, _, _ in chunk]
+    names: list[str] = []
+    indices: list[int] = []
+    last = None
+    rkeys: list[str] = []
+    for key in keys:
+        collection, _, rkey = key.partition("/")
+        if collection != last:
+            names.append(collection)
+            last = collection
+        indices.append(len(names) - 1)
+        rkeys.append(rkey)
+    columns = [
+        pa.array(keys, pa.utf8()),
+        pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(names, pa.utf8())),
+        pa.array(rkeys, pa.utf8()),
+        pa.array([c for _, c, _ in chunk], pa.utf8()),
+        pa.array([v for _, _, v in chunk], pa.utf8() if json_values else pa.binary()),
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=schema(json_values))
+
+
+def record_batch(chunk: list[tuple[str, str, Any]], json_values: bool) -> pyarrow.RecordBatch:
+    """The records of a walk's chunk as one ``pyarrow.RecordBatch`` (module docstring).
+
+    Args:
+        chunk: ``(key, cid, value)`` tuples, as a walk with record CIDs gives them, in key order.
+        json_values: the values are JSON text (``str``); else raw blocks (``bytes``).
+
+    Raises:
+        TypeError: an item is not ``(str, str, bytes)`` (or ``str`` values with ``json_values``).
+        OverflowError: a column passes 2 GiB (Arrow's int32 offsets): ask for fewer records.
+        ImportError: pyarrow is not installed.
+    """
+    pa = _pyarrow()
+    if implementation.backend().name == "c":
+        from .. import _native
+
+        batch = pa.record_batch(_Capsules(_native.arrow_batch(chunk, 1 if json_values else 0)))
+    else:
+        batch = _python_batch(chunk, json_values)
+    return batch
