@@ -17,6 +17,11 @@
 
 #include <stdatomic.h>
 
+/* An item is (key, cid, value) or a Record (key, collection, rkey, cid, value): where its cid and
+ * value are. */
+#define CID_AT(item) (PyTuple_GET_SIZE(item) == 5 ? 3 : 1)
+#define VALUE_AT(item) (PyTuple_GET_SIZE(item) - 1)
+
 /* --- the C Data Interface's structs (from the specification) --------------------------------- */
 #define ARROW_FLAG_NULLABLE 2
 
@@ -210,13 +215,14 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
     Py_ssize_t last_len = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(chunk, i);
-        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3) {
-            PyErr_SetString(PyExc_TypeError, "arrow_batch: items are (key, cid, value) tuples (a walk with record CIDs)");
+        if (!PyTuple_Check(item) || (PyTuple_GET_SIZE(item) != 3 && PyTuple_GET_SIZE(item) != 5)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "arrow_batch: items are (key, cid, value) tuples or Records (a walk with record CIDs)");
             return NULL;
         }
         Py_ssize_t kl, cl;
         const char *key = item_text(PyTuple_GET_ITEM(item, 0), &kl, "key");
-        if (key == NULL || item_text(PyTuple_GET_ITEM(item, 1), &cl, "cid") == NULL) return NULL;
+        if (key == NULL || item_text(PyTuple_GET_ITEM(item, CID_AT(item)), &cl, "cid") == NULL) return NULL;
         const char *slash = memchr(key, '/', (size_t)kl);
         if (slash == NULL) {
             PyErr_Format(PyExc_ValueError, "arrow_batch: key %R has no '/'", PyTuple_GET_ITEM(item, 0));
@@ -232,7 +238,7 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         key_bytes += (size_t)kl;
         rkey_bytes += (size_t)(kl - coll - 1);
         cid_bytes += (size_t)cl;
-        PyObject *v = PyTuple_GET_ITEM(item, 2);
+        PyObject *v = PyTuple_GET_ITEM(item, VALUE_AT(item));
         if (value_kind == 1) {
             Py_ssize_t vl;
             if (item_text(v, &vl, "value") == NULL) return NULL;
@@ -281,8 +287,8 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         PyObject *item = PyList_GET_ITEM(chunk, i);
         Py_ssize_t kl, cl, vl;
         const char *key = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 0), &kl);
-        const char *cid = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 1), &cl);
-        PyObject *v = PyTuple_GET_ITEM(item, 2);
+        const char *cid = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, CID_AT(item)), &cl);
+        PyObject *v = PyTuple_GET_ITEM(item, VALUE_AT(item));
         const char *value;
         if (value_kind == 1) {
             value = PyUnicode_AsUTF8AndSize(v, &vl);

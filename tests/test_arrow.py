@@ -91,3 +91,16 @@ def test_bad_items_are_type_errors() -> None:
         record_batch([("a/1", "c", b"bytes")], True)
     with pytest.raises(TypeError):
         record_batch([("a/1", b"c", b"x")], False)  # type: ignore[list-item]
+
+
+@pytest.mark.anyio
+async def test_batches_of_records_equal_the_records() -> None:
+    """open_repo's walk gives Records (five fields): their batches hold the same columns."""
+    async with open_repo("fixtures/repo-2000-shuffled.car", values="raw") as repo:
+        records = [r async for r in repo]
+    batch = record_batch(list(records), json_values=False)
+    assert batch.column("key").to_pylist() == [r.key for r in records]
+    assert batch.column("collection").to_pylist() == [r.collection for r in records]
+    assert batch.column("rkey").to_pylist() == [r.rkey for r in records]
+    assert batch.column("cid").to_pylist() == [r.cid for r in records]
+    assert batch.column("value").to_pylist() == [r.value for r in records]

@@ -64,8 +64,10 @@ def _python_batch(chunk: list[tuple[str, str, Any]], json_values: bool) -> pyarr
     pa = _pyarrow()
     value_type = str if json_values else bytes
     for item in chunk:
-        if type(item) is not tuple or len(item) != 3:
-            raise TypeError("arrow_batch: items are (key, cid, value) tuples (a walk with record CIDs)")
+        if not isinstance(item, tuple) or len(item) not in (3, 5):
+            raise TypeError("arrow_batch: items are (key, cid, value) tuples or Records (a walk with record CIDs)")
+    chunk = [(item[0], item[3], item[4]) if len(item) == 5 else item for item in chunk]
+    for item in chunk:
         for value, what, want in ((item[0], "key", str), (item[1], "cid", str), (item[2], "value", value_type)):
             if not isinstance(value, want):
                 raise TypeError(f"arrow_batch: the {what} of an item is {type(value).__name__}, not {want.__name__}")

@@ -333,10 +333,10 @@ class _Driver(Generic[Item]):
         if chunk is None:
             return None
         first = chunk[0]
-        if not isinstance(first, tuple) or len(first) != 3:
+        if not isinstance(first, tuple) or len(first) not in (3, 5) or first[-2] is None:
             raise TypeError("next_batch needs record CIDs: build the driver with with_record_cids(True)")
         items: list[Any] = chunk
-        return record_batch(items, json_values=type(first[2]) is str)
+        return record_batch(items, json_values=type(first[-1]) is str)
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         """Iterate over the items (``(key, value)``, or ``(key, cid, value)``), 256 at a time."""
