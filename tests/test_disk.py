@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -456,11 +457,12 @@ async def test_a_failed_batch_needs_a_reset() -> None:
         assert await store._run(store.lookup(bytes).fetch_many, [cid]) == ([(2, 1)], True)
 
 
-async def test_temporary_store_reports_its_name_in_errors(big_car: bytes) -> None:
+async def test_temporary_store_reports_its_name_in_errors(big_car: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SQLITE_TMPDIR", str(tmp_path))  # a full disk must name the folder it fills
     store = await DiskBuilder().open()
     await store.close()
-    assert isinstance(store, DiskStore) and store.name == "(temporary)"
-    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+    assert isinstance(store, DiskStore) and store.name == f"(temporary, in {tmp_path})"
+    with pytest.raises(DiskError, match=rf"SQLite spill store \(temporary, in {re.escape(str(tmp_path))}\) is closed"):
         await store.reset()
 
 
