@@ -133,7 +133,8 @@ async def list_repos(
                             status = response.status_code
                             content_type = response.headers.get("content-type", "no content type")
                             if status != 200:
-                                snippet = " ".join((await read_snippet(response, 4096, timeout)).decode("utf-8", "replace").split())[:200]
+                                text = " ".join((await read_snippet(response, 4096, timeout)).decode("utf-8", "replace").split())[:200]
+                                snippet = "".join(ch if ch.isprintable() else "?" for ch in text)
                                 raise FetchError(f"{where}: HTTP {status} ({content_type}): {snippet}", url=base, status=status)
                             body = await read_body(response, MAX_PAGE_BYTES)
                         finally:

@@ -228,7 +228,7 @@ async def _error_detail(response: httpx.Response, read_timeout: float) -> str:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
         message = parsed.get("message")
         return f": {parsed['error']}" + (f": {message}" if isinstance(message, str) and message else "")
-    snippet = " ".join(text.split())[:200]
+    snippet = "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split())[:200])
     return f" ({content_type}): {snippet}" if snippet else f" ({content_type})"
 
 

@@ -80,13 +80,14 @@ def is_public_address(address: str) -> bool:
     except ValueError:
         return False
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded: ipaddress.IPv4Address | None = ip.ipv4_mapped or ip.sixtofour
-        if ip.teredo is not None:
-            embedded = ip.teredo[1]
+        # Forms that reach an IPv4 address: judged by it alone.
+        if ip.ipv4_mapped is not None:
+            return is_public_address(str(ip.ipv4_mapped))
         if ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if int(ip) >> 32 == 0 and int(ip) > 1:  # ::a.b.c.d (deprecated IPv4-compatible)
-            embedded = ipaddress.IPv4Address(int(ip))
+            return is_public_address(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
+        if int(ip) >> 32 == 0:  # ::a.b.c.d (deprecated IPv4-compatible), ::1 and :: too
+            return int(ip) > 1 and is_public_address(str(ipaddress.IPv4Address(int(ip))))
+        embedded = ip.sixtofour or (ip.teredo[1] if ip.teredo is not None else None)
         if embedded is not None and not is_public_address(str(embedded)):
             return False
     if any(ip in network for network in _NOT_PUBLIC if network.version == ip.version):

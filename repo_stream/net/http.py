@@ -164,7 +164,7 @@ async def body_chunks(
                 if on_piece is not None:
                     on_piece(len(piece))
                 if max_bytes is not None and received > max_bytes:
-                    raise BodyError(f"the body passed the size cap of {max_bytes} bytes (decoded)")
+                    raise BodyError(f"the body passed the size cap of {max_bytes} bytes as decoded")
                 yield piece
         for decoder in decoders:
             decoder.finish()
@@ -223,7 +223,7 @@ async def send(
         try:
             response = await client.send(request, stream=True, follow_redirects=False)
         except PrivateHostError as exc:
-            raise fail(f"GET {request.url}: {exc}") from exc
+            raise fail(f"{exc}" + (f" (redirected to {request.url})" if str(request.url) != url else "")) from exc
         if response.status_code not in _REDIRECTS or "location" not in response.headers:
             return response
         location = response.headers["location"]
@@ -231,13 +231,13 @@ async def send(
         try:
             target = request.url.join(location)
         except httpx.InvalidURL:
-            _refuse(fail, f"GET {request.url}: HTTP {response.status_code} redirects to an invalid URL {location[:200]!r}")
+            _refuse(fail, f"HTTP {response.status_code} from {request.url} redirects to an invalid URL {location[:200]!r}")
         if target.scheme not in ("http", "https") or not target.host:
-            _refuse(fail, f"GET {request.url}: HTTP {response.status_code} redirects to {str(target)[:200]!r}, not an http(s) URL")
+            _refuse(fail, f"HTTP {response.status_code} from {request.url} redirects to {location[:200]!r}, not an http(s) URL")
         if request.url.scheme == "https" and target.scheme == "http":
-            _refuse(fail, f"GET {request.url}: HTTP {response.status_code} redirects from https to http ({target}); refused")
+            _refuse(fail, f"HTTP {response.status_code} from {request.url} redirects from https to http ({target}); refused")
         request = client.build_request("GET", target, headers=request_headers, timeout=timeout)
-    raise fail(f"GET {url}: more than {MAX_REDIRECTS} redirects")
+    raise fail(f"more than {MAX_REDIRECTS} redirects")
 
 
 def _refuse(fail: Callable[[str], Exception], message: str) -> NoReturn:

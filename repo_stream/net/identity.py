@@ -293,7 +293,7 @@ async def _get_small(client: httpx.AsyncClient, url: str, *, timeout: float, max
         raise IdentityError(f"{what}: {url!r} is not a valid http(s) URL")
 
     def fail(message: str) -> IdentityError:
-        return IdentityError(f"{what}: {message}")
+        return IdentityError(f"{what}: GET {url}: {message}")
 
     try:
         with anyio.fail_after(timeout):
