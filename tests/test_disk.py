@@ -371,7 +371,7 @@ async def test_every_kind_of_value_reads_back() -> None:
 )
 async def test_rows_that_cannot_be_stored(impl: str, row: tuple[bytes, int, object], message: str) -> None:
     async with await DiskBuilder().open() as store:
-        with pytest.raises(DiskError, match=f"SQLite spill store \\(temporary\\): cannot store a row: .*{message}"):
+        with pytest.raises(DiskError, match=f"SQLite spill store \\(temporary, in [^)]+\\): cannot store a row: .*{message}"):
             await store._run(store.put_batch_sync, [row], 1)
 
 
@@ -504,9 +504,9 @@ async def test_look_ups_on_a_closed_store_say_so() -> None:
     await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
     lookup = store.lookup(bytes)
     await store.close()
-    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary, in [^)]+\) is closed"):
         lookup.fetch_many([cid])
-    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary, in [^)]+\) is closed"):
         lookup.node(cid)
 
 
