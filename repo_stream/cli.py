@@ -39,7 +39,8 @@ stderr with tqdm; nothing extra when stderr is piped or with ``--json``.
 Exit status: 0 success; 1 an error, printed as one line ``error: ...`` on stderr (any
 :class:`~repo_stream.errors.RepoStreamError` or ``OSError``, a missing key for ``get``); 2 a usage
 error (argparse: unknown options, a non-positive ``--mem-limit-mb``, an invalid NSID...); 130
-interrupted (Ctrl-C, ``error: interrupted``); 141 (128 + SIGPIPE, as ``cat`` and other tools
+interrupted (Ctrl-C, ``error: interrupted``); 143 terminated (SIGTERM, handled as Ctrl-C:
+``error: terminated``); 141 (128 + SIGPIPE, as ``cat`` and other tools
 killed by SIGPIPE) when standard output is closed early, e.g. by ``| head -1``: nothing is printed
 and the walk stops at once.
 
@@ -56,7 +57,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -77,6 +80,7 @@ from .spill.store import DiskBuilder
 
 if TYPE_CHECKING:
     from .core.commit import Commit
+    from .net.fetch import FetchOptions
     from .net.source import OpenedSource
 
 __all__ = ["main", "stats"]
@@ -174,6 +178,8 @@ async def _walking(
     disk_path: str | None = None,
     plc_url: str | None = None,
     progress: bool = False,
+    fetch_options: FetchOptions | None = None,
+    allow_private_hosts: bool = False,
 ) -> AsyncIterator[_Walk]:
     """Open SOURCE, load its CAR (spilling to ``disk_path``, or a temporary file, past the
     builder's memory limit) and check the commit's DID against the one asked for.
@@ -186,7 +192,7 @@ async def _walking(
     """
     from .net.source import open_source
 
-    async with open_source(source, plc_url=plc_url) as opened:
+    async with open_source(source, plc_url=plc_url, options=fetch_options, allow_private_hosts=allow_private_hosts) as opened:
         bar = _Progress(progress, opened.size)
         store = None
         created = disk_path is not None and not os.path.exists(disk_path)
@@ -229,6 +235,8 @@ async def stats(
     progress: bool = False,
     collections: Iterable[str] | None = None,
     plc_url: str | None = None,
+    fetch_options: FetchOptions | None = None,
+    allow_private_hosts: bool = False,
 ) -> dict[str, Any]:
     """Walk the repo CAR of SOURCE ``path`` (a file, ``"-"`` for standard input, a URL, DID or
     handle; see :func:`repo_stream.net.source.open_source`) and return its figures as a dict.
@@ -242,7 +250,8 @@ async def stats(
     that can hold them. A spill file made at ``disk_path`` is removed afterwards (a file that
     existed before is emptied but kept); without ``disk_path`` a temporary one is used and always
     removed. ``progress=True`` draws tqdm bars on stderr. ``plc_url``: the PLC directory for a
-    ``did:plc`` (default ``https://plc.directory``).
+    ``did:plc`` (default ``https://plc.directory``). ``fetch_options`` and ``allow_private_hosts``:
+    as for :func:`repo_stream.net.source.open_source`.
 
     Raises:
         RepoStreamError: the CAR is malformed, or cannot be resolved or fetched (any subclass);
@@ -250,7 +259,10 @@ async def stats(
     """
     started = time.perf_counter()
     builder = DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_block_processor(len).with_verify_cids(verify)
-    async with _walking(path, _select(builder, collections), disk_path=disk_path, plc_url=plc_url, progress=progress) as walk:
+    async with _walking(
+        path, _select(builder, collections), disk_path=disk_path, plc_url=plc_url, progress=progress,
+        fetch_options=fetch_options, allow_private_hosts=allow_private_hosts,
+    ) as walk:  # fmt: skip
         return await _walk(walk, started)
 
 
@@ -324,7 +336,17 @@ def _builder(args: argparse.Namespace) -> DriverBuilder[Any]:
 
 
 def _walking_args(args: argparse.Namespace, builder: DriverBuilder[Any]) -> Any:
-    return _walking(args.source, builder, disk_path=args.disk_path, plc_url=args.plc_url, progress=_show_progress(args))
+    return _walking(
+        args.source, builder, disk_path=args.disk_path, plc_url=args.plc_url, progress=_show_progress(args),
+        fetch_options=_fetch_options(args), allow_private_hosts=args.allow_private_hosts,
+    )  # fmt: skip
+
+
+def _fetch_options(args: argparse.Namespace) -> FetchOptions:
+    """The fetch limits of ``--max-repo-mb``, ``--timeout`` and ``--retries``."""
+    from .net.fetch import FetchOptions
+
+    return FetchOptions(max_bytes=int(args.max_repo_mb * 1024 * 1024), total_timeout=args.timeout, retries=args.retries)
 
 
 async def _ls(args: argparse.Namespace) -> int:
@@ -453,6 +475,38 @@ def _record_key(text: str) -> str:
     return text
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def _fetch_arguments(p: argparse.ArgumentParser) -> None:
+    """The limits of every command that fetches (see :class:`repo_stream.net.fetch.FetchOptions`)."""
+    p.add_argument(
+        "--max-repo-mb", type=_positive_float, default=4096, metavar="MB",
+        help="largest repo CAR fetched, MiB as decoded; a larger one fails as soon as it passes (default 4096)",
+    )  # fmt: skip
+    p.add_argument(
+        "--timeout", type=_positive_float, default=3600.0, metavar="S",
+        help="deadline of one repo fetch, seconds, retries and body included (default 3600); a body must also "
+        "average 64 KiB/s after its first 30 s",
+    )  # fmt: skip
+    p.add_argument(
+        "--retries", type=_non_negative_int, default=3, metavar="N",
+        help="extra attempts after a connection failure, HTTP 429 or 5xx before the body starts (default 3)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-private-hosts", action="store_true",
+        help="let hosts learned from the network (DID documents' PDS, did:web, handles, redirects) be private, "
+        "loopback or link-local addresses (default: refused; hosts you name are always allowed)",
+    )  # fmt: skip
+
+
 def _source_arguments(p: argparse.ArgumentParser, *, collections: bool = True) -> None:
     """SOURCE and the options every command that walks a repo takes."""
     p.add_argument(
@@ -463,6 +517,7 @@ def _source_arguments(p: argparse.ArgumentParser, *, collections: bool = True) -
     p.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="N", help="memory limit before spilling to disk, MiB (default 64)")
     p.add_argument("--disk-path", metavar="P", help="spill file (default: a temporary file, always removed)")
     p.add_argument("--plc-url", metavar="URL", default=argparse.SUPPRESS, help="PLC directory for did:plc (default https://plc.directory)")
+    _fetch_arguments(p)
     if collections:
         p.add_argument(
             "--collection",
@@ -551,6 +606,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plc-url", metavar="URL", default=None, help="PLC directory for did:plc (default https://plc.directory)")
     b.add_argument("--dask", metavar="ADDRESS", default=None, help="run on a Dask cluster: a scheduler address, or 'local' for a local one")
     b.add_argument("--engine-workers", type=_positive_int, default=2, metavar="W", help="worker processes of --dask local (default 2)")
+    _fetch_arguments(b)
     for sub in commands.choices.values():
         sub.set_defaults(command_parser=sub)  # a command's usage errors print its own usage
     return parser
@@ -628,19 +684,21 @@ def _backfill(args: argparse.Namespace) -> int:
         "sink": JsonlSink(args.out) if args.out else None, "memory_workers": args.memory_workers,
         "disk_workers": args.disk_workers, "mem_limit_mb": args.mem_limit_mb, "fetch_concurrency": args.fetch_concurrency,
         "spill_dir": args.spill_dir, "verify": args.verify or False, "signing_key": args.key, "checkpoint": args.checkpoint,
-        "retry_failed": args.retry_failed, "plc_url": args.plc_url,
+        "retry_failed": args.retry_failed, "plc_url": args.plc_url, "fetch_options": _fetch_options(args),
+        "allow_private_hosts": args.allow_private_hosts,
     }  # fmt: skip
     if args.processes > 1:
         options["processes"] = args.processes
 
     async def run() -> None:
-        sources = read_repo_list(args.repos) if args.repos else host_sources(args.host)
+        sources = read_repo_list(args.repos) if args.repos else host_sources(args.host, allow_private_hosts=args.allow_private_hosts)
         async with aclosing(backfill(sources, stats=stats, **options)) as results:
             async for result in results:
                 report(result)
 
     async def names() -> list[str]:
-        return [name async for name in (read_repo_list(args.repos) if args.repos else host_sources(args.host))]
+        listing = read_repo_list(args.repos) if args.repos else host_sources(args.host, allow_private_hosts=args.allow_private_hosts)
+        return [name async for name in listing]
 
     try:
         if args.dask is None:
@@ -652,8 +710,8 @@ def _backfill(args: argparse.Namespace) -> int:
                 stats.count(result)
                 report(result)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        print(f"error: {_interruption()}", file=sys.stderr)
+        return _interrupted_status()
     except BrokenPipeError:
         raise  # standard output closed early (`| head`): main stops quietly
     except (RepoStreamError, OSError, ValueError, ImportError) as exc:
@@ -696,6 +754,8 @@ async def _stats(args: argparse.Namespace) -> int:
         progress=_show_progress(args),
         collections=args.collection,
         plc_url=args.plc_url,
+        fetch_options=_fetch_options(args),
+        allow_private_hosts=args.allow_private_hosts,
     )
     print(json.dumps(result) if args.json else _human(result))
     return 0
@@ -749,9 +809,29 @@ def _note_pure_python(command: str) -> None:
         )
 
 
+#: Exit status after SIGTERM: 128 + 15, as a process killed by it.
+EXIT_TERMINATED = 143
+_TERMINATED: list[bool] = []
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM stops the command as Ctrl-C does (the event loop cancels its work: fetches closed,
+    partial output and spill files removed, worker processes stopped), then exits 143."""
+    _TERMINATED.append(True)
+    signal.raise_signal(signal.SIGINT)
+
+
+def _interruption() -> str:
+    return "terminated" if _TERMINATED else "interrupted"
+
+
+def _interrupted_status() -> int:
+    return EXIT_TERMINATED if _TERMINATED else 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage, 130 interrupted,
-    141 standard output closed early)."""
+    141 standard output closed early, 143 terminated by SIGTERM)."""
     parser = _parser()
     args = parser.parse_args(argv)
     usage_error: Callable[[str], Any] = args.command_parser.error
@@ -768,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
         if classify_source(args.source) not in ("did", "handle"):
             usage_error("a file, - or URL SOURCE needs --key DIDKEY (only a DID or handle SOURCE has a DID document)")
     _note_pure_python(args.command)
+    _TERMINATED.clear()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         status = _run(args)
         sys.stdout.flush()
@@ -779,6 +862,9 @@ def main(argv: list[str] | None = None) -> int:
         os.close(devnull)
         return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+        _error(_interruption())
+        return _interrupted_status()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -370,7 +371,7 @@ async def test_every_kind_of_value_reads_back() -> None:
 )
 async def test_rows_that_cannot_be_stored(impl: str, row: tuple[bytes, int, object], message: str) -> None:
     async with await DiskBuilder().open() as store:
-        with pytest.raises(DiskError, match=f"SQLite spill store \\(temporary\\): cannot store a row: .*{message}"):
+        with pytest.raises(DiskError, match=f"SQLite spill store \\(temporary, in [^)]+\\): cannot store a row: .*{message}"):
             await store._run(store.put_batch_sync, [row], 1)
 
 
@@ -456,11 +457,12 @@ async def test_a_failed_batch_needs_a_reset() -> None:
         assert await store._run(store.lookup(bytes).fetch_many, [cid]) == ([(2, 1)], True)
 
 
-async def test_temporary_store_reports_its_name_in_errors(big_car: bytes) -> None:
+async def test_temporary_store_reports_its_name_in_errors(big_car: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SQLITE_TMPDIR", str(tmp_path))  # a full disk must name the folder it fills
     store = await DiskBuilder().open()
     await store.close()
-    assert isinstance(store, DiskStore) and store.name == "(temporary)"
-    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+    assert isinstance(store, DiskStore) and store.name == f"(temporary, in {tmp_path})"
+    with pytest.raises(DiskError, match=rf"SQLite spill store \(temporary, in {re.escape(str(tmp_path))}\) is closed"):
         await store.reset()
 
 
@@ -502,9 +504,9 @@ async def test_look_ups_on_a_closed_store_say_so() -> None:
     await store._run(store.put_batch_sync, [(cid, 2, 1)], 40)
     lookup = store.lookup(bytes)
     await store.close()
-    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary, in [^)]+\) is closed"):
         lookup.fetch_many([cid])
-    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary\) is closed"):
+    with pytest.raises(DiskError, match=r"SQLite spill store \(temporary, in [^)]+\) is closed"):
         lookup.node(cid)
 
 

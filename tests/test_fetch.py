@@ -172,7 +172,7 @@ async def test_404_is_not_retried_and_quotes_the_xrpc_error(server: LocalHTTPSer
 @pytest.mark.anyio
 async def test_400_with_a_text_body(server: LocalHTTPServer) -> None:
     server.route("*", GET_REPO, Reply(status=400, body=b"bad\n  request", content_type="text/plain"))
-    with anyio.fail_after(10), pytest.raises(FetchError, match=r"^GET http://127\.0\.0\.1:\d+/xrpc/com\.atproto\.sync\.getRepo: HTTP 400: bad request$"):
+    with anyio.fail_after(10), pytest.raises(FetchError, match=r"^GET http://127\.0\.0\.1:\d+/xrpc/com\.atproto\.sync\.getRepo: HTTP 400 \(text/plain\): bad request$"):
         async with fetch_car(f"{server.base}{GET_REPO}", options=FAST):
             pass
 

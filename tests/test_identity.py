@@ -403,7 +403,7 @@ async def test_unresolvable_handle_gives_both_reasons(http_server: LocalHTTPServ
             await resolve_handle("alice.test", client=client, dns_resolver=resolver(dns_server))
         assert str(info.value) == (
             "could not resolve handle alice.test: DNS: handle alice.test: DNS has no TXT record _atproto.alice.test; "
-            "HTTPS: handle alice.test: GET https://alice.test/.well-known/atproto-did answered HTTP 404"
+            "HTTPS: handle alice.test: GET https://alice.test/.well-known/atproto-did answered HTTP 404 (application/json)"
         )
         with pytest.raises(IdentityError, match=r"answered 'hello, world'.* not valid DID syntax"):
             await resolve_handle("bob.test", client=client, dns_resolver=resolver(dns_server))
@@ -452,7 +452,11 @@ async def test_did_web_from_well_known(http_server: LocalHTTPServer) -> None:
 async def test_did_web_localhost_with_port(http_server: LocalHTTPServer) -> None:
     did = f"did:web:localhost%3A{http_server.port}"
     http_server.route("localhost", "/.well-known/did.json", json_reply(document(did)))
-    doc = await resolve_did(did, timeout=5)
+    # localhost is a host learned from the DID, not named by the user: refused unless allowed
+    with pytest.raises(IdentityError, match=rf"GET http://localhost:{http_server.port}/\.well-known/did\.json: host localhost resolves to 127\.0\.0\.1, not a public"):
+        await resolve_did(did, timeout=5)
+    assert http_server.hits("/.well-known/did.json") == []
+    doc = await resolve_did(did, timeout=5, allow_private_hosts=True)
     assert doc["id"] == did
 
 
@@ -463,7 +467,8 @@ async def test_did_web_localhost_with_port(http_server: LocalHTTPServer) -> None
         (json_reply({"message": "DID not registered"}, 404), "DID {did}: not found (HTTP 404 from {url})"),
         (json_reply({"message": "DID not available"}, 410), "DID {did}: deactivated or tombstoned (HTTP 410 from {url})"),
         (Reply(status=500, body=b"oops"), "DID {did}: GET {url} answered HTTP 500"),
-        (text_reply("{not json"), "DID {did}: the document from {url} is not JSON: "),
+        (text_reply("{not json"), "DID {did}: the document from {url} (HTTP 200, text/plain) is not JSON: "),
+        (Reply(body=b"<html>oops</html>", content_type="text/html"), "DID {did}: the document from {url} (HTTP 200, text/html) is not JSON: "),
         (json_reply([1, 2]), "DID {did}: the document from {url} is a JSON list, not an object"),
         (json_reply(document(BOB)), "DID {did}: the document from {url} is for '" + BOB + "', not {did}"),
         (Reply(body=b" " * (1024 * 1024 + 1)), "DID {did}: GET {url} answered more than 1048576 bytes"),

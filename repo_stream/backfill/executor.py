@@ -57,7 +57,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStrea
 from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 
 from ..core.commit import Commit
-from ..errors import FetchError, IdentityError, SignatureError, SourceError
+from ..errors import FetchError, IdentityError, RepoStreamError, SignatureError, SourceError
 from ..read.drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, NeedDisk
 from ..spill.store import DiskBuilder, DiskStore
 from .checkpoint import Checkpoint, is_done
@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from ..net.fetch import FetchOptions
     from ..net.source import OpenedSource
 
-__all__ = ["backfill"]
+__all__ = ["DuplicateRepoError", "backfill"]
 
 _CHUNK = 1024  # records per next_chunk
 #: BackfillResult.verified of a successful repo, by verify mode.
@@ -101,6 +101,8 @@ def _verify_mode(verify: object, signing_key: str | None) -> Literal["cids", "si
 
         parse_did_key(signing_key)  # raises SignatureError
     return mode
+
+
 _BATCH = 256  # checkpoint rows per look-up or transaction
 
 
@@ -122,6 +124,7 @@ class _Job:
     record_bytes: int = 0
     spilled: bool = False
     held: bool = False  # counted in stats.in_memory
+    claimed: str | None = None  # the DID this job holds in _Run.claims
 
 
 async def _drain_batch(stream: ObjectReceiveStream[Any], limit: int) -> list[Any]:
@@ -139,10 +142,38 @@ async def _drain_batch(stream: ObjectReceiveStream[Any], limit: int) -> list[Any
     return batch
 
 
+class DuplicateRepoError(RepoStreamError):
+    """A source names a repo (a DID) that another source of the same run already has: its
+    result says so instead of fetching and writing the repo a second time. ``did``: that DID;
+    ``first``: the source that has it."""
+
+    def __init__(self, message: str, *, did: str, first: str) -> None:
+        super().__init__(message)
+        self.did = did
+        self.first = first
+
+
+def _known_did(source: str) -> str | None:
+    """The DID a source names without any look-up: a DID, an ``at://DID`` URI, or a getRepo URL's
+    ``did`` parameter; None for handles, paths and other URLs."""
+    if source.startswith("did:"):
+        return source.strip()
+    if source.startswith("at://did:"):
+        return source[len("at://") :].split("/", 1)[0]
+    if source.lower().startswith(("http://", "https://")) and "com.atproto.sync.getRepo" in source:
+        from urllib.parse import parse_qs, urlsplit
+
+        found = parse_qs(urlsplit(source).query).get("did")
+        return found[0] if found else None
+    return None
+
+
 class _Run:
     """The tasks and shared state of one :func:`backfill` call."""
 
     def __init__(self, options: dict[str, Any], stats: BackfillStats) -> None:
+        from .sources import SeenDids
+
         self.o = options
         self.stats = stats
         self.jobs: set[_Job] = set()  # jobs whose source is open
@@ -150,6 +181,24 @@ class _Run:
         self.feed_error: BaseException | None = None
         self.http: Any = options["client"]
         self.keys: dict[str, str | None] = {}
+        #: DID -> the first source of this run that named it (on disk past 2 MiB).
+        self.claims = SeenDids()
+
+    def claim(self, job: _Job, did: str) -> None:
+        """Take ``did`` for this job's source, once per run when the sink's output is keyed by DID
+        (``sink.keyed_by_did``); other sinks may take a repo twice.
+
+        Raises:
+            DuplicateRepoError: an earlier source of this run has that DID.
+        """
+        if job.claimed == did or not getattr(self.o["sink"], "keyed_by_did", False):
+            return
+        first = self.claims.add(did, job.source)
+        if first is not None:
+            raise DuplicateRepoError(
+                f"{job.source}: a duplicate of {first}: the repo of {did} is already in this run (not fetched again)", did=did, first=first
+            )
+        job.claimed = did
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -202,6 +251,7 @@ class _Run:
         job.commit = commit
         assert job.opened is not None
         job.opened.check_did(commit.did)
+        self.claim(job, commit.did)  # a path or plain URL: its DID is known only now
         if self.o["verify"] == "signature":
             key = self.o["signing_key"] or await self.signing_key(job.opened, commit.did)
             if key is None:
@@ -215,7 +265,9 @@ class _Run:
         if did not in self.keys:
             from ..net.identity import DEFAULT_PLC_URL, parse_did_document, resolve_did
 
-            document = await resolve_did(did, client=self.http, plc_url=self.o["plc_url"] or DEFAULT_PLC_URL)
+            document = await resolve_did(
+                did, client=self.http, plc_url=self.o["plc_url"] or DEFAULT_PLC_URL, allow_private_hosts=self.o["allow_private_hosts"]
+            )
             self.keys[did] = parse_did_document(did, document).signing_key
         key = self.keys[did]
         if key is None:
@@ -288,6 +340,9 @@ class _Run:
                 job.stack = AsyncExitStack()
                 self.jobs.add(job)
                 try:
+                    known = _known_did(source)
+                    if known is not None:
+                        self.claim(job, known)  # before any look-up or fetch
                     job.opened = await job.stack.enter_async_context(
                         open_source(
                             source,
@@ -295,8 +350,11 @@ class _Run:
                             client=self.http,
                             dns_resolver=o["dns_resolver"],
                             options=o["fetch_options"],
+                            allow_private_hosts=o["allow_private_hosts"],
                         )
                     )
+                    if job.opened.did is not None:
+                        self.claim(job, job.opened.did)  # a handle: known once resolved, before the body is read
                 except Exception as exc:
                     await self.close_job(job)
                     await results.send(self.result(job, exc))
@@ -397,7 +455,8 @@ class _Run:
         checkpoint: Checkpoint = self.o["checkpoint"]
         async with results, out:
             while batch := await _drain_batch(results, _BATCH):
-                await checkpoint.record(batch)
+                # A duplicate's result is not recorded: its source may be the first's own string.
+                await checkpoint.record([r for r in batch if not (r.error or "").startswith(DuplicateRepoError.__name__)])
                 for result in batch:
                     await out.send(result)
 
@@ -408,6 +467,7 @@ class _Run:
                 await self.close_job(job)
             for store in self.stores:
                 await store.close()
+            self.claims.close()
 
 
 async def backfill(
@@ -431,13 +491,23 @@ async def backfill(
     fetch_options: FetchOptions | None = None,
     stats: BackfillStats | None = None,
     processes: int = 1,
+    allow_private_hosts: bool = False,
 ) -> AsyncGenerator[BackfillResult, None]:
     """Walk every repo of ``sources`` with a bounded pool of workers; yield one
     :class:`BackfillResult` per source, in completion order.
 
     An async generator: when leaving the loop early, close it (``contextlib.aclosing``), which
-    cancels the work in flight, closes every fetch and removes every spill file. Duplicated
-    sources run (and are yielded) once per occurrence.
+    cancels the work in flight, closes every fetch and removes every spill file.
+
+    With a sink whose output is keyed by DID (``sink.keyed_by_did`` true, as :class:`JsonlSink`),
+    each repo runs once per run: a source whose DID an earlier source of the run already named
+    (the same DID twice, a DID and its getRepo URL, a handle and its DID) yields its own result
+    with the error ``DuplicateRepoError: SOURCE: a duplicate of FIRST ...``, without a second
+    fetch when its DID is known before fetching (DIDs, ``at://`` URIs, getRepo URLs, handles
+    once resolved) and without a second walk or write otherwise (paths, other URLs). Such
+    results are not recorded in the checkpoint. The DIDs of a run are kept in SQLite's
+    temporary database (2 MiB of cache; the rest on disk). With another sink, or none,
+    duplicated sources run (and are yielded) once per occurrence.
 
     Args:
         sources: repo sources (str), an iterable or an async iterable (e.g. :func:`read_repo_list`,
@@ -467,11 +537,11 @@ async def backfill(
         checkpoint: an SQLite file path (or an open :class:`Checkpoint`) recording finished
             repos; sources recorded there are not run again but yielded from it (``skipped``).
         retry_failed: run sources recorded as failed again.
-        plc_url: as for :func:`repo_stream.net.source.open_source`.
-        client: as for :func:`repo_stream.net.source.open_source` (one client is shared by the
-            whole run; by default a new one, closed at the end).
-        dns_resolver: as for :func:`repo_stream.net.source.open_source`.
-        fetch_options: as for :func:`repo_stream.net.source.open_source`.
+        plc_url, client, dns_resolver, fetch_options, allow_private_hosts: as for
+            :func:`repo_stream.net.source.open_source` (one client is shared by the whole run; by
+            default a new one, closed at the end, that connects only to public addresses for
+            hosts learned from the network unless ``allow_private_hosts``; see
+            :mod:`repo_stream.net.guard`).
         stats: a :class:`BackfillStats` to update as the run goes (for progress displays).
         processes: with more than 1, the repos run in that many processes: this one and
             ``processes - 1`` worker processes, each with the executor above (its own
@@ -490,6 +560,58 @@ async def backfill(
         RepoStreamError: the checkpoint cannot be opened or written; whatever ``sources`` raised
             (e.g. a ``FetchError`` from listRepos), after the results of the repos already read.
     """
+    concurrency = _check_arguments(memory_workers, disk_workers, processes, mem_limit_mb, disk_queue_size, fetch_concurrency, client, dns_resolver)
+    mode = _verify_mode(verify, signing_key)
+    spill = None if spill_dir is None else os.fspath(spill_dir)
+    worker_options: dict[str, Any] | None = None
+    if processes > 1:
+        from .process_pool import check_picklable
+
+        worker_options = {
+            "sink": sink, "memory_workers": memory_workers, "disk_workers": disk_workers,
+            "mem_limit_mb": mem_limit_mb, "fetch_concurrency": concurrency,
+            "disk_queue_size": disk_queue_size, "disk_cache_mb": disk_cache_mb,
+            "spill_dir": spill, "verify": mode or False, "signing_key": signing_key, "plc_url": plc_url,
+            "fetch_options": fetch_options,
+            "allow_private_hosts": allow_private_hosts,
+        }  # fmt: skip
+        check_picklable(worker_options)
+    stats = stats if stats is not None else BackfillStats()
+    stats.disk_queue_size = disk_queue_size
+    async with AsyncExitStack() as stack:
+        checkpoint, client = await _open_shared(stack, checkpoint, client, processes, concurrency, allow_private_hosts)
+        options = {
+            "sink": sink, "mem_limit_mb": mem_limit_mb, "verify": mode, "signing_key": signing_key, "checkpoint": checkpoint,
+            "retry_failed": retry_failed, "plc_url": plc_url, "client": client, "dns_resolver": dns_resolver,
+            "fetch_options": fetch_options, "spill_dir": spill, "disk_cache_mb": disk_cache_mb,
+            "allow_private_hosts": allow_private_hosts,
+        }  # fmt: skip
+        run = _Run(options, stats)
+        pipeline = _pipeline(run, sources, worker_options, processes, concurrency, memory_workers, disk_workers, disk_queue_size)
+        try:
+            async for result in pipeline:
+                yield result
+        finally:
+            await pipeline.aclose()
+        if run.feed_error is not None:
+            raise run.feed_error
+
+
+def _check_arguments(
+    memory_workers: int,
+    disk_workers: int,
+    processes: int,
+    mem_limit_mb: float,
+    disk_queue_size: int,
+    fetch_concurrency: int | None,
+    client: Any,
+    dns_resolver: Any,
+) -> int:
+    """Check :func:`backfill`'s counts and limits; the fetch concurrency to use.
+
+    Raises:
+        ValueError: as :func:`backfill` says.
+    """
     for name, value in (("memory_workers", memory_workers), ("disk_workers", disk_workers), ("processes", processes)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -500,82 +622,76 @@ async def backfill(
     concurrency = fetch_concurrency if fetch_concurrency is not None else memory_workers
     if concurrency < 1:
         raise ValueError(f"fetch_concurrency must be at least 1, got {concurrency}")
-    mode = _verify_mode(verify, signing_key)
     if processes > 1 and (client is not None or dns_resolver is not None):
         raise ValueError("client and dns_resolver cannot be sent to worker processes: leave them out with processes > 1")
-    worker_options: dict[str, Any] | None = None
-    if processes > 1:
-        from .process_pool import check_picklable
+    return concurrency
 
-        worker_options = {
-            "sink": sink, "memory_workers": memory_workers, "disk_workers": disk_workers,
-            "mem_limit_mb": mem_limit_mb, "fetch_concurrency": concurrency,
-            "disk_queue_size": disk_queue_size, "disk_cache_mb": disk_cache_mb,
-            "spill_dir": None if spill_dir is None else os.fspath(spill_dir), "verify": mode or False,
-            "signing_key": signing_key, "plc_url": plc_url, "fetch_options": fetch_options,
-        }  # fmt: skip
-        check_picklable(worker_options)
-    stats = stats if stats is not None else BackfillStats()
-    stats.disk_queue_size = disk_queue_size
-    async with AsyncExitStack() as stack:
-        owned: Checkpoint | None = None
-        if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
-            owned = checkpoint = await anyio.to_thread.run_sync(Checkpoint, checkpoint)
-            stack.push_async_callback(owned.close)
-        if client is None and processes == 1:
-            import httpx
 
-            from ..net.identity import _USER_AGENT, _ssl_context
+async def _open_shared(
+    stack: AsyncExitStack,
+    checkpoint: str | os.PathLike[str] | Checkpoint | None,
+    client: httpx.AsyncClient | None,
+    processes: int,
+    concurrency: int,
+    allow_private_hosts: bool,
+) -> tuple[Checkpoint | None, httpx.AsyncClient | None]:
+    """Open what the run shares, closed by ``stack``: the checkpoint (from a path) and, in one
+    process without a caller's client, the HTTP client (:func:`repo_stream.net.guard.make_client`)."""
+    if checkpoint is not None and not isinstance(checkpoint, Checkpoint):
+        owned = checkpoint = await anyio.to_thread.run_sync(Checkpoint, checkpoint)
+        stack.push_async_callback(owned.close)
+    if client is None and processes == 1:
+        from ..net.guard import make_client
 
-            client = await stack.enter_async_context(
-                httpx.AsyncClient(
-                    headers={"User-Agent": _USER_AGENT},
-                    verify=_ssl_context(),
-                    limits=httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8),
-                )
-            )
-        options = {
-            "sink": sink, "mem_limit_mb": mem_limit_mb, "verify": mode, "signing_key": signing_key, "checkpoint": checkpoint,
-            "retry_failed": retry_failed, "plc_url": plc_url, "client": client, "dns_resolver": dns_resolver,
-            "fetch_options": fetch_options, "spill_dir": None if spill_dir is None else os.fspath(spill_dir),
-            "disk_cache_mb": disk_cache_mb,
-        }  # fmt: skip
-        run = _Run(options, stats)
-        try:
-            async with anyio.create_task_group() as tg:
-                inputs_send, inputs = anyio.create_memory_object_stream[str](_BATCH)
-                todo_send, todo = anyio.create_memory_object_stream[str](0)
-                results_send, results = anyio.create_memory_object_stream[BackfillResult](_BATCH)
-                if checkpoint is not None:
-                    out_send, out = anyio.create_memory_object_stream[BackfillResult](_BATCH)
-                    tg.start_soon(run.recorder, results, out_send)
-                    tg.start_soon(run.skip_done, inputs, todo_send, out_send.clone())
-                    feed_send: ObjectSendStream[str] = inputs_send
-                else:
-                    out = results
-                    feed_send = todo_send
-                    await inputs_send.aclose()
-                    await inputs.aclose()
-                tg.start_soon(run.feed, sources, feed_send)
-                if worker_options is not None:
-                    from .process_pool import run_in_processes
+        client = await stack.enter_async_context(make_client(allow_private_hosts=allow_private_hosts, max_connections=concurrency + 8))
+    return checkpoint, client
 
-                    window = concurrency + memory_workers + disk_queue_size + disk_workers + 1
-                    tg.start_soon(run_in_processes, todo, results_send, worker_options, processes, window, backfill)
-                else:
-                    await run.start_workers(tg, todo, results_send, concurrency, memory_workers, disk_workers, disk_queue_size)
-                async with out:
-                    async for result in out:
-                        stats.count(result)
-                        yield result
-        except BaseExceptionGroup as group:
-            # Closing this generator early (``aclose``) throws GeneratorExit in at the ``yield``,
-            # inside the task group, which wraps it: hand ``aclose`` back the GeneratorExit.
-            if group.split(GeneratorExit)[1] is None:
-                raise GeneratorExit from None
-            raise
-        finally:
-            await run.cleanup()
-        if run.feed_error is not None:
-            raise run.feed_error
 
+async def _pipeline(
+    run: _Run,
+    sources: Iterable[str] | AsyncIterable[str],
+    worker_options: dict[str, Any] | None,
+    processes: int,
+    concurrency: int,
+    memory_workers: int,
+    disk_workers: int,
+    disk_queue_size: int,
+) -> AsyncGenerator[BackfillResult, None]:
+    """Run the pipeline (feed, checkpoint skip and record, workers here or in processes) and
+    yield its results; every source and store is closed at the end."""
+    checkpoint: Checkpoint | None = run.o["checkpoint"]
+    try:
+        async with anyio.create_task_group() as tg:
+            inputs_send, inputs = anyio.create_memory_object_stream[str](_BATCH)
+            todo_send, todo = anyio.create_memory_object_stream[str](0)
+            results_send, results = anyio.create_memory_object_stream[BackfillResult](_BATCH)
+            if checkpoint is not None:
+                out_send, out = anyio.create_memory_object_stream[BackfillResult](_BATCH)
+                tg.start_soon(run.recorder, results, out_send)
+                tg.start_soon(run.skip_done, inputs, todo_send, out_send.clone())
+                feed_send: ObjectSendStream[str] = inputs_send
+            else:
+                out = results
+                feed_send = todo_send
+                await inputs_send.aclose()
+                await inputs.aclose()
+            tg.start_soon(run.feed, sources, feed_send)
+            if worker_options is not None:
+                from .process_pool import run_in_processes
+
+                window = concurrency + memory_workers + disk_queue_size + disk_workers + 1
+                tg.start_soon(run_in_processes, todo, results_send, worker_options, processes, window, backfill)
+            else:
+                await run.start_workers(tg, todo, results_send, concurrency, memory_workers, disk_workers, disk_queue_size)
+            async with out:
+                async for result in out:
+                    run.stats.count(result)
+                    yield result
+    except BaseExceptionGroup as group:
+        # Closing this generator early (``aclose``) throws GeneratorExit in at the ``yield``,
+        # inside the task group, which wraps it: hand ``aclose`` back the GeneratorExit.
+        if group.split(GeneratorExit)[1] is None:
+            raise GeneratorExit from None
+        raise
+    finally:
+        await run.cleanup()

@@ -5,6 +5,8 @@ Spec: atproto.com/specs/sync (``com.atproto.sync.listRepos``)."""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -16,7 +18,7 @@ from ..errors import FetchError, SourceError
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["host_sources", "list_repos", "read_repo_list"]
+__all__ = ["MAX_PAGE_BYTES", "SeenDids", "host_sources", "list_repos", "read_repo_list"]
 
 
 async def read_repo_list(path: str, *, stdin: Any = None) -> AsyncIterator[str]:
@@ -51,6 +53,34 @@ def _entry(line: str) -> str | None:
     return name if name and not name.startswith("#") else None
 
 
+MAX_PAGE_BYTES = 2 * 1024 * 1024
+"""Largest listRepos page read, bytes as decoded: 2 MiB (a page of 1000 repos is ~150 kB)."""
+
+
+class SeenDids:
+    """A set of DIDs (or any strings) kept in SQLite's private temporary database
+    (``sqlite3.connect("")``), so that its memory stays within a 2 MiB page cache however many
+    are added: a relay's 40 million DIDs would take ~4 GB as a Python set. The file, in the
+    temporary folder, exists only while the cache overflows and goes with the connection."""
+
+    def __init__(self) -> None:
+        self._db = sqlite3.connect("", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA cache_size=-2048")
+        self._db.execute("CREATE TABLE seen (key TEXT PRIMARY KEY, value TEXT) WITHOUT ROWID")
+
+    def add(self, key: str, value: str = "") -> str | None:
+        """Add ``key``; None if it is new, else the ``value`` it was first added with."""
+        row = self._db.execute("SELECT value FROM seen WHERE key = ?", (key,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        self._db.execute("INSERT INTO seen VALUES (?, ?)", (key, value))
+        return None
+
+    def close(self) -> None:
+        """Drop the set (its file goes with it)."""
+        self._db.close()
+
+
 async def list_repos(
     host: str,
     *,
@@ -58,67 +88,112 @@ async def list_repos(
     page_size: int = 1000,
     timeout: float = 30.0,
     include_inactive: bool = False,
+    allow_private_hosts: bool = False,
 ) -> AsyncIterator[str]:
     """Yield the DID of every repo a PDS or relay hosts, from ``com.atproto.sync.listRepos``,
     page by page (following ``cursor`` until a page comes back without one or empty).
 
     Repos listed with ``"active": false`` are left out unless ``include_inactive`` (their getRepo
-    fails by spec). Pages are fetched one at a time, as the consumer needs them.
+    fails by spec). Pages are fetched one at a time, as the consumer needs them. A hostile host
+    cannot make the listing endless or large: each page is read (decoded) up to
+    :data:`MAX_PAGE_BYTES` and parsed within that; a page listing more repos than the ``limit``
+    asked, or a ``cursor`` that was already followed (a cycle), fails the listing; a DID listed
+    again is left out (DIDs and cursors are kept in :class:`SeenDids`, on disk past 2 MiB).
 
     Args:
-        host: the host's base URL, e.g. ``https://pds.example.com``.
+        host: the host's base URL, e.g. ``https://pds.example.com`` (named by the user: connected
+            as given, even on a private address).
         client: the HTTP client (default: a new one, closed at the end).
         page_size: the ``limit`` asked per page (1..1000).
-        timeout: seconds allowed per page.
+        timeout: seconds allowed per page, redirects and body included.
+        allow_private_hosts: let redirects lead to private addresses (see
+            :mod:`repo_stream.net.guard`).
 
     Raises:
-        FetchError: a page fails (status, connection, timeout, not JSON, wrong shape); the message
-            names the URL and cursor.
+        FetchError: a page fails (status, connection, timeout, over the size cap, not JSON, wrong
+            shape, more repos than asked), or a cursor repeats; the message names the URL and cursor.
+        ValueError: ``page_size`` out of 1..1000.
 
     Spec: atproto.com/specs/sync ("com.atproto.sync.listRepos"), lexicon ``com.atproto.sync.listRepos``.
     """
     import httpx
 
+    from ..net.http import BodyError, describe_error, read_body, read_snippet, send
     from ..net.identity import _client_scope
 
+    if not 1 <= page_size <= 1000:
+        raise ValueError(f"page_size must be within 1..1000, got {page_size}")
     base = host.rstrip("/") + "/xrpc/com.atproto.sync.listRepos"
     cursor: str | None = None
-    async with _client_scope(client) as http:
-        while True:
-            params: dict[str, str | int] = {"limit": page_size}
-            if cursor is not None:
-                params["cursor"] = cursor
-            where = f"listRepos {base}" + (f" (cursor {cursor!r})" if cursor is not None else "")
-            try:
-                response = await http.get(base, params=params, timeout=timeout, follow_redirects=True)
-            except httpx.HTTPError as exc:
-                raise FetchError(f"{where}: {type(exc).__name__}: {exc or 'no detail'}", url=base) from exc
-            if response.status_code != 200:
-                snippet = " ".join(response.text.split())[:200]
-                raise FetchError(f"{where}: HTTP {response.status_code}: {snippet}", url=base, status=response.status_code)
-            try:
-                page = response.json()
-            except ValueError:
-                raise FetchError(f"{where}: the answer is not JSON", url=base, status=200) from None
-            repos = page.get("repos") if isinstance(page, dict) else None
-            if not isinstance(repos, list):
-                raise FetchError(f"{where}: the answer has no 'repos' list", url=base, status=200)
-            for repo in repos:
-                if not isinstance(repo, dict) or not isinstance(repo.get("did"), str):
-                    raise FetchError(f"{where}: a 'repos' entry has no 'did' string: {str(repo)[:100]}", url=base, status=200)
-                if include_inactive or repo.get("active", True) is not False:
-                    yield repo["did"]
-            next_cursor = page.get("cursor")
-            if not repos or not isinstance(next_cursor, str) or not next_cursor or next_cursor == cursor:
-                return
-            cursor = next_cursor
+    seen = SeenDids()
+    try:
+        async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(base,)) as http:
+            while True:
+                params: dict[str, str | int] = {"limit": page_size}
+                if cursor is not None:
+                    params["cursor"] = cursor
+                where = f"listRepos {base}" + (f" (cursor {cursor!r})" if cursor is not None else "")
+
+                def fail(message: str, where: str = where) -> FetchError:
+                    return FetchError(f"{where}: {message}", url=base)
+
+                try:
+                    with anyio.fail_after(timeout):
+                        response = await send(http, base, params=params, timeout=timeout, fail=fail)
+                        try:
+                            status = response.status_code
+                            content_type = response.headers.get("content-type", "no content type")
+                            if status != 200:
+                                text = " ".join((await read_snippet(response, 4096, timeout)).decode("utf-8", "replace").split())[:200]
+                                snippet = "".join(ch if ch.isprintable() else "?" for ch in text)
+                                raise FetchError(f"{where}: HTTP {status} ({content_type}): {snippet}", url=base, status=status)
+                            body = await read_body(response, MAX_PAGE_BYTES)
+                        finally:
+                            await response.aclose()
+                except TimeoutError:
+                    raise FetchError(f"{where}: no complete page within {timeout:g} s", url=base) from None
+                except BodyError as exc:
+                    raise FetchError(f"{where}: {exc}", url=base, status=200) from None
+                except httpx.HTTPError as exc:
+                    raise FetchError(f"{where}: {describe_error(exc)}", url=base) from exc
+                try:
+                    page = json.loads(body)
+                except (ValueError, RecursionError):
+                    raise FetchError(f"{where}: the answer (HTTP 200, {content_type}) is not JSON", url=base, status=200) from None
+                del body
+                repos = page.get("repos") if isinstance(page, dict) else None
+                if not isinstance(repos, list):
+                    raise FetchError(f"{where}: the answer has no 'repos' list", url=base, status=200)
+                if len(repos) > page_size:
+                    raise FetchError(f"{where}: the page lists {len(repos)} repos, more than the limit of {page_size} asked", url=base, status=200)
+                for repo in repos:
+                    if not isinstance(repo, dict) or not isinstance(repo.get("did"), str):
+                        raise FetchError(f"{where}: a 'repos' entry has no 'did' string: {str(repo)[:100]}", url=base, status=200)
+                if not isinstance(page, dict):  # for mypy: checked above
+                    return
+                next_cursor = page.get("cursor")
+                del page
+                for repo in repos:
+                    if (include_inactive or repo.get("active", True) is not False) and seen.add(repo["did"]) is None:
+                        yield repo["did"]
+                if not repos or not isinstance(next_cursor, str) or not next_cursor:
+                    return
+                if len(next_cursor) > 4096:
+                    raise FetchError(f"{where}: the next cursor is {len(next_cursor)} characters long, more than 4096", url=base, status=200)
+                if next_cursor == cursor or seen.add("\0cursor " + next_cursor) is not None:
+                    raise FetchError(f"{where}: the host sent the cursor {next_cursor[:100]!r} again: a cycle, the listing stops", url=base, status=200)
+                cursor = next_cursor
+    finally:
+        seen.close()
 
 
-async def host_sources(host: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000) -> AsyncIterator[str]:
+async def host_sources(
+    host: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000, allow_private_hosts: bool = False
+) -> AsyncIterator[str]:
     """Every active repo of ``host`` (:func:`list_repos`) as its getRepo URL on that host
     (``{host}/xrpc/com.atproto.sync.getRepo?did=DID``), so repos are fetched from the host
     itself with no identity look-ups, and each commit's DID is still checked."""
     from ..net.fetch import repo_url
 
-    async for did in list_repos(host, client=client, page_size=page_size):
+    async for did in list_repos(host, client=client, page_size=page_size, allow_private_hosts=allow_private_hosts):
         yield repo_url(host, did)

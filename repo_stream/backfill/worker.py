@@ -28,30 +28,40 @@ def _worker_main(tasks: _Frames, results: int, options: dict[str, Any], early: l
     ``tasks`` carries sources, then ``None`` (no more), or :data:`_STOP` at any time. Sends on
     the pipe ``results`` ``("result", BackfillResult)`` per source, then ``("done", None)``;
     ``("failed", message)`` if the executor itself fails. If the parent is gone (its pipe ends),
-    it finishes the repos it holds and exits.
+    it stops at once (the executor cancelled: sinks told, fetches closed) and exits.
     """
     async def run() -> None:
         sources_send, sources = anyio.create_memory_object_stream[str](math.inf)  # the parent's window bounds it
         async with anyio.create_task_group() as tg:
 
             async def read_tasks() -> None:
-                async with sources_send:
+                # Watches the pipe to the end, even after "no more": its end means the parent is
+                # gone (it holds the pipe open until this process exits), and then this process
+                # stops at once, as on _STOP, rather than fetching for nobody.
+                more = True
+                try:
                     messages: list[Any] | None = early
-                    while messages is not None:  # None: the parent is gone
+                    while messages is not None:
                         for message in messages:
-                            if message is None:
-                                return
                             if message is _STOP:
                                 tg.cancel_scope.cancel()
                                 return
-                            sources_send.send_nowait(message)  # unbounded: the parent's window bounds it
+                            if message is None:
+                                more = False
+                                sources_send.close()
+                            elif more:
+                                sources_send.send_nowait(message)  # unbounded: the parent's window bounds it
                         await anyio.wait_readable(tasks.fd)
                         messages = tasks.read()
+                    tg.cancel_scope.cancel()  # the parent is gone
+                finally:
+                    sources_send.close()
 
             tg.start_soon(read_tasks)
             async with aclosing(backfill(sources, **options)) as run:
                 async for result in run:
                     _write(results, _message(("result", result)))
+            tg.cancel_scope.cancel()  # every source answered: stop watching the pipe
 
     try:
         anyio.run(run)

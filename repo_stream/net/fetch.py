@@ -4,8 +4,9 @@
 see :func:`repo_url`) as an async iterable of ``bytes`` chunks that
 :meth:`repo_stream.DriverBuilder.load_car` reads directly; the body is never held whole. It
 retries on HTTP 429 and 5xx and on connection failures before the body starts, honouring
-``Retry-After``, and enforces connect, read and total timeouts and a size cap (see
-:class:`FetchOptions`). To open a DID, a handle or any other SOURCE string, use
+``Retry-After``, and enforces connect, read and total deadlines, a minimum rate and a size cap on
+the decoded body (see :class:`FetchOptions`; bodies are read as :mod:`repo_stream.net.http` says:
+gzip at most, decoded in bounded steps). To open a DID, a handle or any other SOURCE string, use
 :func:`repo_stream.net.source.open_source`.
 
 Example::
@@ -23,7 +24,7 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,10 +34,14 @@ import anyio
 import httpx
 
 from ..errors import FetchError, SourceError
+from .http import BodyError, body_chunks, describe_error, read_snippet, send
+from .http import codings as _codings
 from .identity import _client_scope, _http_url
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "DEFAULT_MIN_RATE",
+    "DEFAULT_TOTAL_TIMEOUT",
     "CarStream",
     "FetchOptions",
     "fetch_car",
@@ -46,6 +51,10 @@ __all__ = [
 
 DEFAULT_MAX_BYTES = 4 * 1024**3
 """Default size cap of a fetched CAR: 4 GiB (the largest real repos are a few hundred MB)."""
+DEFAULT_TOTAL_TIMEOUT = 3600.0
+"""Default absolute deadline of one fetch, seconds (1 hour), retries and body included."""
+DEFAULT_MIN_RATE = 64 * 1024
+"""Default slowest average body rate accepted after the grace period, bytes per second (64 KiB/s)."""
 
 _ERROR_BODY_BYTES = 4096  # how much of an error response is read for its message
 _CAR_MEDIA_TYPE = "application/vnd.ipld.car"
@@ -55,18 +64,28 @@ _CAR_MEDIA_TYPE = "application/vnd.ipld.car"
 class FetchOptions:
     """How :func:`fetch_car` and :func:`open_source` fetch over HTTP. Times are in seconds.
 
+    Every fetch has a deadline: ``total_timeout`` at the latest, and sooner for a slow body:
+    once the response has started, the body must have averaged ``min_rate`` bytes per second
+    after its first ``grace`` seconds, so a body of N bytes has ``grace + N / min_rate`` seconds
+    (a 100 MB repo at the defaults: 30 s + 25 min). A server that stalls or drips a byte now and
+    then fails at that time, not at the next byte.
+
     Attributes:
         connect_timeout: to establish a connection (default 10).
         read_timeout: the longest wait for the response headers or for any next piece of the
             body (default 30).
-        total_timeout: the whole fetch, retries and body included, or None for no limit (the
-            default); checked between chunks and before each retry.
-        max_bytes: the largest body accepted, in bytes (default 4 GiB); None for no limit. A
-            larger ``Content-Length`` is refused before the body is read; a body that grows past
-            it raises as soon as the excess arrives.
-        retries: extra attempts after a 429, a 5xx or a connection failure before the body starts
-            (default 3; 0 disables retrying). Never retried: other statuses and failures
-            mid-body.
+        total_timeout: the whole fetch, retries and body included (default 3600); None: no
+            absolute limit (the rate rule still applies).
+        min_rate: the slowest average body rate accepted after ``grace``, bytes per second
+            (default 64 KiB/s); None: no rate rule.
+        grace: seconds of the body not held to ``min_rate`` (default 30).
+        max_bytes: the largest body accepted, in bytes as decoded (default 4 GiB); None for no
+            limit. A larger identity ``Content-Length`` is refused before the body is read; a
+            body that grows past it raises as soon as the excess is decoded.
+        retries: extra attempts after a 429, a 5xx or a connection failure before the headers
+            (default 3; 0 disables retrying), within ``total_timeout``. A timeout waiting for
+            the headers is retried once at most; never retried: other statuses, a malformed or
+            oversize answer, failures mid-body.
         backoff: the wait before the first retry (default 0.5); it doubles per retry, up to
             ``max_backoff`` (default 30), each wait drawn between half and all of that.
         max_retry_after: the longest ``Retry-After`` honoured (default 60). A server asking
@@ -76,7 +95,9 @@ class FetchOptions:
 
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
-    total_timeout: float | None = None
+    total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT
+    min_rate: float | None = DEFAULT_MIN_RATE
+    grace: float = 30.0
     max_bytes: int | None = DEFAULT_MAX_BYTES
     retries: int = 3
     backoff: float = 0.5
@@ -133,7 +154,8 @@ class CarStream:
         self.did = did
         self.status = response.status_code
         length = response.headers.get("content-length", "")
-        self.content_length: int | None = int(length) if length.isascii() and length.isdigit() else None
+        encoded = response.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity")
+        self.content_length: int | None = int(length) if length.isascii() and length.isdigit() and not encoded else None
         self.bytes_received = 0
         self.attempts = attempts
         self.error: FetchError | None = None
@@ -152,35 +174,53 @@ class CarStream:
         self.error = FetchError(f"{_describe(self.url, self.did)}: {message}", url=self.url, did=self.did, status=self.status)
         return self.error
 
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        cap = self._options.max_bytes
+    def _next_by(self, started: float) -> Callable[[int], float | None]:
+        """When the next piece of the body must arrive, given the bytes decoded so far."""
+        options = self._options
         deadline = self._deadline
+
+        def next_by(received: int) -> float | None:
+            by = deadline
+            if options.min_rate is not None and options.min_rate > 0:
+                by_rate = started + options.grace + received / options.min_rate
+                by = by_rate if by is None else min(by, by_rate)
+            return by
+
+        return next_by
+
+    def _count(self, size: int) -> None:
+        self.bytes_received += size
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        options = self._options
+        started = time.monotonic()
         try:
-            async for chunk in self._response.aiter_bytes():
-                self.bytes_received += len(chunk)
-                if cap is not None and self.bytes_received > cap:
-                    raise self._fail(f"the body passed the size cap of {cap} bytes (max_bytes)")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise self._fail(f"not finished within the total timeout of {self._options.total_timeout:g} s, after {self.bytes_received} bytes")
+            async for chunk in body_chunks(self._response, max_bytes=options.max_bytes, next_by=self._next_by(started), on_piece=self._count):
                 yield chunk
+        except BodyError as exc:
+            message = str(exc)
+            if message.startswith("deadline"):
+                elapsed = time.monotonic() - started
+                if self._deadline is not None and time.monotonic() >= self._deadline - 0.01:
+                    message = f"not finished within the total timeout of {options.total_timeout:g} s, after {self.bytes_received} bytes (total_timeout)"
+                else:
+                    message = (
+                        f"too slow: {self.bytes_received} bytes in {elapsed:.1f} s, under the {options.min_rate or 0:g} bytes/s "
+                        f"average required after {options.grace:g} s (min_rate, grace)"
+                    )
+            elif "size cap" in message:
+                message = f"{message} (max_bytes)"
+            raise self._fail(message) from None
         except httpx.HTTPError as exc:
-            error = self._fail(f"the body was cut off after {self.bytes_received} bytes: {type(exc).__name__}: {exc or 'no detail'}")
+            error = self._fail(f"the body was cut off after {self.bytes_received} bytes: {_failure(exc, self._options)}")
             raise error from exc
 
 
 async def _error_detail(response: httpx.Response, read_timeout: float) -> str:
-    """``": Error: message"`` from an XRPC error body (or a text snippet); reads at most 4 KiB."""
-    body = bytearray()
-    with anyio.move_on_after(read_timeout):
-        try:
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) >= _ERROR_BODY_BYTES:
-                    break
-        except httpx.HTTPError:
-            pass
-    await response.aclose()
-    text = bytes(body[:_ERROR_BODY_BYTES]).decode("utf-8", "replace")
+    """``": Error: message"`` from an XRPC error body (or a text snippet, with its content
+    type); reads at most 4 KiB."""
+    content_type = response.headers.get("content-type", "no content type")
+    text = (await read_snippet(response, _ERROR_BODY_BYTES, read_timeout)).decode("utf-8", "replace")
     try:
         parsed = json.loads(text)
     except ValueError:
@@ -188,8 +228,8 @@ async def _error_detail(response: httpx.Response, read_timeout: float) -> str:
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
         message = parsed.get("message")
         return f": {parsed['error']}" + (f": {message}" if isinstance(message, str) and message else "")
-    snippet = " ".join(text.split())[:200]
-    return f": {snippet}" if snippet else ""
+    snippet = "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split())[:200])
+    return f" ({content_type}): {snippet}" if snippet else f" ({content_type})"
 
 
 def _backoff(options: FetchOptions, retry: int) -> float:
@@ -197,34 +237,58 @@ def _backoff(options: FetchOptions, retry: int) -> float:
     return delay * random.uniform(0.5, 1.0)
 
 
+def _failure(exc: httpx.HTTPError, options: FetchOptions) -> str:
+    """``"ClassName: detail"``; a timeout with no message says which limit passed."""
+    if str(exc).strip():
+        return describe_error(exc)
+    if isinstance(exc, httpx.ConnectTimeout):
+        return f"{type(exc).__name__}: no connection within the connect timeout of {options.connect_timeout:g} s (connect_timeout)"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"{type(exc).__name__}: no answer within the read timeout of {options.read_timeout:g} s (read_timeout)"
+    return describe_error(exc)
+
+
+def _retryable(exc: httpx.HTTPError) -> bool:
+    """Whether a failure before the headers may succeed on another try: a connection that could
+    not be made or was dropped, not an answer that was malformed or too large."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.ReadError | httpx.WriteError):
+        return True
+    return isinstance(exc, httpx.RemoteProtocolError) and "disconnected" in str(exc).lower()
+
+
 async def _open_response(http: httpx.AsyncClient, url: str, did: str | None, options: FetchOptions, deadline: float | None) -> tuple[httpx.Response, int]:
     """Send the request, retrying as :class:`FetchOptions` says; the 2xx response, body unread."""
     what = _describe(url, did)
     timeout = httpx.Timeout(options.read_timeout, connect=options.connect_timeout)
     attempt = 0
+    header_timeouts = 0
+
+    def fail(message: str) -> FetchError:
+        return FetchError(f"{what}: {message}", url=url, did=did)
+
     while True:
         attempt += 1
         retry_after: float | None = None
+        status: int | None = None
         try:
-            request = http.build_request("GET", url, headers={"Accept": _CAR_MEDIA_TYPE}, timeout=timeout)
-            response = await http.send(request, stream=True, follow_redirects=True)
-        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
-            failure = f"{type(exc).__name__}: {exc or 'no detail'}"
-            status = None
-            cause: Exception = exc
+            left = None if deadline is None else deadline - time.monotonic()
+            with anyio.fail_after(left) if left is not None else _unbounded():
+                response = await send(http, url, headers={"Accept": _CAR_MEDIA_TYPE}, timeout=timeout, fail=fail)
+        except TimeoutError:
+            raise FetchError(f"{what}: no answer within the total timeout of {options.total_timeout:g} s (total_timeout)", url=url, did=did) from None
         except httpx.HTTPError as exc:
-            raise FetchError(f"{what}: {type(exc).__name__}: {exc}", url=url, did=did) from exc
+            failure = _failure(exc, options)
+            cause: Exception = exc
+            if isinstance(exc, httpx.ReadTimeout | httpx.PoolTimeout | httpx.WriteTimeout):
+                header_timeouts += 1
+                if header_timeouts > 1:  # a server that did not answer twice will not: stop
+                    raise FetchError(f"{what}: {failure} (after {attempt} attempts)", url=url, did=did) from exc
+            elif not _retryable(exc):
+                raise FetchError(f"{what}: {failure}", url=url, did=did) from exc
         else:
             status = response.status_code
             if 200 <= status < 300:
-                length = response.headers.get("content-length", "")
-                encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
-                if options.max_bytes is not None and not encoded and length.isdigit() and int(length) > options.max_bytes:
-                    await response.aclose()
-                    raise FetchError(
-                        f"{what}: Content-Length {length} bytes is over the size cap of {options.max_bytes} bytes (max_bytes)",
-                        url=url, did=did, status=status,
-                    )
+                await _check_answer(response, what, url, did, options)
                 return response, attempt
             failure = f"HTTP {status}" + await _error_detail(response, options.read_timeout)
             retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -249,6 +313,37 @@ async def _open_response(http: httpx.AsyncClient, url: str, did: str | None, opt
         await anyio.sleep(delay)
 
 
+async def _check_answer(response: httpx.Response, what: str, url: str, did: str | None, options: FetchOptions) -> None:
+    """Refuse a 2xx answer that cannot be a CAR: an HTML (or other text) page, a refused
+    content coding, or an identity ``Content-Length`` over the cap. Closes it when refusing."""
+    status = response.status_code
+    content_type = response.headers.get("content-type", "")
+    media = content_type.split(";")[0].strip().lower()
+    problem = None
+    if media in ("text/html", "application/xhtml+xml", "application/json"):
+        problem = f"HTTP {status} answered with {content_type!r}, not a CAR ({_CAR_MEDIA_TYPE})"
+    else:
+        try:
+            codings = _codings(response)
+        except BodyError as exc:
+            problem = f"HTTP {status}: {exc}"
+        else:
+            length = response.headers.get("content-length", "")
+            if options.max_bytes is not None and not codings and length.isdigit() and int(length) > options.max_bytes:
+                problem = f"Content-Length {length} bytes is over the size cap of {options.max_bytes} bytes (max_bytes)"
+    if problem is not None:
+        await response.aclose()
+        raise FetchError(f"{what}: {problem}", url=url, did=did, status=status)
+
+
+class _unbounded:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 @asynccontextmanager
 async def fetch_car(
     url: str,
@@ -256,32 +351,40 @@ async def fetch_car(
     did: str | None = None,
     client: httpx.AsyncClient | None = None,
     options: FetchOptions | None = None,
+    allow_private_hosts: bool = False,
 ) -> AsyncIterator[CarStream]:
     """Open ``url`` (e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``) and yield its
     body as a :class:`CarStream` for ``load_car``. Use as ``async with``; read the body inside.
 
-    Waits for a 2xx response first, retrying on 429 and 5xx and on connection failures and
-    timeouts (see :class:`FetchOptions`). Redirects are followed. The response is closed on exit.
+    Waits for a 2xx response first, retrying on 429 and 5xx and on connection failures (see
+    :class:`FetchOptions`). Up to 5 redirects to http(s) URLs are followed, never from https to
+    http. The response is closed on exit.
 
     Args:
         url: an ``http://`` or ``https://`` URL.
         did: the DID whose repo this is, for error messages (optional).
         client: the HTTP client (default: a new one, closed on exit).
         options: timeouts, size cap and retry policy (default :class:`FetchOptions()`).
+        allow_private_hosts: without a ``client``, connect to any address. By default the
+            client made here connects to ``url``'s own host and port as given (the caller named
+            it) and only to public unicast addresses for any other host (redirect targets);
+            see :mod:`repo_stream.net.guard`.
 
     Raises:
         FetchError: on opening: a 4xx other than 429 (the XRPC ``error`` and ``message`` are
             quoted), 429/5xx or connection failures once retries are spent, a ``Retry-After`` over
-            ``max_retry_after``, a ``Content-Length`` over ``max_bytes``; on reading (surfacing
-            from the ``async with`` block): the body passing ``max_bytes`` or ``total_timeout``,
-            a read timeout, or the connection cut before the body's end. Messages name the DID,
-            URL and HTTP status.
+            ``max_retry_after``, a ``Content-Length`` over ``max_bytes``, an HTML or JSON answer,
+            a refused content coding, a refused redirect or private address; on reading
+            (surfacing from the ``async with`` block): the decoded body passing ``max_bytes``,
+            the deadline (``total_timeout``, ``min_rate``), a read timeout, a corrupt
+            compressed body, or the connection cut before the body's end. Messages name the
+            DID, URL and HTTP status.
     """
     options = options or FetchOptions()
     if _http_url(url) is None:
         raise FetchError(f"{_describe(url, did)}: not a valid http(s) URL", url=url, did=did)
     deadline = None if options.total_timeout is None else time.monotonic() + options.total_timeout
-    async with _client_scope(client) as http:
+    async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(url,) if client is None else ()) as http:
         response, attempts = await _open_response(http, url, did, options, deadline)
         stream = CarStream(response, url=url, did=did, options=options, deadline=deadline, attempts=attempts)
         try:

@@ -262,35 +262,55 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 @asynccontextmanager
-async def _client_scope(client: httpx.AsyncClient | None) -> AsyncIterator[httpx.AsyncClient]:
-    """The caller's client, or a fresh one (certificates verified) closed on exit."""
+async def _client_scope(
+    client: httpx.AsyncClient | None, *, allow_private_hosts: bool = False, trusted: Sequence[str] = ()
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The caller's client, or a fresh one (:func:`repo_stream.net.guard.make_client`) closed on
+    exit. ``trusted``: URLs the user named, connected as given (added to a guarded caller's
+    client too); every other host must resolve to public addresses unless ``allow_private_hosts``."""
+    from .guard import guard_of, make_client
+
     if client is not None:
+        guard = guard_of(client)
+        if guard is not None:
+            for url in trusted:
+                guard.trust(url)
         yield client
         return
-    async with httpx.AsyncClient(headers={"User-Agent": _USER_AGENT}, verify=_ssl_context()) as own:
+    async with make_client(allow_private_hosts=allow_private_hosts, trusted=trusted) as own:
         yield own
 
 
-async def _get_small(client: httpx.AsyncClient, url: str, *, timeout: float, max_bytes: int, what: str) -> tuple[int, bytes]:
-    """GET ``url`` following redirects; ``(status, body)`` with the body capped at ``max_bytes``.
+async def _get_small(client: httpx.AsyncClient, url: str, *, timeout: float, max_bytes: int, what: str) -> tuple[int, str, bytes]:
+    """GET ``url`` following redirects (:func:`repo_stream.net.http.send`); ``(status, content
+    type, body)`` with the decoded body capped at ``max_bytes``, read in bounded steps.
 
-    The whole exchange, body included, must end within ``timeout`` seconds.
+    The whole exchange, redirects and body included, must end within ``timeout`` seconds.
     """
+    from .http import BodyError, describe_error, read_body, send
+
     if _http_url(url) is None:
         raise IdentityError(f"{what}: {url!r} is not a valid http(s) URL")
+
+    def fail(message: str) -> IdentityError:
+        return IdentityError(f"{what}: GET {url}: {message}")
+
     try:
         with anyio.fail_after(timeout):
-            async with client.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise IdentityError(f"{what}: GET {url} answered more than {max_bytes} bytes")
-                return response.status_code, bytes(body)
+            response = await send(client, url, timeout=timeout, fail=fail)
+            try:
+                body = await read_body(response, max_bytes)
+            finally:
+                await response.aclose()
+            return response.status_code, response.headers.get("content-type", ""), body
     except TimeoutError:
         raise IdentityError(f"{what}: GET {url} did not complete within {timeout:g} s") from None
+    except BodyError as exc:
+        if "size cap" in str(exc):
+            raise IdentityError(f"{what}: GET {url} answered more than {max_bytes} bytes (as decoded)") from None
+        raise IdentityError(f"{what}: GET {url}: {exc}") from None
     except httpx.HTTPError as exc:
-        raise IdentityError(f"{what}: GET {url} failed: {type(exc).__name__}: {exc}") from exc
+        raise IdentityError(f"{what}: GET {url} failed: {describe_error(exc)}") from exc
 
 
 def make_dns_resolver(nameservers: Sequence[str | tuple[str, int]], *, timeout: float = DEFAULT_TIMEOUT) -> dns.asyncresolver.Resolver:
@@ -367,28 +387,33 @@ async def resolve_handle_dns(handle: str, *, dns_resolver: dns.asyncresolver.Res
     return _check_did(dids[0], f"handle {handle}: TXT record of {name} names")
 
 
-async def resolve_handle_https(handle: str, *, client: httpx.AsyncClient | None = None, timeout: float = DEFAULT_TIMEOUT) -> str:
+async def resolve_handle_https(
+    handle: str, *, client: httpx.AsyncClient | None = None, timeout: float = DEFAULT_TIMEOUT, allow_private_hosts: bool = False
+) -> str:
     """A handle's DID from ``https://HANDLE/.well-known/atproto-did`` (spec: handle, "HTTPS
     well-known Method").
 
-    Redirects are followed (up to the client's limit); the body, stripped of whitespace, must be
-    a DID; the content type is not checked.
+    Up to 5 redirects are followed (http(s) only, never https to http); the body, stripped of
+    whitespace, must be a DID; the content type is not checked. The handle's host is learned
+    from the input, not named by the user: it must resolve to public addresses (see
+    :mod:`repo_stream.net.guard`) unless ``allow_private_hosts``.
 
     Args:
         handle: a valid handle (any case).
         client: the HTTP client to use (default: a new one for this call).
-        timeout: seconds allowed for the request and its body.
+        timeout: seconds allowed for the request, redirects and body.
+        allow_private_hosts: without a ``client``, connect to private addresses too.
 
     Raises:
-        IdentityError: a connection failure or timeout, a non-2xx status, a body over 4096 bytes,
-            or a body that is not a valid DID.
+        IdentityError: a connection failure or timeout, a private address, a non-2xx status, a
+            body over 4096 bytes as decoded, or a body that is not a valid DID.
     """
     handle = _check_handle(handle)
     url = f"https://{handle}/.well-known/atproto-did"
-    async with _client_scope(client) as http:
-        status, body = await _get_small(http, url, timeout=timeout, max_bytes=MAX_WELL_KNOWN_BYTES, what=f"handle {handle}")
+    async with _client_scope(client, allow_private_hosts=allow_private_hosts) as http:
+        status, content_type, body = await _get_small(http, url, timeout=timeout, max_bytes=MAX_WELL_KNOWN_BYTES, what=f"handle {handle}")
     if not 200 <= status < 300:
-        raise IdentityError(f"handle {handle}: GET {url} answered HTTP {status}")
+        raise IdentityError(f"handle {handle}: GET {url} answered HTTP {status} ({content_type or 'no content type'})")
     text = body.decode("utf-8", "replace").strip()
     return _check_did(text, f"handle {handle}: {url} answered")
 
@@ -399,6 +424,7 @@ async def resolve_handle(
     client: httpx.AsyncClient | None = None,
     dns_resolver: dns.asyncresolver.Resolver | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    allow_private_hosts: bool = False,
 ) -> str:
     """Resolve a handle to its DID by DNS TXT and HTTPS well-known, both at once (spec: handle,
     "Handle Resolution", "Resolution Best Practices").
@@ -414,6 +440,7 @@ async def resolve_handle(
         client: the HTTP client (default: a new one for this call).
         dns_resolver: the DNS resolver (default: the system's; see :func:`make_dns_resolver`).
         timeout: seconds allowed for each of the two lookups.
+        allow_private_hosts: as for :func:`resolve_handle_https`.
 
     Returns:
         The DID, e.g. ``did:plc:z72i7hdynmk6r22z27h6tvur``.
@@ -424,7 +451,7 @@ async def resolve_handle(
     """
     handle = _check_handle(handle.removeprefix("@"))
     results: dict[str, str | IdentityError] = {}
-    async with _client_scope(client) as http, anyio.create_task_group() as tg:
+    async with _client_scope(client, allow_private_hosts=allow_private_hosts) as http, anyio.create_task_group() as tg:
 
         async def by_dns() -> None:
             try:
@@ -436,7 +463,7 @@ async def resolve_handle(
 
         async def by_https() -> None:
             try:
-                results["https"] = await resolve_handle_https(handle, client=http, timeout=timeout)
+                results["https"] = await resolve_handle_https(handle, client=http, timeout=timeout, allow_private_hosts=allow_private_hosts)
             except IdentityError as exc:
                 results["https"] = exc
 
@@ -463,40 +490,47 @@ async def resolve_did(
     client: httpx.AsyncClient | None = None,
     plc_url: str = DEFAULT_PLC_URL,
     timeout: float = DEFAULT_TIMEOUT,
+    allow_private_hosts: bool = False,
 ) -> dict[str, Any]:
     """Fetch a DID's document (spec: atproto DID, "Blessed DID Methods").
 
     ``did:plc`` is read from the PLC directory at ``plc_url`` (``GET {plc_url}/{did}``);
     ``did:web`` from ``https://HOST/.well-known/did.json`` (see :func:`did_document_url`).
-    Redirects are followed.
+    Up to 5 redirects are followed (http(s) only, never https to http). ``plc_url`` is named by
+    the user and connected as given; a ``did:web`` host and redirect targets must resolve to
+    public addresses (see :mod:`repo_stream.net.guard`) unless ``allow_private_hosts``.
 
     Args:
         did: a ``did:plc`` or hostname-level ``did:web`` DID.
         client: the HTTP client (default: a new one for this call).
         plc_url: the PLC directory's base URL (default ``https://plc.directory``).
-        timeout: seconds allowed for the request and its body.
+        timeout: seconds allowed for the request, redirects and body.
+        allow_private_hosts: without a ``client``, connect to private addresses too.
 
     Returns:
         The document as parsed JSON: a dict whose ``id`` is ``did``.
 
     Raises:
         IdentityError: bad syntax or an unsupported method; a connection failure or timeout; a
-            non-2xx status (404: not registered, 410: deactivated); a body over 1 MiB, not JSON,
+            private address; a non-2xx status (404: not registered, 410: deactivated); a body over
+            1 MiB as decoded, not JSON,
             not an object, or whose ``id`` is not ``did``. The message names the DID, URL and status.
     """
     url = did_document_url(did, plc_url)
-    async with _client_scope(client) as http:
-        status, body = await _get_small(http, url, timeout=timeout, max_bytes=MAX_DOCUMENT_BYTES, what=f"DID {did}")
+    trusted = (plc_url,) if did.startswith("did:plc:") else ()
+    async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=trusted) as http:
+        status, content_type, body = await _get_small(http, url, timeout=timeout, max_bytes=MAX_DOCUMENT_BYTES, what=f"DID {did}")
+    answer = f"HTTP {status}, {content_type or 'no content type'}"
     if status == 404:
         raise IdentityError(f"DID {did}: not found (HTTP 404 from {url})")
     if status == 410:
         raise IdentityError(f"DID {did}: deactivated or tombstoned (HTTP 410 from {url})")
     if not 200 <= status < 300:
-        raise IdentityError(f"DID {did}: GET {url} answered HTTP {status}")
+        raise IdentityError(f"DID {did}: GET {url} answered {answer}")
     try:
         document = json.loads(body)
-    except ValueError as exc:
-        raise IdentityError(f"DID {did}: the document from {url} is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise IdentityError(f"DID {did}: the document from {url} ({answer}) is not JSON: {exc}") from None
     if not isinstance(document, dict):
         raise IdentityError(f"DID {did}: the document from {url} is a JSON {type(document).__name__}, not an object")
     if document.get("id") != did:
@@ -612,6 +646,7 @@ async def resolve_identity(
     dns_resolver: dns.asyncresolver.Resolver | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     verify_handle: bool = False,
+    allow_private_hosts: bool = False,
 ) -> ResolvedIdentity:
     """Resolve a DID, handle or ``at://`` URI to the account's DID document, PDS and signing key.
 
@@ -628,6 +663,8 @@ async def resolve_identity(
         dns_resolver: the DNS resolver for handles (default: the system's).
         timeout: seconds allowed for each lookup.
         verify_handle: for a DID input, also resolve the document's handle back to the DID.
+        allow_private_hosts: without a ``client``, let handles, ``did:web`` hosts and redirects
+            lead to private addresses (``plc_url`` is always connected as given).
 
     Returns:
         A :class:`ResolvedIdentity`; ``pds`` and ``signing_key`` may be None if the document
@@ -638,7 +675,7 @@ async def resolve_identity(
             DNS name and HTTP status.
     """
     name = parse_identifier(identifier)
-    async with _client_scope(client) as http:
+    async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(plc_url,)) as http:
         if name.startswith("did:"):
             did = name
             document = await resolve_did(did, client=http, plc_url=plc_url, timeout=timeout)

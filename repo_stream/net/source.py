@@ -122,6 +122,7 @@ async def open_source(
     identity_timeout: float | None = None,
     options: FetchOptions | None = None,
     stdin: Any = None,
+    allow_private_hosts: bool = False,
 ) -> AsyncIterator[OpenedSource]:
     """Open a SOURCE string as the command line takes it, yielding an :class:`OpenedSource`.
 
@@ -145,12 +146,19 @@ async def open_source(
         identity_timeout: seconds for each identity lookup (None: 10).
         options: the fetch's timeouts, size cap and retries (:class:`repo_stream.net.fetch.FetchOptions`).
         stdin: the binary file to read for ``-``.
+        allow_private_hosts: let hosts learned from the network (the DID document's PDS, a
+            ``did:web`` host, a handle's domain, redirect targets) resolve to private addresses.
+            By default they must be public unicast (:mod:`repo_stream.net.guard`); a URL SOURCE
+            and ``plc_url`` are named by the user and connected as given. Applies to the client
+            made here or one from :func:`repo_stream.net.guard.make_client`; a client of your
+            own connects as its transport does.
 
     Raises:
         SourceError: a path that cannot be opened (missing, a directory, no permission).
         IdentityError: a malformed DID, handle or at:// URI (or a bad ``did`` parameter in a
             getRepo URL), resolution failing, or a DID document with no ``#atproto_pds``.
-        FetchError: as :func:`repo_stream.net.fetch.fetch_car` (an invalid URL too).
+        FetchError: as :func:`repo_stream.net.fetch.fetch_car` (an invalid URL too); a PDS that
+            resolves to a private address.
     """
     kind = classify_source(source)
     if kind == "stdin":
@@ -179,7 +187,8 @@ async def open_source(
     )
 
     async with AsyncExitStack() as stack:
-        http = await stack.enter_async_context(_client_scope(client))
+        trusted = [source] if kind == "url" else [plc_url or DEFAULT_PLC_URL]
+        http = await stack.enter_async_context(_client_scope(client, allow_private_hosts=allow_private_hosts, trusted=trusted))
         identity = None
         if kind == "url":
             url = source

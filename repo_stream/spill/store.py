@@ -126,6 +126,16 @@ def _temporary_in_memory() -> bool:
 TEMPORARY_IN_MEMORY = _temporary_in_memory()
 
 
+def _sqlite_temp_dir() -> str:
+    """The folder SQLite makes its temporary files in (``SQLITE_TMPDIR``, ``TMPDIR``,
+    ``/var/tmp``, ``/usr/tmp``, ``/tmp``: the first that is a writable folder), for messages: a
+    full disk names it."""
+    for folder in (os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR"), "/var/tmp", "/usr/tmp", "/tmp"):
+        if folder and os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            return folder
+    return "."
+
+
 def _unlinked_file(directory: str | None) -> str:
     """A new empty file in ``directory`` (None: the temporary directory), for SQLite to open and
     the caller to unlink."""
@@ -208,8 +218,8 @@ class DiskStore:
         self.path = path
         #: The folder of a temporary store's unlinked file, or ``None`` (the temporary directory).
         self.directory = directory
-        #: How messages name the store: its path, or ``"(temporary)"`` (``"(temporary, in DIR)"``).
-        self.name = str(path) if path is not None else "(temporary)" if directory is None else f"(temporary, in {directory})"
+        #: How messages name the store: its path, or ``"(temporary, in DIR)"`` naming its folder.
+        self.name = str(path) if path is not None else f"(temporary, in {directory if directory is not None else _sqlite_temp_dir()})"
         self._cache_kib = cache_size_mb * 1024
         self._max_stored = max_stored
         self._conn: sqlite3.Connection | None = None
