@@ -171,6 +171,43 @@ def test_with_a_compiler_the_c_core_builds_and_the_sdist_tests_pass(sdist: Path,
     assert " passed" in summary and "failed" not in summary and "error" not in summary, done.stdout[-3000:]
 
 
+#: A user's script: the value types flow into the builder, the drivers' items and Records
+#: (assert_type fails under mypy if any of them is Any or another type).
+USER_SCRIPT = """
+from typing import assert_type
+
+import anyio
+
+import repo_stream
+from repo_stream.records import JsonValue, RecordValue
+
+
+async def main() -> None:
+    builder = repo_stream.DriverBuilder().with_block_processor(repo_stream.record_json)
+    assert_type(builder, repo_stream.DriverBuilder[tuple[str, JsonValue]])
+    driver = await repo_stream.DriverBuilder().with_record_cids(True).with_block_processor(len).load_car(b"")
+    if isinstance(driver, repo_stream.MemoryDriver):
+        async for key, cid, size in driver:
+            assert_type(size, int)
+    async with repo_stream.open_repo("repo.car", collections=["app.bsky.feed.post"]) as repo:
+        async for record in repo:
+            assert_type(record, repo_stream.Record[dict[str, JsonValue]])
+            assert_type(record.cid, str | None)
+    async with repo_stream.open_repo(b"", values=len) as sized:
+        async for item in sized:
+            assert_type(item.value, int)
+
+
+for raw in repo_stream.iter_records("repo.car", values="raw"):
+    assert_type(raw.value, bytes)
+for decoded in repo_stream.iter_records("repo.car", values="python"):
+    assert_type(decoded.value, dict[str, RecordValue])
+one = repo_stream.get_record_sync("repo.car", "app.bsky.actor.profile/self")
+assert_type(one, repo_stream.Record[dict[str, JsonValue]] | None)
+anyio.run(main)
+"""
+
+
 def test_the_installed_package_type_checks_from_outside_the_checkout(tmp_path: Path) -> None:
     """mypy run outside the tree finds the package as installed in this environment (an editable
     install must use ``--config-settings editable_mode=compat``: setuptools' default import hook
@@ -182,7 +219,7 @@ def test_the_installed_package_type_checks_from_outside_the_checkout(tmp_path: P
     except metadata.PackageNotFoundError:
         pytest.skip("repo-stream is not installed in this environment (run from a source folder)")
     script = tmp_path / "uses_repo_stream.py"
-    script.write_text("import repo_stream\n\nbuilder: repo_stream.DriverBuilder[int] = repo_stream.DriverBuilder().with_block_processor(len)\n")
+    script.write_text(USER_SCRIPT)
     done = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), str(script)],
         cwd=tmp_path, env=_env(MYPYPATH=None), capture_output=True, text=True, timeout=300,

@@ -69,6 +69,16 @@ def _iterate(opener: OpenRepo[U]) -> Iterator[Record[U]]:
             yield from chunk
 
 
+@overload
+def get_record_sync(source: RepoSource, key: str, *, values: Literal["json"] = ..., **options: Any) -> Record[dict[str, JsonValue]] | None: ...
+@overload
+def get_record_sync(source: RepoSource, key: str, *, values: Literal["raw"], **options: Any) -> Record[bytes] | None: ...
+@overload
+def get_record_sync(
+    source: RepoSource, key: str, *, values: Literal["python"], **options: Any
+) -> Record[dict[str, RecordValue]] | None: ...
+@overload
+def get_record_sync(source: RepoSource, key: str, *, values: Callable[[bytes], U], **options: Any) -> Record[U] | None: ...
 def get_record_sync(
     source: RepoSource, key: str, *, values: Values | Callable[[bytes], Any] = "json", **options: Any
 ) -> Record[Any] | None:

@@ -485,6 +485,16 @@ def open_repo(
     return OpenRepo(source, builder, options)
 
 
+@overload
+async def get_record(source: RepoSource, key: str, *, values: Literal["json"] = ..., **options: Any) -> Record[dict[str, JsonValue]] | None: ...
+@overload
+async def get_record(source: RepoSource, key: str, *, values: Literal["raw"], **options: Any) -> Record[bytes] | None: ...
+@overload
+async def get_record(
+    source: RepoSource, key: str, *, values: Literal["python"], **options: Any
+) -> Record[dict[str, RecordValue]] | None: ...
+@overload
+async def get_record(source: RepoSource, key: str, *, values: Callable[[bytes], U], **options: Any) -> Record[U] | None: ...
 async def get_record(
     source: RepoSource,
     key: str,

@@ -6,6 +6,16 @@ canonical repo CAR writer (:mod:`.writer`) and generated repos for tests and ben
 May import: :mod:`repo_stream.errors`, :mod:`repo_stream.core`.
 """
 
-from .values import JSON_CODEC, MAX_DEPTH, RECORD_CODEC, Link, decode_record, record_json, to_json_value
+from .values import JSON_CODEC, MAX_DEPTH, RECORD_CODEC, JsonValue, Link, RecordValue, decode_record, record_json, to_json_value
 
-__all__ = ["JSON_CODEC", "MAX_DEPTH", "RECORD_CODEC", "Link", "decode_record", "record_json", "to_json_value"]
+__all__ = [
+    "JSON_CODEC",
+    "MAX_DEPTH",
+    "RECORD_CODEC",
+    "JsonValue",
+    "Link",
+    "RecordValue",
+    "decode_record",
+    "record_json",
+    "to_json_value",
+]
