@@ -29,14 +29,15 @@ from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from typing import Final, NamedTuple
 
-from ..core import messages
+from ..core import implementation, messages
+from ..core.car import DEFAULT_MAX_BLOCK_SIZE, decode_header
 from ..core.cid import cid_str, dag_cbor_cid
 from ..core.dagcbor import StrictDecoder
 from ..core.mst import MAX_KEY_BYTES, is_valid_collection
 from ..core.walk import DEFAULT_MAX_DEPTH, decode_node
 from ..errors import DepthLimitError, UnknownSubtreeError
 
-__all__ = ["Node", "PartialTree", "SliceEntry", "encode_tree_node", "key_layer_of"]
+__all__ = ["CarSlice", "Node", "PartialTree", "SliceEntry", "encode_tree_node", "key_layer_of", "read_car_slice"]
 
 _sha256 = hashlib.sha256
 _RKEY_RE: Final = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
@@ -358,22 +359,18 @@ class PartialTree:
         lo_key = None if start is None else start.encode()
         hi_key = None if end is None else end.encode()
         root = self.root_node()
-        # Stack items: ("n", node, lo, hi) to expand, or ("r", key, cid) to emit.
-        stack: list[tuple[str, Node, bytes | None, bytes | None] | tuple[str, bytes, bytes]] = [("n", root, None, None)]
+        # Stack items: (node, lo, hi) to expand, or (key, cid, None) to emit.
+        stack: list[tuple[Node | bytes, bytes | None, bytes | None]] = [(root, None, None)]
         blocks = self._blocks
         while stack:
-            item = stack.pop()
-            if item[0] == "r":
-                key = item[1]
-                assert isinstance(key, bytes) and isinstance(item[2], bytes)
-                yield SliceEntry(key.decode(), item[2], blocks.get(item[2]))
+            top, first, second = stack.pop()
+            if not isinstance(top, Node):
+                assert first is not None
+                yield SliceEntry(top.decode(), first, blocks.get(first))
                 continue
-            node = item[1]
-            assert isinstance(node, Node)
-            nlo, nhi = item[2], item[3]
-            assert not isinstance(nlo, Node) and not isinstance(nhi, Node)
+            node, nlo, nhi = top, first, second
             keys = node.keys
-            pushed: list[tuple[str, Node, bytes | None, bytes | None] | tuple[str, bytes, bytes]] = []
+            pushed: list[tuple[Node | bytes, bytes | None, bytes | None]] = []
             for i in range(len(keys) + 1):
                 sub_lo = keys[i - 1] if i else nlo
                 sub_hi = keys[i] if i < len(keys) else nhi
@@ -383,11 +380,11 @@ class PartialTree:
                 ):
                     child = self.kid(node, i, nlo, nhi)
                     if child is not None:
-                        pushed.append(("n", child, sub_lo, sub_hi))
+                        pushed.append((child, sub_lo, sub_hi))
                 if i < len(keys):
                     key = keys[i]
                     if (lo_key is None or key >= lo_key) and (hi_key is None or key < hi_key):
-                        pushed.append(("r", key, node.vals[i]))
+                        pushed.append((key, node.vals[i], None))
             stack.extend(reversed(pushed))
 
     # ------------------------------------------------------------------------------ encoding
@@ -436,3 +433,41 @@ class PartialTree:
         """The block ``cid`` from the slice or from the nodes :meth:`root` made, or ``None``."""
         got = self._blocks.get(cid)
         return got if got is not None else self.added.get(cid)
+
+
+class CarSlice(NamedTuple):
+    """The blocks of a CAR that may hold only part of a repo: its roots and blocks, by raw CID."""
+
+    roots: list[bytes]
+    blocks: dict[bytes, bytes]
+
+
+def read_car_slice(car: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE) -> CarSlice:
+    """Parse a whole CAR held in memory (a ``#commit``'s ``blocks``, a getRecord answer), checking
+    every block against its CID, with the implementation in use (the C core or the reference).
+
+    Args:
+        car: the CAR v1 bytes.
+        max_block_size: the largest block accepted, in bytes.
+
+    Returns:
+        A :class:`CarSlice`; a CID given twice keeps its first block (both hash to it).
+
+    Raises:
+        CarError subclasses (framing, header), CidMismatchError (a block does not hash to its
+        CID), as the CAR parser raises them.
+
+    Spec: IPLD CAR v1; atproto repository, "CAR File Serialization".
+    """
+    parser = implementation.backend().CarParser(max_block_size, True)
+    parser.feed(bytes(car))
+    raw = parser.read_header()
+    if raw is None:
+        parser.finish()  # raises: the input ends inside the header
+        raise AssertionError("unreachable")  # pragma: no cover
+    roots = decode_header(raw, parser.offset - len(raw))
+    blocks: dict[bytes, bytes] = {}
+    for cid, block in parser.next_sections():
+        blocks.setdefault(bytes(cid), bytes(block))
+    parser.finish()
+    return CarSlice(roots, blocks)
