@@ -5,8 +5,9 @@ signing key. :meth:`CommitGenerator.commit` applies a batch of ops, builds the n
 new commit and returns the subscribeRepos message bytes: header ``{op: 1, t: "#commit"}`` and a
 body with ``repo``, ``rev``, ``since``, ``commit``, ``prevData``, ``ops`` (with ``prev`` for updates
 and deletes) and ``blocks``: a CAR of the commit, the new MST nodes, the new record blocks and, for
-every op's key, the nodes of the new tree that prove it (its search path down to the bottom, and
-for a key present the inner spines of its two neighbouring subtrees, which deleting it merges),
+every op's key, the nodes of the new tree that prove it (its search path, down to the bottom for
+a delete; for a create also the inner spines of its two neighbouring subtrees, which deleting it
+merges),
 as a PDS adds them so that consumers can invert the commit (spec: atproto sync, "Commit
 Validation"; the reference PDS's "covering proof").
 
@@ -211,8 +212,8 @@ class CommitGenerator:
             nodes = self.nodes
             nodes.update(added)
         proof: dict[bytes, bytes] = {}
-        for _, path, _ in ops:
-            for cid in covering_proof(nodes, root, path.encode()):
+        for action, path, _ in ops:
+            for cid in covering_proof(nodes, root, path.encode(), spines=action == "create"):
                 proof[cid] = nodes[cid]
         rev = self._next_rev()
         commit_cid, commit_block = self._signed_commit(root, rev)
@@ -327,9 +328,10 @@ def encode_message(kind: str, body: dict[str, Any]) -> bytes:
     return bytes(cbrrr.encode_dag_cbor({"op": 1, "t": kind})) + bytes(cbrrr.encode_dag_cbor(body))
 
 
-def covering_proof(nodes: dict[bytes, bytes], root: bytes, key: bytes) -> list[bytes]:
+def covering_proof(nodes: dict[bytes, bytes], root: bytes, key: bytes, *, spines: bool = True) -> list[bytes]:
     """The node CIDs of the tree ``root`` (all of whose nodes are in ``nodes``) that prove ``key``:
-    its search path down to the bottom; where ``key`` is present, the right spine of its left
+    its search path down to the bottom, or to the node holding ``key``; there, with ``spines``
+    (what deleting ``key``, the inverse of its create, merges), the right spine of its left
     neighbour subtree and the left spine of its right one, as far as both go.
 
     An independent reading of the tree (it decodes the node blocks itself), for building events.
@@ -343,7 +345,7 @@ def covering_proof(nodes: dict[bytes, bytes], root: bytes, key: bytes) -> list[b
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:
             a, b = kids[i], kids[i + 1]
-            while a is not None and b is not None:
+            while spines and a is not None and b is not None:
                 out += [a, b]
                 a = _decoded(nodes, a, decoder)[1][-1]
                 b = _decoded(nodes, b, decoder)[1][0]
