@@ -15,8 +15,7 @@ from repo_stream.core.cid import cid_text
 from repo_stream.core.mst import key_layer
 from repo_stream.errors import UnknownSubtreeError
 from repo_stream.records.writer import build_mst, encode_node
-from repo_stream.sync import Op, PartialTree, invert
-from repo_stream.sync import edit
+from repo_stream.sync import Op, PartialTree, edit, invert
 from repo_stream.sync.partial import key_layer_of
 
 INTEROP = Path(__file__).resolve().parent / "interop"

@@ -84,7 +84,7 @@ def test_edits_match_the_writer(initial: set[bytes], ops: list[tuple[bytes, int,
 @given(initial=keys_st.filter(bool), ops=ops_st)
 def test_edits_need_only_the_covering_proof(initial: set[bytes], ops: list[tuple[bytes, int, bool]]) -> None:
     """A single edit on a tree that holds only the covering proof of its key gives the writer's root."""
-    current = {k: CIDS[0] for k in initial}
+    current = dict.fromkeys(initial, CIDS[0])
     root, nodes = build_mst(sorted(current.items()))
     key, value, remove = ops[0]
     present = key in current
