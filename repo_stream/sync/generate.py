@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Literal
 
 import cbrrr
@@ -41,6 +41,7 @@ from ..crypto.signature import sign as _sign
 from ..records.generate import generate_records
 from ..records.writer import build_mst, build_repo_car, car_bytes
 from . import edit
+from .invert import Op, invert
 from .partial import PartialTree
 
 __all__ = ["CommitGenerator", "OpSpec", "make_signer", "tid"]
@@ -104,6 +105,10 @@ class CommitGenerator:
         pool: record blocks to draw new records from (default: 500 generated ones, ``small``
             profile).
         start_us: the simulated clock's start, microseconds since the Unix epoch.
+        proof: which MST nodes go into ``blocks``: ``"covering"`` (as a PDS: the new nodes and
+            each op key's covering proof in the new tree, see :func:`covering_proof`) or
+            ``"minimal"`` (exactly the nodes a consumer reads to check the ops and invert them,
+            found by doing it: every one of them is needed).
     """
 
     def __init__(
@@ -116,8 +121,10 @@ class CommitGenerator:
         engine: Literal["writer", "edit"] = "writer",
         pool: Sequence[bytes] | None = None,
         start_us: int = _START_US,
+        proof: Literal["covering", "minimal"] = "covering",
     ) -> None:
         self.did = did
+        self.proof = proof
         self._sign = sign
         self.rng = random.Random(seed)
         self.engine = engine
@@ -212,14 +219,17 @@ class CommitGenerator:
             nodes = self.nodes
             nodes.update(added)
         proof: dict[bytes, bytes] = {}
-        for action, path, _ in ops:
-            for cid in covering_proof(nodes, root, path.encode(), spines=action == "create"):
-                proof[cid] = nodes[cid]
+        if self.proof == "covering":
+            for action, path, _ in ops:
+                for cid in covering_proof(nodes, root, path.encode(), spines=action == "create"):
+                    proof[cid] = nodes[cid]
+            proof.update(added)
+        else:
+            proof = _inversion_reads(nodes, root, ops, pairs, old_pairs)
         rev = self._next_rev()
         commit_cid, commit_block = self._signed_commit(root, rev)
         sections = [(commit_cid, commit_block)]
-        sections += list(added.items())
-        sections += [(cid, block) for cid, block in proof.items() if cid not in added]
+        sections += list(proof.items())
         sections += list(new_records.items())
         prev_rev = self.rev
         self.seq += 1
@@ -323,6 +333,37 @@ class CommitGenerator:
         return ops
 
 
+class _Reads(Mapping[bytes, bytes]):
+    """A block mapping that remembers which blocks were asked for."""
+
+    def __init__(self, blocks: dict[bytes, bytes]) -> None:
+        self.blocks = blocks
+        self.read: dict[bytes, bytes] = {}
+
+    def __getitem__(self, cid: bytes) -> bytes:
+        block = self.blocks[cid]
+        self.read[cid] = block
+        return block
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def _inversion_reads(
+    nodes: dict[bytes, bytes], root: bytes, ops: Sequence[OpSpec], pairs: dict[bytes, bytes], old_pairs: dict[bytes, bytes]
+) -> dict[bytes, bytes]:
+    """The nodes of the tree ``root`` a consumer reads to look up every op's key and invert the ops."""
+    reads = _Reads(nodes)
+    tree = PartialTree(root, reads, check_keys=False)
+    for _, path, _ in ops:
+        tree.get(path)
+    invert(tree, [Op(action, path, pairs.get(path.encode()), old_pairs.get(path.encode())) for action, path, _ in ops])
+    return reads.read
+
+
 def encode_message(kind: str, body: dict[str, Any]) -> bytes:
     """A subscribeRepos message: the header ``{op: 1, t: kind}`` then ``body``, in DAG-CBOR."""
     return bytes(cbrrr.encode_dag_cbor({"op": 1, "t": kind})) + bytes(cbrrr.encode_dag_cbor(body))
@@ -331,8 +372,10 @@ def encode_message(kind: str, body: dict[str, Any]) -> bytes:
 def covering_proof(nodes: dict[bytes, bytes], root: bytes, key: bytes, *, spines: bool = True) -> list[bytes]:
     """The node CIDs of the tree ``root`` (all of whose nodes are in ``nodes``) that prove ``key``:
     its search path down to the bottom, or to the node holding ``key``; there, with ``spines``
-    (what deleting ``key``, the inverse of its create, merges), the right spine of its left
-    neighbour subtree and the left spine of its right one, as far as both go.
+    (what deleting ``key``, the inverse of its create, merges), the whole right spine of its left
+    neighbour subtree and the whole left spine of its right one. (Merging needs them only as
+    far as both go, but once other ops of the commit are undone first, the merge can reach
+    further: the whole spines cover that.)
 
     An independent reading of the tree (it decodes the node blocks itself), for building events.
     """
@@ -344,11 +387,11 @@ def covering_proof(nodes: dict[bytes, bytes], root: bytes, key: bytes, *, spines
         keys, kids = _decoded(nodes, cid, decoder)
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:
-            a, b = kids[i], kids[i + 1]
-            while spines and a is not None and b is not None:
-                out += [a, b]
-                a = _decoded(nodes, a, decoder)[1][-1]
-                b = _decoded(nodes, b, decoder)[1][0]
+            if spines:
+                for side, pick in ((kids[i], -1), (kids[i + 1], 0)):
+                    while side is not None:
+                        out.append(side)
+                        side = _decoded(nodes, side, decoder)[1][pick]
             break
         cid = kids[i]
     return out
