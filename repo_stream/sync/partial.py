@@ -10,7 +10,8 @@ naming its CID.
 Spec: atproto repository, "Merkle Search Tree" (https://atproto.com/specs/repository); atproto
 sync, "Commit Validation" (https://atproto.com/specs/sync).
 
-Nodes are decoded lazily, when an operation first reaches them, and each is checked on the way:
+Nodes are decoded lazily, when an operation first reaches them (by cbrrr, which accepts only
+canonical DAG-CBOR: a signed tree's nodes are canonical), and each is checked on the way:
 its entries (prefix compression, UTF-8, key syntax unless ``check_keys=False``), every key on the
 node's layer, the node exactly one layer below its parent, keys strictly increasing and inside the
 range its parent gives it. Everything here is iterative (explicit paths and stacks): the input
@@ -23,27 +24,31 @@ re-encodes them (canonical DAG-CBOR, maximal prefix compression) and returns the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from bisect import bisect_left
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final, NamedTuple
+
+from cbrrr import _cbrrr
 
 from ..core import implementation, messages
 from ..core.car import DEFAULT_MAX_BLOCK_SIZE, decode_header
 from ..core.cid import cid_str, dag_cbor_cid
-from ..core.dagcbor import StrictDecoder
 from ..core.mst import MAX_KEY_BYTES, is_valid_collection
-from ..core.walk import DEFAULT_MAX_DEPTH, decode_node
+from ..core.walk import DEFAULT_MAX_DEPTH
 from ..errors import DepthLimitError, UnknownSubtreeError
 
-__all__ = ["CarSlice", "Node", "PartialTree", "SliceEntry", "encode_tree_node", "key_layer_of", "read_car_slice"]
+__all__ = ["CarSlice", "Node", "PartialTree", "SliceEntry", "decode_node_strict", "encode_tree_node", "key_layer_of", "read_car_slice"]
 
 _sha256 = hashlib.sha256
 _RKEY_RE: Final = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 _DAG_CBOR_V1: Final = b"\x01\x71"
 _LINK36: Final = b"\xd8\x2a\x58\x25\x00"
 _EMPTY_NODE: Final = b"\xa2\x61e\x80\x61l\xf6"  # {"e": [], "l": null}
+# Repos hold a handful of collections: remember the verdicts (bounded, so hostile keys cannot grow it).
+_valid_collection = functools.lru_cache(maxsize=1024)(is_valid_collection)
 
 
 def key_layer_of(key: bytes) -> int:
@@ -84,11 +89,67 @@ class SliceEntry(NamedTuple):
 
 
 def _prefix_len(a: bytes, b: bytes) -> int:
+    """Bytes ``a`` and ``b`` share at their start (XOR of the common length, as integers)."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    x = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    if not x:
+        return n
+    return n - 1 - ((x.bit_length() - 1) >> 3)
+
+
+class _Cid(bytes):
+    """A CID link's bytes as cbrrr decodes it (told apart from byte strings by its type)."""
+
+    __slots__ = ()
+
+
+_NODE_FIELDS: Final = frozenset(("e", "l"))
+_ENTRY_FIELDS: Final = frozenset(("k", "p", "t", "v"))
+_decode_cbor: Callable[[bytes, type[_Cid], bool], tuple[object, int]] = _cbrrr.decode_dag_cbor
+
+
+def decode_node_strict(cid: bytes, block: bytes) -> tuple[bytes | None, list[tuple[int, bytes, bytes, bytes | None]]]:
+    """Decode an MST node block, which must be canonical DAG-CBOR, into ``(left, [(p, k, v, t)])``
+    (CIDs as raw bytes), as :func:`repo_stream.core.walk.decode_node` with ``strict`` does.
+
+    cbrrr decodes it (C, iterative, every length checked against the bytes left; canonical
+    only: minimal integers and lengths, map keys sorted and not repeated, tag 42 only), then
+    the structure is checked: ``{e: [{p: int >= 0, k: bytes, v: CID, t: CID | null}], l: CID |
+    null}``, nothing more.
+
+    Raises:
+        NodeDecodeError: not one canonical DAG-CBOR item, or not that structure.
+    """
+    try:
+        node, length = _decode_cbor(block, _Cid, False)
+    except Exception as exc:
+        raise messages.node_decode(cid, f"not canonical DAG-CBOR: {str(exc) or type(exc).__name__}") from None
+    if length != len(block):
+        raise messages.node_decode(cid, f"{len(block) - length} bytes after the CBOR item")
+    if type(node) is not dict or node.keys() != _NODE_FIELDS:
+        raise messages.node_decode(cid, "not a map of exactly 'e' and 'l'")
+    entries = node["e"]
+    left = node["l"]
+    if type(entries) is not list:
+        raise messages.node_decode(cid, "'e' is not a list")
+    if left is not None and type(left) is not _Cid:
+        raise messages.node_decode(cid, "'l' is neither a CID link nor null")
+    out: list[tuple[int, bytes, bytes, bytes | None]] = []
+    for i, entry in enumerate(entries):
+        if type(entry) is not dict or entry.keys() != _ENTRY_FIELDS:
+            raise messages.node_decode(cid, f"entry {i} is not a map of exactly p, k, v, t")
+        p = entry["p"]
+        k = entry["k"]
+        v = entry["v"]
+        t = entry["t"]
+        if type(p) is not int or p < 0 or type(k) is not bytes:
+            raise messages.node_decode(cid, f"entry {i}: 'p' must be an int >= 0 and 'k' bytes")
+        if type(v) is not _Cid:
+            raise messages.node_decode(cid, f"entry {i}: 'v' is not a CID link")
+        if t is not None and type(t) is not _Cid:
+            raise messages.node_decode(cid, f"entry {i}: 't' is neither a CID link nor null")
+        out.append((p, k, bytes(v), None if t is None else bytes(t)))
+    return (None if left is None else bytes(left)), out
 
 
 def _link(cid: bytes) -> bytes:
@@ -97,7 +158,7 @@ def _link(cid: bytes) -> bytes:
     return b"\xd8\x2a" + _cbor_head(2, len(cid) + 1) + b"\x00" + cid
 
 
-def _cbor_head(major: int, n: int) -> bytes:
+def _cbor_head_slow(major: int, n: int) -> bytes:
     m = major << 5
     if n < 24:
         return bytes((m | n,))
@@ -108,6 +169,13 @@ def _cbor_head(major: int, n: int) -> bytes:
     if n < 0x100000000:
         return bytes((m | 26,)) + n.to_bytes(4, "big")
     return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+_HEADS: Final = {major: [_cbor_head_slow(major, n) for n in range(256)] for major in (0, 2, 4)}
+
+
+def _cbor_head(major: int, n: int) -> bytes:
+    return _HEADS[major][n] if n < 256 and major in _HEADS else _cbor_head_slow(major, n)
 
 
 def encode_tree_node(left: bytes | None, keys: list[bytes], vals: list[bytes], rights: list[bytes | None]) -> bytes:
@@ -127,18 +195,22 @@ def encode_tree_node(left: bytes | None, keys: list[bytes], vals: list[bytes], r
     out = [b"\xa2\x61e", _cbor_head(4, len(keys))]
     append = out.append
     prev = b""
+    small_int = _HEADS[0]
+    bytes_head = _HEADS[2]
+    link36 = _LINK36
     for key, val, right in zip(keys, vals, rights, strict=True):
-        p = _prefix_len(prev, key)
+        p = _prefix_len(prev, key) if prev else 0
         suffix = key[p:]
+        n = len(suffix)
         append(b"\xa4\x61k")
-        append(_cbor_head(2, len(suffix)))
+        append(bytes_head[n] if n < 256 else _cbor_head_slow(2, n))
         append(suffix)
         append(b"\x61p")
-        append(_cbor_head(0, p))
+        append(small_int[p] if p < 256 else _cbor_head_slow(0, p))
         append(b"\x61t")
-        append(b"\xf6" if right is None else _link(right))
+        append(b"\xf6" if right is None else link36 + right if len(right) == 36 else _link(right))
         append(b"\x61v")
-        append(_link(val))
+        append(link36 + val if len(val) == 36 else _link(val))
         prev = key
     append(b"\x61l")
     append(b"\xf6" if left is None else _link(left))
@@ -162,13 +234,12 @@ class PartialTree:
     subclasses when a node breaks a rule; :class:`~repo_stream.errors.DepthLimitError`.
     """
 
-    __slots__ = ("_blocks", "_check_keys", "_max_depth", "_decoder", "_root", "_root_cid", "nodes_loaded", "added")
+    __slots__ = ("_blocks", "_check_keys", "_max_depth", "_root", "_root_cid", "nodes_loaded", "added")
 
     def __init__(self, root: bytes, blocks: Mapping[bytes, bytes], *, check_keys: bool = True, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._blocks = blocks
         self._check_keys = check_keys
         self._max_depth = max_depth
-        self._decoder = StrictDecoder(max_depth=8, all_tags=True)
         self._root_cid = root
         self._root: Node | None = None
         #: MST nodes decoded so far.
@@ -223,7 +294,7 @@ class PartialTree:
             if expected < 0:
                 raise UnknownSubtreeError(f"MST root node {cid_str(cid)} is not in the CAR slice", cid=cid)
             raise UnknownSubtreeError(f"MST node {cid_str(cid)} (layer {expected}) is not in the CAR slice", cid=cid)
-        left, entries = decode_node(cid, block, self._decoder, True)
+        left, entries = decode_node_strict(cid, block)
         self.nodes_loaded += 1
         is_root = expected < 0
         if not entries:
@@ -268,7 +339,7 @@ class PartialTree:
             if check:
                 collection, slash, rkey = skey.partition("/")
                 if collection != last_collection:
-                    if not (slash and is_valid_collection(collection)):
+                    if not (slash and _valid_collection(collection)):
                         raise messages.invalid_key(cid, skey)
                     last_collection = collection
                 if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":
@@ -442,13 +513,15 @@ class CarSlice(NamedTuple):
     blocks: dict[bytes, bytes]
 
 
-def read_car_slice(car: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE) -> CarSlice:
+def read_car_slice(car: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE, verify_cids: bool = True) -> CarSlice:
     """Parse a whole CAR held in memory (a ``#commit``'s ``blocks``, a getRecord answer), checking
     every block against its CID, with the implementation in use (the C core or the reference).
 
     Args:
         car: the CAR v1 bytes.
         max_block_size: the largest block accepted, in bytes.
+        verify_cids: check every block against its CID (sha2-256); False only for trusted
+            bytes or to measure decoding alone.
 
     Returns:
         A :class:`CarSlice`; a CID given twice keeps its first block (both hash to it).
@@ -459,7 +532,7 @@ def read_car_slice(car: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE) 
 
     Spec: IPLD CAR v1; atproto repository, "CAR File Serialization".
     """
-    parser = implementation.backend().CarParser(max_block_size, True)
+    parser = implementation.backend().CarParser(max_block_size, verify_cids)
     parser.feed(bytes(car))
     raw = parser.read_header()
     if raw is None:
