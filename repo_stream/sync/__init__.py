@@ -19,6 +19,7 @@ from ..errors import CommitVerifyError, OutOfSyncError
 from .events import Frame, decode_frame
 from .invert import Op, invert
 from .partial import CarSlice, PartialTree, SliceEntry, read_car_slice
+from .proof import ProvenRecord, prove, verify_record_proof
 from .verify import RepoState, VerifiedCommit, VerifiedOp, VerifiedSync, verify_commit, verify_sync
 
 __all__ = [
@@ -34,6 +35,9 @@ __all__ = [
     "decode_frame",
     "Op",
     "invert",
+    "ProvenRecord",
+    "prove",
+    "verify_record_proof",
     "CarSlice",
     "PartialTree",
     "SliceEntry",
