@@ -528,6 +528,69 @@ def _source_arguments(p: argparse.ArgumentParser, *, collections: bool = True) -
         )
 
 
+# --- verify-commit (sync 1.1): one function and one subparser registration --------------------
+
+#: Exit status of ``verify-commit`` for a valid commit that does not follow the given state.
+EXIT_OUT_OF_SYNC = 3
+
+
+def _add_verify_commit(commands: Any) -> None:
+    """Register ``repo-stream verify-commit FILE [--key DIDKEY] [--prev-rev REV --prev-data CID]``."""
+    p = commands.add_parser("verify-commit", help="verify a recorded subscribeRepos #commit (or #sync) message; print it as JSON")
+    p.add_argument("file", metavar="FILE", help="the message bytes as received over the WebSocket (header + body); - for standard input")
+    p.add_argument("--key", type=_did_key, metavar="DIDKEY", help="the account's signing key (default: from its DID document)")
+    p.add_argument("--prev-rev", metavar="REV", help="the rev held for the repo (with --prev-data): check continuity")
+    p.add_argument("--prev-data", metavar="CID", help="the MST root held for the repo (with --prev-rev)")
+    p.add_argument("--no-prev-data", action="store_true", help="accept a commit without prevData on its signature alone")
+
+
+async def _verify_commit(args: argparse.Namespace) -> int:
+    """Verify one recorded #commit or #sync message: JSON on stdout; exit 1 on a broken commit,
+    3 (:data:`EXIT_OUT_OF_SYNC`) when it is valid but does not follow --prev-rev/--prev-data."""
+    import json
+
+    from .errors import OutOfSyncError
+    from .sync.events import DEFAULT_MAX_MESSAGE_BYTES, decode_frame
+    from .sync.verify import RepoState, verify_commit, verify_sync
+
+    if (args.prev_rev is None) != (args.prev_data is None):
+        _error("verify-commit: --prev-rev and --prev-data go together")
+        return 2
+    if args.file == "-":
+        message = sys.stdin.buffer.read(DEFAULT_MAX_MESSAGE_BYTES + 1)
+    else:
+        with open(args.file, "rb") as fh:
+            message = fh.read(DEFAULT_MAX_MESSAGE_BYTES + 1)
+    frame = decode_frame(message)
+    key = args.key
+    if key is None:
+        from .net.identity import parse_did_document, resolve_did
+
+        did = frame.body.get("repo") if frame.type == "#commit" else frame.body.get("did")
+        if not isinstance(did, str):
+            _error(f"verify-commit: {args.file}: a {frame.type} message without a DID; give --key")
+            return 1
+        document = await resolve_did(did, **({"plc_url": args.plc_url} if args.plc_url else {}))
+        key = parse_did_document(did, document).signing_key
+        if key is None:
+            _error(f"verify-commit: the DID document of {did} has no #atproto signing key; give one with --key")
+            return 1
+    result: Any
+    status = 0
+    if frame.type == "#sync":
+        result = verify_sync(message, key=key).to_json()
+    else:
+        prev = None if args.prev_rev is None else RepoState(args.prev_rev, args.prev_data)
+        try:
+            result = verify_commit(message, key=key, prev=prev, require_prev_data=not args.no_prev_data).to_json()
+        except OutOfSyncError as exc:
+            _error(str(exc))
+            result = {**exc.result.to_json(), "outOfSync": str(exc)}  # type: ignore[attr-defined]
+            status = EXIT_OUT_OF_SYNC
+    _write(json.dumps(result, ensure_ascii=False) + "\n")
+    return status
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repo-stream", description="Read atproto repository CAR files.")
     parser.add_argument("--version", action="version", version=f"repo-stream {__version__}")
@@ -564,6 +627,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIDKEY",
         help="the account's signing key, did:key:z... (default: from the DID document of a DID or handle SOURCE)",
     )
+    _add_verify_commit(commands)
     b = commands.add_parser(
         "backfill",
         help="walk many repos at once, resumably (DIDs, handles, URLs, paths)",
@@ -767,6 +831,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "dump": _dump,
     "get": _get,
     "verify": _verify,
+    "verify-commit": _verify_commit,
 }
 
 

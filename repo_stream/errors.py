@@ -34,7 +34,17 @@ The hierarchy::
     ├── DiskError              the SQLite spill store failed or would grow past its limit
     ├── IdentityError          a DID, handle or at:// URI is malformed or does not resolve
     │                          (spec: atproto DID, handle)
-    └── FetchError             fetching a repo (com.atproto.sync.getRepo) over HTTP failed
+    ├── FetchError             fetching a repo (com.atproto.sync.getRepo) over HTTP failed
+    │   (sync 1.1, repo_stream.sync:)
+    ├── UnknownSubtreeError    (also a MissingBlockError) a partial MST needs a block it lacks
+    ├── MstEditError           (also an MstError) an edit of a partial MST cannot be made
+    │   ├── KeyExistsError         inserting a key the tree holds
+    │   └── KeyAbsentError         updating or deleting a key the tree does not hold
+    ├── EventDecodeError       a subscribeRepos message is not a well-formed frame / body
+    ├── RecordProofError       a getRecord proof CAR does not prove the record (or its absence)
+    ├── OutOfSyncError         a valid commit that does not follow the held state (refetch)
+    └── CommitVerifyError      a #commit / #sync event is broken, forged or stale (one subclass
+                               per rule of sync 1.1 commit validation, listed below)
 """
 
 from __future__ import annotations
@@ -68,6 +78,38 @@ __all__ = [
     "DiskError",
     "IdentityError",
     "FetchError",
+    "UnknownSubtreeError",
+    "MstEditError",
+    "KeyExistsError",
+    "KeyAbsentError",
+    "EventDecodeError",
+    "RecordProofError",
+    "OutOfSyncError",
+    "CommitVerifyError",
+    "MalformedEventError",
+    "MalformedCarError",
+    "MissingCommitBlockError",
+    "CommitNotRootError",
+    "MalformedCommitError",
+    "CommitDidMismatchError",
+    "RevMismatchError",
+    "CommitSignatureError",
+    "InvalidRevError",
+    "StaleRevError",
+    "FutureRevError",
+    "TooManyOpsError",
+    "BlocksTooLargeError",
+    "InvalidOpError",
+    "DuplicateOpPathError",
+    "OpCidMismatchError",
+    "DeletedKeyPresentError",
+    "OpPrevMissingError",
+    "MissingRecordBlockError",
+    "MalformedRecordError",
+    "MalformedTreeError",
+    "MissingProofBlockError",
+    "MissingPrevDataError",
+    "InversionMismatchError",
 ]
 
 
@@ -222,3 +264,174 @@ class FetchError(RepoStreamError):
         self.did = did
         self.status = status
         self.retry_after = retry_after
+
+
+# --- sync 1.1 (repo_stream.sync) ----------------------------------------------------------------
+
+
+class UnknownSubtreeError(MissingBlockError):
+    """A partial MST (a CAR slice) needs a node whose block it does not hold.
+
+    Raised only when an operation reaches into that subtree: a lookup or ``walk_slice`` over its
+    key range, or an edit that must split or merge it. Attributes: ``cid`` (raw CID bytes of the
+    absent node).
+    """
+
+    def __init__(self, message: str, *, cid: bytes) -> None:
+        super().__init__(message)
+        self.cid = cid
+
+
+class MstEditError(MstError):
+    """An insert, update or delete on a partial MST cannot be made as asked."""
+
+
+class KeyExistsError(MstEditError):
+    """Inserting a key the tree already holds."""
+
+
+class KeyAbsentError(MstEditError):
+    """Updating or deleting a key the tree does not hold."""
+
+
+class EventDecodeError(RepoStreamError):
+    """A ``com.atproto.sync.subscribeRepos`` message is not a header + body pair of DAG-CBOR maps
+    of the expected shape, is an error frame (``op: -1``), or is over the size limit."""
+
+
+class RecordProofError(RepoStreamError):
+    """A record proof (a ``com.atproto.sync.getRecord`` CAR) does not prove what it should: a
+    block is missing from the path, the commit is not signed by the key or not for the DID, or
+    the path leads elsewhere. The message names the DID, key and CID."""
+
+
+class OutOfSyncError(RepoStreamError):
+    """A commit that is valid on its own (signature, and inversion to its own ``prevData``) but
+    does not follow the state held for the repo (``since`` or ``prevData`` differ from it).
+
+    The consumer should refetch the repo. ``result`` holds the commit as verified on its own.
+    """
+
+    def __init__(self, message: str, *, result: object) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class CommitVerifyError(RepoStreamError):
+    """A ``#commit`` or ``#sync`` event is broken, forged or stale (spec: atproto sync,
+    "Commit Validation"). One subclass per rule; the message names the DID, rev, key or CID.
+
+    Attributes: ``did`` and ``rev`` of the event when known, else ``None``.
+    """
+
+    def __init__(self, message: str, *, did: str | None = None, rev: str | None = None) -> None:
+        super().__init__(message)
+        self.did = did
+        self.rev = rev
+
+
+class MalformedEventError(CommitVerifyError):
+    """The event body lacks a field or has one of the wrong type (``repo``, ``rev``, ``blocks``,
+    ``ops``, ``commit``...), or the message is not a frame of the expected kind."""
+
+
+class MalformedCarError(CommitVerifyError):
+    """``blocks`` is not a well-formed CAR v1 (framing, header), or a block does not hash to its
+    CID. The CAR error is ``__cause__``."""
+
+
+class MissingCommitBlockError(CommitVerifyError):
+    """The commit block is not in the event's CAR."""
+
+
+class CommitNotRootError(CommitVerifyError):
+    """The event's ``commit`` CID is not the (first) root of its CAR."""
+
+
+class MalformedCommitError(CommitVerifyError):
+    """The commit block is not a valid v3 commit object in canonical DAG-CBOR."""
+
+
+class CommitDidMismatchError(CommitVerifyError):
+    """The commit's ``did`` is not the event's ``repo`` (``did`` for ``#sync``)."""
+
+
+class RevMismatchError(CommitVerifyError):
+    """The event's ``rev`` is not the commit's ``rev``."""
+
+
+class CommitSignatureError(CommitVerifyError):
+    """The commit's signature does not verify with the account's key (or the key is unusable)."""
+
+
+class InvalidRevError(CommitVerifyError):
+    """The commit's ``rev`` is not a valid TID (spec: atproto record key, "TID")."""
+
+
+class StaleRevError(CommitVerifyError):
+    """The commit's ``rev`` is not greater than the rev held for the repo: replayed or older."""
+
+
+class FutureRevError(CommitVerifyError):
+    """The commit's ``rev`` (a TID, a timestamp) is further ahead of the local clock than the
+    allowed skew."""
+
+
+class TooManyOpsError(CommitVerifyError):
+    """The event has more than 200 ops."""
+
+
+class BlocksTooLargeError(CommitVerifyError):
+    """The event's ``blocks`` CAR is over 2,000,000 bytes (or the event says ``tooBig``)."""
+
+
+class InvalidOpError(CommitVerifyError):
+    """An op is malformed: unknown ``action``, a ``path`` that is no valid repo key, a create or
+    update without ``cid``, a delete with one, or a create with a ``prev``."""
+
+
+class DuplicateOpPathError(CommitVerifyError):
+    """Two ops of one commit name the same path."""
+
+
+class OpCidMismatchError(CommitVerifyError):
+    """A create's or update's ``cid`` is not what the new tree holds at its path."""
+
+
+class DeletedKeyPresentError(CommitVerifyError):
+    """A delete's path is still in the new tree."""
+
+
+class OpPrevMissingError(CommitVerifyError):
+    """An update or delete has no ``prev`` (the CID the old tree held) though the event has
+    ``prevData``: an update or delete of a key that was not there."""
+
+
+class MissingRecordBlockError(CommitVerifyError):
+    """A create's or update's record block is not in the event's CAR."""
+
+
+class MalformedRecordError(CommitVerifyError):
+    """A create's or update's record block is not a valid record (the processor refused it)."""
+
+
+class MalformedTreeError(CommitVerifyError):
+    """The new tree's nodes in the CAR break an MST rule; the :class:`MstError` is ``__cause__``."""
+
+
+class MissingProofBlockError(CommitVerifyError):
+    """Checking an op or inverting it needs an MST node the event's CAR does not hold (a missing
+    proof block). ``cid`` is the absent node's raw CID."""
+
+    def __init__(self, message: str, *, cid: bytes, did: str | None = None, rev: str | None = None) -> None:
+        super().__init__(message, did=did, rev=rev)
+        self.cid = cid
+
+
+class MissingPrevDataError(CommitVerifyError):
+    """The event has no ``prevData`` and the caller requires it (``require_prev_data=True``)."""
+
+
+class InversionMismatchError(CommitVerifyError):
+    """Inverting the ops on the new tree does not give ``prevData``: the tree changes keys no op
+    names, or an op's ``prev`` is not what the old tree held."""

@@ -106,8 +106,7 @@ def test_verification_thread_checks_every_block_and_ends_with_its_parser() -> No
 
     if "c" not in implementation.available():
         pytest.skip("the C core is not built here")
-    from repo_stream import errors
-    from repo_stream import _native
+    from repo_stream import _native, errors
     from repo_stream.core.cid import cid_text
 
     data = open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "repo-2000-shuffled.car"), "rb").read()

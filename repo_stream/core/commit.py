@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # imported when used: multiformats, cryptography and cbrrr co
     from multiformats import CID
 
     from ..crypto.didkey import PublicKey
+    from ..crypto.signature import VerifyingKey
 
 #: The fields of a v3 commit.
 COMMIT_FIELDS: Final = frozenset({"did", "version", "data", "rev", "prev", "sig"})
@@ -134,13 +135,14 @@ class Commit:
                 return cbrrr.encode_dag_cbor(unsigned)
         return encode_unsigned_commit(self.did, self.data_bytes, self.rev, self._prev_bytes(), self.version)
 
-    def verify_signature(self, key: str | PublicKey) -> None:
+    def verify_signature(self, key: str | PublicKey | VerifyingKey) -> None:
         """Check :attr:`sig` against ``key``; return ``None`` if the commit is signed by it.
 
         Args:
             key: the account's signing key: a did:key string (``"did:key:zQ3s..."`` for
                 secp256k1, ``"did:key:zDn..."`` for P-256) or a ``cryptography``
-                ``EllipticCurvePublicKey`` on one of those curves. For an account it is the
+                ``EllipticCurvePublicKey`` on one of those curves, or a
+                :class:`~repo_stream.crypto.signature.VerifyingKey`. For an account it is the
                 ``#atproto`` verification method of its DID document.
 
         Raises:
@@ -152,18 +154,14 @@ class Commit:
         Spec: atproto repository, "Commit Objects"; atproto cryptography (ECDSA over SHA-256,
         low-S, compact signatures).
         """
-        from ..crypto.didkey import parse_did_key
-        from ..crypto.signature import verify
+        from ..crypto.signature import verifying_key
 
         where = f"commit {self.cid} of {self.did}"
-        if isinstance(key, str):
-            try:
-                public_key = parse_did_key(key)
-            except SignatureError as exc:
-                raise SignatureError(f"{where}: {exc}") from exc
-        else:
-            public_key = key
-        verify(public_key, self.unsigned_bytes(), self.sig, where=where)
+        try:
+            verifier = verifying_key(key)
+        except SignatureError as exc:
+            raise SignatureError(f"{where}: {exc}") from exc
+        verifier.verify(self.unsigned_bytes(), self.sig, where=where)
 
 
 def decode_commit(block: bytes, cid: bytes, *, strict: bool = False) -> tuple[Commit, bytes]:

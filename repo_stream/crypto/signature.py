@@ -4,12 +4,19 @@ Spec: https://atproto.com/specs/cryptography: both curves (secp256k1 and P-256) 
 SHA-256 digest of the bytes with ECDSA; the signature is the two 32-byte big-endian integers
 ``r`` and ``s`` concatenated (not DER), and ``s`` must be in the lower half of the curve order
 ("low-S"): a verifier refuses the high-S twin ``(r, n - s)`` that plain ECDSA would accept, so a
-signature cannot be altered into another valid one. ``cryptography`` does the curve arithmetic.
+signature cannot be altered into another valid one.
+
+The curve arithmetic: secp256k1 signatures are checked by libsecp256k1 through ``coincurve``
+(~40 us a signature, ten times faster than OpenSSL's ~450 us for that curve), P-256 ones by
+``cryptography`` (OpenSSL, ~85 us). :func:`verifying_key` parses a did:key once and keeps the
+parsed key (a bounded cache per key string), for verifying many commits of one account.
 """
 
 from __future__ import annotations
 
-from typing import Final
+import functools
+import hashlib
+from typing import TYPE_CHECKING, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -20,9 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from ..errors import SignatureError
-from .didkey import PublicKey, format_did_key
+from .didkey import PublicKey, format_did_key, parse_did_key
 
-__all__ = ["CURVE_ORDERS", "sign", "verify"]
+if TYPE_CHECKING:
+    import coincurve
+
+__all__ = ["CURVE_ORDERS", "VerifyingKey", "sign", "verify", "verifying_key"]
 
 #: The group order ``n`` of each atproto curve, by ``cryptography``'s curve name.
 CURVE_ORDERS: Final[dict[str, int]] = {
@@ -51,21 +61,112 @@ def verify(key: PublicKey, data: bytes, sig: bytes, *, where: str = "signature")
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _SUPPORTED:
         kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
         raise SignatureError(f"{where}: cannot verify with a {kind} key; atproto keys are secp256k1 or P-256")
-    did_key = format_did_key(key)
-    if not isinstance(sig, (bytes, bytearray, memoryview)) or len(sig) != 64:
-        got = f"{len(sig)} bytes" if isinstance(sig, (bytes, bytearray, memoryview)) else type(sig).__name__
-        raise SignatureError(f"{where}: signature must be 64 bytes (r || s), got {got}")
-    n = CURVE_ORDERS[key.curve.name]
-    r = int.from_bytes(sig[:32], "big")
-    s = int.from_bytes(sig[32:], "big")
-    if not (0 < r < n and 0 < s < n):
-        raise SignatureError(f"{where}: malformed signature: r and s must be in 1..n-1 of {key.curve.name}")
-    if s > n // 2:
-        raise SignatureError(f"{where}: high-S signature refused (atproto requires s <= n/2); key {did_key}")
-    try:
-        key.verify(encode_dss_signature(r, s), bytes(data), ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise SignatureError(f"{where}: signature does not verify with key {did_key}") from None
+    VerifyingKey(key).verify(data, sig, where=where)
+
+
+@functools.lru_cache(maxsize=4096)
+def _k256(point: bytes) -> coincurve.PublicKey:
+    """The coincurve key of a compressed secp256k1 point (imported on first use)."""
+    import coincurve
+
+    return coincurve.PublicKey(point)
+
+
+class VerifyingKey:
+    """A parsed atproto signing key, ready to check many signatures.
+
+    Args:
+        key: a secp256k1 or P-256 ``cryptography`` ``EllipticCurvePublicKey``.
+        did_key: its did:key string when known (else made when an error message needs it).
+
+    Attributes: ``curve`` (``"secp256k1"`` or ``"secp256r1"``).
+
+    Raises:
+        SignatureError: ``key`` is not such a key.
+    """
+
+    __slots__ = ("curve", "_key", "_fast", "_did_key", "_order")
+
+    def __init__(self, key: PublicKey, did_key: str | None = None) -> None:
+        if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _SUPPORTED:
+            kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+            raise SignatureError(f"cannot verify with a {kind} key; atproto keys are secp256k1 or P-256")
+        self.curve: str = key.curve.name
+        self._key = key
+        self._did_key = did_key
+        self._order = CURVE_ORDERS[self.curve]
+        self._fast: coincurve.PublicKey | None = None
+        if self.curve == "secp256k1":
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            self._fast = _k256(key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint))
+
+    @property
+    def did_key(self) -> str:
+        """The key as a did:key string."""
+        if self._did_key is None:
+            self._did_key = format_did_key(self._key)
+        return self._did_key
+
+    @property
+    def public_key(self) -> PublicKey:
+        """The ``cryptography`` public key."""
+        return self._key
+
+    def verify(self, data: bytes, sig: bytes, *, where: str = "signature") -> None:
+        """Check an atproto signature of ``data``; return ``None`` if it is valid.
+
+        Raises:
+            SignatureError: as :func:`verify`.
+
+        Spec: atproto cryptography, "ECDSA Signatures" / low-S.
+        """
+        if not isinstance(sig, (bytes, bytearray, memoryview)) or len(sig) != 64:
+            got = f"{len(sig)} bytes" if isinstance(sig, (bytes, bytearray, memoryview)) else type(sig).__name__
+            raise SignatureError(f"{where}: signature must be 64 bytes (r || s), got {got}")
+        n = self._order
+        r = int.from_bytes(sig[:32], "big")
+        s = int.from_bytes(sig[32:], "big")
+        if not (0 < r < n and 0 < s < n):
+            raise SignatureError(f"{where}: malformed signature: r and s must be in 1..n-1 of {self.curve}")
+        if s > n // 2:
+            raise SignatureError(f"{where}: high-S signature refused (atproto requires s <= n/2); key {self.did_key}")
+        fast = self._fast
+        if fast is not None:
+            from coincurve.ecdsa import cdata_to_der, deserialize_compact
+
+            ok = fast.verify(cdata_to_der(deserialize_compact(bytes(sig))), bytes(data), hasher=_sha256)
+        else:
+            try:
+                self._key.verify(encode_dss_signature(r, s), bytes(data), ec.ECDSA(hashes.SHA256()))
+                ok = True
+            except InvalidSignature:
+                ok = False
+        if not ok:
+            raise SignatureError(f"{where}: signature does not verify with key {self.did_key}")
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(did_key: str) -> VerifyingKey:
+    return VerifyingKey(parse_did_key(did_key), did_key)
+
+
+def verifying_key(key: str | PublicKey | VerifyingKey) -> VerifyingKey:
+    """A :class:`VerifyingKey` for a did:key string (parsed once: the last 4,096 key strings are
+    cached), a ``cryptography`` public key or a :class:`VerifyingKey` (returned as it is).
+
+    Raises:
+        SignatureError: the did:key cannot be parsed, or the key is not secp256k1 or P-256.
+    """
+    if isinstance(key, VerifyingKey):
+        return key
+    if isinstance(key, str):
+        return _parsed(key)
+    return VerifyingKey(key)
 
 
 def sign(private_key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:

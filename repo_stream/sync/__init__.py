@@ -1,0 +1,45 @@
+"""Sync 1.1: partial MSTs from CAR slices, MST edits and inversion, verified ``#commit`` and
+``#sync`` events, record proofs, and generated commit events.
+
+Modules: :mod:`.partial` (a partial MST loaded from a CAR slice: lookups, ``walk_slice``;
+:func:`read_car_slice`), :mod:`.edit` (insert, update, delete with the exact layer rules),
+:mod:`.invert` (ops and their inversion), :mod:`.events` (decoding subscribeRepos frames),
+:mod:`.verify` (:func:`verify_commit`, :func:`verify_sync`, :class:`RepoState`, the results),
+:mod:`.proof` (record proofs: :func:`prove`, :func:`verify_record_proof`) and :mod:`.generate`
+(``#commit`` events made the way a PDS makes them, for tests and benchmarks).
+
+Spec: atproto sync (https://atproto.com/specs/sync), "Commit Validation"; proposal 0006.
+
+May import: :mod:`repo_stream.errors`, :mod:`repo_stream.core`, :mod:`repo_stream.crypto`,
+:mod:`repo_stream.records` (record values; the writer and the record generator for
+:mod:`.generate`). Nothing here does network I/O.
+"""
+
+from ..errors import CommitVerifyError, OutOfSyncError
+from .events import Frame, decode_frame
+from .invert import Op, invert
+from .partial import CarSlice, PartialTree, SliceEntry, read_car_slice
+from .proof import ProvenRecord, prove, verify_record_proof
+from .verify import RepoState, VerifiedCommit, VerifiedOp, VerifiedSync, verify_commit, verify_sync
+
+__all__ = [
+    "verify_commit",
+    "verify_sync",
+    "RepoState",
+    "OutOfSyncError",
+    "CommitVerifyError",
+    "VerifiedCommit",
+    "VerifiedOp",
+    "VerifiedSync",
+    "Frame",
+    "decode_frame",
+    "Op",
+    "invert",
+    "ProvenRecord",
+    "prove",
+    "verify_record_proof",
+    "CarSlice",
+    "PartialTree",
+    "SliceEntry",
+    "read_car_slice",
+]

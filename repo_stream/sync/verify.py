@@ -1,0 +1,616 @@
+"""Verifying ``#commit`` and ``#sync`` events of the firehose on their own (sync 1.1).
+
+Spec: atproto sync, "Commit Validation" (https://atproto.com/specs/sync; proposal 0006, "Sync
+v1.1"); lexicon ``com.atproto.sync.subscribeRepos``. :func:`verify_commit` checks, in order
+(each failed rule raises its own :class:`~repo_stream.errors.CommitVerifyError` subclass naming
+the DID, rev, key or CID):
+
+1. the message decodes (header ``#commit``, body fields of the right types:
+   :class:`MalformedEventError`); at most 200 ops (:class:`TooManyOpsError`); ``blocks`` at most
+   2,000,000 bytes and not ``tooBig`` (:class:`BlocksTooLargeError`);
+2. each op well formed (:class:`InvalidOpError`), no path twice (:class:`DuplicateOpPathError`),
+   updates and deletes carry ``prev`` when the event has ``prevData`` (:class:`OpPrevMissingError`);
+3. ``blocks`` is a CAR whose blocks hash to their CIDs (:class:`MalformedCarError`), its root is
+   the event's ``commit`` (:class:`CommitNotRootError`), the commit block is in it
+   (:class:`MissingCommitBlockError`) and is a v3 commit in canonical DAG-CBOR
+   (:class:`MalformedCommitError`); its ``did`` is ``repo`` (:class:`CommitDidMismatchError`)
+   and its ``rev`` the event's (:class:`RevMismatchError`);
+4. ``rev`` is a TID (:class:`InvalidRevError`), not more than ``max_clock_skew`` seconds ahead of
+   the clock (:class:`FutureRevError`), and above the held rev (:class:`StaleRevError`);
+5. the signature verifies with ``key`` (:class:`CommitSignatureError`);
+6. with ``prevData``: in the new tree each create's and update's path holds its ``cid``
+   (:class:`OpCidMismatchError`) and each delete's path nothing (:class:`DeletedKeyPresentError`);
+   creates' and updates' record blocks are present (:class:`MissingRecordBlockError`) and valid
+   (:class:`MalformedRecordError`); inverting the ops gives ``prevData``
+   (:class:`InversionMismatchError`: the tree changes keys no op names, or a ``prev`` is not
+   what the old tree held); any node these need must be in the CAR
+   (:class:`MissingProofBlockError`) and obey the MST rules (:class:`MalformedTreeError`);
+   without ``prevData``: :class:`MissingPrevDataError` unless ``require_prev_data=False``, when
+   the commit is accepted on its signature alone (``result.inverted`` is False);
+7. continuity, last: with ``prev`` (the state held), ``since`` must be ``prev.rev`` and
+   ``prevData`` ``prev.data``, else :class:`~repo_stream.errors.OutOfSyncError`, whose
+   ``.result`` is the commit verified on its own (refetch the repo).
+"""
+
+from __future__ import annotations
+
+import re
+import time as _time
+from base64 import b32decode
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar, overload
+
+from ..core.cid import cid_str, cid_text
+from ..core.commit import Commit, decode_commit
+from ..core.mst import is_valid_key
+from ..errors import (
+    BlocksTooLargeError,
+    CarError,
+    CidMismatchError,
+    CommitDidMismatchError,
+    CommitError,
+    CommitNotRootError,
+    CommitSignatureError,
+    DeletedKeyPresentError,
+    DuplicateOpPathError,
+    EventDecodeError,
+    FutureRevError,
+    InvalidOpError,
+    InvalidRevError,
+    InversionMismatchError,
+    MalformedCarError,
+    MalformedCommitError,
+    MalformedEventError,
+    MalformedRecordError,
+    MalformedTreeError,
+    MissingCommitBlockError,
+    MissingPrevDataError,
+    MissingProofBlockError,
+    MissingRecordBlockError,
+    MstError,
+    OpCidMismatchError,
+    OpPrevMissingError,
+    OutOfSyncError,
+    RevMismatchError,
+    SignatureError,
+    StaleRevError,
+    TooManyOpsError,
+    UnknownSubtreeError,
+)
+from ..records.values import JsonValue, Link, record_json
+from .events import DEFAULT_MAX_MESSAGE_BYTES, decode_frame
+from .invert import ACTIONS, Op, invert
+from .partial import PartialTree, read_car_slice
+
+if TYPE_CHECKING:
+    from ..crypto.didkey import PublicKey
+    from ..crypto.signature import VerifyingKey
+
+__all__ = [
+    "MAX_BLOCKS_BYTES",
+    "MAX_OPS",
+    "DEFAULT_MAX_CLOCK_SKEW",
+    "RepoState",
+    "VerifiedCommit",
+    "VerifiedOp",
+    "VerifiedSync",
+    "parse_cid",
+    "tid_timestamp",
+    "verify_commit",
+    "verify_sync",
+]
+
+#: The most ops a ``#commit`` may carry.
+MAX_OPS: Final = 200
+#: The most bytes a ``#commit``'s ``blocks`` may hold.
+MAX_BLOCKS_BYTES: Final = 2_000_000
+#: How far (seconds) a commit's rev may be ahead of the local clock by default.
+DEFAULT_MAX_CLOCK_SKEW: Final = 300.0
+
+V = TypeVar("V")
+_TID_RE: Final = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
+_S32: Final = {c: i for i, c in enumerate("234567abcdefghijklmnopqrstuvwxyz")}
+
+
+def tid_timestamp(tid: str) -> int | None:
+    """The microseconds since the Unix epoch in a TID, or ``None`` if ``tid`` is not a valid TID
+    (13 characters of base32-sortable, the first one of ``234567abcdefghij``).
+
+    Spec: atproto record key, "Record Key Type: tid".
+    """
+    if type(tid) is not str or len(tid) != 13 or not _TID_RE.fullmatch(tid):
+        return None
+    value = 0
+    for c in tid:
+        value = value << 5 | _S32[c]
+    return value >> 10
+
+
+def parse_cid(value: object) -> bytes:
+    """The raw bytes of a CID given as a :class:`~repo_stream.records.values.Link` (or any cbrrr
+    ``CID``), a multiformats ``CID``, a CID string (base32 ``b...`` or any multibase multiformats
+    reads), a CBOR tag 42, or raw bytes.
+
+    Raises:
+        ValueError: not a CID.
+    """
+    raw = getattr(value, "cid_bytes", None)
+    if isinstance(raw, bytes):
+        return raw
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        if value[:1] == "b" and len(value) < 200:
+            try:
+                text = value[1:].upper()
+                return b32decode(text + "=" * (-len(text) % 8))
+            except ValueError:
+                pass
+        from multiformats import CID
+
+        try:
+            return bytes(CID.decode(value))
+        except Exception as exc:
+            raise ValueError(f"not a CID: {value[:100]!r}: {exc}") from None
+    tag = getattr(value, "tag", None)
+    if tag == 42 and isinstance(getattr(value, "value", None), bytes) and value.value[:1] == b"\x00":  # type: ignore[attr-defined]
+        return bytes(value.value[1:])  # type: ignore[attr-defined]
+    if hasattr(value, "__bytes__") and type(value).__name__ == "CID":
+        return bytes(value)
+    raise ValueError(f"not a CID: {type(value).__name__}")
+
+
+class RepoState(NamedTuple):
+    """The state held for a repo: its last verified ``rev`` and MST root ``data`` (a CID string,
+    a multiformats ``CID``, a :class:`~repo_stream.records.values.Link` or raw bytes)."""
+
+    rev: str
+    data: object
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedOp(Generic[V]):
+    """One op of a verified commit.
+
+    Attributes:
+        action: ``"create"``, ``"update"`` or ``"delete"``.
+        path: the repo key ``collection/rkey``.
+        cid: the record CID after the commit (``None`` for a delete); ``str()`` is base32.
+        prev: the record CID before it (``None`` for a create, or when the event has none).
+        value: the record processed (``record_json`` by default) for creates and updates.
+        block: the record block (DAG-CBOR bytes) for creates and updates.
+    """
+
+    action: str
+    path: str
+    cid: Link | None
+    prev: Link | None
+    value: V | None
+    block: bytes | None
+
+    @property
+    def collection(self) -> str:
+        """The NSID before the ``/``."""
+        return self.path.partition("/")[0]
+
+    @property
+    def rkey(self) -> str:
+        """The record key after the ``/``."""
+        return self.path.partition("/")[2]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedCommit(Generic[V]):
+    """A ``#commit`` event verified by :func:`verify_commit`.
+
+    Attributes:
+        did: the account (``repo``). rev: the commit's rev (a TID). since: the previous rev
+        the event names, or ``None``. data: the new MST root. commit: the commit's CID.
+        prev_data: the MST root before the commit (``prevData``), or ``None``.
+        inverted: True when inversion reproduced ``prev_data`` (False: accepted on the
+        signature alone, ``require_prev_data=False``). ops: the ops, in the event's order.
+        seq and time: the event's, when given.
+    """
+
+    did: str
+    rev: str
+    since: str | None
+    data: Link
+    commit: Link
+    prev_data: Link | None
+    inverted: bool
+    ops: tuple[VerifiedOp[V], ...]
+    seq: int | None
+    time: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as JSON-ready values (CIDs as base32 strings)."""
+        return {
+            "did": self.did,
+            "rev": self.rev,
+            "since": self.since,
+            "data": str(self.data),
+            "commit": str(self.commit),
+            "prevData": None if self.prev_data is None else str(self.prev_data),
+            "inverted": self.inverted,
+            "seq": self.seq,
+            "time": self.time,
+            "ops": [
+                {
+                    "action": op.action,
+                    "path": op.path,
+                    "cid": None if op.cid is None else str(op.cid),
+                    "prev": None if op.prev is None else str(op.prev),
+                    "value": op.value,
+                }
+                for op in self.ops
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedSync:
+    """A ``#sync`` event verified by :func:`verify_sync`: ``did``, ``rev``, ``data`` (the MST
+    root), ``commit`` (the commit's CID), and the event's ``seq`` and ``time`` when given."""
+
+    did: str
+    rev: str
+    data: Link
+    commit: Link
+    seq: int | None
+    time: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as JSON-ready values (CIDs as base32 strings)."""
+        return {"did": self.did, "rev": self.rev, "data": str(self.data), "commit": str(self.commit), "seq": self.seq, "time": self.time}
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _body(message: object, kind: str, max_bytes: int) -> Mapping[str, object]:
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        try:
+            frame = decode_frame(message, max_bytes=max_bytes)
+        except EventDecodeError as exc:
+            raise MalformedEventError(str(exc)) from exc
+        if frame.type != kind:
+            raise MalformedEventError(f"subscribeRepos message of type {frame.type[:100]!r}, expected {kind!r}")
+        return frame.body
+    if isinstance(message, Mapping):
+        return message
+    raise MalformedEventError(f"a {kind} event must be the message bytes or a decoded body map, not {type(message).__name__}")
+
+
+def _field(body: Mapping[str, object], name: str, kind: type, what: str, *, optional: bool = False) -> Any:
+    value = body.get(name)
+    if value is None and optional:
+        return None
+    if type(value) is not kind:
+        got = "missing" if name not in body else f"a {type(value).__name__}"
+        raise MalformedEventError(f"{what}: field {name!r} should be a {kind.__name__}, got {got}")
+    return value
+
+
+def _cid_field(value: object, what: str) -> bytes:
+    try:
+        return parse_cid(value)
+    except ValueError as exc:
+        raise MalformedEventError(f"{what}: {exc}") from None
+
+
+def _verifier(key: str | PublicKey | VerifyingKey, did: str, rev: str) -> VerifyingKey:
+    from ..crypto.signature import verifying_key
+
+    try:
+        return verifying_key(key)
+    except SignatureError as exc:
+        raise CommitSignatureError(f"commit of {did} at rev {rev}: {exc}", did=did, rev=rev) from exc
+
+
+def _load_commit(
+    blocks_bytes: bytes, commit_cid: bytes | None, did: str, rev: str | None, where: str
+) -> tuple[dict[bytes, bytes], Commit, bytes, bytes]:
+    """Parse the CAR, find and decode the commit (``commit_cid``, or the CAR's root when
+    ``None``); check it is the root and names ``did``. Returns the blocks, the commit, its data
+    CID and its CID."""
+    try:
+        roots, blocks = read_car_slice(blocks_bytes)
+    except (CarError, CidMismatchError) as exc:
+        raise MalformedCarError(f"{where}: blocks: {exc}", did=did, rev=rev) from exc
+    if commit_cid is None:
+        commit_cid = roots[0]
+    if roots[0] != commit_cid:
+        raise CommitNotRootError(f"{where}: the CAR's root is {cid_str(roots[0])}, not the commit {cid_str(commit_cid)}", did=did, rev=rev)
+    block = blocks.get(commit_cid)
+    if block is None:
+        raise MissingCommitBlockError(f"{where}: the commit block {cid_str(commit_cid)} is not in the CAR", did=did, rev=rev)
+    try:
+        commit, data = decode_commit(block, commit_cid, strict=True)
+    except CommitError as exc:
+        raise MalformedCommitError(f"{where}: {exc}", did=did, rev=rev) from exc
+    if commit.did != did:
+        raise CommitDidMismatchError(f"{where}: the commit {cid_str(commit_cid)} is for {commit.did[:200]!r}", did=did, rev=rev)
+    if rev is not None and commit.rev != rev:
+        raise RevMismatchError(f"{where}: the commit's rev is {commit.rev[:100]!r}", did=did, rev=rev)
+    return blocks, commit, data, commit_cid
+
+
+def _check_signature(commit: Commit, commit_cid: bytes, verifier: VerifyingKey, where: str, did: str, rev: str) -> None:
+    try:
+        unsigned = commit.unsigned_bytes()
+        verifier.verify(unsigned, commit.sig, where=f"{where}: commit {cid_str(commit_cid)}")
+    except SignatureError as exc:
+        raise CommitSignatureError(str(exc), did=did, rev=rev) from exc
+
+
+# ------------------------------------------------------------------------------------ #commit
+
+
+@overload
+def verify_commit(
+    message: bytes | bytearray | memoryview | Mapping[str, object],
+    *,
+    key: str | PublicKey | VerifyingKey,
+    prev: RepoState | None = None,
+    require_prev_data: bool = True,
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+    now: float | None = None,
+    check_keys: bool = True,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> VerifiedCommit[JsonValue]: ...
+
+
+@overload
+def verify_commit(
+    message: bytes | bytearray | memoryview | Mapping[str, object],
+    *,
+    key: str | PublicKey | VerifyingKey,
+    prev: RepoState | None = None,
+    require_prev_data: bool = True,
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+    now: float | None = None,
+    check_keys: bool = True,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    process: Callable[[bytes], V],
+) -> VerifiedCommit[V]: ...
+
+
+def verify_commit(
+    message: bytes | bytearray | memoryview | Mapping[str, object],
+    *,
+    key: str | PublicKey | VerifyingKey,
+    prev: RepoState | None = None,
+    require_prev_data: bool = True,
+    max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+    now: float | None = None,
+    check_keys: bool = True,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    process: Callable[[bytes], Any] = record_json,
+) -> VerifiedCommit[Any]:
+    """Verify a ``#commit`` event on its own, and its continuity with ``prev``.
+
+    Args:
+        message: the raw subscribeRepos message (header + body bytes, as received over the
+            WebSocket) or a decoded body map (links as ``Link``/cbrrr ``CID``, multiformats
+            ``CID``, CID strings or tag 42).
+        key: the account's signing key: a did:key string (parsed once and cached), a
+            ``cryptography`` public key or a :class:`~repo_stream.crypto.signature.VerifyingKey`.
+        prev: the state held for the repo, or ``None`` (no continuity check).
+        require_prev_data: refuse events without ``prevData`` (:class:`MissingPrevDataError`);
+            False accepts them on the signature alone (``result.inverted`` is False).
+        max_clock_skew: seconds the rev's timestamp may be ahead of ``now``.
+        now: the local clock, seconds since the Unix epoch (default ``time.time()``).
+        check_keys: require op paths and tree keys to be valid ``collection/rkey`` paths.
+        max_message_bytes: refuse longer raw messages.
+        process: turns each create's and update's record block into ``op.value``
+            (default :func:`~repo_stream.records.values.record_json`; any block processor).
+
+    Returns:
+        The :class:`VerifiedCommit` (``.did``, ``.rev``, ``.data``, ``.commit``, ``.ops``...).
+
+    Raises:
+        CommitVerifyError: one subclass per rule (module docstring): a broken, forged or stale
+            commit.
+        OutOfSyncError: valid on its own but ``since`` or ``prevData`` differ from ``prev``;
+            ``.result`` is the :class:`VerifiedCommit`.
+
+    Spec: atproto sync, "Commit Validation"; lexicon com.atproto.sync.subscribeRepos#commit.
+    """
+    body = _body(message, "#commit", max_message_bytes)
+    did = _field(body, "repo", str, "#commit event")
+    did = did[:2048]
+    rev = _field(body, "rev", str, f"#commit of {did}")[:200]
+    where = f"#commit of {did} at rev {rev}"
+    try:
+        since = _field(body, "since", str, where, optional=True)
+        blocks_bytes = _field(body, "blocks", bytes, where)
+        raw_ops = _field(body, "ops", list, where)
+        commit_cid = _cid_field(body.get("commit"), f"{where}: field 'commit'")
+        prev_data = None if body.get("prevData") is None else _cid_field(body["prevData"], f"{where}: field 'prevData'")
+        seq = body.get("seq")
+        seq = seq if type(seq) is int else None
+        when = body.get("time")
+        when = when if type(when) is str else None
+    except MalformedEventError as exc:
+        exc.did, exc.rev = did, rev
+        raise
+    if body.get("tooBig") is True:
+        raise BlocksTooLargeError(f"{where}: the event says tooBig (its blocks were left out)", did=did, rev=rev)
+    if len(raw_ops) > MAX_OPS:
+        raise TooManyOpsError(f"{where}: {len(raw_ops)} ops, over the limit of {MAX_OPS}", did=did, rev=rev)
+    if len(blocks_bytes) > MAX_BLOCKS_BYTES:
+        raise BlocksTooLargeError(f"{where}: blocks of {len(blocks_bytes)} bytes, over the limit of {MAX_BLOCKS_BYTES}", did=did, rev=rev)
+    if prev_data is None and require_prev_data:
+        raise MissingPrevDataError(f"{where}: no prevData (the PDS predates sync 1.1); pass require_prev_data=False to accept it on its signature alone", did=did, rev=rev)
+
+    # 2. The ops.
+    ops: list[Op] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_ops):
+        if type(raw) is not dict:
+            raise InvalidOpError(f"{where}: op {i} is a {type(raw).__name__}, not a map", did=did, rev=rev)
+        action = raw.get("action")
+        path = raw.get("path")
+        if type(path) is not str or (check_keys and not is_valid_key(path)) or len(path) > 1024:
+            raise InvalidOpError(f"{where}: op {i} has path {str(path)[:200]!r}, not a valid repo key", did=did, rev=rev)
+        if action not in ACTIONS or type(action) is not str:
+            raise InvalidOpError(f"{where}: op {i} ({path!r}) has action {str(action)[:50]!r}, not create, update or delete", did=did, rev=rev)
+        if path in seen:
+            raise DuplicateOpPathError(f"{where}: path {path!r} is named by more than one op", did=did, rev=rev)
+        seen.add(path)
+        cid_value = raw.get("cid")
+        prev_value = raw.get("prev")
+        cid = None if cid_value is None else _op_cid(cid_value, f"{where}: op {i} ({action} {path!r}) field 'cid'", did, rev)
+        op_prev = None if prev_value is None else _op_cid(prev_value, f"{where}: op {i} ({action} {path!r}) field 'prev'", did, rev)
+        if action == "delete":
+            if cid is not None:
+                raise InvalidOpError(f"{where}: delete of {path!r} has a cid ({cid_str(cid)}); a delete's cid is null", did=did, rev=rev)
+        elif cid is None:
+            raise InvalidOpError(f"{where}: {action} of {path!r} has no cid", did=did, rev=rev)
+        if action == "create" and op_prev is not None:
+            raise InvalidOpError(f"{where}: create of {path!r} has a prev ({cid_str(op_prev)}): the key was there already", did=did, rev=rev)
+        if action != "create" and op_prev is None and prev_data is not None:
+            raise OpPrevMissingError(f"{where}: {action} of {path!r} has no prev: a {action} of a key that was not there", did=did, rev=rev)
+        ops.append(Op(action, path, cid, op_prev))
+
+    # 3. The CAR and the commit.
+    blocks, commit, data, _ = _load_commit(blocks_bytes, commit_cid, did, rev, where)
+
+    # 4. The rev.
+    stamp = tid_timestamp(rev)
+    if stamp is None:
+        raise InvalidRevError(f"{where}: rev {rev!r} is not a valid TID", did=did, rev=rev)
+    clock = _time.time() if now is None else now
+    if stamp / 1e6 > clock + max_clock_skew:
+        raise FutureRevError(
+            f"{where}: rev {rev!r} is {stamp / 1e6 - clock:.0f} s ahead of the clock (at most {max_clock_skew:g} s allowed)", did=did, rev=rev
+        )
+    if prev is not None and not rev > prev.rev:
+        raise StaleRevError(f"{where}: rev {rev!r} does not follow the held rev {prev.rev[:100]!r} (replayed or older)", did=did, rev=rev)
+
+    # 5. The signature.
+    _check_signature(commit, commit_cid, _verifier(key, did, rev), where, did, rev)
+
+    # 6. The ops against the new tree, and inversion.
+    verified: list[VerifiedOp[Any]] = []
+    inverted = False
+    tree = PartialTree(data, blocks, check_keys=check_keys)
+    try:
+        for op in ops:
+            value: Any = None
+            block: bytes | None = None
+            if prev_data is not None:
+                held = tree.get(op.path)
+                if op.action == "delete":
+                    if held is not None:
+                        raise DeletedKeyPresentError(f"{where}: deleted path {op.path!r} still holds {cid_str(held)}", did=did, rev=rev)
+                elif held != op.cid:
+                    assert op.cid is not None
+                    found = "nothing" if held is None else cid_str(held)
+                    raise OpCidMismatchError(
+                        f"{where}: {op.action} of {op.path!r} names {cid_str(op.cid)} but the tree holds {found}", did=did, rev=rev
+                    )
+            if op.cid is not None:
+                block = blocks.get(op.cid)
+                if block is None:
+                    if prev_data is not None:
+                        raise MissingRecordBlockError(f"{where}: record block {cid_str(op.cid)} of {op.path!r} is not in the CAR", did=did, rev=rev)
+                else:
+                    try:
+                        value = process(block)
+                    except Exception as exc:
+                        raise MalformedRecordError(f"{where}: record {cid_str(op.cid)} of {op.path!r}: {exc}", did=did, rev=rev) from exc
+            verified.append(
+                VerifiedOp(
+                    op.action, op.path, None if op.cid is None else Link(op.cid), None if op.prev is None else Link(op.prev), value, block
+                )
+            )
+        if prev_data is not None:
+            got = invert(tree, ops)
+            if got != prev_data:
+                raise InversionMismatchError(
+                    f"{where}: inverting the ops gives {cid_str(got)}, not prevData {cid_str(prev_data)}:"
+                    " the tree changes keys no op names, or an op's prev is not what the old tree held",
+                    did=did,
+                    rev=rev,
+                )
+            inverted = True
+    except UnknownSubtreeError as exc:
+        raise MissingProofBlockError(f"{where}: a proof block is missing: {exc}", cid=exc.cid, did=did, rev=rev) from exc
+    except MstError as exc:
+        raise MalformedTreeError(f"{where}: {exc}", did=did, rev=rev) from exc
+
+    result: VerifiedCommit[Any] = VerifiedCommit(
+        did, rev, since, Link(data), Link(commit_cid), None if prev_data is None else Link(prev_data), inverted, tuple(verified), seq, when
+    )
+
+    # 7. Continuity.
+    if prev is not None:
+        try:
+            held_data = parse_cid(prev.data)
+        except ValueError as exc:
+            raise ValueError(f"RepoState.data: {exc}") from None
+        if since != prev.rev:
+            raise OutOfSyncError(f"{where}: since is {since!r} but the held rev is {prev.rev!r}: refetch the repo", result=result)
+        if prev_data is not None and prev_data != held_data:
+            raise OutOfSyncError(
+                f"{where}: prevData is {cid_text(prev_data)} but the held data is {cid_str(held_data)}: refetch the repo", result=result
+            )
+    return result
+
+
+def _op_cid(value: object, what: str, did: str, rev: str) -> bytes:
+    try:
+        return parse_cid(value)
+    except ValueError as exc:
+        raise InvalidOpError(f"{what}: {exc}", did=did, rev=rev) from None
+
+
+# ------------------------------------------------------------------------------------ #sync
+
+
+def verify_sync(
+    message: bytes | bytearray | memoryview | Mapping[str, object],
+    *,
+    key: str | PublicKey | VerifyingKey,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> VerifiedSync:
+    """Verify a ``#sync`` event: its CAR holds the commit as its root, the commit's ``did`` is the
+    event's and its signature verifies with ``key``.
+
+    Args:
+        message: the raw subscribeRepos message or a decoded ``#sync`` body.
+        key: as for :func:`verify_commit`.
+        max_message_bytes: refuse longer raw messages.
+
+    Returns:
+        A :class:`VerifiedSync` (``.did``, ``.rev``, ``.data``, ``.commit``).
+
+    Raises:
+        CommitVerifyError: :class:`MalformedEventError`, :class:`BlocksTooLargeError`,
+            :class:`MalformedCarError`, :class:`MissingCommitBlockError`,
+            :class:`MalformedCommitError`, :class:`CommitDidMismatchError`,
+            :class:`RevMismatchError`, :class:`InvalidRevError`, :class:`CommitSignatureError`.
+
+    Spec: atproto sync, "Commit Validation"; lexicon com.atproto.sync.subscribeRepos#sync.
+    """
+    body = _body(message, "#sync", max_message_bytes)
+    did = _field(body, "did", str, "#sync event")[:2048]
+    rev = _field(body, "rev", str, f"#sync of {did}")[:200]
+    where = f"#sync of {did} at rev {rev}"
+    try:
+        blocks_bytes = _field(body, "blocks", bytes, where)
+    except MalformedEventError as exc:
+        exc.did, exc.rev = did, rev
+        raise
+    if len(blocks_bytes) > MAX_BLOCKS_BYTES:
+        raise BlocksTooLargeError(f"{where}: blocks of {len(blocks_bytes)} bytes, over the limit of {MAX_BLOCKS_BYTES}", did=did, rev=rev)
+    _, commit, data, commit_cid = _load_commit(blocks_bytes, None, did, rev, where)
+    if tid_timestamp(rev) is None:
+        raise InvalidRevError(f"{where}: rev {rev!r} is not a valid TID", did=did, rev=rev)
+    _check_signature(commit, commit_cid, _verifier(key, did, rev), where, did, rev)
+    seq = body.get("seq")
+    when = body.get("time")
+    return VerifiedSync(did, rev, Link(data), Link(commit_cid), seq if type(seq) is int else None, when if type(when) is str else None)
