@@ -405,10 +405,14 @@ VARINT_CASES = [
     Case("header-length-overlong-80-00", lambda: b"\x80\x00" + _header_body(), VarintError, MEMORY),
     Case("header-length-overlong-b9-00", lambda: b"\xb9\x00" + _header_body(), VarintError, MEMORY),
     Case("header-length-10-bytes", lambda: b"\xff" * 10 + _header_body(), VarintError, MEMORY),
+    # A varint that ends on its 10th byte (nine continuation bytes, then 0x01): too long, though
+    # it terminates (a reader that allowed 10 bytes would read a 2**63 length instead).
+    Case("header-length-ends-on-10th-byte", lambda: b"\xff" * 9 + b"\x01" + _header_body(), VarintError, MEMORY),
     Case("header-length-1-gib", lambda: encode_varint(1 << 30) + _header_body(), BlockTooLargeError, MEMORY),
     Case("section-length-overlong-80-00", _after_valid(b"\x80\x00" + bytes(200)), VarintError),
     Case("section-length-overlong-3-bytes", _after_valid(b"\xa4\x80\x00" + bytes(200)), VarintError),
     Case("section-length-10-bytes", _after_valid(b"\xff" * 10 + bytes(200)), VarintError),
+    Case("section-length-ends-on-10th-byte", _after_valid(b"\xff" * 9 + b"\x01" + bytes(200)), VarintError),
     Case("section-length-9-bytes-then-end", _after_valid(b"\xff" * 9), VarintError),
     Case("section-length-1-gib", _after_valid(encode_varint(1 << 30) + b"\x01\x71\x12\x20"), BlockTooLargeError),
     Case("section-length-max-varint", _after_valid(b"\xff" * 8 + b"\x7f" + b"\x01"), BlockTooLargeError),
@@ -418,6 +422,17 @@ VARINT_CASES = [
 @cases(*VARINT_CASES)
 async def test_varints(case: Case, mode: str) -> None:
     await run_case(case, mode)
+
+
+async def test_header_length_ending_on_its_10th_byte_is_too_long() -> None:
+    error = await walk_error("memory", b"\xff" * 9 + b"\x01" + _header_body(), VarintError)
+    assert str(error) == "varint at byte 0 is longer than 9 bytes"
+
+
+async def test_section_length_ending_on_its_10th_byte_is_too_long(mode: str) -> None:
+    car = small_car()
+    error = await walk_error(mode, car + b"\xff" * 9 + b"\x01" + bytes(200), VarintError)
+    assert str(error) == f"varint at byte {len(car)} is longer than 9 bytes"
 
 
 def _block_of(size: int) -> bytes:
@@ -727,6 +742,17 @@ COMMIT_CASES = [
 @cases(*COMMIT_CASES)
 async def test_commit(case: Case, mode: str) -> None:
     await run_case(case, mode)
+
+
+@pytest.mark.parametrize("tag", [43, 41])
+async def test_commit_data_link_with_a_tag_other_than_42_is_refused(tag: int, mode: str) -> None:
+    root, blocks = _small_tree()
+    fields = _commit_fields()
+    fields["data"] = cbor2.CBORTag(tag, b"\x00" + root)
+    block = cbor2.dumps(fields, canonical=True)
+    assert len(block) == len(cbor2.dumps(_commit_fields(), canonical=True))  # only the tag number differs
+    error = await walk_error(mode, car_with(block, blocks), CommitError)
+    assert str(error).startswith(f"commit {cid_str(dag_cbor_cid(block))}: "), str(error)
 
 
 async def test_commit_with_prev_link_and_extra_field_is_accepted(mode: str) -> None:
@@ -1262,6 +1288,46 @@ STRICTNESS = [
 @cases(*STRICTNESS)
 async def test_trailing_data_and_foreign_tags(case: Case, mode: str) -> None:
     await run_case(case, mode)
+
+
+def _layered() -> list[tuple[str, bytes]]:
+    """Records whose root node (layer 1) has an ``l`` subtree and an entry with a ``t`` subtree."""
+    top = keys_on(1, 1, after=keys_on(0, 2)[1])[0]
+    return [(k, rec(k)) for k in [*keys_on(0, 2, before=top), top, *keys_on(0, 2, after=top)]]
+
+
+def _retagged(field: str, tag: int) -> tuple[bytes, bytes]:
+    """``(CAR, root CID)``: the layered repo with the root node's link in ``field`` (``l``, or
+    entry 0's ``v`` or ``t``) under ``tag`` instead of 42; the node keeps its size and is
+    re-linked from the commit by its new CID, so only the tag number is wrong."""
+    root, blocks = tree(_layered())
+    old = dict(blocks)[root]
+    node = cbor2.loads(old)
+    assert len(node["e"]) == 1 and node["l"] is not None and node["e"][0]["t"] is not None
+    holder = node if field == "l" else node["e"][0]
+    assert type(holder[field]) is cbor2.CBORTag and holder[field].tag == 42
+    holder[field] = cbor2.CBORTag(tag, holder[field].value)
+    new = cbor2.dumps(node, canonical=True)
+    assert len(new) == len(old)
+    cid = dag_cbor_cid(new)
+    return car_with(commit_block(cid), [(cid, new), *((c, b) for c, b in blocks if c != root)]), cid
+
+
+def test_layered_repo_is_valid() -> None:
+    root, blocks = tree(_layered())
+    assert len(blocks) == 3 + 5  # root, its l subtree, entry 0's t subtree; five records
+
+
+@pytest.mark.parametrize(
+    "field, detail",
+    [("l", "'l' is neither a CID link nor null"), ("v", "entry 0: 'v' is not a CID link"), ("t", "entry 0: 't' is neither a CID link nor null")],
+)
+@pytest.mark.parametrize("tag", [43, 41])
+@pytest.mark.parametrize("verifying", [False, True], ids=["unverified", "verified"])
+async def test_node_link_with_a_tag_other_than_42_is_refused(field: str, detail: str, tag: int, verifying: bool, mode: str) -> None:
+    car, cid = _retagged(field, tag)
+    error = await walk_error(mode, car, NodeDecodeError, verify if verifying else None)
+    assert str(error) == f"MST node {cid_str(cid)}: {detail}"
 
 
 # --------------------------------------------------------------------------------------------
