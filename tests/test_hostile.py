@@ -1314,7 +1314,7 @@ def _retagged(field: str, tag: int) -> tuple[bytes, bytes]:
 
 
 def test_layered_repo_is_valid() -> None:
-    root, blocks = tree(_layered())
+    _root, blocks = tree(_layered())
     assert len(blocks) == 3 + 5  # root, its l subtree, entry 0's t subtree; five records
 
 

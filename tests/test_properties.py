@@ -42,10 +42,10 @@ from hypothesis import strategies as st
 
 from repo_stream import DiskBuilder, DriverBuilder, MissingBlockError, NeedDisk, RepoStreamError, TruncatedCarError
 from repo_stream.car import DEFAULT_READ_SIZE
-from repo_stream.mst import is_valid_key
 from repo_stream.writer import build_repo_car
 
 from .helpers import DID, REV, read_varint, record, repo_car
+from .spec_keys import spec_key
 
 EXAMPLES = int(os.environ.get("REPO_STREAM_FUZZ_EXAMPLES", "500"))
 SPILLED_EXAMPLES = max(5, EXAMPLES // 4)
@@ -183,7 +183,7 @@ def check_plausible(outcome: Outcome) -> None:
         return
     keys = [k for k, _ in outcome.records]
     assert all(a < b for a, b in itertools.pairwise(keys)), keys
-    assert all(is_valid_key(k) for k in keys), keys
+    assert all(spec_key(k) for k in keys), keys
     assert all(type(v) is bytes for _, v in outcome.records)
 
 
