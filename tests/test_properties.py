@@ -13,15 +13,13 @@ records (a flipped bit inside a record is not detectable), which must still have
 increasing valid keys. Spilled walks (through the SQLite store) run on fewer examples and must
 agree with the in-memory walk of the same bytes.
 
-Runs are deterministic (``derandomize=True``, no example database). The number of examples per
-test comes from ``REPO_STREAM_FUZZ_EXAMPLES`` (default 500 in memory; the spilled test takes a quarter).
-For a longer fuzz run, not in CI::
+Locally the runs replay the same examples; in CI each run draws fresh ones from a seed it prints
+(tests/conftest.py's hypothesis profiles: rerun a CI failure with ``--hypothesis-seed=N``, which
+also draws fresh examples locally). The number of examples per test comes from
+``REPO_STREAM_FUZZ_EXAMPLES`` (default 500 in memory; the spilled test takes a quarter). For a
+longer fuzz run, not in CI::
 
-    REPO_STREAM_FUZZ_EXAMPLES=20000 python -m pytest tests/test_properties.py
-
-(``derandomize`` makes a run repeatable; to explore other inputs on a later run, add
-``--hypothesis-seed=N``, which applies once ``derandomize`` is off: set
-``REPO_STREAM_FUZZ_RANDOM=1``.)
+    REPO_STREAM_FUZZ_EXAMPLES=20000 python -m pytest tests/test_properties.py --hypothesis-seed=1
 """
 
 from __future__ import annotations
@@ -49,17 +47,15 @@ from .spec_keys import spec_key
 
 EXAMPLES = int(os.environ.get("REPO_STREAM_FUZZ_EXAMPLES", "500"))
 SPILLED_EXAMPLES = max(5, EXAMPLES // 4)
-RANDOM = os.environ.get("REPO_STREAM_FUZZ_RANDOM") == "1"
 TIME_LIMIT = 10  # seconds per walk
 
 
 def fuzz_settings(examples: int) -> settings:
+    """``examples`` examples, no deadline; derandomize and the database come from the profile
+    conftest loads."""
     return settings(
         max_examples=examples,
         deadline=None,
-        derandomize=not RANDOM,
-        database=None,
-        print_blob=True,
         suppress_health_check=[
             HealthCheck.too_slow,
             HealthCheck.data_too_large,
