@@ -233,6 +233,9 @@ class Case:
     modes: tuple[str, ...] = BOTH
     configure: Configure | None = None
     expect: Callable[[], list[tuple[str, Any]]] | None = None
+    #: The error's exact message, where it matters (a mutant that fails later, another way, with
+    #: the same class, is caught by it).
+    message: Callable[[], str] | None = None
 
 
 def cases(*table: Case) -> pytest.MarkDecorator:
@@ -246,7 +249,10 @@ async def run_case(case: Case, mode: str) -> Exception | None:
         assert case.expect is not None
         assert await walk(mode, car, case.configure) == case.expect()
         return None
-    return await walk_error(mode, car, case.error, case.configure)
+    error = await walk_error(mode, car, case.error, case.configure)
+    if case.message is not None:
+        assert str(error) == case.message()
+    return error
 
 
 def verify(builder: DriverBuilder[Any]) -> DriverBuilder[Any]:
@@ -369,7 +375,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 
 FIXED_GARBAGE = [
-    Case("zero-byte", lambda: b"\x00", CarHeaderError, MEMORY),
+    Case("zero-byte", lambda: b"\x00", CarHeaderError, MEMORY, message=lambda: "CAR header at byte 0 has length 0"),
     Case("ten-ff", lambda: b"\xff" * 10, VarintError, MEMORY),
     Case("nine-ff-then-end", lambda: b"\xff" * 9, VarintError, MEMORY),
     Case("length-then-nothing", lambda: b"\x0a", TruncatedCarError, MEMORY),
@@ -452,7 +458,25 @@ def _limit_1000(builder: DriverBuilder[Any]) -> DriverBuilder[Any]:
     return builder.with_max_block_size(1000)
 
 
+def _header_of_size(size: int) -> bytes:
+    """A valid CAR header (the small repo's root) padded with an extra field to ``size`` bytes."""
+    for n in range(size):
+        header = cbor2.dumps({"version": 1, "roots": _good_roots(), "pad": "a" * n}, canonical=True)
+        if len(header) == size:
+            return header
+    raise AssertionError(size)  # pragma: no cover
+
+
 BLOCK_SIZE_CASES = [
+    Case(
+        "header-1001-over-1000",
+        lambda: encode_varint(1001) + bytes(1001),
+        BlockTooLargeError,
+        MEMORY,
+        configure=_limit_1000,
+        message=lambda: "CAR header declares 1001 bytes, over the 1000-byte block limit",
+    ),
+    Case("header-1000-at-1000", lambda: _with_header(_header_of_size(1000))(), None, MEMORY, configure=_limit_1000, expect=lambda: records_of(SMALL)),
     Case("block-2000-over-1000", lambda: _car_with_record_of(2000), BlockTooLargeError, configure=_limit_1000),
     Case("block-1001-over-1000", lambda: _car_with_record_of(1001), BlockTooLargeError, configure=_limit_1000),
     Case(
@@ -571,7 +595,7 @@ CID_CASES = [
     Case("cid-version-2", _after_valid(_section(b"\x02\x71\x12\x20" + bytes(32) + b"\xa0")), CidError),
     Case("cid-version-3", _after_valid(_section(b"\x03\x71\x12\x20" + bytes(32) + b"\xa0")), CidError),
     Case("cid-version-0-in-v1-form", _after_valid(_section(b"\x00\x71\x12\x20" + bytes(32) + b"\xa0")), CidError),
-    Case("empty-section", _after_valid(b"\x00"), CidError),
+    Case("empty-section", _after_valid(b"\x00"), CidError, message=lambda: f"section at byte {len(small_car())} is empty: no CID"),
     Case("empty-section-first", lambda: header_of(small_car()) + b"\x00" + small_car()[len(header_of(small_car())):], CidError, MEMORY),
 ]
 
@@ -616,7 +640,7 @@ def _good_roots() -> list[Any]:
 HEADER_CASES = [
     Case("not-cbor", _with_header(b"hello"), CarHeaderError, MEMORY),
     Case("break-byte", _with_header(b"\xff"), CarHeaderError, MEMORY),
-    Case("length-zero", lambda: b"\x00" + small_car()[layout(small_car()).header_end :], CarHeaderError, MEMORY),
+    Case("length-zero", lambda: b"\x00" + small_car()[layout(small_car()).header_end :], CarHeaderError, MEMORY, message=lambda: "CAR header at byte 0 has length 0"),
     Case("a-list", _header_value(lambda: [1, _good_roots()]), CarHeaderError, MEMORY),
     Case("an-int", _header_value(lambda: 1), CarHeaderError, MEMORY),
     Case("a-text", _header_value(lambda: "version 1"), CarHeaderError, MEMORY),
@@ -803,6 +827,8 @@ _OTHER_HASHES = {
     "identity": identity_cid,
     "sha2-256-truncated-20": lambda b: b"\x01\x71\x12\x14" + hashlib.sha256(b).digest()[:20],
     "blake2b-256": lambda b: b"\x01\x71\xa0\xe4\x02\x20" + hashlib.blake2b(b, digest_size=32).digest(),
+    # A 32-byte digest behind a 1-byte hash code: shaped exactly like a sha2-256 CID.
+    "sha3-256": lambda b: b"\x01\x71\x16\x20" + hashlib.sha3_256(b).digest(),
 }
 
 
@@ -811,7 +837,7 @@ async def test_other_hash_functions_are_refused_when_verifying_and_fine_otherwis
     cid_of = _OTHER_HASHES[hash_name]
     car = repo(SMALL, cid_of=cid_of)  # the records' links use the other hash; nodes stay sha2-256
     exc = await walk_error(mode, car, CidMismatchError, verify)
-    assert any(cid_str(cid_of(b)) in str(exc) for _, b in SMALL)
+    assert any(str(exc) == f"block {cid_str(cid_of(b))}: CID does not use sha2-256, cannot verify it" for _, b in SMALL), str(exc)
     assert await walk(mode, car) == records_of(SMALL)
 
 
