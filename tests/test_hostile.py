@@ -640,6 +640,8 @@ def _good_roots() -> list[Any]:
 HEADER_CASES = [
     Case("not-cbor", _with_header(b"hello"), CarHeaderError, MEMORY),
     Case("break-byte", _with_header(b"\xff"), CarHeaderError, MEMORY),
+    Case("indefinite-length-map", lambda: _with_header(b"\xbf" + cbor2.dumps({"roots": _good_roots(), "version": 1}, canonical=True)[1:] + b"\xff")(), CarHeaderError, MEMORY),
+    Case("version-as-tag-2-bignum", _header_value(lambda: {"version": cbor2.CBORTag(2, b"\x01"), "roots": _good_roots()}), CarHeaderError, MEMORY),
     Case("length-zero", lambda: b"\x00" + small_car()[layout(small_car()).header_end :], CarHeaderError, MEMORY, message=lambda: "CAR header at byte 0 has length 0"),
     Case("a-list", _header_value(lambda: [1, _good_roots()]), CarHeaderError, MEMORY),
     Case("an-int", _header_value(lambda: 1), CarHeaderError, MEMORY),
@@ -746,6 +748,9 @@ COMMIT_CASES = [
     Case("version-float", _with_commit(version=3.0), CommitError),
     Case("version-2", _with_commit(version=2), CommitError),
     Case("version-4", _with_commit(version=4), CommitError),
+    # DAG-CBOR has no tag but 42 and no indefinite lengths: a bignum 3 is not version 3.
+    Case("version-as-tag-2-bignum", _with_commit(version=cbor2.CBORTag(2, b"\x03")), CommitError),
+    Case("indefinite-length-map", _with_commit_block(lambda: b"\xbf" + cbor2.dumps(_commit_fields(), canonical=True)[1:] + b"\xff"), CommitError),
     Case("data-null", _with_commit(data=None), CommitError),
     Case("data-raw-cid-bytes", _with_commit(data=dag_cbor_cid(b"x")), CommitError),
     Case("data-text", _with_commit(data="bafyrei"), CommitError),
