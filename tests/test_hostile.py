@@ -755,6 +755,8 @@ COMMIT_CASES = [
     Case("data-raw-cid-bytes", _with_commit(data=dag_cbor_cid(b"x")), CommitError),
     Case("data-text", _with_commit(data="bafyrei"), CommitError),
     Case("data-link-no-multibase-0", _with_commit(data=cbor2.CBORTag(42, dag_cbor_cid(b"x"))), CommitError),
+    # The root's CID behind a 0x01 where the multibase prefix 0x00 belongs: not a link.
+    Case("data-link-multibase-01", lambda: _with_commit(data=cbor2.CBORTag(42, b"\x01" + _small_tree()[0]))(), CommitError),
     Case("data-link-garbage-cid", _with_commit(data=cbor2.CBORTag(42, b"\x00\xff\xff")), CommitError),
     Case("rev-int", _with_commit(rev=3), CommitError),
     Case("rev-null", _with_commit(rev=None), CommitError),
@@ -1327,7 +1329,7 @@ def _layered() -> list[tuple[str, bytes]]:
     return [(k, rec(k)) for k in [*keys_on(0, 2, before=top), top, *keys_on(0, 2, after=top)]]
 
 
-def _retagged(field: str, tag: int) -> tuple[bytes, bytes]:
+def _retagged(field: str, tag: int, prefix: bytes = b"\x00") -> tuple[bytes, bytes]:
     """``(CAR, root CID)``: the layered repo with the root node's link in ``field`` (``l``, or
     entry 0's ``v`` or ``t``) under ``tag`` instead of 42; the node keeps its size and is
     re-linked from the commit by its new CID, so only the tag number is wrong."""
@@ -1337,7 +1339,7 @@ def _retagged(field: str, tag: int) -> tuple[bytes, bytes]:
     assert len(node["e"]) == 1 and node["l"] is not None and node["e"][0]["t"] is not None
     holder = node if field == "l" else node["e"][0]
     assert type(holder[field]) is cbor2.CBORTag and holder[field].tag == 42
-    holder[field] = cbor2.CBORTag(tag, holder[field].value)
+    holder[field] = cbor2.CBORTag(tag, prefix + holder[field].value[1:])
     new = cbor2.dumps(node, canonical=True)
     assert len(new) == len(old)
     cid = dag_cbor_cid(new)
@@ -1358,6 +1360,16 @@ def test_layered_repo_is_valid() -> None:
 async def test_node_link_with_a_tag_other_than_42_is_refused(field: str, detail: str, tag: int, verifying: bool, mode: str) -> None:
     car, cid = _retagged(field, tag)
     error = await walk_error(mode, car, NodeDecodeError, verify if verifying else None)
+    assert str(error) == f"MST node {cid_str(cid)}: {detail}"
+
+
+@pytest.mark.parametrize(
+    "field, detail",
+    [("l", "'l' is neither a CID link nor null"), ("v", "entry 0: 'v' is not a CID link"), ("t", "entry 0: 't' is neither a CID link nor null")],
+)
+async def test_node_link_without_its_multibase_0_is_refused(field: str, detail: str, mode: str) -> None:
+    car, cid = _retagged(field, 42, prefix=b"\x01")  # tag 42 over 0x01 + a real CID
+    error = await walk_error(mode, car, NodeDecodeError)
     assert str(error) == f"MST node {cid_str(cid)}: {detail}"
 
 
