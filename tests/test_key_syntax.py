@@ -58,6 +58,21 @@ def test_invalid_nsids(nsid: str) -> None:
     assert not is_valid_key(f"{nsid}/self")
 
 
+# Segment lengths the interop files do not try: the first segment and the name at 63 and 64.
+EDGE_NSIDS = {
+    "a" * 63 + ".example.thing": True,
+    "a" * 64 + ".example.thing": False,
+    "com.example." + "n" * 63: True,
+    "com.example." + "n" * 64: False,
+}
+
+
+@pytest.mark.parametrize("nsid", list(EDGE_NSIDS), ids=lambda n: f"{n[:8]}-{len(n)}")
+def test_nsid_segment_lengths(nsid: str) -> None:
+    assert spec_nsid(nsid) is EDGE_NSIDS[nsid]
+    assert is_valid_collection(nsid) is EDGE_NSIDS[nsid]
+
+
 def test_spec_key_bounds() -> None:
     rkey = "o" * 512
     nsid = "a.b." + "c" * (1024 - len(rkey) - 1 - 4)
