@@ -63,6 +63,7 @@ M = Mutant
 MUTANTS = [
     # --- CAR framing (car.py) --------------------------------------------------------------------
     M("car-varint-10-bytes", "car", "        shift += 7\n        if pos - start >= 9:", "        shift += 7\n        if pos - start > 9:"),
+    # Equivalent (unreachable: the loop's own check raises at the 9th continuation byte).
     M("car-varint-10-bytes-at-end", "car", "        if pos >= end:\n            if pos - start >= 9:", "        if pos >= end:\n            if pos - start > 9:"),
     M("car-varint-not-minimal", "car", "if byte == 0 and pos - start > 1:", "if False:"),
     M("car-cid-version", "car", "    if version != 1:\n        raise messages.cid_bad", "    if False:\n        raise messages.cid_bad"),
@@ -94,6 +95,8 @@ MUTANTS = [
     M("walk-node-size-unchecked", "walk", "if size != len(block) or (strict and", "if (strict and"),
     M("walk-node-strict-entry-order", "walk", "            in_order = list(entry) == _ENTRY_KEYS", "            in_order = True"),
     M("walk-node-strict-node-order", "walk", "(in_order and list(node) == _NODE_KEYS)", "in_order"),
+    # Equivalent (a missing field fails its look-up; an extra one makes the node longer than
+    # canonical, and node_problem gives the same message).
     M("walk-node-entry-4-fields", "walk", "if type(entry) is not dict or len(entry) != 4:", "if type(entry) is not dict:"),
     M("walk-key-order-equal", "walk", "if key <= last:", "if key < last:"),
     M("walk-depth-one-more", "walk", "if depth > self._max_depth:", "if depth > self._max_depth + 1:"),
