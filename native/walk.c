@@ -122,6 +122,13 @@ static int node_error(const uint8_t *cid, size_t cid_len, const char *detail) {
     return rs_raise("node_decode", "(y#s)", (const char *)cid, (Py_ssize_t)cid_len, detail);
 }
 
+/* The same, about entry j of the node: "entry <j><detail>". */
+static int entry_error(const uint8_t *cid, size_t cid_len, uint64_t j, const char *detail) {
+    char text[96];
+    PyOS_snprintf(text, sizeof text, "entry %llu%s", (unsigned long long)j, detail);
+    return node_error(cid, cid_len, text);
+}
+
 static PyObject *p_object(int neg, uint64_t p) {
     PyObject *v = PyLong_FromUnsignedLongLong(p);
     if (v == NULL || !neg) return v;
@@ -209,13 +216,13 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
                 memset(e, 0, sizeof *e);
                 uint64_t fields;
                 if (expect_head(&c, 5, &fields, &noncanon) < 0 || fields != 4)
-                    return node_error(cid, cid_len, noncanon ? canon : "an entry is not a map of exactly p, k, v, t");
+                    return noncanon ? node_error(cid, cid_len, canon) : entry_error(cid, cid_len, j, " is not a map of exactly p, k, v, t");
                 int seen = 0, previous = 0;
                 for (int f = 0; f < 4; f++) {
                     int fk = text_key(&c, &noncanon);
                     int bit = fk == 'p' ? 1 : fk == 'k' ? 2 : fk == 'v' ? 4 : fk == 't' ? 8 : 0;
-                    if (bit == 0) return node_error(cid, cid_len, noncanon ? canon : "an entry is not a map of exactly p, k, v, t");
-                    if (seen & bit) return node_error(cid, cid_len, "an entry repeats a map key");
+                    if (bit == 0) return noncanon ? node_error(cid, cid_len, canon) : entry_error(cid, cid_len, j, " is not a map of exactly p, k, v, t");
+                    if (seen & bit) return entry_error(cid, cid_len, j, " repeats a map key");
                     if (w->strict && fk <= previous) return node_error(cid, cid_len, canon);
                     previous = fk;
                     seen |= bit;
@@ -223,25 +230,25 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
                         int m, minimal;
                         const uint8_t *q = c.p;
                         if (rs_cbor_head(&q, c.end, &m, &e->p, &minimal) < 0 || (m != 0 && m != 1))
-                            return node_error(cid, cid_len, "entry 'p' must be an int and 'k' bytes");
+                            return entry_error(cid, cid_len, j, ": 'p' must be an int and 'k' bytes");
                         if (!minimal && w->strict) return node_error(cid, cid_len, canon);
                         e->neg = m == 1;
                         c.p = q;
                     } else if (fk == 'k') {
                         uint64_t kn;
                         if (expect_head(&c, 2, &kn, &noncanon) < 0 || kn > (uint64_t)(c.end - c.p))
-                            return node_error(cid, cid_len, noncanon ? canon : "entry 'p' must be an int and 'k' bytes");
+                            return noncanon ? node_error(cid, cid_len, canon) : entry_error(cid, cid_len, j, ": 'p' must be an int and 'k' bytes");
                         e->k = c.p;
                         e->k_len = (size_t)kn;
                         c.p += kn;
                     } else if (fk == 'v') {
                         if (cbor_link(&c, &e->v, &e->v_len, &noncanon) < 0)
-                            return node_error(cid, cid_len, noncanon ? canon : "entry 'v' is not a CID link");
+                            return noncanon ? node_error(cid, cid_len, canon) : entry_error(cid, cid_len, j, ": 'v' is not a CID link");
                     } else {
                         if (c.p < c.end && *c.p == 0xf6) {
                             c.p++;
                         } else if (cbor_link(&c, &e->t, &e->t_len, &noncanon) < 0) {
-                            return node_error(cid, cid_len, noncanon ? canon : "entry 't' is neither a CID link nor null");
+                            return noncanon ? node_error(cid, cid_len, canon) : entry_error(cid, cid_len, j, ": 't' is neither a CID link nor null");
                         } else {
                             e->has_t = 1;
                         }

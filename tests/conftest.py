@@ -1,12 +1,22 @@
-"""Shared test fixtures: the implementations, the anyio backends and the real CAR samples."""
+"""Shared test fixtures: the implementations, the anyio backends, the real CAR samples and the
+hypothesis profiles.
+
+Hypothesis: locally (no ``CI``) the property tests replay a fixed set of examples
+(``derandomize``, profile ``fixed``); in CI (``CI`` set), or given ``--hypothesis-seed=N``, they
+draw fresh examples from a seed (profile ``fresh``), which the header and the summary print, so
+that a failure is reproduced with ``--hypothesis-seed=N``. No example database either way.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import core as hypothesis_core
+from hypothesis import settings
 
 from repo_stream.core import implementation
 
@@ -20,15 +30,56 @@ IMPLEMENTATIONS = os.environ.get("REPO_STREAM_TEST_IMPLEMENTATIONS", "c,python")
 #: Test modules that never run the hot path (they test the writer, the generator, identity
 #: resolution, signatures): once is enough, on the first implementation.
 CORE_FREE = {"test_writer", "test_generate", "test_identity", "test_signature", "test_docs", "test_install"}
-#: Test modules that switch implementations themselves.
-SELF_MANAGED = {"test_differential", "test_runs", "test_native_guards", "test_json_text"}
+#: Test modules that switch implementations themselves, or (test_lint) use none.
+SELF_MANAGED = {"test_differential", "test_runs", "test_lint", "test_native_guards", "test_json_text"}
+
+settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
+settings.register_profile("fresh", derandomize=False, database=None, print_blob=True)
+#: The seed the ``fresh`` profile draws from (None with ``fixed``).
+HYPOTHESIS_SEED: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "c_only: tests the C core itself: runs on the C core only")
+    config.addinivalue_line("markers", "once: does not depend on the implementation: runs once, on the first")
+    global HYPOTHESIS_SEED
+    seed = config.getoption("hypothesis_seed", None)
+    if os.environ.get("CI") or seed is not None:
+        settings.load_profile("fresh")
+        if seed is None:
+            seed = random.SystemRandom().randrange(1 << 32)
+            hypothesis_core.global_force_seed = seed  # what --hypothesis-seed sets
+        HYPOTHESIS_SEED = int(seed)
+    else:
+        settings.load_profile("fixed")
+
+
+def _hypothesis_line() -> str:
+    if HYPOTHESIS_SEED is None:
+        return "hypothesis: profile 'fixed' (the same examples every run; CI or --hypothesis-seed=N draws fresh ones)"
+    return f"hypothesis: profile 'fresh', seed {HYPOTHESIS_SEED} (rerun these examples with --hypothesis-seed={HYPOTHESIS_SEED})"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _hypothesis_line()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.write_line(_hypothesis_line())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__name__.rpartition(".")[2]
-    if "impl" in metafunc.fixturenames and module not in SELF_MANAGED:
-        names = IMPLEMENTATIONS[:1] if module in CORE_FREE else IMPLEMENTATIONS
-        metafunc.parametrize("impl", names, indirect=True)
+    if "impl" not in metafunc.fixturenames or module in SELF_MANAGED:
+        return
+    if metafunc.definition.get_closest_marker("c_only"):
+        skip = pytest.mark.skip(reason="tests the C core, and REPO_STREAM_TEST_IMPLEMENTATIONS leaves it out")
+        names = [pytest.param("c", marks=() if "c" in IMPLEMENTATIONS else skip)]
+    elif module in CORE_FREE or metafunc.definition.get_closest_marker("once"):
+        names = IMPLEMENTATIONS[:1]
+    else:
+        names = IMPLEMENTATIONS
+    metafunc.parametrize("impl", names, indirect=True)
 
 
 @pytest.fixture(autouse=True)
@@ -58,8 +109,15 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 def sample_path(name: str) -> Path:
-    """Path of a real repo CAR in ../shared/car-samples; skips the test, saying why, if absent."""
+    """Path of a real repo CAR in ../shared/car-samples (or ``$REPO_STREAM_SAMPLES``).
+
+    If it is absent the test skips, with one reason for every such test (so pytest's summary
+    gives it one line); in CI (``CI`` set) the whole run stops instead, with one line: the checks
+    against data the project did not make must run there."""
     path = SAMPLES / name
     if not path.is_file():
-        pytest.skip(f"real CAR sample {path} is not present (../shared/car-samples is optional)")
+        missing = f"the real CAR samples are not at {SAMPLES}" if not SAMPLES.is_dir() else f"real CAR sample {path} is missing"
+        if os.environ.get("CI"):
+            pytest.exit(f"error: {missing}, but CI must run the tests against them (set REPO_STREAM_SAMPLES)", returncode=1)
+        pytest.skip(f"{missing} (set REPO_STREAM_SAMPLES to run the tests against them)")
     return path

@@ -24,9 +24,8 @@ def host() -> Iterator[RepoHost]:
         yield server
 
 
+@pytest.mark.once  # a cluster takes seconds to start
 def test_backfill_on_a_local_dask_cluster(host: RepoHost, tmp_path: Path, impl: str) -> None:
-    if impl == "python":
-        pytest.skip("the cluster test runs once, on the C core (a cluster takes seconds to start)")
     sizes = {did_of(600 + i): i * 7 for i in range(10)}
     urls = [host.repo(did, car_reply(repo_car_of(did, n))) for did, n in sizes.items()]
     bad = did_of(699)

@@ -11,7 +11,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -501,15 +501,36 @@ def test_closed_stdout_ends_quietly(command: list[str]) -> None:
 
 
 def test_interrupted_is_one_line_and_130() -> None:
+    """Ctrl-C while the walk waits for the rest of its input: one line, exit 130. The signal goes
+    once the child has read most of what was written to its stdin (a pipe holds 64 KiB, so
+    writing 400 kB returns only after the child has read 330 kB): it is walking, past start-up
+    (a signal during the interpreter's start-up gives Python's own traceback)."""
+    car = (FIXTURES / "repo-2000-shuffled.car").read_bytes()
+    assert len(car) > 400_000
     child = subprocess.Popen(
         [sys.executable, "-m", "repo_stream", "stats", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    stdin = child.stdin
     try:
-        time.sleep(1.5)  # waiting for input
+        writer = threading.Thread(target=lambda: (stdin.write(car[:400_000]), stdin.flush()), daemon=True)
+        writer.start()
+        writer.join(timeout=60)
+        assert not writer.is_alive(), "the child did not read its input within 60 s"
         child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=30)
+        # Then the input ends, as Ctrl-C in a terminal also ends the command feeding the pipe: the
+        # child's read of stdin runs in a worker thread, which is not abandoned, so the child
+        # exits only once that read returns (the signal is handled first all the same).
+        stdin.close()
+        child.wait(timeout=30)
+        out, err = child.stdout.read(), child.stderr.read()
     finally:
         child.kill()
+        for stream in (stdin, child.stdout, child.stderr):
+            try:
+                stream.close()
+            except BrokenPipeError:
+                pass
     assert (child.returncode, out, err) == (130, b"", b"error: interrupted\n")
 
 

@@ -233,6 +233,9 @@ class Case:
     modes: tuple[str, ...] = BOTH
     configure: Configure | None = None
     expect: Callable[[], list[tuple[str, Any]]] | None = None
+    #: The error's exact message, where it matters (a mutant that fails later, another way, with
+    #: the same class, is caught by it).
+    message: Callable[[], str] | None = None
 
 
 def cases(*table: Case) -> pytest.MarkDecorator:
@@ -246,7 +249,10 @@ async def run_case(case: Case, mode: str) -> Exception | None:
         assert case.expect is not None
         assert await walk(mode, car, case.configure) == case.expect()
         return None
-    return await walk_error(mode, car, case.error, case.configure)
+    error = await walk_error(mode, car, case.error, case.configure)
+    if case.message is not None:
+        assert str(error) == case.message()
+    return error
 
 
 def verify(builder: DriverBuilder[Any]) -> DriverBuilder[Any]:
@@ -369,7 +375,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 
 FIXED_GARBAGE = [
-    Case("zero-byte", lambda: b"\x00", CarHeaderError, MEMORY),
+    Case("zero-byte", lambda: b"\x00", CarHeaderError, MEMORY, message=lambda: "CAR header at byte 0 has length 0"),
     Case("ten-ff", lambda: b"\xff" * 10, VarintError, MEMORY),
     Case("nine-ff-then-end", lambda: b"\xff" * 9, VarintError, MEMORY),
     Case("length-then-nothing", lambda: b"\x0a", TruncatedCarError, MEMORY),
@@ -405,10 +411,14 @@ VARINT_CASES = [
     Case("header-length-overlong-80-00", lambda: b"\x80\x00" + _header_body(), VarintError, MEMORY),
     Case("header-length-overlong-b9-00", lambda: b"\xb9\x00" + _header_body(), VarintError, MEMORY),
     Case("header-length-10-bytes", lambda: b"\xff" * 10 + _header_body(), VarintError, MEMORY),
+    # A varint that ends on its 10th byte (nine continuation bytes, then 0x01): too long, though
+    # it terminates (a reader that allowed 10 bytes would read a 2**63 length instead).
+    Case("header-length-ends-on-10th-byte", lambda: b"\xff" * 9 + b"\x01" + _header_body(), VarintError, MEMORY),
     Case("header-length-1-gib", lambda: encode_varint(1 << 30) + _header_body(), BlockTooLargeError, MEMORY),
     Case("section-length-overlong-80-00", _after_valid(b"\x80\x00" + bytes(200)), VarintError),
     Case("section-length-overlong-3-bytes", _after_valid(b"\xa4\x80\x00" + bytes(200)), VarintError),
     Case("section-length-10-bytes", _after_valid(b"\xff" * 10 + bytes(200)), VarintError),
+    Case("section-length-ends-on-10th-byte", _after_valid(b"\xff" * 9 + b"\x01" + bytes(200)), VarintError),
     Case("section-length-9-bytes-then-end", _after_valid(b"\xff" * 9), VarintError),
     Case("section-length-1-gib", _after_valid(encode_varint(1 << 30) + b"\x01\x71\x12\x20"), BlockTooLargeError),
     Case("section-length-max-varint", _after_valid(b"\xff" * 8 + b"\x7f" + b"\x01"), BlockTooLargeError),
@@ -418,6 +428,17 @@ VARINT_CASES = [
 @cases(*VARINT_CASES)
 async def test_varints(case: Case, mode: str) -> None:
     await run_case(case, mode)
+
+
+async def test_header_length_ending_on_its_10th_byte_is_too_long() -> None:
+    error = await walk_error("memory", b"\xff" * 9 + b"\x01" + _header_body(), VarintError)
+    assert str(error) == "varint at byte 0 is longer than 9 bytes"
+
+
+async def test_section_length_ending_on_its_10th_byte_is_too_long(mode: str) -> None:
+    car = small_car()
+    error = await walk_error(mode, car + b"\xff" * 9 + b"\x01" + bytes(200), VarintError)
+    assert str(error) == f"varint at byte {len(car)} is longer than 9 bytes"
 
 
 def _block_of(size: int) -> bytes:
@@ -437,7 +458,25 @@ def _limit_1000(builder: DriverBuilder[Any]) -> DriverBuilder[Any]:
     return builder.with_max_block_size(1000)
 
 
+def _header_of_size(size: int) -> bytes:
+    """A valid CAR header (the small repo's root) padded with an extra field to ``size`` bytes."""
+    for n in range(size):
+        header = cbor2.dumps({"version": 1, "roots": _good_roots(), "pad": "a" * n}, canonical=True)
+        if len(header) == size:
+            return header
+    raise AssertionError(size)  # pragma: no cover
+
+
 BLOCK_SIZE_CASES = [
+    Case(
+        "header-1001-over-1000",
+        lambda: encode_varint(1001) + bytes(1001),
+        BlockTooLargeError,
+        MEMORY,
+        configure=_limit_1000,
+        message=lambda: "CAR header declares 1001 bytes, over the 1000-byte block limit",
+    ),
+    Case("header-1000-at-1000", lambda: _with_header(_header_of_size(1000))(), None, MEMORY, configure=_limit_1000, expect=lambda: records_of(SMALL)),
     Case("block-2000-over-1000", lambda: _car_with_record_of(2000), BlockTooLargeError, configure=_limit_1000),
     Case("block-1001-over-1000", lambda: _car_with_record_of(1001), BlockTooLargeError, configure=_limit_1000),
     Case(
@@ -556,7 +595,7 @@ CID_CASES = [
     Case("cid-version-2", _after_valid(_section(b"\x02\x71\x12\x20" + bytes(32) + b"\xa0")), CidError),
     Case("cid-version-3", _after_valid(_section(b"\x03\x71\x12\x20" + bytes(32) + b"\xa0")), CidError),
     Case("cid-version-0-in-v1-form", _after_valid(_section(b"\x00\x71\x12\x20" + bytes(32) + b"\xa0")), CidError),
-    Case("empty-section", _after_valid(b"\x00"), CidError),
+    Case("empty-section", _after_valid(b"\x00"), CidError, message=lambda: f"section at byte {len(small_car())} is empty: no CID"),
     Case("empty-section-first", lambda: header_of(small_car()) + b"\x00" + small_car()[len(header_of(small_car())):], CidError, MEMORY),
 ]
 
@@ -601,7 +640,9 @@ def _good_roots() -> list[Any]:
 HEADER_CASES = [
     Case("not-cbor", _with_header(b"hello"), CarHeaderError, MEMORY),
     Case("break-byte", _with_header(b"\xff"), CarHeaderError, MEMORY),
-    Case("length-zero", lambda: b"\x00" + small_car()[layout(small_car()).header_end :], CarHeaderError, MEMORY),
+    Case("indefinite-length-map", lambda: _with_header(b"\xbf" + cbor2.dumps({"roots": _good_roots(), "version": 1}, canonical=True)[1:] + b"\xff")(), CarHeaderError, MEMORY),
+    Case("version-as-tag-2-bignum", _header_value(lambda: {"version": cbor2.CBORTag(2, b"\x01"), "roots": _good_roots()}), CarHeaderError, MEMORY),
+    Case("length-zero", lambda: b"\x00" + small_car()[layout(small_car()).header_end :], CarHeaderError, MEMORY, message=lambda: "CAR header at byte 0 has length 0"),
     Case("a-list", _header_value(lambda: [1, _good_roots()]), CarHeaderError, MEMORY),
     Case("an-int", _header_value(lambda: 1), CarHeaderError, MEMORY),
     Case("a-text", _header_value(lambda: "version 1"), CarHeaderError, MEMORY),
@@ -707,10 +748,15 @@ COMMIT_CASES = [
     Case("version-float", _with_commit(version=3.0), CommitError),
     Case("version-2", _with_commit(version=2), CommitError),
     Case("version-4", _with_commit(version=4), CommitError),
+    # DAG-CBOR has no tag but 42 and no indefinite lengths: a bignum 3 is not version 3.
+    Case("version-as-tag-2-bignum", _with_commit(version=cbor2.CBORTag(2, b"\x03")), CommitError),
+    Case("indefinite-length-map", _with_commit_block(lambda: b"\xbf" + cbor2.dumps(_commit_fields(), canonical=True)[1:] + b"\xff"), CommitError),
     Case("data-null", _with_commit(data=None), CommitError),
     Case("data-raw-cid-bytes", _with_commit(data=dag_cbor_cid(b"x")), CommitError),
     Case("data-text", _with_commit(data="bafyrei"), CommitError),
     Case("data-link-no-multibase-0", _with_commit(data=cbor2.CBORTag(42, dag_cbor_cid(b"x"))), CommitError),
+    # The root's CID behind a 0x01 where the multibase prefix 0x00 belongs: not a link.
+    Case("data-link-multibase-01", lambda: _with_commit(data=cbor2.CBORTag(42, b"\x01" + _small_tree()[0]))(), CommitError),
     Case("data-link-garbage-cid", _with_commit(data=cbor2.CBORTag(42, b"\x00\xff\xff")), CommitError),
     Case("rev-int", _with_commit(rev=3), CommitError),
     Case("rev-null", _with_commit(rev=None), CommitError),
@@ -727,6 +773,17 @@ COMMIT_CASES = [
 @cases(*COMMIT_CASES)
 async def test_commit(case: Case, mode: str) -> None:
     await run_case(case, mode)
+
+
+@pytest.mark.parametrize("tag", [43, 41])
+async def test_commit_data_link_with_a_tag_other_than_42_is_refused(tag: int, mode: str) -> None:
+    root, blocks = _small_tree()
+    fields = _commit_fields()
+    fields["data"] = cbor2.CBORTag(tag, b"\x00" + root)
+    block = cbor2.dumps(fields, canonical=True)
+    assert len(block) == len(cbor2.dumps(_commit_fields(), canonical=True))  # only the tag number differs
+    error = await walk_error(mode, car_with(block, blocks), CommitError)
+    assert str(error).startswith(f"commit {cid_str(dag_cbor_cid(block))}: "), str(error)
 
 
 async def test_commit_with_prev_link_and_extra_field_is_accepted(mode: str) -> None:
@@ -777,6 +834,8 @@ _OTHER_HASHES = {
     "identity": identity_cid,
     "sha2-256-truncated-20": lambda b: b"\x01\x71\x12\x14" + hashlib.sha256(b).digest()[:20],
     "blake2b-256": lambda b: b"\x01\x71\xa0\xe4\x02\x20" + hashlib.blake2b(b, digest_size=32).digest(),
+    # A 32-byte digest behind a 1-byte hash code: shaped exactly like a sha2-256 CID.
+    "sha3-256": lambda b: b"\x01\x71\x16\x20" + hashlib.sha3_256(b).digest(),
 }
 
 
@@ -785,7 +844,7 @@ async def test_other_hash_functions_are_refused_when_verifying_and_fine_otherwis
     cid_of = _OTHER_HASHES[hash_name]
     car = repo(SMALL, cid_of=cid_of)  # the records' links use the other hash; nodes stay sha2-256
     exc = await walk_error(mode, car, CidMismatchError, verify)
-    assert any(cid_str(cid_of(b)) in str(exc) for _, b in SMALL)
+    assert any(str(exc) == f"block {cid_str(cid_of(b))}: CID does not use sha2-256, cannot verify it" for _, b in SMALL), str(exc)
     assert await walk(mode, car) == records_of(SMALL)
 
 
@@ -1262,6 +1321,56 @@ STRICTNESS = [
 @cases(*STRICTNESS)
 async def test_trailing_data_and_foreign_tags(case: Case, mode: str) -> None:
     await run_case(case, mode)
+
+
+def _layered() -> list[tuple[str, bytes]]:
+    """Records whose root node (layer 1) has an ``l`` subtree and an entry with a ``t`` subtree."""
+    top = keys_on(1, 1, after=keys_on(0, 2)[1])[0]
+    return [(k, rec(k)) for k in [*keys_on(0, 2, before=top), top, *keys_on(0, 2, after=top)]]
+
+
+def _retagged(field: str, tag: int, prefix: bytes = b"\x00") -> tuple[bytes, bytes]:
+    """``(CAR, root CID)``: the layered repo with the root node's link in ``field`` (``l``, or
+    entry 0's ``v`` or ``t``) under ``tag`` instead of 42; the node keeps its size and is
+    re-linked from the commit by its new CID, so only the tag number is wrong."""
+    root, blocks = tree(_layered())
+    old = dict(blocks)[root]
+    node = cbor2.loads(old)
+    assert len(node["e"]) == 1 and node["l"] is not None and node["e"][0]["t"] is not None
+    holder = node if field == "l" else node["e"][0]
+    assert type(holder[field]) is cbor2.CBORTag and holder[field].tag == 42
+    holder[field] = cbor2.CBORTag(tag, prefix + holder[field].value[1:])
+    new = cbor2.dumps(node, canonical=True)
+    assert len(new) == len(old)
+    cid = dag_cbor_cid(new)
+    return car_with(commit_block(cid), [(cid, new), *((c, b) for c, b in blocks if c != root)]), cid
+
+
+def test_layered_repo_is_valid() -> None:
+    _root, blocks = tree(_layered())
+    assert len(blocks) == 3 + 5  # root, its l subtree, entry 0's t subtree; five records
+
+
+@pytest.mark.parametrize(
+    "field, detail",
+    [("l", "'l' is neither a CID link nor null"), ("v", "entry 0: 'v' is not a CID link"), ("t", "entry 0: 't' is neither a CID link nor null")],
+)
+@pytest.mark.parametrize("tag", [43, 41])
+@pytest.mark.parametrize("verifying", [False, True], ids=["unverified", "verified"])
+async def test_node_link_with_a_tag_other_than_42_is_refused(field: str, detail: str, tag: int, verifying: bool, mode: str) -> None:
+    car, cid = _retagged(field, tag)
+    error = await walk_error(mode, car, NodeDecodeError, verify if verifying else None)
+    assert str(error) == f"MST node {cid_str(cid)}: {detail}"
+
+
+@pytest.mark.parametrize(
+    "field, detail",
+    [("l", "'l' is neither a CID link nor null"), ("v", "entry 0: 'v' is not a CID link"), ("t", "entry 0: 't' is neither a CID link nor null")],
+)
+async def test_node_link_without_its_multibase_0_is_refused(field: str, detail: str, mode: str) -> None:
+    car, cid = _retagged(field, 42, prefix=b"\x01")  # tag 42 over 0x01 + a real CID
+    error = await walk_error(mode, car, NodeDecodeError)
+    assert str(error) == f"MST node {cid_str(cid)}: {detail}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ def _default_in_child(**env: str) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.once
 def test_ci_builds_and_uses_the_c_core() -> None:
     """CI fails when the extension was not built: a fresh process must pick the C core."""
     if not os.environ.get("CI") and "c" not in implementation.available():
@@ -34,6 +35,7 @@ def test_ci_builds_and_uses_the_c_core() -> None:
     assert _default_in_child() == "c"
 
 
+@pytest.mark.once
 def test_pure_python_is_forced_by_the_environment() -> None:
     assert _default_in_child(REPO_STREAM_PURE_PYTHON="1") == "python"
     assert _default_in_child(REPO_STREAM_PURE_PYTHON="0") in implementation.available()
@@ -45,14 +47,13 @@ def test_use_switches_and_refuses_unknown_names(impl: str) -> None:
         implementation.use("rust")
 
 
+@pytest.mark.c_only
 def test_the_c_cores_sha256_matches_hashlib() -> None:
     """The core hashes MST keys and, with verification, every block with its own SHA-256 (a BMI2
     clone where the CPU has it): every length around the 55/64-byte padding edges, and large."""
     import hashlib
     import random
 
-    if "c" not in implementation.available():
-        pytest.skip("the C core is not built here")
     from repo_stream import _native
 
     rng = random.Random(7)
@@ -61,6 +62,7 @@ def test_the_c_cores_sha256_matches_hashlib() -> None:
         assert _native.sha256(data) == hashlib.sha256(data).digest(), n
 
 
+@pytest.mark.c_only
 def test_the_c_cores_side_by_side_sha256_matches_hashlib() -> None:
     """Blocks (--verify) and a node's keys are hashed side by side in vector lanes (16 with
     AVX-512, 8 with AVX2): every lane width this CPU has, batches that leave lanes idle or refill
@@ -68,8 +70,6 @@ def test_the_c_cores_side_by_side_sha256_matches_hashlib() -> None:
     import hashlib
     import random
 
-    if "c" not in implementation.available():
-        pytest.skip("the C core is not built here")
     from repo_stream import _native
 
     assert _native.sha256_lanes() in (1, 8, 16)
@@ -97,6 +97,7 @@ def _tasks() -> int:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc/self/task to count threads")
+@pytest.mark.c_only
 def test_verification_thread_checks_every_block_and_ends_with_its_parser() -> None:
     """With verify_cids the C parser hashes blocks on a helper thread: a block changed anywhere
     is still refused, naming its CID; the thread ends when the parser goes; and a parser used
@@ -104,8 +105,6 @@ def test_verification_thread_checks_every_block_and_ends_with_its_parser() -> No
     import gc
     import signal
 
-    if "c" not in implementation.available():
-        pytest.skip("the C core is not built here")
     from repo_stream import _native, errors
     from repo_stream.core.cid import cid_text
 

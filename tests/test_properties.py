@@ -13,15 +13,13 @@ records (a flipped bit inside a record is not detectable), which must still have
 increasing valid keys. Spilled walks (through the SQLite store) run on fewer examples and must
 agree with the in-memory walk of the same bytes.
 
-Runs are deterministic (``derandomize=True``, no example database). The number of examples per
-test comes from ``REPO_STREAM_FUZZ_EXAMPLES`` (default 500 in memory; the spilled test takes a quarter).
-For a longer fuzz run, not in CI::
+Locally the runs replay the same examples; in CI each run draws fresh ones from a seed it prints
+(tests/conftest.py's hypothesis profiles: rerun a CI failure with ``--hypothesis-seed=N``, which
+also draws fresh examples locally). The number of examples per test comes from
+``REPO_STREAM_FUZZ_EXAMPLES`` (default 500 in memory; the spilled test takes a quarter). For a
+longer fuzz run, not in CI::
 
-    REPO_STREAM_FUZZ_EXAMPLES=20000 python -m pytest tests/test_properties.py
-
-(``derandomize`` makes a run repeatable; to explore other inputs on a later run, add
-``--hypothesis-seed=N``, which applies once ``derandomize`` is off: set
-``REPO_STREAM_FUZZ_RANDOM=1``.)
+    REPO_STREAM_FUZZ_EXAMPLES=20000 python -m pytest tests/test_properties.py --hypothesis-seed=1
 """
 
 from __future__ import annotations
@@ -42,24 +40,22 @@ from hypothesis import strategies as st
 
 from repo_stream import DiskBuilder, DriverBuilder, MissingBlockError, NeedDisk, RepoStreamError, TruncatedCarError
 from repo_stream.core.car import DEFAULT_READ_SIZE
-from repo_stream.core.mst import is_valid_key
 from repo_stream.records.writer import build_repo_car
 
 from .helpers import DID, REV, read_varint, record, repo_car
+from .spec_keys import spec_key
 
 EXAMPLES = int(os.environ.get("REPO_STREAM_FUZZ_EXAMPLES", "500"))
 SPILLED_EXAMPLES = max(5, EXAMPLES // 4)
-RANDOM = os.environ.get("REPO_STREAM_FUZZ_RANDOM") == "1"
 TIME_LIMIT = 10  # seconds per walk
 
 
 def fuzz_settings(examples: int) -> settings:
+    """``examples`` examples, no deadline; derandomize and the database come from the profile
+    conftest loads."""
     return settings(
         max_examples=examples,
         deadline=None,
-        derandomize=not RANDOM,
-        database=None,
-        print_blob=True,
         suppress_health_check=[
             HealthCheck.too_slow,
             HealthCheck.data_too_large,
@@ -183,7 +179,7 @@ def check_plausible(outcome: Outcome) -> None:
         return
     keys = [k for k, _ in outcome.records]
     assert all(a < b for a, b in itertools.pairwise(keys)), keys
-    assert all(is_valid_key(k) for k in keys), keys
+    assert all(spec_key(k) for k in keys), keys
     assert all(type(v) is bytes for _, v in outcome.records)
 
 

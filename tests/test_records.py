@@ -296,7 +296,11 @@ def test_depth_limit_is_exact_in_both_forms() -> None:
             process(nested(MAX_DEPTH + 1))
     # A link at the deepest level becomes a one-key map in the JSON form: still accepted.
     deepest_link = nested(MAX_DEPTH, b"\xd8\x2a\x58\x25\x00" + RECORD_CID)
-    assert decode_record(deepest_link) is not None
+    decoded = decode_record(deepest_link)
+    for _ in range(MAX_DEPTH):
+        assert type(decoded) is list and len(decoded) == 1
+        decoded = decoded[0]
+    assert decoded == Link(RECORD_CID)
     json_value = record_json(deepest_link)
     for _ in range(MAX_DEPTH):
         json_value = json_value[0]
@@ -386,6 +390,17 @@ def expected_json(value: Any) -> Any:
     return value
 
 
+def expected_decoded(value: Any) -> Any:
+    """What decode_record must give for ``value`` (a CID becomes a Link of its bytes)."""
+    if isinstance(value, CID):
+        return Link(bytes(value))
+    if isinstance(value, dict):
+        return {k: expected_decoded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expected_decoded(v) for v in value]
+    return value
+
+
 CIDS = st.sampled_from([CID.decode(RECORD_CID), CID.decode(BLOB_CID)])
 SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20) | st.binary(max_size=20) | CIDS
 KEYS = st.text(max_size=8).filter(lambda k: k not in ("$link", "$bytes"))
@@ -399,8 +414,9 @@ def test_any_dag_cbor_value_round_trips_to_its_json_form(value: Any) -> None:
     want = expected_json(value)
     assert record_json(block) == want
     decoded = decode_record(block)
+    assert decoded == expected_decoded(value)
     assert to_json_value(decoded) == want
-    assert RECORD_CODEC[1](RECORD_CODEC[0](decoded)) == decoded
+    assert RECORD_CODEC[1](RECORD_CODEC[0](decoded)) == expected_decoded(value)
     assert RECORD_CODEC[0](decoded) == block  # canonical both ways
 
 

@@ -584,6 +584,19 @@ async def test_invalid_key_error_over_1024_bytes(mode: str) -> None:
         assert "1024" in str(exc)
 
 
+async def test_invalid_key_error_names_the_length_from_1025_bytes(mode: str) -> None:
+    # At 1025 bytes the length rule speaks; at 1024 the key is refused for its syntax (an rkey
+    # over 512 characters) instead.
+    for size in (1025, 1024):
+        key = search_key(POST.encode() + b"/" + b"a" * (size - len(POST) - 2) + b"{}", 0)
+        assert len(key) == size
+        exc = str(await walk_error(mode, _node_with_bad_key(key), InvalidKeyError))
+        if size == 1025:
+            assert exc.startswith("MST key of 1025 bytes in node ") and exc.endswith(" is over 1024 bytes"), exc
+        else:
+            assert exc.startswith(f"MST key {key.decode()!r} in node ") and exc.endswith(" is not a valid collection/rkey path"), exc
+
+
 # --------------------------------------------------------------------------------------------
 # 12. NodeDecodeError
 # --------------------------------------------------------------------------------------------

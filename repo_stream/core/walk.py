@@ -92,24 +92,25 @@ def decode_node(cid: bytes, block: bytes, decoder: StrictDecoder, strict: bool) 
 
     Raises:
         NodeDecodeError: not one DAG-CBOR item; not exactly that structure; a map key repeated;
-            a tag other than 42; with ``strict``, not canonical DAG-CBOR.
+            a tag other than 42; with ``strict``, not canonical DAG-CBOR. The message is the one
+            :func:`node_problem` gives (the C core's, word for word).
     """
     try:
         node = decoder.decode(block)
     except DagCborError as exc:
-        raise messages.node_decode(cid, f"not valid DAG-CBOR: {exc}") from exc
+        raise _node_error(cid, block, strict, f"not valid DAG-CBOR: {exc}") from exc
     if type(node) is not dict or len(node) != 2 or "e" not in node or "l" not in node:
-        raise messages.node_decode(cid, "not a map of exactly 'e' and 'l'")
+        raise _node_error(cid, block, strict, "not a map of exactly 'e' and 'l'")
     entries = node["e"]
     if type(entries) is not list:
-        raise messages.node_decode(cid, "'e' is not a list")
+        raise _node_error(cid, block, strict, "'e' is not a list")
     left_raw = node["l"]
     size = 6 + _head(len(entries))  # a2, 61 65, the array head, 61 6c, null
     left = None
     if left_raw is not None:
         link = _link(left_raw)
         if link is None:
-            raise messages.node_decode(cid, "'l' is neither a CID link nor null")
+            raise _node_error(cid, block, strict, "'l' is neither a CID link nor null")
         size += 1 + _head(len(link)) + len(link)  # d8 2a and the byte string, less the null counted
         left = link[1:]
     out: list[tuple[int, bytes, bytes, bytes | None]] = []
@@ -118,24 +119,24 @@ def decode_node(cid: bytes, block: bytes, decoder: StrictDecoder, strict: bool) 
     for i, entry in enumerate(entries):
         entries[i] = None  # each decoded map goes as its tuple comes: not both for the whole node
         if type(entry) is not dict or len(entry) != 4:
-            raise messages.node_decode(cid, f"entry {i} is not a map of exactly p, k, v, t")
+            raise _node_error(cid, block, strict, f"entry {i} is not a map of exactly p, k, v, t")
         try:
             p = entry["p"]
             k = entry["k"]
             v = _link(entry["v"])
             t = entry["t"]
-        except KeyError as exc:
-            raise messages.node_decode(cid, f"entry {i} lacks field {exc.args[0]!r}") from None
+        except KeyError:
+            raise _node_error(cid, block, strict, f"entry {i} is not a map of exactly p, k, v, t") from None
         if type(p) is not int or type(k) is not bytes:
-            raise messages.node_decode(cid, f"entry {i}: 'p' must be an int and 'k' bytes")
+            raise _node_error(cid, block, strict, f"entry {i}: 'p' must be an int and 'k' bytes")
         if v is None:
-            raise messages.node_decode(cid, f"entry {i}: 'v' is not a CID link")
+            raise _node_error(cid, block, strict, f"entry {i}: 'v' is not a CID link")
         # a4, four 1-byte text keys, p, k, v (d8 2a + bytes), t (null)
         size += 10 + _head(p if p >= 0 else -1 - p) + _head(len(k)) + len(k) + 2 + _head(len(v)) + len(v)
         if t is not None:
             link = _link(t)
             if link is None:
-                raise messages.node_decode(cid, f"entry {i}: 't' is neither a CID link nor null")
+                raise _node_error(cid, block, strict, f"entry {i}: 't' is neither a CID link nor null")
             size += 1 + _head(len(link)) + len(link)
             t = link[1:]
         if strict and in_order:
@@ -144,76 +145,141 @@ def decode_node(cid: bytes, block: bytes, decoder: StrictDecoder, strict: bool) 
     if size != len(block) or (strict and not (in_order and list(node) == _NODE_KEYS)):
         # Longer than its canonical form: repeated keys, foreign tags or (allowed unless strict)
         # non-minimal integers; or (strict) keys out of order.
-        if strict:
-            raise messages.node_decode(cid, "not canonical DAG-CBOR (minimal integers and lengths, sorted map keys, no repeated key)")
-        problem = _repeated_key_or_tag(block)
-        if problem:
-            raise messages.node_decode(cid, problem)
+        problem = node_problem(block, strict)
+        if problem is not None or strict:
+            raise messages.node_decode(cid, problem or _NOT_CANONICAL)
     return left, out
 
 
-def _repeated_key_or_tag(block: bytes) -> str | None:
-    """Scan well-formed CBOR ``block`` for a map key given twice or a tag other than 42.
+_NOT_CANONICAL = "not canonical DAG-CBOR (minimal integers and lengths, sorted map keys, no repeated key)"
 
-    Returns what it found, or ``None``. Only called for the rare node longer than its canonical
-    form; iterative, and linear in the block's size.
+
+def _node_error(cid: bytes, block: bytes, strict: bool, fallback: str) -> RepoStreamError:
+    """The NodeDecodeError for ``block``: :func:`node_problem`'s detail, or ``fallback``."""
+    return messages.node_decode(cid, node_problem(block, strict) or fallback)
+
+
+def _cbor_head(block: bytes, pos: int) -> tuple[int, int, bool, int] | None:
+    """``(major type, argument, minimal, next position)`` of the CBOR head at ``pos``, or ``None``
+    if the bytes end first or the additional information is reserved (28-30) or indefinite (31)."""
+    if pos >= len(block):
+        return None
+    first = block[pos]
+    info = first & 0x1F
+    if info < 24:
+        return first >> 5, info, True, pos + 1
+    if info > 27:
+        return None
+    width = 1 << (info - 24)
+    if len(block) - pos - 1 < width:
+        return None
+    arg = int.from_bytes(block[pos + 1 : pos + 1 + width], "big")
+    return first >> 5, arg, arg >= (24, 0x100, 0x10000, 0x100000000)[info - 24], pos + 1 + width
+
+
+def node_problem(block: bytes, strict: bool) -> str | None:
+    """What is wrong with MST node ``block``, found reading it front to back, or ``None``.
+
+    The slow path of :func:`decode_node`, run only for a block that fails the fast decode or is
+    longer than its canonical form: it reads the node as the C core does (``decode_node`` in
+    native/walk.c), so that both say the same first problem in the same words. Without
+    ``strict``, non-minimal heads are accepted; with it they are "not canonical".
     """
+    end = len(block)
     pos = 0
-    n = len(block)
-    # Each frame: [items left, keys seen (a set) or None for arrays, is-key-next flag]
-    stack: list[list[Any]] = []
-    while pos < n:
-        start = pos
-        first = block[pos]
-        major, info = first >> 5, first & 0x1F
+    noncanon = False
+
+    def expect(major: int) -> int | None:
+        nonlocal pos, noncanon
+        head = _cbor_head(block, pos)
+        if head is None or head[0] != major:
+            return None
+        if not head[2] and strict:
+            noncanon = True
+            return None
+        pos = head[3]
+        return head[1]
+
+    def text_key() -> int:
+        nonlocal pos
+        n = expect(3)
+        if n != 1 or pos >= end:
+            return -1
         pos += 1
-        if info < 24:
-            arg = info
-        elif info <= 27:
-            width = 1 << (info - 24)
-            arg = int.from_bytes(block[pos : pos + width], "big")
-            pos += width
-        else:
-            return None  # not well-formed: the decoder has said so already
-        # Record map keys (the item in key position; a tag is a prefix of the item it tags).
-        if stack and major != 6:
-            frame = stack[-1]
-            if frame[1] is not None and frame[2]:
-                end = pos + (arg if major in (2, 3) else 0)
-                key = block[start:end]
-                if key in frame[1]:
-                    return f"map key {key!r} is repeated"
-                frame[1].add(key)
-        if major == 6:
-            if arg != 42:
-                return f"CBOR tag {arg} (only 42, a CID link, is allowed)"
-            continue  # the tagged item follows, in the same position
-        if major in (2, 3):
-            pos += arg
-        # Consume one item position in the enclosing frame.
-        if major == 4 and arg:
-            _consume(stack)
-            stack.append([arg, None, False])
-            continue
-        if major == 5 and arg:
-            _consume(stack)
-            stack.append([2 * arg, set(), True])
-            continue
-        _consume(stack)
+        return block[pos - 1]
+
+    def link() -> bool:
+        nonlocal pos
+        if expect(6) != 42:
+            return False
+        n = expect(2)
+        if n is None or n < 2 or n > end - pos or block[pos] != 0:
+            return False
+        pos += n
+        return True
+
+    def why(detail: str) -> str:
+        return _NOT_CANONICAL if noncanon else detail
+
+    if expect(5) != 2:
+        return why("not a map of exactly 'e' and 'l'")
+    got: set[int] = set()
+    for i in range(2):
+        key = text_key()
+        if key not in (0x65, 0x6C):  # e, l
+            return why("not a map of exactly 'e' and 'l'")
+        if key in got:
+            return "map key 'e' or 'l' is repeated"
+        if strict and i == 0 and key != 0x65:
+            return _NOT_CANONICAL
+        got.add(key)
+        if key == 0x65:
+            entries = expect(4)
+            if entries is None:
+                return why("'e' is not a list")
+            if entries > end - pos:
+                return "'e' claims more entries than there are bytes"
+            for j in range(entries):
+                if expect(5) != 4:
+                    return why(f"entry {j} is not a map of exactly p, k, v, t")
+                seen: set[int] = set()
+                previous = 0
+                for _ in range(4):
+                    field = text_key()
+                    if field not in (0x6B, 0x70, 0x74, 0x76):  # k, p, t, v
+                        return why(f"entry {j} is not a map of exactly p, k, v, t")
+                    if field in seen:
+                        return f"entry {j} repeats a map key"
+                    if strict and field <= previous:
+                        return _NOT_CANONICAL
+                    previous = field
+                    seen.add(field)
+                    if field == 0x70:  # p: an unsigned or negative int, read without expect()
+                        head = _cbor_head(block, pos)
+                        if head is None or head[0] not in (0, 1):
+                            return f"entry {j}: 'p' must be an int and 'k' bytes"
+                        if not head[2] and strict:
+                            return _NOT_CANONICAL
+                        pos = head[3]
+                    elif field == 0x6B:
+                        n = expect(2)
+                        if n is None or n > end - pos:
+                            return why(f"entry {j}: 'p' must be an int and 'k' bytes")
+                        pos += n
+                    elif field == 0x76:
+                        if not link():
+                            return why(f"entry {j}: 'v' is not a CID link")
+                    elif pos < end and block[pos] == 0xF6:
+                        pos += 1
+                    elif not link():
+                        return why(f"entry {j}: 't' is neither a CID link nor null")
+        elif pos < end and block[pos] == 0xF6:
+            pos += 1
+        elif not link():
+            return why("'l' is neither a CID link nor null")
+    if pos != end:
+        return "bytes after the node's CBOR item"
     return None
-
-
-def _consume(stack: list[list[Any]]) -> None:
-    """Count an item (as it starts) against the innermost container, closing it after its last."""
-    while stack:
-        frame = stack[-1]
-        frame[0] -= 1
-        if frame[1] is not None:
-            frame[2] = not frame[2]
-        if frame[0] > 0:
-            return
-        stack.pop()
-        return
 
 
 #: A node of more entries than this is kept on the stack joined into a few bytes objects (see
