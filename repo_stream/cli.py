@@ -585,7 +585,7 @@ async def _verify_commit(args: argparse.Namespace) -> int:
             result = verify_commit(message, key=key, prev=prev, require_prev_data=not args.no_prev_data).to_json()
         except OutOfSyncError as exc:
             _error(str(exc))
-            result = {**exc.result.to_json(), "outOfSync": str(exc)}  # type: ignore[attr-defined]
+            result = {**exc.result.to_json(), "outOfSync": str(exc)}
             status = EXIT_OUT_OF_SYNC
     _write(json.dumps(result, ensure_ascii=False) + "\n")
     return status

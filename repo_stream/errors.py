@@ -49,6 +49,11 @@ The hierarchy::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the annotation only: errors imports nothing of the package at run time
+    from .sync.verify import VerifiedCommit
+
 __all__ = [
     "RepoStreamError",
     "SourceError",
@@ -309,10 +314,11 @@ class OutOfSyncError(RepoStreamError):
     """A commit that is valid on its own (signature, and inversion to its own ``prevData``) but
     does not follow the state held for the repo (``since`` or ``prevData`` differ from it).
 
-    The consumer should refetch the repo. ``result`` holds the commit as verified on its own.
+    The consumer should refetch the repo. ``result`` holds the commit as verified on its own
+    (a :class:`~repo_stream.sync.verify.VerifiedCommit`).
     """
 
-    def __init__(self, message: str, *, result: object) -> None:
+    def __init__(self, message: str, *, result: VerifiedCommit[Any]) -> None:
         super().__init__(message)
         self.result = result
 

@@ -537,11 +537,14 @@ async def backfill(
         checkpoint: an SQLite file path (or an open :class:`Checkpoint`) recording finished
             repos; sources recorded there are not run again but yielded from it (``skipped``).
         retry_failed: run sources recorded as failed again.
-        plc_url, client, dns_resolver, fetch_options, allow_private_hosts: as for
-            :func:`repo_stream.net.source.open_source` (one client is shared by the whole run; by
-            default a new one, closed at the end, that connects only to public addresses for
-            hosts learned from the network unless ``allow_private_hosts``; see
+        plc_url: as for :func:`repo_stream.net.source.open_source`.
+        client: as for :func:`repo_stream.net.source.open_source`: one client is shared by the
+            whole run; by default a new one, closed at the end, that connects only to public
+            addresses for hosts learned from the network unless ``allow_private_hosts`` (see
             :mod:`repo_stream.net.guard`).
+        dns_resolver: as for :func:`repo_stream.net.source.open_source`.
+        fetch_options: as for :func:`repo_stream.net.source.open_source`.
+        allow_private_hosts: as for :func:`repo_stream.net.source.open_source`.
         stats: a :class:`BackfillStats` to update as the run goes (for progress displays).
         processes: with more than 1, the repos run in that many processes: this one and
             ``processes - 1`` worker processes, each with the executor above (its own

@@ -527,8 +527,8 @@ def read_car_slice(car: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE, 
         A :class:`CarSlice`; a CID given twice keeps its first block (both hash to it).
 
     Raises:
-        CarError subclasses (framing, header), CidMismatchError (a block does not hash to its
-        CID), as the CAR parser raises them.
+        CarError: a framing or header error (its subclasses), as the CAR parser raises them.
+        CidMismatchError: a block does not hash to its CID.
 
     Spec: IPLD CAR v1; atproto repository, "CAR File Serialization".
     """
