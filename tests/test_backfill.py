@@ -468,3 +468,40 @@ def test_cli_human_output_from_stdin(tmp_path: Path) -> None:
     assert rows[str(tmp_path / "missing.car")][5].startswith("SourceError")
     assert len(rows) == 2
     assert "2 repos" in done.stderr and "1 failed" in done.stderr
+
+
+class RecordingSink:
+    """Records what the executor tells it."""
+
+    keyed_by_did = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str | None]] = []
+
+    async def __call__(self, source: str, commit: Commit, items: list[Any]) -> None:
+        self.calls.append(("records", source, None))
+
+    async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
+        self.calls.append(("finish", source, None if error is None else type(error).__name__))
+
+
+@pytest.mark.anyio
+async def test_a_duplicate_is_not_finished_in_the_sink() -> None:
+    """A duplicate never reached the sink; telling the sink it failed would end the first
+    source's output for that DID, maybe mid-write (JsonlSink closed the first's file and removed
+    its .part: 'I/O operation on closed file', and no output). Other failures are finished."""
+    from repo_stream.backfill.executor import DuplicateRepoError, _Job, _Run
+
+    sink = RecordingSink()
+    run = _Run({"sink": sink, "client": None}, BackfillStats())
+    car = (Path(__file__).resolve().parents[1] / "fixtures" / "repo-100.car").read_bytes()
+    driver = await DriverBuilder().load_car(car)
+    commit = driver.commit
+    assert commit is not None
+    duplicate = DuplicateRepoError("b: a duplicate of a", did=commit.did, first="a")
+    job = _Job("b", 0.0, commit=commit)
+    assert await run.finish_sink(job, duplicate) is duplicate
+    other = ValueError("boom")
+    assert await run.finish_sink(_Job("c", 0.0, commit=commit), other) is other
+    assert sink.calls == [("finish", "c", "ValueError")]
+    run.claims.close()

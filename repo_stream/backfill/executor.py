@@ -292,7 +292,9 @@ class _Run:
     async def finish_sink(self, job: _Job, error: BaseException | None) -> BaseException | None:
         """Tell the sink the repo ended; a sink failing here fails the repo."""
         finish = getattr(self.o["sink"], "finish", None)
-        if finish is None or job.commit is None:
+        if finish is None or job.commit is None or isinstance(error, DuplicateRepoError):
+            # A duplicate never reached the sink, whose output for that DID is the first
+            # source's, maybe still being written: telling it this one failed would end that.
             return error
         try:
             with anyio.CancelScope(shield=not isinstance(error, Exception) and error is not None):

@@ -85,15 +85,28 @@ class JsonlSink:
         """``<did>.jsonl.part``, created or emptied, under an exclusive lock; a text file."""
         os.makedirs(self.directory, exist_ok=True)
         part = self.path(did) + ".part"
-        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RepoStreamError(f"{part} is being written by another writer of {did} (a duplicate in another process); not written twice") from None
-        except BaseException:
-            os.close(fd)
-            raise
+        while True:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # The lock is on the file opened, which another writer may have renamed into place
+                # (finished) between our open and our lock: then it is that writer's output, not
+                # a .part to empty. Take the lock on the file now at the .part name instead.
+                try:
+                    current = os.stat(part)
+                except FileNotFoundError:
+                    current = None
+                if current is not None and (current.st_ino, current.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev):
+                    break
+                os.close(fd)
+            except BlockingIOError:
+                os.close(fd)
+                raise RepoStreamError(
+                    f"{part} is being written by another writer of {did} (a duplicate in another process); not written twice"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
         os.ftruncate(fd, 0)
         return open(fd, "w", encoding="utf-8", errors="surrogateescape")
 
