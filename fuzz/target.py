@@ -205,10 +205,21 @@ def _slice_and_tree(data: bytes, verify: bool) -> Any:
     root = roots[0]
     block = blocks.get(root)
     if block is not None:
+        from repo_stream.sync.verify import _fast_commit
+
+        fast = _fast_commit(block, root)
         try:
-            _commit, root = decode_commit(block, root, strict=True)
+            commit, data = decode_commit(block, root, strict=True)
         except RepoStreamError:
-            pass  # not a commit: the root is a tree node
+            assert fast is None, "verify's single decode accepted a commit decode_commit refuses"
+        else:
+            if fast is not None:  # the single decode must give what decode_commit gives
+                got, got_data, unsigned = fast
+                assert (got.did, got.version, got.rev, got.sig, got.block, got_data) == (
+                    commit.did, commit.version, commit.rev, commit.sig, commit.block, data,
+                ), "verify's single decode differs from decode_commit"  # fmt: skip
+                assert got.prev == commit.prev and unsigned == commit.unsigned_bytes(), "unsigned bytes differ"
+            root = data
     tree = PartialTree(root, blocks)
     out: list[Any] = []
     for key in SYNC_KEYS:
