@@ -7,6 +7,9 @@ is the CAR. The processor is ``len`` or, when bit 2 of the input's length is set
 implementation's ``transcode_json`` (DAG-CBOR to JSON text). The rest is also handed to both
 ``transcode_json`` as one record block: the same text, or the same error and message. Both implementations must give the same records, or the same error class and message
 (for ``NodeDecodeError``, the message up to the CID). Anything but a ``RepoStreamError`` is a bug.
+
+Inputs starting with :data:`SYNC_MAGIC` (``ff 53``) go to :func:`sync_one` instead: the sync
+1.1 decoders (subscribeRepos messages, CAR slices and partial trees, record proofs).
 """
 
 from __future__ import annotations

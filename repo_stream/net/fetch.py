@@ -474,8 +474,13 @@ async def fetch_record_proof(
     :data:`PROOF_MAX_BYTES`, 4 MiB; ``options.max_bytes`` when smaller).
 
     Args:
-        pds: the PDS base URL (from the DID document). did: the account. key: ``collection/rkey``.
-        client, options, allow_private_hosts: as for :func:`fetch_car`.
+        pds: the PDS base URL (from the DID document).
+        did: the account.
+        key: the record's repo key, ``collection/rkey``.
+        client: the HTTP client (default: a new one, closed on return), as for :func:`fetch_car`.
+        options: timeouts and retries, as for :func:`fetch_car`; ``max_bytes`` lowers the cap.
+        allow_private_hosts: as for :func:`fetch_car`.
+        max_bytes: the largest proof accepted, bytes as decoded.
 
     Returns:
         The CAR bytes, or None when the PDS does not serve ``getRecord`` (HTTP 501, an XRPC
