@@ -40,6 +40,33 @@ def main(out: Path) -> None:
     if fixture.is_file():
         (out / "repo-100-00.car").write_bytes(b"\x00" + fixture.read_bytes())
         (out / "repo-100-0b.car").write_bytes(b"\x0b" + fixture.read_bytes())
+    sync_seeds(out)
+
+
+def sync_seeds(out: Path) -> None:
+    """Inputs for fuzz/target.py's ``sync_one``: generated #commit and #sync messages, their
+    blocks as CAR slices, and record proofs (present and absent keys)."""
+    from repo_stream.sync.events import decode_frame
+    from repo_stream.sync.generate import CommitGenerator, make_signer
+    from repo_stream.sync.proof import prove
+
+    magic = b"\xffS"
+    sign, _ = make_signer("k256", 1)
+    records = [(f"app.bsky.feed.like/3k{i:011d}", record(str(i), "app.bsky.feed.like")) for i in range(30)]
+    gen = CommitGenerator("did:plc:fuzzfuzzfuzzfuzzfuzzfuzz", sign, records, seed=1)
+    for i, n in enumerate((1, 3, 8)):
+        message = gen.commit(gen.random_ops(n))
+        (out / f"sync-commit-{i}.bin").write_bytes(magic + b"\x00" + message)
+        blocks = decode_frame(message).body["blocks"]
+        (out / f"sync-slice-{i}.car").write_bytes(magic + b"\x01" + blocks)
+        (out / f"sync-slice-raw-{i}.car").write_bytes(magic + b"\x02" + blocks)
+    (out / "sync-sync.bin").write_bytes(magic + b"\x00" + gen.sync_message())
+    repo = gen.repo_car()
+    keys = ["app.bsky.feed.like/3k00000000007", "app.bsky.feed.post/3kaaaaaaaaaaa", "com.example.thing/zzz", "a.b.c/"]
+    for key in keys:
+        proof = prove(repo, key)
+        # sync_one checks the key its length picks: present or absent, both paths are exercised
+        (out / f"sync-proof-{key.replace('/', '_')}.car").write_bytes(magic + b"\x03" + proof)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ is the CAR. The processor is ``len`` or, when bit 2 of the input's length is set
 implementation's ``transcode_json`` (DAG-CBOR to JSON text). The rest is also handed to both
 ``transcode_json`` as one record block: the same text, or the same error and message. Both implementations must give the same records, or the same error class and message
 (for ``NodeDecodeError``, the message up to the CID). Anything but a ``RepoStreamError`` is a bug.
+
+Inputs starting with :data:`SYNC_MAGIC` (``ff 53``) go to :func:`sync_one` instead: the sync
+1.1 decoders (subscribeRepos messages, CAR slices and partial trees, record proofs).
 """
 
 from __future__ import annotations
@@ -148,6 +151,9 @@ def fuzz_one(data: bytes) -> None:
     """Run ``data`` through both implementations; raise AssertionError if they differ."""
     if not data:
         return
+    if data[:2] == SYNC_MAGIC:
+        sync_one(data[2:])
+        return
     assert implementation.C is not None
     c_text = transcode(implementation.C.transcode_json, data[1:])
     python_text = transcode(transcode_json_reference, data[1:])
@@ -158,3 +164,118 @@ def fuzz_one(data: bytes) -> None:
     python = run("python", car_bytes, options)
     if c != python:
         raise AssertionError(f"C core and reference differ (options {options:#x}):\n  C {c!r:.2000}\n  Python {python!r:.2000}")
+
+
+# --- sync 1.1: subscribeRepos frames, CAR slices and partial trees, record proofs -------------
+
+SYNC_MAGIC = b"\xffS"
+"""Inputs starting with these two bytes go to :func:`sync_one`; the next byte picks the target."""
+SYNC_DID = "did:plc:fuzzfuzzfuzzfuzzfuzzfuzz"
+SYNC_KEYS = ["app.bsky.feed.like/3k00000000007", "app.bsky.feed.post/3kaaaaaaaaaaa", "com.example.thing/zzz", "a.b.c/"]
+
+
+def _any_key() -> Any:
+    """A key whose ``verify`` accepts every signature, so that mutated commits reach the tree
+    checks (the fuzzer cannot forge a signature; the signature code is tested elsewhere)."""
+    from repo_stream.crypto.signature import VerifyingKey
+
+    class AnyKey(VerifyingKey):
+        __slots__ = ()
+
+        def verify(self, data: bytes, sig: bytes, *, where: str = "signature") -> None:
+            return None
+
+    return AnyKey.__new__(AnyKey)
+
+
+_ANY_KEY: Any = None
+
+
+def _outcome(fn: Any) -> tuple[Any, ...]:
+    try:
+        return ("ok", fn())
+    except RepoStreamError as exc:
+        message = str(exc)
+        if isinstance(exc, NodeDecodeError):
+            message = message.split(": ", 1)[0]
+        return ("error", type(exc).__name__, message)
+
+
+def _slice_and_tree(data: bytes, verify: bool) -> Any:
+    from repo_stream.sync.partial import PartialTree, read_car_slice
+
+    roots, blocks = read_car_slice(data, verify_cids=verify)
+    root = roots[0]
+    block = blocks.get(root)
+    if block is not None:
+        from repo_stream.sync.verify import _fast_commit
+
+        fast = _fast_commit(block, root)
+        try:
+            commit, data = decode_commit(block, root, strict=True)
+        except RepoStreamError:
+            assert fast is None, "verify's single decode accepted a commit decode_commit refuses"
+        else:
+            if fast is not None:  # the single decode must give what decode_commit gives
+                got, got_data, unsigned = fast
+                assert (got.did, got.version, got.rev, got.sig, got.block, got_data) == (
+                    commit.did, commit.version, commit.rev, commit.sig, commit.block, data,
+                ), "verify's single decode differs from decode_commit"  # fmt: skip
+                assert got.prev == commit.prev and unsigned == commit.unsigned_bytes(), "unsigned bytes differ"
+            root = data
+    tree = PartialTree(root, blocks)
+    out: list[Any] = []
+    for key in SYNC_KEYS:
+        out.append(_outcome(lambda key=key: tree.get(key)))
+    out.append(_outcome(lambda: [tuple(entry) for entry in tree.walk_slice()]))
+    out.append(_outcome(lambda: list(tree.walk_slice("app.bsky.feed.like", "app.bsky.feed.post"))))
+    return sorted(blocks.items()), out
+
+
+def _proof(data: bytes, key: str) -> Any:
+    from repo_stream.sync.proof import verify_record_proof
+
+    proven = verify_record_proof(data, SYNC_DID, key, _ANY_KEY, process=len)
+    return None if proven is None else (bytes(proven.cid), proven.value, proven.rev)
+
+
+def _frame(data: bytes) -> Any:
+    from repo_stream.sync.events import decode_frame
+    from repo_stream.sync.verify import verify_commit, verify_sync
+
+    frame = decode_frame(data)
+    result: list[Any] = [frame.type, sorted(frame.body)]
+    if frame.type == "#commit":
+        result.append(_outcome(lambda: repr(verify_commit(data, key=_ANY_KEY, require_prev_data=False))))
+    elif frame.type == "#sync":
+        result.append(_outcome(lambda: repr(verify_sync(data, key=_ANY_KEY))))
+    return result
+
+
+def sync_one(data: bytes) -> None:
+    """One sync input (after :data:`SYNC_MAGIC`): byte 0 picks the target, the rest is its input,
+    run on both implementations: ``0``: a subscribeRepos message (``decode_frame``, then
+    ``verify_commit``/``verify_sync`` with a key that accepts any signature); ``1``/``2``: a CAR
+    slice (``read_car_slice`` with/without CID checks) loaded as a partial tree, looked up and
+    walked; ``3``: a record proof (``verify_record_proof`` for one of :data:`SYNC_KEYS`, the key
+    chosen by the length). Both implementations must agree; anything but a RepoStreamError is a bug."""
+    global _ANY_KEY
+    if not data:
+        return
+    if _ANY_KEY is None:
+        _ANY_KEY = _any_key()
+    which, rest = data[0] % 4, data[1:]
+    results = []
+    for name in ("c", "python"):
+        implementation.use(name)
+        try:
+            if which == 0:
+                results.append(_outcome(lambda: _frame(rest)))
+            elif which in (1, 2):
+                results.append(_outcome(lambda: _slice_and_tree(rest, which == 1)))
+            else:
+                results.append(_outcome(lambda: _proof(rest, SYNC_KEYS[len(rest) % len(SYNC_KEYS)])))
+        finally:
+            implementation.use("c")
+    if results[0] != results[1]:
+        raise AssertionError(f"sync target {which}: C core and reference differ:\n  C {results[0]!r:.2000}\n  Python {results[1]!r:.2000}")

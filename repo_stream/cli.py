@@ -18,6 +18,11 @@ the repo served must be the DID's own (its commit's ``did``).
   the atproto data model's JSON form (:func:`repo_stream.records.record_json`).
 - ``get SOURCE KEY``: the value of the record ``KEY`` (``collection/rkey``) as one JSON object; a
   key that is not in the repo is an error, a ``KEY`` that is not ``collection/rkey`` a usage error.
+  For a DID, handle or ``at://`` SOURCE it fetches only the record's proof
+  (``com.atproto.sync.getRecord``, a few KB) and verifies it (every block's CID, the MST path, the
+  commit's DID and its signature with the DID document's ``#atproto`` key); a proof that does not
+  verify is an error. Only a PDS that does not serve getRecord (HTTP 501, XRPC
+  ``MethodNotImplemented``, or a 404 that is not about the record) makes it read the whole repo.
 - ``verify SOURCE [--key DIDKEY]``: checks every block against its CID, every MST rule (canonical
   nodes and commit, key order, layers), and the commit's signature, with ``--key`` or the
   ``#atproto`` key of the DID document of a DID or handle SOURCE (a file, ``-`` or URL SOURCE
@@ -388,10 +393,52 @@ async def _find(walk: _Walk, key: str) -> Any:
     return _MISSING
 
 
+async def _get_by_proof(args: argparse.Namespace) -> int | None:
+    """``get`` of a DID, handle or at:// SOURCE through ``com.atproto.sync.getRecord``: resolve
+    the identity, fetch the record proof (a few KB), verify it and the commit's signature with
+    the DID document's ``#atproto`` key and print the record. None: the PDS does not serve
+    getRecord (fetch the whole repo instead); a proof that does not verify is an error.
+
+    Raises:
+        IdentityError, FetchError, RecordProofError.
+    """
+    from .errors import IdentityError
+    from .net.fetch import fetch_record_proof
+    from .net.identity import DEFAULT_PLC_URL, DEFAULT_TIMEOUT, _client_scope, parse_identifier, resolve_identity
+    from .sync.proof import verify_record_proof
+
+    key: str = args.key
+    plc_url = args.plc_url or DEFAULT_PLC_URL
+    async with _client_scope(None, allow_private_hosts=args.allow_private_hosts, trusted=[plc_url]) as http:
+        identity = await resolve_identity(parse_identifier(args.source), client=http, plc_url=plc_url, timeout=DEFAULT_TIMEOUT)
+        did = identity.did
+        if identity.pds is None:
+            raise IdentityError(
+                f"{args.source}: the DID document of {did} has no valid #atproto_pds service "
+                "(type AtprotoPersonalDataServer, serviceEndpoint http(s)://host[:port])"
+            )
+        if identity.signing_key is None:
+            raise IdentityError(f"{args.source}: the DID document of {did} has no #atproto signing key to verify the record proof with")
+        car = await fetch_record_proof(identity.pds, did, key, client=http, options=_fetch_options(args))
+    if car is None:
+        return None
+    proven = verify_record_proof(car, did, key, identity.signing_key)
+    if proven is None:
+        _error(f"no record {key} in the repo of {did} (absence proven by getRecord from {identity.pds})")
+        return 1
+    _write(_dumps(proven.value) + "\n")
+    return 0
+
+
 async def _get(args: argparse.Namespace) -> int:
+    from .net.source import classify_source
     from .records.values import JSON_CODEC, record_json
 
     key: str = args.key
+    if classify_source(args.source) in ("did", "handle"):
+        done = await _get_by_proof(args)
+        if done is not None:
+            return done
     builder = DriverBuilder().with_mem_limit_mb(args.mem_limit_mb).with_block_processor(record_json).with_codec(*JSON_CODEC)
     builder = _select(builder, [key.partition("/")[0]])  # walk only the subtrees that can hold the key
     async with _walking_args(args, builder) as walk:

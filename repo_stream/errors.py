@@ -252,7 +252,8 @@ class FetchError(RepoStreamError):
     (after the configured retries), a body past the size cap, or a body cut off part-way.
 
     Attributes: ``url`` (str), ``did`` (str or None), ``status`` (the HTTP status, or None when no
-    response came), ``retry_after`` (seconds the server asked to wait, or None).
+    response came), ``retry_after`` (seconds the server asked to wait, or None), ``xrpc_error``
+    (the XRPC ``error`` name of an error answer, e.g. ``"RecordNotFound"``, or None).
     """
 
     def __init__(
@@ -263,12 +264,14 @@ class FetchError(RepoStreamError):
         did: str | None = None,
         status: int | None = None,
         retry_after: float | None = None,
+        xrpc_error: str | None = None,
     ) -> None:
         super().__init__(message)
         self.url = url
         self.did = did
         self.status = status
         self.retry_after = retry_after
+        self.xrpc_error = xrpc_error
 
 
 # --- sync 1.1 (repo_stream.sync) ----------------------------------------------------------------

@@ -90,13 +90,15 @@ class LocalHTTPServer:
 
     ``routes[(host, path)]`` is a :class:`Reply` or a list of them, played in order with the last
     repeating; ``host`` is the Host header without its port, or ``"*"`` to match any host. A
-    request with no route gets 404. ``requests`` logs every request received. Use as a context
+    request with no route gets 404. ``requests`` logs every request received; ``bytes_served[path]``
+counts the body bytes written for ``path``. Use as a context
     manager; closing it also wakes handlers that are sleeping in a slow reply.
     """
 
     def __init__(self) -> None:
         self.routes: dict[tuple[str, str], Reply | list[Reply]] = {}
         self.requests: list[Request] = []
+        self.bytes_served: dict[str, int] = {}
         self._played: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -164,11 +166,11 @@ class LocalHTTPServer:
             self.requests.append(Request(host, parts.path, parts.query, dict(handler.headers.items()), time.monotonic()))
         reply = self._next_reply(host, parts.path)
         try:
-            self._send(handler, reply)
+            self._send(handler, reply, parts.path)
         except OSError:  # the client went away (timeouts in tests): nothing to do
             handler.close_connection = True
 
-    def _send(self, handler: BaseHTTPRequestHandler, reply: Reply) -> None:
+    def _send(self, handler: BaseHTTPRequestHandler, reply: Reply, path: str = "") -> None:
         if reply.drop:
             handler.close_connection = True
             return
@@ -192,6 +194,8 @@ class LocalHTTPServer:
                 return
             handler.wfile.write(body[start : start + step])
             handler.wfile.flush()
+            with self._lock:
+                self.bytes_served[path] = self.bytes_served.get(path, 0) + len(body[start : start + step])
         if handler.close_connection:
             handler.wfile.flush()
             handler.connection.shutdown(socket.SHUT_WR)

@@ -331,3 +331,55 @@ def test_mutated_messages_give_typed_errors(seed: int, position: int, byte: int,
         verify_commit(bytes(message), key=did_key)
     except (CommitVerifyError, OutOfSyncError):
         pass
+
+
+def _commit_variants() -> list[bytes]:
+    """Commit blocks: the usual ones (with and without prev) and ones the single-decode path must
+    hand to decode_commit: another version, extra fields, non-canonical, not a map, a bad data."""
+    data = dag_cbor_cid(b"\xa2ae\x80al\xf6")
+    prev = dag_cbor_cid(b"\x01")
+    usual = encode_commit("did:plc:abc", data, "3kaaaaaaaaaaa", None, b"\x07" * 64)
+    with_prev = encode_commit("did:plc:abc", data, "3kaaaaaaaaaaa", prev, b"\x07" * 64)
+    obj = cbrrr.decode_dag_cbor(usual)
+    extra = cbrrr.encode_dag_cbor({**obj, "zzz": 1})
+    not_canonical = b"\xa6" + usual[1:].replace(b"\x03", b"\x18\x03", 1)  # version as a 2-byte int
+    return [
+        usual,
+        with_prev,
+        encode_commit("did:plc:abc", data, "3kaaaaaaaaaaa", None, b"\x07" * 64, version=2),
+        extra,
+        not_canonical,
+        cbrrr.encode_dag_cbor([1, 2]),
+        cbrrr.encode_dag_cbor({**obj, "data": b"not a link"}),
+        cbrrr.encode_dag_cbor({**obj, "data": cbrrr.CID(b"\x01\x55\x12\x20" + bytes(32))}),  # a raw-codec CID
+        usual[:-3],
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_the_single_decode_of_a_commit_agrees_with_decode_commit(index: int) -> None:
+    """verify's one-decode path gives decode_commit(strict=True) and unsigned_bytes() exactly, or
+    steps aside (None) for decode_commit to decode or refuse."""
+    from repo_stream.core.commit import decode_commit
+    from repo_stream.errors import CommitError
+    from repo_stream.sync.verify import _fast_commit
+
+    block = _commit_variants()[index]
+    cid = dag_cbor_cid(block)
+    fast = _fast_commit(block, cid)
+    try:
+        commit, data = decode_commit(block, cid, strict=True)
+    except CommitError:
+        assert fast is None
+        return
+    if index in (0, 1):
+        assert fast is not None  # the usual commit takes the single decode
+    if fast is not None:
+        got, got_data, unsigned = fast
+        assert (got.did, got.version, got.rev, got.sig, got.block, got.data, got.prev) == (
+            commit.did, commit.version, commit.rev, commit.sig, commit.block, commit.data, commit.prev,
+        )  # fmt: skip
+        assert got_data == data and unsigned == commit.unsigned_bytes()
+    else:
+        # extra fields (kept in the signed bytes) and an unusual data CID: decode_commit's path
+        assert index in (3, 7)

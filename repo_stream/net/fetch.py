@@ -26,7 +26,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -45,7 +45,10 @@ __all__ = [
     "CarStream",
     "FetchOptions",
     "fetch_car",
+    "PROOF_MAX_BYTES",
+    "fetch_record_proof",
     "parse_retry_after",
+    "record_url",
     "repo_url",
 ]
 
@@ -55,6 +58,9 @@ DEFAULT_TOTAL_TIMEOUT = 3600.0
 """Default absolute deadline of one fetch, seconds (1 hour), retries and body included."""
 DEFAULT_MIN_RATE = 64 * 1024
 """Default slowest average body rate accepted after the grace period, bytes per second (64 KiB/s)."""
+
+PROOF_MAX_BYTES = 4 * 1024 * 1024
+"""Size cap of a ``getRecord`` proof CAR: 4 MiB (a path of MST nodes and one record: a few KB)."""
 
 _ERROR_BODY_BYTES = 4096  # how much of an error response is read for its message
 _CAR_MEDIA_TYPE = "application/vnd.ipld.car"
@@ -110,6 +116,16 @@ def repo_url(pds: str, did: str) -> str:
     return f"{pds.rstrip('/')}/xrpc/com.atproto.sync.getRepo?did={quote(did, safe=':')}"
 
 
+def record_url(pds: str, did: str, key: str) -> str:
+    """The ``com.atproto.sync.getRecord`` URL of the record ``key`` (``collection/rkey``) of
+    ``did``'s repo on ``pds`` (a base URL)."""
+    collection, _, rkey = key.partition("/")
+    return (
+        f"{pds.rstrip('/')}/xrpc/com.atproto.sync.getRecord?did={quote(did, safe=':')}"
+        f"&collection={quote(collection, safe='')}&rkey={quote(rkey, safe='')}"
+    )
+
+
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP date (RFC 9110,
     section 10.2.3). A date in the past gives 0.0; a missing or unparsable value gives None.
@@ -129,7 +145,10 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
 
 
 def _describe(url: str, did: str | None) -> str:
-    return f"getRepo of {did} from {url}" if did else f"GET {url}"
+    if not did:
+        return f"GET {url}"
+    method = "getRecord" if "/xrpc/com.atproto.sync.getRecord?" in url else "getRepo"
+    return f"{method} of {did} from {url}"
 
 
 class CarStream:
@@ -149,7 +168,9 @@ class CarStream:
         error: the FetchError raised while iterating, if any.
     """
 
-    def __init__(self, response: httpx.Response, *, url: str, did: str | None, options: FetchOptions, deadline: float | None, attempts: int) -> None:
+    def __init__(
+        self, response: httpx.Response, *, url: str, did: str | None, options: FetchOptions, deadline: float | None, attempts: int
+    ) -> None:
         self.url = url
         self.did = did
         self.status = response.status_code
@@ -166,7 +187,9 @@ class CarStream:
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._consumed:
-            raise FetchError(f"{_describe(self.url, self.did)}: the response body can be read only once", url=self.url, did=self.did)
+            raise FetchError(
+                f"{_describe(self.url, self.did)}: the response body can be read only once", url=self.url, did=self.did
+            )
         self._consumed = True
         return self._chunks()
 
@@ -195,7 +218,9 @@ class CarStream:
         options = self._options
         started = time.monotonic()
         try:
-            async for chunk in body_chunks(self._response, max_bytes=options.max_bytes, next_by=self._next_by(started), on_piece=self._count):
+            async for chunk in body_chunks(
+                self._response, max_bytes=options.max_bytes, next_by=self._next_by(started), on_piece=self._count
+            ):
                 yield chunk
         except BodyError as exc:
             message = str(exc)
@@ -216,9 +241,9 @@ class CarStream:
             raise error from exc
 
 
-async def _error_detail(response: httpx.Response, read_timeout: float) -> str:
-    """``": Error: message"`` from an XRPC error body (or a text snippet, with its content
-    type); reads at most 4 KiB."""
+async def _error_detail(response: httpx.Response, read_timeout: float) -> tuple[str, str | None]:
+    """``(": Error: message", "Error")`` from an XRPC error body (or a text snippet, with its
+    content type, and None); reads at most 4 KiB."""
     content_type = response.headers.get("content-type", "no content type")
     text = (await read_snippet(response, _ERROR_BODY_BYTES, read_timeout)).decode("utf-8", "replace")
     try:
@@ -227,9 +252,10 @@ async def _error_detail(response: httpx.Response, read_timeout: float) -> str:
         parsed = None
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
         message = parsed.get("message")
-        return f": {parsed['error']}" + (f": {message}" if isinstance(message, str) and message else "")
+        name: str = parsed["error"]
+        return f": {name}" + (f": {message}" if isinstance(message, str) and message else ""), name
     snippet = "".join(ch if ch.isprintable() else "?" for ch in " ".join(text.split())[:200])
-    return f" ({content_type}): {snippet}" if snippet else f" ({content_type})"
+    return (f" ({content_type}): {snippet}" if snippet else f" ({content_type})"), None
 
 
 def _backoff(options: FetchOptions, retry: int) -> float:
@@ -242,7 +268,9 @@ def _failure(exc: httpx.HTTPError, options: FetchOptions) -> str:
     if str(exc).strip():
         return describe_error(exc)
     if isinstance(exc, httpx.ConnectTimeout):
-        return f"{type(exc).__name__}: no connection within the connect timeout of {options.connect_timeout:g} s (connect_timeout)"
+        return (
+            f"{type(exc).__name__}: no connection within the connect timeout of {options.connect_timeout:g} s (connect_timeout)"
+        )
     if isinstance(exc, httpx.TimeoutException):
         return f"{type(exc).__name__}: no answer within the read timeout of {options.read_timeout:g} s (read_timeout)"
     return describe_error(exc)
@@ -256,8 +284,16 @@ def _retryable(exc: httpx.HTTPError) -> bool:
     return isinstance(exc, httpx.RemoteProtocolError) and "disconnected" in str(exc).lower()
 
 
-async def _open_response(http: httpx.AsyncClient, url: str, did: str | None, options: FetchOptions, deadline: float | None) -> tuple[httpx.Response, int]:
-    """Send the request, retrying as :class:`FetchOptions` says; the 2xx response, body unread."""
+async def _open_response(
+    http: httpx.AsyncClient,
+    url: str,
+    did: str | None,
+    options: FetchOptions,
+    deadline: float | None,
+    unsupported: tuple[int, ...] = (),
+) -> tuple[httpx.Response, int]:
+    """Send the request, retrying as :class:`FetchOptions` says; the 2xx response, body unread.
+    Statuses in ``unsupported`` (5xx meaning "not implemented") fail at once, not retried."""
     what = _describe(url, did)
     timeout = httpx.Timeout(options.read_timeout, connect=options.connect_timeout)
     attempt = 0
@@ -275,7 +311,9 @@ async def _open_response(http: httpx.AsyncClient, url: str, did: str | None, opt
             with anyio.fail_after(left) if left is not None else _unbounded():
                 response = await send(http, url, headers={"Accept": _CAR_MEDIA_TYPE}, timeout=timeout, fail=fail)
         except TimeoutError:
-            raise FetchError(f"{what}: no answer within the total timeout of {options.total_timeout:g} s (total_timeout)", url=url, did=did) from None
+            raise FetchError(
+                f"{what}: no answer within the total timeout of {options.total_timeout:g} s (total_timeout)", url=url, did=did
+            ) from None
         except httpx.HTTPError as exc:
             failure = _failure(exc, options)
             cause: Exception = exc
@@ -290,16 +328,20 @@ async def _open_response(http: httpx.AsyncClient, url: str, did: str | None, opt
             if 200 <= status < 300:
                 await _check_answer(response, what, url, did, options)
                 return response, attempt
-            failure = f"HTTP {status}" + await _error_detail(response, options.read_timeout)
+            detail, xrpc_error = await _error_detail(response, options.read_timeout)
+            failure = f"HTTP {status}{detail}"
             retry_after = parse_retry_after(response.headers.get("retry-after"))
-            if status != 429 and status < 500:
-                raise FetchError(f"{what}: {failure}", url=url, did=did, status=status)
+            if (status != 429 and status < 500) or status in unsupported:
+                raise FetchError(f"{what}: {failure}", url=url, did=did, status=status, xrpc_error=xrpc_error)
             cause = FetchError(failure)
             if retry_after is not None and retry_after > options.max_retry_after:
                 raise FetchError(
                     f"{what}: {failure}; the server asks to retry after {retry_after:g} s, more than the "
                     f"{options.max_retry_after:g} s allowed (max_retry_after)",
-                    url=url, did=did, status=status, retry_after=retry_after,
+                    url=url,
+                    did=did,
+                    status=status,
+                    retry_after=retry_after,
                 )
         delay = max(_backoff(options, attempt), retry_after or 0.0)
         if attempt > options.retries:
@@ -308,7 +350,10 @@ async def _open_response(http: httpx.AsyncClient, url: str, did: str | None, opt
         if deadline is not None and time.monotonic() + delay > deadline:
             raise FetchError(
                 f"{what}: {failure}; no time left for a retry within the total timeout of {options.total_timeout:g} s",
-                url=url, did=did, status=status, retry_after=retry_after,
+                url=url,
+                did=did,
+                status=status,
+                retry_after=retry_after,
             ) from cause
         await anyio.sleep(delay)
 
@@ -394,5 +439,76 @@ async def fetch_car(
             if error is not None and exc.__cause__ is error:
                 raise error from error.__cause__  # the CAR reader wrapped our FetchError: unwrap it
             raise
+        finally:
+            await response.aclose()
+
+
+def _unsupported(error: FetchError) -> bool:
+    """Whether a failed ``getRecord`` says the PDS does not serve the method: HTTP 501, an
+    XRPC ``MethodNotImplemented`` (or ``MethodNotFound``), or a 404 that is not an XRPC answer
+    about the record or repo (a route the server does not know)."""
+    if error.status == 501 or error.xrpc_error in ("MethodNotImplemented", "MethodNotFound"):
+        return True
+    return error.status == 404 and error.xrpc_error not in _ABOUT_THE_RECORD
+
+
+_ABOUT_THE_RECORD = ("RecordNotFound", "RepoNotFound", "RepoTakendown", "RepoSuspended", "RepoDeactivated")
+
+
+async def fetch_record_proof(
+    pds: str,
+    did: str,
+    key: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    options: FetchOptions | None = None,
+    allow_private_hosts: bool = False,
+    max_bytes: int = PROOF_MAX_BYTES,
+) -> bytes | None:
+    """The record proof CAR of ``key`` in ``did``'s repo from its PDS
+    (``com.atproto.sync.getRecord``), unverified: check it with
+    :func:`repo_stream.sync.verify_record_proof`.
+
+    The request follows :class:`FetchOptions` (deadlines, retries, redirects, the address
+    guard) like :func:`fetch_car`, with the body capped at ``max_bytes`` (default
+    :data:`PROOF_MAX_BYTES`, 4 MiB; ``options.max_bytes`` when smaller).
+
+    Args:
+        pds: the PDS base URL (from the DID document).
+        did: the account.
+        key: the record's repo key, ``collection/rkey``.
+        client: the HTTP client (default: a new one, closed on return), as for :func:`fetch_car`.
+        options: timeouts and retries, as for :func:`fetch_car`; ``max_bytes`` lowers the cap.
+        allow_private_hosts: as for :func:`fetch_car`.
+        max_bytes: the largest proof accepted, bytes as decoded.
+
+    Returns:
+        The CAR bytes, or None when the PDS does not serve ``getRecord`` (HTTP 501, an XRPC
+        ``MethodNotImplemented``, or a 404 that is not about the record or repo): fetch the
+        whole repo instead.
+
+    Raises:
+        FetchError: as :func:`fetch_car` (e.g. an XRPC ``RecordNotFound``, whose ``xrpc_error``
+            attribute says so; a body over the cap; a deadline passed).
+
+    Spec: lexicon ``com.atproto.sync.getRecord``; atproto.com/specs/xrpc (error bodies).
+    """
+    options = options or FetchOptions()
+    cap = max_bytes if options.max_bytes is None else min(max_bytes, options.max_bytes)
+    options = replace(options, max_bytes=cap)
+    url = record_url(pds, did, key)
+    if _http_url(url) is None:
+        raise FetchError(f"{_describe(url, did)}: not a valid http(s) URL", url=url, did=did)
+    deadline = None if options.total_timeout is None else time.monotonic() + options.total_timeout
+    async with _client_scope(client, allow_private_hosts=allow_private_hosts) as http:
+        try:
+            response, attempts = await _open_response(http, url, did, options, deadline, unsupported=(501,))
+        except FetchError as exc:
+            if _unsupported(exc):
+                return None
+            raise
+        stream = CarStream(response, url=url, did=did, options=options, deadline=deadline, attempts=attempts)
+        try:
+            return b"".join([chunk async for chunk in stream])
         finally:
             await response.aclose()
