@@ -104,6 +104,9 @@ class DuckdbSink:
     Args:
         path: the database file (created if missing).
         raw: store the DAG-CBOR bytes instead of the JSON text.
+
+    A context manager: leaving it (or :meth:`close`) closes the database, so that other
+    connections with other settings (``read_only=True``) can open it.
     """
 
     keyed_by_did = True
@@ -192,6 +195,12 @@ class DuckdbSink:
                 cursor = await anyio.to_thread.run_sync(self._begin, commit.did)  # an empty repo
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._end, cursor, commit, error is None)
+
+    def __enter__(self) -> DuckdbSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close the database (open transactions roll back)."""
@@ -380,6 +389,8 @@ class PostgresSink:
     Args:
         dsn: a libpq connection string or URI.
         raw: store the DAG-CBOR bytes instead of the JSON text.
+
+    A context manager: leaving it (or :meth:`close`) closes its connections.
     """
 
     keyed_by_did = True
@@ -486,6 +497,12 @@ class PostgresSink:
             conn = await anyio.to_thread.run_sync(self._run, "begin", commit.did, self._begin, commit.did)
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._run, "commit", commit.did, self._end, conn, commit, error is None)
+
+    def __enter__(self) -> PostgresSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close the connections (open transactions roll back)."""
