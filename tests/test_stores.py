@@ -173,8 +173,10 @@ def sample_rows(name: str) -> list[Row]:
     return rows
 
 
-async def run_backfill(sources: list[str], out: str, **options: Any) -> list[BackfillResult]:
-    sink = open_sink(out)
+async def run_backfill(sources: list[str], out: str, batch_rows: int | None = None, **options: Any) -> list[BackfillResult]:
+    sink: Any = open_sink(out)
+    if batch_rows is not None and hasattr(sink, "_pending"):  # inserts before the repo's end
+        sink = type(sink)(out.split(":", 1)[1], batch_rows=batch_rows)
     try:
         async with aclosing(backfill(sources, sink=sink, **options)) as results:
             return [r async for r in results]
@@ -251,7 +253,7 @@ async def test_a_new_version_replaces_a_repo_and_a_bad_record_fails_it_whole(sto
     last = max(range(len(bad)), key=lambda i: bad[i][0])
     bad[last] = (bad[last][0], b"\x9f\x01\xff")
     build_repo_car(bad, did=did, rev="3aaaaaaaaac22", path=tmp_path / "v3.car")
-    results = await run_backfill([str(tmp_path / "v3.car")], store.out)
+    results = await run_backfill([str(tmp_path / "v3.car")], store.out, batch_rows=300)
     assert results[0].records > 1024 and results[0].error is not None
     assert results[0].error.startswith("RecordDecodeError") and did in results[0].error
     check_store(store, want)  # v2 whole, nothing of v3

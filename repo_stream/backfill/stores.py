@@ -54,9 +54,10 @@ def record_table(commit: Commit, items: list[Any], raw: bool = False) -> Any:
         SinkError: pyarrow is not installed.
     """
     pa = _pyarrow()
+    import pyarrow.compute as pc
+
     n = len(items)
-    keys = [k for k, _, _ in items]
-    split = [k.split("/", 1) for k in keys]
+    split = pc.split_pattern(pa.array([k for k, _, _ in items], pa.string()), "/", max_splits=1)
     if raw:
         values = pa.array([v for _, _, v in items], pa.binary())
     else:
@@ -70,13 +71,36 @@ def record_table(commit: Commit, items: list[Any], raw: bool = False) -> Any:
     return pa.table(
         {
             "did": pa.array([commit.did] * n, pa.string()),
-            "collection": pa.array([s[0] for s in split], pa.string()),
-            "rkey": pa.array([s[1] if len(s) > 1 else "" for s in split], pa.string()),
+            "collection": pc.list_element(split, 0),
+            "rkey": pc.list_element(split, 1),  # every MST key has a "/" (the walk checks)
             "cid": pa.array([c for _, c, _ in items], pa.string()),
             "rev": pa.array([commit.rev] * n, pa.string()),
             "value": values,
         }
     )
+
+
+class _Pending:
+    """Each open repo's record tables not yet written, until they make a batch."""
+
+    def __init__(self, batch_rows: int) -> None:
+        self.batch_rows = batch_rows
+        self.tables: dict[tuple[str, str], list[Any]] = {}
+
+    def add(self, key: tuple[str, str], table: Any) -> Any:
+        """Add ``table``; the repo's pending tables as one when they reach a batch, else None."""
+        tables = self.tables.setdefault(key, [])
+        tables.append(table)
+        if sum(t.num_rows for t in tables) < self.batch_rows:
+            return None
+        return self.take(key)
+
+    def take(self, key: tuple[str, str]) -> Any:
+        """The repo's pending tables as one (None if none), forgotten here."""
+        tables = self.tables.pop(key, None)
+        if not tables:
+            return None
+        return _pyarrow().concat_tables(tables)
 
 
 def _data(commit: Commit) -> str:
@@ -96,7 +120,7 @@ class DuckdbSink:
         repos(did VARCHAR PRIMARY KEY, rev VARCHAR, data VARCHAR, status VARCHAR, updated TIMESTAMPTZ)
 
     Each repo is one transaction on its own cursor: its earlier rows are deleted, each chunk is
-    inserted from a ``pyarrow.Table`` (DuckDB reads the Arrow buffers; no row-by-row insert),
+    inserted from ``pyarrow.Table``s of ``batch_rows`` records (DuckDB reads the Arrow buffers; no row-by-row insert),
     and ``finish`` writes its ``repos`` row (``status`` ``active``, ``data`` the MST root CID)
     and commits. A crash (even ``kill -9``) leaves each repo either fully in or not at all.
     One process at a time opens the file (DuckDB's lock): not for ``processes > 1``.
@@ -104,6 +128,7 @@ class DuckdbSink:
     Args:
         path: the database file (created if missing).
         raw: store the DAG-CBOR bytes instead of the JSON text.
+        batch_rows: records gathered (per repo) into one insert.
 
     A context manager: leaving it (or :meth:`close`) closes the database, so that other
     connections with other settings (``read_only=True``) can open it.
@@ -111,11 +136,12 @@ class DuckdbSink:
 
     keyed_by_did = True
 
-    def __init__(self, path: str | os.PathLike[str], raw: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], raw: bool = False, batch_rows: int = 65536) -> None:
         self.path = os.fspath(path)
         self.raw = raw
         self._conn: Any = None
         self._open: dict[tuple[str, str], Any] = {}
+        self._pending = _Pending(batch_rows)
         self._lock = anyio.Lock()
 
     def _db(self) -> Any:
@@ -182,19 +208,29 @@ class DuckdbSink:
         if cursor is None:
             async with self._lock:  # one opener of the database
                 cursor = self._open[key] = await anyio.to_thread.run_sync(self._begin, commit.did)
-        table = record_table(commit, items, self.raw)
-        await anyio.to_thread.run_sync(self._insert, cursor, commit.did, table)
+        table = self._pending.add(key, record_table(commit, items, self.raw))
+        if table is not None:
+            await anyio.to_thread.run_sync(self._insert, cursor, commit.did, table)
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
         """Commit the repo's transaction with its ``repos`` row (success), or roll it back."""
-        cursor = self._open.pop((source, commit.did), None)
+        key = (source, commit.did)
+        cursor = self._open.pop(key, None)
+        rest = self._pending.take(key)
         if cursor is None:
             if error is not None:
                 return
             async with self._lock:
                 cursor = await anyio.to_thread.run_sync(self._begin, commit.did)  # an empty repo
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._end, cursor, commit, error is None)
+            keep = error is None
+            if keep and rest is not None:
+                try:
+                    await anyio.to_thread.run_sync(self._insert, cursor, commit.did, rest)
+                except BaseException:
+                    await anyio.to_thread.run_sync(self._end, cursor, commit, False)
+                    raise
+            await anyio.to_thread.run_sync(self._end, cursor, commit, keep)
 
     def __enter__(self) -> DuckdbSink:
         return self
@@ -382,22 +418,25 @@ class PostgresSink:
     Same tables as :class:`DuckdbSink` (``value`` is ``jsonb``, or ``bytea`` with ``raw``).
     Each repo is one transaction on a connection of its own (kept for the next repo): its
     earlier rows are deleted, each chunk is ``COPY``-ed (binary) into a temporary staging table
-    and merged into ``records`` with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``, and
+    and merged into ``records`` with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` per batch
+    of ``batch_rows`` records, and
     ``finish`` upserts its ``repos`` row and commits: a crash leaves each repo fully in or not at
     all. JSON texts PostgreSQL's ``jsonb`` refuses (a ``\\u0000`` in a string) fail their repo.
 
     Args:
         dsn: a libpq connection string or URI.
         raw: store the DAG-CBOR bytes instead of the JSON text.
+        batch_rows: records gathered (per repo) into one ``COPY`` and merge.
 
     A context manager: leaving it (or :meth:`close`) closes its connections.
     """
 
     keyed_by_did = True
 
-    def __init__(self, dsn: str, raw: bool = False) -> None:
+    def __init__(self, dsn: str, raw: bool = False, batch_rows: int = 65536) -> None:
         self.dsn = dsn
         self.raw = raw
+        self._pending = _Pending(batch_rows)
         self._free: list[Any] = []
         self._open: dict[tuple[str, str], Any] = {}
         self._schema_made = False
@@ -485,18 +524,28 @@ class PostgresSink:
         conn = self._open.get(key)
         if conn is None:
             conn = self._open[key] = await anyio.to_thread.run_sync(self._run, "begin", commit.did, self._begin, commit.did)
-        table = record_table(commit, items, self.raw)
-        await anyio.to_thread.run_sync(self._run, "copy", commit.did, self._insert, conn, table)
+        table = self._pending.add(key, record_table(commit, items, self.raw))
+        if table is not None:
+            await anyio.to_thread.run_sync(self._run, "copy", commit.did, self._insert, conn, table)
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
         """Commit the repo's transaction with its ``repos`` row (success), or roll it back."""
-        conn = self._open.pop((source, commit.did), None)
+        key = (source, commit.did)
+        conn = self._open.pop(key, None)
+        rest = self._pending.take(key)
         if conn is None:
             if error is not None:
                 return
             conn = await anyio.to_thread.run_sync(self._run, "begin", commit.did, self._begin, commit.did)
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._run, "commit", commit.did, self._end, conn, commit, error is None)
+            keep = error is None
+            if keep and rest is not None:
+                try:
+                    await anyio.to_thread.run_sync(self._run, "copy", commit.did, self._insert, conn, rest)
+                except BaseException:
+                    await anyio.to_thread.run_sync(self._run, "rollback", commit.did, self._end, conn, commit, False)
+                    raise
+            await anyio.to_thread.run_sync(self._run, "commit", commit.did, self._end, conn, commit, keep)
 
     def __enter__(self) -> PostgresSink:
         return self
