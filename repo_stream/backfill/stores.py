@@ -54,28 +54,28 @@ def record_table(commit: Commit, items: list[Any], raw: bool = False) -> Any:
         SinkError: pyarrow is not installed.
     """
     pa = _pyarrow()
-    import pyarrow.compute as pc
+    from ..read.arrow import record_batch
 
     n = len(items)
-    split = pc.split_pattern(pa.array([k for k, _, _ in items], pa.string()), "/", max_splits=1)
     if raw:
-        values = pa.array([v for _, _, v in items], pa.binary())
+        batch = record_batch(items, json_values=False)
     else:
         from ..records.json_text import json_text_processor
 
         transcode = json_text_processor()
         try:
-            values = pa.array([transcode(v) for _, _, v in items], pa.string())
+            batch = record_batch([(k, c, transcode(v)) for k, c, v in items], json_values=True)
         except RepoStreamError as exc:
             raise type(exc)(f"{commit.did}: {exc}") from exc
+    # The C core's columns (key, collection, rkey, cid, value), with the repo's DID and rev.
     return pa.table(
         {
             "did": pa.array([commit.did] * n, pa.string()),
-            "collection": pc.list_element(split, 0),
-            "rkey": pc.list_element(split, 1),  # every MST key has a "/" (the walk checks)
-            "cid": pa.array([c for _, c, _ in items], pa.string()),
+            "collection": batch.column(1).cast(pa.string()),
+            "rkey": batch.column(2),
+            "cid": batch.column(3),
             "rev": pa.array([commit.rev] * n, pa.string()),
-            "value": values,
+            "value": batch.column(4),
         }
     )
 
