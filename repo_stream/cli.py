@@ -649,7 +649,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="X", help="per-repo memory limit before spilling, MiB (default 64)")
     b.add_argument("--fetch-concurrency", type=_positive_int, default=None, metavar="K", help="sources opened ahead of the memory workers (default: --memory-workers)")
     b.add_argument("--spill-dir", metavar="DIR", help="folder for spill files (default: the system's temporary folder)")
-    b.add_argument("--checkpoint", metavar="PATH", help="SQLite file recording finished repos; a rerun skips them")
+    b.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="SQLite file recording finished repos; a rerun skips them (with --out postgresql, default: the database's backfill_checkpoint table)",
+    )
     b.add_argument("--retry-failed", action="store_true", help="run repos the checkpoint records as failed again")
     b.add_argument(
         "--out",
@@ -718,6 +722,7 @@ def _backfill(args: argparse.Namespace) -> int:
         open_sink,
         read_repo_list,
     )
+    from .backfill.stores import PostgresSink
 
     stats = BackfillStats()
     bar: Any = None
@@ -771,6 +776,8 @@ def _backfill(args: argparse.Namespace) -> int:
 
     try:
         options["sink"] = open_sink(args.out, args.raw) if args.out else None
+        if args.checkpoint is None and isinstance(options["sink"], PostgresSink):
+            options["checkpoint"] = options["sink"].checkpoint()  # kept in the database, with the rows
         if args.dask is None:
             anyio.run(run)
         else:

@@ -278,7 +278,9 @@ def test_kill_9_mid_run_then_resume_leaves_every_row_once(store: Store, tmp_path
     listing = tmp_path / "repos.txt"
     listing.write_text("\n".join(paths) + "\n")
     command = [sys.executable, "-m", "repo_stream", "backfill", "--repos", str(listing), "--out", store.out,
-               "--checkpoint", str(tmp_path / "run.db"), "--json", "--memory-workers", "2"]  # fmt: skip
+               "--json", "--memory-workers", "2"]  # fmt: skip
+    if store.kind != "postgresql":  # PostgreSQL: the checkpoint is in the database, with the rows
+        command += ["--checkpoint", str(tmp_path / "run.db")]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert child.stdout is not None
     printed = [json.loads(child.stdout.readline()) for _ in range(3)]
@@ -304,6 +306,10 @@ def test_kill_9_mid_run_then_resume_leaves_every_row_once(store: Store, tmp_path
     assert {r["did"] for r in lines if r["skipped"]} >= done
     assert store.query("SELECT count(*) FROM (SELECT DISTINCT did, collection, rkey FROM records) AS k") == [(len(expected),)]
     check_store(store, expected)
+    if store.kind == "postgresql":
+        assert not list(tmp_path.glob("*.db"))
+        recorded = store.query("SELECT source, outcome, records FROM backfill_checkpoint")
+        assert sorted(recorded) == sorted((path, "ok", 3000) for path in paths)
 
 
 def test_cli_rejects_an_empty_store_path(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from .executor import backfill
 from .results import BackfillResult, BackfillStats
 from .sinks import EventSink, JsonlSink, RecordOp, RepoSink, open_sink
 from .sources import host_sources, list_repos, read_repo_list
-from .stores import DuckdbSink, ParquetSink, PostgresSink
+from .stores import DuckdbSink, ParquetSink, PostgresCheckpoint, PostgresSink
 
 __all__ = [
     "BackfillResult",
@@ -22,6 +22,7 @@ __all__ = [
     "EventSink",
     "JsonlSink",
     "ParquetSink",
+    "PostgresCheckpoint",
     "PostgresSink",
     "RecordOp",
     "RepoSink",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +26,10 @@ import anyio
 
 from ..core.commit import Commit
 from ..errors import RepoStreamError, SinkError
+from .checkpoint import Checkpoint
+from .results import BackfillResult
 
-__all__ = ["DuckdbSink", "ParquetSink", "PostgresSink", "record_table"]
+__all__ = ["DuckdbSink", "ParquetSink", "PostgresCheckpoint", "PostgresSink", "record_table"]
 
 
 def _pyarrow() -> Any:
@@ -408,6 +411,10 @@ CREATE TABLE IF NOT EXISTS records (
     value {value}, PRIMARY KEY (did, collection, rkey)
 );
 CREATE TABLE IF NOT EXISTS repos (did text PRIMARY KEY, rev text, data text, status text, updated timestamptz);
+CREATE TABLE IF NOT EXISTS backfill_checkpoint (
+    source text PRIMARY KEY, did text, rev text, outcome text NOT NULL, error text, records bigint NOT NULL,
+    record_bytes bigint NOT NULL, spilled boolean NOT NULL, seconds double precision NOT NULL, finished_at double precision NOT NULL
+);
 """
 
 
@@ -428,6 +435,11 @@ class PostgresSink:
         raw: store the DAG-CBOR bytes instead of the JSON text.
         batch_rows: records gathered (per repo) into one ``COPY`` and merge.
 
+    The same transaction records the repo as done in ``backfill_checkpoint`` (source, DID, rev,
+    records): :meth:`checkpoint` gives the backfill's checkpoint kept there, so a repo is recorded
+    exactly when its rows commit, with no SQLite file (the CLI uses it when ``--checkpoint`` is
+    not given).
+
     A context manager: leaving it (or :meth:`close`) closes its connections.
     """
 
@@ -437,6 +449,7 @@ class PostgresSink:
         self.dsn = dsn
         self.raw = raw
         self._pending = _Pending(batch_rows)
+        self._counts: dict[tuple[str, str], tuple[int, int]] = {}
         self._free: list[Any] = []
         self._open: dict[tuple[str, str], Any] = {}
         self._schema_made = False
@@ -503,13 +516,20 @@ class PostgresSink:
         )
         cursor.execute("TRUNCATE repo_stream_staging")
 
-    def _end(self, conn: Any, commit: Commit, keep: bool) -> None:
+    def _end(self, conn: Any, commit: Commit, keep: bool, source: str = "", counts: tuple[int, int] = (0, 0)) -> None:
         try:
             if keep:
                 conn.execute(
                     "INSERT INTO repos VALUES (%s, %s, %s, 'active', now()) ON CONFLICT (did) DO UPDATE "
                     "SET rev = excluded.rev, data = excluded.data, status = excluded.status, updated = excluded.updated",
                     [commit.did, commit.rev, _data(commit)],
+                )
+                # The repo is done in the same transaction as its rows (PostgresCheckpoint reads it).
+                conn.execute(
+                    "INSERT INTO backfill_checkpoint VALUES (%s, %s, %s, 'ok', NULL, %s, %s, false, 0, extract(epoch FROM now())) "
+                    "ON CONFLICT (source) DO UPDATE SET did = excluded.did, rev = excluded.rev, outcome = 'ok', error = NULL, "
+                    "records = excluded.records, record_bytes = excluded.record_bytes, finished_at = excluded.finished_at",
+                    [source, commit.did, commit.rev, *counts],
                 )
                 conn.commit()
             else:
@@ -524,6 +544,8 @@ class PostgresSink:
         conn = self._open.get(key)
         if conn is None:
             conn = self._open[key] = await anyio.to_thread.run_sync(self._run, "begin", commit.did, self._begin, commit.did)
+        counts = self._counts.get(key, (0, 0))
+        self._counts[key] = (counts[0] + len(items), counts[1] + sum(len(v) for _, _, v in items))
         table = self._pending.add(key, record_table(commit, items, self.raw))
         if table is not None:
             await anyio.to_thread.run_sync(self._run, "copy", commit.did, self._insert, conn, table)
@@ -533,6 +555,7 @@ class PostgresSink:
         key = (source, commit.did)
         conn = self._open.pop(key, None)
         rest = self._pending.take(key)
+        counts = self._counts.pop(key, (0, 0))
         if conn is None:
             if error is not None:
                 return
@@ -545,7 +568,16 @@ class PostgresSink:
                 except BaseException:
                     await anyio.to_thread.run_sync(self._run, "rollback", commit.did, self._end, conn, commit, False)
                     raise
-            await anyio.to_thread.run_sync(self._run, "commit", commit.did, self._end, conn, commit, keep)
+            await anyio.to_thread.run_sync(self._run, "commit", commit.did, self._end, conn, commit, keep, source, counts)
+
+    def checkpoint(self) -> PostgresCheckpoint:
+        """The backfill checkpoint in this database (``backfill_checkpoint``); pass it to
+        :func:`~repo_stream.backfill.backfill` as ``checkpoint``.
+
+        Raises:
+            SinkError: the database cannot be reached or the table made.
+        """
+        return PostgresCheckpoint(self.dsn, self._where())
 
     def __enter__(self) -> PostgresSink:
         return self
@@ -559,3 +591,85 @@ class PostgresSink:
             conn.close()
         self._free.clear()
         self._open.clear()
+
+
+class PostgresCheckpoint(Checkpoint):
+    """A backfill :class:`~repo_stream.backfill.Checkpoint` kept in PostgreSQL's
+    ``backfill_checkpoint`` table (the SQLite checkpoint's columns), where :class:`PostgresSink`
+    records each repo in the transaction of its rows. Made by :meth:`PostgresSink.checkpoint`.
+    """
+
+    def __init__(self, dsn: str, where: str | None = None) -> None:
+        import psycopg
+
+        self.path = where or "postgresql"
+        try:
+            self._pg: Any = psycopg.connect(dsn, connect_timeout=30)
+            self._pg.execute("SELECT pg_advisory_xact_lock(7262011)")
+            self._pg.execute(_PG_SCHEMA.format(value="jsonb"))
+            self._pg.commit()
+        except psycopg.Error as exc:
+            raise SinkError(f"checkpoint {self.path}: {str(exc).strip()}") from exc
+        self._conn = None
+        self._limiter = anyio.CapacityLimiter(1)
+
+    def _call(self, fn: Any, *args: Any) -> Any:
+        import psycopg
+
+        if self._pg is None:
+            raise SinkError(f"checkpoint {self.path} is closed")
+        try:
+            with self._pg.transaction():
+                return fn(*args)
+        except psycopg.Error as exc:
+            raise SinkError(f"checkpoint {self.path}: {str(exc).strip()}") from exc
+
+    def lookup_sync(self, sources: list[str]) -> dict[str, BackfillResult]:
+        """The recorded results of those of ``sources`` that have one (``skipped=True``)."""
+
+        def run() -> dict[str, BackfillResult]:
+            rows = self._pg.execute(
+                "SELECT source, did, rev, error, records, record_bytes, spilled, seconds, outcome FROM backfill_checkpoint "
+                "WHERE source = ANY(%s)",
+                [list(dict.fromkeys(sources))],
+            ).fetchall()
+            found = {}
+            for source, did, rev, error, records, record_bytes, spilled, seconds, outcome in rows:
+                if outcome != "ok" and error is None:
+                    error = f"recorded as {outcome!r}"
+                found[source] = BackfillResult(source, did, rev, records, record_bytes, spilled, seconds, error, skipped=True)
+            return found
+
+        result: dict[str, BackfillResult] = self._call(run)
+        return result
+
+    def record_sync(self, results: Iterable[BackfillResult]) -> None:
+        """Record finished repos in one transaction (results with ``skipped`` are ignored)."""
+        rows = [
+            (r.source, r.did, r.rev, "ok" if r.error is None else "error", r.error, r.records, r.record_bytes, r.spilled, r.seconds)
+            for r in results
+            if not r.skipped
+        ]
+        if rows:
+            self._call(
+                lambda: self._pg.cursor().executemany(
+                    "INSERT INTO backfill_checkpoint VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, extract(epoch FROM now())) "
+                    "ON CONFLICT (source) DO UPDATE SET did = excluded.did, rev = excluded.rev, outcome = excluded.outcome, "
+                    "error = excluded.error, records = excluded.records, record_bytes = excluded.record_bytes, "
+                    "spilled = excluded.spilled, seconds = excluded.seconds, finished_at = excluded.finished_at",
+                    rows,
+                )
+            )
+
+    def counts_sync(self) -> dict[str, int]:
+        """Recorded repos per outcome, e.g. ``{"ok": 980, "error": 20}``."""
+        counts: dict[str, int] = self._call(
+            lambda: dict(self._pg.execute("SELECT outcome, count(*) FROM backfill_checkpoint GROUP BY outcome").fetchall())
+        )
+        return counts
+
+    def close_sync(self) -> None:
+        """Close the connection (safe to call twice)."""
+        conn, self._pg = self._pg, None
+        if conn is not None:
+            conn.close()
