@@ -696,9 +696,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="X", help="per-repo memory limit before spilling, MiB (default 64)")
     b.add_argument("--fetch-concurrency", type=_positive_int, default=None, metavar="K", help="sources opened ahead of the memory workers (default: --memory-workers)")
     b.add_argument("--spill-dir", metavar="DIR", help="folder for spill files (default: the system's temporary folder)")
-    b.add_argument("--checkpoint", metavar="PATH", help="SQLite file recording finished repos; a rerun skips them")
+    b.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="SQLite file recording finished repos; a rerun skips them (with --out postgresql, default: the database's backfill_checkpoint table)",
+    )
     b.add_argument("--retry-failed", action="store_true", help="run repos the checkpoint records as failed again")
-    b.add_argument("--out", metavar="DIR", help="write each repo's records as DIR/<did>.jsonl")
+    b.add_argument(
+        "--out",
+        metavar="OUT",
+        help="where records go: DIR or jsonl:DIR (DIR/<did>.jsonl), duckdb:FILE, parquet:DIR, postgresql://... (a store per its extra)",
+    )
+    b.add_argument("--raw", action="store_true", help="with --out: store each record's DAG-CBOR bytes instead of its JSON text")
     b.add_argument(
         "--verify",
         nargs="?",
@@ -755,11 +764,12 @@ def _backfill(args: argparse.Namespace) -> int:
     from .backfill import (
         BackfillResult,
         BackfillStats,
-        JsonlSink,
         backfill,
         host_sources,
+        open_sink,
         read_repo_list,
     )
+    from .backfill.stores import PostgresSink
 
     stats = BackfillStats()
     bar: Any = None
@@ -792,7 +802,7 @@ def _backfill(args: argparse.Namespace) -> int:
             bar.update(1)
 
     options: dict[str, Any] = {
-        "sink": JsonlSink(args.out) if args.out else None, "memory_workers": args.memory_workers,
+        "sink": None, "memory_workers": args.memory_workers,
         "disk_workers": args.disk_workers, "mem_limit_mb": args.mem_limit_mb, "fetch_concurrency": args.fetch_concurrency,
         "spill_dir": args.spill_dir, "verify": args.verify or False, "signing_key": args.key, "checkpoint": args.checkpoint,
         "retry_failed": args.retry_failed, "plc_url": args.plc_url, "fetch_options": _fetch_options(args),
@@ -812,6 +822,9 @@ def _backfill(args: argparse.Namespace) -> int:
         return [name async for name in listing]
 
     try:
+        options["sink"] = open_sink(args.out, args.raw) if args.out else None
+        if args.checkpoint is None and isinstance(options["sink"], PostgresSink):
+            options["checkpoint"] = options["sink"].checkpoint()  # kept in the database, with the rows
         if args.dask is None:
             anyio.run(run)
         else:

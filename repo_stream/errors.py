@@ -35,6 +35,7 @@ The hierarchy::
     ├── IdentityError          a DID, handle or at:// URI is malformed or does not resolve
     │                          (spec: atproto DID, handle)
     ├── FetchError             fetching a repo (com.atproto.sync.getRepo) over HTTP failed
+    ├── SinkError              a store sink (DuckDB, Parquet, PostgreSQL) cannot open or write
     │   (sync 1.1, repo_stream.sync:)
     ├── UnknownSubtreeError    (also a MissingBlockError) a partial MST needs a block it lacks
     ├── MstEditError           (also an MstError) an edit of a partial MST cannot be made
@@ -83,6 +84,7 @@ __all__ = [
     "DiskError",
     "IdentityError",
     "FetchError",
+    "SinkError",
     "UnknownSubtreeError",
     "MstEditError",
     "KeyExistsError",
@@ -235,6 +237,11 @@ class ProcessorError(RepoStreamError):
 
 class DiskError(RepoStreamError):
     """The SQLite spill store failed, or storing more would pass ``max_stored_mb``."""
+
+
+class SinkError(RepoStreamError):
+    """A store sink (DuckDB, Parquet, PostgreSQL) cannot open or write its store, or its extra is
+    not installed; the message names the store and the DID. The store's own error is ``__cause__``."""
 
 
 class IdentityError(RepoStreamError):

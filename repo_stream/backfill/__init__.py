@@ -10,15 +10,23 @@ May import: :mod:`repo_stream.errors`, :mod:`repo_stream.core`, :mod:`repo_strea
 from .checkpoint import Checkpoint
 from .executor import backfill
 from .results import BackfillResult, BackfillStats
-from .sinks import JsonlSink, RepoSink
+from .sinks import EventSink, JsonlSink, RecordOp, RepoSink, open_sink
 from .sources import host_sources, list_repos, read_repo_list
+from .stores import DuckdbSink, ParquetSink, PostgresCheckpoint, PostgresSink
 
 __all__ = [
     "BackfillResult",
     "BackfillStats",
     "Checkpoint",
+    "DuckdbSink",
+    "EventSink",
     "JsonlSink",
+    "ParquetSink",
+    "PostgresCheckpoint",
+    "PostgresSink",
+    "RecordOp",
     "RepoSink",
+    "open_sink",
     "backfill",
     "host_sources",
     "list_repos",

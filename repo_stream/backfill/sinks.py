@@ -7,7 +7,8 @@ import base64
 import fcntl
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
@@ -15,22 +16,96 @@ import anyio
 from ..core.commit import Commit
 from ..errors import RepoStreamError
 
-__all__ = ["JsonlSink", "RepoSink", "bytes_value", "json_value"]
+__all__ = [
+    "EventSink",
+    "JsonlSink",
+    "RECORD_COLUMNS",
+    "REPO_STATUSES",
+    "RecordOp",
+    "RepoSink",
+    "bytes_value",
+    "json_value",
+    "open_sink",
+]
 
 
 class RepoSink(Protocol):
     """Receives each repo's records: an async callable ``sink(source, commit, items)``.
 
-    ``items`` is one chunk (a list) of ``(key, cid, value)`` tuples in key order: ``key`` the MST
-    key ``collection/rkey``, ``cid`` the record's CID (base32 str), ``value`` the record block's
-    raw DAG-CBOR bytes. A sink may also define ``async finish(source, commit, error)``, called
-    once per repo whose commit was read, after its last chunk, with ``error`` None on success or
-    the exception that ended the repo. A sink that raises fails that repo only. A sink whose
-    output is keyed by DID sets ``keyed_by_did = True``: the backfill then runs each DID once
-    (a second source for it gets a ``DuplicateRepoError`` result).
+    The protocol, as the backfill calls it (:func:`repo_stream.backfill.backfill`):
+
+    - ``await sink(source, commit, items)``, once per chunk of a repo, in key order: ``items`` is
+      a list of ``(key, cid, value)`` tuples, ``key`` the MST key ``collection/rkey``, ``cid`` the
+      record's CID (base32 str), ``value`` the record block's raw DAG-CBOR bytes. ``commit`` (a
+      :class:`~repo_stream.core.commit.Commit`) gives the repo's DID, rev and data CID. Chunks of
+      different repos interleave (one repo per worker at once); a repo is keyed by
+      ``(source, commit.did)``.
+    - ``await sink.finish(source, commit, error)`` (optional), once per repo whose commit was
+      read, after its last chunk: ``error`` None on success, else the exception that ended the
+      repo (a cancellation included: then the call is shielded). On success the sink makes the
+      repo durable here (commit a transaction, rename a file) and returns only once it is; on
+      failure it drops what it holds of the repo. Only after ``finish`` returned without raising
+      is the repo's result yielded and recorded in the checkpoint, so a checkpoint never names a
+      repo the sink has not made durable. A sink raising (in a chunk or in ``finish``) fails that
+      repo only; ``finish`` is still called after a chunk raised.
+    - ``keyed_by_did = True`` (optional attribute): the sink's output is keyed by DID; the backfill
+      then runs each DID once per run (a second source for it gets a ``DuplicateRepoError``).
+      Such a sink replaces a DID's earlier output when the repo comes again (a resumed run redoes
+      a repo whose ``finish`` ended but whose checkpoint row was lost: no duplicate).
+
+    A sink whose output is a store (:class:`~repo_stream.backfill.DuckdbSink`,
+    :class:`~repo_stream.backfill.ParquetSink`, :class:`~repo_stream.backfill.PostgresSink`) writes
+    the columns :data:`RECORD_COLUMNS` and may also implement :class:`EventSink` (the events of a
+    sync). The sinks here need the extras of their stores (``repo-stream[duckdb]``,
+    ``[parquet]``, ``[postgresql]``).
     """
 
     def __call__(self, source: str, commit: Commit, items: list[Any]) -> Awaitable[None]: ...
+
+
+#: The columns a store sink writes per record, in order: the account's DID, the record's
+#: collection (NSID) and rkey (its MST key split at the first ``/``), its CID (base32 str), the
+#: repo's rev (TID str) when the record was written, and ``value`` (the record's atproto JSON
+#: text, :func:`repo_stream.records.json_text.transcode_json`; or with ``raw`` its DAG-CBOR bytes).
+RECORD_COLUMNS = ("did", "collection", "rkey", "cid", "rev", "value")
+
+#: The states of a repo in a store's ``repos`` table: ``active`` after a backfill or a sync commit;
+#: the others as a sync ``#account`` event reports them.
+REPO_STATUSES = ("active", "takendown", "suspended", "deleted", "deactivated")
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOp:
+    """One record change of a sync commit, for :meth:`EventSink.apply`.
+
+    Attributes:
+        action: ``"create"``, ``"update"`` or ``"delete"`` (the op's action).
+        collection, rkey: the record's key, split at the first ``/``.
+        cid: the new record's CID (base32 str); None for a delete.
+        value: the new record block's DAG-CBOR bytes; None for a delete.
+    """
+
+    action: str
+    collection: str
+    rkey: str
+    cid: str | None = None
+    value: bytes | None = None
+
+
+class EventSink(Protocol):
+    """A store that also takes the events of a sync (room for ``repo-stream sync --out``; the
+    backfill does not call it). Each call is one transaction: its rows and the repo's ``repos``
+    row (rev, data CID, status) commit together.
+    """
+
+    async def apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp]) -> None:
+        """Apply one commit's ops (creates and updates upsert, deletes delete) and set the repo's
+        rev and data CID."""
+        ...
+
+    async def set_status(self, did: str, status: str) -> None:
+        """Record an ``#account`` event's status (one of :data:`REPO_STATUSES`)."""
+        ...
 
 
 def bytes_value(block: bytes) -> Any:
@@ -156,3 +231,37 @@ class JsonlSink:
                     pass
         finally:
             file.close()  # the lock goes with it, after the rename
+
+
+def open_sink(out: str, raw: bool = False) -> RepoSink:
+    """The sink of a ``--out`` value: ``jsonl:DIR`` or a bare ``DIR`` (:class:`JsonlSink`),
+    ``duckdb:FILE`` (:class:`~repo_stream.backfill.stores.DuckdbSink`), ``parquet:DIR``
+    (:class:`~repo_stream.backfill.stores.ParquetSink`), or ``postgresql://...`` /
+    ``postgres://...`` / ``postgresql:DSN`` (:class:`~repo_stream.backfill.stores.PostgresSink`;
+    e.g. ``postgresql:host=/tmp/pg dbname=x`` for a Unix socket).
+
+    Args:
+        out: the ``--out`` value.
+        raw: the record blocks' bytes as values instead of their JSON text (base64 ``$bytes``
+            for ``jsonl``).
+
+    Raises:
+        SinkError: an empty store path.
+    """
+    from ..errors import SinkError
+    from . import stores
+
+    kind, sep, rest = out.partition(":")
+    if out.startswith(("postgresql://", "postgres://")):
+        return stores.PostgresSink(out, raw)
+    if sep and kind in ("jsonl", "duckdb", "parquet", "postgresql"):
+        if not rest:
+            raise SinkError(f"--out {out}: {kind}: needs a path or DSN after the colon")
+        if kind == "duckdb":
+            return stores.DuckdbSink(rest, raw)
+        if kind == "parquet":
+            return stores.ParquetSink(rest, raw)
+        if kind == "postgresql":
+            return stores.PostgresSink(rest, raw)
+        out = rest
+    return JsonlSink(out, bytes_value if raw else json_value)
