@@ -170,7 +170,10 @@ class Firehose:
         assert self._group is not None
         self._group.cancel_scope.cancel()
         try:
-            return await self._group.__aexit__(kind, exc, tb)
+            # The reader sends its errors through the buffer; the body's own exception (if any)
+            # propagates as it is, not wrapped in an exception group.
+            await self._group.__aexit__(None, None, None)
+            return None
         finally:
             if self._receive is not None:
                 self._receive.close()
