@@ -289,3 +289,67 @@ def _kind(message: bytes) -> str:
 def test_cli_needs_a_url_or_a_replay(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["firehose"]) == 2
     assert "give a URL or --replay FILE" in capsys.readouterr().err
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and, with ``upgrade``, completes the
+    WebSocket upgrade; then it never sends anything (pings go unanswered)."""
+
+    def __init__(self, upgrade: bool) -> None:
+        import socket
+        import threading
+
+        self.upgrade = upgrade
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+
+        held = []
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            held.append(conn)
+            if self.upgrade:
+                ws = WSConnection(ConnectionType.SERVER)
+                while True:
+                    ws.receive_data(conn.recv(65536))
+                    if any(isinstance(e, Request) for e in ws.events()):
+                        break
+                conn.sendall(ws.send(AcceptConnection()))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.anyio
+async def test_the_connect_deadline_applies_to_the_upgrade() -> None:
+    server = SilentServer(upgrade=False)
+    try:
+        with anyio.fail_after(10), pytest.raises(FirehoseError, match="no WebSocket connection within 0.3 seconds"):
+            async with Firehose(server.url, connect_timeout=0.3, max_reconnects=1, backoff_base=0.01) as client:
+                async for item in client:
+                    assert isinstance(item, Problem) and item.kind == "disconnected"
+        assert server.connections == 2
+    finally:
+        server.close()
+
+
+@pytest.mark.anyio
+async def test_an_unanswered_ping_drops_the_connection() -> None:
+    server = SilentServer(upgrade=True)
+    try:
+        with anyio.fail_after(10), pytest.raises(FirehoseError, match="no data for 0.4 seconds"):
+            async with Firehose(server.url, ping_interval=0.2, max_reconnects=1, backoff_base=0.01) as client:
+                async for item in client:
+                    assert isinstance(item, Problem) and item.kind == "disconnected"
+        assert server.connections == 2
+    finally:
+        server.close()
