@@ -333,7 +333,7 @@ class SilentServer:
 async def test_the_connect_deadline_applies_to_the_upgrade() -> None:
     server = SilentServer(upgrade=False)
     try:
-        with anyio.fail_after(10), pytest.raises(FirehoseError, match="no WebSocket connection within 0.3 seconds"):
+        with anyio.fail_after(10), pytest.raises(FirehoseError, match=r"no WebSocket connection within 0\.3 seconds"):
             async with Firehose(server.url, connect_timeout=0.3, max_reconnects=1, backoff_base=0.01) as client:
                 async for item in client:
                     assert isinstance(item, Problem) and item.kind == "disconnected"
@@ -346,7 +346,7 @@ async def test_the_connect_deadline_applies_to_the_upgrade() -> None:
 async def test_an_unanswered_ping_drops_the_connection() -> None:
     server = SilentServer(upgrade=True)
     try:
-        with anyio.fail_after(10), pytest.raises(FirehoseError, match="no data for 0.4 seconds"):
+        with anyio.fail_after(10), pytest.raises(FirehoseError, match=r"no data for 0\.4 seconds"):
             async with Firehose(server.url, ping_interval=0.2, max_reconnects=1, backoff_base=0.01) as client:
                 async for item in client:
                     assert isinstance(item, Problem) and item.kind == "disconnected"
