@@ -27,6 +27,7 @@ from cbrrr import _cbrrr
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request
 
+from repo_stream.core.cid import cid_text
 from repo_stream.sync.generate import CommitGenerator, make_signer
 
 
@@ -54,6 +55,7 @@ class Account:
     did: str
     did_key: str
     generator: CommitGenerator
+    start: tuple[str, str] = ("", "")  # the rev and data root (base32) before the stream
 
 
 @dataclass
@@ -73,7 +75,7 @@ def make_stream(accounts: int = 3, commits: int = 40, *, seed: int = 1) -> Strea
         sign, did_key = make_signer("k256", seed * 100 + i)
         did = "did:plc:" + ("firehose" + "abcdefghijklmnop"[i % 16] + "x" * (i // 16)).ljust(24, "a")
         generator = CommitGenerator(did, sign, seed=seed * 100 + i, engine="edit")
-        people[did] = Account(did, did_key, generator)
+        people[did] = Account(did, did_key, generator, (generator.rev, cid_text(generator.root)))
     dids = list(people)
     out: list[tuple[int | None, bytes]] = []
     seq = 0
