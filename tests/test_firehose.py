@@ -199,6 +199,24 @@ async def test_a_slow_consumer_gets_backpressure_within_the_buffer_bound() -> No
 
 
 @pytest.mark.anyio
+async def test_the_buffer_holds_at_most_max_buffer_bytes() -> None:
+    sizes = [len(m) for _, m in STREAM.messages]
+    budget = 3 * max(sizes)
+    with FirehoseServer(STREAM.messages) as server, anyio.fail_after(60):
+        async with Firehose(server.url, max_buffer=1000, max_buffer_bytes=budget, max_reconnects=0) as client:
+            taken = 0
+            async for item in client:
+                assert isinstance(item, Event)
+                taken += 1
+                if taken < 80:
+                    await anyio.sleep(0.002)
+                if taken == len(STREAM.messages):
+                    break
+    assert budget - max(sizes) < client.stats.max_buffered_bytes <= budget  # filled, never past the budget
+    assert client.stats.max_buffered < 1000  # the byte budget, not the item count, held the reader
+
+
+@pytest.mark.anyio
 async def test_connection_failures_back_off_then_give_up() -> None:
     with FirehoseServer([]) as server:
         port = server.port

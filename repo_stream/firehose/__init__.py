@@ -27,7 +27,7 @@ May import: :mod:`repo_stream.errors`, :mod:`repo_stream.records` (JSON values),
 """
 
 from ..errors import ErrorFrameError, FirehoseError, SeqOrderError
-from .client import DEFAULT_MAX_BUFFER, Firehose, FirehoseStats, subscribe_url
+from .client import DEFAULT_MAX_BUFFER, DEFAULT_MAX_BUFFER_BYTES, Firehose, FirehoseStats, subscribe_url
 from .items import KNOWN_TYPES, Event, Problem, parse_message
 from .keys import KeyCache
 from .recording import read_messages, write_message
@@ -39,6 +39,7 @@ __all__ = [
     "Problem",
     "KNOWN_TYPES",
     "DEFAULT_MAX_BUFFER",
+    "DEFAULT_MAX_BUFFER_BYTES",
     "parse_message",
     "subscribe_url",
     "KeyCache",

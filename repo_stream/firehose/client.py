@@ -6,10 +6,12 @@ stream); lexicon ``com.atproto.sync.subscribeRepos``.
 
 :class:`Firehose` runs one reader task that receives messages, decodes them and puts
 :class:`~repo_stream.firehose.items.Event` and :class:`~repo_stream.firehose.items.Problem` items
-into a bounded anyio memory object stream of ``max_buffer`` items; the consumer iterates over
-it. A slow consumer fills the buffer, the reader then waits, stops reading the socket, and TCP's
-flow control slows the server down: memory stays at most ``max_buffer`` messages of at most
-``max_message_bytes`` each, plus one being read. A relay that will not wait drops the connection
+into a bounded anyio memory object stream of ``max_buffer`` items, holding at most
+``max_buffer_bytes`` of message bytes (one message is let in whatever its size when the buffer is
+empty); the consumer iterates over it. A slow consumer fills the buffer, the reader then waits,
+stops reading the socket, and TCP's flow control slows the server down: the messages buffered
+stay within ``min(max_buffer * max_message_bytes, max(max_buffer_bytes, max_message_bytes))``
+bytes, plus the one being read. A relay that will not wait drops the connection
 (an error frame ``ConsumerTooSlow``, or a plain close): the client reports it, backs off and
 reconnects with ``cursor`` = the seq of the last event it buffered, so nothing is lost while the
 server still holds those events (a relay keeps hours to days of them; after that it sends
@@ -55,10 +57,12 @@ from ..sync.events import DEFAULT_MAX_MESSAGE_BYTES
 from .items import Event, Problem, parse_message
 from .websocket import MessageTooLarge, WebSocket, connect
 
-__all__ = ["DEFAULT_MAX_BUFFER", "Firehose", "FirehoseStats", "subscribe_url"]
+__all__ = ["DEFAULT_MAX_BUFFER", "DEFAULT_MAX_BUFFER_BYTES", "Firehose", "FirehoseStats", "subscribe_url"]
 
 #: Items (events and problems) buffered between the reader and the consumer by default.
 DEFAULT_MAX_BUFFER: Final = 256
+#: Message bytes buffered between the reader and the consumer by default (64 MiB).
+DEFAULT_MAX_BUFFER_BYTES: Final = 64 * 1024 * 1024
 #: The XRPC path of the event stream.
 SUBSCRIBE_REPOS_PATH: Final = "/xrpc/com.atproto.sync.subscribeRepos"
 
@@ -83,7 +87,8 @@ class FirehoseStats:
         connections: connections opened. messages: messages received (all kinds).
         bytes: message bytes received. events: events delivered to the buffer.
         problems: problems reported. max_buffered: the most items ever waiting in the buffer
-        (at most ``max_buffer``). started: ``time.monotonic()`` at the start.
+        (at most ``max_buffer``). max_buffered_bytes: the most message bytes ever buffered
+        (counting the one being handed over). started: ``time.monotonic()`` at the start.
     """
 
     connections: int = 0
@@ -92,6 +97,7 @@ class FirehoseStats:
     events: int = 0
     problems: int = 0
     max_buffered: int = 0
+    max_buffered_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -108,6 +114,7 @@ class Firehose:
         max_message_bytes: the largest message kept (bigger ones are dropped and reported as
             ``"malformed"``); default 5 MiB.
         max_buffer: items waiting for the consumer at most (backpressure beyond).
+        max_buffer_bytes: message bytes waiting for the consumer at most (default 64 MiB).
         connect_timeout: seconds for TCP, TLS and the WebSocket upgrade.
         ping_interval: seconds without data before a ping; as long again and the connection
             is dropped and reopened.
@@ -128,6 +135,7 @@ class Firehose:
         cursor: int | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_buffer: int = DEFAULT_MAX_BUFFER,
+        max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         connect_timeout: float = 10.0,
         ping_interval: float = 30.0,
         backoff_base: float = 0.5,
@@ -140,6 +148,9 @@ class Firehose:
         self.url = url
         self.max_message_bytes = max_message_bytes
         self.max_buffer = max_buffer
+        self.max_buffer_bytes = max_buffer_bytes
+        self._buffered_bytes = 0
+        self._space: anyio.Event | None = None
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
         self.backoff_base = backoff_base
@@ -187,8 +198,12 @@ class Firehose:
         async for item in self._receive:
             if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, Event) and item.seq is not None:
-                self.cursor = item.seq
+            if isinstance(item, Event):
+                self._buffered_bytes -= len(item.message)
+                if self._space is not None:
+                    self._space.set()
+                if item.seq is not None:
+                    self.cursor = item.seq
             yield item
 
     @property
@@ -200,6 +215,15 @@ class Firehose:
 
     async def _put(self, item: Event | Problem | BaseException) -> None:
         assert self._send is not None
+        if isinstance(item, Event):
+            size = len(item.message)
+            while self._buffered_bytes and self._buffered_bytes + size > self.max_buffer_bytes:
+                self._space = anyio.Event()
+                await self._space.wait()
+            self._space = None
+            self._buffered_bytes += size
+            if self._buffered_bytes > self.stats.max_buffered_bytes:
+                self.stats.max_buffered_bytes = self._buffered_bytes
         await self._send.send(item)
         used = self._send.statistics().current_buffer_used
         if used > self.stats.max_buffered:
