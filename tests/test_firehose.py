@@ -371,3 +371,17 @@ async def test_an_unanswered_ping_drops_the_connection() -> None:
         assert server.connections == 2
     finally:
         server.close()
+
+
+@pytest.mark.anyio
+async def test_a_url_that_is_not_a_websocket_ends_the_stream() -> None:
+    with anyio.fail_after(10), pytest.raises(FirehoseError, match="the scheme must be ws:// or wss://"):
+        async with Firehose("ftp://127.0.0.1:1", max_reconnects=5) as client:
+            async for _ in client:
+                pass
+
+
+def test_cli_reports_a_bad_url(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["firehose", "ftp://127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: firehose URL 'ftp://127.0.0.1:1/xrpc/com.atproto.sync.subscribeRepos': the scheme must be ws:// or wss://")
