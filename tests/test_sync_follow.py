@@ -14,7 +14,7 @@ from repo_stream.core.cid import cid_text
 from repo_stream.errors import FirehoseError
 from repo_stream.firehose import Firehose, KeyCache
 from repo_stream.sync.events import decode_frame
-from repo_stream.sync.follow import RecordEvent, RepoEvent, follow
+from repo_stream.sync.follow import RecordEvent, RepoEvent, collection_filter, follow
 from repo_stream.sync.state import StateStore
 from tests.firehose_server import FirehoseServer, Plan, Stream, make_stream
 from tests.servers import LocalHTTPServer, json_reply
@@ -56,15 +56,27 @@ def commits_of(stream: Stream) -> int:
     return sum(1 for _, m in stream.messages if b"#commit" in m[:20])
 
 
-async def run(url: str, state: StateStore, keys: KeyCache, records: dict[str, dict[str, str]], repo_events: list[RepoEvent], *, stop_after: int | None = None) -> int:
+async def run(
+    url: str,
+    state: StateStore,
+    keys: KeyCache,
+    records: dict[str, dict[str, str]],
+    repo_events: list[RepoEvent],
+    *,
+    stop_after: int | None = None,
+    collections: list[str] | None = None,
+    seen: set[str] | None = None,
+) -> int:
     """Follow until the server closes at the end of its replay (or ``stop_after`` items)."""
     taken = 0
     try:
         async with Firehose(url, cursor=state.cursor, max_reconnects=0) as stream:
-            async for item in follow(stream, state, keys):
+            async for item in follow(stream, state, keys, collections=collections):
                 if isinstance(item, RecordEvent):
                     assert item.live and item.seq is not None
                     apply(records, item)
+                    if seen is not None:
+                        seen.add(item.collection)
                 else:
                     repo_events.append(item)
                 taken += 1
@@ -157,3 +169,30 @@ def test_state_store_round_trip(tmp_path: Path) -> None:
         assert state.counts() == {"desynchronized": 1, "pending": 1}
         with pytest.raises(ValueError, match="not one of"):
             state.set("did:plc:a", "gone")
+
+
+@pytest.mark.anyio
+async def test_a_collection_filter_emits_only_its_records(tmp_path: Path) -> None:
+    records: dict[str, dict[str, str]] = {}
+    repo_events: list[RepoEvent] = []
+    seen: set[str] = set()
+    with FirehoseServer(STREAM.messages, [Plan(close_at_end=True)]) as server, plc_for(STREAM) as plc, StateStore(tmp_path / "s.sqlite") as state:
+        track(state, STREAM)
+        with anyio.fail_after(60):
+            await run(server.url, state, KeyCache(plc_url=plc.base), records, repo_events, collections=["app.bsky.feed.*", "app.bsky.graph.follow"], seen=seen)
+        assert seen == {"app.bsky.feed.like", "app.bsky.feed.post", "app.bsky.feed.repost", "app.bsky.graph.follow"}
+        for did, account in STREAM.accounts.items():
+            want = {k: v for k, v in final_records(STREAM, did).items() if k.startswith(("app.bsky.feed.", "app.bsky.graph.follow/"))}
+            assert want and records.get(did, {}) == want
+            row = state.get(did)
+            assert row is not None and row.rev == account.generator.rev  # every commit applied to the state
+    every = {k.partition("/")[0] for did in STREAM.accounts for k in final_records(STREAM, did)}
+    assert every - {"app.bsky.feed.like", "app.bsky.feed.post", "app.bsky.feed.repost", "app.bsky.graph.follow"}  # others exist
+
+
+def test_collection_filter() -> None:
+    wanted = collection_filter(["app.bsky.feed.*", "app.bsky.graph.follow"])
+    assert [wanted(c) for c in ("app.bsky.feed.post", "app.bsky.graph.follow", "app.bsky.graph.block", "app.bsky.feedx.post")] == [True, True, False, False]
+    assert collection_filter(None)("anything.at.all")
+    with pytest.raises(ValueError, match="may only end it"):
+        collection_filter(["app.*.post"])

@@ -21,6 +21,8 @@ still backfilling, and refetching desynchronized repos are not here yet). For ea
   ``deleted``, ``deactivated``) and stops the repo's record events; ``active: true`` makes it
   ``active`` again. A :class:`RepoEvent` ``"account"``.
 - Untracked repos, unknown kinds and problems of the stream are skipped.
+- ``collections``: only records of these collections are emitted (NSIDs, or prefixes ending in
+  ``.*`` such as ``app.bsky.feed.*``); every commit is still verified and applied to the state.
 
 Delivery: at least once. The state and the cursor of an event are written, and committed to
 the SQLite file, when the consumer asks for the item after that event's last one: after a crash
@@ -31,7 +33,7 @@ Spec: atproto sync, "Commit Validation", "Repository Synchronization".
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -41,7 +43,25 @@ from ..records.values import JsonValue
 from .state import StateStore
 from .verify import RepoState, verify_commit, verify_sync
 
-__all__ = ["RecordEvent", "RepoEvent", "follow"]
+__all__ = ["RecordEvent", "RepoEvent", "collection_filter", "follow"]
+
+
+def collection_filter(collections: Iterable[str] | None) -> Callable[[str], bool]:
+    """A predicate on collection NSIDs: exact NSIDs, and prefixes written ``app.bsky.feed.*``
+    (every NSID under ``app.bsky.feed.``); None or nothing given: every collection.
+
+    Raises:
+        ValueError: a pattern with ``*`` anywhere but a final ``.*``.
+    """
+    names = list(collections or ())
+    if not names:
+        return lambda collection: True
+    exact = frozenset(n for n in names if not n.endswith(".*"))
+    prefixes = tuple(n[:-1] for n in names if n.endswith(".*"))
+    for name in names:
+        if "*" in name[:-2] or (name.endswith("*") and not name.endswith(".*")):
+            raise ValueError(f"collection pattern {name!r}: a * may only end it, as in app.bsky.feed.*")
+    return lambda collection: collection in exact or collection.startswith(prefixes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +109,18 @@ class RepoEvent:
         return {"did": self.did, "event": self.event, "seq": self.seq, **self.detail}
 
 
-async def follow(stream: Firehose, state: StateStore, keys: KeyCache) -> AsyncIterator[RecordEvent | RepoEvent]:
+async def follow(
+    stream: Firehose, state: StateStore, keys: KeyCache, *, collections: Iterable[str] | None = None
+) -> AsyncIterator[RecordEvent | RepoEvent]:
     """The record and repo events of the tracked repos in ``state``, from ``stream`` (module
-    docstring: what each kind does, and when the state is committed).
+    docstring: what each kind does, and when the state is committed); records only of
+    ``collections`` (see :func:`collection_filter`) when given.
 
     Raises:
         DiskError: the state file cannot be written.
         ErrorFrameError, FirehoseError: from the stream (it ended).
     """
+    wanted = collection_filter(collections)
     async for item in stream:
         if not isinstance(item, Event) or item.did is None or item.seq is None:
             continue
@@ -143,6 +167,8 @@ async def follow(stream: Firehose, state: StateStore, keys: KeyCache) -> AsyncIt
                 yield RepoEvent(item.did, "error", item.seq, {"error": f"{type(exc).__name__}: {exc}"})
                 continue
             for op in commit.ops:
+                if not wanted(op.collection):
+                    continue
                 action: Literal["create", "update", "delete"] = "create" if op.action == "create" else "update" if op.action == "update" else "delete"
                 yield RecordEvent(
                     commit.did, commit.rev, item.seq, action, op.collection, op.rkey,
