@@ -385,3 +385,13 @@ def test_cli_reports_a_bad_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["firehose", "ftp://127.0.0.1:1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: firehose URL 'ftp://127.0.0.1:1/xrpc/com.atproto.sync.subscribeRepos': the scheme must be ws:// or wss://")
+
+
+@pytest.mark.anyio
+async def test_a_quiet_server_that_answers_pings_keeps_the_connection() -> None:
+    with FirehoseServer([]) as server, anyio.fail_after(10):
+        async with Firehose(server.url, ping_interval=0.1, max_reconnects=0) as client:
+            with anyio.move_on_after(1.0):
+                async for item in client:
+                    raise AssertionError(f"unexpected {item}")
+            assert client.stats.connections == 1 and client.stats.problems == 0

@@ -271,19 +271,25 @@ class Firehose:
     async def _read(self, socket: WebSocket) -> tuple[bool, FirehoseError]:
         """Read until the connection fails; return (a message came, the error that ended it)."""
         delivered = False
+        pinged = False
         while True:
             message: bytes | MessageTooLarge | None = None
+            before = socket.bytes_received
             try:
                 with anyio.move_on_after(self.ping_interval):
                     message = await socket.receive()
                 if message is None:
-                    await socket.ping()
-                    with anyio.move_on_after(self.ping_interval):
-                        message = await socket.receive()
-                    if message is None:
+                    if socket.bytes_received != before:  # a pong, or part of a message: alive
+                        pinged = False
+                        continue
+                    if pinged:
                         return delivered, FirehoseError(f"{socket.url}: no data for {2 * self.ping_interval:g} seconds (a ping went unanswered)", url=socket.url)
+                    await socket.ping()
+                    pinged = True
+                    continue
             except FirehoseError as exc:
                 return delivered, exc
+            pinged = False
             delivered = True
             self.stats.messages += 1
             if isinstance(message, MessageTooLarge):
