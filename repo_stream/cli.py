@@ -638,6 +638,104 @@ async def _verify_commit(args: argparse.Namespace) -> int:
     return status
 
 
+def _add_firehose(commands: Any) -> None:
+    """Register ``repo-stream firehose [URL] [--cursor N] [--record FILE] [--replay FILE] [--verify] [--json]``."""
+    p = commands.add_parser(
+        "firehose",
+        help="print every event of a subscribeRepos stream (a relay or PDS), or of a recording; optionally record or verify",
+    )
+    p.add_argument("url", nargs="?", metavar="URL", help="the relay or PDS, wss://HOST or ws://HOST:PORT (or the full subscribeRepos URL)")
+    p.add_argument("--cursor", type=_non_negative_int, metavar="N", help="start after this seq (default: live, from now)")
+    p.add_argument("--record", metavar="FILE", help="append every message received to FILE (4-byte big-endian length, then the bytes)")
+    p.add_argument("--replay", metavar="FILE", help="read the messages of a recording instead of a URL")
+    p.add_argument("--verify", action="store_true", help="verify #commit and #sync events with each account's DID document key (cached)")
+    p.add_argument("--json", action="store_true", help="one JSON object per event or problem, one a line")
+    p.add_argument("--max-events", type=_positive_int, metavar="N", help="stop after N events")
+    p.add_argument("--max-buffer", type=_positive_int, default=256, metavar="N", help="events buffered ahead of the output at most (default 256)")
+    p.add_argument("--plc-url", metavar="URL", default=argparse.SUPPRESS, help="PLC directory for did:plc (default https://plc.directory)")
+    p.add_argument("--allow-private-hosts", action="store_true", help="let did:web hosts resolve to private addresses (--verify)")
+
+
+async def _firehose(args: argparse.Namespace) -> int:
+    """Print every event of a stream or a recording; exit 0 at --max-events or the recording's
+    end, 1 on an error that ends the stream (a FutureCursor error frame, a bad URL)."""
+    import json
+    from contextlib import ExitStack
+
+    from .errors import CommitVerifyError, ErrorFrameError, IdentityError, OutOfSyncError
+    from .firehose import Event, Firehose, KeyCache, Problem, parse_message, read_messages, write_message
+    from .sync.events import DEFAULT_MAX_MESSAGE_BYTES
+    from .sync.verify import verify_commit, verify_sync
+
+    if (args.url is None) == (args.replay is None):
+        _error("firehose: give a URL or --replay FILE (one of them)")
+        return 2
+    keys = KeyCache(allow_private_hosts=args.allow_private_hosts, **({"plc_url": args.plc_url} if getattr(args, "plc_url", None) else {}))
+    count = 0
+
+    async def show(item: Event | Problem) -> None:
+        verdict: dict[str, Any] = {}
+        if isinstance(item, Event) and args.verify and item.type in ("#commit", "#sync") and item.did is not None:
+            try:
+                key = await keys.key(item.did)
+                if item.type == "#commit":
+                    verify_commit(item.message, key=key)
+                else:
+                    verify_sync(item.message, key=key)
+                verdict = {"verified": True}
+            except (CommitVerifyError, OutOfSyncError, IdentityError) as exc:
+                verdict = {"verified": False, "verifyError": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+        if isinstance(item, Event) and item.type == "#identity" and item.did is not None:
+            keys.forget(item.did)
+        if args.json:
+            _write(json.dumps({**item.to_json(), **verdict}, ensure_ascii=False) + "\n")
+        elif isinstance(item, Problem):
+            _write(f"! {item.kind}: {' '.join(str(item.error).split())}\n")
+        else:
+            body = item.body
+            detail = ""
+            if item.type == "#commit":
+                ops = body.get("ops")
+                paths = [f"{op.get('action')} {op.get('path')}" for op in ops if isinstance(op, dict)] if isinstance(ops, list) else []
+                detail = f" rev {body.get('rev')} " + ", ".join(paths[:5]) + (f" (+{len(paths) - 5})" if len(paths) > 5 else "")
+            elif item.type in ("#sync", "#account", "#identity", "#info"):
+                fields = {"#sync": ("rev",), "#account": ("active", "status"), "#identity": ("handle",), "#info": ("name", "message")}[item.type]
+                detail = "".join(f" {name}={body.get(name)}" for name in fields if name in body)
+            mark = ""
+            if verdict:
+                mark = " verified" if verdict["verified"] else f" NOT VERIFIED: {verdict['verifyError']}"
+            _write(f"{item.seq if item.seq is not None else '-'} {item.type} {item.did or '-'}{detail}{mark}\n")
+
+    with ExitStack() as files:
+        record = files.enter_context(open(args.record, "ab")) if args.record else None
+        if args.replay is not None:
+            source = files.enter_context(open(args.replay, "rb"))
+            for message in read_messages(source, name=args.replay):
+                if record is not None:
+                    write_message(record, message)
+                try:
+                    item: Event | Problem = parse_message(message, max_bytes=DEFAULT_MAX_MESSAGE_BYTES)
+                except ErrorFrameError as exc:
+                    item = Problem("error-frame", exc)
+                except RepoStreamError as exc:
+                    item = Problem("malformed", exc)
+                await show(item)
+                count += isinstance(item, Event)
+                if args.max_events is not None and count >= args.max_events:
+                    break
+            return 0
+        async with Firehose(args.url, cursor=args.cursor, max_buffer=args.max_buffer) as stream:
+            async for item in stream:
+                if record is not None and isinstance(item, Event):
+                    write_message(record, item.message)
+                    record.flush()
+                await show(item)
+                count += isinstance(item, Event)
+                if args.max_events is not None and count >= args.max_events:
+                    break
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repo-stream", description="Read atproto repository CAR files.")
     parser.add_argument("--version", action="version", version=f"repo-stream {__version__}")
@@ -675,6 +773,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the account's signing key, did:key:z... (default: from the DID document of a DID or handle SOURCE)",
     )
     _add_verify_commit(commands)
+    _add_firehose(commands)
     b = commands.add_parser(
         "backfill",
         help="walk many repos at once, resumably (DIDs, handles, URLs, paths)",
@@ -892,6 +991,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "get": _get,
     "verify": _verify,
     "verify-commit": _verify_commit,
+    "firehose": _firehose,
 }
 
 

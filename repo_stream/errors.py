@@ -42,10 +42,14 @@ The hierarchy::
     │   ├── KeyExistsError         inserting a key the tree holds
     │   └── KeyAbsentError         updating or deleting a key the tree does not hold
     ├── EventDecodeError       a subscribeRepos message is not a well-formed frame / body
+    │   └── ErrorFrameError        an error frame (op -1: FutureCursor, ConsumerTooSlow, ...)
     ├── RecordProofError       a getRecord proof CAR does not prove the record (or its absence)
     ├── OutOfSyncError         a valid commit that does not follow the held state (refetch)
-    └── CommitVerifyError      a #commit / #sync event is broken, forged or stale (one subclass
-                               per rule of sync 1.1 commit validation, listed below)
+    ├── CommitVerifyError      a #commit / #sync event is broken, forged or stale (one subclass
+    │                          per rule of sync 1.1 commit validation, listed below)
+    └── FirehoseError          (repo_stream.firehose) the subscribeRepos WebSocket failed: connect,
+        │                      handshake, TLS, deadline, closed, a message over the size cap
+        └── SeqOrderError          an event's seq is not above the previous one, or jumps past it
 """
 
 from __future__ import annotations
@@ -90,6 +94,7 @@ __all__ = [
     "KeyExistsError",
     "KeyAbsentError",
     "EventDecodeError",
+    "ErrorFrameError",
     "RecordProofError",
     "OutOfSyncError",
     "CommitVerifyError",
@@ -117,6 +122,8 @@ __all__ = [
     "MissingProofBlockError",
     "MissingPrevDataError",
     "InversionMismatchError",
+    "FirehoseError",
+    "SeqOrderError",
 ]
 
 
@@ -314,6 +321,18 @@ class EventDecodeError(RepoStreamError):
     of the expected shape, is an error frame (``op: -1``), or is over the size limit."""
 
 
+class ErrorFrameError(EventDecodeError):
+    """An error frame (header ``op: -1``, body ``{error, message?}``; spec: atproto event streams,
+    "Framing"): the server ends the stream. Lexicon errors of subscribeRepos: ``FutureCursor``
+    (the cursor is ahead of the server's sequence), ``ConsumerTooSlow`` (the consumer fell too far
+    behind). Attributes: ``error`` (the error name, str) and ``text`` (the message, or None)."""
+
+    def __init__(self, message: str, *, error: str = "", text: str | None = None) -> None:
+        super().__init__(message)
+        self.error = error
+        self.text = text
+
+
 class RecordProofError(RepoStreamError):
     """A record proof (a ``com.atproto.sync.getRecord`` CAR) does not prove what it should: a
     block is missing from the path, the commit is not signed by the key or not for the DID, or
@@ -451,3 +470,29 @@ class MissingPrevDataError(CommitVerifyError):
 class InversionMismatchError(CommitVerifyError):
     """Inverting the ops on the new tree does not give ``prevData``: the tree changes keys no op
     names, or an op's ``prev`` is not what the old tree held."""
+
+
+# --- the firehose (repo_stream.firehose) --------------------------------------------------------
+
+
+class FirehoseError(RepoStreamError):
+    """The ``com.atproto.sync.subscribeRepos`` WebSocket failed: the TCP connection or TLS, the
+    HTTP upgrade (a status other than 101), the connect or read deadline, a close by the server, or
+    a message over the size cap. The message names the URL. Attributes: ``url`` (str), ``status``
+    (the HTTP status of a refused upgrade, else None)."""
+
+    def __init__(self, message: str, *, url: str = "", status: int | None = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class SeqOrderError(FirehoseError):
+    """An event's ``seq`` is not above the previous event's (backwards or repeated), or jumps past
+    ``previous + 1`` (a gap). Reported, not raised, by the firehose client. Attributes:
+    ``previous`` and ``seq`` (ints)."""
+
+    def __init__(self, message: str, *, url: str = "", previous: int, seq: int) -> None:
+        super().__init__(message, url=url)
+        self.previous = previous
+        self.seq = seq

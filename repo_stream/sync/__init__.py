@@ -8,11 +8,19 @@ Modules: :mod:`.partial` (a partial MST loaded from a CAR slice: lookups, ``walk
 :mod:`.proof` (record proofs: :func:`prove`, :func:`verify_record_proof`) and :mod:`.generate`
 (``#commit`` events made the way a PDS makes them, for tests and benchmarks).
 
+The beginning of the sync service: :mod:`.state` (per-repo state and the cursor in SQLite:
+:class:`~.state.StateStore`) and :mod:`.follow` (:func:`~.follow.follow`: verified
+:class:`~.follow.RecordEvent` items from a :class:`~repo_stream.firehose.Firehose`). They do
+network I/O through :mod:`repo_stream.firehose` and are not imported by this package's
+``__init__`` (import ``repo_stream.sync.follow``): the firehose imports the frame decoding from
+here.
+
 Spec: atproto sync (https://atproto.com/specs/sync), "Commit Validation"; proposal 0006.
 
 May import: :mod:`repo_stream.errors`, :mod:`repo_stream.core`, :mod:`repo_stream.crypto`,
 :mod:`repo_stream.records` (record values; the writer and the record generator for
-:mod:`.generate`). Nothing here does network I/O.
+:mod:`.generate`); :mod:`.follow` also :mod:`repo_stream.firehose`. Nothing but :mod:`.follow`
+does network I/O.
 """
 
 from ..errors import CommitVerifyError, OutOfSyncError

@@ -22,7 +22,7 @@ from typing import Any, Final, NamedTuple
 
 from cbrrr import _cbrrr
 
-from ..errors import EventDecodeError
+from ..errors import ErrorFrameError, EventDecodeError
 from ..records.values import Link
 
 __all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "Frame", "decode_frame"]
@@ -67,7 +67,8 @@ def decode_frame(message: bytes | bytearray | memoryview, *, max_bytes: int = DE
     Raises:
         EventDecodeError: over ``max_bytes``; either item not valid DAG-CBOR or not a map;
             bytes after the body; a header without ``op: 1`` and a text ``t``; an error frame
-            (``op: -1``: the message quotes its ``error`` and ``message``).
+            (``op: -1``: :class:`~repo_stream.errors.ErrorFrameError`, a subclass, whose message
+            quotes its ``error`` and ``message``).
 
     Spec: atproto event streams, "Framing".
     """
@@ -93,7 +94,11 @@ def decode_frame(message: bytes | bytearray | memoryview, *, max_bytes: int = DE
     if op == -1:
         error = body.get("error")
         text = body.get("message")
-        raise EventDecodeError(f"subscribeRepos error frame: {str(error)[:200]!r}" + (f": {str(text)[:500]!r}" if text is not None else ""))
+        raise ErrorFrameError(
+            f"subscribeRepos error frame: {str(error)[:200]!r}" + (f": {str(text)[:500]!r}" if text is not None else ""),
+            error=str(error)[:200],
+            text=None if text is None else str(text)[:500],
+        )
     kind = header.get("t")
     if op != 1 or type(op) is not int or type(kind) is not str:
         raise EventDecodeError(f"subscribeRepos message: header {str(header)[:200]} is not {{op: 1, t: <type>}}")
