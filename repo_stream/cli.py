@@ -343,8 +343,16 @@ def _builder(args: argparse.Namespace) -> DriverBuilder[Any]:
 def _walking_args(args: argparse.Namespace, builder: DriverBuilder[Any]) -> Any:
     return _walking(
         args.source, builder, disk_path=args.disk_path, plc_url=args.plc_url, progress=_show_progress(args),
-        fetch_options=_fetch_options(args), allow_private_hosts=args.allow_private_hosts,
+        fetch_options=_source_fetch_options(args), allow_private_hosts=args.allow_private_hosts,
     )  # fmt: skip
+
+
+def _source_fetch_options(args: argparse.Namespace) -> FetchOptions | None:
+    """:func:`_fetch_options` for a SOURCE that is fetched; None for a file or standard input, so
+    that walking one never imports httpx (~0.2 s of start-up)."""
+    from .net.source import classify_source
+
+    return _fetch_options(args) if classify_source(args.source) in ("url", "did", "handle") else None
 
 
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:
@@ -977,7 +985,7 @@ async def _stats(args: argparse.Namespace) -> int:
         progress=_show_progress(args),
         collections=args.collection,
         plc_url=args.plc_url,
-        fetch_options=_fetch_options(args),
+        fetch_options=_source_fetch_options(args),
         allow_private_hosts=args.allow_private_hosts,
     )
     print(json.dumps(result) if args.json else _human(result))
