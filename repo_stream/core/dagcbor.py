@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import cbor2
 
-__all__ = ["StrictDecoder", "DagCborError", "link_cid"]
+__all__ = ["StrictDecoder", "DagCborError", "link_cid", "encode_head", "encode_link", "HEADS", "LINK36_HEAD"]
 
 
 class DagCborError(ValueError):
@@ -110,3 +110,36 @@ def link_cid(value: Any) -> bytes | None:
         if type(raw) is bytes and len(raw) > 1 and raw[0] == 0:
             return raw[1:]
     return None
+
+
+# --- encoding: the pieces the MST node encoders (records.writer, sync.partial) share ------------
+
+
+def encode_head(major: int, n: int) -> bytes:
+    """The shortest CBOR head for major type ``major`` (0-7) and argument ``n`` (0 <= n < 2**64).
+
+    Spec: RFC 8949, "Specification of the CBOR Encoding"; DAG-CBOR requires the shortest form.
+    """
+    m = major << 5
+    if n < 24:
+        return bytes((m | n,))
+    if n < 0x100:
+        return bytes((m | 24, n))
+    if n < 0x10000:
+        return bytes((m | 25,)) + n.to_bytes(2, "big")
+    if n < 0x100000000:
+        return bytes((m | 26,)) + n.to_bytes(4, "big")
+    return bytes((m | 27,)) + n.to_bytes(8, "big")
+
+
+#: ``HEADS[major][n]``: the heads of arguments 0-255 of major types 0 (int), 2 (bytes), 4 (array).
+HEADS: dict[int, list[bytes]] = {major: [encode_head(major, n) for n in range(256)] for major in (0, 2, 4)}
+#: The head of a link to a 36-byte CID: tag 42, a 37-byte string, the multibase identity prefix 0x00.
+LINK36_HEAD = b"\xd8\x2a\x58\x25\x00"
+
+
+def encode_link(cid: bytes) -> bytes:
+    """The DAG-CBOR link (tag 42) to the raw CID ``cid``. Spec: DAG-CBOR, "Links"."""
+    if len(cid) == 36:
+        return LINK36_HEAD + cid
+    return b"\xd8\x2a" + encode_head(2, len(cid) + 1) + b"\x00" + cid

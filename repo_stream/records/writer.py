@@ -37,6 +37,7 @@ import cbor2
 
 from ..core.cid import dag_cbor_cid, to_cid
 from ..core.commit import Commit, encode_commit, encode_unsigned_commit
+from ..core.dagcbor import HEADS, encode_head, encode_link
 from ..core.mst import is_valid_key, key_layer
 from ..errors import InvalidKeyError, KeyOrderError
 
@@ -100,18 +101,7 @@ def link(cid: bytes) -> cbor2.CBORTag:
     return cbor2.CBORTag(42, b"\x00" + bytes(cid))
 
 
-def _head(major: int, n: int) -> bytes:
-    """Return the shortest CBOR head for major type ``major`` (0-7) and argument ``n`` >= 0."""
-    m = major << 5
-    if n < 24:
-        return bytes((m | n,))
-    if n < 0x100:
-        return bytes((m | 24, n))
-    if n < 0x10000:
-        return bytes((m | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((m | 26,)) + n.to_bytes(4, "big")
-    return bytes((m | 27,)) + n.to_bytes(8, "big")
+_head = encode_head
 
 
 def _int(n: int) -> bytes:
@@ -120,17 +110,10 @@ def _int(n: int) -> bytes:
 
 
 # Precomputed encodings for the common case of 36-byte CIDs and small integers.
-_LINK36 = b"\xd8\x2a\x58\x25\x00"  # tag 42, bytes(37), multibase identity prefix 0x00
-_SMALL_INT = [_head(0, i) for i in range(256)]
-_BYTES_HEAD = [_head(2, i) for i in range(256)]
-_ARRAY_HEAD = [_head(4, i) for i in range(256)]
-
-
-def _link_bytes(cid: bytes) -> bytes:
-    """Return the encoded DAG-CBOR link (tag 42) to ``cid``."""
-    if len(cid) == 36:
-        return _LINK36 + cid
-    return b"\xd8\x2a" + _head(2, len(cid) + 1) + b"\x00" + cid
+_SMALL_INT = HEADS[0]
+_BYTES_HEAD = HEADS[2]
+_ARRAY_HEAD = HEADS[4]
+_link_bytes = encode_link
 
 
 def encode_node(left: bytes | None, entries: Iterable[tuple[int, bytes, bytes, bytes | None]]) -> bytes:

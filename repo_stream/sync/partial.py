@@ -36,6 +36,7 @@ from cbrrr import _cbrrr
 from ..core import implementation, messages
 from ..core.car import DEFAULT_MAX_BLOCK_SIZE, decode_header
 from ..core.cid import cid_str, dag_cbor_cid
+from ..core.dagcbor import HEADS, LINK36_HEAD, encode_head, encode_link
 from ..core.mst import MAX_KEY_BYTES, is_valid_collection
 from ..core.walk import DEFAULT_MAX_DEPTH
 from ..errors import DepthLimitError, UnknownSubtreeError
@@ -45,7 +46,7 @@ __all__ = ["CarSlice", "Node", "PartialTree", "SliceEntry", "decode_node_strict"
 _sha256 = hashlib.sha256
 _RKEY_RE: Final = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 _DAG_CBOR_V1: Final = b"\x01\x71"
-_LINK36: Final = b"\xd8\x2a\x58\x25\x00"
+_LINK36: Final = LINK36_HEAD
 _EMPTY_NODE: Final = b"\xa2\x61e\x80\x61l\xf6"  # {"e": [], "l": null}
 # Repos hold a handful of collections: remember the verdicts (bounded, so hostile keys cannot grow it).
 _valid_collection = functools.lru_cache(maxsize=1024)(is_valid_collection)
@@ -152,30 +153,13 @@ def decode_node_strict(cid: bytes, block: bytes) -> tuple[bytes | None, list[tup
     return (None if left is None else bytes(left)), out
 
 
-def _link(cid: bytes) -> bytes:
-    if len(cid) == 36:
-        return _LINK36 + cid
-    return b"\xd8\x2a" + _cbor_head(2, len(cid) + 1) + b"\x00" + cid
-
-
-def _cbor_head_slow(major: int, n: int) -> bytes:
-    m = major << 5
-    if n < 24:
-        return bytes((m | n,))
-    if n < 0x100:
-        return bytes((m | 24, n))
-    if n < 0x10000:
-        return bytes((m | 25,)) + n.to_bytes(2, "big")
-    if n < 0x100000000:
-        return bytes((m | 26,)) + n.to_bytes(4, "big")
-    return bytes((m | 27,)) + n.to_bytes(8, "big")
-
-
-_HEADS: Final = {major: [_cbor_head_slow(major, n) for n in range(256)] for major in (0, 2, 4)}
+_link = encode_link
+_cbor_head_slow = encode_head
+_HEADS: Final = HEADS
 
 
 def _cbor_head(major: int, n: int) -> bytes:
-    return _HEADS[major][n] if n < 256 and major in _HEADS else _cbor_head_slow(major, n)
+    return _HEADS[major][n] if n < 256 and major in _HEADS else encode_head(major, n)
 
 
 def encode_tree_node(left: bytes | None, keys: list[bytes], vals: list[bytes], rights: list[bytes | None]) -> bytes:
