@@ -18,6 +18,7 @@ from typing import Any
 
 import cbor2
 
+from repo_stream import Record
 from repo_stream.core import car, implementation, runs
 from repo_stream.core.blocks import NOT_A_NODE, ROW_PLAIN, ROW_RAW, DiskRecords
 from repo_stream.core.commit import decode_commit
@@ -78,6 +79,7 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
     verify = bool(options & 1)
     process = (impl.transcode_json if (len(data) >> 2) & 1 else len) if options & 2 else None
     record_cids = bool(options & 4)
+    record_type = Record if (len(data) >> 3) & 1 else None  # open_repo's walk: Records made by the walk
     limit = LIMITS[(options >> 3) & 3]
     feed = FEEDS[(options >> 5) & 7]
     collections = COLLECTIONS[(len(data) + options) & 3]
@@ -127,12 +129,16 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
             raise MissingBlockError("no commit")
         if packed:
             lookup = DiskRecords(RunLookup(impl, packed, large, FEEDS[options & 7] % 4096 or 1), process, cbor2.loads)
-            walker = impl.Walker(data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
+            walker = impl.Walker(
+                data_cid, lookup, lookup, max_depth=32, strict=verify, record_cids=record_cids, collections=collections, record_type=record_type
+            )
         else:
-            walker = impl.Walker(data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids, collections=collections)
+            walker = impl.Walker(
+                data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids, collections=collections, record_type=record_type
+            )
         while (chunk := walker.next_chunk(50)) is not None:
             out.extend(chunk)
-        return ("records", out, walker.nodes_visited)
+        return ("records", out, walker.nodes_visited, {type(item).__name__ for item in out})
     except RepoStreamError as exc:
         message = str(exc)
         if isinstance(exc, NodeDecodeError):
