@@ -4,8 +4,11 @@
 handles, ``at://`` URIs, getRepo URLs, paths) and yields one :class:`BackfillResult` per source, in
 completion order. Inside, a pipeline of anyio tasks joined by bounded memory streams:
 
-- ``fetch_concurrency`` *openers* resolve each source and open its fetch (identity look-ups and
-  the HTTP round trip overlap with walking);
+- ``fetch_concurrency`` *openers* resolve each source to its getRepo URL (identity look-ups);
+- *host workers* wait for a place at the repo's PDS host (per-host concurrency, requests per
+  second and ``Retry-After``: :mod:`repo_stream.net.hosts`) and open its fetch, at most
+  ``fetch_concurrency`` fetches started ahead of the memory workers (the HTTP round trip
+  overlaps with walking); a busy or rate-limited host holds up only its own repos;
 - ``memory_workers`` *memory workers* load each CAR with a per-repo limit of ``mem_limit_mb`` and
   walk it; a repo that reaches the limit becomes a :class:`~repo_stream.NeedDisk` and is handed to
 - a bounded queue (``disk_queue_size`` NeedDisks; ``0`` is a hand-over) served by ``disk_workers``
@@ -14,7 +17,10 @@ completion order. Inside, a pipeline of anyio tasks joined by bounded memory str
 
 Each worker takes the next repo as soon as it finishes one (a sliding window, never batch by
 batch). Whatever goes wrong with one repo (identity, HTTP, a malformed CAR, a commit for another
-DID, a bad signature with ``verify``) is that repo's result (``error``), never the run's end.
+DID, a bad signature with ``verify``) is that repo's result (``error``), never the run's end. A
+fetched CAR that turns out truncated or incomplete (blocks missing: ``MissingBlockError``; cut
+within a block: ``TruncatedCarError``) is fetched again, up to ``FetchOptions.retries`` times
+(the sink drops what it had of the repo first), then reported.
 Cancelling the consumer stops every task promptly, closes every fetch and removes every spill file.
 
 Peak memory is about ``(memory_workers + disk_queue_size) x mem_limit + disk_workers x (mem_limit
@@ -57,7 +63,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStrea
 from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 
 from ..core.commit import Commit
-from ..errors import FetchError, IdentityError, RepoStreamError, SignatureError, SourceError
+from ..errors import FetchError, IdentityError, MissingBlockError, RepoStreamError, SignatureError, SourceError, TruncatedCarError
 from ..read.drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, NeedDisk
 from ..spill.store import DiskBuilder, DiskStore
 from .checkpoint import Checkpoint, is_done
@@ -70,11 +76,25 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from ..net.fetch import FetchOptions
-    from ..net.source import OpenedSource
+    from ..net.hosts import HostLimiter, HostSlot
+    from ..net.source import LocatedSource, OpenedSource
 
-__all__ = ["DuplicateRepoError", "backfill"]
+__all__ = ["DEFAULT_PER_HOST_CONCURRENCY", "DEFAULT_PER_HOST_RPS", "HOST_WAITING", "DuplicateRepoError", "backfill"]
+
+DEFAULT_PER_HOST_CONCURRENCY = 4
+"""Default getRepo fetches open at once per PDS host (the same as :data:`repo_stream.net.hosts.DEFAULT_HOST_CONCURRENCY`)."""
+DEFAULT_PER_HOST_RPS = 10.0
+"""Default getRepo requests started per second per PDS host."""
 
 _CHUNK = 1024  # records per next_chunk
+#: Fetched repos that may wait for their PDS host (a per-host slot, its rate or its Retry-After)
+#: at once, at least: a busy or rate-limited host holds up other hosts' repos only once this
+#: many of its repos are waiting.
+HOST_WAITING = 64
+#: Errors of a fetched CAR that may be a truncated or incomplete answer, retried as transient: a
+#: CAR cut on a block boundary parses as complete but misses blocks (MissingBlockError), one cut
+#: within a block without a Content-Length ends early (TruncatedCarError).
+_TRANSIENT_CAR_ERRORS = (MissingBlockError, TruncatedCarError)
 #: BackfillResult.verified of a successful repo, by verify mode.
 _VERIFIED: dict[str | None, str | None] = {None: None, "cids": "cids", "signature": "cids+signature"}
 
@@ -125,6 +145,9 @@ class _Job:
     spilled: bool = False
     held: bool = False  # counted in stats.in_memory
     claimed: str | None = None  # the DID this job holds in _Run.claims
+    located: LocatedSource | None = None  # a network source: where it is fetched from
+    refetches: int = 0  # fetches again after a truncated or incomplete answer
+    slot: HostSlot | None = None  # its place at its PDS host, held while its fetch is open
 
 
 async def _drain_batch(stream: ObjectReceiveStream[Any], limit: int) -> list[Any]:
@@ -183,6 +206,10 @@ class _Run:
         self.keys: dict[str, str | None] = {}
         #: DID -> the first source of this run that named it (on disk past 2 MiB).
         self.claims = SeenDids()
+        #: Per-host politeness of the getRepo fetches (None: fetch without it).
+        self.limiter: HostLimiter | None = options.get("host_limiter")
+        #: Fetches started and not yet taken by a memory worker, at most ``fetch_concurrency``.
+        self.gate = anyio.Semaphore(max(1, options.get("fetch_concurrency", 1)))
 
     def claim(self, job: _Job, did: str) -> None:
         """Take ``did`` for this job's source, once per run when the sink's output is keyed by DID
@@ -214,6 +241,8 @@ class _Run:
             error = error.__cause__  # the body failed mid-way: say so, as fetch_car does on exit
         commit = job.commit
         did = commit.did if commit is not None else (job.opened.did if job.opened is not None else None)
+        if did is None and job.located is not None:
+            did = job.located.did
         if did is None:  # failed before opening: the DID the fetch named, or the source itself
             named = getattr(error, "did", None)
             did = named if isinstance(named, str) else (job.source if job.source.startswith("did:") else None)
@@ -332,11 +361,13 @@ class _Run:
                     else:
                         await todo.send(source)
 
-    async def opener(self, todo: ObjectReceiveStream[str], opened: ObjectSendStream[_Job], results: ObjectSendStream[BackfillResult]) -> None:
-        from ..net.source import open_source
+    async def opener(self, todo: ObjectReceiveStream[str], located: ObjectSendStream[_Job], opened: ObjectSendStream[_Job], results: ObjectSendStream[BackfillResult]) -> None:
+        """Take each source: open a path (or stdin) at once; resolve a DID, handle or URL to the
+        URL of its repo (identity look-ups, no fetch) and hand it to the host workers."""
+        from ..net.source import classify_source, locate_source, open_source
 
         o = self.o
-        async with todo, opened, results:
+        async with todo, located, opened, results:
             async for source in todo:
                 job = _Job(source, time.monotonic())
                 job.stack = AsyncExitStack()
@@ -345,23 +376,91 @@ class _Run:
                     known = _known_did(source)
                     if known is not None:
                         self.claim(job, known)  # before any look-up or fetch
-                    job.opened = await job.stack.enter_async_context(
-                        open_source(
+                    if classify_source(source) in ("path", "stdin"):
+                        job.opened = await job.stack.enter_async_context(open_source(source, client=self.http))
+                    else:
+                        job.located = await locate_source(
                             source,
                             plc_url=o["plc_url"],
                             client=self.http,
                             dns_resolver=o["dns_resolver"],
-                            options=o["fetch_options"],
                             allow_private_hosts=o["allow_private_hosts"],
                         )
-                    )
-                    if job.opened.did is not None:
-                        self.claim(job, job.opened.did)  # a handle: known once resolved, before the body is read
+                        if job.located.did is not None:
+                            self.claim(job, job.located.did)  # a handle: known once resolved, before any fetch
                 except Exception as exc:
                     await self.close_job(job)
                     await results.send(self.result(job, exc))
                     continue
-                await opened.send(job)
+                await (opened if job.opened is not None else located).send(job)
+
+    async def open_fetch(self, job: _Job, *, gated: bool) -> None:
+        """Open ``job``'s fetch in its stack: wait for a slot at its PDS host (the limiter's,
+        if any), then fetch. ``gated``: the request also takes :attr:`gate` once the host is
+        ready, held until :meth:`host_worker` hands the job on."""
+        from ..net.source import open_source
+
+        assert job.located is not None and job.stack is not None
+        slot = None
+        if self.limiter is not None:
+            slot = job.slot = await job.stack.enter_async_context(self.limiter.slot(job.located.url, gate=self.gate if gated else None))
+        try:
+            job.opened = await job.stack.enter_async_context(
+                open_source(job.located, client=self.http, options=self.o["fetch_options"], limiter=slot)
+            )
+        except BaseException:
+            if slot is not None:
+                slot.release_gate()
+            raise
+
+    async def host_worker(self, located: ObjectReceiveStream[_Job], opened: ObjectSendStream[_Job], results: ObjectSendStream[BackfillResult]) -> None:
+        """Fetch located repos: each waits for its host (so a busy or rate-limited host holds up
+        only the host workers waiting for it, not the others), then at most ``fetch_concurrency``
+        fetches at once are started and not yet taken by a memory worker."""
+        async with located, opened, results:
+            async for job in located:
+                try:
+                    if self.limiter is None:
+                        async with self.gate:
+                            await self.open_fetch(job, gated=False)
+                            await opened.send(job)
+                        continue
+                    await self.open_fetch(job, gated=True)
+                except Exception as exc:
+                    await self.close_job(job)
+                    await results.send(self.result(job, exc))
+                    continue
+                try:
+                    await opened.send(job)
+                finally:
+                    if job.slot is not None:
+                        job.slot.release_gate()  # its host slot stays held until the job closes
+
+    async def refetch(self, job: _Job, error: BaseException) -> bool:
+        """After a truncated or incomplete fetched CAR: drop what the sink has of the repo, close
+        the fetch, wait (the fetch's backoff) and fetch it again, up to ``FetchOptions.retries``
+        times per repo. False (nothing done) for a source that is not fetched or out of retries."""
+        from ..net.fetch import FetchOptions, _backoff
+
+        options = self.o["fetch_options"] or FetchOptions()
+        if job.located is None or job.refetches >= options.retries:
+            return False
+        job.refetches += 1
+        self.stats.refetched += 1
+        await self.finish_sink(job, error)
+        job.commit, job.records, job.record_bytes, job.spilled = None, 0, 0, False
+        self.release(job)
+        stack, job.stack = job.stack, AsyncExitStack()
+        job.opened = job.slot = None
+        if stack is not None:
+            with anyio.move_on_after(10, shield=True):
+                try:
+                    await stack.aclose()
+                except Exception:
+                    pass
+        await anyio.sleep(_backoff(options, job.refetches))
+        await self.open_fetch(job, gated=False)
+        return True
 
     async def memory_worker(
         self, opened: ObjectReceiveStream[_Job], disk: ObjectSendStream[tuple[_Job, NeedDisk[Any]]], results: ObjectSendStream[BackfillResult]
@@ -369,26 +468,41 @@ class _Run:
         async with opened, disk, results:
             async for job in opened:
                 error: BaseException | None = None
+                queued = False
                 try:
-                    assert job.opened is not None
-                    job.held = True
-                    self.stats._hold(1)
-                    driver = await self.builder().load_car(job.opened.source)
-                    if isinstance(driver, NeedDisk):
-                        job.spilled = True
-                        if driver.commit is not None:
-                            await self.check_commit(job, driver.commit)  # fail early, before queueing
-                        await disk.send((job, driver))  # waits while the disk queue is full (backpressure)
-                        self.watch_queue(disk)
-                        continue
-                    await self.check_commit(job, driver.commit)
-                    await self.walk(job, driver)
+                    while True:
+                        try:
+                            queued = await self.load_in_memory(job, disk)
+                        except _TRANSIENT_CAR_ERRORS as exc:
+                            if await self.refetch(job, exc):
+                                continue
+                            raise
+                        break
                 except Exception as exc:
                     error = exc
                 except BaseException as exc:  # cancelled: let the sink drop the repo, then go
                     await self.finish_sink(job, exc)
                     raise
-                await self.settle(job, error, results)
+                if not queued:
+                    await self.settle(job, error, results)
+
+    async def load_in_memory(self, job: _Job, disk: ObjectSendStream[tuple[_Job, NeedDisk[Any]]]) -> bool:
+        """Load the job's CAR and walk it; a repo past the memory limit goes to the disk queue
+        instead (True)."""
+        assert job.opened is not None
+        job.held = True
+        self.stats._hold(1)
+        driver = await self.builder().load_car(job.opened.source)
+        if isinstance(driver, NeedDisk):
+            job.spilled = True
+            if driver.commit is not None:
+                await self.check_commit(job, driver.commit)  # fail early, before queueing
+            await disk.send((job, driver))  # waits while the disk queue is full (backpressure)
+            self.watch_queue(disk)
+            return True
+        await self.check_commit(job, driver.commit)
+        await self.walk(job, driver)
+        return False
 
     async def settle(self, job: _Job, error: BaseException | None, results: ObjectSendStream[BackfillResult]) -> None:
         """Finish the repo's sink, close its source, and send its one result."""
@@ -410,18 +524,43 @@ class _Run:
                 try:
                     if store is None:
                         store = await self.open_store()
-                    commit, driver = await need.finish_loading(store)
-                    self.release(job)  # the blocks are on disk now
-                    if job.commit is None:
-                        await self.check_commit(job, commit)
-                    await self.walk(job, driver)
-                    await driver.reset_store()
+                    pending: NeedDisk[Any] | None = need
+                    while True:
+                        try:
+                            await self.finish_on_disk(job, pending, store)
+                        except _TRANSIENT_CAR_ERRORS as exc:
+                            if await self.refetch(job, exc):
+                                pending = None  # fetched again: loaded from the start here
+                                continue
+                            raise
+                        break
                 except Exception as exc:
                     error = exc
                 except BaseException as exc:  # cancelled: let the sink drop the repo, then go
                     await self.finish_sink(job, exc)
                     raise
                 await self.settle(job, error, results)
+
+    async def finish_on_disk(self, job: _Job, need: NeedDisk[Any] | None, store: DiskStore) -> None:
+        """Finish loading ``need`` into ``store`` and walk it; with None (a repo fetched again),
+        load the job's CAR from the start, in memory if it fits, else on to ``store``."""
+        if need is None:
+            assert job.opened is not None
+            job.held = True
+            self.stats._hold(1)
+            loaded = await self.builder().load_car(job.opened.source)
+            if not isinstance(loaded, NeedDisk):
+                await self.check_commit(job, loaded.commit)
+                await self.walk(job, loaded)
+                return
+            job.spilled = True
+            need = loaded
+        commit, driver = await need.finish_loading(store)
+        self.release(job)  # the blocks are on disk now
+        if job.commit is None:
+            await self.check_commit(job, commit)
+        await self.walk(job, driver)
+        await driver.reset_store()
 
     async def open_store(self) -> DiskStore:
         """A temporary store whose files, in ``spill_dir``, are unlinked as soon as opened: even a
@@ -441,15 +580,18 @@ class _Run:
         disk_queue_size: int,
     ) -> None:
         """Start the openers, memory workers and disk workers in ``tg``, joined by their streams."""
+        located_send, located = anyio.create_memory_object_stream[_Job](0)
         opened_send, opened = anyio.create_memory_object_stream[_Job](0)
         disk_send, disk = anyio.create_memory_object_stream[tuple[_Job, NeedDisk[Any]]](disk_queue_size)
         for _ in range(openers):
-            tg.start_soon(self.opener, todo.clone(), opened_send.clone(), results.clone())
+            tg.start_soon(self.opener, todo.clone(), located_send.clone(), opened_send.clone(), results.clone())
+        for _ in range(max(HOST_WAITING, openers) if self.limiter is not None else openers):
+            tg.start_soon(self.host_worker, located.clone(), opened_send.clone(), results.clone())
         for _ in range(memory_workers):
             tg.start_soon(self.memory_worker, opened.clone(), disk_send.clone(), results.clone())
         for _ in range(disk_workers):
             tg.start_soon(self.disk_worker, disk.clone(), results.clone())
-        for end in (todo, opened_send, opened, disk_send, disk, results):
+        for end in (todo, located_send, located, opened_send, opened, disk_send, disk, results):
             await end.aclose()
 
     async def recorder(self, results: ObjectReceiveStream[BackfillResult], out: ObjectSendStream[BackfillResult]) -> None:
@@ -494,6 +636,9 @@ async def backfill(
     stats: BackfillStats | None = None,
     processes: int = 1,
     allow_private_hosts: bool = False,
+    per_host_concurrency: int | None = DEFAULT_PER_HOST_CONCURRENCY,
+    per_host_rps: float | None = DEFAULT_PER_HOST_RPS,
+    host_limiter: HostLimiter | None = None,
 ) -> AsyncGenerator[BackfillResult, None]:
     """Walk every repo of ``sources`` with a bounded pool of workers; yield one
     :class:`BackfillResult` per source, in completion order.
@@ -547,6 +692,23 @@ async def backfill(
         dns_resolver: as for :func:`repo_stream.net.source.open_source`.
         fetch_options: as for :func:`repo_stream.net.source.open_source`.
         allow_private_hosts: as for :func:`repo_stream.net.source.open_source`.
+        per_host_concurrency: getRepo fetches open at once per PDS host (default 4; None: no
+            limit). A fetch holds its place from its request until its body is read (the repo
+            walked or spilled). Hosts are told apart by scheme, name and port
+            (:func:`repo_stream.net.hosts.host_key`).
+        per_host_rps: getRepo requests started per second per PDS host, retries included, evenly
+            spaced (default 10.0; None: no limit). A 429 or 503 answer with ``Retry-After``
+            (seconds or an HTTP date) blocks that host, and only that host, for that long, capped
+            at ``fetch_options.max_retry_after`` (60 s by default; a longer one fails the fetch as
+            :class:`~repo_stream.net.fetch.FetchOptions` says). Repos waiting for a busy or
+            blocked host do not hold up other hosts' repos: up to :data:`HOST_WAITING` (64) repos
+            (or ``fetch_concurrency``, if more) wait for their hosts at once, identities already
+            resolved, and only then does the run wait for them. With ``processes``, each process
+            keeps its own limits: ``per_host_rps / processes`` and ``per_host_concurrency //
+            processes`` (at least 1) each, and sees only its own ``Retry-After`` answers.
+        host_limiter: a :class:`~repo_stream.net.hosts.HostLimiter` to share with other fetches
+            (e.g. a sync service's resyncs), instead of one made from ``per_host_concurrency``
+            and ``per_host_rps``; not with ``processes``.
         stats: a :class:`BackfillStats` to update as the run goes (for progress displays).
         processes: with more than 1, the repos run in that many processes: this one and
             ``processes - 1`` worker processes, each with the executor above (its own
@@ -558,14 +720,16 @@ async def backfill(
             held or the disk queue).
 
     Raises:
-        ValueError: a worker count or limit out of range; ``verify`` not one of the above, or a
-            ``signing_key`` without signature verification; with ``processes``, a ``client`` or
-            ``dns_resolver``, or options (the sink) that cannot be pickled.
+        ValueError: a worker count or limit out of range (a per-host limit too); ``verify`` not one
+            of the above, or a ``signing_key`` without signature verification; with ``processes``,
+            a ``client``, ``dns_resolver`` or ``host_limiter``, or options (the sink) that cannot
+            be pickled.
         SignatureError: ``signing_key`` is not a did:key of an atproto signing key.
         RepoStreamError: the checkpoint cannot be opened or written; whatever ``sources`` raised
             (e.g. a ``FetchError`` from listRepos), after the results of the repos already read.
     """
     concurrency = _check_arguments(memory_workers, disk_workers, processes, mem_limit_mb, disk_queue_size, fetch_concurrency, client, dns_resolver)
+    _check_host_limits(per_host_concurrency, per_host_rps, host_limiter, processes)
     mode = _verify_mode(verify, signing_key)
     spill = None if spill_dir is None else os.fspath(spill_dir)
     worker_options: dict[str, Any] | None = None
@@ -579,18 +743,23 @@ async def backfill(
             "spill_dir": spill, "verify": mode or False, "signing_key": signing_key, "plc_url": plc_url,
             "fetch_options": fetch_options,
             "allow_private_hosts": allow_private_hosts,
+            "per_host_concurrency": None if per_host_concurrency is None else max(1, per_host_concurrency // processes),
+            "per_host_rps": None if per_host_rps is None else per_host_rps / processes,
         }  # fmt: skip
         check_picklable(worker_options)
     stats = stats if stats is not None else BackfillStats()
     stats.disk_queue_size = disk_queue_size
     async with AsyncExitStack() as stack:
         checkpoint, client = await _open_shared(stack, checkpoint, client, processes, concurrency, allow_private_hosts)
-        options = {
+        options: dict[str, Any] = {
             "sink": sink, "mem_limit_mb": mem_limit_mb, "verify": mode, "signing_key": signing_key, "checkpoint": checkpoint,
             "retry_failed": retry_failed, "plc_url": plc_url, "client": client, "dns_resolver": dns_resolver,
             "fetch_options": fetch_options, "spill_dir": spill, "disk_cache_mb": disk_cache_mb,
             "allow_private_hosts": allow_private_hosts,
         }  # fmt: skip
+        if processes == 1:
+            options["fetch_concurrency"] = concurrency
+            options["host_limiter"] = host_limiter or _make_limiter(per_host_concurrency, per_host_rps, fetch_options)
         run = _Run(options, stats)
         pipeline = _pipeline(run, sources, worker_options, processes, concurrency, memory_workers, disk_workers, disk_queue_size)
         try:
@@ -600,6 +769,34 @@ async def backfill(
             await pipeline.aclose()
         if run.feed_error is not None:
             raise run.feed_error
+
+
+def _check_host_limits(concurrency: int | None, rps: float | None, limiter: object, processes: int) -> None:
+    """Check :func:`backfill`'s per-host limits.
+
+    Raises:
+        ValueError: a concurrency below 1, a rate not positive (or NaN), a ``host_limiter`` with
+            ``processes``.
+    """
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"per_host_concurrency must be at least 1, got {concurrency}")
+    if rps is not None and not rps > 0:
+        raise ValueError(f"per_host_rps must be positive, got {rps}")
+    if limiter is not None and processes > 1:
+        raise ValueError("a host_limiter cannot be shared with worker processes: leave it out with processes > 1")
+
+
+def _make_limiter(concurrency: int | None, rps: float | None, fetch_options: FetchOptions | None) -> HostLimiter | None:
+    """The run's :class:`~repo_stream.net.hosts.HostLimiter`, or None with neither limit."""
+    if concurrency is None and rps is None:
+        return None
+    from ..net.hosts import HostLimiter
+
+    return HostLimiter(
+        concurrency if concurrency is not None else 2**31 - 1,
+        rps if rps is not None else math.inf,
+        max_retry_after=fetch_options.max_retry_after if fetch_options is not None else 60.0,
+    )
 
 
 def _check_arguments(

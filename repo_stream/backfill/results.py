@@ -69,6 +69,7 @@ class BackfillStats:
             for or in the disk queue); in_memory_peak: its highest value.
         disk_queue: NeedDisks waiting in the disk queue now; disk_queue_peak: its highest value;
             disk_queue_size: the queue's bound.
+        refetched: fetches made again after a truncated or incomplete CAR (in this process).
         started: ``time.monotonic()`` at the start.
     """
 
@@ -84,6 +85,7 @@ class BackfillStats:
     disk_queue: int = 0
     disk_queue_peak: int = 0
     disk_queue_size: int = 0
+    refetched: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def count(self, result: BackfillResult) -> None:

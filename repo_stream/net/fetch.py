@@ -25,7 +25,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -34,6 +34,7 @@ import anyio
 import httpx
 
 from ..errors import FetchError, SourceError
+from .hosts import HostLimiter, HostSlot
 from .http import BodyError, body_chunks, describe_error, read_snippet, send
 from .http import codings as _codings
 from .identity import _client_scope, _http_url
@@ -291,9 +292,29 @@ async def _open_response(
     options: FetchOptions,
     deadline: float | None,
     unsupported: tuple[int, ...] = (),
+    slot: HostSlot | None = None,
 ) -> tuple[httpx.Response, int]:
     """Send the request, retrying as :class:`FetchOptions` says; the 2xx response, body unread.
-    Statuses in ``unsupported`` (5xx meaning "not implemented") fail at once, not retried."""
+    Statuses in ``unsupported`` (5xx meaning "not implemented") fail at once, not retried.
+    With a host ``slot``, each attempt waits for :meth:`HostSlot.ready` (within the deadline),
+    and a 429 or 503 with ``Retry-After`` blocks the host (:meth:`HostSlot.retry_after`)."""
+    try:
+        return await _attempts(http, url, did, options, deadline, unsupported, slot)
+    except BaseException:
+        if slot is not None:
+            slot.attempt_failed()
+        raise
+
+
+async def _attempts(
+    http: httpx.AsyncClient,
+    url: str,
+    did: str | None,
+    options: FetchOptions,
+    deadline: float | None,
+    unsupported: tuple[int, ...],
+    slot: HostSlot | None,
+) -> tuple[httpx.Response, int]:
     what = _describe(url, did)
     timeout = httpx.Timeout(options.read_timeout, connect=options.connect_timeout)
     attempt = 0
@@ -309,6 +330,8 @@ async def _open_response(
         try:
             left = None if deadline is None else deadline - time.monotonic()
             with anyio.fail_after(left) if left is not None else _unbounded():
+                if slot is not None:
+                    await slot.ready()
                 response = await send(http, url, headers={"Accept": _CAR_MEDIA_TYPE}, timeout=timeout, fail=fail)
         except TimeoutError:
             raise FetchError(
@@ -331,6 +354,8 @@ async def _open_response(
             detail, xrpc_error = await _error_detail(response, options.read_timeout)
             failure = f"HTTP {status}{detail}"
             retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if slot is not None and retry_after is not None and status in (429, 503):
+                slot.retry_after(retry_after)  # capped at the limiter's max_retry_after
             if (status != 429 and status < 500) or status in unsupported:
                 raise FetchError(f"{what}: {failure}", url=url, did=did, status=status, xrpc_error=xrpc_error)
             cause = FetchError(failure)
@@ -355,6 +380,8 @@ async def _open_response(
                 status=status,
                 retry_after=retry_after,
             ) from cause
+        if slot is not None:
+            slot.attempt_failed()
         await anyio.sleep(delay)
 
 
@@ -397,6 +424,7 @@ async def fetch_car(
     client: httpx.AsyncClient | None = None,
     options: FetchOptions | None = None,
     allow_private_hosts: bool = False,
+    limiter: HostLimiter | HostSlot | None = None,
 ) -> AsyncIterator[CarStream]:
     """Open ``url`` (e.g. ``https://PDS/xrpc/com.atproto.sync.getRepo?did=DID``) and yield its
     body as a :class:`CarStream` for ``load_car``. Use as ``async with``; read the body inside.
@@ -414,6 +442,11 @@ async def fetch_car(
             client made here connects to ``url``'s own host and port as given (the caller named
             it) and only to public unicast addresses for any other host (redirect targets);
             see :mod:`repo_stream.net.guard`.
+        limiter: per-host politeness (:mod:`repo_stream.net.hosts`): a :class:`HostLimiter`
+            (a slot at ``url``'s host is waited for and held until the response is closed,
+            on exit), or a :class:`HostSlot` the caller holds (and releases). Each attempt then
+            waits for the host's rate and ``Retry-After``, and a 429 or 503 with
+            ``Retry-After`` blocks the host for every fetch sharing the limiter.
 
     Raises:
         FetchError: on opening: a 4xx other than 429 (the XRPC ``error`` and ``message`` are
@@ -429,8 +462,12 @@ async def fetch_car(
     if _http_url(url) is None:
         raise FetchError(f"{_describe(url, did)}: not a valid http(s) URL", url=url, did=did)
     deadline = None if options.total_timeout is None else time.monotonic() + options.total_timeout
-    async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(url,) if client is None else ()) as http:
-        response, attempts = await _open_response(http, url, did, options, deadline)
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(
+            _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(url,) if client is None else ())
+        )
+        slot = limiter if not isinstance(limiter, HostLimiter) else await _host_slot(stack, limiter, url, did, options, deadline)
+        response, attempts = await _open_response(http, url, did, options, deadline, slot=slot)
         stream = CarStream(response, url=url, did=did, options=options, deadline=deadline, attempts=attempts)
         try:
             yield stream
@@ -441,6 +478,22 @@ async def fetch_car(
             raise
         finally:
             await response.aclose()
+
+
+async def _host_slot(
+    stack: AsyncExitStack, limiter: HostLimiter, url: str, did: str | None, options: FetchOptions, deadline: float | None
+) -> HostSlot:
+    """A slot at ``url``'s host, released by ``stack``, waited for within the fetch's deadline."""
+    try:
+        with anyio.fail_after(None if deadline is None else deadline - time.monotonic()):
+            return await stack.enter_async_context(limiter.slot(url))
+    except TimeoutError:
+        raise FetchError(
+            f"{_describe(url, did)}: no free request slot at its host within the total timeout of {options.total_timeout:g} s "
+            "(the host's per-host concurrency limit)",
+            url=url,
+            did=did,
+        ) from None
 
 
 def _unsupported(error: FetchError) -> bool:

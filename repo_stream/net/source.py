@@ -37,9 +37,10 @@ if TYPE_CHECKING:
     import httpx
 
     from .fetch import CarStream, FetchOptions
+    from .hosts import HostLimiter, HostSlot
     from .identity import ResolvedIdentity
 
-__all__ = ["OpenedSource", "SourceKind", "classify_source", "open_source"]
+__all__ = ["LocatedSource", "OpenedSource", "SourceKind", "classify_source", "locate_source", "open_source"]
 
 SourceKind = Literal["path", "stdin", "url", "did", "handle"]
 
@@ -112,9 +113,69 @@ class OpenedSource:
             raise IdentityError(f"{self.name}: the repo served is for {did}, not {self.did}" + (f" (from {self.url})" if self.url else ""))
 
 
+@dataclass(frozen=True)
+class LocatedSource:
+    """Where a network SOURCE's repo is fetched from, found by :func:`locate_source` (identity
+    look-ups done, nothing fetched yet); pass it to :func:`open_source` to fetch it.
+
+    Attributes:
+        name: the SOURCE string as given. kind: ``"url"``, ``"did"`` or ``"handle"``.
+        url: the getRepo (or other) URL to fetch. did: the DID expected, or None (a URL that
+        is not a getRepo URL). identity: the resolved identity (DID and handle sources), else None.
+    """
+
+    name: str
+    kind: SourceKind
+    url: str
+    did: str | None = None
+    identity: ResolvedIdentity | None = None
+
+
+async def locate_source(
+    source: str,
+    *,
+    plc_url: str | None = None,
+    client: httpx.AsyncClient | None = None,
+    dns_resolver: dns.asyncresolver.Resolver | None = None,
+    identity_timeout: float | None = None,
+    allow_private_hosts: bool = False,
+) -> LocatedSource:
+    """Resolve a URL, DID, handle or ``at://`` SOURCE to the URL its repo is fetched from,
+    without fetching it: what :func:`open_source` does before its fetch. Lets a caller wait for
+    the PDS host (e.g. a :class:`repo_stream.net.hosts.HostLimiter` slot) between the identity
+    look-ups and the fetch. Arguments as for :func:`open_source`.
+
+    Raises:
+        ValueError: ``source`` is a path or ``-`` (nothing to locate: open it with :func:`open_source`).
+        IdentityError, FetchError: as :func:`open_source`.
+    """
+    kind = classify_source(source)
+    if kind in ("path", "stdin"):
+        raise ValueError(f"{source!r} is a {kind}, not a URL, DID or handle: nothing to locate")
+    from .fetch import repo_url
+    from .identity import DEFAULT_PLC_URL, DEFAULT_TIMEOUT, _client_scope, parse_identifier, resolve_identity
+
+    if kind == "url":
+        return LocatedSource(name=source, kind=kind, url=source, did=_did_parameter(source))
+    async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=[plc_url or DEFAULT_PLC_URL]) as http:
+        identity = await resolve_identity(
+            parse_identifier(source),
+            client=http,
+            plc_url=plc_url or DEFAULT_PLC_URL,
+            dns_resolver=dns_resolver,
+            timeout=DEFAULT_TIMEOUT if identity_timeout is None else identity_timeout,
+        )
+    if identity.pds is None:
+        raise IdentityError(
+            f"{source}: the DID document of {identity.did} has no valid #atproto_pds service "
+            "(type AtprotoPersonalDataServer, serviceEndpoint http(s)://host[:port])"
+        )
+    return LocatedSource(name=source, kind=kind, url=repo_url(identity.pds, identity.did), did=identity.did, identity=identity)
+
+
 @asynccontextmanager
 async def open_source(
-    source: str,
+    source: str | LocatedSource,
     *,
     plc_url: str | None = None,
     client: httpx.AsyncClient | None = None,
@@ -123,6 +184,7 @@ async def open_source(
     options: FetchOptions | None = None,
     stdin: Any = None,
     allow_private_hosts: bool = False,
+    limiter: HostLimiter | HostSlot | None = None,
 ) -> AsyncIterator[OpenedSource]:
     """Open a SOURCE string as the command line takes it, yielding an :class:`OpenedSource`.
 
@@ -152,6 +214,11 @@ async def open_source(
             and ``plc_url`` are named by the user and connected as given. Applies to the client
             made here or one from :func:`repo_stream.net.guard.make_client`; a client of your
             own connects as its transport does.
+        limiter: per-host politeness for the fetch, as for :func:`repo_stream.net.fetch.fetch_car`
+            (identity look-ups are not limited).
+
+    ``source`` may also be a :class:`LocatedSource` (from :func:`locate_source`): its URL is
+    fetched with no further look-up.
 
     Raises:
         SourceError: a path that cannot be opened (missing, a directory, no permission).
@@ -160,12 +227,17 @@ async def open_source(
         FetchError: as :func:`repo_stream.net.fetch.fetch_car` (an invalid URL too); a PDS that
             resolves to a private address.
     """
-    kind = classify_source(source)
-    if kind == "stdin":
+    if isinstance(source, LocatedSource):
+        located: LocatedSource | None = source
+        kind: SourceKind = source.kind
+    else:
+        located = None
+        kind = classify_source(source)
+    if isinstance(source, str) and kind == "stdin":
         handle = stdin if stdin is not None else sys.stdin.buffer
         yield OpenedSource(source=anyio.wrap_file(handle), kind=kind, name=source)
         return
-    if kind == "path":
+    if isinstance(source, str) and kind == "path":
         try:
             file = await anyio.open_file(source, "rb")
         except OSError as exc:
@@ -177,41 +249,22 @@ async def open_source(
                 size = None
             yield OpenedSource(source=file, kind=kind, name=source, size=size)
         return
-    from .fetch import fetch_car, repo_url
-    from .identity import (
-        DEFAULT_PLC_URL,
-        DEFAULT_TIMEOUT,
-        _client_scope,
-        parse_identifier,
-        resolve_identity,
-    )
+    from .fetch import fetch_car
+    from .identity import DEFAULT_PLC_URL, _client_scope
 
     async with AsyncExitStack() as stack:
-        trusted = [source] if kind == "url" else [plc_url or DEFAULT_PLC_URL]
+        name = source.name if isinstance(source, LocatedSource) else source
+        trusted = [name] if kind == "url" else [plc_url or DEFAULT_PLC_URL]
         http = await stack.enter_async_context(_client_scope(client, allow_private_hosts=allow_private_hosts, trusted=trusted))
-        identity = None
-        if kind == "url":
-            url = source
-            did = _did_parameter(source)
-        else:
-            name = parse_identifier(source)
-            identity = await resolve_identity(
-                name,
-                client=http,
-                plc_url=plc_url or DEFAULT_PLC_URL,
-                dns_resolver=dns_resolver,
-                timeout=DEFAULT_TIMEOUT if identity_timeout is None else identity_timeout,
+        if located is None:
+            assert isinstance(source, str)
+            located = await locate_source(
+                source, plc_url=plc_url, client=http, dns_resolver=dns_resolver, identity_timeout=identity_timeout
             )
-            did = identity.did
-            if identity.pds is None:
-                raise IdentityError(
-                    f"{source}: the DID document of {did} has no valid #atproto_pds service "
-                    "(type AtprotoPersonalDataServer, serviceEndpoint http(s)://host[:port])"
-                )
-            url = repo_url(identity.pds, did)
-        stream = await stack.enter_async_context(fetch_car(url, did=did, client=http, options=options))
+        url, did = located.url, located.did
+        stream = await stack.enter_async_context(fetch_car(url, did=did, client=http, options=options, limiter=limiter))
         yield OpenedSource(
-            source=stream, kind=kind, name=source, did=did, url=url, size=stream.content_length, identity=identity, stream=stream
+            source=stream, kind=kind, name=name, did=did, url=url, size=stream.content_length, identity=located.identity, stream=stream
         )
 
 
