@@ -28,8 +28,9 @@ the repo served must be the DID's own (its commit's ``did``).
   ``#atproto`` key of the DID document of a DID or handle SOURCE (a file, ``-`` or URL SOURCE
   needs ``--key``: without it that is a usage error, exit 2, as is a ``--key`` that is not an
   atproto did:key). Prints one summary line.
-- ``backfill --repos FILE | --host URL``: walks many repos at once, resumably (see
-  :func:`repo_stream.backfill.backfill`); one tab-separated line per repo after a header line
+- ``backfill --repos FILE | --host URL [--collection-signal NSID]``: walks many repos at once,
+  resumably (see :func:`repo_stream.backfill.backfill`), with per-PDS-host limits
+  (``--per-host-concurrency``, ``--per-host-rps``); one tab-separated line per repo after a header line
   (:data:`BACKFILL_COLUMNS`, documented in ``backfill --help``) or, with ``--json``, one JSON
   object per repo. ``--verify cids`` checks every block's CID and every MST rule,
   ``--verify``/``--verify signature`` the commit signature too (with ``--key DIDKEY``, one key
@@ -790,7 +791,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     where = b.add_mutually_exclusive_group(required=True)
     where.add_argument("--repos", metavar="FILE", help="a file of repo sources, one a line (# comments), or - for standard input")
-    where.add_argument("--host", metavar="URL", help="every active repo of a PDS or relay (com.atproto.sync.listRepos)")
+    where.add_argument(
+        "--host",
+        metavar="URL",
+        help="every active repo of a PDS or relay (com.atproto.sync.listRepos), fetched from that host; "
+        "with --collection-signal, the repos the host lists for a collection",
+    )
+    b.add_argument(
+        "--collection-signal",
+        metavar="NSID",
+        help="with --host: every repo that has a record in collection NSID (com.atproto.sync.listReposByCollection, "
+        "served by relays), each fetched from its own PDS",
+    )
     b.add_argument("--memory-workers", type=_positive_int, default=2, metavar="N", help="repos loaded and walked at once (default 2)")
     b.add_argument("--disk-workers", type=_positive_int, default=1, metavar="M", help="repos finished on disk at once (default 1)")
     b.add_argument(
@@ -802,6 +814,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="X", help="per-repo memory limit before spilling, MiB (default 64)")
     b.add_argument("--fetch-concurrency", type=_positive_int, default=None, metavar="K", help="sources opened ahead of the memory workers (default: --memory-workers)")
+    b.add_argument(
+        "--per-host-concurrency", type=_positive_int, default=4, metavar="N",
+        help="repo fetches open at once per PDS host (default 4)",
+    )  # fmt: skip
+    b.add_argument(
+        "--per-host-rps", type=_positive_float, default=10.0, metavar="R",
+        help="repo requests started per second per PDS host, retries included (default 10); a host's 429 or 503 "
+        "with Retry-After pauses that host only (up to 60 s)",
+    )  # fmt: skip
     b.add_argument("--spill-dir", metavar="DIR", help="folder for spill files (default: the system's temporary folder)")
     b.add_argument(
         "--checkpoint",
@@ -872,6 +893,7 @@ def _backfill(args: argparse.Namespace) -> int:
         BackfillResult,
         BackfillStats,
         backfill,
+        collection_sources,
         host_sources,
         open_sink,
         read_repo_list,
@@ -914,19 +936,26 @@ def _backfill(args: argparse.Namespace) -> int:
         "spill_dir": args.spill_dir, "verify": args.verify or False, "signing_key": args.key, "checkpoint": args.checkpoint,
         "retry_failed": args.retry_failed, "plc_url": args.plc_url, "fetch_options": _fetch_options(args),
         "allow_private_hosts": args.allow_private_hosts,
+        "per_host_concurrency": args.per_host_concurrency, "per_host_rps": args.per_host_rps,
     }  # fmt: skip
     if args.processes > 1:
         options["processes"] = args.processes
 
+    def listing() -> AsyncIterator[str]:
+        if args.repos:
+            return read_repo_list(args.repos)
+        if args.collection_signal is not None:
+            return collection_sources(args.host, args.collection_signal, allow_private_hosts=args.allow_private_hosts)
+        return host_sources(args.host, allow_private_hosts=args.allow_private_hosts)
+
     async def run() -> None:
-        sources = read_repo_list(args.repos) if args.repos else host_sources(args.host, allow_private_hosts=args.allow_private_hosts)
+        sources = listing()
         async with aclosing(backfill(sources, stats=stats, **options)) as results:
             async for result in results:
                 report(result)
 
     async def names() -> list[str]:
-        listing = read_repo_list(args.repos) if args.repos else host_sources(args.host, allow_private_hosts=args.allow_private_hosts)
-        return [name async for name in listing]
+        return [name async for name in listing()]
 
     try:
         options["sink"] = open_sink(args.out, args.raw) if args.out else None
@@ -1071,6 +1100,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "backfill":
         if args.dask is not None and args.processes > 1:
             usage_error("--processes is for one machine; with --dask, the engine's workers are the processes")
+        if args.collection_signal is not None:
+            from .backfill.sources import is_valid_nsid
+
+            if args.host is None:
+                usage_error("--collection-signal NSID needs --host URL: the relay (or collection directory) that lists the repos")
+            if not is_valid_nsid(args.collection_signal):
+                usage_error(f"--collection-signal: {args.collection_signal!r} is not a collection NSID (e.g. app.bsky.feed.post)")
         if args.key is not None:
             if args.verify == "cids":
                 usage_error("--key is for checking signatures: it goes with --verify signature (or alone), not --verify cids")

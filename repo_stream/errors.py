@@ -35,6 +35,7 @@ The hierarchy::
     ├── IdentityError          a DID, handle or at:// URI is malformed or does not resolve
     │                          (spec: atproto DID, handle)
     ├── FetchError             fetching a repo (com.atproto.sync.getRepo) over HTTP failed
+    │   └── UnsupportedMethodError the host does not serve the XRPC method (404, 501, MethodNotImplemented)
     ├── SinkError              a store sink (DuckDB, Parquet, PostgreSQL) cannot open or write
     │   (sync 1.1, repo_stream.sync:)
     ├── UnknownSubtreeError    (also a MissingBlockError) a partial MST needs a block it lacks
@@ -88,6 +89,7 @@ __all__ = [
     "DiskError",
     "IdentityError",
     "FetchError",
+    "UnsupportedMethodError",
     "SinkError",
     "UnknownSubtreeError",
     "MstEditError",
@@ -286,6 +288,17 @@ class FetchError(RepoStreamError):
         self.status = status
         self.retry_after = retry_after
         self.xrpc_error = xrpc_error
+
+
+class UnsupportedMethodError(FetchError):
+    """The host does not serve the XRPC method asked for: HTTP 404 or 501, or an XRPC
+    ``MethodNotImplemented`` (or ``MethodNotFound``) error, e.g. a PDS asked for
+    ``com.atproto.sync.listReposByCollection``, which relays and collection directories serve.
+    Attributes as :class:`FetchError`, and ``method`` (the NSID of the method)."""
+
+    def __init__(self, message: str, *, method: str, url: str | None = None, status: int | None = None, xrpc_error: str | None = None) -> None:
+        super().__init__(message, url=url, status=status, xrpc_error=xrpc_error)
+        self.method = method
 
 
 # --- sync 1.1 (repo_stream.sync) ----------------------------------------------------------------

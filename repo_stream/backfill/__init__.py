@@ -11,7 +11,7 @@ from .checkpoint import Checkpoint
 from .executor import backfill
 from .results import BackfillResult, BackfillStats
 from .sinks import EventSink, JsonlSink, RecordOp, RepoSink, open_sink
-from .sources import host_sources, list_repos, read_repo_list
+from .sources import collection_sources, host_sources, list_repos, list_repos_by_collection, read_repo_list
 from .stores import DuckdbSink, ParquetSink, PostgresCheckpoint, PostgresSink
 
 __all__ = [
@@ -28,7 +28,9 @@ __all__ = [
     "RepoSink",
     "open_sink",
     "backfill",
+    "collection_sources",
     "host_sources",
     "list_repos",
+    "list_repos_by_collection",
     "read_repo_list",
 ]

@@ -1,11 +1,14 @@
-"""Where a backfill's repos come from: a list file (or standard input), or a host's
-``com.atproto.sync.listRepos`` pages.
+"""Where a backfill's repos come from: a list file (or standard input), a host's
+``com.atproto.sync.listRepos`` pages, or the repos with a record in a collection as a relay
+lists them (``com.atproto.sync.listReposByCollection``).
 
-Spec: atproto.com/specs/sync (``com.atproto.sync.listRepos``)."""
+Spec: atproto.com/specs/sync (``com.atproto.sync.listRepos``), lexicon
+``com.atproto.sync.listReposByCollection``."""
 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -18,7 +21,16 @@ from ..errors import FetchError, SourceError
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["MAX_PAGE_BYTES", "SeenDids", "host_sources", "list_repos", "read_repo_list"]
+__all__ = [
+    "MAX_PAGE_BYTES",
+    "SeenDids",
+    "collection_sources",
+    "host_sources",
+    "is_valid_nsid",
+    "list_repos",
+    "list_repos_by_collection",
+    "read_repo_list",
+]
 
 
 async def read_repo_list(path: str, *, stdin: Any = None) -> AsyncIterator[str]:
@@ -116,23 +128,102 @@ async def list_repos(
 
     Spec: atproto.com/specs/sync ("com.atproto.sync.listRepos"), lexicon ``com.atproto.sync.listRepos``.
     """
+    if not 1 <= page_size <= 1000:
+        raise ValueError(f"page_size must be within 1..1000, got {page_size}")
+    async for did in _list_pages(
+        host, "com.atproto.sync.listRepos", {}, client=client, page_size=page_size, timeout=timeout,
+        include_inactive=include_inactive, allow_private_hosts=allow_private_hosts,
+    ):  # fmt: skip
+        yield did
+
+
+_NSID = re.compile(r"^[a-zA-Z](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,62}[a-zA-Z0-9])?)+\.[a-zA-Z][a-zA-Z0-9]{0,62}$")
+
+
+def is_valid_nsid(nsid: str) -> bool:
+    """Whether ``nsid`` has NSID syntax (atproto.com/specs/nsid): at least three segments of
+    ASCII letters, digits and inner hyphens, the first not starting with a digit, the last (the
+    name) letters and digits only, 317 characters at most."""
+    return len(nsid) <= 317 and _NSID.match(nsid) is not None
+
+
+async def list_repos_by_collection(
+    host: str,
+    collection: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    page_size: int = 1000,
+    timeout: float = 30.0,
+    allow_private_hosts: bool = False,
+) -> AsyncIterator[str]:
+    """Yield the DID of every repo that has at least one record in ``collection``, as ``host``
+    (a relay or collection directory that serves it) lists them with
+    ``com.atproto.sync.listReposByCollection``, page by page (``collection``, ``limit`` and
+    ``cursor`` parameters; answers ``{"repos": [{"did": ...}], "cursor": ...}``).
+
+    The same caps as :func:`list_repos`: one page at a time, each read up to
+    :data:`MAX_PAGE_BYTES` as decoded within ``timeout`` seconds; more repos than the ``limit``
+    asked, an entry without a ``did`` string, a cursor over 4096 characters or one already
+    followed (a cycle) fail the listing; a DID listed again is left out.
+
+    Args:
+        host: the host's base URL, e.g. ``https://relay1.us-east.bsky.network`` (named by the
+            user: connected as given, even on a private address).
+        collection: the NSID, e.g. ``app.bsky.feed.post``.
+        client: the HTTP client (default: a new one, closed at the end).
+        page_size: the ``limit`` asked per page (1..2000, the lexicon's range).
+        timeout: seconds allowed per page, redirects and body included.
+        allow_private_hosts: let redirects lead to private addresses.
+
+    Raises:
+        UnsupportedMethodError: the host does not serve ``listReposByCollection`` (HTTP 404 or
+            501, or an XRPC ``MethodNotImplemented``): ask a relay or collection directory.
+        FetchError: a page fails otherwise, as for :func:`list_repos`.
+        ValueError: ``collection`` is not an NSID, or ``page_size`` out of 1..2000.
+
+    Spec: lexicon ``com.atproto.sync.listReposByCollection``.
+    """
+    if not is_valid_nsid(collection):
+        raise ValueError(f"{collection!r} is not a collection NSID (e.g. app.bsky.feed.post; atproto.com/specs/nsid)")
+    if not 1 <= page_size <= 2000:
+        raise ValueError(f"page_size must be within 1..2000, got {page_size}")
+    async for did in _list_pages(
+        host, "com.atproto.sync.listReposByCollection", {"collection": collection}, client=client, page_size=page_size,
+        timeout=timeout, include_inactive=True, allow_private_hosts=allow_private_hosts,
+    ):  # fmt: skip
+        yield did
+
+
+async def _list_pages(
+    host: str,
+    method: str,
+    fixed: dict[str, str],
+    *,
+    client: httpx.AsyncClient | None,
+    page_size: int,
+    timeout: float,
+    include_inactive: bool,
+    allow_private_hosts: bool,
+) -> AsyncIterator[str]:
+    """The DIDs of the ``{"repos": [{"did"}], "cursor"}`` pages of the XRPC ``method`` at
+    ``host``, asked with ``fixed`` params plus ``limit`` and ``cursor`` (see :func:`list_repos`)."""
     import httpx
 
+    from ..errors import UnsupportedMethodError
     from ..net.http import BodyError, describe_error, read_body, read_snippet, send
     from ..net.identity import _client_scope
 
-    if not 1 <= page_size <= 1000:
-        raise ValueError(f"page_size must be within 1..1000, got {page_size}")
-    base = host.rstrip("/") + "/xrpc/com.atproto.sync.listRepos"
+    name = method.rsplit(".", 1)[-1]
+    base = host.rstrip("/") + "/xrpc/" + method
     cursor: str | None = None
     seen = SeenDids()
     try:
         async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(base,)) as http:
             while True:
-                params: dict[str, str | int] = {"limit": page_size}
+                params: dict[str, str | int] = {**fixed, "limit": page_size}
                 if cursor is not None:
                     params["cursor"] = cursor
-                where = f"listRepos {base}" + (f" (cursor {cursor!r})" if cursor is not None else "")
+                where = f"{name} {base}" + "".join(f" ({k} {v})" for k, v in fixed.items()) + (f" (cursor {cursor!r})" if cursor is not None else "")
 
                 def fail(message: str, where: str = where) -> FetchError:
                     return FetchError(f"{where}: {message}", url=base)
@@ -144,9 +235,16 @@ async def list_repos(
                             status = response.status_code
                             content_type = response.headers.get("content-type", "no content type")
                             if status != 200:
-                                text = " ".join((await read_snippet(response, 4096, timeout)).decode("utf-8", "replace").split())[:200]
+                                raw = (await read_snippet(response, 4096, timeout)).decode("utf-8", "replace")
+                                xrpc_error = _xrpc_error(raw)
+                                text = " ".join(raw.split())[:200]
                                 snippet = "".join(ch if ch.isprintable() else "?" for ch in text)
-                                raise FetchError(f"{where}: HTTP {status} ({content_type}): {snippet}", url=base, status=status)
+                                message = f"{where}: HTTP {status} ({content_type}): {snippet}"
+                                if status in (404, 501) or xrpc_error in ("MethodNotImplemented", "MethodNotFound"):
+                                    raise UnsupportedMethodError(
+                                        f"{message}: the host does not serve {method}", method=method, url=base, status=status, xrpc_error=xrpc_error
+                                    )
+                                raise FetchError(message, url=base, status=status, xrpc_error=xrpc_error)
                             body = await read_body(response, MAX_PAGE_BYTES)
                         finally:
                             await response.aclose()
@@ -187,6 +285,16 @@ async def list_repos(
         seen.close()
 
 
+def _xrpc_error(text: str) -> str | None:
+    """The ``error`` name of an XRPC error body, or None."""
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return error if isinstance(error, str) else None
+
+
 async def host_sources(
     host: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000, allow_private_hosts: bool = False
 ) -> AsyncIterator[str]:
@@ -197,3 +305,14 @@ async def host_sources(
 
     async for did in list_repos(host, client=client, page_size=page_size, allow_private_hosts=allow_private_hosts):
         yield repo_url(host, did)
+
+
+async def collection_sources(
+    host: str, collection: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000, allow_private_hosts: bool = False
+) -> AsyncIterator[str]:
+    """The DIDs of every repo with a record in ``collection`` (:func:`list_repos_by_collection`
+    at ``host``, a relay or collection directory), as backfill sources: each is resolved to its
+    own PDS (the host that lists them does not serve their repos). Same errors as
+    :func:`list_repos_by_collection`."""
+    async for did in list_repos_by_collection(host, collection, client=client, page_size=page_size, allow_private_hosts=allow_private_hosts):
+        yield did
