@@ -167,7 +167,9 @@ class HostLimiter:
         return 0.0 if state is None else max(0.0, state.blocked_until - time.monotonic())
 
     def hosts(self) -> int:
-        """Hosts with state kept now (in use, blocked or paced)."""
+        """Hosts with state kept now: in use, blocked, or paced (a request started less than
+        ``1 / rps`` seconds ago). Idle hosts are dropped here and whenever 1024 are kept."""
+        self._prune()
         return len(self._hosts)
 
     async def acquire(self, url: str, *, gate: anyio.Semaphore | None = None) -> HostSlot:
