@@ -147,7 +147,8 @@ class _Job:
     claimed: str | None = None  # the DID this job holds in _Run.claims
     located: LocatedSource | None = None  # a network source: where it is fetched from
     refetches: int = 0  # fetches again after a truncated or incomplete answer
-    slot: HostSlot | None = None  # its place at its PDS host, held while its fetch is open
+    slot: HostSlot | None = None  # its place at its PDS host, held until the job closes
+    fetch: AsyncExitStack | None = None  # its open fetch (inside ``stack``)
 
 
 async def _drain_batch(stream: ObjectReceiveStream[Any], limit: int) -> list[Any]:
@@ -395,22 +396,24 @@ class _Run:
                 await (opened if job.opened is not None else located).send(job)
 
     async def open_fetch(self, job: _Job, *, gated: bool) -> None:
-        """Open ``job``'s fetch in its stack: wait for a slot at its PDS host (the limiter's,
-        if any), then fetch. ``gated``: the request also takes :attr:`gate` once the host is
-        ready, held until :meth:`host_worker` hands the job on."""
+        """Open ``job``'s fetch: first (if the run has a limiter and the job holds no slot yet)
+        wait for a slot at its PDS host, kept in the job's stack; then fetch, in a stack of its
+        own (:attr:`_Job.fetch`, closed alone by :meth:`refetch`). ``gated``: the request also
+        takes :attr:`gate` once the host is ready, held until :meth:`host_worker` hands the job on."""
         from ..net.source import open_source
 
         assert job.located is not None and job.stack is not None
-        slot = None
-        if self.limiter is not None:
-            slot = job.slot = await job.stack.enter_async_context(self.limiter.slot(job.located.url, gate=self.gate if gated else None))
+        if self.limiter is not None and job.slot is None:
+            job.slot = await job.stack.enter_async_context(self.limiter.slot(job.located.url, gate=self.gate if gated else None))
+        job.fetch = AsyncExitStack()
+        job.stack.push_async_callback(job.fetch.aclose)
         try:
-            job.opened = await job.stack.enter_async_context(
-                open_source(job.located, client=self.http, options=self.o["fetch_options"], limiter=slot)
+            job.opened = await job.fetch.enter_async_context(
+                open_source(job.located, client=self.http, options=self.o["fetch_options"], limiter=job.slot)
             )
         except BaseException:
-            if slot is not None:
-                slot.release_gate()
+            if job.slot is not None:
+                job.slot.drop_gate()
             raise
 
     async def host_worker(self, located: ObjectReceiveStream[_Job], opened: ObjectSendStream[_Job], results: ObjectSendStream[BackfillResult]) -> None:
@@ -434,12 +437,13 @@ class _Run:
                     await opened.send(job)
                 finally:
                     if job.slot is not None:
-                        job.slot.release_gate()  # its host slot stays held until the job closes
+                        job.slot.drop_gate()  # its host slot stays held until the job closes
 
     async def refetch(self, job: _Job, error: BaseException) -> bool:
         """After a truncated or incomplete fetched CAR: drop what the sink has of the repo, close
-        the fetch, wait (the fetch's backoff) and fetch it again, up to ``FetchOptions.retries``
-        times per repo. False (nothing done) for a source that is not fetched or out of retries."""
+        the fetch (the job keeps its place at the host: no other repo can take it meanwhile),
+        wait (the fetch's backoff) and fetch it again, up to ``FetchOptions.retries`` times per
+        repo. False (nothing done) for a source that is not fetched or out of retries."""
         from ..net.fetch import FetchOptions, _backoff
 
         options = self.o["fetch_options"] or FetchOptions()
@@ -450,12 +454,11 @@ class _Run:
         await self.finish_sink(job, error)
         job.commit, job.records, job.record_bytes, job.spilled = None, 0, 0, False
         self.release(job)
-        stack, job.stack = job.stack, AsyncExitStack()
-        job.opened = job.slot = None
-        if stack is not None:
+        fetch, job.fetch, job.opened = job.fetch, None, None
+        if fetch is not None:
             with anyio.move_on_after(10, shield=True):
                 try:
-                    await stack.aclose()
+                    await fetch.aclose()
                 except Exception:
                     pass
         await anyio.sleep(_backoff(options, job.refetches))

@@ -123,6 +123,12 @@ class HostSlot:
             self._gated = False
             self._gate.release()
 
+    def drop_gate(self) -> None:
+        """Give back the gate, if held, and take it no more: later requests of this slot wait
+        only for the host (e.g. a fetch again by a worker that reads it at once)."""
+        self.release_gate()
+        self._gate = None
+
     def release(self) -> None:
         """Give the slot (and the gate) back; idempotent."""
         self.release_gate()
