@@ -119,15 +119,18 @@ async def test_without_a_per_host_limit_the_same_run_overlaps_more(host: RepoHos
 async def test_requests_per_second_per_host(host: RepoHost, other: RepoHost) -> None:
     mine = [host.repo(did_of(i), car_reply(repo_car_of(did_of(i), 2))) for i in range(6)]
     theirs = [other.repo(did_of(50 + i), car_reply(repo_car_of(did_of(50 + i), 2))) for i in range(6)]
-    started = time.monotonic()
     results = await run_all([*mine, *theirs], memory_workers=4, fetch_concurrency=4, per_host_rps=5)
     assert all(r.error is None for r in results) and len(results) == 12
     for server in (host, other):
         times = sorted(r.at for r in server.fetches())
         gaps = [b - a for a, b in itertools.pairwise(times)]
-        assert len(times) == 6 and min(gaps) > 0.15, gaps  # 5 per second: 0.2 s apart
-    # The two hosts are paced side by side, not one after the other (6 x 0.2 s each, not 12 x).
-    assert time.monotonic() - started < 2.2
+        # 5 per second: sent 0.2 s apart. The server sees the first one late by the client's
+        # first connection (up to ~0.2 s here), so its gaps are judged from the second on.
+        assert len(times) == 6 and min(gaps[1:]) > 0.15 and times[-1] - times[0] > 0.9, gaps
+    # The two hosts are paced side by side, not one after the other: each host's first request
+    # came before the other's last.
+    for one, two in ((host, other), (other, host)):
+        assert min(r.at for r in one.fetches()) < max(r.at for r in two.fetches())
 
 
 # --- Retry-After holds up only its host -------------------------------------------------------
@@ -145,12 +148,14 @@ async def test_a_host_answering_429_waits_while_another_hosts_repos_proceed(host
                 order.append(result.source)
     # Every repo of the free host finished before any of the busy one's.
     assert order[: len(free)] and set(order[: len(free)]) == set(free) and set(order[len(free) :]) == set(busy)
-    # After the first 429, the busy host saw no request for its Retry-After (2 s; margin 0.1 s).
-    fetches = sorted(host.fetches(), key=lambda r: r.at)
-    first = fetches[0].at
-    later = [r.at - first for r in fetches[1:]]
-    assert all(t < 0.1 or t > 1.9 for t in later), later
-    assert sum(t > 1.9 for t in later) >= 3  # each busy repo fetched again after the wait
+    # Each busy repo was asked twice (429, then its CAR), the second time after the Retry-After
+    # (2 s) that followed the host's first request; between the first requests (sent at 10/s
+    # before the first 429 came back, if any) and the end of the wait, nothing.
+    first = min(r.at for r in host.fetches())
+    for url in busy:
+        did = url.rsplit("=", 1)[1]
+        assert len(host.fetches(did)) == 2 and host.fetches(did)[1].at - first > 1.9
+    assert not [r for r in host.fetches() if 0.5 < r.at - first < 1.9]
     assert max(r.at for r in other.fetches()) - first < 1.9  # the free host was not held up
 
 
