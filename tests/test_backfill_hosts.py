@@ -116,6 +116,15 @@ async def test_without_a_per_host_limit_the_same_run_overlaps_more(host: RepoHos
 
 
 @pytest.mark.anyio
+async def test_with_processes_the_limit_is_shared_out(host: RepoHost) -> None:
+    # 2 processes, per_host_concurrency 2: 1 each, so never more than 2 at the host.
+    urls = [host.repo(did_of(i), car_reply(repo_car_of(did_of(i), 20), chunk=200, delay=0.01)) for i in range(8)]
+    results = await run_all(urls, seconds=60, processes=2, memory_workers=2, per_host_concurrency=2, per_host_rps=None)
+    assert sorted(r.source for r in results if r.error is None and r.records == 20) == sorted(urls)
+    assert host.serving_peak <= 2
+
+
+@pytest.mark.anyio
 async def test_requests_per_second_per_host(host: RepoHost, other: RepoHost) -> None:
     mine = [host.repo(did_of(i), car_reply(repo_car_of(did_of(i), 2))) for i in range(6)]
     theirs = [other.repo(did_of(50 + i), car_reply(repo_car_of(did_of(50 + i), 2))) for i in range(6)]
