@@ -346,8 +346,7 @@ class Sync:
         finally:
             stack, self._stack = self._stack, None
             if stack is not None:
-                with anyio.CancelScope(shield=True):
-                    await stack.__aexit__(None, None, None)
+                await stack.__aexit__(None, None, None)
 
     def __aiter__(self) -> AsyncIterator[SyncEvent]:
         if self._receive is None:
