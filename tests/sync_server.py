@@ -21,7 +21,6 @@ from tests.backfill_server import RepoHost, car_reply
 from tests.firehose_server import encode_message, with_seq
 from tests.servers import json_reply
 
-
 _LETTERS = str.maketrans("0123456789", "abcdefghij")
 
 

@@ -181,7 +181,7 @@ async def test_a_sync_event_replacing_a_repo_triggers_a_resync(tmp_path: Path) -
 @pytest.mark.anyio
 @pytest.mark.once
 async def test_a_forged_commit_is_reported_and_dropped(tmp_path: Path) -> None:
-    did = list(STREAM.accounts)[0]
+    did = next(iter(STREAM.accounts))
     at = STREAM.accounts[did].commits[-5]
     plans = [Plan(insert={at: [forge(STREAM.messages[at][1])]})]
     with FirehoseServer(STREAM.messages, plans) as relay, RepoHost() as host:
@@ -204,7 +204,7 @@ async def test_dropped_connection_malformed_frame_and_error_frame(tmp_path: Path
     ]
     problems: list[str] = []
     with FirehoseServer(STREAM.messages, plans) as relay, RepoHost() as host:
-        serve(host, STREAM, fresh=True)
+        serve(host, STREAM)  # the snapshot: every repo needs the stream to its end
         run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", on_problem=lambda p: problems.append(p.kind))
         assert len(relay.cursors) >= 3 and relay.cursors[0] is None and relay.cursors[1] is not None
     check_final(run, STREAM)
@@ -316,3 +316,118 @@ def test_state_records_pages_in_key_order(tmp_path: Path) -> None:
         keys = [k for k, _ in state.records_page("did:plc:a", "", None, 10)]
         assert keys == sorted(["a.b/x", "a.b.c/y", "a.b/a"], key=str.encode)
         assert [k for k, _ in state.records_page("did:plc:a", "a.b.c/y", "a.b/a", 10)] == ["a.b/a"]
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+class Child:
+    """A ``repo-stream sync`` subprocess whose stdout lines are read by a thread."""
+
+    def __init__(self, args: list[str]) -> None:
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "repo_stream", "sync", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+
+        def read() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def take(self, until: Callable[[dict[str, Any]], bool], timeout: float = 60) -> list[dict[str, Any]]:
+        """Lines (as JSON) until ``until(line)`` holds after one."""
+        import json
+        import time
+
+        out: list[dict[str, Any]] = []
+        end = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.01, end - time.monotonic()))
+            assert line is not None, f"the child ended: {self.process.wait()} {self.process.stderr.read() if self.process.stderr else ''}"
+            out.append(json.loads(line))
+            if until(out[-1]):
+                return out
+
+
+def apply_json(records: dict[str, dict[str, str]], line: dict[str, Any]) -> None:
+    if "action" not in line:
+        return
+    repo = records.setdefault(line["did"], {})
+    key = f"{line['collection']}/{line['rkey']}"
+    if line["action"] == "delete":
+        repo.pop(key, None)
+    else:
+        repo[key] = line["cid"]
+
+
+@pytest.mark.once
+def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
+    import signal
+
+    dids = tmp_path / "dids.txt"
+    dids.write_text("# the accounts\n" + "\n".join(STREAM.accounts) + "\n")
+    state = tmp_path / "state.sqlite"
+    records: dict[str, dict[str, str]] = {}
+    final = {did: account.records() for did, account in STREAM.accounts.items()}
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        args = ["--repos", str(dids), "--relay", relay.url, "--plc-url", host.base, "--state", str(state), "--json", "--allow-private-hosts"]
+        first = Child(args)
+        count = 0
+
+        def enough(line: dict[str, Any]) -> bool:
+            nonlocal count
+            count += 1
+            return count >= 250
+
+        lines = first.take(enough)
+        first.process.send_signal(signal.SIGKILL)
+        assert first.process.wait(10) == -signal.SIGKILL
+        for line in lines:
+            apply_json(records, line)
+        assert records != final
+        second = Child(args)
+
+        def done(line: dict[str, Any]) -> bool:
+            apply_json(records, line)
+            return records == final
+
+        more = second.take(done)
+        assert set(line.get("event", "record") for line in lines + more) >= {"record", "identity", "account"}
+        for line in lines + more:
+            if "action" in line:
+                assert set(line) == {"did", "rev", "seq", "action", "collection", "rkey", "cid", "value", "live"}
+                assert (line["seq"] is None) == (not line["live"])
+        second.process.send_signal(signal.SIGTERM)
+        assert second.process.wait(20) == 143
+        assert second.process.stderr is not None
+        err = second.process.stderr.read()
+        assert "sync: " in err and "repos: 4 active" in err, err
+    with StateStore(state) as store:  # what was delivered is committed
+        for did, account in STREAM.accounts.items():
+            row = store.get(did)
+            assert row is not None and row.status == "active" and row.rev == account.generator.rev
+        assert store.cursor is not None and store.cursor >= max(account.commits[-1] for account in STREAM.accounts.values())
+
+
+@pytest.mark.once
+def test_cli_usage_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from repo_stream.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sync", "--relay", "ws://127.0.0.1:9"])  # no repos
+    assert exit_info.value.code == 2
+    assert main(["sync", "--repos", str(tmp_path / "none.txt"), "--relay", "ws://127.0.0.1:9", "--collection", "app.*.x", "--state", str(tmp_path / "s")]) == 2
+    assert "may only end it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sync", "--help"])
+    assert "./repo-stream-sync.sqlite" in capsys.readouterr().out

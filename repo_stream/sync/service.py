@@ -295,6 +295,8 @@ class Sync:
         self._last_commit = time.monotonic()
         self._iterator: AsyncIterator[SyncEvent] | None = None
         self._stack: Any = None
+        #: Repos by status when the service stopped (for a summary).
+        self.final_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -343,6 +345,8 @@ class Sync:
                 with anyio.CancelScope(shield=True):
                     await self._iterator.aclose()  # type: ignore[attr-defined]
             self._commit()  # what was acknowledged, whatever ended the run
+            if self.state is not None:
+                self.final_counts = self.state.counts()
         finally:
             stack, self._stack = self._stack, None
             if stack is not None:
