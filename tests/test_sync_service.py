@@ -431,3 +431,54 @@ def test_cli_usage_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     with pytest.raises(SystemExit):
         main(["sync", "--help"])
     assert "./repo-stream-sync.sqlite" in capsys.readouterr().out
+
+
+class FakeSink:
+    """A RepoSink and EventSink in memory: what a store would hold."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, str]] = {}
+        self.parts: dict[str, dict[str, str]] = {}
+        self.revs: dict[str, str] = {}
+        self.statuses: list[tuple[str, str]] = []
+
+    async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
+        assert source == commit.did and all(isinstance(v, bytes) for _, _, v in items)
+        self.parts.setdefault(commit.did, {}).update({k: c for k, c, _ in items})
+
+    async def finish(self, source: str, commit: Any, error: BaseException | None) -> None:
+        part = self.parts.pop(commit.did, {})
+        if error is None:
+            self.rows[commit.did] = part
+            self.revs[commit.did] = commit.rev
+
+    async def apply(self, did: str, rev: str, data: str, ops: Any) -> None:
+        repo = self.rows.setdefault(did, {})
+        for op in ops:
+            key = f"{op.collection}/{op.rkey}"
+            if op.action == "delete":
+                assert op.cid is None and op.value is None
+                repo.pop(key, None)
+            else:
+                assert isinstance(op.value, bytes) and op.cid is not None
+                repo[key] = op.cid
+        self.revs[did] = rev
+
+    async def set_status(self, did: str, status: str) -> None:
+        self.statuses.append((did, status))
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_sink_takes_backfills_live_commits_and_resync_differences(tmp_path: Path) -> None:
+    did = list(STREAM.accounts)[2]
+    gap = STREAM.accounts[did].commits[len(STREAM.accounts[did].commits) // 2]
+    messages = [m for i, m in enumerate(STREAM.messages) if i != gap]
+    sink = FakeSink()
+    with FirehoseServer(messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", sink=sink)
+    check_final(run, STREAM)
+    assert sink.rows == {d: a.records() for d, a in STREAM.accounts.items()}
+    assert sink.revs == {d: a.generator.rev for d, a in STREAM.accounts.items()}
+    assert sorted(sink.statuses) == sorted((d, "active") for d in STREAM.accounts) and not sink.parts
