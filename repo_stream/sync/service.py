@@ -210,12 +210,12 @@ class Sync:
             which when it is also a :class:`~repo_stream.backfill.RepoSink` takes a repo's first
             backfill as a repo (its chunks, then ``finish``). Written when the consumer
             acknowledges the items, as the state.
-        memory_workers, mem_limit_mb: the backfill executor's repos in memory at once and
-            per-repo memory limit (MiB; bigger repos spill to disk).
+        memory_workers: the backfill executor's repos loaded and walked at once.
+        mem_limit_mb: the backfill's per-repo memory limit, MiB (bigger repos spill to disk).
         max_buffered: firehose messages of repos being fetched kept in memory at most (across
             all repos); more are spilled to the state file.
-        commit_every, commit_interval: commit the state at least every so many acknowledged
-            items and seconds.
+        commit_every: commit the state at least every so many acknowledged items.
+        commit_interval: commit the state at least every so many seconds.
         client: the HTTP client for DID documents and listings (default: one made here,
             guarded as :func:`repo_stream.net.guard.make_client` makes it).
         firehose_options: more keyword arguments for :class:`~repo_stream.firehose.Firehose`
