@@ -86,7 +86,7 @@ def replay_sync(path: str, ws: int, http: int, events: int) -> dict[str, Any]:
         for did, s in states.items():
             state.set(did, "active", s["rev"], s["data"])
         state.commit()
-    out = open(os.devnull, "w", buffering=1 << 16)  # noqa: SIM115 - closed below
+    out = open(os.devnull, "w", buffering=1 << 16)
     count = 0
 
     async def run() -> Any:
@@ -112,7 +112,7 @@ def replay_sdk(path: str, ws: int, http: int, events: int) -> dict[str, Any]:
     from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
     from atproto_firehose import AsyncFirehoseSubscribeReposClient
 
-    out = open(os.devnull, "w", buffering=1 << 16)  # noqa: SIM115 - closed below
+    out = open(os.devnull, "w", buffering=1 << 16)
     count = 0
     records = 0
     client = AsyncFirehoseSubscribeReposClient(base_uri=f"ws://127.0.0.1:{ws}/xrpc")
@@ -286,7 +286,7 @@ def backfill_client(dids_path: str, ws: int, http: int, finals_path: str) -> dic
 
     dids = Path(dids_path).read_text().split()
     state_path = os.path.join(tempfile.mkdtemp(), "state.sqlite")
-    out = open(os.devnull, "w", buffering=1 << 16)  # noqa: SIM115 - closed below
+    out = open(os.devnull, "w", buffering=1 << 16)
     result: dict[str, Any] = {}
 
     async def run() -> None:

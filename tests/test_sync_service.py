@@ -402,7 +402,7 @@ def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path:
             return records == final
 
         more = second.take(done)
-        assert set(line.get("event", "record") for line in lines + more) >= {"record", "identity", "account"}
+        assert {line.get("event", "record") for line in lines + more} >= {"record", "identity", "account"}
         for line in lines + more:
             if "action" in line:
                 assert set(line) == {"did", "rev", "seq", "action", "collection", "rkey", "cid", "value", "live"}
