@@ -50,6 +50,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def peak_rss_mib() -> float:
+    """This process's peak RSS, MiB: ``VmHWM`` of /proc/self/status (``ru_maxrss`` would carry
+    the parent's peak over a fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -314,7 +320,7 @@ def backfill_client(dids_path: str, ws: int, http: int, finals_path: str) -> dic
                     out.write(json.dumps(event.to_json()) + "\n")
             s = sync.stats
             result.update(
-                caught_up=s.caught_up, buffered_peak=s.buffered_peak, spilled=s.spilled, resyncs=s.resyncs, fetched=s.fetched,
+                caught_up=s.caught_up, backfilled_at=s.backfilled_at, buffered_peak=s.buffered_peak, spilled=s.spilled, resyncs=s.resyncs, fetched=s.fetched,
                 failed=s.failed, backfilled=s.backfilled, live=s.live, commits=s.commits, stale=s.stale, delivered=s.delivered,
             )  # fmt: skip
 
@@ -351,13 +357,16 @@ def part_backfill(args: argparse.Namespace) -> None:
     finally:
         server.kill()
     print(f"\nBackfill then follow: {args.repos:,} repos, {args.commits:,} commits made at {args.rate:g}/s during the run:\n")
-    print("| repos | caught up (s) | buffered at peak | spilled | resyncs | backfilled records | live records | stale dropped | CPU s | peak RSS MiB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
-        f"| {r['fetched']:,} | {r['caught_up']:.1f} | {r['buffered_peak']:,} | {r['spilled']:,} | {r['resyncs']} | {r['backfilled']:,} | "
-        f"{r['live']:,} | {r['stale']:,} | {r['cpu']:.1f} | {r['rss']:.0f} |"
+        "| repos | every repo backfilled (s) | caught up (s) | every repo at its final rev (s) | buffered at peak | spilled | resyncs "
+        "| backfilled records | live records | stale dropped | client CPU s | client peak RSS MiB |"
     )
-    print(f"\nstream ended at {r.get('stream_end', 0):.1f} s; every repo at its final rev at {r.get('all_final', 0):.1f} s; failed fetches: {r['failed']}")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {r['fetched']:,} | {r['backfilled_at']:.1f} | {r['caught_up'] or 0:.1f} | {r.get('all_final', 0):.1f} | {r['buffered_peak']:,} | {r['spilled']:,} | {r['resyncs']} "
+        f"| {r['backfilled']:,} | {r['live']:,} | {r['stale']:,} | {r['cpu']:.1f} | {r['rss']:.0f} |"
+    )
+    print(f"\nthe producer made its last commit at {r.get('stream_end', 0):.1f} s (as the client saw it); failed fetches: {r['failed']}")
 
 
 def main() -> None:

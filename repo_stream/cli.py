@@ -806,7 +806,8 @@ def _sync_summary(sync: Any) -> str:
     elapsed = max(time.monotonic() - stats.started, 1e-9)
     counts = sync.final_counts
     repos = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none"
-    caught = "not caught up" if stats.caught_up is None else f"caught up after {stats.caught_up:.1f} s"
+    caught = "backfill not done" if stats.backfilled_at is None else f"every repo backfilled after {stats.backfilled_at:.1f} s"
+    caught += "" if stats.caught_up is None else f", caught up with the stream after {stats.caught_up:.1f} s"
     return (
         f"sync: {stats.delivered} events in {elapsed:.1f} s ({stats.delivered / elapsed:,.0f}/s): {stats.backfilled} backfilled records, "
         f"{stats.live} live records ({stats.commits} commits), {stats.repo_events} repo events; {stats.fetched} repos fetched, "

@@ -136,9 +136,21 @@ async def test_backfill_then_follow_with_events_during_the_backfill(tmp_path: Pa
         assert {e.rev for e in backfilled if e.did == did} == {account.snapshot_rev}
         assert all(e.rev > account.snapshot_rev for e in live if e.did == did)  # older ones dropped
     stats = run.stats
-    assert stats.buffered_peak > 40 and stats.spilled == stats.buffered_peak - 40 and stats.buffered == 0
-    assert stats.stale > 0 and stats.fetched == 4 and stats.resyncs == 0 and stats.caught_up is not None
+    assert stats.buffered_peak > 40 and stats.spilled > 0 and stats.buffered == 0
+    assert stats.stale > 0 and stats.fetched == 4 and stats.resyncs == 0 and stats.backfilled_at is not None
     assert sorted(e.event for e in run.events if isinstance(e, RepoEvent)) == ["account"] * 4 + ["identity"] * 4
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_the_buffer_spills_past_its_byte_budget(tmp_path: Path) -> None:
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        for did, account in STREAM.accounts.items():
+            host.repo(did, car_reply(account.snapshot, head_delay=0.5))
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", max_buffered_bytes=30_000)
+    check_final(run, STREAM)
+    assert run.stats.spilled > 0 and run.stats.buffered == 0
 
 
 @pytest.mark.anyio

@@ -20,7 +20,8 @@ What happens, per repo (state in a :class:`~.state.StateStore`):
   repo no longer has). The repo is then ``active`` at the fetched rev and MST root.
 - **Buffering.** The firehose is followed from the start. Events of a repo being fetched are
   buffered (``max_buffered`` messages in memory across all repos, then spilled to the state
-  file's ``buffer`` table) and applied in order once its fetch is delivered; those whose rev is
+  file's ``buffer`` table; also past ``max_buffered_bytes``) and applied in order once its
+  fetch is delivered; those whose rev is
   not above the fetched one are dropped. Events of a repo whose fetch has not started are
   skipped: the fetch covers them.
 - **Following.** As :func:`~.follow.follow`: each ``#commit`` of an ``active`` repo is verified
@@ -116,8 +117,10 @@ class SyncStats:
         buffered now (memory and spilled). buffered_peak: the most at once.
         spilled: messages ever spilled to the state file. problems: problems of the stream
         (:class:`~repo_stream.firehose.Problem`). last_time: ``time`` of the last firehose
-        event handled (RFC 3339). caught_up: seconds from the start until no fetch was left
-        to do or in flight (None until then). started: ``time.monotonic()`` at the start.
+        event handled (RFC 3339). backfilled_at: seconds from the start until every repo listed
+        was fetched, its records delivered and its buffered events applied (None until then).
+        caught_up: seconds until, after that, the service had taken everything the firehose
+        had sent (None until then). started: ``time.monotonic()`` at the start.
     """
 
     delivered: int = 0
@@ -136,6 +139,7 @@ class SyncStats:
     spilled: int = 0
     problems: int = 0
     last_time: str | None = None
+    backfilled_at: float | None = None
     caught_up: float | None = None
     started: float = field(default_factory=time.monotonic)
 
@@ -214,6 +218,7 @@ class Sync:
         mem_limit_mb: the backfill's per-repo memory limit, MiB (bigger repos spill to disk).
         max_buffered: firehose messages of repos being fetched kept in memory at most (across
             all repos); more are spilled to the state file.
+        max_buffered_bytes: and message bytes kept so at most (default 64 MiB).
         commit_every: commit the state at least every so many acknowledged items.
         commit_interval: commit the state at least every so many seconds.
         client: the HTTP client for DID documents and listings (default: one made here,
@@ -246,6 +251,7 @@ class Sync:
         memory_workers: int = 4,
         mem_limit_mb: float = 64,
         max_buffered: int = 10_000,
+        max_buffered_bytes: int = 64 * 1024 * 1024,
         commit_every: int = 1000,
         commit_interval: float = 0.25,
         client: httpx.AsyncClient | None = None,
@@ -270,6 +276,7 @@ class Sync:
         self.memory_workers = memory_workers
         self.mem_limit_mb = mem_limit_mb
         self.max_buffered = max_buffered
+        self.max_buffered_bytes = max_buffered_bytes
         self.commit_every = commit_every
         self.commit_interval = commit_interval
         self.firehose_options = dict(firehose_options or {})
@@ -290,6 +297,7 @@ class Sync:
         self._spilled: dict[str, int] = {}
         self._first_seq: dict[str, int] = {}
         self._in_memory = 0
+        self._in_memory_bytes = 0
         self._seq_done: int | None = None
         self._pending: _Effect = None
         self._acks = 0
@@ -492,9 +500,17 @@ class Sync:
             self._wake = wake = anyio.Event()
             await wake.wait()
 
-    def _check_caught_up(self) -> None:
-        if self.stats.caught_up is None and self._listed and not self._fetching and not self._requests:
-            self.stats.caught_up = time.monotonic() - self.stats.started
+    def _check_caught_up(self, idle: bool = False) -> None:
+        """Record when every repo was backfilled and, ``idle`` (nothing waiting from the
+        firehose), when the service caught up with the stream."""
+        stats = self.stats
+        if stats.caught_up is not None or not self._listed or self._fetching or self._requests:
+            return
+        now = time.monotonic() - stats.started
+        if stats.backfilled_at is None:
+            stats.backfilled_at = now
+        if idle and self.firehose is not None and self.firehose.buffered == 0:
+            stats.caught_up = now
 
     # ------------------------------------------------------------------------------ the consumer
 
@@ -508,7 +524,7 @@ class Sync:
             try:
                 item = receive.receive_nowait()
             except anyio.WouldBlock:
-                self._check_caught_up()
+                self._check_caught_up(idle=True)
                 # Idle: commit what was taken, unless more comes at once (a commit costs ~0.1 ms:
                 # one per event would be most of the time of a busy stream).
                 got: _Item | None = None
@@ -594,13 +610,14 @@ class Sync:
         did = item.did
         assert did is not None and item.seq is not None and self.state is not None
         self._first_seq.setdefault(did, item.seq)
-        if did in self._spilled or self._in_memory >= self.max_buffered:
+        if did in self._spilled or self._in_memory >= self.max_buffered or self._in_memory_bytes + len(item.message) > self.max_buffered_bytes:
             self.state.spill(did, item.seq, item.message)
             self._spilled[did] = self._spilled.get(did, 0) + 1
             self.stats.spilled += 1
         else:
             self._buffers.setdefault(did, deque()).append(item)
             self._in_memory += 1
+            self._in_memory_bytes += len(item.message)
         self.stats.buffered += 1
         self.stats.buffered_peak = max(self.stats.buffered_peak, self.stats.buffered)
 
@@ -610,7 +627,9 @@ class Sync:
         if queue:
             self._in_memory -= 1
             self.stats.buffered -= 1
-            return queue.popleft()
+            item = queue.popleft()
+            self._in_memory_bytes -= len(item.message)
+            return item
         self._buffers.pop(did, None)
         if did in self._spilled:
             assert self.state is not None
@@ -627,6 +646,7 @@ class Sync:
         queue = self._buffers.pop(did, None)
         if queue:
             self._in_memory -= len(queue)
+            self._in_memory_bytes -= sum(len(item.message) for item in queue)
             self.stats.buffered -= len(queue)
         count = self._spilled.pop(did, 0)
         if count:
