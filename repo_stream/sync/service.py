@@ -545,9 +545,22 @@ class Sync:
             except anyio.EndOfStream:
                 return
             kind = item[0]
-            if kind == "firehose":
-                handler = self._on_firehose(item[1])
-            elif kind == "chunk":
+            if kind == "firehose":  # the hot path: a list, no generator
+                for event, effect in await self._on_firehose(item[1]):
+                    if event is None:
+                        if effect is not None:
+                            await effect()
+                            self._acks += 1
+                        continue
+                    if self._pending is not None:
+                        await self.ack()
+                    self._pending = effect
+                    self.stats.delivered += 1
+                    yield event
+                    if self._pending is not None:
+                        await self.ack()
+                continue
+            if kind == "chunk":
                 handler = self._on_chunk(item[1], item[2], item[3])
             elif kind == "end":
                 handler = self._on_end(item[1], item[2], item[3])
@@ -562,49 +575,39 @@ class Sync:
                             await effect()
                             self._acks += 1
                         continue
-                    await self.ack()
+                    if self._pending is not None:
+                        await self.ack()
                     self._pending = effect
                     self.stats.delivered += 1
                     yield event
-                    await self.ack()
+                    if self._pending is not None:
+                        await self.ack()
 
-    async def _on_firehose(self, item: Event | Problem) -> AsyncGenerator[_Delivery, None]:
+    async def _on_firehose(self, item: Event | Problem) -> list[_Delivery]:
         if isinstance(item, Problem):
             self.stats.problems += 1
             if self.on_problem is not None:
                 self.on_problem(item)
-            return
+            return []
         if item.time is not None:
             self.stats.last_time = item.time
+        deliveries = await self._on_event(item)
         seq = item.seq
-        last: list[SyncEvent] = []
-        pending_effect: _Effect = None
-        # Deliver every item but the last at once; the last one carries the seq's effect.
-        async for event, effect in self._on_event(item, buffered=False):
-            if event is None:
-                if effect is not None:
-                    await effect()
-                    self._acks += 1
-                continue
-            if last:
-                yield last[0], pending_effect
-            last[:] = [event]
-            pending_effect = effect
         if seq is None:
-            if last:
-                yield last[0], pending_effect
-            return
+            return deliveries
+        # The seq is done once the event's last delivery is taken.
+        last_event, before = deliveries[-1] if deliveries else (None, None)
 
-        async def done(before: _Effect = pending_effect, seq: int = seq) -> None:
+        async def done(before: _Effect = before, seq: int = seq) -> None:
             if before is not None:
                 await before()
             self._seq_done = seq
 
-        if last:
-            yield last[0], done
+        if deliveries:
+            deliveries[-1] = (last_event, done)
         else:
-            await done()
-            self._acks += 1
+            deliveries.append((None, done))
+        return deliveries
 
     def _buffer(self, item: Event) -> None:
         did = item.did
@@ -655,35 +658,35 @@ class Sync:
             self.stats.buffered -= count
         self._first_seq.pop(did, None)
 
-    async def _on_event(self, item: Event, *, buffered: bool) -> AsyncGenerator[_Delivery, None]:
+    async def _on_event(self, item: Event) -> list[_Delivery]:
         """Deliveries for one firehose event: ``(event, effect)`` pairs, ``event`` None for an
-        effect to apply at once."""
+        effect to apply at once. (A list, not a generator: the hot path.)"""
         state, keys = self.state, self.keys
         assert state is not None and keys is not None
         did, seq = item.did, item.seq
         if did is None or seq is None or not item.known:
-            return
+            return []
         if did in self._fetching:
             self._buffer(item)
-            return
+            return []
         row = state.get(did)
         if row is None:
             if self.signal_collection is not None and item.type == "#commit" and self._signals(item):
                 state.add(did)
                 self._request(did, "signal")
                 self._buffer(item)
-            return
+            return []
         status = row.status
         if item.type == "#identity":
             keys.forget(did)
             if status == "active" or status in _INACTIVE:
                 handle = item.body.get("handle")
-                yield RepoEvent(did, "identity", seq, {"handle": handle if isinstance(handle, str) else None}), None
                 self.stats.repo_events += 1
-            return
+                return [(RepoEvent(did, "identity", seq, {"handle": handle if isinstance(handle, str) else None}), None)]
+            return []
         if item.type == "#account":
             if status != "active" and status not in _INACTIVE:
-                return
+                return []
             active = item.body.get("active") is True
             raw = item.body.get("status")
             new = "active" if active else (raw if raw in _INACTIVE else "deactivated")
@@ -695,43 +698,36 @@ class Sync:
                     await self.sink.set_status(did, new)
 
             self.stats.repo_events += 1
-            yield RepoEvent(did, "account", seq, {"active": active, "status": raw if isinstance(raw, str) else None}), account
-            return
+            return [(RepoEvent(did, "account", seq, {"active": active, "status": raw if isinstance(raw, str) else None}), account)]
         if item.type not in ("#commit", "#sync") or status != "active" or row.rev is None or row.data is None:
-            return
+            return []
         try:
             key = await keys.key(did)
         except IdentityError as exc:
             self.stats.repo_events += 1
-            yield RepoEvent(did, "error", seq, {"error": f"IdentityError: {exc}"}), None
-            return
+            return [(RepoEvent(did, "error", seq, {"error": f"IdentityError: {exc}"}), None)]
         if item.type == "#sync":
             try:
-                synced = verify_sync(item.message, key=key)
+                synced = verify_sync(item.body, key=key)  # decoded once, by the firehose client
             except CommitVerifyError as exc:
                 self.stats.broken += 1
                 self.stats.repo_events += 1
-                yield RepoEvent(did, "error", seq, {"error": f"{type(exc).__name__}: {exc}"}), None
-                return
+                return [(RepoEvent(did, "error", seq, {"error": f"{type(exc).__name__}: {exc}"}), None)]
             if str(synced.data) != row.data and synced.rev >= row.rev:
-                async for delivery in self._desynchronized(item, f"#sync to rev {synced.rev} with another data root"):
-                    yield delivery
-            return
+                return self._desynchronized(item, f"#sync to rev {synced.rev} with another data root")
+            return []
         rev = item.body.get("rev")
         if isinstance(rev, str) and rev <= row.rev:
             self.stats.stale += 1
-            return
+            return []
         try:
-            commit = verify_commit(item.message, key=key, prev=RepoState(row.rev, row.data))
+            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, row.data))
         except OutOfSyncError as exc:
-            async for delivery in self._desynchronized(item, str(exc)):
-                yield delivery
-            return
+            return self._desynchronized(item, str(exc))
         except CommitVerifyError as exc:
             self.stats.broken += 1
             self.stats.repo_events += 1
-            yield RepoEvent(did, "error", seq, {"error": f"{type(exc).__name__}: {exc}"}), None
-            return
+            return [(RepoEvent(did, "error", seq, {"error": f"{type(exc).__name__}: {exc}"}), None)]
         self.stats.commits += 1
         events: list[RecordEvent] = []
         ops: list[RecordOp] = []
@@ -747,23 +743,22 @@ class Sync:
                 ops.append(RecordOp(action, op.collection, op.rkey, cid, op.block))
         rev_now, data_now = commit.rev, str(commit.data)
 
+        self.stats.live += len(events)
+        records = [(f"{e.collection}/{e.rkey}", e.cid) for e in events]
+
         async def applied(did: str = did, rev: str = rev_now, data: str = data_now, ops: list[RecordOp] = ops) -> None:
+            # The commit is the unit: its records, rev and root are written once its last event
+            # is taken (a crash before re-delivers the whole commit).
+            state.put_records(did, records)
             state.set(did, "active", rev, data)
             if self.sink is not None:
                 await self.sink.apply(did, rev, data, ops)
 
-        self.stats.live += len(events)
-        for i, event in enumerate(events):
-            key_path = f"{event.collection}/{event.rkey}"
-
-            async def put(did: str = did, key_path: str = key_path, cid: str | None = event.cid, last: bool = i == len(events) - 1) -> None:
-                state.put_record(did, key_path, cid)
-                if last:
-                    await applied()
-
-            yield event, put
         if not events:
-            yield None, applied
+            return [(None, applied)]
+        out: list[_Delivery] = [(event, None) for event in events]
+        out[-1] = (events[-1], applied)
+        return out
 
     def _signals(self, item: Event) -> bool:
         """True when a ``#commit`` creates or updates a record of the signal collection."""
@@ -773,15 +768,17 @@ class Sync:
             isinstance(op, dict) and op.get("action") in ("create", "update") and str(op.get("path", "")).startswith(prefix) for op in ops
         )
 
-    async def _desynchronized(self, item: Event, reason: str) -> AsyncGenerator[_Delivery, None]:
+    def _desynchronized(self, item: Event, reason: str) -> list[_Delivery]:
         did = item.did
         assert did is not None
         self._request(did, reason)
         self._buffer(item)  # applied after the refetch if the repo it gives is older
         self.stats.resyncs += 1
         self.stats.repo_events += 2
-        yield RepoEvent(did, "desynchronized", item.seq, {"reason": reason}), None
-        yield RepoEvent(did, "resync", item.seq, {"phase": "started", "reason": reason}), None
+        return [
+            (RepoEvent(did, "desynchronized", item.seq, {"reason": reason}), None),
+            (RepoEvent(did, "resync", item.seq, {"phase": "started", "reason": reason}), None),
+        ]
 
     # -- fetches --------------------------------------------------------------------------------
 
@@ -925,7 +922,7 @@ class Sync:
             item = self._unbuffer(did)
             if item is None:
                 break
-            async for delivery in self._on_event(item, buffered=True):
+            for delivery in await self._on_event(item):
                 yield delivery
         if did not in self._fetching:
             self._drop_buffer(did)

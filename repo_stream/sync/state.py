@@ -136,6 +136,20 @@ class StateStore:
         else:
             self._run(f"INSERT INTO {table} (did, key, cid) VALUES (?, ?, ?) ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid", (did, key, cid))
 
+    def put_records(self, did: str, records: list[tuple[str, str | None]]) -> None:
+        """Store or remove (CID None) each ``(key, cid)`` of ``did`` (each key named once)."""
+        puts = [(did, key, cid) for key, cid in records if cid is not None]
+        deletes = [(did, key) for key, cid in records if cid is None]
+        try:
+            if deletes:  # a commit names each key once: the order between the two does not matter
+                self._db.executemany("DELETE FROM records WHERE did = ? AND key = ?", deletes)
+            if puts:
+                self._db.executemany(
+                    "INSERT INTO records (did, key, cid) VALUES (?, ?, ?) ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid", puts
+                )
+        except sqlite3.Error as exc:
+            raise DiskError(f"sync state {self.path}: {exc}") from None
+
     def unstage(self, did: str) -> None:
         """Move ``did``'s staged records into ``records`` (its backfill reached the sink)."""
         self._run("DELETE FROM records WHERE did = ?", (did,))
