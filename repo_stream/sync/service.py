@@ -108,19 +108,27 @@ class SyncStats:
     """Counters of a :class:`Sync` (read them any time).
 
     Attributes:
-        delivered: items handed to the consumer. backfilled: record events from fetches
-        (``live=False``). live: record events from the firehose. repo_events: repo events.
-        commits: ``#commit`` events verified and applied. stale: events dropped as already
-        applied (rev not above the stored one). broken: commits dropped as invalid.
-        fetches: fetches started (backfills and resyncs). fetched: fetches delivered.
-        failed: fetches failed. resyncs: resyncs started. buffered: firehose messages
-        buffered now (memory and spilled). buffered_peak: the most at once.
-        spilled: messages ever spilled to the state file. problems: problems of the stream
-        (:class:`~repo_stream.firehose.Problem`). last_time: ``time`` of the last firehose
-        event handled (RFC 3339). backfilled_at: seconds from the start until every repo listed
-        was fetched, its records delivered and its buffered events applied (None until then).
-        caught_up: seconds until, after that, the service had taken everything the firehose
-        had sent (None until then). started: ``time.monotonic()`` at the start.
+        delivered: items handed to the consumer.
+        backfilled: record events from fetches (``live=False``).
+        live: record events from the firehose.
+        repo_events: repo events.
+        commits: ``#commit`` events verified and applied.
+        stale: events dropped as already applied (rev not above the stored one).
+        broken: commits dropped as invalid.
+        fetches: fetches started (backfills and resyncs).
+        fetched: fetches delivered.
+        failed: fetches failed.
+        resyncs: resyncs started.
+        buffered: firehose messages buffered now (in memory and spilled).
+        buffered_peak: the most buffered at once.
+        spilled: messages ever spilled to the state file.
+        problems: problems of the stream (:class:`~repo_stream.firehose.Problem`).
+        last_time: ``time`` of the last firehose event handled (RFC 3339).
+        backfilled_at: seconds from the start until every repo listed was fetched, its records
+            delivered and its buffered events applied (None until then).
+        caught_up: seconds until, after that, the service had taken everything the firehose had
+            sent (None until then).
+        started: ``time.monotonic()`` at the start.
     """
 
     delivered: int = 0
