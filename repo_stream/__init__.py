@@ -51,6 +51,9 @@ __all__ = [
     "decode_record",
     "record_json",
     "to_json_value",
+    "Sync",
+    "RecordEvent",
+    "RepoEvent",
     *_error_names,
 ]
 
@@ -62,16 +65,21 @@ _LAZY = {
     "record_json": "records.values",
     "to_json_value": "records.values",
     "build_repo_car": "records.writer",
+    "Sync": "sync.service",
+    "RecordEvent": "sync.follow",
+    "RepoEvent": "sync.follow",
 }
 
 if TYPE_CHECKING:  # the lazily imported names, precisely typed for type checkers
     from .records.values import JSON_CODEC, RECORD_CODEC, Link, decode_record, record_json, to_json_value
     from .records.writer import build_repo_car
+    from .sync.follow import RecordEvent, RepoEvent
+    from .sync.service import Sync
 
 
 def __getattr__(name: str) -> object:
-    """Import the record decoders and the CAR writer on first use (start-up stays short: cbrrr
-    and the writer are not needed to walk a repo)."""
+    """Import the record decoders, the CAR writer and the sync service on first use (start-up
+    stays short: cbrrr, the writer and the firehose are not needed to walk a repo)."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'repo_stream' has no attribute {name!r}")

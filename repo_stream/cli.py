@@ -647,6 +647,176 @@ async def _verify_commit(args: argparse.Namespace) -> int:
     return status
 
 
+_SYNC_DESCRIPTION = """\
+Backfill repos, then follow the firehose: every record of the repos, first as a backfill and then
+live, each commit verified, in order per repo, resumable (repo_stream.sync.Sync).
+
+Repos: --repos FILE (DIDs, one a line; - for standard input), --host URL (every repo the host
+lists), or --collection-signal NSID (the repos that have a record in that collection: listed by
+--host, default the relay, with com.atproto.sync.listReposByCollection, and found live).
+
+State: --state PATH, an SQLite file (default ./repo-stream-sync.sqlite in the working folder),
+holds each repo's status, rev and data root, the record CIDs delivered and the firehose cursor; a
+restart with the same --state resumes from it. Ctrl-C and SIGTERM stop after committing what was
+delivered.
+
+Output (--json): one JSON object a line, flushed per line. Record events:
+  {"did", "rev", "seq", "action": "create"|"update"|"delete", "collection", "rkey", "cid",
+   "value", "live"}  (cid and value null for deletes; seq null and live false for backfilled
+   records and the difference a resync emits)
+Repo events: {"did", "event": "identity"|"account"|"resync"|"desynchronized"|"error", "seq", ...}
+Without --json: one short line per event. --out SINK writes the records to a store instead
+(duckdb:FILE, parquet:DIR, postgresql://...: a sink that takes sync events).
+Progress goes to stderr when it is a terminal, and a summary on exit.
+
+Exit status: 0 stopped (the stream ended); 1 an error ended the run; 2 usage; 130 interrupted;
+143 terminated.
+"""
+
+
+#: The sync state file's default name, in the working folder (repo_stream.sync.service.DEFAULT_STATE_PATH).
+DEFAULT_SYNC_STATE = "repo-stream-sync.sqlite"
+
+
+def _add_sync(commands: Any) -> None:
+    """Register ``repo-stream sync (--repos FILE|- | --host URL | --collection-signal NSID) --relay URL ...``."""
+    p = commands.add_parser(
+        "sync",
+        help="backfill repos, then follow the firehose: verified, resumable record events",
+        description=_SYNC_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repos", metavar="FILE", help="a file of DIDs, one a line (# comments), or - for standard input")
+    where.add_argument("--host", metavar="URL", default=None, help="every active repo of a PDS or relay (com.atproto.sync.listRepos)")
+    where.add_argument(
+        "--collection-signal",
+        metavar="NSID",
+        help="only repos with a record in this collection (com.atproto.sync.listReposByCollection on --list-host, default the relay; and found live)",
+    )
+    p.add_argument("--list-host", metavar="URL", help="with --collection-signal: the host to list from (default: the relay, as https://)")
+    p.add_argument("--relay", required=True, metavar="URL", help="the firehose: a relay or PDS, wss://HOST or ws://HOST:PORT")
+    p.add_argument("--plc-url", metavar="URL", default=argparse.SUPPRESS, help="PLC directory for did:plc (default https://plc.directory)")
+    p.add_argument("--state", metavar="PATH", default=DEFAULT_SYNC_STATE, help=f"the SQLite state file (default ./{DEFAULT_SYNC_STATE})")
+    p.add_argument("--cursor", type=_non_negative_int, metavar="N", help="start the firehose after this seq (default: the state's cursor, else live)")
+    p.add_argument(
+        "--collection", action="append", metavar="NSID", help="emit only records of this collection (repeatable; app.bsky.feed.* for a prefix)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per event, one a line")
+    p.add_argument("--out", metavar="SINK", help="write the records to a store: duckdb:FILE, parquet:DIR, postgresql://... (its extra)")
+    p.add_argument("--memory-workers", type=_positive_int, default=4, metavar="N", help="repos backfilled at once (default 4)")
+    p.add_argument("--max-buffered", type=_non_negative_int, default=10_000, metavar="N",
+                   help="firehose messages of repos being backfilled kept in memory; more go to the state file (default 10000)")  # fmt: skip
+    p.add_argument("--max-events", type=_positive_int, metavar="N", help="stop after N events")
+    p.add_argument("--allow-private-hosts", action="store_true", help="let hosts learned from the network (PDSes, did:web) be private addresses")
+
+
+async def _sync(args: argparse.Namespace) -> int:
+    """The ``sync`` command: run :class:`repo_stream.sync.Sync` and print (or store) its events."""
+    from .backfill.sources import read_repo_list
+    from .firehose import Problem
+    from .sync.follow import RecordEvent
+    from .sync.service import Sync
+
+    sink: Any = None
+    if args.out:
+        from .backfill import open_sink
+
+        sink = open_sink(args.out)
+        if not hasattr(sink, "apply"):
+            _error(f"sync: --out {args.out}: this sink cannot take sync events (use duckdb:, parquet: or postgresql:)")
+            return 2
+    bar: Any = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit=" events", desc="sync", file=sys.stderr, dynamic_ncols=True)
+
+    def problem(item: Problem) -> None:
+        line = f"warning: {item.kind}: {' '.join(str(item.error).split())}"
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    repos = read_repo_list(args.repos) if args.repos else None
+    try:
+        sync = Sync(
+            repos,
+            relay=args.relay,
+            plc_url=getattr(args, "plc_url", None),
+            state=args.state,
+            cursor=args.cursor,
+            collections=args.collection,
+            host=args.host if args.collection_signal is None else args.list_host,
+            signal_collection=args.collection_signal,
+            allow_private_hosts=args.allow_private_hosts,
+            sink=sink,
+            memory_workers=args.memory_workers,
+            max_buffered=args.max_buffered,
+            on_problem=problem,
+        )
+    except ValueError as exc:
+        _error(f"sync: {exc}")
+        return 2
+    count = 0
+    shown = time.monotonic()
+    try:
+        async with sync:
+            async for event in sync:
+                count += 1
+                if sink is None:
+                    if args.json:
+                        _write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
+                    elif isinstance(event, RecordEvent):
+                        where = f"seq {event.seq}" if event.seq is not None else "backfill"
+                        _write(f"{event.did} {event.action} {event.collection}/{event.rkey} {event.cid or '-'} rev {event.rev} ({where})\n")
+                    else:
+                        detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
+                        _write(f"{event.did} {event.event} {detail}\n")
+                await sync.ack()  # written out: taken
+                if bar is not None and time.monotonic() - shown >= 0.5:
+                    shown = time.monotonic()
+                    bar.n = count
+                    bar.set_postfix_str(_sync_progress(sync), refresh=True)
+                if args.max_events is not None and count >= args.max_events:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()
+        print(_sync_summary(sync), file=sys.stderr, flush=True)
+    return 0
+
+
+def _sync_progress(sync: Any) -> str:
+    """The progress bar's text: events/s, lag behind the stream's ``time``, repos by status."""
+    stats = sync.stats
+    elapsed = max(time.monotonic() - stats.started, 1e-9)
+    lag = stats.lag()
+    counts = sync.state.counts() if sync.state is not None else {}
+    repos = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return f"{stats.delivered / elapsed:,.0f} events/s, lag {'-' if lag is None else f'{lag:,.1f} s'}, buffered {stats.buffered}; repos: {repos}"
+
+
+def _sync_summary(sync: Any) -> str:
+    """The summary line on exit."""
+    stats = sync.stats
+    elapsed = max(time.monotonic() - stats.started, 1e-9)
+    counts = sync.final_counts
+    repos = ", ".join(f"{n} {status}" for status, n in counts.items()) or "none"
+    caught = "backfill not done" if stats.backfilled_at is None else f"every repo backfilled after {stats.backfilled_at:.1f} s"
+    caught += "" if stats.caught_up is None else f", caught up with the stream after {stats.caught_up:.1f} s"
+    return (
+        f"sync: {stats.delivered} events in {elapsed:.1f} s ({stats.delivered / elapsed:,.0f}/s): {stats.backfilled} backfilled records, "
+        f"{stats.live} live records ({stats.commits} commits), {stats.repo_events} repo events; {stats.fetched} repos fetched, "
+        f"{stats.failed} failed, {stats.resyncs} resyncs, {stats.broken} broken commits dropped, {stats.stale} stale events dropped; "
+        f"buffered at most {stats.buffered_peak} ({stats.spilled} spilled); {stats.problems} stream problems; {caught}; repos: {repos}"
+    )
+
+
 def _add_firehose(commands: Any) -> None:
     """Register ``repo-stream firehose [URL] [--cursor N] [--record FILE] [--replay FILE] [--verify] [--json]``."""
     p = commands.add_parser(
@@ -783,6 +953,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_verify_commit(commands)
     _add_firehose(commands)
+    _add_sync(commands)
     b = commands.add_parser(
         "backfill",
         help="walk many repos at once, resumably (DIDs, handles, URLs, paths)",
@@ -1029,6 +1200,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "verify": _verify,
     "verify-commit": _verify_commit,
     "firehose": _firehose,
+    "sync": _sync,
 }
 
 

@@ -96,11 +96,12 @@ class RecordEvent:
 @dataclass(frozen=True, slots=True)
 class RepoEvent:
     """Something that happened to a repo: ``event`` is ``"identity"``, ``"account"``,
-    ``"desynchronized"`` or ``"error"``; ``detail`` holds its details (``status``, ``active``,
-    ``handle``, ``error``...), ``seq`` the firehose seq."""
+    ``"desynchronized"``, ``"resync"`` (from the sync service: ``phase`` ``"started"`` or
+    ``"finished"``) or ``"error"``; ``detail`` holds its details (``status``, ``active``,
+    ``handle``, ``error``, ``reason``...), ``seq`` the firehose seq (None when not from one)."""
 
     did: str
-    event: Literal["identity", "account", "desynchronized", "error"]
+    event: Literal["identity", "account", "desynchronized", "resync", "error"]
     seq: int | None
     detail: dict[str, Any] = field(default_factory=dict)
 

@@ -4,7 +4,12 @@ stream cursor.
 Table ``repos(did, status, rev, data, updated)``: ``status`` is one of :data:`STATUSES`,
 ``rev`` the last verified rev (a TID) and ``data`` the MST root it has (a base32 CID string),
 both NULL before the first backfill. Table ``meta(key, value)`` holds the firehose ``cursor``
-(the seq of the last event whose changes the consumer took). Writes become durable at
+(the seq of the last event whose changes the consumer took). Table ``records(did, key, cid)``
+holds the record CIDs delivered for each tracked repo (``key`` is ``collection/rkey``; the
+sync service compares them with a refetched repo to emit the difference), ``staged`` the same
+for a backfill written to a sink and not finished yet, and ``buffer(did, seq, message)`` the
+firehose messages of repos still backfilling past the in-memory limit (emptied at start: a
+restart replays them from the cursor). Writes become durable at
 :meth:`StateStore.commit` (one SQLite transaction), so a crash loses only what was not
 committed, and a restart re-delivers it.
 """
@@ -52,7 +57,11 @@ class StateStore:
             self._db = sqlite3.connect(self.path, isolation_level="DEFERRED")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS repos (did TEXT PRIMARY KEY, status TEXT NOT NULL, rev TEXT, data TEXT, updated REAL)")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            for table in ("records", "staged"):
+                self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (did TEXT, key TEXT, cid TEXT NOT NULL, PRIMARY KEY (did, key)) WITHOUT ROWID")
+            self._db.execute("CREATE TABLE IF NOT EXISTS buffer (did TEXT, seq INTEGER, message BLOB NOT NULL, PRIMARY KEY (did, seq)) WITHOUT ROWID")
             self._db.commit()
         except sqlite3.Error as exc:
             raise DiskError(f"sync state {self.path}: {exc}") from None
@@ -92,6 +101,87 @@ class StateStore:
             "data = COALESCE(excluded.data, data), updated = excluded.updated",
             (did, status, rev, data, time.time()),
         )
+
+    def dids(self, status: str, after: str = "", limit: int = 1000) -> list[str]:
+        """Up to ``limit`` DIDs with ``status``, above ``after``, in order (for paging)."""
+        return [r[0] for r in self._run("SELECT did FROM repos WHERE status = ? AND did > ? ORDER BY did LIMIT ?", (status, after, limit))]
+
+    def reset_statuses(self, statuses: tuple[str, ...], to: str) -> None:
+        """Set every repo with one of ``statuses`` to ``to`` (at start: unfinished fetches to redo)."""
+        self._check(to)
+        marks = ",".join("?" * len(statuses))
+        self._run(f"UPDATE repos SET status = ? WHERE status IN ({marks})", (to, *statuses))
+
+    # -- records: the CIDs delivered per repo --------------------------------------------------
+
+    def has_records(self, did: str) -> bool:
+        """True when any record of ``did`` is stored."""
+        return self._run("SELECT 1 FROM records WHERE did = ? LIMIT 1", (did,)).fetchone() is not None
+
+    def records_page(self, did: str, after: str, upto: str | None, limit: int) -> list[tuple[str, str]]:
+        """Up to ``limit`` ``(key, cid)`` of ``did`` with ``after < key <= upto`` (no upper bound
+        when ``upto`` is None), in key order (bytewise, the MST's order)."""
+        if upto is None:
+            sql, args = "SELECT key, cid FROM records WHERE did = ? AND key > ? ORDER BY key LIMIT ?", (did, after, limit)
+        else:
+            sql, args = "SELECT key, cid FROM records WHERE did = ? AND key > ? AND key <= ? ORDER BY key LIMIT ?", (did, after, upto, limit)  # type: ignore[assignment]
+        return [(str(k), str(c)) for k, c in self._run(sql, args)]
+
+    def put_record(self, did: str, key: str, cid: str | None, *, staged: bool = False) -> None:
+        """Store (``cid`` given) or remove (None) the record ``key`` of ``did``; ``staged``: in
+        the staging table (see :meth:`unstage`)."""
+        table = "staged" if staged else "records"
+        if cid is None:
+            self._run(f"DELETE FROM {table} WHERE did = ? AND key = ?", (did, key))
+        else:
+            self._run(f"INSERT INTO {table} (did, key, cid) VALUES (?, ?, ?) ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid", (did, key, cid))
+
+    def put_records(self, did: str, records: list[tuple[str, str | None]]) -> None:
+        """Store or remove (CID None) each ``(key, cid)`` of ``did`` (each key named once)."""
+        puts = [(did, key, cid) for key, cid in records if cid is not None]
+        deletes = [(did, key) for key, cid in records if cid is None]
+        try:
+            if deletes:  # a commit names each key once: the order between the two does not matter
+                self._db.executemany("DELETE FROM records WHERE did = ? AND key = ?", deletes)
+            if puts:
+                self._db.executemany(
+                    "INSERT INTO records (did, key, cid) VALUES (?, ?, ?) ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid", puts
+                )
+        except sqlite3.Error as exc:
+            raise DiskError(f"sync state {self.path}: {exc}") from None
+
+    def unstage(self, did: str) -> None:
+        """Move ``did``'s staged records into ``records`` (its backfill reached the sink)."""
+        self._run("DELETE FROM records WHERE did = ?", (did,))
+        self._run("INSERT INTO records (did, key, cid) SELECT did, key, cid FROM staged WHERE did = ?", (did,))
+        self._run("DELETE FROM staged WHERE did = ?", (did,))
+
+    def clear_staged(self, did: str | None = None) -> None:
+        """Drop the staged records of ``did`` (None: of every repo)."""
+        if did is None:
+            self._run("DELETE FROM staged")
+        else:
+            self._run("DELETE FROM staged WHERE did = ?", (did,))
+
+    # -- buffer: firehose messages of repos being fetched, past the in-memory limit --------------
+
+    def spill(self, did: str, seq: int, message: bytes) -> None:
+        """Keep a message of ``did`` (not committed on purpose: see the module docstring)."""
+        self._run("INSERT OR REPLACE INTO buffer (did, seq, message) VALUES (?, ?, ?)", (did, seq, message))
+
+    def unspill(self, did: str, limit: int = 100) -> list[tuple[int, bytes]]:
+        """Take (and remove) up to ``limit`` of ``did``'s oldest spilled messages, ``(seq, message)``."""
+        rows = [(int(s), bytes(m)) for s, m in self._run("SELECT seq, message FROM buffer WHERE did = ? ORDER BY seq LIMIT ?", (did, limit))]
+        if rows:
+            self._run("DELETE FROM buffer WHERE did = ? AND seq <= ?", (did, rows[-1][0]))
+        return rows
+
+    def clear_spilled(self, did: str | None = None) -> None:
+        """Drop the spilled messages of ``did`` (None: all)."""
+        if did is None:
+            self._run("DELETE FROM buffer")
+        else:
+            self._run("DELETE FROM buffer WHERE did = ?", (did,))
 
     def counts(self) -> dict[str, int]:
         """Repos by status."""

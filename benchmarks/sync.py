@@ -1,0 +1,403 @@
+"""The sync service (repo_stream.sync.Sync): a pipeline replay and a backfill-then-follow run.
+
+Two figures, each way in its own fresh process (peak RSS is its own), the servers in another:
+
+``--part replay`` (default ``--events 50000``): the ``#commit`` stream of
+``benchmarks/firehose.py`` (generated once, cached under ``.cache/``: 500 accounts, 1-10 ops per
+event) served over loopback WebSocket by the tests' server, with a PLC directory for the keys.
+
+- ``sync``: :class:`repo_stream.sync.Sync` with every account tracked as already backfilled at the
+  stream's start (its rev and MST root in the state file): WebSocket, ``verify_commit`` with
+  continuity, the state (record CIDs, rev, root, cursor) in SQLite, and each event written as its
+  JSON line (``json.dumps(event.to_json())``) to a buffered file (``/dev/null``).
+- ``sdk``: the atproto Python SDK's firehose client (``AsyncFirehoseSubscribeReposClient``):
+  ``parse_subscribe_repos_message``, ``CAR.from_bytes`` of the blocks, each op's record looked up
+  and written as JSON (``json.dumps(..., default=str)``). It verifies nothing and keeps no state.
+
+``--part backfill`` (default ``--repos 1000``): a live PDS and relay in one process: ``--repos``
+accounts with 20-80 records each, and commits made at ``--rate`` per second by a producer
+thread while the service runs (a WebSocket stream that grows; getRepo answers the repo as it is
+at that moment). The service backfills every repo (4 memory workers) while following the
+stream from its start. Reported: seconds until caught up (every repo fetched and its buffered
+events applied), firehose messages buffered at the peak and spilled, resyncs, events, peak RSS;
+then, once the producer stops, that every repo's stored rev is its final one.
+
+Usage::
+
+    .venv/bin/python benchmarks/sync.py [--part replay|backfill|both] [--events 50000] [--repos 1000] [--rate 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS, MiB: ``VmHWM`` of /proc/self/status (``ru_maxrss`` would carry
+    the parent's peak over a fork and exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------ replay
+
+
+def replay_server(path: str) -> None:
+    """Serve the cached stream (WebSocket) and the accounts' DID documents (HTTP); print the ports."""
+    from firehose import load
+
+    from tests.firehose_server import FirehoseServer, with_seq
+    from tests.servers import LocalHTTPServer, json_reply
+    from tests.test_firehose import did_document
+
+    states = json.loads(Path(path).with_suffix(".json").read_text())
+    messages: list[tuple[int | None, bytes]] = [(i + 1, with_seq(m, i + 1)) for i, m in enumerate(load(Path(path)))]
+    with FirehoseServer(messages) as server, LocalHTTPServer() as plc:
+        for did, state in states.items():
+            plc.route("*", f"/{did}", json_reply(did_document(did, state["key"])))
+        print(server.port, plc.port, flush=True)
+        sys.stdin.read()
+
+
+def replay_sync(path: str, ws: int, http: int, events: int) -> dict[str, Any]:
+    import anyio
+
+    from repo_stream.sync import Sync
+    from repo_stream.sync.state import StateStore
+
+    states = json.loads(Path(path).with_suffix(".json").read_text())
+    folder = tempfile.mkdtemp()
+    state_path = os.path.join(folder, "state.sqlite")
+    with StateStore(state_path) as state:
+        for did, s in states.items():
+            state.set(did, "active", s["rev"], s["data"])
+        state.commit()
+    out = open(os.devnull, "w", buffering=1 << 16)
+    count = 0
+
+    async def run() -> Any:
+        nonlocal count
+        async with Sync(relay=f"ws://127.0.0.1:{ws}", plc_url=f"http://127.0.0.1:{http}", state=state_path, cursor=0, allow_private_hosts=True) as sync:
+            async for event in sync:
+                out.write(json.dumps(event.to_json()) + "\n")
+                count += 1
+                if sync.stats.commits >= events:
+                    break
+            return sync.stats
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    stats = anyio.run(run)
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    out.close()
+    return {"way": "sync", "events": stats.commits, "records": count, "broken": stats.broken, "wall": wall, "cpu": cpu, "rss": peak_rss_mib()}
+
+
+def replay_sdk(path: str, ws: int, http: int, events: int) -> dict[str, Any]:
+    import asyncio
+
+    from atproto import CAR, firehose_models, models, parse_subscribe_repos_message
+    from atproto_firehose import AsyncFirehoseSubscribeReposClient
+
+    out = open(os.devnull, "w", buffering=1 << 16)
+    count = 0
+    records = 0
+    client = AsyncFirehoseSubscribeReposClient(base_uri=f"ws://127.0.0.1:{ws}/xrpc")
+
+    async def on_message(message: firehose_models.MessageFrame) -> None:
+        nonlocal count, records
+        commit = parse_subscribe_repos_message(message)
+        if not isinstance(commit, models.ComAtprotoSyncSubscribeRepos.Commit):
+            return
+        car = CAR.from_bytes(commit.blocks)
+        for op in commit.ops:
+            value = car.blocks.get(op.cid) if op.cid is not None else None
+            out.write(json.dumps({"did": commit.repo, "rev": commit.rev, "seq": commit.seq, "action": op.action, "path": op.path, "cid": str(op.cid), "value": value}, default=str) + "\n")
+            records += 1
+        count += 1
+        if count >= events:
+            await client.stop()
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    asyncio.run(client.start(on_message))
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    out.close()
+    return {"way": "sdk", "events": count, "records": records, "broken": 0, "wall": wall, "cpu": cpu, "rss": peak_rss_mib()}
+
+
+def part_replay(args: argparse.Namespace) -> None:
+    from firehose import CACHE, generate
+
+    path = CACHE / f"firehose-{args.events}-a{args.accounts}-s1.bin"
+    if not path.exists():
+        CACHE.mkdir(exist_ok=True)
+        generate(path, args.events, args.accounts, 1)
+    server = subprocess.Popen([sys.executable, __file__, "--child", "replay-server", "--path", str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        ws, http = server.stdout.readline().split()
+        rows = []
+        for way in ("sync", "sdk"):
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", f"replay-{way}", "--path", str(path), "--ws", ws, "--http", http, "--events", str(args.events)],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    finally:
+        server.kill()
+    print(f"\nReplay of {args.events:,} #commit events ({args.accounts} accounts) over loopback WebSocket:\n")
+    print("| way | events | records out | wall s | CPU s | events/s per CPU s | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['way']} | {r['events']:,} | {r['records']:,} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['events'] / r['cpu']:,.0f} | {r['rss']:.0f} |")
+
+
+# ------------------------------------------------------------------------------ backfill
+
+
+class LiveRelay:
+    """A growing subscribeRepos stream over WebSocket (wsproto, a thread per connection): each
+    connection gets every message from its cursor on, then waits for more."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.cond = threading.Condition()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def add(self, message: bytes) -> None:
+        with self.cond:
+            self.messages.append(message)
+            self.cond.notify_all()
+
+    def accept(self) -> None:
+        while True:
+            conn, _ = self.listener.accept()
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, BytesMessage, Request
+
+        ws = WSConnection(ConnectionType.SERVER)
+        target = None
+        try:
+            while target is None:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        target = event.target
+            conn.sendall(ws.send(AcceptConnection()))
+            cursor = parse_qs(urlsplit(target).query).get("cursor")
+            i = int(cursor[0]) if cursor else 0  # seq n is messages[n - 1]
+            while True:
+                with self.cond:
+                    while len(self.messages) <= i:
+                        self.cond.wait()
+                    batch = self.messages[i : i + 256]
+                i += len(batch)
+                conn.sendall(b"".join(ws.send(BytesMessage(m)) for m in batch))
+        except OSError:
+            return
+
+
+def backfill_server(repos: int, commits: int, rate: float, seed: int) -> None:
+    """A live PDS + relay: ``repos`` accounts; after the first getRepo, ``commits`` commits at
+    ``rate`` per second. Prints the ports; writes the final revs to stdout when done."""
+    from http.server import BaseHTTPRequestHandler
+
+    from repo_stream.records.generate import generate_records
+    from repo_stream.sync.generate import CommitGenerator, make_signer
+    from tests.backfill_server import GET_REPO, RepoHost, car_reply
+    from tests.firehose_server import with_seq
+    from tests.servers import json_reply
+    from tests.sync_server import did_document
+
+    rng = random.Random(seed)
+    pool = [b for _, b in generate_records(2000, seed=seed, profile="small")]
+    lock = threading.Lock()
+    gens: dict[str, CommitGenerator] = {}
+    keys: dict[str, str] = {}
+    for i in range(repos):
+        sign, did_key = make_signer("k256", i)
+        did = "did:plc:" + "".join("abcdefghijklmnopqrstuvwxyz234567"[(i >> (5 * k)) & 31] for k in range(6)).ljust(24, "q")
+        records = generate_records(rng.randint(20, 80), seed=seed * 100_000 + i, profile="small")
+        gens[did] = CommitGenerator(did, sign, records, seed=i, engine="edit", pool=pool)
+        keys[did] = did_key
+    relay = LiveRelay()
+    started = threading.Event()
+
+    class Host(RepoHost):
+        def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+            parts = urlsplit(handler.path)
+            if parts.path == GET_REPO:
+                did = parse_qs(parts.query)["did"][0]
+                started.set()
+                with lock:
+                    car = gens[did].repo_car()  # the repo as it is now
+                try:
+                    self._send(handler, car_reply(car))
+                except OSError:
+                    handler.close_connection = True
+                return
+            super()._handle(handler)
+
+    with Host() as host:
+        for did in gens:
+            host.route("*", f"/{did}", json_reply(did_document(did, keys[did], host.base)))
+        print(relay.port, host.port, flush=True)
+        dids = list(gens)
+        started.wait()
+        t0 = time.monotonic()
+        for n in range(commits):
+            did = rng.choice(dids)
+            with lock:
+                gen = gens[did]
+                message = gen.commit(gen.random_ops(rng.randint(1, 6), creates=0.7, updates=0.15))
+            relay.add(with_seq(message, n + 1))
+            delay = t0 + (n + 1) / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        print(json.dumps({did: gen.rev for did, gen in gens.items()}), flush=True)
+        sys.stdin.read()
+
+
+def backfill_client(dids_path: str, ws: int, http: int, finals_path: str) -> dict[str, Any]:
+    import anyio
+
+    from repo_stream.sync import Sync
+
+    dids = Path(dids_path).read_text().split()
+    state_path = os.path.join(tempfile.mkdtemp(), "state.sqlite")
+    out = open(os.devnull, "w", buffering=1 << 16)
+    result: dict[str, Any] = {}
+
+    async def run() -> None:
+        async with Sync(
+            dids, relay=f"ws://127.0.0.1:{ws}", plc_url=f"http://127.0.0.1:{http}", state=state_path, cursor=0, allow_private_hosts=True
+        ) as sync:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    finals: dict[str, str] | None = None
+                    while True:
+                        await anyio.sleep(0.2)
+                        if finals is None and os.path.getsize(finals_path):
+                            finals = json.loads(Path(finals_path).read_text())
+                            result["stream_end"] = time.monotonic() - sync.stats.started
+                        if finals is not None and sync.stats.caught_up is not None:
+                            assert sync.state is not None
+                            rows = {did: sync.state.get(did) for did in finals}
+                            if all(r is not None and r.rev == finals[did] and r.status == "active" for did, r in rows.items()):
+                                result["all_final"] = time.monotonic() - sync.stats.started
+                                tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                async for event in sync:
+                    out.write(json.dumps(event.to_json()) + "\n")
+            s = sync.stats
+            result.update(
+                caught_up=s.caught_up, backfilled_at=s.backfilled_at, buffered_peak=s.buffered_peak, spilled=s.spilled, resyncs=s.resyncs, fetched=s.fetched,
+                failed=s.failed, backfilled=s.backfilled, live=s.live, commits=s.commits, stale=s.stale, delivered=s.delivered,
+            )  # fmt: skip
+
+    cpu0 = time.process_time()
+    anyio.run(run)
+    result["cpu"] = time.process_time() - cpu0
+    result["rss"] = peak_rss_mib()
+    return result
+
+
+def part_backfill(args: argparse.Namespace) -> None:
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--child", "backfill-server", "--repos", str(args.repos), "--commits", str(args.commits), "--rate", str(args.rate)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    folder = Path(tempfile.mkdtemp())
+    finals = folder / "finals.json"
+    finals.write_text("")
+    try:
+        assert server.stdout is not None
+        ws, http = server.stdout.readline().split()
+        dids = folder / "dids.txt"
+        # The DIDs, as the server makes them.
+        names = ["did:plc:" + "".join("abcdefghijklmnopqrstuvwxyz234567"[(i >> (5 * k)) & 31] for k in range(6)).ljust(24, "q") for i in range(args.repos)]
+        dids.write_text("\n".join(names) + "\n")
+        client = subprocess.Popen(
+            [sys.executable, __file__, "--child", "backfill-client", "--path", str(dids), "--ws", ws, "--http", http, "--finals", str(finals)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        line = server.stdout.readline()  # the final revs, once the producer is done
+        finals.write_text(line)
+        out, _ = client.communicate(timeout=1800)
+        r = json.loads(out.strip().splitlines()[-1])
+    finally:
+        server.kill()
+    print(f"\nBackfill then follow: {args.repos:,} repos, {args.commits:,} commits made at {args.rate:g}/s during the run:\n")
+    print(
+        "| repos | every repo backfilled (s) | caught up (s) | every repo at its final rev (s) | buffered at peak | spilled | resyncs "
+        "| backfilled records | live records | stale dropped | client CPU s | client peak RSS MiB |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        f"| {r['fetched']:,} | {r['backfilled_at']:.1f} | {r['caught_up'] or 0:.1f} | {r.get('all_final', 0):.1f} | {r['buffered_peak']:,} | {r['spilled']:,} | {r['resyncs']} "
+        f"| {r['backfilled']:,} | {r['live']:,} | {r['stale']:,} | {r['cpu']:.1f} | {r['rss']:.0f} |"
+    )
+    print(f"\nthe producer made its last commit at {r.get('stream_end', 0):.1f} s (as the client saw it); failed fetches: {r['failed']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["replay", "backfill", "both"], default="both")
+    parser.add_argument("--events", type=int, default=50_000)
+    parser.add_argument("--accounts", type=int, default=500)
+    parser.add_argument("--repos", type=int, default=1000)
+    parser.add_argument("--commits", type=int, default=6000)
+    parser.add_argument("--rate", type=float, default=300)
+    parser.add_argument("--child", default=None)
+    parser.add_argument("--path", default="")
+    parser.add_argument("--finals", default="")
+    parser.add_argument("--ws", type=int, default=0)
+    parser.add_argument("--http", type=int, default=0)
+    args = parser.parse_args()
+    if args.child == "replay-server":
+        replay_server(args.path)
+    elif args.child in ("replay-sync", "replay-sdk"):
+        way = replay_sync if args.child == "replay-sync" else replay_sdk
+        print(json.dumps(way(args.path, args.ws, args.http, args.events)))
+    elif args.child == "backfill-server":
+        backfill_server(args.repos, args.commits, args.rate, 1)
+    elif args.child == "backfill-client":
+        print(json.dumps(backfill_client(args.path, args.ws, args.http, args.finals)))
+    else:
+        if args.part in ("replay", "both"):
+            part_replay(args)
+        if args.part in ("backfill", "both"):
+            part_backfill(args)
+
+
+if __name__ == "__main__":
+    main()

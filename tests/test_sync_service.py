@@ -1,0 +1,496 @@
+"""The sync service (repo_stream.sync.Sync) against real local servers: a WebSocket server
+replaying a generated stream and an HTTP server that is the PLC directory and the PDS (getRepo).
+After each scenario the records delivered per repo (creates, updates and deletes applied to a
+dict) equal the repo's records at the end of the stream, computed by the generator that made the
+stream and checked against a full walk of the final repo CAR. Asyncio and trio."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from repo_stream import iter_records
+from repo_stream.core.cid import cid_text
+from repo_stream.sync import RecordEvent, RepoEvent, Sync
+from repo_stream.sync.state import StateStore
+from tests.backfill_server import RepoHost, car_reply
+from tests.firehose_server import FirehoseServer, Plan, error_frame
+from tests.servers import json_reply
+from tests.sync_server import SyncStream, make_sync_stream, serve
+from tests.test_firehose import forge
+
+STREAM = make_sync_stream(accounts=4, commits=240, seed=3)
+
+
+def walk_final(stream: SyncStream, did: str) -> dict[str, str]:
+    """The final repo's records by a full walk of its CAR (independent of the generator's map)."""
+    return {record.key: str(record.cid) for record in iter_records(stream.accounts[did].final)}
+
+
+def test_the_generator_agrees_with_a_walk_of_the_final_repos() -> None:
+    for did, account in STREAM.accounts.items():
+        assert account.records() == walk_final(STREAM, did)
+        assert len(account.records()) > 20
+
+
+def apply(records: dict[str, dict[str, str]], event: RecordEvent) -> None:
+    repo = records.setdefault(event.did, {})
+    key = f"{event.collection}/{event.rkey}"
+    if event.action == "delete":
+        assert event.cid is None and event.value is None
+        repo.pop(key, None)
+    else:
+        assert event.cid is not None and isinstance(event.value, dict)
+        repo[key] = event.cid
+
+
+class Run:
+    """What a run delivered."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, str]] = {}
+        self.events: list[RecordEvent | RepoEvent] = []
+        self.stats: Any = None
+
+    def repo_events(self, kind: str) -> list[RepoEvent]:
+        return [e for e in self.events if isinstance(e, RepoEvent) and e.event == kind]
+
+
+def caught_up(sync: Sync, stream: SyncStream) -> bool:
+    """Every repo is active at its final rev (its last commit's events taken)."""
+    assert sync.state is not None
+    for did, account in stream.accounts.items():
+        row = sync.state.get(did)
+        if row is None or row.status != "active" or row.rev != account.generator.rev or did in sync._fetching:
+            return False
+    return True
+
+
+async def run_sync(
+    stream: SyncStream,
+    relay: str,
+    host: RepoHost,
+    state: Path,
+    run: Run | None = None,
+    *,
+    stop_after: int | None = None,
+    on_event: Callable[[RecordEvent | RepoEvent], Any] | None = None,
+    timeout: float = 60,
+    **options: Any,
+) -> Run:
+    """Sync every account of ``stream`` until caught up (or ``stop_after`` events)."""
+    run = run or Run()
+    options.setdefault("firehose_options", {"backoff_base": 0.01, "backoff_cap": 0.05})
+    with anyio.fail_after(timeout):
+        async with Sync(list(stream.accounts), relay=relay, plc_url=host.base, state=state, allow_private_hosts=True, **options) as sync:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    while not caught_up(sync, stream):
+                        await anyio.sleep(0.02)
+                    tg.cancel_scope.cancel()
+
+                if stop_after is None:
+                    tg.start_soon(watch)
+                taken = 0
+                async for event in sync:
+                    if isinstance(event, RecordEvent):
+                        apply(run.records, event)
+                    run.events.append(event)
+                    if on_event is not None:
+                        await on_event(event)
+                    taken += 1
+                    if stop_after is not None and taken >= stop_after:
+                        break
+                tg.cancel_scope.cancel()
+            run.stats = sync.stats
+    return run
+
+
+def check_final(run: Run, stream: SyncStream, dids: list[str] | None = None) -> None:
+    for did in dids or list(stream.accounts):
+        assert run.records.get(did, {}) == stream.accounts[did].records(), did
+
+
+@pytest.mark.anyio
+async def test_backfill_then_follow_with_events_during_the_backfill(tmp_path: Path) -> None:
+    # getRepo answers slowly: the whole stream arrives while the repos are backfilled, is
+    # buffered (past 40 messages spilled to the state file) and applied after each backfill.
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        for did, account in STREAM.accounts.items():
+            host.repo(did, car_reply(account.snapshot, head_delay=0.5))
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", max_buffered=40)
+    check_final(run, STREAM)
+    backfilled = [e for e in run.events if isinstance(e, RecordEvent) and not e.live]
+    live = [e for e in run.events if isinstance(e, RecordEvent) and e.live]
+    assert backfilled and all(e.seq is None and e.action == "create" for e in backfilled)
+    assert live and all(e.seq is not None for e in live)
+    for did, account in STREAM.accounts.items():  # the backfill: exactly the snapshot's records
+        snapshot = {r.key: str(r.cid) for r in iter_records(account.snapshot)}
+        assert {f"{e.collection}/{e.rkey}": e.cid for e in backfilled if e.did == did} == snapshot
+        assert {e.rev for e in backfilled if e.did == did} == {account.snapshot_rev}
+        assert all(e.rev > account.snapshot_rev for e in live if e.did == did)  # older ones dropped
+    stats = run.stats
+    assert stats.buffered_peak > 40 and stats.spilled > 0 and stats.buffered == 0
+    assert stats.stale > 0 and stats.fetched == 4 and stats.resyncs == 0 and stats.backfilled_at is not None
+    assert sorted(e.event for e in run.events if isinstance(e, RepoEvent)) == ["account"] * 4 + ["identity"] * 4
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_the_buffer_spills_past_its_byte_budget(tmp_path: Path) -> None:
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        for did, account in STREAM.accounts.items():
+            host.repo(did, car_reply(account.snapshot, head_delay=0.5))
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", max_buffered_bytes=30_000)
+    check_final(run, STREAM)
+    assert run.stats.spilled > 0 and run.stats.buffered == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_gap_triggers_a_resync_that_emits_the_difference(tmp_path: Path) -> None:
+    did = list(STREAM.accounts)[1]
+    commits = STREAM.accounts[did].commits
+    gap = commits[len(commits) // 2]  # after the snapshot
+    messages = [m for i, m in enumerate(STREAM.messages) if i != gap]
+    with FirehoseServer(messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite")
+        assert len(host.fetches(did)) == 2 and all(len(host.fetches(d)) == 1 for d in STREAM.accounts if d != did)
+    check_final(run, STREAM)
+    assert [e.did for e in run.repo_events("desynchronized")] == [did]
+    resync = run.repo_events("resync")
+    assert [(e.did, e.detail["phase"]) for e in resync] == [(did, "started"), (did, "finished")]
+    assert resync[1].detail["rev"] == STREAM.accounts[did].generator.rev
+    changed = resync[1].detail["created"] + resync[1].detail["updated"] + resync[1].detail["deleted"]
+    diff = [e for e in run.events if isinstance(e, RecordEvent) and e.did == did and not e.live and e.rev == STREAM.accounts[did].generator.rev]
+    assert changed == len(diff) > 0
+    assert run.stats.resyncs == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_sync_event_replacing_a_repo_triggers_a_resync(tmp_path: Path) -> None:
+    stream = make_sync_stream(accounts=3, commits=120, seed=5, replace=None)
+    did = list(stream.accounts)[2]
+    stream = make_sync_stream(accounts=3, commits=120, seed=5, replace=did)
+    with FirehoseServer(stream.messages) as relay, RepoHost() as host:
+        serve(host, stream)
+        run = await run_sync(stream, relay.url, host, tmp_path / "state.sqlite")
+    check_final(run, stream)
+    desync = run.repo_events("desynchronized")
+    assert [e.did for e in desync] == [did] and "#sync" in desync[0].detail["reason"]
+    assert [e.detail["phase"] for e in run.repo_events("resync")] == ["started", "finished"]
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_forged_commit_is_reported_and_dropped(tmp_path: Path) -> None:
+    did = next(iter(STREAM.accounts))
+    at = STREAM.accounts[did].commits[-5]
+    plans = [Plan(insert={at: [forge(STREAM.messages[at][1])]})]
+    with FirehoseServer(STREAM.messages, plans) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite")
+    check_final(run, STREAM)
+    errors = run.repo_events("error")
+    assert [e.did for e in errors] == [did] and errors[0].detail["error"].startswith("MalformedCarError")
+    assert run.stats.broken == 1 and not run.repo_events("resync")
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_dropped_connection_malformed_frame_and_error_frame(tmp_path: Path) -> None:
+    n = len(STREAM.messages)
+    plans = [
+        Plan(drop_after=n // 3, insert={10: [b"\xa1garbage"]}),  # a malformed frame, then the TCP connection dropped
+        Plan(insert={5: [error_frame("ConsumerTooSlow", "too slow")]}),  # an error frame: the relay drops us
+        Plan(),
+    ]
+    problems: list[str] = []
+    with FirehoseServer(STREAM.messages, plans) as relay, RepoHost() as host:
+        serve(host, STREAM)  # the snapshot: every repo needs the stream to its end
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", on_problem=lambda p: problems.append(p.kind))
+        assert len(relay.cursors) >= 3 and relay.cursors[0] is None and relay.cursors[1] is not None
+    check_final(run, STREAM)
+    assert "malformed" in problems and "error-frame" in problems and problems.count("disconnected") >= 2
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_slow_consumer_gets_everything_through_a_small_buffer(tmp_path: Path) -> None:
+    async def slow(event: RecordEvent | RepoEvent) -> None:
+        await anyio.sleep(0.001)
+
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        run = await run_sync(
+            STREAM, relay.url, host, tmp_path / "state.sqlite", on_event=slow, firehose_options={"max_buffer": 4, "backoff_base": 0.01}
+        )
+    check_final(run, STREAM)
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_collection_filter_leaves_out_other_collections(tmp_path: Path) -> None:
+    wanted = ("app.bsky.feed.post", "app.bsky.feed.like", "app.bsky.feed.repost")
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", collections=["app.bsky.feed.*"])
+    seen = {e.collection for e in run.events if isinstance(e, RecordEvent)}
+    assert seen == set(wanted)
+    for did, account in STREAM.accounts.items():
+        want = {k: v for k, v in account.records().items() if k.startswith("app.bsky.feed.")}
+        assert want and run.records[did] == want
+        assert set(account.records()) - set(want)  # other collections exist
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_restart_resumes_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        run = Run()
+        await run_sync(STREAM, relay.url, host, path, run, stop_after=300, commit_every=1)
+        taken = len(run.events)
+        with StateStore(path) as state:
+            cursor = state.cursor
+            assert state.counts().get("active", 0) >= 1
+        await run_sync(STREAM, relay.url, host, path, run)
+        assert relay.cursors[-1] == cursor
+    check_final(run, STREAM)
+    assert taken == 300 < len(run.events)
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_an_interrupted_backfill_resumes_with_the_rest_only(tmp_path: Path) -> None:
+    # Stop in the middle of the first repo's backfill: the restart delivers only what was not taken.
+    stream = make_sync_stream(accounts=1, commits=30, seed=9, initial_records=300, snapshot=0)
+    path = tmp_path / "state.sqlite"
+    with FirehoseServer(stream.messages) as relay, RepoHost() as host:
+        serve(host, stream, fresh=True)
+        run = Run()
+        await run_sync(stream, relay.url, host, path, run, stop_after=100, commit_every=1)
+        first = [f"{e.collection}/{e.rkey}" for e in run.events if isinstance(e, RecordEvent)]
+        second = Run()
+        await run_sync(stream, relay.url, host, path, second)
+    again = [f"{e.collection}/{e.rkey}" for e in second.events if isinstance(e, RecordEvent) and not e.live]
+    assert len(first) == 100 and not set(first[:99]) & set(again)  # the last one may come again
+    merged: dict[str, dict[str, str]] = {}
+    for event in run.events + second.events:
+        if isinstance(event, RecordEvent):
+            apply(merged, event)
+    did = next(iter(stream.accounts))
+    assert merged[did] == stream.accounts[did].records()
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_signal_collection_tracks_listed_repos_and_repos_found_live(tmp_path: Path) -> None:
+    dids = list(STREAM.accounts)
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        host.route("*", "/xrpc/com.atproto.sync.listReposByCollection", json_reply({"repos": [{"did": dids[0]}]}))
+        run = Run()
+        with anyio.fail_after(60):
+            async with Sync(
+                relay=relay.url, plc_url=host.base, state=tmp_path / "s.sqlite", host=host.base,
+                signal_collection="app.bsky.graph.block", allow_private_hosts=True,
+            ) as sync:  # fmt: skip
+                async with anyio.create_task_group() as tg:
+
+                    async def watch() -> None:
+                        while not caught_up(sync, STREAM):
+                            await anyio.sleep(0.02)
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(watch)
+                    async for event in sync:
+                        if isinstance(event, RecordEvent):
+                            apply(run.records, event)
+    check_final(run, STREAM)  # every account creates a block record at some point of the stream
+
+
+def test_state_records_pages_in_key_order(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "s.sqlite") as state:
+        for key in ("a.b/x", "a.b.c/y", "a.b/a", "z/1"):
+            state.put_record("did:plc:a", key, cid_text(b"\x01q\x12 " + bytes(32)))
+        state.put_record("did:plc:a", "z/1", None)
+        keys = [k for k, _ in state.records_page("did:plc:a", "", None, 10)]
+        assert keys == sorted(["a.b/x", "a.b.c/y", "a.b/a"], key=str.encode)
+        assert [k for k, _ in state.records_page("did:plc:a", "a.b.c/y", "a.b/a", 10)] == ["a.b/a"]
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+
+class Child:
+    """A ``repo-stream sync`` subprocess whose stdout lines are read by a thread."""
+
+    def __init__(self, args: list[str]) -> None:
+        import queue
+        import subprocess
+        import sys
+        import threading
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "repo_stream", "sync", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+
+        def read() -> None:
+            assert self.process.stdout is not None
+            for line in self.process.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def take(self, until: Callable[[dict[str, Any]], bool], timeout: float = 60) -> list[dict[str, Any]]:
+        """Lines (as JSON) until ``until(line)`` holds after one."""
+        import json
+        import time
+
+        out: list[dict[str, Any]] = []
+        end = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.01, end - time.monotonic()))
+            assert line is not None, f"the child ended: {self.process.wait()} {self.process.stderr.read() if self.process.stderr else ''}"
+            out.append(json.loads(line))
+            if until(out[-1]):
+                return out
+
+
+def apply_json(records: dict[str, dict[str, str]], line: dict[str, Any]) -> None:
+    if "action" not in line:
+        return
+    repo = records.setdefault(line["did"], {})
+    key = f"{line['collection']}/{line['rkey']}"
+    if line["action"] == "delete":
+        repo.pop(key, None)
+    else:
+        repo[key] = line["cid"]
+
+
+@pytest.mark.once
+def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
+    import signal
+
+    dids = tmp_path / "dids.txt"
+    dids.write_text("# the accounts\n" + "\n".join(STREAM.accounts) + "\n")
+    state = tmp_path / "state.sqlite"
+    records: dict[str, dict[str, str]] = {}
+    final = {did: account.records() for did, account in STREAM.accounts.items()}
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        args = ["--repos", str(dids), "--relay", relay.url, "--plc-url", host.base, "--state", str(state), "--json", "--allow-private-hosts"]
+        first = Child(args)
+        count = 0
+
+        def enough(line: dict[str, Any]) -> bool:
+            nonlocal count
+            count += 1
+            return count >= 250
+
+        lines = first.take(enough)
+        first.process.send_signal(signal.SIGKILL)
+        assert first.process.wait(10) == -signal.SIGKILL
+        for line in lines:
+            apply_json(records, line)
+        assert records != final
+        second = Child(args)
+
+        def done(line: dict[str, Any]) -> bool:
+            apply_json(records, line)
+            return records == final
+
+        more = second.take(done)
+        assert {line.get("event", "record") for line in lines + more} >= {"record", "identity", "account"}
+        for line in lines + more:
+            if "action" in line:
+                assert set(line) == {"did", "rev", "seq", "action", "collection", "rkey", "cid", "value", "live"}
+                assert (line["seq"] is None) == (not line["live"])
+        second.process.send_signal(signal.SIGTERM)
+        assert second.process.wait(20) == 143
+        assert second.process.stderr is not None
+        err = second.process.stderr.read()
+        assert "sync: " in err and "repos: 4 active" in err, err
+    with StateStore(state) as store:  # what was delivered is committed
+        for did, account in STREAM.accounts.items():
+            row = store.get(did)
+            assert row is not None and row.status == "active" and row.rev == account.generator.rev
+        assert store.cursor is not None and store.cursor >= max(account.commits[-1] for account in STREAM.accounts.values())
+
+
+@pytest.mark.once
+def test_cli_usage_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from repo_stream.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sync", "--relay", "ws://127.0.0.1:9"])  # no repos
+    assert exit_info.value.code == 2
+    assert main(["sync", "--repos", str(tmp_path / "none.txt"), "--relay", "ws://127.0.0.1:9", "--collection", "app.*.x", "--state", str(tmp_path / "s")]) == 2
+    assert "may only end it" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sync", "--help"])
+    assert "./repo-stream-sync.sqlite" in capsys.readouterr().out
+
+
+class FakeSink:
+    """A RepoSink and EventSink in memory: what a store would hold."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, str]] = {}
+        self.parts: dict[str, dict[str, str]] = {}
+        self.revs: dict[str, str] = {}
+        self.statuses: list[tuple[str, str]] = []
+
+    async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
+        assert source == commit.did and all(isinstance(v, bytes) for _, _, v in items)
+        self.parts.setdefault(commit.did, {}).update({k: c for k, c, _ in items})
+
+    async def finish(self, source: str, commit: Any, error: BaseException | None) -> None:
+        part = self.parts.pop(commit.did, {})
+        if error is None:
+            self.rows[commit.did] = part
+            self.revs[commit.did] = commit.rev
+
+    async def apply(self, did: str, rev: str, data: str, ops: Any) -> None:
+        repo = self.rows.setdefault(did, {})
+        for op in ops:
+            key = f"{op.collection}/{op.rkey}"
+            if op.action == "delete":
+                assert op.cid is None and op.value is None
+                repo.pop(key, None)
+            else:
+                assert isinstance(op.value, bytes) and op.cid is not None
+                repo[key] = op.cid
+        self.revs[did] = rev
+
+    async def set_status(self, did: str, status: str) -> None:
+        self.statuses.append((did, status))
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_a_sink_takes_backfills_live_commits_and_resync_differences(tmp_path: Path) -> None:
+    did = list(STREAM.accounts)[2]
+    gap = STREAM.accounts[did].commits[len(STREAM.accounts[did].commits) // 2]
+    messages = [m for i, m in enumerate(STREAM.messages) if i != gap]
+    sink = FakeSink()
+    with FirehoseServer(messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite", sink=sink)
+    check_final(run, STREAM)
+    assert sink.rows == {d: a.records() for d, a in STREAM.accounts.items()}
+    assert sink.revs == {d: a.generator.rev for d, a in STREAM.accounts.items()}
+    assert sorted(sink.statuses) == sorted((d, "active") for d in STREAM.accounts) and not sink.parts
