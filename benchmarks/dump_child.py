@@ -1,7 +1,10 @@
 """One timed child of ``benchmarks/dump.py``: ``python benchmarks/dump_child.py MODE PATH``.
 
-* ``arrow-raw`` / ``arrow-json``: the repo (in memory) into one ``pyarrow.Table`` through
-  ``driver.next_batch(65536)``, values raw blocks / JSON text (the C transcoder).
+* ``arrow-raw`` / ``arrow-json``: the repo (in memory, raw blocks) into one ``pyarrow.Table``
+  through ``driver.next_batch(65536, values="raw" / "json_text")``: values raw blocks / JSON
+  text (transcoded by the C walker into the batch's buffer as it is built).
+* ``arrow-json-processor``: the same JSON table, loaded with the transcoder as block processor
+  (the table keeps each record's JSON text as a str; ``next_batch(65536)`` copies it).
 * ``old-dump``: ``dump`` as it was before the transcoder (``record_json`` as the block processor
   with ``JSON_CODEC``, each line ``json.dumps`` of a dict), to ``os.devnull``.
 """
@@ -18,18 +21,19 @@ import anyio
 from repo_stream import DriverBuilder
 
 
-async def arrow(path: str, json_text: bool) -> None:
+async def arrow(path: str, json_text: bool, processor: bool = False) -> None:
     import pyarrow as pa
 
     from repo_stream.records.json_text import json_text_processor
 
     builder: DriverBuilder[Any] = DriverBuilder().with_mem_limit_mb(4096).with_record_cids(True)
-    if json_text:
+    if processor:  # the transcoder as block processor: the table keeps a str per record
         builder = builder.with_block_processor(json_text_processor())
     async with await anyio.open_file(path, "rb") as f:
         driver = await builder.load_car(f)
         batches = []
-        while (batch := await driver.next_batch(65536)) is not None:
+        values = "json_text" if json_text else "raw"
+        while (batch := await driver.next_batch(65536, values=None if processor else values)) is not None:
             batches.append(batch)
     table = pa.Table.from_batches(batches)
     print(table.num_rows, file=sys.stderr)
@@ -54,6 +58,8 @@ def main() -> None:
         anyio.run(arrow, path, False)
     elif mode == "arrow-json":
         anyio.run(arrow, path, True)
+    elif mode == "arrow-json-processor":
+        anyio.run(arrow, path, True, True)
     elif mode == "old-dump":
         anyio.run(old_dump, path)
     else:

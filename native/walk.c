@@ -92,6 +92,11 @@ typedef struct {
     uint8_t *ahead; /* LAYERS_AHEAD_BYTES: the keys layers_ahead() hashes */
     int8_t layers[LAYERS_AHEAD];
     uint8_t init_called, running; /* see rs_init_twice in native.h */
+    /* next_batch over the C table: the batch each emitted record is written into (else NULL) */
+    RsArrowBuilder *batch;
+    int value_kind;   /* 0: the raw block (binary); 1: its JSON text (utf8) */
+    size_t max_bytes; /* the batch ends once its rows hold this many bytes (RsArrowBuilder.bytes) */
+    size_t per_row[11]; /* the last batch's bytes per row in each buffer, x16: the next one's reserve */
 } Walker;
 
 /* --- growable buffers ------------------------------------------------------------------------- */
@@ -812,6 +817,74 @@ failed: {
 }
 }
 
+/* --- emitting into an Arrow batch --------------------------------------------------------------- */
+
+/* The TypeError of a value a batch cannot hold (as repo_stream.core.walk.Walker.next_batch's). */
+static int value_type_error(const uint8_t *key, size_t key_len, PyObject *value, int value_kind) {
+    PyObject *k = PyUnicode_FromStringAndSize((const char *)key, (Py_ssize_t)key_len);
+    if (k == NULL) return -1;
+    PyErr_Format(PyExc_TypeError, "next_batch: the value of record %R is %s, not %s", k, Py_TYPE(value)->tp_name,
+                 value_kind ? "str or bytes" : "bytes");
+    Py_DECREF(k);
+    return -1;
+}
+
+/* The current error, raised as ProcessorError(key, cid, error) if it is an Exception. Returns -1. */
+static int processor_failed(const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (exc == NULL) return -1;
+    if (tb) PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return rs_raise("processor_failed", "(s#y#N)", (const char *)key, (Py_ssize_t)key_len, (const char *)cid,
+                    (Py_ssize_t)cid_len, exc);
+}
+
+/* A record's value into the batch (its key and CID are in): bytes are the raw block, or with
+ * value_kind 1 transcoded to JSON text (a failure: ProcessorError, as the transcoder as a block
+ * processor gives); a str is JSON text. 0, or -1 with an error. */
+static int batch_value(Walker *w, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len,
+                       const uint8_t *data, size_t len, PyObject *value) {
+    RsArrowBuilder *b = w->batch;
+    if (value != NULL) {
+        if (w->value_kind == 1 && PyUnicode_CheckExact(value)) return rs_arrow_value_str(b, value);
+        if (!PyBytes_CheckExact(value)) return value_type_error(key, key_len, value, w->value_kind);
+        data = (const uint8_t *)PyBytes_AS_STRING(value);
+        len = (size_t)PyBytes_GET_SIZE(value);
+    }
+    if (w->value_kind == 0) return rs_arrow_value(b, data, len);
+    if (rs_json_into(b, data, len) < 0) return processor_failed(key, key_len, cid, cid_len);
+    return rs_arrow_value_done(b);
+}
+
+/* One record, resolved in the C table, into the batch: 0, or -1 with an error (raised at once:
+ * a batch's errors come in record order). */
+static int emit_arrow(Walker *w, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len, uint64_t hash) {
+    const uint8_t *data = NULL;
+    size_t len = 0;
+    PyObject *value = NULL, *made = NULL;
+    int kind = rs_table_get_hashed(w->table, cid, cid_len, hash, &data, &len, &value);
+    if (kind == 0)
+        return rs_raise("missing_record", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+    PyObject *process = rs_table_process(w->table);
+    if (kind == 1 && process != NULL && process != Py_None) { /* kept raw (node-shaped): processed now */
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+        if (raw == NULL) return -1;
+        made = PyObject_CallOneArg(process, raw);
+        Py_DECREF(raw);
+        if (made == NULL) return processor_failed(key, key_len, cid, cid_len);
+        value = made;
+    }
+    int r = -1;
+    if (rs_arrow_key(w->batch, key, key_len) == 0 && rs_arrow_cid(w->batch, cid, cid_len) == 0)
+        r = batch_value(w, key, key_len, cid, cid_len, data, len, value);
+    Py_XDECREF(made);
+    return r;
+}
+
 /* Walk until n records (or the end); the items (or pairs) in `out`. 0, or -1 with an error. */
 static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
     int in_table = w->table != NULL;
@@ -824,7 +897,7 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
         }
     }
     int status = 0;
-    while (w->n_items > 0 && PyList_GET_SIZE(out) < n) {
+    while (w->n_items > 0 && (w->batch ? w->batch->n < n && w->batch->bytes < w->max_bytes : PyList_GET_SIZE(out) < n)) {
         Item *top = &w->items[w->n_items - 1];
         if (top->is_frame) {
             size_t base = top->off;
@@ -929,6 +1002,11 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
             }
             if (!wanted_key(w, key, key_len)) {
                 /* not a wanted collection: checked for order, not emitted */
+            } else if (in_table && w->values == (PyObject *)w->table && w->batch != NULL) {
+                if (emit_arrow(w, key, key_len, cid, v_len, hash) < 0) {
+                    status = -1;
+                    break;
+                }
             } else if (in_table && w->values == (PyObject *)w->table) {
                 /* After a record fails to resolve, the walk part still runs to n records (its own
                  * errors come first, as in the reference); placeholders keep the count. */
@@ -1237,6 +1315,131 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     return out;
 }
 
+/* The UTF-8 of a str (a record's CID text), or NULL with TypeError. */
+static const char *item_text_of(PyObject *o, Py_ssize_t *len) {
+    if (PyUnicode_Check(o)) return PyUnicode_AsUTF8AndSize(o, len);
+    PyErr_Format(PyExc_TypeError, "next_batch: a record's CID text is %s, not str", Py_TYPE(o)->tp_name);
+    return NULL;
+}
+
+/* next_batch through a store that is not the C table (the disk store): one record at a time, its
+ * (key, CID) walked here and its value from values.values([pair], True, None), so that the batch
+ * ends where the byte budget says, as over the table. 0, or -1 with an error. */
+static int batch_from_store(Walker *self, Py_ssize_t n, RsArrowBuilder *b) {
+    PyObject *deferred = NULL;
+    while (b->n < n && b->bytes < self->max_bytes) {
+        PyObject *out = PyList_New(0);
+        if (out == NULL) return -1;
+        self->running = 1;
+        int stepped = step(self, 1, out, &deferred);
+        self->running = 0;
+        if (stepped < 0 || deferred != NULL) { /* deferred: only over the C table */
+            Py_XDECREF(deferred);
+            Py_DECREF(out);
+            return -1;
+        }
+        if (PyList_GET_SIZE(out) == 0) { /* the end */
+            Py_DECREF(out);
+            return 0;
+        }
+        PyObject *pair = PyList_GET_ITEM(out, 0);
+        self->running = 1;
+        PyObject *items = PyObject_CallMethod(self->values, "values", "(OOO)", out, Py_True, Py_None);
+        self->running = 0;
+        PyObject *item = NULL;
+        if (items != NULL && PyList_Check(items) && PyList_GET_SIZE(items) == 1) item = PyList_GET_ITEM(items, 0);
+        int r = -1;
+        Py_ssize_t key_len, text_len;
+        const char *key, *text;
+        if (items == NULL) {
+            /* the store's error */
+        } else if (item == NULL || !PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyTuple_Check(pair) ||
+                   PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "next_batch: values.values() must give one (key, cid, value) per pair");
+        } else if ((key = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(pair, 0), &key_len)) != NULL &&
+                   (text = item_text_of(PyTuple_GET_ITEM(item, 1), &text_len)) != NULL) {
+            PyObject *cid = PyTuple_GET_ITEM(pair, 1);
+            PyObject *value = PyTuple_GET_ITEM(item, 2);
+            self->running = 1; /* a transcoder error builds its exception in Python */
+            if (rs_arrow_key(b, (const uint8_t *)key, (size_t)key_len) == 0 && rs_arrow_cid_text(b, text, (size_t)text_len) == 0) {
+                self->batch = b;
+                r = batch_value(self, (const uint8_t *)key, (size_t)key_len, (const uint8_t *)PyBytes_AS_STRING(cid),
+                                (size_t)PyBytes_GET_SIZE(cid), NULL, 0, value);
+                self->batch = NULL;
+            }
+            self->running = 0;
+        }
+        Py_XDECREF(items);
+        Py_DECREF(out);
+        if (r < 0) return -1;
+    }
+    return 0;
+}
+
+static PyObject *Walker_next_batch(Walker *self, PyObject *args) {
+    Py_ssize_t n, max_bytes;
+    int value_kind;
+    if (!PyArg_ParseTuple(args, "nin:next_batch", &n, &value_kind, &max_bytes)) return NULL;
+    if (self->failed) {
+        PyErr_SetObject((PyObject *)Py_TYPE(self->failed), self->failed);
+        return NULL;
+    }
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "batch size must be at least 1, got %zd", n);
+    if (max_bytes < 1) return PyErr_Format(PyExc_ValueError, "a batch's byte budget must be at least 1, got %zd", max_bytes);
+    if (value_kind != 0 && value_kind != 1) return PyErr_Format(PyExc_ValueError, "value_kind is 0 (raw blocks) or 1 (JSON text), got %d", value_kind);
+    if (self->nodes == NULL) return rs_not_initialised("Walker"), NULL;
+    if (self->running) return rs_reentered("Walker"), NULL;
+    RsArrowBuilder b;
+    rs_arrow_init(&b);
+    self->value_kind = value_kind;
+    self->max_bytes = (size_t)max_bytes;
+    int status;
+    /* Reserve what the last batch needed per row, for n rows (within the byte budget): buffers
+     * grown by doubling copy themselves over and over once past the mmap threshold. */
+    for (int i = 0; i < 11; i++) {
+        size_t want = self->per_row[i] * (size_t)n / 16 + 64;
+        if (want > self->max_bytes) want = self->max_bytes;
+        if (self->per_row[i] && rs_arrow_grow(&b, i, want) < 0) {
+            rs_arrow_free(&b);
+            return NULL;
+        }
+    }
+    if (self->table != NULL && self->values == (PyObject *)self->table) {
+        PyObject *out = PyList_New(0);
+        if (out == NULL) return NULL;
+        PyObject *deferred = NULL;
+        if (rs_table_enter(self->table) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        self->running = 1;
+        self->batch = &b;
+        status = step(self, n, out, &deferred);
+        self->batch = NULL;
+        self->running = 0;
+        rs_table_leave(self->table);
+        Py_XDECREF(deferred); /* never set with a batch: its errors are raised at once */
+        Py_DECREF(out);
+    } else if (self->values == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "next_batch needs a store of record values (the walker's values)");
+        status = -1;
+    } else {
+        status = batch_from_store(self, n, &b);
+    }
+    if (status < 0) {
+        rs_arrow_free(&b);
+        return fail(self);
+    }
+    if (b.n == 0 && self->n_items == 0) {
+        rs_arrow_free(&b);
+        Py_RETURN_NONE;
+    }
+    self->records += b.n;
+    if (b.n > 0)
+        for (int i = 0; i < 11; i++) self->per_row[i] = b.buf[i].len * 16 / (size_t)b.n + (b.buf[i].len ? 1 : 0);
+    return rs_arrow_finish(&b, value_kind);
+}
+
 static PyObject *Walker_abandon(Walker *self, PyObject *unused) {
     (void)unused;
     if (self->running) return rs_reentered("Walker"), NULL;
@@ -1263,6 +1466,10 @@ static PyObject *Walker_get_records(Walker *self, void *closure) {
 static PyMethodDef Walker_methods[] = {
     {"next_chunk", (PyCFunction)Walker_next_chunk, METH_O,
      "next_chunk(n)\n--\n\nUp to n further items in key order; None when the walk is over."},
+    {"next_batch", (PyCFunction)Walker_next_batch, METH_VARARGS,
+     "next_batch(n, value_kind, max_bytes)\n--\n\nUp to n further records in key order as the Arrow C Data Interface "
+     "capsules (schema, array) of a record batch (repo_stream.read.arrow), fewer once the batch holds max_bytes; "
+     "None when the walk is over."},
     {"abandon", (PyCFunction)Walker_abandon, METH_NOARGS, "abandon()\n--\n\nStop the walk."},
     {NULL, NULL, 0, NULL},
 };

@@ -54,7 +54,7 @@ from .blocks import NOT_A_NODE, NodeLookup, RecordValues
 from .dagcbor import DagCborError, StrictDecoder
 from .mst import MAX_KEY_BYTES, is_valid_collection
 
-__all__ = ["DEFAULT_MAX_DEPTH", "Walker", "decode_node"]
+__all__ = ["ARROW_ROW_BYTES", "DEFAULT_MAX_DEPTH", "BatchColumns", "Walker", "decode_node"]
 
 #: Default limit on nested MST nodes. A legal tree is as deep as its root's layer + 1, and a key of
 #: layer 32 needs 64 leading zero bits of sha256: no real repo comes near.
@@ -350,6 +350,27 @@ def _offsets(lengths: list[int]) -> array[int]:
     return out
 
 
+#: Bytes a batch counts per record on top of its data (its offsets and collection index).
+ARROW_ROW_BYTES = 16
+
+
+class BatchColumns:
+    """A record batch's columns as lists (:meth:`Walker.next_batch`): ``keys``, ``rkeys``,
+    ``cids`` (CID texts), ``values`` (``bytes``, or ``str`` JSON text), and the collection column
+    dictionary-encoded: ``collections`` (each collection once, in order) and ``indices`` (one
+    per record, into ``collections``)."""
+
+    __slots__ = ("keys", "rkeys", "cids", "values", "collections", "indices")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.rkeys: list[str] = []
+        self.cids: list[str] = []
+        self.values: list[bytes | str] = []
+        self.collections: list[str] = []
+        self.indices: list[int] = []
+
+
 class Walker:
     """An in-order MST walk that emits records in chunks and can be resumed.
 
@@ -441,6 +462,86 @@ class Walker:
             return None
         self.records += len(out)
         return out
+
+    def next_batch(self, n: int, value_kind: int, max_bytes: int) -> BatchColumns | None:
+        """Up to ``n`` further records as the columns of an Arrow record batch; ``None`` when the
+        walk is over (the reference of the C core's ``Walker.next_batch``, which gives the Arrow
+        C Data Interface capsules of the same batch; :mod:`repo_stream.read.arrow` makes a
+        ``pyarrow.RecordBatch`` of either).
+
+        Records are walked one at a time, each value resolved by the ``values`` store as it comes
+        (errors in record order), and the batch ends after ``n`` records or after the record that
+        brings its bytes to ``max_bytes``: the UTF-8 bytes of its keys, rkeys, CID texts and
+        values, plus :data:`ARROW_ROW_BYTES` per record (the C core's count, exactly).
+
+        Args:
+            n: the most records (>= 1).
+            value_kind: 0, values are the record blocks (``bytes``); 1, their atproto JSON text:
+                a ``str`` value (the JSON text processor's) as it is, a ``bytes`` value
+                transcoded (:func:`repo_stream.records.json_text.transcode_json`; a failure is a
+                :class:`~repo_stream.errors.ProcessorError`, as with the transcoder as processor).
+            max_bytes: the batch's byte budget (>= 1).
+
+        Raises:
+            TypeError: a value is neither (``value_kind`` 1: ``str`` nor) ``bytes``; the walker
+                has no ``values`` store.
+            ValueError: ``n``, ``value_kind`` or ``max_bytes`` out of range.
+            MstError subclasses, MissingBlockError, ProcessorError (module docstring).
+        """
+        if self._failed is not None:
+            raise self._failed
+        if n < 1:
+            raise ValueError(f"batch size must be at least 1, got {n}")
+        if max_bytes < 1:
+            raise ValueError(f"a batch's byte budget must be at least 1, got {max_bytes}")
+        if value_kind not in (0, 1):
+            raise ValueError(f"value_kind is 0 (raw blocks) or 1 (JSON text), got {value_kind}")
+        if self._values is None:
+            raise TypeError("next_batch needs a store of record values (the walker's values)")
+        columns = BatchColumns()
+        try:
+            self._fill(columns, n, value_kind, max_bytes)
+        except RepoStreamError as exc:
+            self._failed = exc
+            raise
+        if not columns.keys and not self._stack:
+            return None
+        self.records += len(columns.keys)
+        return columns
+
+    def _fill(self, c: BatchColumns, n: int, value_kind: int, max_bytes: int) -> None:
+        values = self._values
+        assert values is not None
+        transcode = None
+        used = 0
+        last = None
+        while len(c.keys) < n and used < max_bytes:
+            pairs = self._step(1)
+            if not pairs:
+                return
+            ((key, cid),) = pairs
+            ((_key, text, value),) = values.values(pairs, True, None)
+            if value_kind == 1 and type(value) is bytes:
+                if transcode is None:
+                    from ..records.json_text import _python_transcode_json as transcode  # records imports core: lazily
+                try:
+                    value = transcode(value)
+                except Exception as exc:
+                    raise messages.processor_failed(key, cid, exc) from exc
+            elif not (type(value) is bytes or (value_kind == 1 and type(value) is str)):
+                raise TypeError(
+                    f"next_batch: the value of record {key!r} is {type(value).__name__}, not {'str or bytes' if value_kind else 'bytes'}"
+                )
+            collection, _, rkey = key.partition("/")
+            if collection != last:
+                c.collections.append(collection)
+                last = collection
+            c.indices.append(len(c.collections) - 1)
+            c.keys.append(key)
+            c.rkeys.append(rkey)
+            c.cids.append(text)
+            c.values.append(value)
+            used += 2 * len(key) - len(collection) - 1 + len(text) + (len(value) if type(value) is bytes else len(value.encode())) + ARROW_ROW_BYTES
 
     def _step(self, n: int) -> list[tuple[Any, ...]]:
         stack = self._stack
