@@ -276,17 +276,8 @@ int rs_arrow_cid_text(RsArrowBuilder *b, const char *text, size_t len) {
 
 static const char B32[] = "abcdefghijklmnopqrstuvwxyz234567";
 
-int rs_arrow_cid(RsArrowBuilder *b, const uint8_t *cid, size_t len) {
-    if (len == 0 || cid[0] != 0x01 || len > 256) { /* not v1: repo_stream.core.cid.cid_text's form */
-        PyObject *text = rs_cid_text_of(cid, len);
-        if (text == NULL) return -1;
-        Py_ssize_t n;
-        const char *s = PyUnicode_AsUTF8AndSize(text, &n);
-        int r = s == NULL ? -1 : rs_arrow_cid_text(b, s, (size_t)n);
-        Py_DECREF(text);
-        return r;
-    }
-    char out[1 + (256 * 8 + 4) / 5]; /* "b" + base32, as rs_cid_text_of */
+size_t rs_cid_b32(char out[RS_CID_TEXT_MAX], const uint8_t *cid, size_t len) {
+    if (len == 0 || cid[0] != 0x01 || len > 256) return 0;
     size_t n = 0;
     out[n++] = 'b';
     uint32_t acc = 0;
@@ -300,7 +291,47 @@ int rs_arrow_cid(RsArrowBuilder *b, const uint8_t *cid, size_t len) {
         }
     }
     if (bits > 0) out[n++] = B32[(acc << (5 - bits)) & 31];
-    return rs_arrow_cid_text(b, out, n);
+    return n;
+}
+
+int rs_arrow_cid(RsArrowBuilder *b, const uint8_t *cid, size_t len) {
+    char out[RS_CID_TEXT_MAX];
+    size_t n = rs_cid_b32(out, cid, len);
+    if (n > 0) return rs_arrow_cid_text(b, out, n);
+    PyObject *text = rs_cid_text_of(cid, len); /* not v1: repo_stream.core.cid.cid_text's form */
+    if (text == NULL) return -1;
+    Py_ssize_t tl;
+    const char *s = PyUnicode_AsUTF8AndSize(text, &tl);
+    int r = s == NULL ? -1 : rs_arrow_cid_text(b, s, (size_t)tl);
+    Py_DECREF(text);
+    return r;
+}
+
+int rs_arrow_line_head(RsArrowBuilder *b, const uint8_t *key, size_t key_len, const char *cid, size_t cid_len) {
+    if (rs_arrow_grow(b, RS_ARROW_VALUE, key_len + cid_len + 32) < 0) return -1;
+    RsArrowBuf *v = &b->buf[RS_ARROW_VALUE];
+    b->value_start = v->len;
+    uint8_t *w = v->data + v->len;
+    memcpy(w, "{\"key\":\"", 8);
+    w += 8;
+    memcpy(w, key, key_len);
+    w += key_len;
+    memcpy(w, "\",\"cid\":\"", 9);
+    w += 9;
+    memcpy(w, cid, cid_len);
+    w += cid_len;
+    memcpy(w, "\",\"value\":", 10);
+    w += 10;
+    v->len = (size_t)(w - v->data);
+    return 0;
+}
+
+int rs_arrow_line_done(RsArrowBuilder *b) {
+    if (put_bytes(b, B_VALUE, "}\n", 2) < 0) return -1;
+    b->bytes += b->buf[B_VALUE].len - b->value_start;
+    b->value_start = b->buf[B_VALUE].len;
+    b->n++;
+    return 0;
 }
 
 int rs_arrow_value(RsArrowBuilder *b, const uint8_t *value, size_t len) {

@@ -185,6 +185,15 @@ int rs_arrow_cid_text(RsArrowBuilder *b, const char *text, size_t len);
 int rs_arrow_value(RsArrowBuilder *b, const uint8_t *value, size_t len);
 int rs_arrow_value_str(RsArrowBuilder *b, PyObject *text); /* a str's UTF-8 */
 int rs_arrow_value_done(RsArrowBuilder *b);
+/* JSON lines (value_kind 2, `repo-stream dump`'s lines), in buf[RS_ARROW_VALUE] alone: the head
+ * {"key":"<key>","cid":"<cid>","value": (key and CID text need no escaping: the walk checks the
+ * key's characters, and a CID's text is base32 or base58), the value's JSON text written after
+ * it, then rs_arrow_line_done ("}\n"; counts the row and its bytes). */
+int rs_arrow_line_head(RsArrowBuilder *b, const uint8_t *key, size_t key_len, const char *cid, size_t cid_len);
+int rs_arrow_line_done(RsArrowBuilder *b);
+/* A CIDv1's text ("b" + base32) into out: its length; 0 for another CID (rs_cid_text_of's). */
+#define RS_CID_TEXT_MAX (1 + (256 * 8 + 4) / 5)
+size_t rs_cid_b32(char out[RS_CID_TEXT_MAX], const uint8_t *cid, size_t len);
 /* The batch as the pair (schema capsule, array capsule); the buffers move into it (b is freed). */
 PyObject *rs_arrow_finish(RsArrowBuilder *b, int value_kind);
 

@@ -843,21 +843,64 @@ static int processor_failed(const uint8_t *key, size_t key_len, const uint8_t *c
                     (Py_ssize_t)cid_len, exc);
 }
 
-/* A record's value into the batch (its key and CID are in): bytes are the raw block, or with
- * value_kind 1 transcoded to JSON text (a failure: ProcessorError, as the transcoder as a block
- * processor gives); a str is JSON text. 0, or -1 with an error. */
+/* A record's value into the batch (its key and CID, or its line's head, are in): bytes are the
+ * raw block, or with value_kind 1 or 2 transcoded to JSON text (a failure: ProcessorError, as the
+ * transcoder as a block processor gives); a str is JSON text. 0, or -1 with an error. */
 static int batch_value(Walker *w, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len,
                        const uint8_t *data, size_t len, PyObject *value) {
     RsArrowBuilder *b = w->batch;
+    PyObject *utf8 = NULL;
+    int is_text = 0;
     if (value != NULL) {
-        if (w->value_kind == 1 && PyUnicode_CheckExact(value)) return rs_arrow_value_str(b, value);
-        if (!PyBytes_CheckExact(value)) return value_type_error(key, key_len, value, w->value_kind);
-        data = (const uint8_t *)PyBytes_AS_STRING(value);
-        len = (size_t)PyBytes_GET_SIZE(value);
+        if (w->value_kind >= 1 && PyUnicode_CheckExact(value)) {
+            is_text = 1;
+            if (PyUnicode_IS_ASCII(value)) { /* compact ASCII: its characters are its UTF-8 */
+                data = PyUnicode_DATA(value);
+                len = (size_t)PyUnicode_GET_LENGTH(value);
+            } else { /* not PyUnicode_AsUTF8AndSize: that keeps a UTF-8 copy inside the table's str */
+                utf8 = PyUnicode_AsUTF8String(value);
+                if (utf8 == NULL) return -1;
+                data = (const uint8_t *)PyBytes_AS_STRING(utf8);
+                len = (size_t)PyBytes_GET_SIZE(utf8);
+            }
+        } else if (!PyBytes_CheckExact(value)) {
+            return value_type_error(key, key_len, value, w->value_kind);
+        } else {
+            data = (const uint8_t *)PyBytes_AS_STRING(value);
+            len = (size_t)PyBytes_GET_SIZE(value);
+        }
     }
-    if (w->value_kind == 0) return rs_arrow_value(b, data, len);
-    if (rs_json_into(b, data, len) < 0) return processor_failed(key, key_len, cid, cid_len);
-    return rs_arrow_value_done(b);
+    int r;
+    if (w->value_kind == 0 || is_text) {
+        r = rs_arrow_grow(b, RS_ARROW_VALUE, len);
+        if (r == 0 && len) {
+            memcpy(b->buf[RS_ARROW_VALUE].data + b->buf[RS_ARROW_VALUE].len, data, len);
+            b->buf[RS_ARROW_VALUE].len += len;
+        }
+    } else if ((r = rs_json_into(b, data, len)) < 0) {
+        r = processor_failed(key, key_len, cid, cid_len);
+    }
+    Py_XDECREF(utf8);
+    if (r < 0) return -1;
+    return w->value_kind == 2 ? rs_arrow_line_done(b) : rs_arrow_value_done(b);
+}
+
+/* The record's key and CID into the batch: its columns, or its JSON line's head. */
+static int batch_head(Walker *w, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len) {
+    if (w->value_kind != 2) {
+        if (rs_arrow_key(w->batch, key, key_len) < 0) return -1;
+        return rs_arrow_cid(w->batch, cid, cid_len);
+    }
+    char text[RS_CID_TEXT_MAX];
+    size_t n = rs_cid_b32(text, cid, cid_len);
+    if (n > 0) return rs_arrow_line_head(w->batch, key, key_len, text, n);
+    PyObject *other = rs_cid_text_of(cid, cid_len);
+    if (other == NULL) return -1;
+    Py_ssize_t len;
+    const char *s = PyUnicode_AsUTF8AndSize(other, &len);
+    int r = s == NULL ? -1 : rs_arrow_line_head(w->batch, key, key_len, s, (size_t)len);
+    Py_DECREF(other);
+    return r;
 }
 
 /* One record, resolved in the C table, into the batch: 0, or -1 with an error (raised at once:
@@ -879,8 +922,7 @@ static int emit_arrow(Walker *w, const uint8_t *key, size_t key_len, const uint8
         value = made;
     }
     int r = -1;
-    if (rs_arrow_key(w->batch, key, key_len) == 0 && rs_arrow_cid(w->batch, cid, cid_len) == 0)
-        r = batch_value(w, key, key_len, cid, cid_len, data, len, value);
+    if (batch_head(w, key, key_len, cid, cid_len) == 0) r = batch_value(w, key, key_len, cid, cid_len, data, len, value);
     Py_XDECREF(made);
     return r;
 }
@@ -1361,7 +1403,9 @@ static int batch_from_store(Walker *self, Py_ssize_t n, RsArrowBuilder *b) {
             PyObject *cid = PyTuple_GET_ITEM(pair, 1);
             PyObject *value = PyTuple_GET_ITEM(item, 2);
             self->running = 1; /* a transcoder error builds its exception in Python */
-            if (rs_arrow_key(b, (const uint8_t *)key, (size_t)key_len) == 0 && rs_arrow_cid_text(b, text, (size_t)text_len) == 0) {
+            if (self->value_kind == 2 ? rs_arrow_line_head(b, (const uint8_t *)key, (size_t)key_len, text, (size_t)text_len) == 0
+                                      : rs_arrow_key(b, (const uint8_t *)key, (size_t)key_len) == 0 &&
+                                            rs_arrow_cid_text(b, text, (size_t)text_len) == 0) {
                 self->batch = b;
                 r = batch_value(self, (const uint8_t *)key, (size_t)key_len, (const uint8_t *)PyBytes_AS_STRING(cid),
                                 (size_t)PyBytes_GET_SIZE(cid), NULL, 0, value);
@@ -1386,7 +1430,8 @@ static PyObject *Walker_next_batch(Walker *self, PyObject *args) {
     }
     if (n < 1) return PyErr_Format(PyExc_ValueError, "batch size must be at least 1, got %zd", n);
     if (max_bytes < 1) return PyErr_Format(PyExc_ValueError, "a batch's byte budget must be at least 1, got %zd", max_bytes);
-    if (value_kind != 0 && value_kind != 1) return PyErr_Format(PyExc_ValueError, "value_kind is 0 (raw blocks) or 1 (JSON text), got %d", value_kind);
+    if (value_kind < 0 || value_kind > 2)
+        return PyErr_Format(PyExc_ValueError, "value_kind is 0 (raw blocks), 1 (JSON text) or 2 (JSON lines), got %d", value_kind);
     if (self->nodes == NULL) return rs_not_initialised("Walker"), NULL;
     if (self->running) return rs_reentered("Walker"), NULL;
     RsArrowBuilder b;
@@ -1437,6 +1482,11 @@ static PyObject *Walker_next_batch(Walker *self, PyObject *args) {
     self->records += b.n;
     if (b.n > 0)
         for (int i = 0; i < 11; i++) self->per_row[i] = b.buf[i].len * 16 / (size_t)b.n + (b.buf[i].len ? 1 : 0);
+    if (value_kind == 2) { /* the lines, as one bytes object */
+        PyObject *lines = PyBytes_FromStringAndSize((const char *)b.buf[RS_ARROW_VALUE].data, (Py_ssize_t)b.buf[RS_ARROW_VALUE].len);
+        rs_arrow_free(&b);
+        return lines;
+    }
     return rs_arrow_finish(&b, value_kind);
 }
 
@@ -1468,8 +1518,8 @@ static PyMethodDef Walker_methods[] = {
      "next_chunk(n)\n--\n\nUp to n further items in key order; None when the walk is over."},
     {"next_batch", (PyCFunction)Walker_next_batch, METH_VARARGS,
      "next_batch(n, value_kind, max_bytes)\n--\n\nUp to n further records in key order as the Arrow C Data Interface "
-     "capsules (schema, array) of a record batch (repo_stream.read.arrow), fewer once the batch holds max_bytes; "
-     "None when the walk is over."},
+     "capsules (schema, array) of a record batch (repo_stream.read.arrow), or with value_kind 2 as JSON lines (bytes), "
+     "fewer once the batch holds max_bytes; None when the walk is over (see repo_stream.core.walk.Walker.next_batch)."},
     {"abandon", (PyCFunction)Walker_abandon, METH_NOARGS, "abandon()\n--\n\nStop the walk."},
     {NULL, NULL, 0, NULL},
 };

@@ -262,3 +262,60 @@ async def test_collections_filter(tmp_path: Path, anyio_backend: str) -> None:
         got.append(batch)
     assert rows(got) == expected_rows(records, json_text=True)
     assert pa.Table.from_batches(got).column("collection").unique().to_pylist() == ["app.bsky.feed.like", "app.bsky.graph.follow"]
+
+
+# --- dump's JSON lines (driver.next_json_lines: the walker's value_kind 2) ------------------------
+
+
+async def json_lines(car: bytes, *, mem_limit_mb: float, n: int, processor: bool = False) -> list[bytes]:
+    builder: Any = DriverBuilder().with_mem_limit_mb(mem_limit_mb)
+    if processor:
+        builder = builder.with_block_processor(json_text_processor())
+    driver = await builder.load_car(car)
+    out = []
+    if isinstance(driver, NeedDisk):
+        async with await DiskBuilder().open() as store:
+            _commit, disk = await driver.finish_loading(store)
+            while (lines := await disk.next_json_lines(n)) is not None:
+                out.append(lines)
+    else:
+        while (lines := await driver.next_json_lines(n)) is not None:
+            out.append(lines)
+    return out
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("mem_limit_mb", "processor"), [(4096, False), (4096, True), (1, False), (1, True)])
+async def test_json_lines_are_the_dump_of_each_record(tmp_path: Path, mem_limit_mb: float, processor: bool, anyio_backend: str) -> None:
+    """Each line is json.dumps of {key, cid, value: record_json(block)} (the old dump's line)."""
+    car = generated(tmp_path, 6000, seed=6)
+    records = await walk_records(car)
+    chunks = await json_lines(car, mem_limit_mb=mem_limit_mb, n=4000, processor=processor)
+    want = [_dumps({"key": k, "cid": c, "value": record_json(v)}) + "\n" for k, c, v in records]
+    assert b"".join(chunks) == "".join(want).encode()
+    budget = int(mem_limit_mb * 2**20)
+    for chunk in chunks[:-1]:  # 4000 lines, or the line that brings the chunk to the budget (the memory limit)
+        assert chunk.endswith(b"\n")
+        before_last = len(chunk[:-1].rpartition(b"\n")[0]) + 1
+        assert chunk.count(b"\n") == 4000 or len(chunk) >= budget > before_last
+    if mem_limit_mb == 1:
+        assert any(chunk.count(b"\n") < 4000 for chunk in chunks[:-1])
+
+
+@pytest.mark.anyio
+async def test_json_lines_of_the_samples(anyio_backend: str) -> None:
+    for name in ("signed-k256.car", "signed-p256.car"):
+        path = sample_path(name)
+        got = b"".join(await json_lines(path.read_bytes(), mem_limit_mb=64, n=64)).decode().splitlines()
+        want = path.with_suffix(".dump.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in got] == [json.loads(line) for line in want]
+
+
+@pytest.mark.anyio
+async def test_json_lines_bad_record_and_processor(tmp_path: Path, anyio_backend: str) -> None:
+    car, key, _cid = car_with_a_bad_record(tmp_path)
+    with pytest.raises(ProcessorError, match=key):
+        await json_lines(car, mem_limit_mb=64, n=10)
+    driver: Any = await DriverBuilder().with_block_processor(len).load_car(car)
+    with pytest.raises(TypeError, match="without a block processor"):
+        await driver.next_json_lines(10)

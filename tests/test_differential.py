@@ -198,8 +198,9 @@ def test_bases_agree_with_record_cids(base: Any) -> None:
 # --- Arrow batches written by the walker (Walker.next_batch) -----------------------------------------
 
 
-async def _batches(car: bytes, mode: str, verify: bool, json_text: bool, n: int, budget: int, collections: Any) -> Any:
-    """Every batch of a walk (its rows, and the batch itself for equals()), or the error."""
+async def _batches(car: bytes, mode: str, verify: bool, kind: int, n: int, budget: int, collections: Any) -> Any:
+    """Every batch of a walk (its rows, and the batch itself for equals()), or the error; kind 2:
+    the JSON lines."""
     from repo_stream.read.arrow import from_walker
 
     builder: DriverBuilder[Any] = DriverBuilder().with_verify_cids(verify).with_record_cids(True).with_collections(collections)
@@ -213,35 +214,40 @@ async def _batches(car: bytes, mode: str, verify: bool, json_text: bool, n: int,
             else:
                 store = None
             try:
-                while (result := await driver._walk_batch(n, int(json_text), budget)) is not None:
-                    batch = from_walker(result, json_text)
+                while (result := await driver._walk_batch(n, kind, budget)) is not None:
+                    if kind == 2:
+                        assert type(result) is bytes and result.endswith(b"\n")
+                        out.append(result)
+                        continue
+                    batch = from_walker(result, kind == 1)
                     batch.validate(full=True)
                     out.append(batch)
             finally:
                 if store is not None:
                     await store.close()
-            return ("batches", [b.to_pydict() for b in out], out)
+            return ("batches", [b if kind == 2 else b.to_pydict() for b in out], out)
     except RepoStreamError as exc:
-        return ("error", _result(exc), [b.to_pydict() for b in out])
+        return ("error", _result(exc), [b if kind == 2 else b.to_pydict() for b in out])
 
 
 @fuzz_settings(max(5, EXAMPLES // 4))
-@given(any_input, st.sampled_from(["memory", "spilled"]), st.booleans(), st.booleans(), st.sampled_from([1, 7, 1000]), st.sampled_from([1, 3000, 1 << 30]), collection_sets)
-def test_c_and_python_batches_agree(car: bytes, mode: str, verify: bool, json_text: bool, n: int, budget: int, collections: Any) -> None:
-    """The C walker's Arrow buffers and the reference's columns: the same batches (cut at the
-    same rows by n and by the byte budget), or the same error after the same batches."""
+@given(any_input, st.sampled_from(["memory", "spilled"]), st.booleans(), st.sampled_from([0, 1, 2]), st.sampled_from([1, 7, 1000]), st.sampled_from([1, 3000, 1 << 30]), collection_sets)
+def test_c_and_python_batches_agree(car: bytes, mode: str, verify: bool, kind: int, n: int, budget: int, collections: Any) -> None:
+    """The C walker's Arrow buffers and the reference's columns (or JSON lines, kind 2): the same
+    batches (cut at the same rows by n and by the byte budget), or the same error after the
+    same batches."""
     pytest.importorskip("pyarrow")
     results = []
     before = implementation.backend().name
     try:
         for name in ("c", "python"):
             implementation.use(name)
-            results.append(anyio.run(functools.partial(_batches, car, mode, verify, json_text, n, budget, collections), backend="asyncio"))
+            results.append(anyio.run(functools.partial(_batches, car, mode, verify, kind, n, budget, collections), backend="asyncio"))
     finally:
         implementation.use(before)
     c, python = results
     assert c[:2] == python[:2], f"C core {c[:2]!r:.600}\n  reference {python[:2]!r:.600}"
-    if c[0] == "batches":
+    if c[0] == "batches" and kind != 2:
         assert all(x.equals(y) for x, y in zip(c[2], python[2], strict=True))
 
 
@@ -255,7 +261,7 @@ def test_bases_batches_are_the_records(base: Any) -> None:
     from repo_stream.records.values import record_json
 
     dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-    raw = anyio.run(functools.partial(_batches, base.car, "memory", False, False, 5, 1 << 30, None), backend="asyncio")
+    raw = anyio.run(functools.partial(_batches, base.car, "memory", False, 0, 5, 1 << 30, None), backend="asyncio")
     assert raw[0] == "batches"
     assert [(k, v) for d in raw[1] for k, v in zip(d["key"], d["value"], strict=True)] == base.records
     texts: list[tuple[str, str]] = []
@@ -266,7 +272,7 @@ def test_bases_batches_are_the_records(base: Any) -> None:
         except RepoStreamError:
             bad = k
             break
-    got = anyio.run(functools.partial(_batches, base.car, "memory", False, True, 5, 1 << 30, None), backend="asyncio")
+    got = anyio.run(functools.partial(_batches, base.car, "memory", False, 1, 5, 1 << 30, None), backend="asyncio")
     if bad is None:
         assert got[0] == "batches"
         assert [(k, v) for d in got[1] for k, v in zip(d["key"], d["value"], strict=True)] == texts

@@ -43,6 +43,7 @@ import functools
 import hashlib
 import re
 from array import array
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
@@ -463,7 +464,7 @@ class Walker:
         self.records += len(out)
         return out
 
-    def next_batch(self, n: int, value_kind: int, max_bytes: int) -> BatchColumns | None:
+    def next_batch(self, n: int, value_kind: int, max_bytes: int) -> BatchColumns | bytes | None:
         """Up to ``n`` further records as the columns of an Arrow record batch; ``None`` when the
         walk is over (the reference of the C core's ``Walker.next_batch``, which gives the Arrow
         C Data Interface capsules of the same batch; :mod:`repo_stream.read.arrow` makes a
@@ -479,7 +480,10 @@ class Walker:
             value_kind: 0, values are the record blocks (``bytes``); 1, their atproto JSON text:
                 a ``str`` value (the JSON text processor's) as it is, a ``bytes`` value
                 transcoded (:func:`repo_stream.records.json_text.transcode_json`; a failure is a
-                :class:`~repo_stream.errors.ProcessorError`, as with the transcoder as processor).
+                :class:`~repo_stream.errors.ProcessorError`, as with the transcoder as processor);
+                2, the records as ``repo-stream dump``'s JSON lines, one ``bytes`` (UTF-8) of
+                ``{"key":"<key>","cid":"<cid>","value":<JSON text>}\n`` each, instead of
+                columns; the budget then counts the lines' bytes alone.
             max_bytes: the batch's byte budget (>= 1).
 
         Raises:
@@ -494,8 +498,8 @@ class Walker:
             raise ValueError(f"batch size must be at least 1, got {n}")
         if max_bytes < 1:
             raise ValueError(f"a batch's byte budget must be at least 1, got {max_bytes}")
-        if value_kind not in (0, 1):
-            raise ValueError(f"value_kind is 0 (raw blocks) or 1 (JSON text), got {value_kind}")
+        if value_kind not in (0, 1, 2):
+            raise ValueError(f"value_kind is 0 (raw blocks), 1 (JSON text) or 2 (JSON lines), got {value_kind}")
         if self._values is None:
             raise TypeError("next_batch needs a store of record values (the walker's values)")
         columns = BatchColumns()
@@ -507,12 +511,14 @@ class Walker:
         if not columns.keys and not self._stack:
             return None
         self.records += len(columns.keys)
+        if value_kind == 2:
+            return "".join(columns.values).encode()  # type: ignore[arg-type]
         return columns
 
     def _fill(self, c: BatchColumns, n: int, value_kind: int, max_bytes: int) -> None:
         values = self._values
         assert values is not None
-        transcode = None
+        transcode: Callable[[bytes], str] | None = None
         used = 0
         last = None
         while len(c.keys) < n and used < max_bytes:
@@ -521,17 +527,25 @@ class Walker:
                 return
             ((key, cid),) = pairs
             ((_key, text, value),) = values.values(pairs, True, None)
-            if value_kind == 1 and type(value) is bytes:
+            if value_kind >= 1 and type(value) is bytes:
                 if transcode is None:
-                    from ..records.json_text import _python_transcode_json as transcode  # records imports core: lazily
+                    from ..records.json_text import _python_transcode_json  # records imports core: lazily
+
+                    transcode = _python_transcode_json
                 try:
                     value = transcode(value)
                 except Exception as exc:
                     raise messages.processor_failed(key, cid, exc) from exc
-            elif not (type(value) is bytes or (value_kind == 1 and type(value) is str)):
+            elif not (type(value) is bytes or (value_kind >= 1 and type(value) is str)):
                 raise TypeError(
                     f"next_batch: the value of record {key!r} is {type(value).__name__}, not {'str or bytes' if value_kind else 'bytes'}"
                 )
+            if value_kind == 2:  # the JSON line (key and CID text need no escaping: module docstring of read.arrow)
+                line = f'{{"key":"{key}","cid":"{text}","value":{value}}}\n'
+                c.keys.append(key)
+                c.values.append(line)
+                used += len(line.encode())
+                continue
             collection, _, rkey = key.partition("/")
             if collection != last:
                 c.collections.append(collection)

@@ -367,6 +367,29 @@ class _Driver(Generic[Item]):
         items: list[Any] = chunk
         return record_batch(items, json_values=type(items[0][-1]) is str)
 
+    async def next_json_lines(self, n: int = 4096) -> bytes | None:
+        """The next up to ``n`` records in key order as ``repo-stream dump``'s JSON lines, one
+        ``bytes`` (UTF-8), or ``None`` at the end: ``{"key":"<key>","cid":"<cid>","value":<the
+        record's atproto JSON text>}`` and a newline per record
+        (:func:`repo_stream.records.json_text.transcode_json`'s text; keys and CID texts need no
+        escaping: the walk checks every key's characters).
+
+        The C walker writes the lines straight into one buffer, transcoding each record block
+        as it goes (no Python object per record), so a driver without a block processor keeps
+        only the raw blocks in memory (about the CAR's size) and a chunk only its lines. Fewer
+        than ``n`` records once the lines hold the memory limit's bytes (at most 1 GiB).
+
+        Raises:
+            TypeError: the driver has a block processor other than the JSON text transcoder.
+            ProcessorError: a record is not valid DAG-CBOR (its RecordDecodeError the cause).
+            And the errors of :meth:`next_chunk`.
+        """
+        builder = self._builder
+        if builder._process is not None and not _is_json_text(builder._process):
+            raise TypeError("next_json_lines needs a driver without a block processor, or with the JSON text processor")
+        lines: bytes | None = await self._walk_batch(n, 2, min(builder._mem_limit, _BATCH_BYTES))
+        return lines
+
     async def _walk_batch(self, n: int, value_kind: int, max_bytes: int) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
