@@ -5,6 +5,8 @@
   text (transcoded by the C walker into the batch's buffer as it is built).
 * ``arrow-json-processor``: the same JSON table, loaded with the transcoder as block processor
   (the table keeps each record's JSON text as a str; ``next_batch(65536)`` copies it).
+* ``tuple-walk``: the same walk as ``arrow-raw`` making ``(key, cid, bytes)`` tuples, kept in
+  a list (what a table of raw values replaces).
 * ``old-dump``: ``dump`` as it was before the transcoder (``record_json`` as the block processor
   with ``JSON_CODEC``, each line ``json.dumps`` of a dict), to ``os.devnull``.
 """
@@ -39,6 +41,16 @@ async def arrow(path: str, json_text: bool, processor: bool = False) -> None:
     print(table.num_rows, file=sys.stderr)
 
 
+async def tuple_walk(path: str) -> None:
+    builder: DriverBuilder[Any] = DriverBuilder().with_mem_limit_mb(4096).with_record_cids(True)
+    async with await anyio.open_file(path, "rb") as f:
+        driver = await builder.load_car(f)
+        items = []
+        while (chunk := await driver.next_chunk(65536)) is not None:
+            items.extend(chunk)
+    print(len(items), file=sys.stderr)
+
+
 async def old_dump(path: str) -> None:
     from repo_stream.records.values import JSON_CODEC, record_json
 
@@ -60,6 +72,8 @@ def main() -> None:
         anyio.run(arrow, path, True)
     elif mode == "arrow-json-processor":
         anyio.run(arrow, path, True, True)
+    elif mode == "tuple-walk":
+        anyio.run(tuple_walk, path)
     elif mode == "old-dump":
         anyio.run(old_dump, path)
     else:

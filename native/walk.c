@@ -97,6 +97,8 @@ typedef struct {
     int value_kind;   /* 0: the raw block (binary); 1: its JSON text (utf8) */
     size_t max_bytes; /* the batch ends once its rows hold this many bytes (RsArrowBuilder.bytes) */
     size_t per_row[11]; /* the last batch's bytes per row in each buffer, x16: the next one's reserve */
+    PyObject *carry_pairs, *carry_items; /* next_batch over a store: the window's records not yet in a batch */
+    Py_ssize_t carry_at;
 } Walker;
 
 /* --- growable buffers ------------------------------------------------------------------------- */
@@ -1257,6 +1259,8 @@ static int Walker_traverse(Walker *self, visitproc visit, void *arg) {
     Py_VISIT(self->failed);
     Py_VISIT(self->record_type);
     Py_VISIT(self->collection);
+    Py_VISIT(self->carry_pairs);
+    Py_VISIT(self->carry_items);
     return 0;
 }
 
@@ -1266,6 +1270,8 @@ static int Walker_clear(Walker *self) {
     Py_CLEAR(self->failed);
     Py_CLEAR(self->record_type);
     Py_CLEAR(self->collection);
+    Py_CLEAR(self->carry_pairs);
+    Py_CLEAR(self->carry_items);
     self->table = NULL;
     self->n_items = 0;
     return 0;
@@ -1302,6 +1308,9 @@ static PyObject *fail(Walker *self) {
     return NULL;
 }
 
+/* Records walked by next_batch through a store and not yet in a batch. */
+static int carried(Walker *self) { return self->carry_items != NULL && self->carry_at < PyList_GET_SIZE(self->carry_items); }
+
 static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     if (self->failed) {
         PyErr_SetObject((PyObject *)Py_TYPE(self->failed), self->failed);
@@ -1311,6 +1320,10 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     if (n == -1 && PyErr_Occurred()) return NULL;
     if (n < 1) return PyErr_Format(PyExc_ValueError, "chunk size must be at least 1, got %zd", n);
     if (self->nodes == NULL) return rs_not_initialised("Walker"), NULL;
+    if (carried(self)) {
+        PyErr_SetString(PyExc_RuntimeError, "next_chunk after next_batch: finish the walk with next_batch");
+        return NULL;
+    }
     if (self->running) return rs_reentered("Walker"), NULL;
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
@@ -1364,39 +1377,61 @@ static const char *item_text_of(PyObject *o, Py_ssize_t *len) {
     return NULL;
 }
 
-/* next_batch through a store that is not the C table (the disk store): one record at a time, its
- * (key, CID) walked here and its value from values.values([pair], True, None), so that the batch
- * ends where the byte budget says, as over the table. 0, or -1 with an error. */
+/* next_batch through a store that is not the C table (the disk store): records are walked
+ * STORE_WINDOW at a time (at most as many as the batch still wants), their values fetched by one
+ * values.values(pairs, True, None) call, and put into the batch one by one until it ends (n
+ * records or the byte budget); the window's rest is carried over to the next batch. So a window's
+ * walk errors come before its records' store errors, and the batch ends at the same record as
+ * over the table. 0, or -1 with an error. */
+#define STORE_WINDOW 64
 static int batch_from_store(Walker *self, Py_ssize_t n, RsArrowBuilder *b) {
     PyObject *deferred = NULL;
     while (b->n < n && b->bytes < self->max_bytes) {
-        PyObject *out = PyList_New(0);
-        if (out == NULL) return -1;
-        self->running = 1;
-        int stepped = step(self, 1, out, &deferred);
-        self->running = 0;
-        if (stepped < 0 || deferred != NULL) { /* deferred: only over the C table */
-            Py_XDECREF(deferred);
-            Py_DECREF(out);
-            return -1;
+        if (self->carry_items == NULL || self->carry_at >= PyList_GET_SIZE(self->carry_items)) {
+            Py_CLEAR(self->carry_pairs);
+            Py_CLEAR(self->carry_items);
+            self->carry_at = 0;
+            PyObject *out = PyList_New(0);
+            if (out == NULL) return -1;
+            Py_ssize_t want = n - (Py_ssize_t)b->n < STORE_WINDOW ? n - (Py_ssize_t)b->n : STORE_WINDOW;
+            self->running = 1;
+            int stepped = step(self, want, out, &deferred);
+            self->running = 0;
+            if (stepped < 0 || deferred != NULL) { /* deferred: only over the C table */
+                Py_XDECREF(deferred);
+                Py_DECREF(out);
+                return -1;
+            }
+            if (PyList_GET_SIZE(out) == 0) { /* the end */
+                Py_DECREF(out);
+                return 0;
+            }
+            self->running = 1;
+            PyObject *items = PyObject_CallMethod(self->values, "values", "(OOO)", out, Py_True, Py_None);
+            self->running = 0;
+            if (items == NULL) {
+                Py_DECREF(out);
+                return -1;
+            }
+            if (!PyList_Check(items) || PyList_GET_SIZE(items) != PyList_GET_SIZE(out)) {
+                Py_DECREF(items);
+                Py_DECREF(out);
+                PyErr_SetString(PyExc_TypeError, "next_batch: values.values() must give one (key, cid, value) per pair");
+                return -1;
+            }
+            self->carry_pairs = out;
+            self->carry_items = items;
         }
-        if (PyList_GET_SIZE(out) == 0) { /* the end */
-            Py_DECREF(out);
-            return 0;
-        }
-        PyObject *pair = PyList_GET_ITEM(out, 0);
-        self->running = 1;
-        PyObject *items = PyObject_CallMethod(self->values, "values", "(OOO)", out, Py_True, Py_None);
-        self->running = 0;
-        PyObject *item = NULL;
-        if (items != NULL && PyList_Check(items) && PyList_GET_SIZE(items) == 1) item = PyList_GET_ITEM(items, 0);
+        PyObject *pair = PyList_GET_ITEM(self->carry_pairs, self->carry_at);
+        PyObject *item = PyList_GET_ITEM(self->carry_items, self->carry_at);
+        self->carry_at++;
+        Py_INCREF(pair);
+        Py_INCREF(item);
         int r = -1;
         Py_ssize_t key_len, text_len;
         const char *key, *text;
-        if (items == NULL) {
-            /* the store's error */
-        } else if (item == NULL || !PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyTuple_Check(pair) ||
-                   PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
             PyErr_SetString(PyExc_TypeError, "next_batch: values.values() must give one (key, cid, value) per pair");
         } else if ((key = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(pair, 0), &key_len)) != NULL &&
                    (text = item_text_of(PyTuple_GET_ITEM(item, 1), &text_len)) != NULL) {
@@ -1413,8 +1448,8 @@ static int batch_from_store(Walker *self, Py_ssize_t n, RsArrowBuilder *b) {
             }
             self->running = 0;
         }
-        Py_XDECREF(items);
-        Py_DECREF(out);
+        Py_DECREF(pair);
+        Py_DECREF(item);
         if (r < 0) return -1;
     }
     return 0;
@@ -1475,7 +1510,7 @@ static PyObject *Walker_next_batch(Walker *self, PyObject *args) {
         rs_arrow_free(&b);
         return fail(self);
     }
-    if (b.n == 0 && self->n_items == 0) {
+    if (b.n == 0 && self->n_items == 0 && !carried(self)) {
         rs_arrow_free(&b);
         Py_RETURN_NONE;
     }
@@ -1495,12 +1530,14 @@ static PyObject *Walker_abandon(Walker *self, PyObject *unused) {
     if (self->running) return rs_reentered("Walker"), NULL;
     self->n_items = 0;
     self->n_bytes = 0;
+    Py_CLEAR(self->carry_pairs);
+    Py_CLEAR(self->carry_items);
     Py_RETURN_NONE;
 }
 
 static PyObject *Walker_get_done(Walker *self, void *closure) {
     (void)closure;
-    return PyBool_FromLong(self->n_items == 0);
+    return PyBool_FromLong(self->n_items == 0 && !carried(self));
 }
 
 static PyObject *Walker_get_nodes_visited(Walker *self, void *closure) {

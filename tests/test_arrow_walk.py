@@ -319,3 +319,26 @@ async def test_json_lines_bad_record_and_processor(tmp_path: Path, anyio_backend
     driver: Any = await DriverBuilder().with_block_processor(len).load_car(car)
     with pytest.raises(TypeError, match="without a block processor"):
         await driver.next_json_lines(10)
+
+
+@pytest.mark.anyio
+async def test_spilled_windows_carry_over(tmp_path: Path, anyio_backend: str) -> None:
+    """Over the disk store records are walked a window at a time: a batch that ends inside a
+    window leaves the rest for the next batch (done is False meanwhile), and next_chunk refuses
+    to run past them."""
+    car = generated(tmp_path, 300, seed=2)
+    records = await walk_records(car)
+    driver: Any = await DriverBuilder().with_mem_limit_mb(0.0001).with_record_cids(True).load_car(car)
+    assert isinstance(driver, NeedDisk)
+    async with await DiskBuilder().open() as store:
+        _commit, disk = await driver.finish_loading(store)
+        first = await disk.next_batch(10)
+        assert first.num_rows == 1  # the budget (the 104-byte memory limit): one record a batch
+        assert not disk._walker.done
+        with pytest.raises(RuntimeError, match="next_chunk after next_batch"):
+            await disk.next_chunk(10)
+        rest = [first]
+        while (batch := await disk.next_batch(10)) is not None:
+            rest.append(batch)
+        assert disk._walker.done
+    assert rows(rest) == expected_rows(records, json_text=False)

@@ -51,11 +51,11 @@ import cbor2
 
 from ..errors import RepoStreamError
 from . import messages
-from .blocks import NOT_A_NODE, NodeLookup, RecordValues
+from .blocks import NOT_A_NODE, MemoryBlocks, NodeLookup, RecordValues
 from .dagcbor import DagCborError, StrictDecoder
 from .mst import MAX_KEY_BYTES, is_valid_collection
 
-__all__ = ["ARROW_ROW_BYTES", "DEFAULT_MAX_DEPTH", "BatchColumns", "Walker", "decode_node"]
+__all__ = ["ARROW_ROW_BYTES", "DEFAULT_MAX_DEPTH", "STORE_WINDOW", "BatchColumns", "Walker", "decode_node"]
 
 #: Default limit on nested MST nodes. A legal tree is as deep as its root's layer + 1, and a key of
 #: layer 32 needs 64 leading zero bits of sha256: no real repo comes near.
@@ -353,6 +353,9 @@ def _offsets(lengths: list[int]) -> array[int]:
 
 #: Bytes a batch counts per record on top of its data (its offsets and collection index).
 ARROW_ROW_BYTES = 16
+#: next_batch over a store other than the in-memory table: records walked (and their values
+#: fetched in one call) at a time.
+STORE_WINDOW = 64
 
 
 class BatchColumns:
@@ -394,7 +397,7 @@ class Walker:
 
     __slots__ = (
         "_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_record_type", "_failed", "_decoder",
-        "_collections", "_ranges", "records", "nodes_visited",
+        "_collections", "_ranges", "records", "nodes_visited", "_carry", "_carry_at",
     )
 
     def __init__(
@@ -431,15 +434,19 @@ class Walker:
         self._decoder = StrictDecoder(max_depth=8, all_tags=True)  # nodes allow no tag but 42
         #: Records emitted so far.
         self.records = 0
+        # next_batch over a store other than MemoryBlocks: a window's records not yet in a batch.
+        self._carry: list[tuple[tuple[str, bytes], tuple[Any, ...]]] = []
+        self._carry_at = 0
 
     @property
     def done(self) -> bool:
         """True once every record has been emitted."""
-        return not self._stack
+        return not self._stack and self._carry_at >= len(self._carry)
 
     def abandon(self) -> None:
         """Stop the walk: later :meth:`next_chunk` calls return ``None``."""
         self._stack.clear()
+        self._carry = []
 
     def next_chunk(self, n: int) -> list[tuple[Any, ...]] | None:
         """Emit up to ``n`` (``n`` >= 1) further records; ``None`` when the walk is over.
@@ -453,6 +460,8 @@ class Walker:
             raise self._failed
         if n < 1:
             raise ValueError(f"chunk size must be at least 1, got {n}")
+        if self._carry_at < len(self._carry):
+            raise RuntimeError("next_chunk after next_batch: finish the walk with next_batch")
         try:
             pairs = self._step(n)
             out = pairs if self._values is None else self._values.values(pairs, self._record_cids, self._record_type)
@@ -470,10 +479,15 @@ class Walker:
         C Data Interface capsules of the same batch; :mod:`repo_stream.read.arrow` makes a
         ``pyarrow.RecordBatch`` of either).
 
-        Records are walked one at a time, each value resolved by the ``values`` store as it comes
-        (errors in record order), and the batch ends after ``n`` records or after the record that
-        brings its bytes to ``max_bytes``: the UTF-8 bytes of its keys, rkeys, CID texts and
-        values, plus :data:`ARROW_ROW_BYTES` per record (the C core's count, exactly).
+        Over the in-memory table (:class:`~repo_stream.core.blocks.MemoryBlocks`, the C core's
+        ``BlockTable``) records are walked one at a time, each value resolved as it comes
+        (errors in record order); over another store (the disk's) :data:`STORE_WINDOW` at a time
+        (at most as many as the batch still wants), their values fetched in one call (a window's
+        walk errors first), the window's rest carried over to the next batch (:attr:`done`
+        counts it; :meth:`next_chunk` refuses to run while it is there). The batch ends after
+        ``n`` records or after the record that brings its bytes to ``max_bytes``: the UTF-8
+        bytes of its keys, rkeys, CID texts and values, plus :data:`ARROW_ROW_BYTES` per record
+        (the C core's count, exactly).
 
         Args:
             n: the most records (>= 1).
@@ -508,7 +522,7 @@ class Walker:
         except RepoStreamError as exc:
             self._failed = exc
             raise
-        if not columns.keys and not self._stack:
+        if not columns.keys and self.done:
             return None
         self.records += len(columns.keys)
         if value_kind == 2:
@@ -521,12 +535,24 @@ class Walker:
         transcode: Callable[[bytes], str] | None = None
         used = 0
         last = None
+        in_table = isinstance(values, MemoryBlocks)
         while len(c.keys) < n and used < max_bytes:
-            pairs = self._step(1)
-            if not pairs:
-                return
-            ((key, cid),) = pairs
-            ((_key, text, value),) = values.values(pairs, True, None)
+            if in_table:  # one record at a time: errors in record order
+                pairs = self._step(1)
+                if not pairs:
+                    return
+                ((key, cid),) = pairs
+                ((_key, text, value),) = values.values(pairs, True, None)
+            else:  # another store (the disk's): a window of records walked, then their values fetched
+                if self._carry_at >= len(self._carry):
+                    self._carry = []
+                    self._carry_at = 0
+                    pairs = self._step(min(n - len(c.keys), STORE_WINDOW))
+                    if not pairs:
+                        return
+                    self._carry = list(zip(pairs, values.values(pairs, True, None), strict=True))
+                (key, cid), (_key, text, value) = self._carry[self._carry_at]
+                self._carry_at += 1
             if value_kind >= 1 and type(value) is bytes:
                 if transcode is None:
                     from ..records.json_text import _python_transcode_json  # records imports core: lazily
