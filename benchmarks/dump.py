@@ -8,6 +8,8 @@ Each round runs, one after the other in a fresh process each, with standard outp
 * ``ls``: ``python -m repo_stream ls PATH --mem-limit-mb 4096`` (in memory);
 * ``dump``: ``python -m repo_stream dump PATH --mem-limit-mb 4096`` (in memory);
 * ``dump-64``: ``python -m repo_stream dump PATH --mem-limit-mb 64`` (the default limit: spills);
+* ``prev-dump`` / ``prev-dump-64``: the same as ``dump`` was before the walker wrote its lines
+  (``benchmarks/dump_child.py``);
 * ``libipld-json``: ``benchmarks/peers.py libipld-json PATH`` (decode_car, key-order walk,
   ``json.dumps`` of each record's line);
 * ``old-dump``: ``dump`` as it was before the transcoder (``benchmarks/dump_child.py``);
@@ -65,6 +67,8 @@ def main() -> int:
         "ls": [py, "-m", "repo_stream", "ls", path, "--mem-limit-mb", "4096"],
         "dump": [py, "-m", "repo_stream", "dump", path, "--mem-limit-mb", "4096"],
         "dump-64": [py, "-m", "repo_stream", "dump", path, "--mem-limit-mb", "64"],
+        "prev-dump": [py, str(HERE / "dump_child.py"), "prev-dump", path],
+        "prev-dump-64": [py, str(HERE / "dump_child.py"), "prev-dump-64", path],
         "libipld-json": [py, str(HERE / "peers.py"), "libipld-json", path],
         "old-dump": [py, str(HERE / "dump_child.py"), "old-dump", path],
         "stats": [py, "-m", "repo_stream", "stats", path, "--mem-limit-mb", "4096", "--json"],
@@ -96,6 +100,8 @@ def main() -> int:
     ratio("libipld-json", "dump", "target >= 2")
     ratio("dump", "ls", "target <= 2.5")
     ratio("old-dump", "dump", "")
+    ratio("prev-dump", "dump", "")
+    ratio("prev-dump-64", "dump-64", "")
     ratio("stats", "arrow-raw", "target >= 1.8")
     ratio("tuple-walk", "arrow-raw", "the same walk making (key, cid, bytes) tuples")
     ratio("old-dump", "arrow-json", "target >= 4")
@@ -104,8 +110,12 @@ def main() -> int:
     ratio("old-dump", "arrow-json-processor", "")
     if "dump" in med:
         print(f"dump peak RSS - CAR size: {med['dump'][2] - size_mb:.1f} MB (target <= 60)")
+    if "prev-dump" in med:
+        print(f"prev-dump peak RSS - CAR size: {med['prev-dump'][2] - size_mb:.1f} MB")
     if "dump-64" in med:
         print(f"dump --mem-limit-mb 64 peak RSS: {med['dump-64'][2]:.1f} MB (target <= 200)")
+    if "prev-dump-64" in med:
+        print(f"prev-dump-64 peak RSS: {med['prev-dump-64'][2]:.1f} MB")
     return 0
 
 

@@ -5,6 +5,9 @@
   text (transcoded by the C walker into the batch's buffer as it is built).
 * ``arrow-json-processor``: the same JSON table, loaded with the transcoder as block processor
   (the table keeps each record's JSON text as a str; ``next_batch(65536)`` copies it).
+* ``prev-dump`` / ``prev-dump-64``: ``dump`` as it was before ``driver.next_json_lines`` (the
+  transcoder as block processor: the table keeps each record's JSON text as a str; the lines put
+  together in Python), in memory / at the default 64 MiB limit (spilled).
 * ``tuple-walk``: the same walk as ``arrow-raw`` making ``(key, cid, bytes)`` tuples, kept in
   a list (what a table of raw values replaces).
 * ``old-dump``: ``dump`` as it was before the transcoder (``record_json`` as the block processor
@@ -51,6 +54,26 @@ async def tuple_walk(path: str) -> None:
     print(len(items), file=sys.stderr)
 
 
+async def prev_dump(path: str, mem_limit_mb: float) -> None:
+    """``dump`` as it was before the walker wrote the lines (the transcoder as block processor,
+    the table keeping each record's JSON text as a str, the line put together in Python)."""
+    from repo_stream import DiskBuilder, NeedDisk
+    from repo_stream.records.json_text import json_text_processor
+
+    builder = DriverBuilder().with_mem_limit_mb(mem_limit_mb).with_record_cids(True).with_block_processor(json_text_processor())
+    with open(os.devnull, "wb") as out:
+        async with await anyio.open_file(path, "rb") as f:
+            driver: Any = await builder.load_car(f)
+            store = None
+            if isinstance(driver, NeedDisk):
+                store = await DiskBuilder().open()
+                _commit, driver = await driver.finish_loading(store)
+            while (chunk := await driver.next_chunk(1024)) is not None:
+                out.write("".join([f'{{"key":"{key}","cid":"{cid}","value":{value}}}\n' for key, cid, value in chunk]).encode())
+            if store is not None:
+                await store.close()
+
+
 async def old_dump(path: str) -> None:
     from repo_stream.records.values import JSON_CODEC, record_json
 
@@ -72,6 +95,10 @@ def main() -> None:
         anyio.run(arrow, path, True)
     elif mode == "arrow-json-processor":
         anyio.run(arrow, path, True, True)
+    elif mode == "prev-dump":
+        anyio.run(prev_dump, path, 4096)
+    elif mode == "prev-dump-64":
+        anyio.run(prev_dump, path, 64)
     elif mode == "tuple-walk":
         anyio.run(tuple_walk, path)
     elif mode == "old-dump":
