@@ -383,7 +383,7 @@ async def _dump(args: argparse.Namespace) -> int:
     builder = _builder(args)
     out = sys.stdout.buffer
     async with _walking_args(args, builder) as walk:
-        while (lines := await walk.driver.next_json_lines(4096)) is not None:
+        while (lines := await walk.driver.next_json_lines(1024)) is not None:
             walk.bar.records(lines.count(b"\n"))
             out.write(lines)
     return 0
