@@ -97,6 +97,7 @@ typedef struct {
     int value_kind;   /* 0: the raw block (binary); 1: its JSON text (utf8) */
     size_t max_bytes; /* the batch ends once its rows hold this many bytes (RsArrowBuilder.bytes) */
     size_t per_row[11]; /* the last batch's bytes per row in each buffer, x16: the next one's reserve */
+    size_t row_bytes;   /* the last batch's budget bytes per row */
     PyObject *carry_pairs, *carry_items; /* next_batch over a store: the window's records not yet in a batch */
     Py_ssize_t carry_at;
 } Walker;
@@ -1476,9 +1477,12 @@ static PyObject *Walker_next_batch(Walker *self, PyObject *args) {
     int status;
     /* Reserve what the last batch needed per row, for n rows (within the byte budget): buffers
      * grown by doubling copy themselves over and over once past the mmap threshold. */
+    size_t rows = (size_t)n; /* the rows the batch is likely to hold: n, or fewer by the byte budget */
+    if (self->row_bytes > 0 && self->max_bytes / self->row_bytes + 1 < rows) rows = self->max_bytes / self->row_bytes + 1;
     for (int i = 0; i < 11; i++) {
-        size_t want = self->per_row[i] * (size_t)n / 16 + 64;
+        size_t want = rows > SIZE_MAX / 16 / (self->per_row[i] + 1) ? self->max_bytes : self->per_row[i] * rows / 16 + 64;
         if (want > self->max_bytes) want = self->max_bytes;
+        if (want > (size_t)1 << 30) want = (size_t)1 << 30; /* a reserve: a larger batch grows on */
         if (self->per_row[i] && rs_arrow_grow(&b, i, want) < 0) {
             rs_arrow_free(&b);
             return NULL;
@@ -1515,8 +1519,10 @@ static PyObject *Walker_next_batch(Walker *self, PyObject *args) {
         Py_RETURN_NONE;
     }
     self->records += b.n;
-    if (b.n > 0)
+    if (b.n > 0) {
         for (int i = 0; i < 11; i++) self->per_row[i] = b.buf[i].len * 16 / (size_t)b.n + (b.buf[i].len ? 1 : 0);
+        self->row_bytes = b.bytes / (size_t)b.n + 1;
+    }
     if (value_kind == 2) { /* the lines, as one bytes object */
         PyObject *lines = PyBytes_FromStringAndSize((const char *)b.buf[RS_ARROW_VALUE].data, (Py_ssize_t)b.buf[RS_ARROW_VALUE].len);
         rs_arrow_free(&b);
