@@ -77,7 +77,12 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
     impl = implementation.PYTHON if name == "python" else implementation.C
     assert impl is not None
     verify = bool(options & 1)
-    process = (impl.transcode_json if (len(data) >> 2) & 1 else len) if options & 2 else None
+    # Bit 4 of the input's length: walk with next_batch (Arrow columns or, by bit 5 and 6, JSON
+    # lines), values raw or JSON text, the batch's byte budget 1, 700 or 1 GiB.
+    batch = bool((len(data) >> 4) & 1)
+    process = (impl.transcode_json if (len(data) >> 2) & 1 or batch else len) if options & 2 else None
+    kind = ((len(data) >> 5) & 3) % 3
+    budget = (1, 700, 1 << 30)[len(data) % 3]
     record_cids = bool(options & 4)
     record_type = Record if (len(data) >> 3) & 1 else None  # open_repo's walk: Records made by the walk
     limit = LIMITS[(options >> 3) & 3]
@@ -136,6 +141,10 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
             walker = impl.Walker(
                 data_cid, table, table, max_depth=32, strict=verify, record_cids=record_cids, collections=collections, record_type=record_type
             )
+        if batch:
+            while (result := walker.next_batch(50, kind, budget)) is not None:
+                out.append(result if kind == 2 else _columns(result, kind == 1))
+            return ("batches", out, walker.nodes_visited)
         while (chunk := walker.next_chunk(50)) is not None:
             out.extend(chunk)
         return ("records", out, walker.nodes_visited, {type(item).__name__ for item in out})
@@ -144,6 +153,15 @@ def run(name: str, data: bytes, options: int) -> tuple[Any, ...]:
         if isinstance(exc, NodeDecodeError):
             message = message.split(": ", 1)[0]
         return ("error", type(exc).__name__, message, out)
+
+
+def _columns(result: Any, json_values: bool) -> Any:
+    """A walker's batch (the C core's capsules, the reference's columns) as Python lists."""
+    from repo_stream.read.arrow import from_walker
+
+    batch = from_walker(result, json_values)
+    batch.validate(full=True)
+    return batch.to_pydict()
 
 
 def transcode(fn: Any, block: bytes) -> tuple[str, str]:

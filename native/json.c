@@ -19,6 +19,7 @@ typedef struct {
     uint8_t *buf;
     size_t len, cap;
     int heap;
+    int raw;   /* the heap buffer is PyMem_Raw (an Arrow batch's value buffer, rs_json_into) */
     int ascii; /* nothing >= 0x80 written yet */
     uint8_t small[RS_JSON_STACK_OUT];
 } Out;
@@ -37,7 +38,7 @@ static int bad(size_t size, size_t offset, const char *detail) {
 
 static int grow(Out *o, size_t more) {
     if (more <= o->cap - o->len) return 0;
-    size_t need = o->len + more, cap = o->cap;
+    size_t need = o->len + more, cap = o->cap ? o->cap : 256;
     while (cap < need) {
         if (cap > ((size_t)1 << 40)) {
             PyErr_NoMemory();
@@ -47,7 +48,7 @@ static int grow(Out *o, size_t more) {
     }
     uint8_t *grown;
     if (o->heap) {
-        grown = PyMem_Realloc(o->buf, cap);
+        grown = o->raw ? PyMem_RawRealloc(o->buf, cap) : PyMem_Realloc(o->buf, cap);
     } else {
         grown = PyMem_Malloc(cap);
         if (grown != NULL) memcpy(grown, o->buf, o->len);
@@ -392,6 +393,7 @@ PyObject *rs_transcode_json(PyObject *self, PyObject *arg) {
     o->len = 0;
     o->cap = sizeof o->small;
     o->heap = 0;
+    o->raw = 0;
     o->ascii = 1;
     PyObject *text = NULL;
     if (transcode(o, (const uint8_t *)view.buf, (size_t)view.len) == 0) {
@@ -405,4 +407,34 @@ PyObject *rs_transcode_json(PyObject *self, PyObject *arg) {
     if (o->heap) PyMem_Free(o->buf);
     PyBuffer_Release(&view);
     return text;
+}
+
+int rs_json_into(RsArrowBuilder *b, const uint8_t *block, size_t n) {
+    if (rs_messages == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "repo_stream._native.setup() was not called");
+        return -1;
+    }
+    RsArrowBuf *buf = &b->buf[RS_ARROW_VALUE];
+    Out *o = PyMem_Malloc(sizeof *o); /* not on the C stack: its small buffer is not used */
+    if (o == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    o->buf = buf->data;
+    o->len = buf->len;
+    o->cap = buf->cap;
+    o->heap = 1;
+    o->raw = 1;
+    o->ascii = 1;
+    int r = transcode(o, block, n);
+    buf->data = o->buf; /* grown or not, the buffer is the batch's */
+    buf->cap = o->cap;
+    if (r == 0 && o->len > (size_t)INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError,
+                        "arrow batch: a column of the batch passes 2 GiB (Arrow's int32 offsets): ask for fewer records");
+        r = -1;
+    }
+    if (r == 0) buf->len = o->len;
+    PyMem_Free(o);
+    return r;
 }

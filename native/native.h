@@ -156,4 +156,50 @@ PyObject *rs_pack_entries(RsEntry *e, Py_ssize_t n, unsigned long long next_larg
 PyObject *rs_pack_run(PyObject *self, PyObject *args);
 int rs_runs_ready(void); /* PyType_Ready of RunMerge and RunIndex: 0, or -1 with an error */
 
+/* --- arrow.c: Arrow record batches (Arrow C Data Interface) ---------------------------------- */
+typedef struct {
+    uint8_t *data; /* PyMem_Raw: freed by the batch's release callback, in any thread */
+    size_t len, cap;
+} RsArrowBuf;
+
+/* A record batch being built, row by row: rs_arrow_key, then rs_arrow_cid or rs_arrow_cid_text,
+ * then the value (rs_arrow_value, rs_arrow_value_str, or bytes written into buf[RS_ARROW_VALUE]
+ * after rs_arrow_grow, then rs_arrow_value_done). Each returns 0, or -1 with an error set
+ * (MemoryError; OverflowError once a column passes Arrow's 2 GiB). Zeroed by rs_arrow_init. */
+typedef struct {
+    RsArrowBuf buf[11];
+    int64_t n, n_dict;   /* rows; dictionary entries (collections) */
+    size_t last_len;     /* the last collection's length (at the end of the dictionary's data) */
+    size_t value_start;  /* where the current row's value starts */
+    size_t bytes;        /* the rows' bytes: their data, plus RS_ARROW_ROW_BYTES per row */
+    int started;
+} RsArrowBuilder;
+#define RS_ARROW_VALUE 7        /* the value column's data buffer in buf[] */
+#define RS_ARROW_ROW_BYTES 16   /* bytes counted per row for its offsets and index */
+void rs_arrow_init(RsArrowBuilder *b);
+void rs_arrow_free(RsArrowBuilder *b);
+int rs_arrow_grow(RsArrowBuilder *b, int buf, size_t more);
+int rs_arrow_key(RsArrowBuilder *b, const uint8_t *key, size_t key_len); /* key, rkey, collection */
+int rs_arrow_cid(RsArrowBuilder *b, const uint8_t *cid, size_t len);     /* a raw CID, as its text */
+int rs_arrow_cid_text(RsArrowBuilder *b, const char *text, size_t len);
+int rs_arrow_value(RsArrowBuilder *b, const uint8_t *value, size_t len);
+int rs_arrow_value_str(RsArrowBuilder *b, PyObject *text); /* a str's UTF-8 */
+int rs_arrow_value_done(RsArrowBuilder *b);
+/* JSON lines (value_kind 2, `repo-stream dump`'s lines), in buf[RS_ARROW_VALUE] alone: the head
+ * {"key":"<key>","cid":"<cid>","value": (key and CID text need no escaping: the walk checks the
+ * key's characters, and a CID's text is base32 or base58), the value's JSON text written after
+ * it, then rs_arrow_line_done ("}\n"; counts the row and its bytes). */
+int rs_arrow_line_head(RsArrowBuilder *b, const uint8_t *key, size_t key_len, const char *cid, size_t cid_len);
+int rs_arrow_line_done(RsArrowBuilder *b);
+/* A CIDv1's text ("b" + base32) into out: its length; 0 for another CID (rs_cid_text_of's). */
+#define RS_CID_TEXT_MAX (1 + (256 * 8 + 4) / 5)
+size_t rs_cid_b32(char out[RS_CID_TEXT_MAX], const uint8_t *cid, size_t len);
+/* The batch as the pair (schema capsule, array capsule); the buffers move into it (b is freed). */
+PyObject *rs_arrow_finish(RsArrowBuilder *b, int value_kind);
+
+/* --- json.c ----------------------------------------------------------------------------------- */
+/* Append the atproto JSON text of the record block[0:n] to buf[RS_ARROW_VALUE] (grown as needed):
+ * 0; or -1 with RecordDecodeError (or MemoryError) set, the buffer's length as it was. */
+int rs_json_into(RsArrowBuilder *b, const uint8_t *block, size_t n);
+
 #endif

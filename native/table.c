@@ -55,6 +55,7 @@ struct RsBlockTable {
     uint8_t init_called;    /* __init__ has run (once: a second call is refused) */
     uint8_t ready;          /* __init__ succeeded */
     uint8_t busy;           /* a method (or a parser or walker using the table) is running */
+    uint8_t has_values;     /* a processed value was ever kept (else clearing need not read the records) */
 };
 
 /* NH keys, drawn from the operating system's randomness (getrandom, else /dev/urandom) when the
@@ -397,6 +398,7 @@ int rs_table_add(RsBlockTable *t, const uint8_t *cid, size_t cid_len, const uint
     memcpy(rec + HEADER_BYTES, cid, cid_len);
     if (flags) {
         memcpy(rec + HEADER_BYTES + cid_len, &value, sizeof value);
+        t->has_values = 1;
         t->values_bytes += vsize;
         t->used += vsize;
     } else if (block_len) {
@@ -475,7 +477,9 @@ void rs_trim(size_t released, int force) {
 static void clear_blocks(RsBlockTable *t) {
     size_t released = t->arena_bytes + t->nslots * sizeof(uint64_t);
     for (Chunk *c = t->head; c != NULL;) {
-        for (size_t off = 0; off < c->used;) {
+        /* Only processed values need a visit (their references); raw blocks go with their chunk,
+         * unread: a table of raw blocks is freed without touching its CAR-sized arena again. */
+        for (size_t off = 0; t->has_values && off < c->used;) {
             uint8_t *rec = c->data + off;
             if (rec[0] & F_PROCESSED) Py_XDECREF(rec_value(rec));
             off += rec_size(rec);
@@ -490,6 +494,7 @@ static void clear_blocks(RsBlockTable *t) {
     t->slots = NULL;
     t->nslots = t->count = 0;
     t->used = t->values_bytes = 0;
+    t->has_values = 0;
     t->arena_bytes = 0;
     t->take_chunk = NULL;
     t->take_off = 0;

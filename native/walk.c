@@ -92,6 +92,14 @@ typedef struct {
     uint8_t *ahead; /* LAYERS_AHEAD_BYTES: the keys layers_ahead() hashes */
     int8_t layers[LAYERS_AHEAD];
     uint8_t init_called, running; /* see rs_init_twice in native.h */
+    /* next_batch over the C table: the batch each emitted record is written into (else NULL) */
+    RsArrowBuilder *batch;
+    int value_kind;   /* 0: the raw block (binary); 1: its JSON text (utf8) */
+    size_t max_bytes; /* the batch ends once its rows hold this many bytes (RsArrowBuilder.bytes) */
+    size_t per_row[11]; /* the last batch's bytes per row in each buffer, x16: the next one's reserve */
+    size_t row_bytes;   /* the last batch's budget bytes per row */
+    PyObject *carry_pairs, *carry_items; /* next_batch over a store: the window's records not yet in a batch */
+    Py_ssize_t carry_at;
 } Walker;
 
 /* --- growable buffers ------------------------------------------------------------------------- */
@@ -812,6 +820,116 @@ failed: {
 }
 }
 
+/* --- emitting into an Arrow batch --------------------------------------------------------------- */
+
+/* The TypeError of a value a batch cannot hold (as repo_stream.core.walk.Walker.next_batch's). */
+static int value_type_error(const uint8_t *key, size_t key_len, PyObject *value, int value_kind) {
+    PyObject *k = PyUnicode_FromStringAndSize((const char *)key, (Py_ssize_t)key_len);
+    if (k == NULL) return -1;
+    PyErr_Format(PyExc_TypeError, "next_batch: the value of record %R is %s, not %s", k, Py_TYPE(value)->tp_name,
+                 value_kind ? "str or bytes" : "bytes");
+    Py_DECREF(k);
+    return -1;
+}
+
+/* The current error, raised as ProcessorError(key, cid, error) if it is an Exception. Returns -1. */
+static int processor_failed(const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len) {
+    if (!PyErr_ExceptionMatches(PyExc_Exception)) return -1;
+    PyObject *type, *exc, *tb;
+    PyErr_Fetch(&type, &exc, &tb);
+    PyErr_NormalizeException(&type, &exc, &tb);
+    if (exc == NULL) return -1;
+    if (tb) PyException_SetTraceback(exc, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return rs_raise("processor_failed", "(s#y#N)", (const char *)key, (Py_ssize_t)key_len, (const char *)cid,
+                    (Py_ssize_t)cid_len, exc);
+}
+
+/* A record's value into the batch (its key and CID, or its line's head, are in): bytes are the
+ * raw block, or with value_kind 1 or 2 transcoded to JSON text (a failure: ProcessorError, as the
+ * transcoder as a block processor gives); a str is JSON text. 0, or -1 with an error. */
+static int batch_value(Walker *w, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len,
+                       const uint8_t *data, size_t len, PyObject *value) {
+    RsArrowBuilder *b = w->batch;
+    PyObject *utf8 = NULL;
+    int is_text = 0;
+    if (value != NULL) {
+        if (w->value_kind >= 1 && PyUnicode_CheckExact(value)) {
+            is_text = 1;
+            if (PyUnicode_IS_ASCII(value)) { /* compact ASCII: its characters are its UTF-8 */
+                data = PyUnicode_DATA(value);
+                len = (size_t)PyUnicode_GET_LENGTH(value);
+            } else { /* not PyUnicode_AsUTF8AndSize: that keeps a UTF-8 copy inside the table's str */
+                utf8 = PyUnicode_AsUTF8String(value);
+                if (utf8 == NULL) return -1;
+                data = (const uint8_t *)PyBytes_AS_STRING(utf8);
+                len = (size_t)PyBytes_GET_SIZE(utf8);
+            }
+        } else if (!PyBytes_CheckExact(value)) {
+            return value_type_error(key, key_len, value, w->value_kind);
+        } else {
+            data = (const uint8_t *)PyBytes_AS_STRING(value);
+            len = (size_t)PyBytes_GET_SIZE(value);
+        }
+    }
+    int r;
+    if (w->value_kind == 0 || is_text) {
+        r = rs_arrow_grow(b, RS_ARROW_VALUE, len);
+        if (r == 0 && len) {
+            memcpy(b->buf[RS_ARROW_VALUE].data + b->buf[RS_ARROW_VALUE].len, data, len);
+            b->buf[RS_ARROW_VALUE].len += len;
+        }
+    } else if ((r = rs_json_into(b, data, len)) < 0) {
+        r = processor_failed(key, key_len, cid, cid_len);
+    }
+    Py_XDECREF(utf8);
+    if (r < 0) return -1;
+    return w->value_kind == 2 ? rs_arrow_line_done(b) : rs_arrow_value_done(b);
+}
+
+/* The record's key and CID into the batch: its columns, or its JSON line's head. */
+static int batch_head(Walker *w, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len) {
+    if (w->value_kind != 2) {
+        if (rs_arrow_key(w->batch, key, key_len) < 0) return -1;
+        return rs_arrow_cid(w->batch, cid, cid_len);
+    }
+    char text[RS_CID_TEXT_MAX];
+    size_t n = rs_cid_b32(text, cid, cid_len);
+    if (n > 0) return rs_arrow_line_head(w->batch, key, key_len, text, n);
+    PyObject *other = rs_cid_text_of(cid, cid_len);
+    if (other == NULL) return -1;
+    Py_ssize_t len;
+    const char *s = PyUnicode_AsUTF8AndSize(other, &len);
+    int r = s == NULL ? -1 : rs_arrow_line_head(w->batch, key, key_len, s, (size_t)len);
+    Py_DECREF(other);
+    return r;
+}
+
+/* One record, resolved in the C table, into the batch: 0, or -1 with an error (raised at once:
+ * a batch's errors come in record order). */
+static int emit_arrow(Walker *w, const uint8_t *key, size_t key_len, const uint8_t *cid, size_t cid_len, uint64_t hash) {
+    const uint8_t *data = NULL;
+    size_t len = 0;
+    PyObject *value = NULL, *made = NULL;
+    int kind = rs_table_get_hashed(w->table, cid, cid_len, hash, &data, &len, &value);
+    if (kind == 0)
+        return rs_raise("missing_record", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+    PyObject *process = rs_table_process(w->table);
+    if (kind == 1 && process != NULL && process != Py_None) { /* kept raw (node-shaped): processed now */
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+        if (raw == NULL) return -1;
+        made = PyObject_CallOneArg(process, raw);
+        Py_DECREF(raw);
+        if (made == NULL) return processor_failed(key, key_len, cid, cid_len);
+        value = made;
+    }
+    int r = -1;
+    if (batch_head(w, key, key_len, cid, cid_len) == 0) r = batch_value(w, key, key_len, cid, cid_len, data, len, value);
+    Py_XDECREF(made);
+    return r;
+}
+
 /* Walk until n records (or the end); the items (or pairs) in `out`. 0, or -1 with an error. */
 static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
     int in_table = w->table != NULL;
@@ -824,7 +942,7 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
         }
     }
     int status = 0;
-    while (w->n_items > 0 && PyList_GET_SIZE(out) < n) {
+    while (w->n_items > 0 && (w->batch ? w->batch->n < n && w->batch->bytes < w->max_bytes : PyList_GET_SIZE(out) < n)) {
         Item *top = &w->items[w->n_items - 1];
         if (top->is_frame) {
             size_t base = top->off;
@@ -929,6 +1047,11 @@ static int step(Walker *w, Py_ssize_t n, PyObject *out, PyObject **deferred) {
             }
             if (!wanted_key(w, key, key_len)) {
                 /* not a wanted collection: checked for order, not emitted */
+            } else if (in_table && w->values == (PyObject *)w->table && w->batch != NULL) {
+                if (emit_arrow(w, key, key_len, cid, v_len, hash) < 0) {
+                    status = -1;
+                    break;
+                }
             } else if (in_table && w->values == (PyObject *)w->table) {
                 /* After a record fails to resolve, the walk part still runs to n records (its own
                  * errors come first, as in the reference); placeholders keep the count. */
@@ -1137,6 +1260,8 @@ static int Walker_traverse(Walker *self, visitproc visit, void *arg) {
     Py_VISIT(self->failed);
     Py_VISIT(self->record_type);
     Py_VISIT(self->collection);
+    Py_VISIT(self->carry_pairs);
+    Py_VISIT(self->carry_items);
     return 0;
 }
 
@@ -1146,6 +1271,8 @@ static int Walker_clear(Walker *self) {
     Py_CLEAR(self->failed);
     Py_CLEAR(self->record_type);
     Py_CLEAR(self->collection);
+    Py_CLEAR(self->carry_pairs);
+    Py_CLEAR(self->carry_items);
     self->table = NULL;
     self->n_items = 0;
     return 0;
@@ -1182,6 +1309,9 @@ static PyObject *fail(Walker *self) {
     return NULL;
 }
 
+/* Records walked by next_batch through a store and not yet in a batch. */
+static int carried(Walker *self) { return self->carry_items != NULL && self->carry_at < PyList_GET_SIZE(self->carry_items); }
+
 static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     if (self->failed) {
         PyErr_SetObject((PyObject *)Py_TYPE(self->failed), self->failed);
@@ -1191,6 +1321,10 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     if (n == -1 && PyErr_Occurred()) return NULL;
     if (n < 1) return PyErr_Format(PyExc_ValueError, "chunk size must be at least 1, got %zd", n);
     if (self->nodes == NULL) return rs_not_initialised("Walker"), NULL;
+    if (carried(self)) {
+        PyErr_SetString(PyExc_RuntimeError, "next_chunk after next_batch: finish the walk with next_batch");
+        return NULL;
+    }
     if (self->running) return rs_reentered("Walker"), NULL;
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
@@ -1237,17 +1371,179 @@ static PyObject *Walker_next_chunk(Walker *self, PyObject *arg) {
     return out;
 }
 
+/* The UTF-8 of a str (a record's CID text), or NULL with TypeError. */
+static const char *item_text_of(PyObject *o, Py_ssize_t *len) {
+    if (PyUnicode_Check(o)) return PyUnicode_AsUTF8AndSize(o, len);
+    PyErr_Format(PyExc_TypeError, "next_batch: a record's CID text is %s, not str", Py_TYPE(o)->tp_name);
+    return NULL;
+}
+
+/* next_batch through a store that is not the C table (the disk store): records are walked
+ * STORE_WINDOW at a time (at most as many as the batch still wants), their values fetched by one
+ * values.values(pairs, True, None) call, and put into the batch one by one until it ends (n
+ * records or the byte budget); the window's rest is carried over to the next batch. So a window's
+ * walk errors come before its records' store errors, and the batch ends at the same record as
+ * over the table. 0, or -1 with an error. */
+#define STORE_WINDOW 64
+static int batch_from_store(Walker *self, Py_ssize_t n, RsArrowBuilder *b) {
+    PyObject *deferred = NULL;
+    while (b->n < n && b->bytes < self->max_bytes) {
+        if (self->carry_items == NULL || self->carry_at >= PyList_GET_SIZE(self->carry_items)) {
+            Py_CLEAR(self->carry_pairs);
+            Py_CLEAR(self->carry_items);
+            self->carry_at = 0;
+            PyObject *out = PyList_New(0);
+            if (out == NULL) return -1;
+            Py_ssize_t want = n - (Py_ssize_t)b->n < STORE_WINDOW ? n - (Py_ssize_t)b->n : STORE_WINDOW;
+            self->running = 1;
+            int stepped = step(self, want, out, &deferred);
+            self->running = 0;
+            if (stepped < 0 || deferred != NULL) { /* deferred: only over the C table */
+                Py_XDECREF(deferred);
+                Py_DECREF(out);
+                return -1;
+            }
+            if (PyList_GET_SIZE(out) == 0) { /* the end */
+                Py_DECREF(out);
+                return 0;
+            }
+            self->running = 1;
+            PyObject *items = PyObject_CallMethod(self->values, "values", "(OOO)", out, Py_True, Py_None);
+            self->running = 0;
+            if (items == NULL) {
+                Py_DECREF(out);
+                return -1;
+            }
+            if (!PyList_Check(items) || PyList_GET_SIZE(items) != PyList_GET_SIZE(out)) {
+                Py_DECREF(items);
+                Py_DECREF(out);
+                PyErr_SetString(PyExc_TypeError, "next_batch: values.values() must give one (key, cid, value) per pair");
+                return -1;
+            }
+            self->carry_pairs = out;
+            self->carry_items = items;
+        }
+        PyObject *pair = PyList_GET_ITEM(self->carry_pairs, self->carry_at);
+        PyObject *item = PyList_GET_ITEM(self->carry_items, self->carry_at);
+        self->carry_at++;
+        Py_INCREF(pair);
+        Py_INCREF(item);
+        int r = -1;
+        Py_ssize_t key_len, text_len;
+        const char *key, *text;
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "next_batch: values.values() must give one (key, cid, value) per pair");
+        } else if ((key = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(pair, 0), &key_len)) != NULL &&
+                   (text = item_text_of(PyTuple_GET_ITEM(item, 1), &text_len)) != NULL) {
+            PyObject *cid = PyTuple_GET_ITEM(pair, 1);
+            PyObject *value = PyTuple_GET_ITEM(item, 2);
+            self->running = 1; /* a transcoder error builds its exception in Python */
+            if (self->value_kind == 2 ? rs_arrow_line_head(b, (const uint8_t *)key, (size_t)key_len, text, (size_t)text_len) == 0
+                                      : rs_arrow_key(b, (const uint8_t *)key, (size_t)key_len) == 0 &&
+                                            rs_arrow_cid_text(b, text, (size_t)text_len) == 0) {
+                self->batch = b;
+                r = batch_value(self, (const uint8_t *)key, (size_t)key_len, (const uint8_t *)PyBytes_AS_STRING(cid),
+                                (size_t)PyBytes_GET_SIZE(cid), NULL, 0, value);
+                self->batch = NULL;
+            }
+            self->running = 0;
+        }
+        Py_DECREF(pair);
+        Py_DECREF(item);
+        if (r < 0) return -1;
+    }
+    return 0;
+}
+
+static PyObject *Walker_next_batch(Walker *self, PyObject *args) {
+    Py_ssize_t n, max_bytes;
+    int value_kind;
+    if (!PyArg_ParseTuple(args, "nin:next_batch", &n, &value_kind, &max_bytes)) return NULL;
+    if (self->failed) {
+        PyErr_SetObject((PyObject *)Py_TYPE(self->failed), self->failed);
+        return NULL;
+    }
+    if (n < 1) return PyErr_Format(PyExc_ValueError, "batch size must be at least 1, got %zd", n);
+    if (max_bytes < 1) return PyErr_Format(PyExc_ValueError, "a batch's byte budget must be at least 1, got %zd", max_bytes);
+    if (value_kind < 0 || value_kind > 2)
+        return PyErr_Format(PyExc_ValueError, "value_kind is 0 (raw blocks), 1 (JSON text) or 2 (JSON lines), got %d", value_kind);
+    if (self->nodes == NULL) return rs_not_initialised("Walker"), NULL;
+    if (self->running) return rs_reentered("Walker"), NULL;
+    RsArrowBuilder b;
+    rs_arrow_init(&b);
+    self->value_kind = value_kind;
+    self->max_bytes = (size_t)max_bytes;
+    int status;
+    /* Reserve what the last batch needed per row, for n rows (within the byte budget): buffers
+     * grown by doubling copy themselves over and over once past the mmap threshold. */
+    size_t rows = (size_t)n; /* the rows the batch is likely to hold: n, or fewer by the byte budget */
+    if (self->row_bytes > 0 && self->max_bytes / self->row_bytes + 1 < rows) rows = self->max_bytes / self->row_bytes + 1;
+    for (int i = 0; i < 11; i++) {
+        size_t want = rows > SIZE_MAX / 16 / (self->per_row[i] + 1) ? self->max_bytes : self->per_row[i] * rows / 16 + 64;
+        if (want > self->max_bytes) want = self->max_bytes;
+        if (want > (size_t)1 << 30) want = (size_t)1 << 30; /* a reserve: a larger batch grows on */
+        if (self->per_row[i] && rs_arrow_grow(&b, i, want) < 0) {
+            rs_arrow_free(&b);
+            return NULL;
+        }
+    }
+    if (self->table != NULL && self->values == (PyObject *)self->table) {
+        PyObject *out = PyList_New(0);
+        if (out == NULL) return NULL;
+        PyObject *deferred = NULL;
+        if (rs_table_enter(self->table) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        self->running = 1;
+        self->batch = &b;
+        status = step(self, n, out, &deferred);
+        self->batch = NULL;
+        self->running = 0;
+        rs_table_leave(self->table);
+        Py_XDECREF(deferred); /* never set with a batch: its errors are raised at once */
+        Py_DECREF(out);
+    } else if (self->values == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "next_batch needs a store of record values (the walker's values)");
+        status = -1;
+    } else {
+        status = batch_from_store(self, n, &b);
+    }
+    if (status < 0) {
+        rs_arrow_free(&b);
+        return fail(self);
+    }
+    if (b.n == 0 && self->n_items == 0 && !carried(self)) {
+        rs_arrow_free(&b);
+        Py_RETURN_NONE;
+    }
+    self->records += b.n;
+    if (b.n > 0) {
+        for (int i = 0; i < 11; i++) self->per_row[i] = b.buf[i].len * 16 / (size_t)b.n + (b.buf[i].len ? 1 : 0);
+        self->row_bytes = b.bytes / (size_t)b.n + 1;
+    }
+    if (value_kind == 2) { /* the lines, as one bytes object */
+        PyObject *lines = PyBytes_FromStringAndSize((const char *)b.buf[RS_ARROW_VALUE].data, (Py_ssize_t)b.buf[RS_ARROW_VALUE].len);
+        rs_arrow_free(&b);
+        return lines;
+    }
+    return rs_arrow_finish(&b, value_kind);
+}
+
 static PyObject *Walker_abandon(Walker *self, PyObject *unused) {
     (void)unused;
     if (self->running) return rs_reentered("Walker"), NULL;
     self->n_items = 0;
     self->n_bytes = 0;
+    Py_CLEAR(self->carry_pairs);
+    Py_CLEAR(self->carry_items);
     Py_RETURN_NONE;
 }
 
 static PyObject *Walker_get_done(Walker *self, void *closure) {
     (void)closure;
-    return PyBool_FromLong(self->n_items == 0);
+    return PyBool_FromLong(self->n_items == 0 && !carried(self));
 }
 
 static PyObject *Walker_get_nodes_visited(Walker *self, void *closure) {
@@ -1263,6 +1559,10 @@ static PyObject *Walker_get_records(Walker *self, void *closure) {
 static PyMethodDef Walker_methods[] = {
     {"next_chunk", (PyCFunction)Walker_next_chunk, METH_O,
      "next_chunk(n)\n--\n\nUp to n further items in key order; None when the walk is over."},
+    {"next_batch", (PyCFunction)Walker_next_batch, METH_VARARGS,
+     "next_batch(n, value_kind, max_bytes)\n--\n\nUp to n further records in key order as the Arrow C Data Interface "
+     "capsules (schema, array) of a record batch (repo_stream.read.arrow), or with value_kind 2 as JSON lines (bytes), "
+     "fewer once the batch holds max_bytes; None when the walk is over (see repo_stream.core.walk.Walker.next_batch)."},
     {"abandon", (PyCFunction)Walker_abandon, METH_NOARGS, "abandon()\n--\n\nStop the walk."},
     {NULL, NULL, 0, NULL},
 };

@@ -376,16 +376,17 @@ async def _ls(args: argparse.Namespace) -> int:
 
 
 async def _dump(args: argparse.Namespace) -> int:
-    from .records.json_text import json_text_processor
-
-    # Each record is kept as its JSON text (the C core's transcoder): the line is put together
-    # from strings. Keys need no escaping (the walk refuses any key outside the repo key charset),
-    # nor do CIDs (base32 or base58 text), so the line is what json.dumps of the dict would write.
-    builder = _builder(args).with_record_cids(True).with_block_processor(json_text_processor())
+    # The blocks are kept raw (about the CAR's size in memory); the walker writes each chunk's
+    # lines itself, transcoding each record to its JSON text (the C core's transcoder) as it goes
+    # (driver.next_json_lines). Keys need no escaping (the walk refuses any key outside the repo
+    # key charset), nor do CIDs (base32 or base58 text), so a line is what json.dumps of the dict
+    # would write.
+    builder = _builder(args)
+    out = sys.stdout.buffer
     async with _walking_args(args, builder) as walk:
-        while (chunk := await walk.driver.next_chunk(1024)) is not None:
-            walk.bar.records(len(chunk))
-            _write("".join([f'{{"key":"{key}","cid":"{cid}","value":{value}}}\n' for key, cid, value in chunk]))
+        while (lines := await walk.driver.next_json_lines(1024)) is not None:
+            walk.bar.records(lines.count(b"\n"))
+            out.write(lines)
     return 0
 
 

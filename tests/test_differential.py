@@ -193,3 +193,90 @@ def test_bases_agree_with_record_cids(base: Any) -> None:
     assert got[0] == "records"
     assert [(k, cid) for k, cid, _v in got[1]] == [(k, "b" + b32encode(dag_cbor_cid(v)).decode().lower().rstrip("=")) for k, v in base.records]
     assert [v for _k, _cid, v in got[1]] == [v for _k, v in base.records]
+
+
+# --- Arrow batches written by the walker (Walker.next_batch) -----------------------------------------
+
+
+async def _batches(car: bytes, mode: str, verify: bool, kind: int, n: int, budget: int, collections: Any) -> Any:
+    """Every batch of a walk (its rows, and the batch itself for equals()), or the error; kind 2:
+    the JSON lines."""
+    from repo_stream.read.arrow import from_walker
+
+    builder: DriverBuilder[Any] = DriverBuilder().with_verify_cids(verify).with_record_cids(True).with_collections(collections)
+    out: list[Any] = []
+    try:
+        with anyio.fail_after(TIME_LIMIT):
+            driver: Any = await builder.with_mem_limit_mb(4096 if mode == "memory" else 0.0001).load_car(car)
+            if isinstance(driver, NeedDisk):
+                store = await DiskBuilder().open()
+                _commit, driver = await driver.finish_loading(store)
+            else:
+                store = None
+            try:
+                while (result := await driver._walk_batch(n, kind, budget)) is not None:
+                    if kind == 2:
+                        assert type(result) is bytes and result.endswith(b"\n")
+                        out.append(result)
+                        continue
+                    batch = from_walker(result, kind == 1)
+                    batch.validate(full=True)
+                    out.append(batch)
+            finally:
+                if store is not None:
+                    await store.close()
+            return ("batches", [b if kind == 2 else b.to_pydict() for b in out], out)
+    except RepoStreamError as exc:
+        return ("error", _result(exc), [b if kind == 2 else b.to_pydict() for b in out])
+
+
+@fuzz_settings(max(5, EXAMPLES // 4))
+@given(any_input, st.sampled_from(["memory", "spilled"]), st.booleans(), st.sampled_from([0, 1, 2]), st.sampled_from([1, 7, 1000]), st.sampled_from([1, 3000, 1 << 30]), collection_sets)
+def test_c_and_python_batches_agree(car: bytes, mode: str, verify: bool, kind: int, n: int, budget: int, collections: Any) -> None:
+    """The C walker's Arrow buffers and the reference's columns (or JSON lines, kind 2): the same
+    batches (cut at the same rows by n and by the byte budget), or the same error after the
+    same batches."""
+    pytest.importorskip("pyarrow")
+    results = []
+    before = implementation.backend().name
+    try:
+        for name in ("c", "python"):
+            implementation.use(name)
+            results.append(anyio.run(functools.partial(_batches, car, mode, verify, kind, n, budget, collections), backend="asyncio"))
+    finally:
+        implementation.use(before)
+    c, python = results
+    assert c[:2] == python[:2], f"C core {c[:2]!r:.600}\n  reference {python[:2]!r:.600}"
+    if c[0] == "batches" and kind != 2:
+        assert all(x.equals(y) for x, y in zip(c[2], python[2], strict=True))
+
+
+@pytest.mark.parametrize("base", BASES, ids=[b.name for b in BASES])
+def test_bases_batches_are_the_records(base: Any) -> None:
+    """Raw: the records' blocks. JSON text: json.dumps of record_json of each, up to the first
+    record that is not DAG-CBOR, where a ProcessorError names it."""
+    pytest.importorskip("pyarrow")
+    import json
+
+    from repo_stream.records.values import record_json
+
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    raw = anyio.run(functools.partial(_batches, base.car, "memory", False, 0, 5, 1 << 30, None), backend="asyncio")
+    assert raw[0] == "batches"
+    assert [(k, v) for d in raw[1] for k, v in zip(d["key"], d["value"], strict=True)] == base.records
+    texts: list[tuple[str, str]] = []
+    bad = None
+    for k, v in base.records:
+        try:
+            texts.append((k, dumps(record_json(v))))
+        except RepoStreamError:
+            bad = k
+            break
+    got = anyio.run(functools.partial(_batches, base.car, "memory", False, 1, 5, 1 << 30, None), backend="asyncio")
+    if bad is None:
+        assert got[0] == "batches"
+        assert [(k, v) for d in got[1] for k, v in zip(d["key"], d["value"], strict=True)] == texts
+    else:
+        assert got[0] == "error" and got[1][0] == "ProcessorError" and repr(bad) in got[1][1]
+        done = [(k, v) for d in got[2] for k, v in zip(d["key"], d["value"], strict=True)]
+        assert done == texts[: len(done)] and len(texts) - len(done) < 5  # the batches before the bad record's

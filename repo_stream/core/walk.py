@@ -43,6 +43,7 @@ import functools
 import hashlib
 import re
 from array import array
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
@@ -50,11 +51,11 @@ import cbor2
 
 from ..errors import RepoStreamError
 from . import messages
-from .blocks import NOT_A_NODE, NodeLookup, RecordValues
+from .blocks import NOT_A_NODE, MemoryBlocks, NodeLookup, RecordValues
 from .dagcbor import DagCborError, StrictDecoder
 from .mst import MAX_KEY_BYTES, is_valid_collection
 
-__all__ = ["DEFAULT_MAX_DEPTH", "Walker", "decode_node"]
+__all__ = ["ARROW_ROW_BYTES", "DEFAULT_MAX_DEPTH", "STORE_WINDOW", "BatchColumns", "Walker", "decode_node"]
 
 #: Default limit on nested MST nodes. A legal tree is as deep as its root's layer + 1, and a key of
 #: layer 32 needs 64 leading zero bits of sha256: no real repo comes near.
@@ -350,6 +351,30 @@ def _offsets(lengths: list[int]) -> array[int]:
     return out
 
 
+#: Bytes a batch counts per record on top of its data (its offsets and collection index).
+ARROW_ROW_BYTES = 16
+#: next_batch over a store other than the in-memory table: records walked (and their values
+#: fetched in one call) at a time.
+STORE_WINDOW = 64
+
+
+class BatchColumns:
+    """A record batch's columns as lists (:meth:`Walker.next_batch`): ``keys``, ``rkeys``,
+    ``cids`` (CID texts), ``values`` (``bytes``, or ``str`` JSON text), and the collection column
+    dictionary-encoded: ``collections`` (each collection once, in order) and ``indices`` (one
+    per record, into ``collections``)."""
+
+    __slots__ = ("keys", "rkeys", "cids", "values", "collections", "indices")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.rkeys: list[str] = []
+        self.cids: list[str] = []
+        self.values: list[bytes | str] = []
+        self.collections: list[str] = []
+        self.indices: list[int] = []
+
+
 class Walker:
     """An in-order MST walk that emits records in chunks and can be resumed.
 
@@ -372,7 +397,7 @@ class Walker:
 
     __slots__ = (
         "_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_record_type", "_failed", "_decoder",
-        "_collections", "_ranges", "records", "nodes_visited",
+        "_collections", "_ranges", "records", "nodes_visited", "_carry", "_carry_at",
     )
 
     def __init__(
@@ -409,15 +434,19 @@ class Walker:
         self._decoder = StrictDecoder(max_depth=8, all_tags=True)  # nodes allow no tag but 42
         #: Records emitted so far.
         self.records = 0
+        # next_batch over a store other than MemoryBlocks: a window's records not yet in a batch.
+        self._carry: list[tuple[tuple[str, bytes], tuple[Any, ...]]] = []
+        self._carry_at = 0
 
     @property
     def done(self) -> bool:
         """True once every record has been emitted."""
-        return not self._stack
+        return not self._stack and self._carry_at >= len(self._carry)
 
     def abandon(self) -> None:
         """Stop the walk: later :meth:`next_chunk` calls return ``None``."""
         self._stack.clear()
+        self._carry = []
 
     def next_chunk(self, n: int) -> list[tuple[Any, ...]] | None:
         """Emit up to ``n`` (``n`` >= 1) further records; ``None`` when the walk is over.
@@ -431,6 +460,8 @@ class Walker:
             raise self._failed
         if n < 1:
             raise ValueError(f"chunk size must be at least 1, got {n}")
+        if self._carry_at < len(self._carry):
+            raise RuntimeError("next_chunk after next_batch: finish the walk with next_batch")
         try:
             pairs = self._step(n)
             out = pairs if self._values is None else self._values.values(pairs, self._record_cids, self._record_type)
@@ -441,6 +472,116 @@ class Walker:
             return None
         self.records += len(out)
         return out
+
+    def next_batch(self, n: int, value_kind: int, max_bytes: int) -> BatchColumns | bytes | None:
+        """Up to ``n`` further records as the columns of an Arrow record batch; ``None`` when the
+        walk is over (the reference of the C core's ``Walker.next_batch``, which gives the Arrow
+        C Data Interface capsules of the same batch; :mod:`repo_stream.read.arrow` makes a
+        ``pyarrow.RecordBatch`` of either).
+
+        Over the in-memory table (:class:`~repo_stream.core.blocks.MemoryBlocks`, the C core's
+        ``BlockTable``) records are walked one at a time, each value resolved as it comes
+        (errors in record order); over another store (the disk's) :data:`STORE_WINDOW` at a time
+        (at most as many as the batch still wants), their values fetched in one call (a window's
+        walk errors first), the window's rest carried over to the next batch (:attr:`done`
+        counts it; :meth:`next_chunk` refuses to run while it is there). The batch ends after
+        ``n`` records or after the record that brings its bytes to ``max_bytes``: the UTF-8
+        bytes of its keys, rkeys, CID texts and values, plus :data:`ARROW_ROW_BYTES` per record
+        (the C core's count, exactly).
+
+        Args:
+            n: the most records (>= 1).
+            value_kind: 0, values are the record blocks (``bytes``); 1, their atproto JSON text:
+                a ``str`` value (the JSON text processor's) as it is, a ``bytes`` value
+                transcoded (:func:`repo_stream.records.json_text.transcode_json`; a failure is a
+                :class:`~repo_stream.errors.ProcessorError`, as with the transcoder as processor);
+                2, the records as ``repo-stream dump``'s JSON lines, one ``bytes`` (UTF-8) of
+                ``{"key":"<key>","cid":"<cid>","value":<JSON text>}\n`` each, instead of
+                columns; the budget then counts the lines' bytes alone.
+            max_bytes: the batch's byte budget (>= 1).
+
+        Raises:
+            TypeError: a value is neither (``value_kind`` 1: ``str`` nor) ``bytes``; the walker
+                has no ``values`` store.
+            ValueError: ``n``, ``value_kind`` or ``max_bytes`` out of range.
+            MstError subclasses, MissingBlockError, ProcessorError (module docstring).
+        """
+        if self._failed is not None:
+            raise self._failed
+        if n < 1:
+            raise ValueError(f"batch size must be at least 1, got {n}")
+        if max_bytes < 1:
+            raise ValueError(f"a batch's byte budget must be at least 1, got {max_bytes}")
+        if value_kind not in (0, 1, 2):
+            raise ValueError(f"value_kind is 0 (raw blocks), 1 (JSON text) or 2 (JSON lines), got {value_kind}")
+        if self._values is None:
+            raise TypeError("next_batch needs a store of record values (the walker's values)")
+        columns = BatchColumns()
+        try:
+            self._fill(columns, n, value_kind, max_bytes)
+        except RepoStreamError as exc:
+            self._failed = exc
+            raise
+        if not columns.keys and self.done:
+            return None
+        self.records += len(columns.keys)
+        if value_kind == 2:
+            return "".join(columns.values).encode()  # type: ignore[arg-type]
+        return columns
+
+    def _fill(self, c: BatchColumns, n: int, value_kind: int, max_bytes: int) -> None:
+        values = self._values
+        assert values is not None
+        transcode: Callable[[bytes], str] | None = None
+        used = 0
+        last = None
+        in_table = isinstance(values, MemoryBlocks)
+        while len(c.keys) < n and used < max_bytes:
+            if in_table:  # one record at a time: errors in record order
+                pairs = self._step(1)
+                if not pairs:
+                    return
+                ((key, cid),) = pairs
+                ((_key, text, value),) = values.values(pairs, True, None)
+            else:  # another store (the disk's): a window of records walked, then their values fetched
+                if self._carry_at >= len(self._carry):
+                    self._carry = []
+                    self._carry_at = 0
+                    pairs = self._step(min(n - len(c.keys), STORE_WINDOW))
+                    if not pairs:
+                        return
+                    self._carry = list(zip(pairs, values.values(pairs, True, None), strict=True))
+                (key, cid), (_key, text, value) = self._carry[self._carry_at]
+                self._carry_at += 1
+            if value_kind >= 1 and type(value) is bytes:
+                if transcode is None:
+                    from ..records.json_text import _python_transcode_json  # records imports core: lazily
+
+                    transcode = _python_transcode_json
+                try:
+                    value = transcode(value)
+                except Exception as exc:
+                    raise messages.processor_failed(key, cid, exc) from exc
+            elif not (type(value) is bytes or (value_kind >= 1 and type(value) is str)):
+                raise TypeError(
+                    f"next_batch: the value of record {key!r} is {type(value).__name__}, not {'str or bytes' if value_kind else 'bytes'}"
+                )
+            if value_kind == 2:  # the JSON line (key and CID text need no escaping: module docstring of read.arrow)
+                line = f'{{"key":"{key}","cid":"{text}","value":{value}}}\n'
+                c.keys.append(key)
+                c.values.append(line)
+                used += len(line.encode())
+                continue
+            collection, _, rkey = key.partition("/")
+            if collection != last:
+                c.collections.append(collection)
+                last = collection
+            c.indices.append(len(c.collections) - 1)
+            c.keys.append(key)
+            c.rkeys.append(rkey)
+            c.cids.append(text)
+            c.values.append(value)
+            used += 2 * len(key) - len(collection) - 1 + len(text) + (len(value) if type(value) is bytes else len(value.encode())) + ARROW_ROW_BYTES
 
     def _step(self, n: int) -> list[tuple[Any, ...]]:
         stack = self._stack

@@ -3,12 +3,15 @@
 
 A batch has the columns ``key`` (utf8), ``collection`` (dictionary<int32, utf8>), ``rkey``
 (utf8), ``cid`` (utf8, the base32 CID) and ``value``: ``binary`` (the record block's DAG-CBOR
-bytes, the walk's values without a block processor) or ``utf8`` (the record's atproto JSON text,
-with :func:`repo_stream.records.json_text.json_text_processor`'s processor). The C core writes
-the columns' buffers itself from the walk's chunk and hands them to pyarrow through the Arrow C
-Data Interface (plain structs: no Arrow library is linked into the core; pyarrow only imports
-them, without copying). The pure-Python reference builds the same batch with pyarrow's
-constructors.
+bytes) or ``utf8`` (the record's atproto JSON text). The C core's walker writes each record's
+key, rkey, CID text and value straight into the columns' buffers as it walks (the value copied
+from the block table, or transcoded from DAG-CBOR to JSON text into the buffer: no Python object
+per record; ``Walker.next_batch`` in ``native/walk.c``, the buffers in ``native/arrow.c``) and
+hands them to pyarrow through the Arrow C Data Interface (plain structs: no Arrow library is
+linked into the core; pyarrow only imports them, without copying). The pure-Python reference
+(:meth:`repo_stream.core.walk.Walker.next_batch`) gives the same columns as lists, made into the
+same batch with pyarrow's constructors (:func:`from_walker`). :func:`record_batch` makes a batch
+of a list of walked items (``(key, cid, value)`` tuples or Records) instead.
 
 pyarrow is an extra: ``pip install 'repo-stream[arrow]'``. Spec: Arrow C Data Interface,
 https://arrow.apache.org/docs/format/CDataInterface.html.
@@ -19,11 +22,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..core import implementation
+from ..core.walk import BatchColumns
 
 if TYPE_CHECKING:
     import pyarrow
 
-__all__ = ["record_batch", "schema"]
+__all__ = ["from_walker", "record_batch", "schema"]
 
 
 def _pyarrow() -> Any:
@@ -91,6 +95,23 @@ def _python_batch(chunk: list[tuple[str, str, Any]], json_values: bool) -> pyarr
         pa.array([v for _, _, v in chunk], pa.utf8() if json_values else pa.binary()),
     ]
     return pa.RecordBatch.from_arrays(columns, schema=schema(json_values))
+
+
+def from_walker(result: Any, json_values: bool) -> pyarrow.RecordBatch:
+    """The ``pyarrow.RecordBatch`` of a walker's ``next_batch`` result: the C core's capsules
+    (imported without a copy), or the reference's :class:`~repo_stream.core.walk.BatchColumns`
+    (built with pyarrow's constructors: the same batch)."""
+    pa = _pyarrow()
+    if isinstance(result, BatchColumns):
+        columns = [
+            pa.array(result.keys, pa.utf8()),
+            pa.DictionaryArray.from_arrays(pa.array(result.indices, pa.int32()), pa.array(result.collections, pa.utf8())),
+            pa.array(result.rkeys, pa.utf8()),
+            pa.array(result.cids, pa.utf8()),
+            pa.array(result.values, pa.utf8() if json_values else pa.binary()),
+        ]
+        return pa.RecordBatch.from_arrays(columns, schema=schema(json_values))
+    return pa.record_batch(_Capsules(result))
 
 
 def record_batch(chunk: list[tuple[str, str, Any]], json_values: bool) -> pyarrow.RecordBatch:

@@ -280,8 +280,10 @@ class _Driver(Generic[Item]):
     _commit_cid: CID | None = None
     _reader: CarReader
     _walker: Any
+    _builder: DriverBuilder[Any]
 
     def _set_commit(self, loading: _Loading) -> None:
+        self._builder = loading.builder
         self.commit, _ = loading.commit_or_raise()
         self.commit_cid_bytes = loading.root
         if not is_plain_cid(loading.root):
@@ -312,37 +314,101 @@ class _Driver(Generic[Item]):
     async def next_chunk(self, n: int = 256) -> list[Item] | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    async def next_batch(self, n: int = 65536) -> pyarrow.RecordBatch | None:
+    async def next_batch(self, n: int = 65536, *, values: Literal["raw", "json_text"] | None = None) -> pyarrow.RecordBatch | None:
         """The next up to ``n`` records in key order as one ``pyarrow.RecordBatch``, or ``None``
-        at the end (:mod:`repo_stream.read.arrow`: columns ``key``, ``collection``, ``rkey``,
-        ``cid``, ``value``; ``value`` binary for raw blocks, utf8 for JSON text).
+        at the end (:mod:`repo_stream.read.arrow`: columns ``key``, ``collection``
+        (dictionary), ``rkey``, ``cid``, ``value``; ``value`` binary for raw blocks, utf8 for
+        JSON text).
 
-        The walk must give record CIDs (``with_record_cids(True)``) and ``bytes`` values (no
-        block processor) or ``str`` values (the JSON text processor,
-        :func:`repo_stream.records.json_text.json_text_processor`). The C core writes the
-        columns straight into Arrow buffers (Arrow C Data Interface). Needs pyarrow (the
-        ``arrow`` extra).
+        The walker writes each record straight into the batch's Arrow buffers (C core; no Python
+        object per record). A batch ends early, after the record that brings its bytes (keys,
+        rkeys, CID texts, values, and 16 per record) to the memory limit, at most 1 GiB: so a
+        batch's buffers stay within the limit (plus one record) and within Arrow's 2 GiB
+        offsets. Errors come in record order. Needs pyarrow (the ``arrow`` extra) and record
+        CIDs (``with_record_cids(True)``).
+
+        Args:
+            n: the most records in the batch (>= 1).
+            values: ``"raw"`` (the record blocks, binary) or ``"json_text"`` (their atproto JSON
+                text, utf8: :func:`repo_stream.records.json_text.transcode_json`, here as the
+                batch is built when the driver has no block processor). ``None`` (the default):
+                ``"json_text"`` if the driver's processor is the JSON text transcoder
+                (:func:`~repo_stream.records.json_text.json_text_processor`), else ``"raw"``.
+                With another block processor, ``values`` must be ``None``: the walk's items
+                are made into a batch (``str`` values utf8, ``bytes`` binary).
 
         Raises:
-            TypeError: the items are not ``(key, cid, bytes | str)``.
+            TypeError: no record CIDs; ``values="raw"`` with the JSON text processor, or a
+                ``values`` with another processor; a value that is not ``bytes`` (``str`` for
+                JSON text).
+            ValueError: ``values`` is not one of those.
+            ProcessorError: a record is not valid DAG-CBOR (JSON text), or the processor failed.
             ImportError: pyarrow is not installed. And the errors of :meth:`next_chunk`.
         """
-        from .arrow import record_batch
+        from .arrow import from_walker, record_batch
 
+        if values not in (None, "raw", "json_text"):
+            raise ValueError(f"values must be 'raw', 'json_text' or None, got {values!r}")
+        builder = self._builder
+        if not builder._record_cids:
+            raise TypeError("next_batch needs record CIDs: build the driver with with_record_cids(True)")
+        process = builder._process
+        if process is None or _is_json_text(process):
+            if values == "raw" and process is not None:
+                raise TypeError("next_batch(values='raw') needs a driver without a block processor (its records are kept as JSON text)")
+            json_values = values == "json_text" if values is not None else process is not None
+            result = await self._walk_batch(n, 1 if json_values else 0, min(builder._mem_limit, _BATCH_BYTES))
+            return None if result is None else from_walker(result, json_values)
+        if values is not None:
+            raise TypeError("next_batch(values=...) needs a driver without a block processor, or with the JSON text processor")
         chunk = await self.next_chunk(n)
         if chunk is None:
             return None
-        first = chunk[0]
-        if not isinstance(first, tuple) or len(first) not in (3, 5) or first[-2] is None:
-            raise TypeError("next_batch needs record CIDs: build the driver with with_record_cids(True)")
         items: list[Any] = chunk
-        return record_batch(items, json_values=type(first[-1]) is str)
+        return record_batch(items, json_values=type(items[0][-1]) is str)
+
+    async def next_json_lines(self, n: int = 4096) -> bytes | None:
+        """The next up to ``n`` records in key order as ``repo-stream dump``'s JSON lines, one
+        ``bytes`` (UTF-8), or ``None`` at the end: ``{"key":"<key>","cid":"<cid>","value":<the
+        record's atproto JSON text>}`` and a newline per record
+        (:func:`repo_stream.records.json_text.transcode_json`'s text; keys and CID texts need no
+        escaping: the walk checks every key's characters).
+
+        The C walker writes the lines straight into one buffer, transcoding each record block
+        as it goes (no Python object per record), so a driver without a block processor keeps
+        only the raw blocks in memory (about the CAR's size) and a chunk only its lines. Fewer
+        than ``n`` records once the lines hold the memory limit's bytes (at most 1 GiB).
+
+        Raises:
+            TypeError: the driver has a block processor other than the JSON text transcoder.
+            ProcessorError: a record is not valid DAG-CBOR (its RecordDecodeError the cause).
+            And the errors of :meth:`next_chunk`.
+        """
+        builder = self._builder
+        if builder._process is not None and not _is_json_text(builder._process):
+            raise TypeError("next_json_lines needs a driver without a block processor, or with the JSON text processor")
+        lines: bytes | None = await self._walk_batch(n, 2, min(builder._mem_limit, _BATCH_BYTES))
+        return lines
+
+    async def _walk_batch(self, n: int, value_kind: int, max_bytes: int) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     async def __aiter__(self) -> AsyncIterator[Item]:
         """Iterate over the items (``(key, value)``, or ``(key, cid, value)``), 256 at a time."""
         while (chunk := await self.next_chunk(256)) is not None:
             for record in chunk:
                 yield record
+
+
+#: The largest byte budget of one Arrow batch (``next_batch``): well within Arrow's 2 GiB offsets.
+_BATCH_BYTES = 1 << 30
+
+
+def _is_json_text(process: Callable[[bytes], Any]) -> bool:
+    """Whether a block processor is the JSON text transcoder (of either implementation)."""
+    from ..records.json_text import _python_transcode_json
+
+    return process is _python_transcode_json or any(process is b.transcode_json for b in (implementation.PYTHON, implementation.C) if b)
 
 
 async def _close_quietly(reader: CarReader) -> None:
@@ -360,6 +426,7 @@ class MemoryDriver(_Driver[Item]):
     def __init__(self, loading: _Loading) -> None:
         self._set_commit(loading)
         self._reader = loading.reader
+        self._table = loading.table
         self._walker = loading.walker(loading.table, loading.table)
 
     async def next_chunk(self, n: int = 256) -> list[Item] | None:
@@ -375,6 +442,10 @@ class MemoryDriver(_Driver[Item]):
         """
         await anyio.lowlevel.checkpoint()
         return self._walker.next_chunk(n)  # type: ignore[no-any-return]
+
+    async def _walk_batch(self, n: int, value_kind: int, max_bytes: int) -> Any:
+        await anyio.lowlevel.checkpoint()
+        return self._walker.next_batch(n, value_kind, max_bytes)
 
 
 class NeedDisk(Generic[Item]):
@@ -473,6 +544,11 @@ class DiskDriver(_Driver[Item]):
         if self._walker.done:
             return None
         return await self._store._run(self._walker.next_chunk, n)
+
+    async def _walk_batch(self, n: int, value_kind: int, max_bytes: int) -> Any:
+        if self._walker.done:
+            return None
+        return await self._store._run(self._walker.next_batch, n, value_kind, max_bytes)
 
     async def reset_store(self) -> DiskStore:
         """Empty the store and hand it back for the next repo; this driver is finished after it."""
