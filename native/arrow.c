@@ -101,7 +101,7 @@ static PyObject *new_schema(int value_kind) {
     if (all == NULL) return PyErr_NoMemory();
     for (int i = 0; i < N_COLUMNS; i++) {
         struct ArrowSchema *c = &all->col[i];
-        c->format = i == 1 ? "i" : i == 4 && value_kind == 0 ? "z" : "u";
+        c->format = i == 1 ? "i" : i == 4 && value_kind == 0 ? "z" : "u"; /* 1 and 2: utf8 */
         c->name = COLUMN_NAMES[i];
         c->release = schema_child_release;
         c->private_data = all;
@@ -199,8 +199,9 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
     PyObject *chunk;
     int value_kind;
     if (!PyArg_ParseTuple(args, "O!i:arrow_batch", &PyList_Type, &chunk, &value_kind)) return NULL;
-    if (value_kind != 0 && value_kind != 1) {
-        PyErr_SetString(PyExc_ValueError, "arrow_batch: value_kind is 0 (binary) or 1 (JSON text)");
+    if (value_kind < 0 || value_kind > 2) {
+        PyErr_SetString(PyExc_ValueError,
+                        "arrow_batch: value_kind is 0 (binary), 1 (JSON text) or 2 (blocks transcoded to JSON text)");
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(chunk);
@@ -211,6 +212,17 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
     /* pass 1: check the items, sum the sizes */
     size_t key_bytes = 0, coll_bytes = 0, rkey_bytes = 0, cid_bytes = 0, value_bytes = 0;
     size_t n_coll = 0;
+    RsJsonOut *json = NULL;     /* value_kind 2: the values' JSON texts, one after another */
+    size_t *json_end = NULL;    /* value_kind 2: where each text ends in json */
+    if (value_kind == 2) {
+        json = rs_json_out_new((size_t)n * 128);
+        json_end = json ? PyMem_Malloc(((size_t)n + 1) * sizeof *json_end) : NULL;
+        if (json_end == NULL) {
+            rs_json_out_free(json);
+            return json ? PyErr_NoMemory() : NULL;
+        }
+    }
+#define FAIL_PASS1 do { rs_json_out_free(json); PyMem_Free(json_end); return NULL; } while (0)
     const char *last = NULL;
     Py_ssize_t last_len = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -218,15 +230,15 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         if (!PyTuple_Check(item) || (PyTuple_GET_SIZE(item) != 3 && PyTuple_GET_SIZE(item) != 5)) {
             PyErr_SetString(PyExc_TypeError,
                             "arrow_batch: items are (key, cid, value) tuples or Records (a walk with record CIDs)");
-            return NULL;
+            FAIL_PASS1;
         }
         Py_ssize_t kl, cl;
         const char *key = item_text(PyTuple_GET_ITEM(item, 0), &kl, "key");
-        if (key == NULL || item_text(PyTuple_GET_ITEM(item, CID_AT(item)), &cl, "cid") == NULL) return NULL;
+        if (key == NULL || item_text(PyTuple_GET_ITEM(item, CID_AT(item)), &cl, "cid") == NULL) FAIL_PASS1;
         const char *slash = memchr(key, '/', (size_t)kl);
         if (slash == NULL) {
             PyErr_Format(PyExc_ValueError, "arrow_batch: key %R has no '/'", PyTuple_GET_ITEM(item, 0));
-            return NULL;
+            FAIL_PASS1;
         }
         Py_ssize_t coll = slash - key;
         if (last == NULL || coll != last_len || memcmp(key, last, (size_t)coll) != 0) {
@@ -241,16 +253,21 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         PyObject *v = PyTuple_GET_ITEM(item, VALUE_AT(item));
         if (value_kind == 1) {
             Py_ssize_t vl;
-            if (item_text(v, &vl, "value") == NULL) return NULL;
+            if (item_text(v, &vl, "value") == NULL) FAIL_PASS1;
             value_bytes += (size_t)vl;
+        } else if (PyBytes_Check(v) && value_kind == 2) {
+            if (rs_json_out_append(json, (const uint8_t *)PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v)) < 0) FAIL_PASS1;
+            rs_json_out_data(json, &json_end[i]);
+            value_bytes = json_end[i];
+            if (!fits(value_bytes)) FAIL_PASS1;
         } else if (PyBytes_Check(v)) {
             value_bytes += (size_t)PyBytes_GET_SIZE(v);
         } else {
             PyErr_Format(PyExc_TypeError, "arrow_batch: the value of an item is %s, not bytes", Py_TYPE(v)->tp_name);
-            return NULL;
+            FAIL_PASS1;
         }
     }
-    if (!fits(key_bytes) || !fits(value_bytes) || !fits(cid_bytes)) return NULL;
+    if (!fits(key_bytes) || !fits(value_bytes) || !fits(cid_bytes)) FAIL_PASS1;
     /* one block: offsets of key, rkey, cid, value (n+1 each), indices (n), dictionary offsets
      * (n_coll+1), then the data of key, rkey, cid, value, dictionary; each part 8-aligned */
     size_t off_size = up8(((size_t)n + 1) * 4), idx_size = up8((size_t)n * 4 + 4), doff_size = up8((n_coll + 1) * 4);
@@ -260,7 +277,8 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
     uint8_t *block = all ? PyMem_RawMalloc(total) : NULL;
     if (block == NULL) {
         PyMem_RawFree(all);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        FAIL_PASS1;
     }
     all->block = block;
     uint8_t *w = block;
@@ -290,7 +308,12 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         const char *cid = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, CID_AT(item)), &cl);
         PyObject *v = PyTuple_GET_ITEM(item, VALUE_AT(item));
         const char *value;
-        if (value_kind == 1) {
+        if (value_kind == 2) {
+            size_t from = i == 0 ? 0 : json_end[i - 1];
+            size_t total_json;
+            value = (const char *)rs_json_out_data(json, &total_json) + from;
+            vl = (Py_ssize_t)(json_end[i] - from);
+        } else if (value_kind == 1) {
             value = PyUnicode_AsUTF8AndSize(v, &vl);
         } else {
             value = PyBytes_AS_STRING(v);
@@ -299,7 +322,7 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         if (key == NULL || cid == NULL || value == NULL) { /* cannot happen: cached by pass 1 */
             PyMem_RawFree(all->block);
             PyMem_RawFree(all);
-            return NULL;
+            FAIL_PASS1;
         }
         const char *slash = memchr(key, '/', (size_t)kl);
         Py_ssize_t coll = slash - key;
@@ -325,6 +348,9 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         at[3] += (size_t)vl;
         off[3][i + 1] = (int32_t)at[3];
     }
+    rs_json_out_free(json);
+    PyMem_Free(json_end);
+#undef FAIL_PASS1
     /* the structs */
     static const int col_of[N_COLUMNS] = {0, -1, 1, 2, 3}; /* column -> offsets/data slot */
     for (int c = 0; c < N_COLUMNS; c++) {
