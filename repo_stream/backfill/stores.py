@@ -253,6 +253,9 @@ class DuckdbSink:
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS repos (did VARCHAR PRIMARY KEY, rev VARCHAR, data VARCHAR, status VARCHAR, updated TIMESTAMPTZ)"
                 )
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS sync_cursor (stream VARCHAR PRIMARY KEY, seq BIGINT NOT NULL, updated TIMESTAMPTZ)"
+                )
             except duckdb.Error as exc:
                 raise SinkError(f"duckdb {self.path}: {exc}") from exc
             self._conn = conn
@@ -293,13 +296,17 @@ class DuckdbSink:
         except duckdb.Error as exc:
             raise SinkError(f"duckdb {self.path}: {did}: {exc}") from exc
 
-    def _end(self, cursor: Any, did: str, repo: tuple[str, str] | None, keep: bool) -> None:
+    def _end(
+        self, cursor: Any, did: str, repo: tuple[str, str] | None, keep: bool, stream: tuple[str, int] | None = None
+    ) -> None:
         import duckdb
 
         try:
             if keep:
                 if repo is not None:
                     cursor.execute("INSERT OR REPLACE INTO repos VALUES (?, ?, ?, 'active', now())", [did, *repo])
+                if stream is not None:
+                    cursor.execute("INSERT OR REPLACE INTO sync_cursor VALUES (?, ?, now())", [stream[0], stream[1]])
                 cursor.execute("COMMIT")
             else:
                 cursor.execute("ROLLBACK")
@@ -347,7 +354,7 @@ class DuckdbSink:
 
     # -- sync events (EventSink) --
 
-    def _apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp]) -> None:
+    def _apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp], stream: tuple[str, int] | None) -> None:
         import duckdb
 
         upserts, deletes = _op_items(ops, did)
@@ -356,18 +363,23 @@ class DuckdbSink:
             if upserts:
                 self._insert(cursor, did, rev, upserts, replace=True)
             if deletes:
-                cursor.executemany("DELETE FROM records WHERE did = ? AND collection = ? AND rkey = ?", [[did, c, r] for c, r in deletes])
+                cursor.executemany(
+                    "DELETE FROM records WHERE did = ? AND collection = ? AND rkey = ?", [[did, c, r] for c, r in deletes]
+                )
         except BaseException as exc:
             self._end(cursor, did, None, False)
             if isinstance(exc, duckdb.Error):
                 raise SinkError(f"duckdb {self.path}: {did}: {exc}") from exc
             raise
-        self._end(cursor, did, (rev, data), True)
+        self._end(cursor, did, (rev, data), True, stream)
 
-    async def apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp]) -> None:
+    async def apply(
+        self, did: str, rev: str, data: str, ops: Sequence[RecordOp], *, cursor: tuple[str, int] | None = None
+    ) -> None:
         """Apply one sync commit in one transaction: creates and updates upsert their rows
         (``value`` the record's JSON text, or its block with ``raw``), deletes delete theirs,
-        and the repo's ``repos`` row gets ``rev``, ``data`` and status ``active``.
+        the repo's ``repos`` row gets ``rev``, ``data`` and status ``active``, and
+        (``cursor=(stream, seq)``) ``sync_cursor`` the seq (:meth:`load_cursor`).
 
         Args:
             did: the repo's DID.
@@ -382,9 +394,9 @@ class DuckdbSink:
         """
         with anyio.CancelScope(shield=True):  # a commit is all in or not at all
             async with self._lock:
-                await anyio.to_thread.run_sync(self._apply, did, rev, data, ops)
+                await anyio.to_thread.run_sync(self._apply, did, rev, data, ops, cursor)
 
-    def _set_status(self, did: str, status: str) -> None:
+    def _set_status(self, did: str, status: str, stream: tuple[str, int] | None) -> None:
         import duckdb
 
         cursor = self._cursor(did)
@@ -397,11 +409,12 @@ class DuckdbSink:
         except duckdb.Error as exc:
             self._end(cursor, did, None, False)
             raise SinkError(f"duckdb {self.path}: {did}: {exc}") from exc
-        self._end(cursor, did, None, True)
+        self._end(cursor, did, None, True, stream)
 
-    async def set_status(self, did: str, status: str) -> None:
+    async def set_status(self, did: str, status: str, *, cursor: tuple[str, int] | None = None) -> None:
         """Set the repo's ``repos.status`` (one of :data:`~repo_stream.backfill.sinks.REPO_STATUSES`;
-        a repo not yet there gets a row with no rev). Its records are kept.
+        a repo not yet there gets a row with no rev), and (``cursor=(stream, seq)``)
+        ``sync_cursor``, in one transaction. Its records are kept.
 
         Raises:
             SinkError: an unknown status, or the database failed.
@@ -409,7 +422,26 @@ class DuckdbSink:
         _check_status(did, status)
         with anyio.CancelScope(shield=True):
             async with self._lock:
-                await anyio.to_thread.run_sync(self._set_status, did, status)
+                await anyio.to_thread.run_sync(self._set_status, did, status, cursor)
+
+    async def load_cursor(self, stream: str) -> int | None:
+        """The seq stored for ``stream`` by :meth:`apply` / :meth:`set_status`, or None.
+
+        Raises:
+            SinkError: the database failed.
+        """
+        import duckdb
+
+        def run() -> int | None:
+            try:
+                with self._db().cursor() as cursor:
+                    row = cursor.execute("SELECT seq FROM sync_cursor WHERE stream = ?", [stream]).fetchone()
+            except duckdb.Error as exc:
+                raise SinkError(f"duckdb {self.path}: cursor {stream}: {exc}") from exc
+            return None if row is None else int(row[0])
+
+        async with self._lock:
+            return await anyio.to_thread.run_sync(run)
 
     def __enter__(self) -> DuckdbSink:
         return self
@@ -515,7 +547,13 @@ class ParquetSink:
         self._repo_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory, "raw": self.raw, "rows": self.row_group_rows, "bytes": self.row_group_bytes, "batch": self.batch_rows}
+        return {
+            "directory": self.directory,
+            "raw": self.raw,
+            "rows": self.row_group_rows,
+            "bytes": self.row_group_bytes,
+            "batch": self.batch_rows,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["directory"], state["raw"], state["rows"], state["bytes"] / 1024 / 1024, state["batch"])  # type: ignore[misc]
@@ -648,14 +686,19 @@ class ParquetSink:
                 "rev": rev if rev is not None else old.get("rev"),
                 "data": data if data is not None else old.get("data"),
                 "status": status,
-                "updated": time.time(),
+                "updated": int(time.time() * 1_000_000),
                 "base_rev": base_rev if base_rev is not None else old.get("base_rev"),
             }
             schema = pa.schema(
-                [("did", pa.string()), ("rev", pa.string()), ("data", pa.string()), ("status", pa.string()),
-                 ("updated", pa.timestamp("us", tz="UTC")), ("base_rev", pa.string())]  # fmt: skip
+                [
+                    ("did", pa.string()),
+                    ("rev", pa.string()),
+                    ("data", pa.string()),
+                    ("status", pa.string()),
+                    ("updated", pa.timestamp("us", tz="UTC")),
+                    ("base_rev", pa.string()),
+                ]
             )
-            row["updated"] = int(row["updated"] * 1_000_000)
             self._write_file(path, pa.Table.from_pylist([row], schema=schema))
 
     async def __call__(self, source: str, commit: Commit, items: list[Any]) -> None:
@@ -708,8 +751,15 @@ class ParquetSink:
         }
         rows["action"] = [actions[(c, r)] for c, r in zip(rows["collection"], rows["rkey"], strict=True)]
         schema = pa.schema(
-            [("did", pa.string()), ("collection", pa.string()), ("rkey", pa.string()), ("cid", pa.string()), ("rev", pa.string()),
-             ("value", pa.binary() if self.raw else pa.string()), ("action", pa.string())]  # fmt: skip
+            [
+                ("did", pa.string()),
+                ("collection", pa.string()),
+                ("rkey", pa.string()),
+                ("cid", pa.string()),
+                ("rev", pa.string()),
+                ("value", pa.binary() if self.raw else pa.string()),
+                ("action", pa.string()),
+            ]
         )
         try:
             self._write_file(os.path.join(self._changes_dir(did), _file_name(rev) + ".parquet"), pa.table(rows, schema=schema))
@@ -783,7 +833,13 @@ def _pg_copy_rows_reference(items: list[Any], did: str, rev: str, jsonb: bool) -
     length = struct.Struct(">i")
     fixed_did, fixed_rev = did.encode("utf-8", "surrogatepass"), rev.encode("utf-8", "surrogatepass")
     for item in items:
-        if not (isinstance(item, tuple) and len(item) == 3 and isinstance(item[0], str) and isinstance(item[1], str) and isinstance(item[2], bytes)):
+        if not (
+            isinstance(item, tuple)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and isinstance(item[1], str)
+            and isinstance(item[2], bytes)
+        ):
             raise TypeError("pg_copy_rows: items are (key: str, cid: str, block: bytes) tuples")
         key, cid, block = item
         collection, slash, rkey = key.partition("/")
@@ -791,8 +847,8 @@ def _pg_copy_rows_reference(items: list[Any], did: str, rev: str, jsonb: bool) -
             raise ValueError(f"pg_copy_rows: key {key!r} has no '/'")
         value = b"\x01" + transcode(block).encode("utf-8") if jsonb else block
         out += head.pack(6, len(fixed_did)) + fixed_did
-        for field in (collection.encode(), rkey.encode(), cid.encode(), fixed_rev, value):
-            out += length.pack(len(field)) + field
+        for column in (collection.encode(), rkey.encode(), cid.encode(), fixed_rev, value):
+            out += length.pack(len(column)) + column
     return bytes(out)
 
 
@@ -978,7 +1034,7 @@ class PostgresSink:
         if repo.conn is not None:
             try:
                 repo.conn.close()
-            except Exception:  # noqa: BLE001 - a broken connection's close may fail too
+            except Exception:  # a broken connection's close may fail too
                 pass
             repo.conn = None
         conn = self._connect()
@@ -1043,7 +1099,7 @@ class PostgresSink:
             elif repo.conn is not None:
                 try:
                     repo.conn.rollback()
-                except Exception:  # noqa: BLE001 - a lost connection rolls back by itself
+                except Exception:  # a lost connection rolls back by itself
                     repo.conn.close()
         except BaseException:
             if repo.conn is not None:
@@ -1118,7 +1174,7 @@ class PostgresSink:
             if holder[0] is not None:
                 try:
                     holder[0].close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
             holder[0] = None
 
@@ -1129,7 +1185,7 @@ class PostgresSink:
                 try:
                     holder[0].rollback()
                     self._release(holder[0])
-                except Exception:  # noqa: BLE001
+                except Exception:
                     holder[0].close()
             raise
         self._release(holder[0])
@@ -1143,7 +1199,9 @@ class PostgresSink:
                 self._copy(conn, payload)
             if deletes:
                 with conn.cursor() as cur:
-                    cur.executemany("DELETE FROM records WHERE did = %s AND collection = %s AND rkey = %s", [(did, c, r) for c, r in deletes])
+                    cur.executemany(
+                        "DELETE FROM records WHERE did = %s AND collection = %s AND rkey = %s", [(did, c, r) for c, r in deletes]
+                    )
             conn.execute(
                 "INSERT INTO repos VALUES (%s, %s, %s, 'active', now()) ON CONFLICT (did) DO UPDATE "
                 "SET rev = excluded.rev, data = excluded.data, status = excluded.status, updated = excluded.updated",
@@ -1152,7 +1210,9 @@ class PostgresSink:
 
         self._event("apply", did, body, cursor)
 
-    async def apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp], *, cursor: tuple[str, int] | None = None) -> None:
+    async def apply(
+        self, did: str, rev: str, data: str, ops: Sequence[RecordOp], *, cursor: tuple[str, int] | None = None
+    ) -> None:
         """Apply one sync commit in one transaction: creates and updates upsert their rows
         (``COPY`` and merge), deletes delete theirs, the repo's ``repos`` row gets ``rev``,
         ``data`` and status ``active``, and (``cursor=(stream, seq)``) ``sync_cursor`` the seq.
@@ -1281,7 +1341,17 @@ class PostgresCheckpoint(Checkpoint):
     def record_sync(self, results: Iterable[BackfillResult]) -> None:
         """Record finished repos in one transaction (results with ``skipped`` are ignored)."""
         rows = [
-            (r.source, r.did, r.rev, "ok" if r.error is None else "error", r.error, r.records, r.record_bytes, r.spilled, r.seconds)
+            (
+                r.source,
+                r.did,
+                r.rev,
+                "ok" if r.error is None else "error",
+                r.error,
+                r.records,
+                r.record_bytes,
+                r.spilled,
+                r.seconds,
+            )
             for r in results
             if not r.skipped
         ]
