@@ -268,11 +268,11 @@ def _terminating_sink(dsn: str, kill_copies: set[int], kill_commit: bool, retrie
                 admin.execute("SELECT pg_terminate_backend(%s)", [conn.info.backend_pid])
             type(self).kills += 1
 
-        def _copy(self, conn: Any, payload: bytes) -> None:
+        def _copy(self, conn: Any, payload: bytes, merge: bool = False) -> None:
             type(self).copies += 1
             if type(self).copies in kill_copies:
                 self._kill(conn)
-            super()._copy(conn, payload)
+            super()._copy(conn, payload, merge)
 
         def _end(self, repo: Any, did: str, commit: Any, source: str = "") -> None:
             if commit is not None and kill_commit and type(self).commits == 0 and repo.conn is not None:
