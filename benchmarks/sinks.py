@@ -19,6 +19,10 @@ Runs (each a fresh process; records/s over the backfill call, peak RSS from ``os
   (the shell way into DuckDB, with no primary key; the columns are given because DuckDB's
   inference of ``value`` fails on the mixed record types); peak RSS is the larger of the two processes'.
 
+``--set``: the same runs over the ~1,000-repo set of ``benchmarks/backfill.py`` (976 CARs of 10
+to 100,000 small records, read from files, ~780k records), with the backfill's defaults (2 memory
+workers, 64 MiB per repo: the largest repos spill); ``dump-duckdb`` is not run there.
+
 Each run is repeated ``--repeat`` times (default 3), interleaved (run 1 of every kind, then run 2,
 ...) so that a noisy neighbour hits them alike; the table gives the median records/s, the spread
 (min-max) and the median peak RSS, and each sink's ratio to its baseline (``duckdb`` and
@@ -69,6 +73,8 @@ class NaiveSink:
         self.started: float | None = None
 
     async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
+        if self.count >= self.limit:
+            raise Stop
         if self.started is None:
             self.started = time.perf_counter()
         from repo_stream.records.values import record_json
@@ -123,12 +129,22 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
     else:
         sink = open_sink(target)
 
+    if car.endswith(".txt"):  # the repo set: its CARs, the backfill's defaults (2 memory workers, 64 MiB per repo)
+        sources = open(car).read().split()
+        options: dict[str, Any] = {}
+    else:
+        sources, options = [car], {"memory_workers": 1, "mem_limit_mb": 1024}
+
     async def run() -> int:
-        async with aclosing(backfill([car], sink=sink, memory_workers=1, mem_limit_mb=1024)) as results:
-            out = [r async for r in results]
-        if out[0].error is not None and "Stop" not in out[0].error:
-            raise SystemExit(f"{kind}: {out[0].error}")
-        return sink.count if kind.startswith("naive") else out[0].records
+        records = 0
+        async with aclosing(backfill(sources, sink=sink, **options)) as results:
+            async for result in results:
+                if result.error is not None and "Stop" not in result.error:
+                    raise SystemExit(f"{kind}: {result.source}: {result.error}")
+                records += result.records if result.error is None else 0
+                if isinstance(sink, NaiveSink) and sink.count >= sink.limit:
+                    break
+        return sink.count if isinstance(sink, NaiveSink) else records
 
     started = time.perf_counter()
     records = anyio.run(run)
@@ -210,6 +226,7 @@ def main() -> None:
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--naive-records", type=int, default=20_000)
+    parser.add_argument("--set", action="store_true", help="the ~1,000-repo set of benchmarks/backfill.py instead of the 500k repo")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "CAR", "TARGET", "LIMIT"))
     args = parser.parse_args()
     if args.child:
@@ -220,11 +237,19 @@ def main() -> None:
 
     from repo_stream.records.generate import generate_cached
 
-    car = str(generate_cached(500000, profile="small"))
     base = tempfile.mkdtemp(prefix="repo-stream-sinks-")
+    if args.set:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from backfill import prepare
+
+        car = os.path.join(base, "repos.txt")
+        with open(car, "w") as listing:
+            listing.write("\n".join(prepare()["repos"].values()) + "\n")
+    else:
+        car = str(generate_cached(500000, profile="small"))
     stop = None
     try:
-        runs = args.runs.split(",")
+        runs = [r for r in args.runs.split(",") if not (args.set and r == "dump-duckdb")]
         dsn = None
         if any("postgresql" in r for r in runs):
             dsn, stop = start_postgres(base)
