@@ -242,7 +242,7 @@ class DuckdbSink:
             except ImportError:
                 raise SinkError("--out duckdb: needs the duckdb extra: pip install 'repo-stream[duckdb]'") from None
             try:
-                conn = duckdb.connect(self.path, config={"threads": 1})
+                conn = duckdb.connect(self.path)
                 if not self.compress:
                     conn.execute("SET disabled_compression_methods = 'dict_fsst,fsst'")
                 value = "BLOB" if self.raw else "JSON"
