@@ -233,9 +233,12 @@ def main() -> None:
         kind, car, target, limit = args.child
         child(kind, car, target, int(limit))
         return
+    import signal
     import statistics
 
     from repo_stream.records.generate import generate_cached
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the PostgreSQL server on the way out
 
     base = tempfile.mkdtemp(prefix="repo-stream-sinks-")
     if args.set:
