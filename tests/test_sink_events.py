@@ -253,7 +253,8 @@ async def test_the_cursor_commits_with_the_event(kind: str, tmp_path: Path, requ
 
 def _terminating_sink(dsn: str, kill_copies: set[int], kill_commit: bool, retries: int = 5) -> Any:
     """A PostgresSink whose backend is terminated (pg_terminate_backend from another connection)
-    just before the given COPYs (1-based, counting replays too) and before its first commit."""
+    just before the given COPYs (1-based, counting replays too) and before its first commit (the
+    checkpoint's connection too, then)."""
     import psycopg
 
     from repo_stream.backfill.stores import PostgresSink
@@ -277,6 +278,12 @@ def _terminating_sink(dsn: str, kill_copies: set[int], kill_commit: bool, retrie
         def _end(self, repo: Any, did: str, commit: Any, source: str = "") -> None:
             if commit is not None and kill_commit and type(self).commits == 0 and repo.conn is not None:
                 self._kill(repo.conn)
+                with psycopg.connect(dsn, autocommit=True) as admin:  # and the checkpoint's connection
+                    killed = admin.execute(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE application_name = 'repo-stream-checkpoint' AND datname = current_database()"
+                    ).fetchone()
+                    assert killed == (1,)
             type(self).commits += 1
             super()._end(repo, did, commit, source)
 

@@ -1275,7 +1275,7 @@ class PostgresSink:
         Raises:
             SinkError: the database cannot be reached or the table made.
         """
-        return PostgresCheckpoint(self.dsn, self._where())
+        return PostgresCheckpoint(self.dsn, self._where(), self.retries, self.backoff)
 
     def __enter__(self) -> PostgresSink:
         return self
@@ -1301,14 +1301,19 @@ class PostgresCheckpoint(Checkpoint):
     """A backfill :class:`~repo_stream.backfill.Checkpoint` kept in PostgreSQL's
     ``backfill_checkpoint`` table (the SQLite checkpoint's columns), where :class:`PostgresSink`
     records each repo in the transaction of its rows. Made by :meth:`PostgresSink.checkpoint`.
+    After a connection loss each call is redone on a new connection (``retries`` times, backoff
+    from ``backoff`` seconds doubling; the calls are reads and idempotent upserts).
     """
 
-    def __init__(self, dsn: str, where: str | None = None) -> None:
+    def __init__(self, dsn: str, where: str | None = None, retries: int = 5, backoff: float = 0.5) -> None:
         import psycopg
 
         self.path = where or "postgresql"
+        self._dsn = dsn
+        self._retries = retries
+        self._backoff = backoff
         try:
-            self._pg: Any = psycopg.connect(dsn, connect_timeout=30)
+            self._pg: Any = psycopg.connect(dsn, connect_timeout=30, application_name="repo-stream-checkpoint")
             self._pg.execute("SELECT pg_advisory_xact_lock(7262011)")
             self._pg.execute(_PG_SCHEMA.format(value="jsonb"))
             self._pg.commit()
@@ -1320,13 +1325,25 @@ class PostgresCheckpoint(Checkpoint):
     def _call(self, fn: Any, *args: Any) -> Any:
         import psycopg
 
-        if self._pg is None:
-            raise SinkError(f"checkpoint {self.path} is closed")
-        try:
-            with self._pg.transaction():
-                return fn(*args)
-        except psycopg.Error as exc:
-            raise SinkError(f"checkpoint {self.path}: {str(exc).strip()}") from exc
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            if self._pg is None:
+                raise SinkError(f"checkpoint {self.path} is closed")
+            try:
+                with self._pg.transaction():
+                    return fn(*args)
+            except psycopg.Error as exc:
+                if not isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError) or attempt == self._retries:
+                    again = f" (after {attempt} reconnections)" if attempt else ""
+                    raise SinkError(f"checkpoint {self.path}{again}: {str(exc).strip()}") from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                self._pg.close()
+                self._pg = psycopg.connect(self._dsn, connect_timeout=30, application_name="repo-stream-checkpoint")
+            except psycopg.Error:
+                pass  # the next attempt fails on the closed connection and comes here again
+        raise AssertionError("unreachable")
 
     def lookup_sync(self, sources: list[str]) -> dict[str, BackfillResult]:
         """The recorded results of those of ``sources`` that have one (``skipped=True``)."""
