@@ -8,10 +8,9 @@ Runs (each a fresh process; records/s over the backfill call, peak RSS from ``os
   a 1 GiB memory limit (the walk stays in memory);
 - ``naive-duckdb``, ``naive-postgresql``: the same walk, a sink that inserts row by row
   (``executemany`` of ``INSERT ... VALUES (?, ...)`` with ``json.dumps(record_json(block))``), in
-  one transaction; on the first ``--naive-records`` records (default 20,000: row by row is slow),
-  timed from the first record the sink gets (the CAR's load, in the other runs' time, left out);
+  one transaction; on the first ``--naive-records`` records (default 20,000: row by row is slow);
 - ``naive-lines``: the same walk, a sink writing ``json.dumps`` lines of ``record_json`` values
-  (the files baseline), timed the same way;
+  (the files baseline);
 - ``duckdb-fast``: ``DuckdbSink(compress=False)`` (DuckDB's string compression off: the commit
   of a large repo is mostly that compression);
 - ``dump-duckdb``: ``repo-stream dump CAR --mem-limit-mb 1024 | python -c "duckdb ... CREATE
@@ -22,6 +21,10 @@ Runs (each a fresh process; records/s over the backfill call, peak RSS from ``os
 ``--set``: the same runs over the ~1,000-repo set of ``benchmarks/backfill.py`` (976 CARs of 10
 to 100,000 small records, read from files, ~780k records), with the backfill's defaults (2 memory
 workers, 64 MiB per repo: the largest repos spill); ``dump-duckdb`` is not run there.
+
+Two rates: records over the backfill call (the CAR's load included), and "ingest": records over
+the time from the sink's first records to the end (the walk and the sink; what the naive runs,
+stopped after a part of the repo, are compared on).
 
 Each run is repeated ``--repeat`` times (default 3), interleaved (run 1 of every kind, then run 2,
 ...) so that a noisy neighbour hits them alike; the table gives the median records/s, the spread
@@ -70,13 +73,10 @@ class NaiveSink:
         self.kind, self.target, self.limit, self.count = kind, target, limit, 0
         self.conn: Any = None
         self.file: Any = None
-        self.started: float | None = None
 
     async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
         if self.count >= self.limit:
             raise Stop
-        if self.started is None:
-            self.started = time.perf_counter()
         from repo_stream.records.values import record_json
 
         rows = [(commit.did, *k.split("/", 1), c, commit.rev, json.dumps(record_json(v), ensure_ascii=False)) for k, c, v in items]
@@ -129,6 +129,25 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
     else:
         sink = open_sink(target)
 
+    first: list[float] = []
+
+    class Timed:
+        """The sink, noting when its first records came (the CAR's load is before)."""
+
+        keyed_by_did = getattr(sink, "keyed_by_did", False)
+
+        async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            await sink(source, commit, items)
+
+        async def finish(self, source: str, commit: Any, error: BaseException | None) -> None:
+            finish = getattr(sink, "finish", None)
+            if finish is not None:
+                await finish(source, commit, error)
+
+    timed = Timed()
+
     if car.endswith(".txt"):  # the repo set: its CARs, the backfill's defaults (2 memory workers, 64 MiB per repo)
         sources = open(car).read().split()
         options: dict[str, Any] = {}
@@ -137,7 +156,7 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
 
     async def run() -> int:
         records = 0
-        async with aclosing(backfill(sources, sink=sink, **options)) as results:
+        async with aclosing(backfill(sources, sink=timed, **options)) as results:
             async for result in results:
                 if result.error is not None and "Stop" not in result.error:
                     raise SystemExit(f"{kind}: {result.source}: {result.error}")
@@ -148,14 +167,11 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
 
     started = time.perf_counter()
     records = anyio.run(run)
-    if isinstance(sink, NaiveSink):  # its rate from its first record (not the CAR's load): in its favour
-        assert sink.started is not None
-        started = sink.started
-    seconds = time.perf_counter() - started
+    ended = time.perf_counter()
     close = getattr(sink, "close", None)
     if close is not None:
         close()
-    print(json.dumps({"records": records, "seconds": seconds}))
+    print(json.dumps({"records": records, "seconds": ended - started, "ingest_seconds": ended - first[0]}))
 
 
 def start_postgres(base: str) -> tuple[str, Any]:
@@ -176,9 +192,11 @@ def start_postgres(base: str) -> tuple[str, Any]:
     return f"host={base} user=postgres dbname=postgres", stop
 
 
-def run_once(run: str, car: str, base: str, dsn: str | None, naive_records: int) -> tuple[int, float, float, float] | None:
-    """One run in fresh processes: (records, seconds, peak RSS MiB, CPU seconds of the
-    processes, user + system, start-up included; the PostgreSQL server's not), or None if it failed."""
+def run_once(run: str, car: str, base: str, dsn: str | None, naive_records: int) -> tuple[int, float, float, float, float] | None:
+    """One run in fresh processes: (records, seconds of the backfill call, peak RSS MiB, CPU
+    seconds of the processes (user + system, start-up included; the PostgreSQL server's not),
+    seconds from the sink's first records to the end), or None if it failed. ``dump-duckdb``:
+    the pipeline's wall time for both."""
     for leftover in glob.glob(os.path.join(base, "out-*")):
         shutil.rmtree(leftover, ignore_errors=True) if os.path.isdir(leftover) else os.remove(leftover)
     if "postgresql" in run:
@@ -205,7 +223,7 @@ def run_once(run: str, car: str, base: str, dsn: str | None, naive_records: int)
         if status1 or status2:
             return None
         cpu = usage1.ru_utime + usage1.ru_stime + usage2.ru_utime + usage2.ru_stime
-        return int(out), seconds, max(usage1.ru_maxrss, usage2.ru_maxrss) / 1024, cpu
+        return int(out), seconds, max(usage1.ru_maxrss, usage2.ru_maxrss) / 1024, cpu, seconds
     target = {
         "duckdb": f"duckdb:{base}/out-s.duckdb", "duckdb-fast": f"duckdb:{base}/out-f.duckdb", "naive-duckdb": f"{base}/out-n.duckdb",
         "parquet": f"parquet:{base}/out-pq", "jsonl": f"jsonl:{base}/out-jl", "naive-lines": f"{base}/out-n.jsonl",
@@ -218,7 +236,7 @@ def run_once(run: str, car: str, base: str, dsn: str | None, naive_records: int)
     if status != 0:
         return None
     result = json.loads(out)
-    return result["records"], result["seconds"], usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+    return result["records"], result["seconds"], usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, result["ingest_seconds"]
 
 
 def main() -> None:
@@ -256,7 +274,7 @@ def main() -> None:
         dsn = None
         if any("postgresql" in r for r in runs):
             dsn, stop = start_postgres(base)
-        measured: dict[str, list[tuple[int, float, float, float]]] = {run: [] for run in runs}
+        measured: dict[str, list[tuple[int, float, float, float, float]]] = {run: [] for run in runs}
         for round_ in range(args.repeat):
             for run in runs:
                 result = run_once(run, car, base, dsn, args.naive_records)
@@ -266,19 +284,23 @@ def main() -> None:
                 measured[run].append(result)
                 print(
                     f"  round {round_ + 1} {run:18} {result[0]:>8} {result[1]:>8.2f} s {result[0] / result[1]:>10,.0f}/s "
-                    f"{result[2]:>6.0f} MB {result[3]:>6.2f} CPU s",
+                    f"{result[2]:>6.0f} MB {result[3]:>6.2f} CPU s {result[0] / result[4]:>10,.0f}/s ingest",
                     flush=True,
                 )
-        rates = {run: statistics.median(r / s for r, s, _, _ in got) for run, got in measured.items() if got}
-        print(f"\n{'run':18} {'records':>8} {'median rec/s':>13} {'min-max rec/s':>20} {'peak RSS MB':>12} {'CPU s':>6}  ratios")
+        rates = {run: statistics.median(r / s for r, s, _, _, _ in got) for run, got in measured.items() if got}
+        ingest = {run: statistics.median(r / i for r, _, _, _, i in got) for run, got in measured.items() if got}
+        print(
+            f"\n{'run':18} {'records':>8} {'median rec/s':>13} {'min-max rec/s':>20} {'ingest rec/s':>13} "
+            f"{'peak RSS MB':>12} {'CPU s':>6}  ratios (ingest rec/s)"
+        )
         for run, got in measured.items():
             if not got:
                 continue
-            each = sorted(r / s for r, s, _, _ in got)
-            ratios = "  ".join(f"{rates[run] / rates[b]:.1f}x {b}" for b in BASELINES.get(run, []) if b in rates)
+            each = sorted(r / s for r, s, _, _, _ in got)
+            ratios = "  ".join(f"{ingest[run] / ingest[b]:.1f}x {b}" for b in BASELINES.get(run, []) if b in ingest)
             print(
-                f"{run:18} {got[0][0]:>8} {rates[run]:>13,.0f} {f'{each[0]:,.0f}-{each[-1]:,.0f}':>20} "
-                f"{statistics.median(m for _, _, m, _ in got):>12.0f} {statistics.median(c for _, _, _, c in got):>6.2f}  {ratios}"
+                f"{run:18} {got[0][0]:>8} {rates[run]:>13,.0f} {f'{each[0]:,.0f}-{each[-1]:,.0f}':>20} {ingest[run]:>13,.0f} "
+                f"{statistics.median(m for _, _, m, _, _ in got):>12.0f} {statistics.median(c for _, _, _, c, _ in got):>6.2f}  {ratios}"
             )
     finally:
         if stop is not None:
