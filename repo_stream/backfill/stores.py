@@ -276,7 +276,10 @@ class DuckdbSink:
 
         cursor = self._cursor(did)
         try:
-            cursor.execute("DELETE FROM records WHERE did = ?", [did])
+            # A DID's records and its repos row commit together (backfill and sync alike), so a DID
+            # with no repos row has no records: skip the DELETE, which scans the whole table.
+            if cursor.execute("SELECT 1 FROM repos WHERE did = ?", [did]).fetchone() is not None:
+                cursor.execute("DELETE FROM records WHERE did = ?", [did])
         except duckdb.Error as exc:
             cursor.close()
             raise SinkError(f"duckdb {self.path}: {did}: {exc}") from exc
