@@ -171,6 +171,33 @@ def transcode(fn: Any, block: bytes) -> tuple[str, str]:
         return ("error", f"{type(exc).__name__}: {exc}")
 
 
+def bulk_one(block: bytes, expected: tuple[str, str]) -> None:
+    """The block (between two good ones) through the C core's bulk transcoders, PostgreSQL COPY
+    rows (against the reference) and an Arrow value column (against ``transcode_json``)."""
+    from repo_stream import _native
+    from repo_stream.backfill.stores import _pg_copy_rows_reference
+
+    items = [("a.b.c/1", "bafy1", b"\xa0"), ("a.b.c/2", "bafy2", block), ("a.b.d/3", "bafy3", b"\xa1\x61a\x01")]
+    c_rows = transcode(lambda _: _native.pg_copy_rows(items, "did:x:y", "3rev", True).hex(), block)
+    python_rows = transcode(lambda _: _pg_copy_rows_reference(items, "did:x:y", "3rev", True).hex(), block)
+    if c_rows != python_rows:
+        raise AssertionError(f"pg_copy_rows differs:\n  C {c_rows!r:.2000}\n  Python {python_rows!r:.2000}")
+    try:
+        import pyarrow
+    except ImportError:
+        return
+    from repo_stream.read.arrow import _Capsules
+
+    def column(_: bytes) -> str:
+        batch = pyarrow.record_batch(_Capsules(_native.arrow_batch(items, 2)))
+        values: list[str] = batch.column(4).to_pylist()
+        return values[1]
+
+    got = transcode(column, block)
+    if got != expected:
+        raise AssertionError(f"arrow_batch value_kind 2 differs from transcode_json:\n  {got!r:.2000}\n  {expected!r:.2000}")
+
+
 def fuzz_one(data: bytes) -> None:
     """Run ``data`` through both implementations; raise AssertionError if they differ."""
     if not data:
@@ -183,6 +210,7 @@ def fuzz_one(data: bytes) -> None:
     python_text = transcode(transcode_json_reference, data[1:])
     if c_text != python_text:
         raise AssertionError(f"transcode_json differs:\n  C {c_text!r:.2000}\n  Python {python_text!r:.2000}")
+    bulk_one(data[1:], c_text)
     options, car_bytes = data[0], data[1:]
     c = run("c", car_bytes, options)
     python = run("python", car_bytes, options)

@@ -444,8 +444,9 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
     PyObject *chunk;
     int value_kind;
     if (!PyArg_ParseTuple(args, "O!i:arrow_batch", &PyList_Type, &chunk, &value_kind)) return NULL;
-    if (value_kind != 0 && value_kind != 1) {
-        PyErr_SetString(PyExc_ValueError, "arrow_batch: value_kind is 0 (binary) or 1 (JSON text)");
+    if (value_kind < 0 || value_kind > 2) {
+        PyErr_SetString(PyExc_ValueError,
+                        "arrow_batch: value_kind is 0 (binary), 1 (JSON text) or 2 (blocks transcoded to JSON text)");
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(chunk);
@@ -476,14 +477,17 @@ PyObject *rs_arrow_batch(PyObject *self, PyObject *args) {
         const char *key = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 0), &kl);
         const char *cid = key ? PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, CID_AT(item)), &cl) : NULL;
         PyObject *v = PyTuple_GET_ITEM(item, VALUE_AT(item));
+        const uint8_t *block = value_kind == 1 ? NULL : (const uint8_t *)PyBytes_AS_STRING(v);
+        size_t block_len = value_kind == 1 ? 0 : (size_t)PyBytes_GET_SIZE(v);
         if (cid == NULL || rs_arrow_key(&b, (const uint8_t *)key, (size_t)kl) < 0 || rs_arrow_cid_text(&b, cid, (size_t)cl) < 0 ||
-            (value_kind == 1 ? rs_arrow_value_str(&b, v)
-                             : rs_arrow_value(&b, (const uint8_t *)PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v))) < 0) {
+            (value_kind == 1   ? rs_arrow_value_str(&b, v)
+             : value_kind == 2 ? (rs_json_into(&b, block, block_len) < 0 ? -1 : rs_arrow_value_done(&b))
+                               : rs_arrow_value(&b, block, block_len)) < 0) {
             rs_arrow_free(&b);
             return NULL;
         }
     }
-    PyObject *pair = rs_arrow_finish(&b, value_kind);
+    PyObject *pair = rs_arrow_finish(&b, value_kind == 2 ? 1 : value_kind); /* 2 gives a JSON text column */
     rs_arrow_free(&b);
     return pair;
 }

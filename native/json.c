@@ -438,3 +438,127 @@ int rs_json_into(RsArrowBuilder *b, const uint8_t *block, size_t n) {
     PyMem_Free(o);
     return r;
 }
+
+/* --- many blocks into one buffer (pg_copy_rows) ------------------------------------------------- */
+struct RsJsonOut {
+    Out out;
+};
+
+RsJsonOut *rs_json_out_new(size_t hint) {
+    RsJsonOut *j = PyMem_Malloc(sizeof *j);
+    if (j == NULL) return (RsJsonOut *)PyErr_NoMemory();
+    Out *o = &j->out;
+    o->len = 0;
+    o->ascii = 1;
+    o->raw = 0;
+    o->cap = hint < 4096 ? 4096 : hint;
+    o->buf = PyMem_Malloc(o->cap);
+    o->heap = 1;
+    if (o->buf == NULL) {
+        PyMem_Free(j);
+        return (RsJsonOut *)PyErr_NoMemory();
+    }
+    return j;
+}
+
+int rs_json_out_append(RsJsonOut *j, const uint8_t *block, size_t n) {
+    if (rs_messages == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "repo_stream._native.setup() was not called");
+        return -1;
+    }
+    return transcode(&j->out, block, n);
+}
+
+int rs_json_out_put(RsJsonOut *j, const void *data, size_t n) { return put(&j->out, data, n); }
+
+uint8_t *rs_json_out_data(RsJsonOut *j, size_t *len) {
+    *len = j->out.len;
+    return j->out.buf;
+}
+
+void rs_json_out_free(RsJsonOut *j) {
+    if (j == NULL) return;
+    PyMem_Free(j->out.buf);
+    PyMem_Free(j);
+}
+
+/* pg_copy_rows(chunk, did, rev, jsonb): the rows of PostgreSQL's binary COPY format (no header,
+ * no trailer) of did, collection, rkey, cid, rev, value for each (key, cid, block) item of
+ * chunk: value the block's JSON text as jsonb (version byte 1 then the text) when jsonb is true,
+ * else the block's bytes (bytea). Strings as their UTF-8; every field length checked to fit
+ * int32. Raises RecordDecodeError (a block that is not strict DAG-CBOR), TypeError, ValueError. */
+static int put_be32(RsJsonOut *j, uint32_t v) {
+    uint8_t b[4] = {(uint8_t)(v >> 24), (uint8_t)(v >> 16), (uint8_t)(v >> 8), (uint8_t)v};
+    return rs_json_out_put(j, b, 4);
+}
+
+static int put_field(RsJsonOut *j, const char *s, size_t n) {
+    if (n > (size_t)INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "pg_copy_rows: a field passes 2 GiB");
+        return -1;
+    }
+    if (put_be32(j, (uint32_t)n) < 0) return -1;
+    return rs_json_out_put(j, s, n);
+}
+
+PyObject *rs_pg_copy_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *chunk, *did_o, *rev_o;
+    int jsonb;
+    if (!PyArg_ParseTuple(args, "O!UUp:pg_copy_rows", &PyList_Type, &chunk, &did_o, &rev_o, &jsonb)) return NULL;
+    Py_ssize_t dl, rl;
+    const char *did = PyUnicode_AsUTF8AndSize(did_o, &dl);
+    const char *rev = did ? PyUnicode_AsUTF8AndSize(rev_o, &rl) : NULL;
+    if (rev == NULL) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(chunk);
+    RsJsonOut *j = rs_json_out_new((size_t)n * 256);
+    if (j == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(chunk, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(item, 0)) ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(item, 1)) || !PyBytes_Check(PyTuple_GET_ITEM(item, 2))) {
+            PyErr_SetString(PyExc_TypeError, "pg_copy_rows: items are (key: str, cid: str, block: bytes) tuples");
+            goto fail;
+        }
+        Py_ssize_t kl, cl;
+        const char *key = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 0), &kl);
+        const char *cid = key ? PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(item, 1), &cl) : NULL;
+        if (cid == NULL) goto fail;
+        const char *slash = memchr(key, '/', (size_t)kl);
+        if (slash == NULL) {
+            PyErr_Format(PyExc_ValueError, "pg_copy_rows: key %R has no '/'", PyTuple_GET_ITEM(item, 0));
+            goto fail;
+        }
+        PyObject *v = PyTuple_GET_ITEM(item, 2);
+        const uint8_t *block = (const uint8_t *)PyBytes_AS_STRING(v);
+        size_t bl = (size_t)PyBytes_GET_SIZE(v);
+        static const uint8_t six[2] = {0, 6};
+        if (rs_json_out_put(j, six, 2) < 0 || put_field(j, did, (size_t)dl) < 0 ||
+            put_field(j, key, (size_t)(slash - key)) < 0 || put_field(j, slash + 1, (size_t)(kl - (slash - key) - 1)) < 0 ||
+            put_field(j, cid, (size_t)cl) < 0 || put_field(j, rev, (size_t)rl) < 0)
+            goto fail;
+        if (jsonb) {
+            size_t at = j->out.len;
+            static const uint8_t head[5] = {0, 0, 0, 0, 1};
+            if (rs_json_out_put(j, head, 5) < 0 || rs_json_out_append(j, block, bl) < 0) goto fail;
+            size_t len = j->out.len - at - 4;
+            if (len > (size_t)INT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "pg_copy_rows: a field passes 2 GiB");
+                goto fail;
+            }
+            uint8_t *p = j->out.buf + at;
+            p[0] = (uint8_t)(len >> 24);
+            p[1] = (uint8_t)(len >> 16);
+            p[2] = (uint8_t)(len >> 8);
+            p[3] = (uint8_t)len;
+        } else if (put_field(j, (const char *)block, bl) < 0) {
+            goto fail;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize((const char *)j->out.buf, (Py_ssize_t)j->out.len);
+    rs_json_out_free(j);
+    return out;
+fail:
+    rs_json_out_free(j);
+    return NULL;
+}

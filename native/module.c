@@ -187,6 +187,7 @@ static PyObject *trim_memory(PyObject *self, PyObject *unused) {
 
 PyObject *rs_transcode_json(PyObject *self, PyObject *block); /* json.c */
 PyObject *rs_arrow_batch(PyObject *self, PyObject *args);      /* arrow.c */
+PyObject *rs_pg_copy_rows(PyObject *self, PyObject *args);     /* json.c */
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
@@ -208,6 +209,9 @@ static PyMethodDef methods[] = {
     {"arrow_batch", rs_arrow_batch, METH_VARARGS,
      "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
      "(schema, array) of a record batch (see repo_stream.read.arrow)."},
+    {"pg_copy_rows", rs_pg_copy_rows, METH_VARARGS,
+     "pg_copy_rows(chunk, did, rev, jsonb)\n--\n\nPostgreSQL binary COPY rows (did, collection, rkey, cid, rev, value) "
+     "of (key, cid, block) items (see repo_stream.backfill.stores)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -31,6 +31,14 @@ extern PyObject *rs_len;        /* builtins.len: as a block processor it needs n
  * Always returns -1. If the call itself fails, that error is set instead. */
 int rs_raise(const char *name, const char *fmt, ...);
 
+/* json.c: many record blocks' JSON texts appended into one growing buffer (PyMem, the GIL held). */
+typedef struct RsJsonOut RsJsonOut;
+RsJsonOut *rs_json_out_new(size_t hint);                                  /* NULL with an error */
+int rs_json_out_append(RsJsonOut *j, const uint8_t *block, size_t n);      /* 0, or -1 with an error */
+int rs_json_out_put(RsJsonOut *j, const void *data, size_t n);             /* 0, or -1 with an error */
+uint8_t *rs_json_out_data(RsJsonOut *j, size_t *len);
+void rs_json_out_free(RsJsonOut *j);
+
 /* Grow *buf (PyMem) to hold at least `need` items of `elem` bytes, doubling; 0, or -1 with
  * MemoryError set (past 1 TiB, or realloc failing). In walk.c. */
 int rs_reserve(void **buf, size_t *cap, size_t need, size_t elem);

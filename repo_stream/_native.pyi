@@ -18,6 +18,9 @@ def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
 def arrow_batch(chunk: list[tuple[str, str, Any]], value_kind: int, /) -> tuple[object, object]:
     """A chunk of (key, cid, value) as the Arrow C Data Interface capsules (schema, array) of a record batch."""
 
+def pg_copy_rows(chunk: list[tuple[str, str, bytes]], did: str, rev: str, jsonb: bool, /) -> bytes:
+    """PostgreSQL binary COPY rows (did, collection, rkey, cid, rev, value) of (key, cid, block) items (see repo_stream.backfill.stores.pg_copy_rows)."""
+
 def trim_memory() -> None:
     """Hand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."""
 

@@ -9,8 +9,13 @@ that a failure is reproduced with ``--hypothesis-seed=N``. No example database e
 
 from __future__ import annotations
 
+import glob
 import os
+import pwd
 import random
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,3 +126,58 @@ def sample_path(name: str) -> Path:
             pytest.exit(f"error: {missing}, but CI must run the tests against them (set REPO_STREAM_SAMPLES)", returncode=1)
         pytest.skip(f"{missing} (set REPO_STREAM_SAMPLES to run the tests against them)")
     return path
+
+
+# --- a PostgreSQL server of our own ------------------------------------------------------------
+
+
+def _pg_bindir() -> str | None:
+    found = shutil.which("initdb")
+    if found and shutil.which("pg_ctl"):
+        return os.path.dirname(os.path.realpath(found))
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if os.path.exists(os.path.join(folder, "initdb")):
+            return folder
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server on a Unix socket in a temporary folder (no TCP); its socket folder."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL's initdb/pg_ctl are missing, but CI must run the PostgreSQL tests (.ci/run installs them)")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql to run these tests")
+    pytest.importorskip("psycopg")
+    base = tempfile.mkdtemp(prefix="repo-stream-pg-")
+    user = None
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the package's user
+        user = "postgres"
+        entry = pwd.getpwnam(user)
+        os.chown(base, entry.pw_uid, entry.pw_gid)
+    data = os.path.join(base, "data")
+    run = {"user": user, "check": True, "capture_output": True, "timeout": 120}
+    pg_ctl = os.path.join(bindir, "pg_ctl")
+    try:
+        subprocess.run([os.path.join(bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"], **run)
+        options = f"-k {base} -c listen_addresses='' -F"
+        subprocess.run([pg_ctl, "-D", data, "-o", options, "-l", os.path.join(base, "log"), "-w", "start"], **run)
+        yield base
+    finally:
+        subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], user=user, capture_output=True, timeout=60, check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+_databases = iter(range(1_000_000))
+
+
+def new_database(server: str) -> str:
+    """A fresh database on the server; its DSN."""
+    import psycopg
+
+    name = f"t{next(_databases)}"
+    with psycopg.connect(f"host={server} user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"host={server} user=postgres dbname={name}"

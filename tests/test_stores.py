@@ -10,14 +10,10 @@ import glob
 import hashlib
 import json
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -29,68 +25,13 @@ from repo_stream.records.generate import default_did, generate_records, generate
 from repo_stream.records.values import record_json
 from repo_stream.records.writer import build_repo_car
 
-from .conftest import sample_path
+from .conftest import new_database, sample_path
 
 duckdb = pytest.importorskip("duckdb")
 pytest.importorskip("pyarrow")
 
 KINDS = ["duckdb", "parquet", "postgresql"]
 Row = tuple[str, str, str, str, str, Any]  # did, collection, rkey, cid, rev, value (decoded JSON)
-
-
-# --- a PostgreSQL server of our own ------------------------------------------------------------
-
-
-def _pg_bindir() -> str | None:
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return os.path.dirname(os.path.realpath(found))
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if os.path.exists(os.path.join(folder, "initdb")):
-            return folder
-    return None
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[str]:
-    """A PostgreSQL server on a Unix socket in a temporary folder (no TCP); its socket folder."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL's initdb/pg_ctl are missing, but CI must run the PostgreSQL tests (.ci/run installs them)")
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql to run these tests")
-    pytest.importorskip("psycopg")
-    base = tempfile.mkdtemp(prefix="repo-stream-pg-")
-    user = None
-    if os.geteuid() == 0:  # initdb refuses root: run the server as the package's user
-        user = "postgres"
-        entry = pwd.getpwnam(user)
-        os.chown(base, entry.pw_uid, entry.pw_gid)
-    data = os.path.join(base, "data")
-    run = {"user": user, "check": True, "capture_output": True, "timeout": 120}
-    pg_ctl = os.path.join(bindir, "pg_ctl")
-    try:
-        subprocess.run([os.path.join(bindir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"], **run)
-        options = f"-k {base} -c listen_addresses='' -F"
-        subprocess.run([pg_ctl, "-D", data, "-o", options, "-l", os.path.join(base, "log"), "-w", "start"], **run)
-        yield base
-    finally:
-        subprocess.run([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"], user=user, capture_output=True, timeout=60, check=False)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-_databases = iter(range(1_000_000))
-
-
-def new_database(server: str) -> str:
-    """A fresh database on the server; its DSN."""
-    import psycopg
-
-    name = f"t{next(_databases)}"
-    with psycopg.connect(f"host={server} user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name}")
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"host={server} user=postgres dbname={name}"
 
 
 # --- stores: an --out value and a reader of what landed --------------------------------------

@@ -96,6 +96,18 @@ class EventSink(Protocol):
     """A store that also takes the events of a sync (room for ``repo-stream sync --out``; the
     backfill does not call it). Each call is one transaction: its rows and the repo's ``repos``
     row (rev, data CID, status) commit together.
+
+    Implemented by :class:`JsonlSink` (events appended to ``DIR/<did>.events.jsonl``),
+    :class:`~repo_stream.backfill.DuckdbSink` and :class:`~repo_stream.backfill.PostgresSink`
+    (rows upserted and deleted in place) and :class:`~repo_stream.backfill.ParquetSink` (change
+    rows with an ``action`` column, Parquet files being append-only). A resync (a ``#sync``
+    event, or a repo whose commits cannot be applied) is a backfill of the repo through the same
+    sink as a :class:`RepoSink`: its rows are replaced by the new version's.
+
+    The database sinks also take ``cursor=(stream, seq)`` (keyword) in both calls and store it
+    in their ``sync_cursor`` table in the same transaction, and read it back with
+    ``await sink.load_cursor(stream)``: a sync that resumes from there applies each event
+    exactly once across a crash.
     """
 
     async def apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp]) -> None:
@@ -127,6 +139,8 @@ def json_value(block: bytes) -> Any:
 class JsonlSink:
     """Writes each repo's records to ``DIR/<did>.jsonl``: one ``{"key", "cid", "value"}`` object a
     line, in key order, as UTF-8 JSON (non-ASCII characters as they are, like ``dump``).
+    Sync events (:class:`EventSink`) go to ``DIR/<did>.events.jsonl``, a line each
+    (:meth:`apply`, :meth:`set_status`).
 
     ``value`` converts the record block's bytes to a JSON value (default :func:`json_value`, the
     ``dump`` format; :func:`bytes_value` keeps the raw block).
@@ -218,6 +232,10 @@ class JsonlSink:
             if keep:
                 file.flush()
                 os.fsync(file.fileno())
+                try:  # a resync: the events of the repo's earlier version are superseded
+                    os.unlink(path.removesuffix(".jsonl") + ".events.jsonl")
+                except FileNotFoundError:
+                    pass
                 os.replace(path + ".part", path)
                 folder = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
                 try:
@@ -231,6 +249,76 @@ class JsonlSink:
                     pass
         finally:
             file.close()  # the lock goes with it, after the rename
+
+    # -- sync events (EventSink) --
+
+    def events_path(self, did: str) -> str:
+        """The file of ``did``'s sync events (:meth:`apply`, :meth:`set_status`)."""
+        return os.path.join(self.directory, did.replace("/", "_") + ".events.jsonl")
+
+    def _append(self, did: str, line: str) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        fd = os.open(self.events_path(did), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            data = line.encode("utf-8", "surrogateescape")
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp]) -> None:
+        """Append one sync commit to ``DIR/<did>.events.jsonl`` as one line
+        ``{"rev", "data", "ops": [{"action", "key", "cid", "value"}]}`` (``value`` as the
+        sink's converter makes it; ``cid`` and ``value`` null for a delete), written with one
+        ``write`` and fsynced: the line is the commit. The repo's records are its ``.jsonl``
+        file's with its events' ops applied in order (a key's last op wins; a backfill of the
+        repo, i.e. a resync, removes the events file before renaming the new ``.jsonl`` into place).
+
+        Raises:
+            RecordDecodeError: a block is not valid DAG-CBOR (nothing written).
+            SinkError: an op is malformed.
+            OSError: the file cannot be written.
+        """
+        from ..errors import SinkError
+
+        if self.value is json_value:
+            from ..records.json_text import json_text_processor
+
+            transcode = json_text_processor()
+        out = []
+        for op in ops:
+            if op.action not in ("create", "update", "delete"):
+                raise SinkError(f"{did}: op {op.collection}/{op.rkey}: unknown action {op.action!r}")
+            key = f"{op.collection}/{op.rkey}"
+            if op.action == "delete":
+                out.append(f'{{"action":"delete","key":{self._dumps(key)},"cid":null,"value":null}}')
+                continue
+            if op.cid is None or op.value is None:
+                raise SinkError(f"{did}: {op.action} of {key} has no CID or block")
+            try:
+                value = transcode(op.value) if self.value is json_value else self._dumps(self.value(op.value))
+            except RepoStreamError as exc:
+                raise type(exc)(f"{did}: {key}: {exc}") from exc
+            out.append(f'{{"action":"{op.action}","key":{self._dumps(key)},"cid":"{op.cid}","value":{value}}}')
+        line = f'{{"rev":{self._dumps(rev)},"data":{self._dumps(data)},"ops":[{",".join(out)}]}}\n'
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._append, did, line)
+
+    async def set_status(self, did: str, status: str) -> None:
+        """Append ``{"status": status}`` to ``DIR/<did>.events.jsonl`` (one line, fsynced).
+
+        Raises:
+            SinkError: the status is not one of :data:`REPO_STATUSES`.
+            OSError: the file cannot be written.
+        """
+        from ..errors import SinkError
+
+        if status not in REPO_STATUSES:
+            raise SinkError(f"{did}: status {status!r} is not one of {', '.join(REPO_STATUSES)}")
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._append, did, f'{{"status":{self._dumps(status)}}}\n')
 
 
 def open_sink(out: str, raw: bool = False) -> RepoSink:

@@ -114,15 +114,21 @@ def from_walker(result: Any, json_values: bool) -> pyarrow.RecordBatch:
     return pa.record_batch(_Capsules(result))
 
 
-def record_batch(chunk: list[tuple[str, str, Any]], json_values: bool) -> pyarrow.RecordBatch:
+def record_batch(chunk: list[tuple[str, str, Any]], json_values: bool, *, transcode: bool = False) -> pyarrow.RecordBatch:
     """The records of a walk's chunk as one ``pyarrow.RecordBatch`` (module docstring).
 
     Args:
         chunk: ``(key, cid, value)`` tuples, as a walk with record CIDs gives them, in key order.
         json_values: the values are JSON text (``str``); else raw blocks (``bytes``).
+        transcode: the values are raw blocks (``bytes``) and the ``value`` column is their
+            atproto JSON text (``utf8``), transcoded straight into the column's buffer
+            (:func:`repo_stream.records.json_text.transcode_json`; no ``str`` per record).
+            ``json_values`` is then ignored.
 
     Raises:
         TypeError: an item is not ``(str, str, bytes)`` (or ``str`` values with ``json_values``).
+        RecordDecodeError: with ``transcode``, a block is not strict DAG-CBOR (the transcoder's
+            error, naming the block's size and the byte offset).
         OverflowError: a column passes 2 GiB (Arrow's int32 offsets): ask for fewer records.
         ImportError: pyarrow is not installed.
     """
@@ -130,7 +136,16 @@ def record_batch(chunk: list[tuple[str, str, Any]], json_values: bool) -> pyarro
     if implementation.backend().name == "c":
         from .. import _native
 
-        batch = pa.record_batch(_Capsules(_native.arrow_batch(chunk, 1 if json_values else 0)))
+        kind = 2 if transcode else 1 if json_values else 0
+        batch = pa.record_batch(_Capsules(_native.arrow_batch(chunk, kind)))
+    elif transcode:
+        from ..records.json_text import json_text_processor
+
+        for item in chunk:
+            if not isinstance(item, tuple) or len(item) not in (3, 5) or not isinstance(item[-1], bytes):
+                raise TypeError("arrow_batch: items are (key, cid, value) tuples or Records with bytes values")
+        text = json_text_processor()
+        batch = _python_batch([(item[0], item[-2], text(item[-1])) for item in chunk], True)
     else:
         batch = _python_batch(chunk, json_values)
     return batch
