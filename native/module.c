@@ -205,6 +205,12 @@ static PyMethodDef methods[] = {
     {"transcode_json", rs_transcode_json, METH_O,
      "transcode_json(block)\n--\n\nA record block (strict DAG-CBOR) as its atproto JSON text (see "
      "repo_stream.records.json_text.transcode_json)."},
+    {"load_node", rs_load_node, METH_VARARGS,
+     "load_node(cid, block, expected, lo, hi, check_keys)\n--\n\nDecode and check one MST node of a partial tree: "
+     "(layer, keys, vals, kids) (see repo_stream.sync.partial.load_node)."},
+    {"encode_node", rs_encode_node, METH_VARARGS,
+     "encode_node(left, keys, vals, rights)\n--\n\nAn MST node block and its CID: (cid, block) (see "
+     "repo_stream.sync.partial.encode_node)."},
     {"arrow_batch", rs_arrow_batch, METH_VARARGS,
      "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
      "(schema, array) of a record batch (see repo_stream.read.arrow)."},

@@ -156,4 +156,39 @@ PyObject *rs_pack_entries(RsEntry *e, Py_ssize_t n, unsigned long long next_larg
 PyObject *rs_pack_run(PyObject *self, PyObject *args);
 int rs_runs_ready(void); /* PyType_Ready of RunMerge and RunIndex: 0, or -1 with an error */
 
+/* --- walk.c / mst.c: MST nodes ------------------------------------------------------------------- */
+#define RS_MAX_KEY_BYTES 1024
+/* One decoded node entry: p (negative: -1 - p, neg set), k, v and t (CID bytes after the 0x00). */
+typedef struct {
+    int neg;
+    uint64_t p;
+    const uint8_t *k, *v, *t;
+    size_t k_len, v_len, t_len;
+    int has_t;
+} RsNodeEntry;
+/* Decode a node block (strict: canonical DAG-CBOR too) into *entries (grown as needed); sets
+ * *left (NULL if none) and *count. 0, or -1 with NodeDecodeError (repo_stream.core.walk.decode_node). */
+int rs_decode_node(RsNodeEntry **entries, size_t *cap, int strict, const uint8_t *cid, size_t cid_len, const uint8_t *block,
+                   size_t len, const uint8_t **left, size_t *left_len, size_t *count);
+/* The key rules of a node's entries, one entry at a time (repo_stream.core.walk.node_keys): start
+ * with rs_keys_start, then per entry rs_node_key (builds the key in `key`, checks it) and
+ * rs_keys_advance (the key becomes `prev`). `layer` is the node's (its first key's), `child` its
+ * subtrees' layer. Buffers grow as needed (keys are at most RS_MAX_KEY_BYTES once checked). */
+typedef struct {
+    uint8_t *key, *prev;
+    size_t key_len, prev_len, cap_key, cap_prev;
+    int layer;
+    int32_t expected, child;
+    int check_keys, has_collection;
+    size_t collection_len;
+    uint8_t collection[320];
+} RsKeys;
+void rs_keys_start(RsKeys *r, int32_t expected, int check_keys);
+/* known_layer: the key's layer if already hashed, else -1. 0, or -1 with the rule's error. */
+int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry *e, int known_layer);
+void rs_keys_advance(RsKeys *r);
+void rs_keys_free(RsKeys *r);
+PyObject *rs_load_node(PyObject *self, PyObject *args);   /* mst.c */
+PyObject *rs_encode_node(PyObject *self, PyObject *args); /* mst.c */
+
 #endif

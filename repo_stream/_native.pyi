@@ -12,6 +12,14 @@ def setup(*, messages: ModuleType, not_a_node: object, cid_text: Callable[[bytes
 def sha256(data: bytes | bytearray | memoryview, /) -> bytes:
     """The core's SHA-256 digest of a bytes-like object (for tests)."""
 
+def load_node(
+    cid: bytes, block: bytes, expected: int, lo: bytes | None, hi: bytes | None, check_keys: bool, /
+) -> tuple[int, list[bytes], list[bytes], list[Any]]:
+    """Decode and check one MST node of a partial tree: (layer, keys, vals, kids) (see repo_stream.sync.partial.load_node)."""
+
+def encode_node(left: bytes | None, keys: list[bytes], vals: list[bytes], rights: list[bytes | None], /) -> tuple[bytes, bytes]:
+    """An MST node block and its CID: (cid, block) (see repo_stream.sync.partial.encode_node)."""
+
 def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
     """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
 
