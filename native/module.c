@@ -211,6 +211,10 @@ static PyMethodDef methods[] = {
     {"encode_node", rs_encode_node, METH_VARARGS,
      "encode_node(left, keys, vals, rights)\n--\n\nAn MST node block and its CID: (cid, block) (see "
      "repo_stream.sync.partial.encode_node)."},
+    {"lookup_and_invert", rs_lookup_and_invert, METH_VARARGS,
+     "lookup_and_invert(root, blocks, keys, ops, check_keys, max_depth)\n--\n\nA commit's tree work held in C: (held, "
+     "inverted) (see repo_stream.sync.invert.lookup_and_invert; ops are (code, path, key, cid, prev), code 0 create, 1 "
+     "update, 2 delete)."},
     {"arrow_batch", rs_arrow_batch, METH_VARARGS,
      "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
      "(schema, array) of a record batch (see repo_stream.read.arrow)."},

@@ -190,5 +190,6 @@ void rs_keys_advance(RsKeys *r);
 void rs_keys_free(RsKeys *r);
 PyObject *rs_load_node(PyObject *self, PyObject *args);   /* mst.c */
 PyObject *rs_encode_node(PyObject *self, PyObject *args); /* mst.c */
+PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args); /* mst.c */
 
 #endif

@@ -20,6 +20,17 @@ def load_node(
 def encode_node(left: bytes | None, keys: list[bytes], vals: list[bytes], rights: list[bytes | None], /) -> tuple[bytes, bytes]:
     """An MST node block and its CID: (cid, block) (see repo_stream.sync.partial.encode_node)."""
 
+def lookup_and_invert(
+    root: bytes,
+    blocks: dict[bytes, bytes],
+    keys: list[bytes],
+    ops: list[tuple[int, str, bytes, bytes | None, bytes | None]],
+    check_keys: bool,
+    max_depth: int,
+    /,
+) -> tuple[list[Any], Any]:
+    """A commit's tree work held in C: (held, inverted) (see repo_stream.sync.invert.lookup_and_invert)."""
+
 def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
     """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
 

@@ -33,10 +33,9 @@ from cbrrr import _cbrrr
 
 from ..core import implementation, messages
 from ..core.car import DEFAULT_MAX_BLOCK_SIZE, decode_header
-from ..core.cid import cid_str, dag_cbor_cid
+from ..core.cid import dag_cbor_cid
 from ..core.dagcbor import HEADS, LINK36_HEAD, StrictDecoder, encode_head, encode_link
 from ..core.walk import DEFAULT_MAX_DEPTH, decode_node, node_keys
-from ..errors import DepthLimitError, UnknownSubtreeError
 
 try:
     from .. import _native
@@ -326,10 +325,7 @@ class PartialTree:
         if node is None:
             node = self._root = self._load(self._root_cid, -1, None, None, 1)
             if node.layer + 1 > self._max_depth:
-                raise DepthLimitError(
-                    f"MST root {cid_str(self._root_cid)} is on layer {node.layer}: the tree would nest {node.layer + 1} deep,"
-                    f" over the limit of {self._max_depth}"
-                )
+                raise messages.partial_too_deep(self._root_cid, node.layer, self._max_depth)
         return node
 
     def set_root_node(self, node: Node) -> None:
@@ -357,9 +353,7 @@ class PartialTree:
             raise messages.node_link_codec(cid)
         block = self._blocks.get(cid)
         if block is None:
-            if expected < 0:
-                raise UnknownSubtreeError(f"MST root node {cid_str(cid)} is not in the CAR slice", cid=cid)
-            raise UnknownSubtreeError(f"MST node {cid_str(cid)} (layer {expected}) is not in the CAR slice", cid=cid)
+            raise messages.unknown_subtree(cid, expected)
         layer, keys, vals, kids = self._load_node(cid, block, expected, lo, hi, self._check_keys)
         self.nodes_loaded += 1
         return Node(layer, keys, vals, kids, cid)
