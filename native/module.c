@@ -128,6 +128,16 @@ static PyObject *sha256(PyObject *self, PyObject *arg) {
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
+static PyObject *sha256_portable(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    uint8_t out[32];
+    rs_sha256_portable((const uint8_t *)view.buf, (size_t)view.len, out);
+    PyBuffer_Release(&view);
+    return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
 static PyObject *sha256_many(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *seq;
@@ -195,6 +205,8 @@ static PyMethodDef methods[] = {
     {"pack_run", rs_pack_run, METH_VARARGS,
      "pack_run(rows, next_large)\n--\n\nPack spill rows into one sorted run: (run, large) (see repo_stream.core.runs.pack_run)."},
     {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
+    {"sha256_portable", sha256_portable, METH_O,
+     "sha256_portable(data)\n--\n\nThe same with the portable rounds only, not the CPU's SHA extensions (for tests)."},
     {"sha256_many", sha256_many, METH_VARARGS,
      "sha256_many(messages, lanes=0)\n--\n\nThe core's SHA-256 digests of a sequence of bytes, hashed side by side "
      "in up to `lanes` vector lanes (0: the widest this CPU has; for tests)."},

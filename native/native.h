@@ -53,6 +53,8 @@ int rs_reentered(const char *type);   /* "<type> is already running (called agai
 
 /* --- sha256.c -------------------------------------------------------------------------------- */
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
+/* The same with the portable rounds only (rs_sha256 uses the SHA extensions where the CPU has them). */
+void rs_sha256_portable(const uint8_t *data, size_t len, uint8_t out[32]);
 /* The digests of n messages (out[i] of data[i], len[i] bytes), hashed side by side in vector lanes
  * where the CPU has them (AVX-512: 16, AVX2: 8). `lanes` caps the width (0: the widest; 1: one
  * at a time), for tests and for callers with few messages. */

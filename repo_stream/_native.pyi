@@ -31,6 +31,9 @@ def lookup_and_invert(
 ) -> tuple[list[Any], Any]:
     """A commit's tree work held in C: (held, inverted) (see repo_stream.sync.invert.lookup_and_invert)."""
 
+def sha256_portable(data: bytes | bytearray | memoryview, /) -> bytes:
+    """The same with the portable rounds only, not the CPU's SHA extensions (for tests)."""
+
 def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
     """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
 
