@@ -280,6 +280,15 @@ int rs_sha256_lanes(void) {
 
 void rs_sha256_many(size_t n, const uint8_t *const *data, const size_t *len, uint8_t (*out)[32], int lanes) {
     if (lanes <= 0 || lanes > rs_sha256_lanes()) lanes = rs_sha256_lanes();
+#ifdef RS_SHA_NI
+    /* One message at a time with the SHA extensions beats the vector lanes but on short messages
+     * (~1 us per KiB against ~1.2; a 30-byte key ~0.2 us against ~0.12): blocks go one by one. */
+    if (lanes > 1 && have_sha_ni()) {
+        size_t total = 0;
+        for (size_t i = 0; i < n; i++) total += len[i];
+        if (total >= 128 * n) lanes = 1;
+    }
+#endif
 #ifdef RS_SHA256_LANES
     if (lanes == 16 && n > 1) {
         sha256_lanes16(n, data, len, out);
