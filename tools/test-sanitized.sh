@@ -22,4 +22,5 @@ export REPO_STREAM_TEST_IMPLEMENTATIONS=c REPO_STREAM_SAMPLES="$here/../shared/c
 "$py" -c "import repo_stream; assert repo_stream.IMPLEMENTATION == 'c', 'sanitized C core not loaded'"
 "$py" -m pytest -q -p no:cacheprovider tests/test_hostile.py tests/test_walk_rules.py tests/test_properties.py \
     tests/test_differential.py tests/test_samples.py tests/test_processor.py tests/test_runs.py tests/test_disk.py \
-    tests/test_native_guards.py tests/test_memory_promise.py tests/test_json_text.py tests/test_arrow.py
+    tests/test_native_guards.py tests/test_memory_promise.py tests/test_json_text.py tests/test_arrow.py \
+    tests/test_sync_native.py tests/test_sync_mst.py tests/test_sync_verify.py tests/test_sync_proof.py
