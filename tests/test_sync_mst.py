@@ -24,8 +24,8 @@ from repo_stream.errors import (
 )
 from repo_stream.records.writer import build_mst
 from repo_stream.sync import PartialTree, edit
-from repo_stream.sync.partial import encode_tree_node
 from repo_stream.sync.generate import covering_proof, tid
+from repo_stream.sync.partial import encode_tree_node
 
 
 def _pool() -> list[bytes]:
