@@ -13,40 +13,22 @@
  * Same results, same errors and messages (built by repo_stream/core/messages.py). The input is
  * hostile: nothing recurses (explicit stacks, bounded by the layers: a loaded child is exactly one
  * layer below its parent, a layer is 0..128), every length is checked (the decoder reads only
- * inside a block), and the arena is counted against ARENA_LIMIT. Calls hold shared scratch: one
- * made while another runs (from a message builder, say) is refused. */
+ * inside a block), and the arena is counted against ARENA_LIMIT. A call's state is its own (see
+ * Tree): calls made while another runs (another thread, while a message is built) are safe. */
 #include "native.h"
 
-#define SCRATCH_KEEP (64 * 1024)
 #define ARENA_CHUNK (64 * 1024)
 #define ARENA_LIMIT ((size_t)512 << 20) /* bytes: far over what a 2 MB CAR slice can need */
 #define MAX_PATH 136                    /* > 129 layers (0..128) and the empty root's -1 */
 
-/* --- scratch and guard ---------------------------------------------------------------------------- */
+/* --- guard ------------------------------------------------------------------------------------- */
 
-static RsNodeEntry *scratch_entries = NULL;
-static size_t scratch_cap = 0;
-static RsKeys scratch_keys;
-static int busy = 0;
-
-static int enter(const char *name) {
+static int ready(void) {
     if (rs_messages == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "repo_stream._native.setup() was not called");
         return -1;
     }
-    if (busy) return rs_reentered(name);
-    busy = 1;
     return 0;
-}
-
-static void leave(void) {
-    if (scratch_cap * sizeof(RsNodeEntry) > SCRATCH_KEEP) {
-        PyMem_Free(scratch_entries);
-        scratch_entries = NULL;
-        scratch_cap = 0;
-    }
-    if (scratch_keys.cap_key > SCRATCH_KEEP || scratch_keys.cap_prev > SCRATCH_KEEP) rs_keys_free(&scratch_keys);
-    busy = 0;
 }
 
 /* --- the arena ------------------------------------------------------------------------------------ */
@@ -126,13 +108,26 @@ struct TNode {
     Bytes cid;
 };
 
+/* One call's state. Nothing is shared between calls (a message builder runs Python code, which
+ * may switch threads: another call may run meanwhile), so no call can disturb another. */
 typedef struct {
     Arena arena;
     PyObject *blocks; /* dict: raw CID bytes -> block bytes */
     Bytes root_cid;
     TNode *root;
     int check_keys, max_depth;
+    RsNodeEntry *entries; /* scratch: the node being decoded (grown as needed, bounded by its block) */
+    size_t cap_entries;
+    RsKeys keys; /* scratch: its keys */
 } Tree;
+
+static void tree_free(Tree *t) {
+    arena_free(&t->arena);
+    PyMem_Free(t->entries);
+    t->entries = NULL;
+    t->cap_entries = 0;
+    rs_keys_free(&t->keys);
+}
 
 static const uint8_t EMPTY_NODE[] = {0xa2, 0x61, 'e', 0x80, 0x61, 'l', 0xf6}; /* {"e": [], "l": null} */
 
@@ -226,7 +221,7 @@ static TNode *decode_checked(Tree *t, const uint8_t *cid, size_t cid_len, const 
                              const Bytes *hi) {
     const uint8_t *left;
     size_t left_len, count;
-    if (rs_decode_node(&scratch_entries, &scratch_cap, 1, cid, cid_len, block, len, &left, &left_len, &count) < 0) return NULL;
+    if (rs_decode_node(&t->entries, &t->cap_entries, 1, cid, cid_len, block, len, &left, &left_len, &count) < 0) return NULL;
     int is_root = expected < 0;
     TNode *x;
     if (count == 0) {
@@ -257,10 +252,10 @@ static TNode *decode_checked(Tree *t, const uint8_t *cid, size_t cid_len, const 
     x->kids[0].kind = left ? KID_CID : KID_NONE;
     x->kids[0].node = NULL;
     if (left && copy_bytes(t, &x->kids[0].cid, left, left_len) < 0) return NULL;
-    RsKeys *r = &scratch_keys;
+    RsKeys *r = &t->keys;
     rs_keys_start(r, expected, t->check_keys);
     for (size_t j = 0; j < count; j++) {
-        const RsNodeEntry *e = &scratch_entries[j];
+        const RsNodeEntry *e = &t->entries[j];
         if (rs_node_key(r, cid, cid_len, e, -1) < 0) return NULL;
         if (j > 0 && bytes_cmp(r->key, r->key_len, r->prev, r->prev_len) <= 0) {
             key_order(r->key, r->key_len, 0, r->prev, r->prev_len, 0);
@@ -407,8 +402,7 @@ static int wrap(Tree *t, Kid *k, int layer, int to_layer) {
     return 0;
 }
 
-/* A node of entries [from, to) of x, kids from x->kids[kfrom...] with `first`/`last` replacing
- * the first or last kid when given. */
+/* A node of entries [from, to) of x; its kids are the caller's to set. */
 static TNode *slice_node(Tree *t, int layer, const TNode *x, size_t from, size_t to) {
     TNode *y = new_node(t, layer, to - from, to - from);
     if (y == NULL) return NULL;
@@ -904,12 +898,11 @@ PyObject *rs_load_node(PyObject *self, PyObject *args) {
         /* error set */
     } else if (expected < -1 || expected > 128) {
         PyErr_Format(PyExc_ValueError, "load_node(): layer %d is outside -1..128", expected);
-    } else if (enter("load_node") == 0) {
-        Tree t = {{NULL, 0}, NULL, {NULL, 0}, NULL, check_keys, 0};
+    } else if (ready() == 0) {
+        Tree t = {{NULL, 0}, NULL, {NULL, 0}, NULL, check_keys, 0, NULL, 0, {0}};
         TNode *x = decode_checked(&t, (const uint8_t *)cid.buf, (size_t)cid.len, (const uint8_t *)block.buf, (size_t)block.len, expected, lo, hi);
         if (x != NULL) out = node_tuple(x);
-        arena_free(&t.arena);
-        leave();
+        tree_free(&t);
     }
     PyBuffer_Release(&cid);
     PyBuffer_Release(&block);
@@ -1077,7 +1070,7 @@ static PyObject *run(Tree *t, PyObject *keys, PyObject *ops) {
     }
     for (Py_ssize_t i = no - 1; i >= 0; i--) {
         Op *op = &parsed[i];
-        Bytes old;
+        Bytes old = {NULL, 0};
         int rc;
         const char *action = op->code == 0 ? "create" : "update";
         if (op->code == 0)
@@ -1116,19 +1109,18 @@ PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "SO!O!O!pi:lookup_and_invert", &root, &PyDict_Type, &blocks, &PyList_Type, &keys, &PyList_Type, &ops,
                           &check_keys, &max_depth))
         return NULL;
-    if (enter("lookup_and_invert") < 0) return NULL;
+    if (ready() < 0) return NULL;
     /* hold the arguments: a message builder runs Python code */
     Py_INCREF(root);
     Py_INCREF(blocks);
     Py_INCREF(keys);
     Py_INCREF(ops);
-    Tree t = {{NULL, 0}, blocks, bytes_obj(root), NULL, check_keys, max_depth};
+    Tree t = {{NULL, 0}, blocks, bytes_obj(root), NULL, check_keys, max_depth, NULL, 0, {0}};
     PyObject *out = run(&t, keys, ops);
-    arena_free(&t.arena);
+    tree_free(&t);
     Py_DECREF(root);
     Py_DECREF(blocks);
     Py_DECREF(keys);
     Py_DECREF(ops);
-    leave();
     return out;
 }
