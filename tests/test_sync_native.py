@@ -308,3 +308,29 @@ def test_lookup_and_invert_guards() -> None:
     # A block that is not bytes: a TypeError, not a crash.
     with pytest.raises(TypeError):
         _native.lookup_and_invert(root, {root: "text"}, [KEYS[0]], [], True, 32)  # type: ignore[dict-item]
+
+
+def test_car_header_fast_path() -> None:
+    """decode_header's shortcut for the usual one-root header gives what the decoder gives, and
+    headers that differ from it in any byte go through the decoder (and its errors)."""
+    from repo_stream.core import car
+    from repo_stream.core.dagcbor import StrictDecoder
+    from repo_stream.errors import CarHeaderError, CidError
+
+    cid = CIDS[3]
+    usual = b"\xa2\x65roots\x81\xd8\x2a\x58\x25\x00" + cid + b"\x67version\x01"
+    assert len(usual) == 58
+    assert car.decode_header(usual, 1) == [cid] == [r.value[1:] for r in StrictDecoder(max_depth=8).decode(usual)["roots"]]
+    for i in range(len(usual)):
+        for flip in (0x01, 0x80):
+            changed = bytearray(usual)
+            changed[i] ^= flip
+            try:
+                got = car.decode_header(bytes(changed), 1)
+            except (CarHeaderError, CidError):
+                continue
+            # accepted: then only as a header whose one root the decoder finds too (a CID other
+            # than the usual prefix, say)
+            assert got == [r.value[1:] for r in StrictDecoder(max_depth=8).decode(bytes(changed))["roots"]]
+    with pytest.raises(CarHeaderError, match="version is 2"):
+        car.decode_header(usual[:-1] + b"\x02", 1)
