@@ -334,3 +334,20 @@ def test_car_header_fast_path() -> None:
             assert got == [r.value[1:] for r in StrictDecoder(max_depth=8).decode(bytes(changed))["roots"]]
     with pytest.raises(CarHeaderError, match="version is 2"):
         car.decode_header(usual[:-1] + b"\x02", 1)
+
+
+def test_sha256_both_ways() -> None:
+    """The core's SHA-256 (the SHA extensions where the CPU has them) and its portable rounds give
+    hashlib's digests, at every length around the block and padding edges and at random ones."""
+    import hashlib
+
+    rng = random.Random(2)
+    lengths = [*range(0, 200), *(rng.randrange(200, 70_000) for _ in range(100))]
+    for n in lengths:
+        data = rng.randbytes(n)
+        want = hashlib.sha256(data).digest()
+        assert _native.sha256(data) == want, n
+        assert _native.sha256_portable(data) == want, n
+    msgs = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(40)] + [rng.randbytes(30) for _ in range(40)]
+    for lanes in (1, 8, 16):
+        assert _native.sha256_many(msgs, lanes) == [hashlib.sha256(m).digest() for m in msgs]
