@@ -20,6 +20,7 @@ from repo_stream.errors import (
     MstError,
     NodeDecodeError,
     RepoStreamError,
+    SubtreeLayerError,
     UnknownSubtreeError,
 )
 from repo_stream.records.writer import build_mst
@@ -240,3 +241,13 @@ def test_subtree_keys_outside_their_range_refused() -> None:
     root, root_block = _node([sep], left=left, rights=[right])
     tree = PartialTree(root, {root: root_block, left: left_block, right: right_block})
     assert tree.get(below.decode()) == CIDS[0] and tree.get(above.decode()) == CIDS[0]
+
+
+def test_subtree_on_the_wrong_layer_refused() -> None:
+    # A layer-2 root whose left subtree is a layer-0 node: layer 1 is skipped.
+    top = next(k for k in POOL if key_layer(k) == 2)
+    low = max(k for k in POOL if key_layer(k) == 0 and k < top)
+    child, child_block = _node([low])
+    root, root_block = _node([top], left=child)
+    with pytest.raises(SubtreeLayerError, match="sits where layer 1 belongs"):
+        PartialTree(root, {root: root_block, child: child_block}).get(low.decode())
