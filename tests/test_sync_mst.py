@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from repo_stream.core.cid import dag_cbor_cid
 from repo_stream.core.mst import key_layer
 from repo_stream.errors import (
+    EmptyNodeError,
     KeyAbsentError,
     KeyExistsError,
     KeyOrderError,
@@ -250,4 +251,14 @@ def test_subtree_on_the_wrong_layer_refused() -> None:
     child, child_block = _node([low])
     root, root_block = _node([top], left=child)
     with pytest.raises(SubtreeLayerError, match="sits where layer 1 belongs"):
+        PartialTree(root, {root: root_block, child: child_block}).get(low.decode())
+
+
+def test_empty_subtree_node_refused() -> None:
+    # {e: [], l: null} is the empty repo's root, and nothing else: as a subtree it is refused.
+    top = next(k for k in POOL if key_layer(k) == 1)
+    low = max(k for k in POOL if key_layer(k) == 0 and k < top)
+    child, child_block = _node([])
+    root, root_block = _node([top], left=child)
+    with pytest.raises(EmptyNodeError):
         PartialTree(root, {root: root_block, child: child_block}).get(low.decode())
