@@ -60,6 +60,10 @@ def sync_seeds(out: Path) -> None:
         blocks = decode_frame(message).body["blocks"]
         (out / f"sync-slice-{i}.car").write_bytes(magic + b"\x01" + blocks)
         (out / f"sync-slice-raw-{i}.car").write_bytes(magic + b"\x02" + blocks)
+        (out / f"sync-invert-{i}.car").write_bytes(magic + b"\x05" + blocks)
+    for j, block in enumerate(sorted(gen.nodes.values())[:6]):
+        for first in (0, 0xC1):
+            (out / f"sync-node-{j}-{first}.bin").write_bytes(magic + b"\x04" + bytes([first]) + block)
     (out / "sync-sync.bin").write_bytes(magic + b"\x00" + gen.sync_message())
     repo = gen.repo_car()
     keys = ["app.bsky.feed.like/3k00000000007", "app.bsky.feed.post/3kaaaaaaaaaaa", "com.example.thing/zzz", "a.b.c/"]

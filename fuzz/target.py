@@ -304,19 +304,66 @@ def _frame(data: bytes) -> Any:
     return result
 
 
+def _comparable(value: Any) -> Any:
+    if isinstance(value, RepoStreamError):
+        return ("error", type(value).__name__, str(value), getattr(value, "cid", None))
+    if isinstance(value, list):
+        return [_comparable(v) for v in value]
+    return value
+
+
+def _node(data: bytes) -> Any:
+    """An MST node block through the partial tree's node loader (the C core's ``load_node`` or
+    the reference): byte 0 picks the expected layer (-1 to 4), the key check and a lower bound."""
+    from repo_stream.core.cid import dag_cbor_cid
+    from repo_stream.sync.partial import load_node
+
+    if not data:
+        return None
+    first, block = data[0], data[1:]
+    args = (dag_cbor_cid(block), block, first % 6 - 1, SYNC_KEYS[0].encode() if first & 0x40 else None, None, bool(first & 0x80))
+    if implementation.backend().name == "c":
+        from repo_stream import _native
+
+        return _native.load_node(*args)
+    return load_node(*args)
+
+
+def _invert(data: bytes) -> Any:
+    """A CAR slice as a commit's new tree: :data:`SYNC_KEYS` looked up, then ops on them undone
+    (their actions and CIDs picked by the input's length, from the slice's own CIDs)."""
+    import importlib
+
+    from repo_stream.sync.invert import Op
+    from repo_stream.sync.partial import read_car_slice
+
+    lookup_and_invert = importlib.import_module("repo_stream.sync.invert").lookup_and_invert
+    roots, blocks = read_car_slice(data, verify_cids=False)
+    cids = sorted(blocks) or roots
+    ops = []
+    for i, key in enumerate(SYNC_KEYS):
+        action = ("create", "update", "delete")[(len(data) >> i) % 3]
+        cid, prev = cids[i % len(cids)], cids[(i + 1) % len(cids)]
+        ops.append(Op(action, key, None if action == "delete" else cid, None if action == "create" else prev))
+    held, inverted = lookup_and_invert(roots[0], blocks, [key.encode() for key in SYNC_KEYS], ops, check_keys=bool(len(data) & 1))
+    return _comparable(held), _comparable(inverted)
+
+
 def sync_one(data: bytes) -> None:
     """One sync input (after :data:`SYNC_MAGIC`): byte 0 picks the target, the rest is its input,
     run on both implementations: ``0``: a subscribeRepos message (``decode_frame``, then
     ``verify_commit``/``verify_sync`` with a key that accepts any signature); ``1``/``2``: a CAR
     slice (``read_car_slice`` with/without CID checks) loaded as a partial tree, looked up and
     walked; ``3``: a record proof (``verify_record_proof`` for one of :data:`SYNC_KEYS`, the key
-    chosen by the length). Both implementations must agree; anything but a RepoStreamError is a bug."""
+    chosen by the length); ``4``: an MST node block (the partial tree's node loader); ``5``: a CAR
+    slice as a commit's new tree, keys looked up and ops undone (``lookup_and_invert``). Both
+    implementations must agree; anything but a RepoStreamError is a bug."""
     global _ANY_KEY
     if not data:
         return
     if _ANY_KEY is None:
         _ANY_KEY = _any_key()
-    which, rest = data[0] % 4, data[1:]
+    which, rest = data[0] % 6, data[1:]
     results = []
     for name in ("c", "python"):
         implementation.use(name)
@@ -325,8 +372,12 @@ def sync_one(data: bytes) -> None:
                 results.append(_outcome(lambda: _frame(rest)))
             elif which in (1, 2):
                 results.append(_outcome(lambda: _slice_and_tree(rest, which == 1)))
-            else:
+            elif which == 3:
                 results.append(_outcome(lambda: _proof(rest, SYNC_KEYS[len(rest) % len(SYNC_KEYS)])))
+            elif which == 4:
+                results.append(_outcome(lambda: _node(rest)))
+            else:
+                results.append(_outcome(lambda: _invert(rest)))
         finally:
             implementation.use("c")
     if results[0] != results[1]:

@@ -103,6 +103,8 @@ static Py_ssize_t cid_end(const uint8_t *buf, Py_ssize_t pos, Py_ssize_t end, lo
     return p + (Py_ssize_t)fields[3];
 }
 
+#define SMALL_STREAM (256 * 1024)
+
 static int block_too_large(const uint8_t *cid, Py_ssize_t cid_len, long long at, Py_ssize_t size, Py_ssize_t limit) {
     return rs_raise("block_too_large", "(y#Lnn)", (const char *)cid, cid_len, at, size, limit);
 }
@@ -110,8 +112,12 @@ static int block_too_large(const uint8_t *cid, Py_ssize_t cid_len, long long at,
 /* Whether the block of the section at buf[start] (CID prefix at buf[pos], block buf[ce:end]) has
  * the SHA-256 its CID names: 1 or 0, -1 with an error set. */
 static int block_matches(CarParser *self, Py_ssize_t start, Py_ssize_t pos, Py_ssize_t ce, Py_ssize_t end) {
-    int ok = rs_verifier_check(&self->verifier, self->buf, self->len, self->offset, start, ce, end, self->max_block_size);
-    if (ok != 2) return ok;
+    /* The first SMALL_STREAM bytes of a stream (all of a firehose event's CAR) are hashed here,
+     * one block at a time: the batches and their helper thread cost more than they save there. */
+    if (self->offset + (long long)self->len > SMALL_STREAM) {
+        int ok = rs_verifier_check(&self->verifier, self->buf, self->len, self->offset, start, ce, end, self->max_block_size);
+        if (ok != 2) return ok;
+    }
     uint8_t digest[32]; /* a section no batch covers */
     rs_sha256(self->buf + ce, (size_t)(end - ce), digest);
     return memcmp(digest, self->buf + pos + 4, 32) == 0;

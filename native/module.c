@@ -128,6 +128,16 @@ static PyObject *sha256(PyObject *self, PyObject *arg) {
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
+static PyObject *sha256_portable(PyObject *self, PyObject *arg) {
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    uint8_t out[32];
+    rs_sha256_portable((const uint8_t *)view.buf, (size_t)view.len, out);
+    PyBuffer_Release(&view);
+    return PyBytes_FromStringAndSize((const char *)out, 32);
+}
+
 static PyObject *sha256_many(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *seq;
@@ -196,6 +206,8 @@ static PyMethodDef methods[] = {
     {"pack_run", rs_pack_run, METH_VARARGS,
      "pack_run(rows, next_large)\n--\n\nPack spill rows into one sorted run: (run, large) (see repo_stream.core.runs.pack_run)."},
     {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
+    {"sha256_portable", sha256_portable, METH_O,
+     "sha256_portable(data)\n--\n\nThe same with the portable rounds only, not the CPU's SHA extensions (for tests)."},
     {"sha256_many", sha256_many, METH_VARARGS,
      "sha256_many(messages, lanes=0)\n--\n\nThe core's SHA-256 digests of a sequence of bytes, hashed side by side "
      "in up to `lanes` vector lanes (0: the widest this CPU has; for tests)."},
@@ -206,6 +218,16 @@ static PyMethodDef methods[] = {
     {"transcode_json", rs_transcode_json, METH_O,
      "transcode_json(block)\n--\n\nA record block (strict DAG-CBOR) as its atproto JSON text (see "
      "repo_stream.records.json_text.transcode_json)."},
+    {"load_node", rs_load_node, METH_VARARGS,
+     "load_node(cid, block, expected, lo, hi, check_keys)\n--\n\nDecode and check one MST node of a partial tree: "
+     "(layer, keys, vals, kids) (see repo_stream.sync.partial.load_node)."},
+    {"encode_node", rs_encode_node, METH_VARARGS,
+     "encode_node(left, keys, vals, rights)\n--\n\nAn MST node block and its CID: (cid, block) (see "
+     "repo_stream.sync.partial.encode_node)."},
+    {"lookup_and_invert", rs_lookup_and_invert, METH_VARARGS,
+     "lookup_and_invert(root, blocks, keys, ops, check_keys, max_depth)\n--\n\nA commit's tree work held in C: (held, "
+     "inverted) (see repo_stream.sync.invert.lookup_and_invert; ops are (code, path, key, cid, prev), code 0 create, 1 "
+     "update, 2 delete)."},
     {"arrow_batch", rs_arrow_batch, METH_VARARGS,
      "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
      "(schema, array) of a record batch (see repo_stream.read.arrow)."},

@@ -61,6 +61,8 @@ int rs_reentered(const char *type);   /* "<type> is already running (called agai
 
 /* --- sha256.c -------------------------------------------------------------------------------- */
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
+/* The same with the portable rounds only (rs_sha256 uses the SHA extensions where the CPU has them). */
+void rs_sha256_portable(const uint8_t *data, size_t len, uint8_t out[32]);
 /* The digests of n messages (out[i] of data[i], len[i] bytes), hashed side by side in vector lanes
  * where the CPU has them (AVX-512: 16, AVX2: 8). `lanes` caps the width (0: the widest; 1: one
  * at a time), for tests and for callers with few messages. */
@@ -209,5 +211,41 @@ PyObject *rs_arrow_finish(RsArrowBuilder *b, int value_kind);
 /* Append the atproto JSON text of the record block[0:n] to buf[RS_ARROW_VALUE] (grown as needed):
  * 0; or -1 with RecordDecodeError (or MemoryError) set, the buffer's length as it was. */
 int rs_json_into(RsArrowBuilder *b, const uint8_t *block, size_t n);
+
+/* --- walk.c / mst.c: MST nodes ------------------------------------------------------------------- */
+#define RS_MAX_KEY_BYTES 1024
+/* One decoded node entry: p (negative: -1 - p, neg set), k, v and t (CID bytes after the 0x00). */
+typedef struct {
+    int neg;
+    uint64_t p;
+    const uint8_t *k, *v, *t;
+    size_t k_len, v_len, t_len;
+    int has_t;
+} RsNodeEntry;
+/* Decode a node block (strict: canonical DAG-CBOR too) into *entries (grown as needed); sets
+ * *left (NULL if none) and *count. 0, or -1 with NodeDecodeError (repo_stream.core.walk.decode_node). */
+int rs_decode_node(RsNodeEntry **entries, size_t *cap, int strict, const uint8_t *cid, size_t cid_len, const uint8_t *block,
+                   size_t len, const uint8_t **left, size_t *left_len, size_t *count);
+/* The key rules of a node's entries, one entry at a time (repo_stream.core.walk.node_keys): start
+ * with rs_keys_start, then per entry rs_node_key (builds the key in `key`, checks it) and
+ * rs_keys_advance (the key becomes `prev`). `layer` is the node's (its first key's), `child` its
+ * subtrees' layer. Buffers grow as needed (keys are at most RS_MAX_KEY_BYTES once checked). */
+typedef struct {
+    uint8_t *key, *prev;
+    size_t key_len, prev_len, cap_key, cap_prev;
+    int layer;
+    int32_t expected, child;
+    int check_keys, has_collection;
+    size_t collection_len;
+    uint8_t collection[320];
+} RsKeys;
+void rs_keys_start(RsKeys *r, int32_t expected, int check_keys);
+/* known_layer: the key's layer if already hashed, else -1. 0, or -1 with the rule's error. */
+int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry *e, int known_layer);
+void rs_keys_advance(RsKeys *r);
+void rs_keys_free(RsKeys *r);
+PyObject *rs_load_node(PyObject *self, PyObject *args);   /* mst.c */
+PyObject *rs_encode_node(PyObject *self, PyObject *args); /* mst.c */
+PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args); /* mst.c */
 
 #endif

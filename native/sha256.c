@@ -105,7 +105,68 @@ static void digest_out(const uint32_t h[8], uint8_t out[32]) {
     }
 }
 
-void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]) {
+/* --- the SHA extensions (x86 SHA-NI) ------------------------------------------------------------- */
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define RS_SHA_NI 1
+
+/* `n` 64-byte blocks into state (h0..h7), with the SHA-NI instructions: sha256rnds2 does two
+ * rounds on the state held as ABEF and CDGH; sha256msg1/msg2 extend the message schedule four
+ * words at a time (W[t] = s1(W[t-2]) + W[t-7] + s0(W[t-15]) + W[t-16]). */
+__attribute__((target("sha,sse4.1"))) static void compress_shani(uint32_t state[8], const uint8_t *data, size_t n) {
+    const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL); /* big-endian words */
+    __m128i tmp = _mm_loadu_si128((const __m128i *)&state[0]);                         /* DCBA */
+    __m128i st1 = _mm_loadu_si128((const __m128i *)&state[4]);                         /* HGFE */
+    tmp = _mm_shuffle_epi32(tmp, 0xB1);                                                /* CDAB */
+    st1 = _mm_shuffle_epi32(st1, 0x1B);                                                /* EFGH */
+    __m128i st0 = _mm_alignr_epi8(tmp, st1, 8);                                        /* ABEF */
+    st1 = _mm_blend_epi16(st1, tmp, 0xF0);                                             /* CDGH */
+    while (n--) {
+        __m128i save0 = st0, save1 = st1;
+        __m128i w[4]; /* the last 16 schedule words: w[g & 3] holds W[4g..4g+3] */
+        for (int g = 0; g < 16; g++) {
+            __m128i m;
+            if (g < 4) {
+                m = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 16 * g)), swap);
+            } else {
+                m = _mm_sha256msg1_epu32(w[g & 3], w[(g + 1) & 3]);         /* W[t-16] + s0(W[t-15]) */
+                m = _mm_add_epi32(m, _mm_alignr_epi8(w[(g + 3) & 3], w[(g + 2) & 3], 4)); /* + W[t-7] */
+                m = _mm_sha256msg2_epu32(m, w[(g + 3) & 3]);                 /* + s1(W[t-2]) */
+            }
+            w[g & 3] = m;
+            __m128i k = _mm_add_epi32(m, _mm_loadu_si128((const __m128i *)&K[4 * g]));
+            st1 = _mm_sha256rnds2_epu32(st1, st0, k);
+            st0 = _mm_sha256rnds2_epu32(st0, st1, _mm_shuffle_epi32(k, 0x0E));
+        }
+        st0 = _mm_add_epi32(st0, save0);
+        st1 = _mm_add_epi32(st1, save1);
+        data += 64;
+    }
+    tmp = _mm_shuffle_epi32(st0, 0x1B);       /* FEBA */
+    st1 = _mm_shuffle_epi32(st1, 0xB1);       /* DCHG */
+    st0 = _mm_blend_epi16(tmp, st1, 0xF0);    /* DCBA */
+    st1 = _mm_alignr_epi8(st1, tmp, 8);       /* HGFE */
+    _mm_storeu_si128((__m128i *)&state[0], st0);
+    _mm_storeu_si128((__m128i *)&state[4], st1);
+}
+
+/* Whether the CPU has the SHA extensions (and the SSSE3/SSE4.1 the code around them uses). */
+static int have_sha_ni(void) {
+    static int have = -1;
+    if (have < 0) {
+        unsigned a, b, c, d;
+        have = 0;
+        if (__get_cpuid(1, &a, &b, &c, &d) && (c & bit_SSSE3) && (c & bit_SSE4_1) && __get_cpuid_count(7, 0, &a, &b, &c, &d))
+            have = (b >> 29) & 1;
+    }
+    return have;
+}
+#endif
+
+/* rs_sha256 with the portable rounds only (for tests: both must give the same digests). */
+void rs_sha256_portable(const uint8_t *data, size_t len, uint8_t out[32]) {
     uint32_t h[8];
     memcpy(h, IV, sizeof h);
     size_t full = len / 64;
@@ -115,6 +176,23 @@ void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]) {
     compress(h, tail);
     if (blocks == 2) compress(h, tail + 64);
     digest_out(h, out);
+}
+
+void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]) {
+#ifdef RS_SHA_NI
+    if (have_sha_ni()) {
+        uint32_t h[8];
+        memcpy(h, IV, sizeof h);
+        size_t full = len / 64;
+        if (full) compress_shani(h, data, full);
+        uint8_t tail[128];
+        int blocks = pad_tail(tail, data + 64 * full, len - 64 * full, len);
+        compress_shani(h, tail, (size_t)blocks);
+        digest_out(h, out);
+        return;
+    }
+#endif
+    rs_sha256_portable(data, len, out);
 }
 
 /* --- many messages at once ---------------------------------------------------------------------- */
@@ -202,6 +280,15 @@ int rs_sha256_lanes(void) {
 
 void rs_sha256_many(size_t n, const uint8_t *const *data, const size_t *len, uint8_t (*out)[32], int lanes) {
     if (lanes <= 0 || lanes > rs_sha256_lanes()) lanes = rs_sha256_lanes();
+#ifdef RS_SHA_NI
+    /* One message at a time with the SHA extensions beats the vector lanes but on short messages
+     * (~1 us per KiB against ~1.2; a 30-byte key ~0.2 us against ~0.12): blocks go one by one. */
+    if (lanes > 1 && have_sha_ni()) {
+        size_t total = 0;
+        for (size_t i = 0; i < n; i++) total += len[i];
+        if (total >= 128 * n) lanes = 1;
+    }
+#endif
 #ifdef RS_SHA256_LANES
     if (lanes == 16 && n > 1) {
         sha256_lanes16(n, data, len, out);

@@ -9,7 +9,7 @@
  * `values.values(pairs, record_cids, record_type)` are called (the disk store). */
 #include "native.h"
 
-#define MAX_KEY_BYTES 1024
+#define MAX_KEY_BYTES RS_MAX_KEY_BYTES
 /* Keys whose layers are hashed together (side by side in SHA-256 lanes), and their byte budget. */
 #define LAYERS_AHEAD 32
 #define LAYERS_AHEAD_BYTES 8192
@@ -56,13 +56,7 @@ typedef struct {
     size_t len;
 } Wanted;
 
-typedef struct {
-    int neg;    /* p is negative: -1 - p */
-    uint64_t p;
-    const uint8_t *k, *v, *t; /* v and t: the CID bytes after the 0x00 */
-    size_t k_len, v_len, t_len;
-    int has_t;
-} Entry;
+typedef RsNodeEntry Entry;
 
 typedef struct {
     PyObject_HEAD
@@ -85,8 +79,9 @@ typedef struct {
     /* scratch for one node */
     Entry *entries;
     size_t cap_entries;
-    uint8_t *key, *prev, *cid;
-    size_t cap_key, prev_len, cap_prev, cap_cid;
+    uint8_t *cid;
+    size_t cap_cid;
+    RsKeys k; /* the key rules' state for the node being expanded */
     uint8_t *nbuf; /* the bounds of the node being expanded (copied off the stack), then a child's */
     size_t cap_nbuf;
     uint8_t *ahead; /* LAYERS_AHEAD_BYTES: the keys layers_ahead() hashes */
@@ -193,10 +188,10 @@ static int cbor_link(Cursor *c, const uint8_t **cid, size_t *len, int *noncanon)
     return 0;
 }
 
-/* Decode a node block into w->entries; sets *left (NULL if none). 0, or -1 with NodeDecodeError. */
-static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *block, size_t len,
-                       const uint8_t **left, size_t *left_len, size_t *count) {
-    Cursor c = {block, block + len, w->strict};
+/* Decode a node block into *entries; sets *left (NULL if none). 0, or -1 with NodeDecodeError. */
+int rs_decode_node(RsNodeEntry **entries_out, size_t *cap_entries, int strict, const uint8_t *cid, size_t cid_len,
+                   const uint8_t *block, size_t len, const uint8_t **left, size_t *left_len, size_t *count) {
+    Cursor c = {block, block + len, strict};
     int noncanon = 0;
     uint64_t n;
     const char *canon = "not canonical DAG-CBOR (minimal integers and lengths, sorted map keys, no repeated key)";
@@ -210,7 +205,7 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
         int key = text_key(&c, &noncanon);
         if (key != 'e' && key != 'l') return node_error(cid, cid_len, noncanon ? canon : "not a map of exactly 'e' and 'l'");
         if ((key == 'e' && got_e) || (key == 'l' && got_l)) return node_error(cid, cid_len, "map key 'e' or 'l' is repeated");
-        if (w->strict && i == 0 && key != 'e') return node_error(cid, cid_len, canon);
+        if (strict && i == 0 && key != 'e') return node_error(cid, cid_len, canon);
         if (key == 'e') {
             got_e = 1;
             uint64_t entries;
@@ -219,8 +214,8 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
             if (entries > (uint64_t)(c.end - c.p)) return node_error(cid, cid_len, "'e' claims more entries than there are bytes");
             for (uint64_t j = 0; j < entries; j++) {
                 /* sized by the entries decoded, not by the count the node claims */
-                if (rs_reserve((void **)&w->entries, &w->cap_entries, (size_t)j + 1, sizeof(Entry)) < 0) return -1;
-                Entry *e = &w->entries[j];
+                if (rs_reserve((void **)entries_out, cap_entries, (size_t)j + 1, sizeof(Entry)) < 0) return -1;
+                Entry *e = &(*entries_out)[j];
                 memset(e, 0, sizeof *e);
                 uint64_t fields;
                 if (expect_head(&c, 5, &fields, &noncanon) < 0 || fields != 4)
@@ -231,7 +226,7 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
                     int bit = fk == 'p' ? 1 : fk == 'k' ? 2 : fk == 'v' ? 4 : fk == 't' ? 8 : 0;
                     if (bit == 0) return noncanon ? node_error(cid, cid_len, canon) : entry_error(cid, cid_len, j, " is not a map of exactly p, k, v, t");
                     if (seen & bit) return entry_error(cid, cid_len, j, " repeats a map key");
-                    if (w->strict && fk <= previous) return node_error(cid, cid_len, canon);
+                    if (strict && fk <= previous) return node_error(cid, cid_len, canon);
                     previous = fk;
                     seen |= bit;
                     if (fk == 'p') {
@@ -239,7 +234,7 @@ static int decode_node(Walker *w, const uint8_t *cid, size_t cid_len, const uint
                         const uint8_t *q = c.p;
                         if (rs_cbor_head(&q, c.end, &m, &e->p, &minimal) < 0 || (m != 0 && m != 1))
                             return entry_error(cid, cid_len, j, ": 'p' must be an int and 'k' bytes");
-                        if (!minimal && w->strict) return node_error(cid, cid_len, canon);
+                        if (!minimal && strict) return node_error(cid, cid_len, canon);
                         e->neg = m == 1;
                         c.p = q;
                     } else if (fk == 'k') {
@@ -303,14 +298,14 @@ static int key_layer(const uint8_t *key, size_t len) {
 /* The layers of entries j, j+1, ... of the node being expanded, hashed side by side into
  * w->layers[0...]: as many entries as LAYERS_AHEAD and LAYERS_AHEAD_BYTES allow, stopping
  * before one whose key expand() refuses on the way (its prefix, its length). Keys are built
- * exactly as expand() builds them, from w->prev (the key before entry j). Returns the index of
+ * exactly as expand() builds them, from w->k.prev (the key before entry j). Returns the index of
  * the first entry not done (j: none; expand() then hashes that one alone). */
 static size_t layers_ahead(Walker *w, size_t j, size_t count) {
     if (w->ahead == NULL && (w->ahead = PyMem_Malloc(LAYERS_AHEAD_BYTES)) == NULL) return j;
     const uint8_t *data[LAYERS_AHEAD];
     size_t lens[LAYERS_AHEAD];
-    const uint8_t *prev = w->prev;
-    size_t prev_len = w->prev_len, used = 0, n = 0;
+    const uint8_t *prev = w->k.prev;
+    size_t prev_len = w->k.prev_len, used = 0, n = 0;
     for (; n < LAYERS_AHEAD && j + n < count; n++) {
         const Entry *e = &w->entries[j + n];
         if (e->neg || e->p > prev_len) break;
@@ -406,6 +401,85 @@ static int valid_rkey(const uint8_t *s, size_t n) {
         if (!(is_alnum(c) || c == '.' || c == '_' || c == ':' || c == '~' || c == '-')) return 0;
     }
     return 1;
+}
+
+/* --- the key rules of a node's entries (shared with mst.c) ------------------------------------- */
+
+void rs_keys_start(RsKeys *r, int32_t expected, int check_keys) {
+    r->key_len = 0;
+    r->prev_len = 0;
+    r->layer = -1;
+    r->expected = expected;
+    r->child = expected - 1;
+    r->check_keys = check_keys;
+    r->has_collection = 0;
+    r->collection_len = 0;
+}
+
+void rs_keys_free(RsKeys *r) {
+    PyMem_Free(r->key);
+    PyMem_Free(r->prev);
+    r->key = r->prev = NULL;
+    r->cap_key = r->cap_prev = r->key_len = r->prev_len = 0;
+}
+
+/* The key becomes the previous key (the buffers swap). */
+void rs_keys_advance(RsKeys *r) {
+    uint8_t *t = r->prev;
+    size_t cap = r->cap_prev;
+    r->prev = r->key;
+    r->cap_prev = r->cap_key;
+    r->prev_len = r->key_len;
+    r->key = t;
+    r->cap_key = cap;
+    r->key_len = 0;
+}
+
+int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry *e, int known_layer) {
+    size_t key_len;
+    if (e->neg || e->p > r->prev_len) {
+        PyObject *p = p_object(e->neg, e->p);
+        if (p == NULL) return -1;
+        return rs_raise("prefix_outside", "(y#Ny#)", (const char *)cid, (Py_ssize_t)cid_len, p, (const char *)r->prev,
+                        (Py_ssize_t)r->prev_len);
+    }
+    key_len = (size_t)e->p + e->k_len;
+    if (rs_reserve((void **)&r->key, &r->cap_key, key_len + 1, 1) < 0) return -1;
+    if (e->p) memcpy(r->key, r->prev, (size_t)e->p);
+    if (e->k_len) memcpy(r->key + e->p, e->k, e->k_len);
+    r->key_len = key_len;
+    const uint8_t *key = r->key;
+    if (e->p < r->prev_len && e->k_len && e->k[0] == r->prev[e->p])
+        return rs_raise("prefix_not_maximal", "(y#y#Ky#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
+                        (Py_ssize_t)key_len, (unsigned long long)e->p, (const char *)r->prev, (Py_ssize_t)r->prev_len);
+    int kl = known_layer >= 0 ? known_layer : key_layer(key, key_len);
+    if (kl != r->layer) {
+        if (r->layer >= 0)
+            return rs_raise("layer_mismatch", "(y#y#ii)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len,
+                            kl, r->layer);
+        r->layer = kl;
+        if (r->expected < 0) r->child = kl - 1;
+    }
+    if (key_len > MAX_KEY_BYTES) return rs_raise("key_too_long", "(y#n)", (const char *)cid, (Py_ssize_t)cid_len, (Py_ssize_t)key_len);
+    if (!valid_utf8(key, key_len))
+        return rs_raise("key_not_utf8", "(y#y#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+    if (r->check_keys) {
+        const uint8_t *slash = memchr(key, '/', key_len);
+        size_t clen = slash ? (size_t)(slash - key) : key_len;
+        if (!(r->has_collection && clen == r->collection_len && memcmp(key, r->collection, clen) == 0)) {
+            if (!(slash && valid_collection(key, clen)))
+                return rs_raise("invalid_key", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+            memcpy(r->collection, key, clen); /* valid: at most 317 bytes */
+            r->collection_len = clen;
+            r->has_collection = 1;
+        }
+        const uint8_t *rkey = slash ? slash + 1 : key + key_len;
+        if (!valid_rkey(rkey, (size_t)(key + key_len - rkey)))
+            return rs_raise("invalid_key", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+    }
+    if (e->has_t && r->child < 0)
+        return rs_raise("subtree_at_layer0", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
+    return 0;
 }
 
 /* --- the stack ---------------------------------------------------------------------------------- */
@@ -517,7 +591,7 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
                   uint32_t depth, Bounds nb, PyObject *subtrees) {
     const uint8_t *left;
     size_t left_len, count;
-    if (decode_node(w, cid, cid_len, block, len, &left, &left_len, &count) < 0) return -1;
+    if (rs_decode_node(&w->entries, &w->cap_entries, w->strict, cid, cid_len, block, len, &left, &left_len, &count) < 0) return -1;
     int is_root = expected < 0;
     if (count == 0) {
         if (left == NULL) {
@@ -531,12 +605,8 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
         return push_node(w, left, left_len, expected - 1, depth + 1, nb.lo, nb.lo_len, nb.hi, nb.hi_len,
                          (nb.has_lo ? 1 : 0) | (nb.has_hi ? 2 : 0));
     }
-    w->prev_len = 0;
-    int layer = -1;
-    int32_t child = expected - 1;
-    const uint8_t *last_collection = NULL;
-    size_t last_collection_len = 0;
-    uint8_t collection_buf[320];
+    RsKeys *r = &w->k;
+    rs_keys_start(r, expected, 1);
     size_t key_cap = 1, entry_bytes = 0;
     /* entries [ahead_from, ahead_to) have their layers in w->layers, hashed side by side */
     size_t ahead_from = 0, ahead_to = 0;
@@ -547,65 +617,18 @@ static int expand(Walker *w, const uint8_t *cid, size_t cid_len, const uint8_t *
             ahead_to = layers_ahead(w, j, count);
         }
         Entry *e = &w->entries[j];
-        size_t key_len;
-        if (e->neg || e->p != 0) {
-            if (e->neg || e->p > w->prev_len) {
-                PyObject *p = p_object(e->neg, e->p);
-                if (p == NULL) return -1;
-                return rs_raise("prefix_outside", "(y#Ny#)", (const char *)cid, (Py_ssize_t)cid_len, p,
-                                (const char *)w->prev, (Py_ssize_t)w->prev_len);
-            }
-            key_len = (size_t)e->p + e->k_len;
-            if (rs_reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
-            memcpy(w->key, w->prev, (size_t)e->p);
-            if (e->k_len) memcpy(w->key + e->p, e->k, e->k_len);
-        } else {
-            key_len = e->k_len;
-            if (rs_reserve((void **)&w->key, &w->cap_key, key_len + 1, 1) < 0) return -1;
-            if (key_len) memcpy(w->key, e->k, key_len);
-        }
-        const uint8_t *key = w->key;
-        if (!e->neg && e->p < w->prev_len && e->k_len && e->k[0] == w->prev[e->p])
-            return rs_raise("prefix_not_maximal", "(y#y#Ky#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
-                            (Py_ssize_t)key_len, (unsigned long long)e->p, (const char *)w->prev, (Py_ssize_t)w->prev_len);
-        int kl = j < ahead_to ? w->layers[j - ahead_from] : key_layer(key, key_len);
-        if (kl != layer) {
-            if (layer >= 0)
-                return rs_raise("layer_mismatch", "(y#y#ii)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
-                                (Py_ssize_t)key_len, kl, layer);
-            layer = kl;
-            if (is_root) child = layer - 1;
-        }
-        if (key_len > MAX_KEY_BYTES) return rs_raise("key_too_long", "(y#n)", (const char *)cid, (Py_ssize_t)cid_len, (Py_ssize_t)key_len);
-        if (!valid_utf8(key, key_len))
-            return rs_raise("key_not_utf8", "(y#y#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
-        const uint8_t *slash = memchr(key, '/', key_len);
-        size_t clen = slash ? (size_t)(slash - key) : key_len;
-        if (!(last_collection && clen == last_collection_len && memcmp(key, last_collection, clen) == 0)) {
-            if (!(slash && valid_collection(key, clen)))
-                return rs_raise("invalid_key", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
-            memcpy(collection_buf, key, clen); /* valid: at most 317 bytes */
-            last_collection = collection_buf;
-            last_collection_len = clen;
-        }
-        const uint8_t *rkey = slash ? slash + 1 : key + key_len;
-        if (!valid_rkey(rkey, (size_t)(key + key_len - rkey)))
-            return rs_raise("invalid_key", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key, (Py_ssize_t)key_len);
-        if (e->has_t && child < 0)
-            return rs_raise("subtree_at_layer0", "(y#s#)", (const char *)cid, (Py_ssize_t)cid_len, (const char *)key,
-                            (Py_ssize_t)key_len);
+        if (rs_node_key(r, cid, cid_len, e, j < ahead_to ? w->layers[j - ahead_from] : -1) < 0) return -1;
         /* with a filter, the previous entry's subtree lies between the previous key and this one */
-        if (j > 0 && w->entries[j - 1].has_t && !may_hold(w, w->prev, w->prev_len, 1, key, key_len, 1)) w->entries[j - 1].has_t = 0;
-        /* prev = key (at most 1024 bytes here) */
-        if (rs_reserve((void **)&w->prev, &w->cap_prev, key_len + 1, 1) < 0) return -1;
-        memcpy(w->prev, key, key_len);
-        w->prev_len = key_len;
-        if (key_len > key_cap) key_cap = key_len;
+        if (j > 0 && w->entries[j - 1].has_t && !may_hold(w, r->prev, r->prev_len, 1, r->key, r->key_len, 1)) w->entries[j - 1].has_t = 0;
+        if (r->key_len > key_cap) key_cap = r->key_len;
+        rs_keys_advance(r);
     }
+    int layer = r->layer;
+    int32_t child = r->child;
     if (layer != expected && !is_root) return rs_raise("wrong_layer", "(y#ii)", (const char *)cid, (Py_ssize_t)cid_len, layer, (int)expected);
     if (left != NULL && child < 0) return rs_raise("left_at_layer0", "(y#)", (const char *)cid, (Py_ssize_t)cid_len);
     Entry *final = &w->entries[count - 1];
-    if (final->has_t && !may_hold(w, w->prev, w->prev_len, 1, nb.hi, nb.hi_len, nb.has_hi)) final->has_t = 0;
+    if (final->has_t && !may_hold(w, r->prev, r->prev_len, 1, nb.hi, nb.hi_len, nb.has_hi)) final->has_t = 0;
     /* the first key is the first entry's k (its p is 0: nothing comes before it) */
     int keep_left = left != NULL && may_hold(w, nb.lo, nb.lo_len, nb.has_lo, w->entries[0].k, w->entries[0].k_len, 1);
     for (size_t j = 0; j < count; j++) {
@@ -1226,8 +1249,8 @@ static int Walker_init(Walker *self, PyObject *args, PyObject *kwargs) {
     /* the scratch key buffers are never NULL, so an empty one is b"" / "" in messages */
     if (root.len > UINT32_MAX / 4 || rs_reserve((void **)&self->items, &self->cap_items, 1, sizeof(Item)) < 0 ||
         rs_reserve((void **)&self->bytes, &self->cap_bytes, (size_t)root.len + 1, 1) < 0 ||
-        rs_reserve((void **)&self->last, &self->cap_last, 64, 1) < 0 || rs_reserve((void **)&self->prev, &self->cap_prev, 64, 1) < 0 ||
-        rs_reserve((void **)&self->key, &self->cap_key, 64, 1) < 0) {
+        rs_reserve((void **)&self->last, &self->cap_last, 64, 1) < 0 || rs_reserve((void **)&self->k.prev, &self->k.cap_prev, 64, 1) < 0 ||
+        rs_reserve((void **)&self->k.key, &self->k.cap_key, 64, 1) < 0) {
         PyBuffer_Release(&root);
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return -1;
@@ -1285,8 +1308,7 @@ static void Walker_dealloc(Walker *self) {
     PyMem_Free(self->bytes);
     PyMem_Free(self->last);
     PyMem_Free(self->entries);
-    PyMem_Free(self->key);
-    PyMem_Free(self->prev);
+    rs_keys_free(&self->k);
     PyMem_Free(self->cid);
     PyMem_Free(self->nbuf);
     PyMem_Free(self->ahead);

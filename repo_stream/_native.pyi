@@ -12,6 +12,28 @@ def setup(*, messages: ModuleType, not_a_node: object, cid_text: Callable[[bytes
 def sha256(data: bytes | bytearray | memoryview, /) -> bytes:
     """The core's SHA-256 digest of a bytes-like object (for tests)."""
 
+def load_node(
+    cid: bytes, block: bytes, expected: int, lo: bytes | None, hi: bytes | None, check_keys: bool, /
+) -> tuple[int, list[bytes], list[bytes], list[Any]]:
+    """Decode and check one MST node of a partial tree: (layer, keys, vals, kids) (see repo_stream.sync.partial.load_node)."""
+
+def encode_node(left: bytes | None, keys: list[bytes], vals: list[bytes], rights: list[bytes | None], /) -> tuple[bytes, bytes]:
+    """An MST node block and its CID: (cid, block) (see repo_stream.sync.partial.encode_node)."""
+
+def lookup_and_invert(
+    root: bytes,
+    blocks: dict[bytes, bytes],
+    keys: list[bytes],
+    ops: list[tuple[int, str, bytes, bytes | None, bytes | None]],
+    check_keys: bool,
+    max_depth: int,
+    /,
+) -> tuple[list[Any], Any]:
+    """A commit's tree work held in C: (held, inverted) (see repo_stream.sync.invert.lookup_and_invert)."""
+
+def sha256_portable(data: bytes | bytearray | memoryview, /) -> bytes:
+    """The same with the portable rounds only, not the CPU's SHA extensions (for tests)."""
+
 def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
     """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
 

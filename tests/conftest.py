@@ -36,7 +36,7 @@ IMPLEMENTATIONS = os.environ.get("REPO_STREAM_TEST_IMPLEMENTATIONS", "c,python")
 #: resolution, signatures): once is enough, on the first implementation.
 CORE_FREE = {"test_writer", "test_generate", "test_identity", "test_signature", "test_docs", "test_install"}
 #: Test modules that switch implementations themselves, or (test_lint) use none.
-SELF_MANAGED = {"test_differential", "test_runs", "test_lint", "test_native_guards", "test_json_text"}
+SELF_MANAGED = {"test_differential", "test_runs", "test_lint", "test_native_guards", "test_json_text", "test_sync_native"}
 
 settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
 settings.register_profile("fresh", derandomize=False, database=None, print_blob=True)

@@ -316,3 +316,30 @@ def test_table_hash_is_keyed_from_the_os_not_from_pythonhashseed() -> None:
         assert int(kept) == count
         assert int(longest) < 1000, f"longest probe {longest} for {count} forged CIDs"  # ~40; old scheme: ~20,000
         assert float(seconds) < 5.0  # ~0.01 s; the old scheme took ~0.5 s here, ~7 s for 80,000
+
+
+def test_partial_tree_functions_need_setup() -> None:
+    """load_node and lookup_and_invert refuse to run before setup() (they build errors through
+    repo_stream.core.messages): a RuntimeError saying so, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    script = (
+        "import glob, importlib.util, os, sys\n"
+        "package = os.path.dirname(importlib.util.find_spec('repo_stream').origin)  # found, not imported\n"
+        "path = glob.glob(os.path.join(package, '_native*.so'))[0]\n"
+        "spec = importlib.util.spec_from_file_location('repo_stream._native', path)\n"
+        "native = importlib.util.module_from_spec(spec); spec.loader.exec_module(native)\n"
+        "assert 'repo_stream' not in sys.modules\n"
+        "for call in (lambda: native.load_node(b'\\x01q', b'', -1, None, None, True),\n"
+        "             lambda: native.lookup_and_invert(b'\\x01q', {}, [], [], True, 32)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as exc:\n"
+        "        assert 'setup() was not called' in str(exc), exc\n"
+        "    else:\n"
+        "        sys.exit('no error')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -13,17 +13,21 @@ from hypothesis import strategies as st
 from repo_stream.core.cid import dag_cbor_cid
 from repo_stream.core.mst import key_layer
 from repo_stream.errors import (
+    EmptyNodeError,
     KeyAbsentError,
     KeyExistsError,
+    KeyOrderError,
     LayerMismatchError,
     MstError,
     NodeDecodeError,
     RepoStreamError,
+    SubtreeLayerError,
     UnknownSubtreeError,
 )
 from repo_stream.records.writer import build_mst
 from repo_stream.sync import PartialTree, edit
 from repo_stream.sync.generate import covering_proof, tid
+from repo_stream.sync.partial import encode_tree_node
 
 
 def _pool() -> list[bytes]:
@@ -197,3 +201,64 @@ def test_mutated_node_typed_errors(position: int, byte: int) -> None:
         edit.delete(tree, POOL[0])
     except (MstError, NodeDecodeError, UnknownSubtreeError):
         pass
+
+
+def _node(keys: list[bytes], left: bytes | None = None, rights: list[bytes | None] | None = None) -> tuple[bytes, bytes]:
+    block = encode_tree_node(left, keys, [CIDS[0]] * len(keys), rights or [None] * len(keys))
+    return dag_cbor_cid(block), block
+
+
+def test_node_key_order_refused() -> None:
+    low = [k for k in POOL if key_layer(k) == 0]
+    # A key repeated in one node (p = the whole previous key, k empty: compression maximal).
+    cid, block = _node([low[0], low[0]])
+    with pytest.raises(KeyOrderError, match="does not follow"):
+        PartialTree(cid, {cid: block}).get(low[1].decode())
+    # Keys out of order in one node.
+    cid, block = _node([low[1], low[0]])
+    with pytest.raises(KeyOrderError):
+        PartialTree(cid, {cid: block}).get(low[1].decode())
+
+
+def test_subtree_keys_outside_their_range_refused() -> None:
+    low = [k for k in POOL if key_layer(k) == 0]
+    high = [k for k in POOL if key_layer(k) == 1]
+    sep = high[len(high) // 2]
+    below = max(k for k in low if k < sep)
+    above = min(k for k in low if k > sep)
+    # The left subtree of sep holds a key above it (over its upper bound).
+    child, child_block = _node([above])
+    root, root_block = _node([sep], left=child)
+    with pytest.raises(KeyOrderError):  # a look-up left of sep reads it
+        PartialTree(root, {root: root_block, child: child_block}).get(below.decode())
+    # The subtree after sep holds a key below it (under its lower bound).
+    child, child_block = _node([below])
+    root, root_block = _node([sep], rights=[child])
+    with pytest.raises(KeyOrderError):  # a look-up right of sep reads it
+        PartialTree(root, {root: root_block, child: child_block}).get(above.decode())
+    # Each where it belongs: both found.
+    left, left_block = _node([below])
+    right, right_block = _node([above])
+    root, root_block = _node([sep], left=left, rights=[right])
+    tree = PartialTree(root, {root: root_block, left: left_block, right: right_block})
+    assert tree.get(below.decode()) == CIDS[0] and tree.get(above.decode()) == CIDS[0]
+
+
+def test_subtree_on_the_wrong_layer_refused() -> None:
+    # A layer-2 root whose left subtree is a layer-0 node: layer 1 is skipped.
+    top = next(k for k in POOL if key_layer(k) == 2)
+    low = max(k for k in POOL if key_layer(k) == 0 and k < top)
+    child, child_block = _node([low])
+    root, root_block = _node([top], left=child)
+    with pytest.raises(SubtreeLayerError, match="sits where layer 1 belongs"):
+        PartialTree(root, {root: root_block, child: child_block}).get(low.decode())
+
+
+def test_empty_subtree_node_refused() -> None:
+    # {e: [], l: null} is the empty repo's root, and nothing else: as a subtree it is refused.
+    top = next(k for k in POOL if key_layer(k) == 1)
+    low = max(k for k in POOL if key_layer(k) == 0 and k < top)
+    child, child_block = _node([])
+    root, root_block = _node([top], left=child)
+    with pytest.raises(EmptyNodeError):
+        PartialTree(root, {root: root_block, child: child_block}).get(low.decode())

@@ -42,11 +42,20 @@ MODULES = {
     "walk": ["repo_stream.core.walk"],
     "mst": ["repo_stream.core.mst"],
     "commit": ["repo_stream.core.commit"],
+    "partial": ["repo_stream.sync.partial"],
+    "edit": ["repo_stream.sync.edit"],
 }
 
 #: The tests each run uses (fast, and about the rules; test_differential is left out on purpose:
 #: it compares with the C core, and the point is whether the tests know the rules themselves).
-TESTS = ["tests/test_hostile.py", "tests/test_walk_rules.py", "tests/test_key_syntax.py", "tests/test_properties.py", "tests/test_records.py"]
+TESTS = [
+    "tests/test_hostile.py",
+    "tests/test_walk_rules.py",
+    "tests/test_key_syntax.py",
+    "tests/test_properties.py",
+    "tests/test_records.py",
+    "tests/test_sync_mst.py",
+]
 #: Fewer hypothesis examples than the default run: the mutants are plain rule breaks.
 FUZZ_EXAMPLES = "100"
 
@@ -98,12 +107,12 @@ MUTANTS = [
     # Equivalent (a missing field fails its look-up; an extra one makes the node longer than
     # canonical, and node_problem gives the same message).
     M("walk-node-entry-4-fields", "walk", "if type(entry) is not dict or len(entry) != 4:", "if type(entry) is not dict:"),
-    M("walk-key-order-equal", "walk", "if key <= last:", "if key < last:"),
+    M("walk-key-order-equal", "walk", "if skey <= last:", "if skey < last:"),
     M("walk-depth-one-more", "walk", "if depth > self._max_depth:", "if depth > self._max_depth + 1:"),
     M("walk-node-codec", "walk", "if cid[:2] != _DAG_CBOR_V1:", "if False:"),
     M("walk-prefix-negative", "walk", "if p < 0 or p > len(prev):", "if p > len(prev):"),
     M("walk-prefix-not-maximal", "walk", "if p < len(prev) and k and k[0] == prev[p]:", "if False:"),
-    M("walk-layer-mixed", "walk", "                if layer >= 0:\n                    raise messages.layer_mismatch", "                if False:\n                    raise messages.layer_mismatch"),
+    M("walk-layer-mixed", "walk", "            if layer >= 0:\n                raise messages.layer_mismatch", "            if False:\n                raise messages.layer_mismatch"),
     M("walk-layer-halved", "walk", "key_layer = (64 - top.bit_length()) >> 1 if top", "key_layer = (64 - top.bit_length()) >> 2 if top"),
     M("walk-key-one-byte-long", "walk", "if len(key) > MAX_KEY_BYTES:", "if len(key) > MAX_KEY_BYTES + 1:"),
     M("walk-rkey-dotdot", "walk", 'if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":', 'if not _RKEY_RE.fullmatch(rkey) or rkey == ".":'),
@@ -128,6 +137,17 @@ MUTANTS = [
     # --- the commit (commit.py) -----------------------------------------------------------------
     M("commit-version", "commit", 'if obj["version"] != 3:', "if False:"),
     M("commit-prev-any", "commit", "        if prev is None:\n            raise CommitError", "        if False:\n            raise CommitError"),
+    # --- partial trees (sync/partial.py) and their edits (sync/edit.py) -----------------------------
+    M("partial-key-order-equal", "partial", "        if keys and key <= keys[-1]:", "        if keys and key < keys[-1]:"),
+    # (keys[0] == lo cannot happen: lo is the parent's key, a layer above every key of the node)
+    M("partial-lo-bound", "partial", "    if lo is not None and keys[0] <= lo:", "    if False:"),
+    M("partial-hi-bound", "partial", "    if hi is not None and keys[-1] >= hi:", "    if False:"),
+    M("partial-wrong-layer", "partial", "    if layer != expected and not is_root:\n        raise messages.wrong_layer", "    if False:\n        raise messages.wrong_layer"),
+    M("partial-empty-node", "partial", "                return -1, [], [], [None]  # the empty repo\n            raise messages.empty_node(cid)", "                return -1, [], [], [None]  # the empty repo\n            return -1, [], [], [None]"),
+    M("edit-split-keeps-empty", "edit", "        left = lnode if lnode.keys or lnode.kids[0] is not None else None", "        left = lnode"),
+    M("edit-merge-rest-side", "edit", "            rest = b_first if a_last is None else a_last", "            rest = a_last if a_last is None else b_first"),
+    M("edit-wrap-one-short", "edit", "    while layer < to_layer:", "    while layer < to_layer - 1:"),
+    M("edit-delete-root-collapse", "edit", "    while not root.keys and root.kids[0] is not None:", "    while False:"),
 ]
 
 

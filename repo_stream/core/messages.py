@@ -21,7 +21,9 @@ from ..errors import (
     EmptyNodeError,
     EmptyRootError,
     InvalidKeyError,
+    KeyAbsentError,
     KeyEncodingError,
+    KeyExistsError,
     KeyOrderError,
     LayerMismatchError,
     MissingBlockError,
@@ -32,6 +34,7 @@ from ..errors import (
     RepoStreamError,
     SubtreeLayerError,
     TruncatedCarError,
+    UnknownSubtreeError,
     VarintError,
 )
 from .cid import cid_str
@@ -199,3 +202,32 @@ def store_corrupt(where: str, offset: int) -> RepoStreamError:
 
 def record_not_dagcbor(size: int, offset: int, detail: str) -> RepoStreamError:
     return RecordDecodeError(f"record block of {size} bytes is not one well-formed DAG-CBOR item: {detail} (at byte {offset})")
+
+
+# --- partial trees and their edits (repo_stream.sync.partial, .edit, .invert) ---------------------
+
+
+def unknown_subtree(cid: bytes, layer: int) -> RepoStreamError:
+    """The node ``cid`` (of ``layer``, -1 for the root) is not in the CAR slice."""
+    if layer < 0:
+        return UnknownSubtreeError(f"MST root node {cid_str(cid)} is not in the CAR slice", cid=cid)
+    return UnknownSubtreeError(f"MST node {cid_str(cid)} (layer {layer}) is not in the CAR slice", cid=cid)
+
+
+def partial_too_deep(cid: bytes, layer: int, limit: int) -> RepoStreamError:
+    return DepthLimitError(f"MST root {cid_str(cid)} is on layer {layer}: the tree would nest {layer + 1} deep, over the limit of {limit}")
+
+
+def key_exists(key: bytes, splitting: bool) -> RepoStreamError:
+    where = " (found while splitting)" if splitting else ""
+    return KeyExistsError(f"key {key.decode('utf-8', 'replace')!r} is already in the MST{where}")
+
+
+def key_absent(key: bytes) -> RepoStreamError:
+    return KeyAbsentError(f"key {key.decode('utf-8', 'replace')!r} is not in the MST")
+
+
+def inverse_mismatch(action: str, path: str, held: bytes, named: bytes) -> RepoStreamError:
+    """Undoing ``action`` of ``path`` found ``held`` where the op names ``named``."""
+    cls = KeyExistsError if action == "create" else KeyAbsentError
+    return cls(f"{action} of {path!r}: the tree holds {cid_str(held)}, not {cid_str(named)}")

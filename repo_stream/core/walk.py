@@ -43,7 +43,7 @@ import functools
 import hashlib
 import re
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from itertools import accumulate
 from typing import Any
 
@@ -55,7 +55,7 @@ from .blocks import NOT_A_NODE, MemoryBlocks, NodeLookup, RecordValues
 from .dagcbor import DagCborError, StrictDecoder
 from .mst import MAX_KEY_BYTES, is_valid_collection
 
-__all__ = ["ARROW_ROW_BYTES", "DEFAULT_MAX_DEPTH", "STORE_WINDOW", "BatchColumns", "Walker", "decode_node"]
+__all__ = ["ARROW_ROW_BYTES", "DEFAULT_MAX_DEPTH", "STORE_WINDOW", "BatchColumns", "Walker", "decode_node", "node_keys"]
 
 #: Default limit on nested MST nodes. A legal tree is as deep as its root's layer + 1, and a key of
 #: layer 32 needs 64 leading zero bits of sha256: no real repo comes near.
@@ -150,6 +150,65 @@ def decode_node(cid: bytes, block: bytes, decoder: StrictDecoder, strict: bool) 
         if problem is not None or strict:
             raise messages.node_decode(cid, problem or _NOT_CANONICAL)
     return left, out
+
+
+def node_keys(
+    cid: bytes, entries: list[tuple[int, bytes, bytes, bytes | None]], expected: int, check_keys: bool = True
+) -> Iterator[tuple[bytes, int]]:
+    """Rebuild and check the keys of a decoded MST node (``entries`` as :func:`decode_node`
+    gives them) one by one, yielding each full key with the node's layer (its first key's).
+
+    The rules of every entry, in this order (the C core's ``rs_node_key``, word for word): ``p``
+    within the previous key (:class:`PrefixError`), compression maximal (:class:`PrefixError`),
+    the key on the layer of the node's first key (:class:`LayerMismatchError`), at most 1024
+    bytes (:class:`InvalidKeyError`), UTF-8 (:class:`KeyEncodingError`), with ``check_keys`` a
+    valid ``collection/rkey`` path (:class:`InvalidKeyError`), no ``t`` subtree when the node's subtrees would be below
+    layer 0 (:class:`SubtreeLayerError`). ``expected`` is the node's layer, -1 for a root (whose
+    layer is its keys'). The node-wide rules (its layer, its ``l``, key order) are the caller's:
+    the walker and :class:`repo_stream.sync.partial.PartialTree` check them differently.
+
+    Spec: atproto repository, "Merkle Search Tree".
+    """
+    prev = b""
+    layer = -1
+    child = expected - 1
+    last_collection = None
+    for p, k, _vcid, tcid in entries:
+        if p:
+            if p < 0 or p > len(prev):
+                raise messages.prefix_outside(cid, p, prev)
+            key = prev[:p] + k
+        else:
+            key = k
+        if p < len(prev) and k and k[0] == prev[p]:
+            raise messages.prefix_not_maximal(cid, key, p, prev)
+        digest = _sha256(key).digest()
+        top = int.from_bytes(digest[:8], "big")
+        key_layer = (64 - top.bit_length()) >> 1 if top else (256 - int.from_bytes(digest, "big").bit_length()) >> 1
+        if key_layer != layer:
+            if layer >= 0:
+                raise messages.layer_mismatch(cid, key, key_layer, layer)
+            layer = key_layer
+            if expected < 0:
+                child = layer - 1
+        if len(key) > MAX_KEY_BYTES:
+            raise messages.key_too_long(cid, len(key))
+        try:
+            skey = key.decode()
+        except UnicodeDecodeError:
+            raise messages.key_not_utf8(cid, key) from None
+        if check_keys:
+            collection, slash, rkey = skey.partition("/")
+            if collection != last_collection:
+                if not (slash and _valid_collection(collection)):
+                    raise messages.invalid_key(cid, skey)
+                last_collection = collection
+            if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":
+                raise messages.invalid_key(cid, skey)
+        if tcid is not None and child < 0:
+            raise messages.subtree_at_layer0(cid, skey)
+        yield key, layer
+        prev = key
 
 
 _NOT_CANONICAL = "not canonical DAG-CBOR (minimal integers and lengths, sorted map keys, no repeated key)"
@@ -688,47 +747,15 @@ class Walker:
         first_key = b""
         prev = b""
         layer = -1
-        child = expected - 1
-        last_collection = None
-        for i, (p, k, _vcid, tcid) in enumerate(entries):
-            if p:
-                if p < 0 or p > len(prev):
-                    raise messages.prefix_outside(cid, p, prev)
-                key = prev[:p] + k
-            else:
-                key = k
-            if p < len(prev) and k and k[0] == prev[p]:
-                raise messages.prefix_not_maximal(cid, key, p, prev)
-            digest = _sha256(key).digest()
-            top = int.from_bytes(digest[:8], "big")
-            key_layer = (64 - top.bit_length()) >> 1 if top else (256 - int.from_bytes(digest, "big").bit_length()) >> 1
-            if key_layer != layer:
-                if layer >= 0:
-                    raise messages.layer_mismatch(cid, key, key_layer, layer)
-                layer = key_layer
-                if is_root:
-                    child = layer - 1
-            if len(key) > MAX_KEY_BYTES:
-                raise messages.key_too_long(cid, len(key))
-            try:
-                skey = key.decode()
-            except UnicodeDecodeError:
-                raise messages.key_not_utf8(cid, key) from None
-            collection, slash, rkey = skey.partition("/")
-            if collection != last_collection:
-                if not (slash and _valid_collection(collection)):
-                    raise messages.invalid_key(cid, skey)
-                last_collection = collection
-            if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":
-                raise messages.invalid_key(cid, skey)
-            if tcid is not None and child < 0:
-                raise messages.subtree_at_layer0(cid, skey)
+        for i, ((_p, _k, _vcid, tcid), (key, node_layer)) in enumerate(zip(entries, node_keys(cid, entries, expected), strict=True)):
+            layer = node_layer
             if i == 0:
                 first_key = key
             elif filtered and ts[-1] and not may_hold(prev, key):
                 ts[-1] = b""
             ts.append(tcid or b"")
             prev = key
+        child = layer - 1 if is_root else expected - 1
         if layer != expected and not is_root:  # after the loop, so a mixed node reports the mix
             raise messages.wrong_layer(cid, layer, expected)
         if left is not None and child < 0:

@@ -24,14 +24,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from ..errors import KeyAbsentError, KeyExistsError
+from ..core import messages
 from .partial import Node, PartialTree, key_layer_of
 
 __all__ = ["delete", "insert", "update"]
-
-
-def _text(key: bytes) -> str:
-    return key.decode("utf-8", "replace")
 
 
 def _wrap(node: Node | bytes | None, layer: int, to_layer: int) -> Node | bytes | None:
@@ -53,7 +49,7 @@ def _split(tree: PartialTree, top: Node | None, key: bytes, lo: bytes | None, hi
         keys = node.keys
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:  # only in a forged tree: its layer says otherwise
-            raise KeyExistsError(f"key {_text(key)!r} is already in the MST (found while splitting)")
+            raise messages.key_exists(key, True)
         frames.append((node, i))
         child = tree.kid(node, i, lo, hi)
         if i:
@@ -140,7 +136,7 @@ def insert(tree: PartialTree, key: bytes, cid: bytes) -> None:
         keys = node.keys
         i = bisect_left(keys, key)
         if i < len(keys) and keys[i] == key:
-            raise KeyExistsError(f"key {_text(key)!r} is already in the MST")
+            raise messages.key_exists(key, False)
         if node.layer == layer:
             left, right = _split(tree, tree.kid(node, i, lo, hi), key, keys[i - 1] if i else lo, keys[i] if i < len(keys) else hi)
             keys.insert(i, key)
@@ -187,7 +183,7 @@ def _find(tree: PartialTree, key: bytes) -> tuple[list[tuple[Node, int]], bytes 
         if i < len(keys):
             hi = keys[i]
         node = child
-    raise KeyAbsentError(f"key {_text(key)!r} is not in the MST")
+    raise messages.key_absent(key)
 
 
 def update(tree: PartialTree, key: bytes, cid: bytes) -> bytes:

@@ -24,9 +24,7 @@ re-encodes them (canonical DAG-CBOR, maximal prefix compression) and returns the
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import Final, NamedTuple
@@ -35,21 +33,32 @@ from cbrrr import _cbrrr
 
 from ..core import implementation, messages
 from ..core.car import DEFAULT_MAX_BLOCK_SIZE, decode_header
-from ..core.cid import cid_str, dag_cbor_cid
-from ..core.dagcbor import HEADS, LINK36_HEAD, encode_head, encode_link
-from ..core.mst import MAX_KEY_BYTES, is_valid_collection
-from ..core.walk import DEFAULT_MAX_DEPTH
-from ..errors import DepthLimitError, UnknownSubtreeError
+from ..core.cid import dag_cbor_cid
+from ..core.dagcbor import HEADS, LINK36_HEAD, StrictDecoder, encode_head, encode_link
+from ..core.walk import DEFAULT_MAX_DEPTH, decode_node, node_keys
 
-__all__ = ["CarSlice", "Node", "PartialTree", "SliceEntry", "decode_node_strict", "encode_tree_node", "key_layer_of", "read_car_slice"]
+try:
+    from .. import _native
+except ImportError:  # the C core is not built: the reference runs
+    _native = None  # type: ignore[assignment]
+
+__all__ = [
+    "CarSlice",
+    "Node",
+    "PartialTree",
+    "SliceEntry",
+    "decode_node_strict",
+    "encode_node",
+    "encode_tree_node",
+    "key_layer_of",
+    "load_node",
+    "read_car_slice",
+]
 
 _sha256 = hashlib.sha256
-_RKEY_RE: Final = re.compile(r"[A-Za-z0-9._:~-]{1,512}")
 _DAG_CBOR_V1: Final = b"\x01\x71"
 _LINK36: Final = LINK36_HEAD
 _EMPTY_NODE: Final = b"\xa2\x61e\x80\x61l\xf6"  # {"e": [], "l": null}
-# Repos hold a handful of collections: remember the verdicts (bounded, so hostile keys cannot grow it).
-_valid_collection = functools.lru_cache(maxsize=1024)(is_valid_collection)
 
 
 def key_layer_of(key: bytes) -> int:
@@ -111,46 +120,43 @@ _decode_cbor: Callable[[bytes, type[_Cid], bool], tuple[object, int]] = _cbrrr.d
 
 def decode_node_strict(cid: bytes, block: bytes) -> tuple[bytes | None, list[tuple[int, bytes, bytes, bytes | None]]]:
     """Decode an MST node block, which must be canonical DAG-CBOR, into ``(left, [(p, k, v, t)])``
-    (CIDs as raw bytes), as :func:`repo_stream.core.walk.decode_node` with ``strict`` does.
+    (CIDs as raw bytes): what :func:`repo_stream.core.walk.decode_node` with ``strict`` gives,
+    with the same errors and messages (so those of the C core's node decoder).
 
-    cbrrr decodes it (C, iterative, every length checked against the bytes left; canonical
-    only: minimal integers and lengths, map keys sorted and not repeated, tag 42 only), then
-    the structure is checked: ``{e: [{p: int >= 0, k: bytes, v: CID, t: CID | null}], l: CID |
-    null}``, nothing more.
+    cbrrr decodes it first (C, iterative, every length checked; canonical only); a node it
+    refuses, or that is not exactly ``{e: [{p: int, k: bytes, v: CID, t: CID | null}], l: CID |
+    null}``, goes to the walker's strict decoder, which says what is wrong (or, for a node cbrrr
+    alone refuses, decodes it).
 
     Raises:
         NodeDecodeError: not one canonical DAG-CBOR item, or not that structure.
     """
     try:
         node, length = _decode_cbor(block, _Cid, False)
-    except Exception as exc:
-        raise messages.node_decode(cid, f"not canonical DAG-CBOR: {str(exc) or type(exc).__name__}") from None
-    if length != len(block):
-        raise messages.node_decode(cid, f"{len(block) - length} bytes after the CBOR item")
-    if type(node) is not dict or node.keys() != _NODE_FIELDS:
-        raise messages.node_decode(cid, "not a map of exactly 'e' and 'l'")
+    except Exception:
+        return _decode_slow(cid, block)
+    if length != len(block) or type(node) is not dict or node.keys() != _NODE_FIELDS:
+        return _decode_slow(cid, block)
     entries = node["e"]
     left = node["l"]
-    if type(entries) is not list:
-        raise messages.node_decode(cid, "'e' is not a list")
-    if left is not None and type(left) is not _Cid:
-        raise messages.node_decode(cid, "'l' is neither a CID link nor null")
+    if type(entries) is not list or (left is not None and type(left) is not _Cid):
+        return _decode_slow(cid, block)
     out: list[tuple[int, bytes, bytes, bytes | None]] = []
-    for i, entry in enumerate(entries):
+    for entry in entries:
         if type(entry) is not dict or entry.keys() != _ENTRY_FIELDS:
-            raise messages.node_decode(cid, f"entry {i} is not a map of exactly p, k, v, t")
+            return _decode_slow(cid, block)
         p = entry["p"]
         k = entry["k"]
         v = entry["v"]
         t = entry["t"]
-        if type(p) is not int or p < 0 or type(k) is not bytes:
-            raise messages.node_decode(cid, f"entry {i}: 'p' must be an int >= 0 and 'k' bytes")
-        if type(v) is not _Cid:
-            raise messages.node_decode(cid, f"entry {i}: 'v' is not a CID link")
-        if t is not None and type(t) is not _Cid:
-            raise messages.node_decode(cid, f"entry {i}: 't' is neither a CID link nor null")
+        if type(p) is not int or type(k) is not bytes or type(v) is not _Cid or (t is not None and type(t) is not _Cid):
+            return _decode_slow(cid, block)
         out.append((p, k, bytes(v), None if t is None else bytes(t)))
     return (None if left is None else bytes(left)), out
+
+
+def _decode_slow(cid: bytes, block: bytes) -> tuple[bytes | None, list[tuple[int, bytes, bytes, bytes | None]]]:
+    return decode_node(cid, block, StrictDecoder(max_depth=8), True)
 
 
 _link = encode_link
@@ -201,6 +207,74 @@ def encode_tree_node(left: bytes | None, keys: list[bytes], vals: list[bytes], r
     return b"".join(out)
 
 
+def load_node(
+    cid: bytes, block: bytes, expected: int, lo: bytes | None, hi: bytes | None, check_keys: bool
+) -> tuple[int, list[bytes], list[bytes], list[Node | bytes | None]]:
+    """Decode and check one MST node of a partial tree: ``(layer, keys, vals, kids)``.
+
+    The reference of the C core's ``load_node`` (same results, same errors and messages).
+
+    Args:
+        cid: the node's raw CID (named in errors).
+        block: its bytes.
+        expected: its layer, or -1 for the root (-1 is also the layer returned for the empty
+            root ``{e: [], l: null}``).
+        lo, hi: its keys must lie strictly between them (``None``: unbounded).
+        check_keys: require valid ``collection/rkey`` keys.
+
+    Returns:
+        The node's layer, its full keys (strictly increasing), its record CIDs, and its
+        ``len(keys) + 1`` subtree links (``kids[0]`` is ``l``; ``None`` for none), raw CIDs.
+
+    Raises:
+        NodeDecodeError: see :func:`decode_node_strict`. PrefixError, LayerMismatchError,
+        InvalidKeyError, KeyEncodingError, SubtreeLayerError: see
+        :func:`repo_stream.core.walk.node_keys`. EmptyNodeError, EmptyRootError, KeyOrderError,
+        SubtreeLayerError: the node's own rules.
+
+    Spec: atproto repository, "Merkle Search Tree".
+    """
+    left, entries = decode_node_strict(cid, block)
+    is_root = expected < 0
+    if not entries:
+        if left is None:
+            if is_root:
+                return -1, [], [], [None]  # the empty repo
+            raise messages.empty_node(cid)
+        if is_root:
+            raise messages.empty_root(cid)
+        if expected == 0:
+            raise messages.left_at_layer0(cid)
+        return expected, [], [], [left]
+    keys: list[bytes] = []
+    vals: list[bytes] = []
+    kids: list[Node | bytes | None] = [left]
+    layer = -1
+    for (_p, _k, vcid, tcid), (key, node_layer) in zip(entries, node_keys(cid, entries, expected, check_keys), strict=True):
+        layer = node_layer
+        if keys and key <= keys[-1]:
+            raise messages.key_order(key.decode(), keys[-1].decode())
+        keys.append(key)
+        vals.append(vcid)
+        kids.append(tcid)
+    if layer != expected and not is_root:
+        raise messages.wrong_layer(cid, layer, expected)
+    if left is not None and layer == 0:
+        raise messages.left_at_layer0(cid)
+    if lo is not None and keys[0] <= lo:
+        raise messages.key_order(keys[0].decode(), lo.decode("utf-8", "replace"))
+    if hi is not None and keys[-1] >= hi:
+        raise messages.key_order(hi.decode("utf-8", "replace"), keys[-1].decode())
+    return layer, keys, vals, kids
+
+
+def encode_node(left: bytes | None, keys: list[bytes], vals: list[bytes], rights: list[bytes | None]) -> tuple[bytes, bytes]:
+    """:func:`encode_tree_node` and its CID: ``(raw CID, block)`` (the reference of the C core's
+    ``encode_node``). Raises ValueError when the lists' lengths differ."""
+    block = encode_tree_node(left, keys, vals, rights)
+    return dag_cbor_cid(block), block
+
+
 class PartialTree:
     """An MST of which only some nodes are known: lookups, range walks and (with
     :mod:`repo_stream.sync.edit`) edits that need only the nodes on their paths.
@@ -218,7 +292,7 @@ class PartialTree:
     subclasses when a node breaks a rule; :class:`~repo_stream.errors.DepthLimitError`.
     """
 
-    __slots__ = ("_blocks", "_check_keys", "_max_depth", "_root", "_root_cid", "nodes_loaded", "added")
+    __slots__ = ("_blocks", "_check_keys", "_max_depth", "_root", "_root_cid", "_load_node", "_encode_node", "nodes_loaded", "added")
 
     def __init__(self, root: bytes, blocks: Mapping[bytes, bytes], *, check_keys: bool = True, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self._blocks = blocks
@@ -226,6 +300,13 @@ class PartialTree:
         self._max_depth = max_depth
         self._root_cid = root
         self._root: Node | None = None
+        native = implementation.backend().name == "c" and _native is not None
+        self._load_node: Callable[[bytes, bytes, int, bytes | None, bytes | None, bool], tuple[int, list[bytes], list[bytes], list[Node | bytes | None]]] = (
+            _native.load_node if native else load_node
+        )
+        self._encode_node: Callable[[bytes | None, list[bytes], list[bytes], list[bytes | None]], tuple[bytes, bytes]] = (
+            _native.encode_node if native else encode_node
+        )
         #: MST nodes decoded so far.
         self.nodes_loaded = 0
         #: Node blocks made by :meth:`root` since the tree was loaded, by raw CID.
@@ -244,10 +325,7 @@ class PartialTree:
         if node is None:
             node = self._root = self._load(self._root_cid, -1, None, None, 1)
             if node.layer + 1 > self._max_depth:
-                raise DepthLimitError(
-                    f"MST root {cid_str(self._root_cid)} is on layer {node.layer}: the tree would nest {node.layer + 1} deep,"
-                    f" over the limit of {self._max_depth}"
-                )
+                raise messages.partial_too_deep(self._root_cid, node.layer, self._max_depth)
         return node
 
     def set_root_node(self, node: Node) -> None:
@@ -275,75 +353,9 @@ class PartialTree:
             raise messages.node_link_codec(cid)
         block = self._blocks.get(cid)
         if block is None:
-            if expected < 0:
-                raise UnknownSubtreeError(f"MST root node {cid_str(cid)} is not in the CAR slice", cid=cid)
-            raise UnknownSubtreeError(f"MST node {cid_str(cid)} (layer {expected}) is not in the CAR slice", cid=cid)
-        left, entries = decode_node_strict(cid, block)
+            raise messages.unknown_subtree(cid, expected)
+        layer, keys, vals, kids = self._load_node(cid, block, expected, lo, hi, self._check_keys)
         self.nodes_loaded += 1
-        is_root = expected < 0
-        if not entries:
-            if left is None:
-                if is_root:
-                    return Node(-1, [], [], [None], cid)  # the empty repo
-                raise messages.empty_node(cid)
-            if is_root:
-                raise messages.empty_root(cid)
-            if expected == 0:
-                raise messages.left_at_layer0(cid)
-            return Node(expected, [], [], [left], cid)
-        keys: list[bytes] = []
-        vals: list[bytes] = []
-        kids: list[Node | bytes | None] = [left]
-        prev = b""
-        layer = -1
-        check = self._check_keys
-        last_collection = None
-        for p, k, vcid, tcid in entries:
-            if p:
-                if p < 0 or p > len(prev):
-                    raise messages.prefix_outside(cid, p, prev)
-                key = prev[:p] + k
-            else:
-                key = k
-            if p < len(prev) and k and k[0] == prev[p]:
-                raise messages.prefix_not_maximal(cid, key, p, prev)
-            digest = _sha256(key).digest()
-            top = int.from_bytes(digest[:8], "big")
-            key_layer = (64 - top.bit_length()) >> 1 if top else (256 - int.from_bytes(digest, "big").bit_length()) >> 1
-            if key_layer != layer:
-                if layer >= 0:
-                    raise messages.layer_mismatch(cid, key, key_layer, layer)
-                layer = key_layer
-            if len(key) > MAX_KEY_BYTES:
-                raise messages.key_too_long(cid, len(key))
-            try:
-                skey = key.decode()
-            except UnicodeDecodeError:
-                raise messages.key_not_utf8(cid, key) from None
-            if check:
-                collection, slash, rkey = skey.partition("/")
-                if collection != last_collection:
-                    if not (slash and _valid_collection(collection)):
-                        raise messages.invalid_key(cid, skey)
-                    last_collection = collection
-                if not _RKEY_RE.fullmatch(rkey) or rkey == "." or rkey == "..":
-                    raise messages.invalid_key(cid, skey)
-            if keys and key <= keys[-1]:
-                raise messages.key_order(skey, keys[-1].decode("utf-8", "replace"))
-            if tcid is not None and layer == 0:
-                raise messages.subtree_at_layer0(cid, skey)
-            keys.append(key)
-            vals.append(vcid)
-            kids.append(tcid)
-            prev = key
-        if layer != expected and not is_root:
-            raise messages.wrong_layer(cid, layer, expected)
-        if left is not None and layer == 0:
-            raise messages.left_at_layer0(cid)
-        if lo is not None and keys[0] <= lo:
-            raise messages.key_order(keys[0].decode("utf-8", "replace"), lo.decode("utf-8", "replace"))
-        if hi is not None and keys[-1] >= hi:
-            raise messages.key_order(hi.decode("utf-8", "replace"), keys[-1].decode("utf-8", "replace"))
         return Node(layer, keys, vals, kids, cid)
 
     # ------------------------------------------------------------------------------ reading
@@ -455,6 +467,7 @@ class PartialTree:
         if root.cid is not None:
             return root.cid
         added = self.added
+        encode = self._encode_node
         # Post-order over changed nodes: (node, children done?)
         stack: list[tuple[Node, bool]] = [(root, False)]
         while stack:
@@ -476,9 +489,9 @@ class PartialTree:
                     links.append(kid.cid)
             if node.layer < 0:
                 block = _EMPTY_NODE
+                cid = dag_cbor_cid(block)
             else:
-                block = encode_tree_node(links[0], node.keys, node.vals, links[1:])
-            cid = dag_cbor_cid(block)
+                cid, block = encode(links[0], node.keys, node.vals, links[1:])
             added[cid] = block
             node.cid = cid
         assert root.cid is not None

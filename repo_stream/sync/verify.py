@@ -76,6 +76,7 @@ from ..errors import (
     OpCidMismatchError,
     OpPrevMissingError,
     OutOfSyncError,
+    RepoStreamError,
     RevMismatchError,
     SignatureError,
     StaleRevError,
@@ -84,8 +85,8 @@ from ..errors import (
 )
 from ..records.values import JsonValue, Link, record_json
 from .events import DEFAULT_MAX_MESSAGE_BYTES, decode_frame
-from .invert import ACTIONS, Op, invert
-from .partial import PartialTree, read_car_slice
+from .invert import ACTIONS, Op, lookup_and_invert
+from .partial import read_car_slice
 
 if TYPE_CHECKING:
     from ..crypto.didkey import PublicKey
@@ -494,6 +495,7 @@ def verify_commit(
 
     # 2. The ops.
     ops: list[Op] = []
+    keys: list[bytes] = []
     seen: set[str] = set()
     for i, raw in enumerate(raw_ops):
         if type(raw) is not dict:
@@ -504,6 +506,10 @@ def verify_commit(
             raise InvalidOpError(f"{where}: op {i} has path {str(path)[:200]!r}, not a valid repo key", did=did, rev=rev)
         if action not in ACTIONS or type(action) is not str:
             raise InvalidOpError(f"{where}: op {i} ({path!r}) has action {str(action)[:50]!r}, not create, update or delete", did=did, rev=rev)
+        try:
+            keys.append(path.encode())
+        except UnicodeEncodeError:
+            raise InvalidOpError(f"{where}: op {i} has path {path[:200]!r}, not a valid repo key", did=did, rev=rev) from None
         if path in seen:
             raise DuplicateOpPathError(f"{where}: path {path!r} is named by more than one op", did=did, rev=rev)
         seen.add(path)
@@ -543,13 +549,20 @@ def verify_commit(
     # 6. The ops against the new tree, and inversion.
     verified: list[VerifiedOp[Any]] = []
     inverted = False
-    tree = PartialTree(data, blocks, check_keys=check_keys)
+    helds: list[bytes | RepoStreamError | None] = []
+    got: bytes | RepoStreamError | None = None
+    if prev_data is not None:
+        # The tree's whole work at once (in C when the C core is in use); its errors come back
+        # as values, raised below in the order the checks come.
+        helds, got = lookup_and_invert(data, blocks, keys, ops, check_keys=check_keys)
     try:
-        for op in ops:
+        for i, op in enumerate(ops):
             value: Any = None
             block: bytes | None = None
             if prev_data is not None:
-                held = tree.get(op.path)
+                held = helds[i]
+                if isinstance(held, RepoStreamError):
+                    raise held
                 if op.action == "delete":
                     if held is not None:
                         raise DeletedKeyPresentError(f"{where}: deleted path {op.path!r} still holds {cid_str(held)}", did=did, rev=rev)
@@ -575,7 +588,9 @@ def verify_commit(
                 )
             )
         if prev_data is not None:
-            got = invert(tree, ops)
+            if isinstance(got, RepoStreamError):
+                raise got
+            assert got is not None
             if got != prev_data:
                 raise InversionMismatchError(
                     f"{where}: inverting the ops gives {cid_str(got)}, not prevData {cid_str(prev_data)}:"

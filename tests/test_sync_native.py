@@ -1,0 +1,353 @@
+"""The C core's partial-tree functions against their pure-Python reference, differentially.
+
+``load_node`` (one MST node decoded and checked), ``encode_node`` (a node block and its CID) and
+``lookup_and_invert`` (a commit's whole tree work: lookups, inverse ops, the new root) must give
+the same results and the same errors (class, message, ``cid``) as :mod:`repo_stream.sync.partial`
+and :mod:`repo_stream.sync.invert`, on generated commits and on mutated node bytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from repo_stream.core import implementation
+from repo_stream.core.cid import dag_cbor_cid
+from repo_stream.core.mst import key_layer
+from repo_stream.errors import KeyAbsentError, KeyExistsError, RepoStreamError
+from repo_stream.records.generate import generate_records
+from repo_stream.records.writer import build_mst
+from repo_stream.sync import partial
+from repo_stream.sync.events import decode_frame
+from repo_stream.sync.generate import CommitGenerator, make_signer, tid
+from repo_stream.sync.invert import Op
+from repo_stream.sync.verify import parse_cid
+
+invert_module = importlib.import_module("repo_stream.sync.invert")
+
+pytestmark = pytest.mark.skipif(implementation.C is None, reason="the C core is not built")
+
+if implementation.C is not None:
+    from repo_stream import _native
+
+POOL = [block for _, block in generate_records(60, seed=3, profile="small")]
+SIGN, _KEY = make_signer("k256", 5)
+CIDS = [dag_cbor_cid(b"record %d" % i) for i in range(8)]
+
+
+def _keys(n: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = set()
+    while len(out) < n:
+        collection = rng.choice(["app.bsky.feed.like", "app.bsky.feed.post", "app.bsky.graph.follow"])
+        out.add(f"{collection}/{tid(rng.randrange(1 << 50), rng.getrandbits(10))}".encode())
+    return sorted(out)
+
+
+KEYS = _keys(200, 11)
+
+
+@pytest.fixture(params=["both"], autouse=True)
+def impl(request: pytest.FixtureRequest) -> str:
+    """Each test runs both implementations itself (overrides conftest's parametrised fixture)."""
+    return str(request.param)
+
+
+def outcome(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+    """What ``fn(*args, **kwargs)`` gave: ``("ok", value)`` with errors inside it made comparable, or the error."""
+    try:
+        return ("ok", comparable(fn(*args, **kwargs)))
+    except RepoStreamError as exc:
+        return ("error", comparable(exc))
+    except (ValueError, TypeError) as exc:
+        return ("error", type(exc).__name__, str(exc))
+
+
+def comparable(value: Any) -> Any:
+    if isinstance(value, BaseException):
+        return (type(value).__name__, str(value), getattr(value, "cid", None))
+    if isinstance(value, (list, tuple)):
+        return [comparable(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------ load_node
+
+
+def _node_blocks(n: int, seed: int) -> tuple[bytes, dict[bytes, bytes]]:
+    rng = random.Random(seed)
+    keys = rng.sample(KEYS, n)
+    return build_mst(sorted((k, CIDS[i % 8]) for i, k in enumerate(keys)))
+
+
+TREES = [_node_blocks(n, seed) for seed, n in enumerate((1, 3, 12, 40, 120))]
+
+
+def _both_load(cid: bytes, block: bytes, expected: int, lo: bytes | None, hi: bytes | None, check_keys: bool) -> None:
+    c = outcome(_native.load_node, cid, block, expected, lo, hi, check_keys)
+    py = outcome(partial.load_node, cid, block, expected, lo, hi, check_keys)
+    assert c == py
+
+
+def test_load_node_every_node_of_real_trees() -> None:
+    loaded = 0
+    for _root, nodes in TREES:
+        for cid, block in nodes.items():
+            for expected in (-1, 0, 1, 2, 3):
+                _both_load(cid, block, expected, None, None, True)
+            got = outcome(_native.load_node, cid, block, -1, None, None, True)
+            if got[0] == "ok":  # a node with entries: its keys, in order, on its layer
+                layer, keys, vals, kids = got[1]
+                assert keys == sorted(keys) and len(kids) == len(keys) + 1 and len(vals) == len(keys)
+                assert all(key_layer(k) == layer for k in keys)
+                loaded += 1
+            else:  # a node with only ``l`` cannot be a root
+                assert got[1][0] == "EmptyRootError"
+    assert loaded > 20
+
+
+@settings(max_examples=400, deadline=None)
+@given(tree=st.integers(0, len(TREES) - 1), pick=st.integers(0, 1000), position=st.integers(0, 100_000), byte=st.integers(0, 255),
+       how=st.sampled_from(["set", "insert", "delete"]), expected=st.integers(-1, 4), bounds=st.integers(0, 3), check_keys=st.booleans())
+def test_load_node_mutated_bytes(tree: int, pick: int, position: int, byte: int, how: str, expected: int, bounds: int, check_keys: bool) -> None:
+    _, nodes = TREES[tree]
+    cid = sorted(nodes)[pick % len(nodes)]
+    block = bytearray(nodes[cid])
+    at = position % (len(block) + 1)
+    if how == "set" and at < len(block):
+        block[at] = byte
+    elif how == "insert":
+        block[at:at] = bytes([byte])
+    elif at < len(block):
+        del block[at]
+    lo = KEYS[position % 50] if bounds & 1 else None
+    hi = KEYS[150 + position % 50] if bounds & 2 else None
+    _both_load(cid, bytes(block), expected, lo, hi, check_keys)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=400), expected=st.integers(-1, 3))
+def test_load_node_random_bytes(data: bytes, expected: int) -> None:
+    _both_load(dag_cbor_cid(data), data, expected, None, None, True)
+
+
+def test_load_node_rules() -> None:
+    # Keys that are not repo paths: refused with check_keys, accepted without (both ways alike).
+    odd = [b"A0/374913", b"B1/2", b"zz"]
+    root, nodes = build_mst(sorted((k, CIDS[0]) for k in odd))
+    for check in (True, False):
+        for cid, block in nodes.items():
+            _both_load(cid, block, -1, None, None, check)
+    # Bounds: keys must lie strictly between lo and hi.
+    root, nodes = build_mst([(KEYS[10], CIDS[0])], layer_of=lambda _: 0)
+    for lo, hi in ((KEYS[10], None), (None, KEYS[10]), (KEYS[11], None), (None, KEYS[9]), (KEYS[9], KEYS[11])):
+        _both_load(root, nodes[root], 0, lo, hi, True)
+    with pytest.raises(RepoStreamError):
+        _native.load_node(root, nodes[root], 0, KEYS[10], None, True)
+
+
+def test_load_node_argument_errors() -> None:
+    root, nodes = TREES[1]
+    with pytest.raises(ValueError):
+        _native.load_node(root, nodes[root], 200, None, None, True)
+    with pytest.raises(TypeError):
+        _native.load_node(root, nodes[root], -1, "a", None, True)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ encode_node
+
+
+@settings(max_examples=200, deadline=None)
+@given(picks=st.sets(st.integers(0, len(KEYS) - 1), max_size=30), left=st.booleans(), rights=st.lists(st.booleans(), min_size=30, max_size=30),
+       odd=st.booleans())
+def test_encode_node_matches(picks: set[int], left: bool, rights: list[bool], odd: bool) -> None:
+    keys = [KEYS[i] for i in sorted(picks)]
+    if odd:  # long keys, long suffixes and odd CIDs (heads of 2 and 3 bytes)
+        keys = [k + b"x" * 300 * (i % 3) for i, k in enumerate(keys)]
+    vals = [CIDS[i % 8] if not odd or i % 2 else CIDS[i % 8] + b"\x00" * 300 for i in range(len(keys))]
+    rs: list[bytes | None] = [CIDS[(i + 1) % 8] if rights[i] else None for i in range(len(keys))]
+    lcid = CIDS[7] if left else None
+    assert _native.encode_node(lcid, keys, vals, rs) == partial.encode_node(lcid, keys, vals, rs)
+
+
+def test_encode_node_length_errors() -> None:
+    keys = KEYS[:3]
+    for vals, rights in ((CIDS[:2], [None] * 3), (CIDS[:4], [None] * 3), (CIDS[:3], [None] * 2), (CIDS[:3], [None] * 4)):
+        assert outcome(_native.encode_node, None, keys, vals, rights) == outcome(partial.encode_node, None, keys, vals, rights)
+        assert outcome(_native.encode_node, None, keys, vals, rights)[0] == "error"
+    assert outcome(_native.encode_node, None, [], CIDS[:1], []) == outcome(partial.encode_node, None, [], CIDS[:1], [])
+
+
+# ------------------------------------------------------------------------------ lookup_and_invert
+
+
+def _work(message: bytes) -> tuple[bytes, dict[bytes, bytes], list[Op]]:
+    """The commit's data root, blocks and ops, as verify_commit finds them."""
+    from repo_stream.core.commit import decode_commit
+
+    body: Any = decode_frame(message).body
+    roots, blocks = partial.read_car_slice(body["blocks"])
+    _, data = decode_commit(blocks[roots[0]], roots[0], strict=True)
+    ops = [
+        Op(o["action"], o["path"], None if o["cid"] is None else parse_cid(o["cid"]), None if o.get("prev") is None else parse_cid(o["prev"]))
+        for o in body["ops"]
+    ]
+    return data, blocks, ops
+
+
+def _both_invert(root: bytes, blocks: Any, keys: list[bytes], ops: list[Op], check_keys: bool = True) -> tuple[Any, ...]:
+    got = []
+    for name in ("c", "python"):
+        implementation.use(name)
+        try:
+            got.append(outcome(invert_module.lookup_and_invert, root, blocks, keys, ops, check_keys=check_keys))
+        finally:
+            implementation.use("c")
+    assert got[0] == got[1]
+    return got[0]
+
+
+def _mutations(rng: random.Random, data: bytes, blocks: dict[bytes, bytes], ops: list[Op]) -> list[tuple[dict[bytes, bytes], list[Op]]]:
+    out: list[tuple[dict[bytes, bytes], list[Op]]] = []
+    node_cids = [c for c, b in blocks.items() if b[:1] == b"\xa2" and b"\x61e" in b[:4]]
+    for cid in node_cids[:4]:  # a proof block missing
+        out.append(({c: b for c, b in blocks.items() if c != cid}, ops))
+    for _ in range(4):  # a node's bytes changed (blocks are not hash-checked here)
+        if node_cids:
+            cid = rng.choice(node_cids)
+            block = bytearray(blocks[cid])
+            block[rng.randrange(len(block))] = rng.randrange(256)
+            out.append(({**blocks, cid: bytes(block)}, ops))
+    if ops:  # an op's CIDs or action changed
+        i = rng.randrange(len(ops))
+        op = ops[i]
+        for changed in (
+            op._replace(cid=CIDS[1]) if op.cid is not None else op._replace(prev=CIDS[1]),
+            op._replace(prev=CIDS[2]) if op.prev is not None else op,
+            op._replace(action="delete", cid=None, prev=op.cid or op.prev),
+            op._replace(path=KEYS[rng.randrange(len(KEYS))].decode()),
+        ):
+            out.append((blocks, [*ops[:i], changed, *ops[i + 1 :]]))
+    return out
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), size=st.sampled_from([0, 1, 5, 60, 300]), batches=st.integers(1, 4), creates=st.floats(0, 1),
+       proof=st.sampled_from(["covering", "minimal"]))
+def test_lookup_and_invert_generated_commits(seed: int, size: int, batches: int, creates: float, proof: str) -> None:
+    rng = random.Random(seed)
+    gen = CommitGenerator("did:plc:native", SIGN, generate_records(size, seed=seed, profile="small"), seed=seed, pool=POOL, proof=proof)  # type: ignore[arg-type]
+    inverted = 0
+    for _ in range(batches):
+        old_root = gen.root
+        message = gen.commit(gen.random_ops(rng.randint(1, 8), creates=creates, updates=(1 - creates) / 2))
+        data, blocks, ops = _work(message)
+        keys = [op.path.encode() for op in ops]
+        got = _both_invert(data, blocks, keys, ops)
+        assert got[0] == "ok"
+        held, root = got[1]
+        assert root == old_root  # the inversion reaches the previous tree's root
+        assert held == [op.cid for op in ops]  # creates and updates hold their cid, deletes nothing
+        inverted += 1
+        for mutated, mutated_ops in _mutations(rng, data, blocks, ops):
+            _both_invert(data, mutated, [op.path.encode() for op in mutated_ops], mutated_ops)
+            _both_invert(data, mutated, [], mutated_ops, check_keys=False)
+    assert inverted == batches
+
+
+def test_lookup_and_invert_errors_come_back_as_values() -> None:
+    keys = KEYS[:40]
+    root, nodes = build_mst(sorted((k, CIDS[i % 8]) for i, k in enumerate(keys)))
+    absent = next(k for k in KEYS[40:] if key_layer(k) == 0)
+    # A lookup of a key in a missing subtree ends the lookups; no inversion is made.
+    child = next(c for c in nodes if c != root)
+    held, inv = _both_invert(root, {c: b for c, b in nodes.items() if c != child}, keys, [])[1]
+    assert inv is None and held[-1][0] == "UnknownSubtreeError" and held[-1][2] == child
+    # Inverting a create of a key the tree does not hold; of one holding another CID; of a delete of a held key.
+    cases = [
+        (Op("create", absent.decode(), CIDS[0], None), KeyAbsentError),
+        (Op("create", keys[3].decode(), CIDS[5], None), KeyExistsError),
+        (Op("delete", keys[3].decode(), None, CIDS[0]), KeyExistsError),
+        (Op("update", keys[3].decode(), CIDS[5], CIDS[1]), KeyAbsentError),
+    ]
+    for op, error in cases:
+        held, inv = _both_invert(root, nodes, [], [op])[1]
+        assert held == [] and inv[0] == error.__name__, (op, inv)
+    # No ops: the root is never read (so even an absent one is no error).
+    assert _both_invert(CIDS[0], {}, [], [])[1] == [[], CIDS[0]]
+    # An op lacking its CIDs is refused before anything is read.
+    assert _both_invert(root, nodes, [], [Op("create", keys[0].decode(), None, None)])[:2] == ("error", "ValueError")
+
+
+def test_lookup_and_invert_empty_tree_and_back() -> None:
+    empty = dag_cbor_cid(b"\xa2ae\x80al\xf6")
+    key = KEYS[5]
+    root, nodes = build_mst([(key, CIDS[3])])
+    blocks = {**nodes, empty: b"\xa2ae\x80al\xf6"}
+    # Undo a create of the only key: the empty tree's root.
+    held, inv = _both_invert(root, blocks, [key], [Op("create", key.decode(), CIDS[3], None)])[1]
+    assert held == [CIDS[3]] and inv == empty
+    # Undo a delete of the only key, from the empty tree.
+    held, inv = _both_invert(empty, blocks, [key], [Op("delete", key.decode(), None, CIDS[3])])[1]
+    assert held == [None] and inv == root
+
+
+def test_lookup_and_invert_guards() -> None:
+    with pytest.raises(TypeError):
+        _native.lookup_and_invert(CIDS[0], {}, ["a"], [], True, 32)  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        _native.lookup_and_invert(CIDS[0], {}, [], [(0, "a", b"a")], True, 32)  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        _native.lookup_and_invert(CIDS[0], {}, [], [(0, "a", b"a", None, None)], True, 32)
+    root = TREES[2][0]
+    # A block that is not bytes: a TypeError, not a crash.
+    with pytest.raises(TypeError):
+        _native.lookup_and_invert(root, {root: "text"}, [KEYS[0]], [], True, 32)  # type: ignore[dict-item]
+
+
+def test_car_header_fast_path() -> None:
+    """decode_header's shortcut for the usual one-root header gives what the decoder gives, and
+    headers that differ from it in any byte go through the decoder (and its errors)."""
+    from repo_stream.core import car
+    from repo_stream.core.dagcbor import StrictDecoder
+    from repo_stream.errors import CarHeaderError, CidError
+
+    cid = CIDS[3]
+    usual = b"\xa2\x65roots\x81\xd8\x2a\x58\x25\x00" + cid + b"\x67version\x01"
+    assert len(usual) == 58
+    assert car.decode_header(usual, 1) == [cid] == [r.value[1:] for r in StrictDecoder(max_depth=8).decode(usual)["roots"]]
+    for i in range(len(usual)):
+        for flip in (0x01, 0x80):
+            changed = bytearray(usual)
+            changed[i] ^= flip
+            try:
+                got = car.decode_header(bytes(changed), 1)
+            except (CarHeaderError, CidError):
+                continue
+            # accepted: then only as a header whose one root the decoder finds too (a CID other
+            # than the usual prefix, say)
+            assert got == [r.value[1:] for r in StrictDecoder(max_depth=8).decode(bytes(changed))["roots"]]
+    with pytest.raises(CarHeaderError, match="version is 2"):
+        car.decode_header(usual[:-1] + b"\x02", 1)
+
+
+def test_sha256_both_ways() -> None:
+    """The core's SHA-256 (the SHA extensions where the CPU has them) and its portable rounds give
+    hashlib's digests, at every length around the block and padding edges and at random ones."""
+    import hashlib
+
+    rng = random.Random(2)
+    lengths = [*range(200), *(rng.randrange(200, 70_000) for _ in range(100))]
+    for n in lengths:
+        data = rng.randbytes(n)
+        want = hashlib.sha256(data).digest()
+        assert _native.sha256(data) == want, n
+        assert _native.sha256_portable(data) == want, n
+    msgs = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(40)] + [rng.randbytes(30) for _ in range(40)]
+    for lanes in (1, 8, 16):
+        assert _native.sha256_many(msgs, lanes) == [hashlib.sha256(m).digest() for m in msgs]
