@@ -369,9 +369,10 @@ def test_a_read_commit_makes_its_cids_on_first_use_and_equals_one_built_eagerly(
 
 
 @pytest.mark.parametrize("command", ["stats", "ls", "dump"])
-def test_walking_a_file_does_not_import_multiformats_or_httpx(command: str) -> None:
+def test_walking_a_file_does_not_import_multiformats_or_httpx(command: str, impl: str) -> None:
     """A walk needs no CID objects and a file no HTTP: a walk of a file in a fresh process leaves
-    httpx (~0.2 s of start-up) unimported, and multiformats too where no record is decoded."""
+    httpx (~0.2 s of start-up) unimported, and multiformats too where no record is decoded in
+    Python (the C core's dump transcodes each block into its JSON line itself)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -389,4 +390,5 @@ def test_walking_a_file_does_not_import_multiformats_or_httpx(command: str) -> N
     assert (json.loads(lines[0])["records"] if command == "stats" else len(lines)) == 2000
     multiformats, httpx = done.stderr.strip().splitlines()[-1].split()
     assert httpx == "False"
-    assert multiformats == ("True" if command == "dump" else "False")  # dump's JSON form knows CID objects
+    # the reference's JSON form of a record knows CID objects
+    assert multiformats == ("True" if command == "dump" and impl == "python" else "False")

@@ -17,6 +17,7 @@ blocking call.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -78,6 +79,7 @@ def _iterate_here(opener: OpenRepo[U]) -> Iterator[Record[U]]:
     """Drive the walk on a private asyncio loop in this thread, one ``run_until_complete`` per
     chunk: no thread hop (a worker thread's loop cost ~0.7 ms of hand-over per chunk here)."""
     loop = asyncio.new_event_loop()
+    threads_before = set(threading.enumerate())
     try:
         repo = loop.run_until_complete(opener.__aenter__())
         try:
@@ -93,6 +95,11 @@ def _iterate_here(opener: OpenRepo[U]) -> Iterator[Record[U]]:
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
             loop.close()
+            # anyio's worker threads (spill store calls) were told to stop as each step's task
+            # ended; wait for them, so that nothing of the walk outlives the iterator
+            for thread in set(threading.enumerate()) - threads_before:
+                if getattr(thread, "loop", None) is loop:  # anyio's WorkerThread of this loop
+                    thread.join(timeout=5.0)
 
 
 def _iterate_in_thread(opener: OpenRepo[U]) -> Iterator[Record[U]]:
