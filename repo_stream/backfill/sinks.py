@@ -48,6 +48,19 @@ class RepoSink(Protocol):
       is the repo's result yielded and recorded in the checkpoint, so a checkpoint never names a
       repo the sink has not made durable. A sink raising (in a chunk or in ``finish``) fails that
       repo only; ``finish`` is still called after a chunk raised.
+    - Batches (optional): a sink with an async method ``write_batch(source, commit, batch)`` and
+      an attribute ``batch_values`` (``"raw"`` or ``"json_text"``) gets the repo's records as the
+      walker's own Arrow batches instead of tuple chunks (``await sink.write_batch(...)`` in place
+      of ``await sink(...)``, with the same order, interleaving and ``finish``): ``batch`` is a
+      ``pyarrow.RecordBatch`` of ``driver.next_batch(batch_rows, values=batch_values)``
+      (:mod:`repo_stream.read.arrow`: columns ``key``, ``collection`` (dictionary), ``rkey``,
+      ``cid``, ``value``: the block's bytes, or its atproto JSON text), written by the C walker
+      straight into Arrow buffers (no Python object per record). ``batch_rows`` (optional
+      attribute, default 65536) is the most records a batch holds; a batch ends sooner at the
+      per-repo memory limit's bytes. A record that is not valid DAG-CBOR (``json_text``) fails the
+      repo with a :class:`~repo_stream.errors.RecordDecodeError` naming the DID, before its batch
+      reaches the sink. The store sinks here take batches; such a sink still takes tuple chunks
+      when called as ``sink(source, commit, items)``.
     - ``keyed_by_did = True`` (optional attribute): the sink's output is keyed by DID; the backfill
       then runs each DID once per run (a second source for it gets a ``DuplicateRepoError``).
       Such a sink replaces a DID's earlier output when the repo comes again (a resumed run redoes
