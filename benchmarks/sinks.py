@@ -146,7 +146,18 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
             if finish is not None:
                 await finish(source, commit, error)
 
-    timed = Timed()
+    class TimedBatches(Timed):
+        """The same, for a sink that takes the walker's Arrow batches (``write_batch``)."""
+
+        batch_values = getattr(sink, "batch_values", None)
+        batch_rows = getattr(sink, "batch_rows", 65536)
+
+        async def write_batch(self, source: str, commit: Any, batch: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            await sink.write_batch(source, commit, batch)
+
+    timed = TimedBatches() if hasattr(sink, "write_batch") and not os.environ.get("SINKS_TUPLES") else Timed()
 
     if car.endswith(".txt"):  # the repo set: its CARs, the backfill's defaults (2 memory workers, 64 MiB per repo)
         sources = open(car).read().split()

@@ -494,6 +494,9 @@ class DuckdbSink:
 
 # -- Parquet ----------------------------------------------------------------------------------
 
+#: The Parquet files' dictionary-encoded columns (the others: plain, then zstd).
+_DICTIONARY_COLUMNS = ["did", "collection", "rev"]
+
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
@@ -629,7 +632,9 @@ class ParquetSink:
                 if file is None:
                     path = self.path(name, did)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
-                    writer = pq.ParquetWriter(path + ".part", part.schema, compression="zstd")
+                    # Dictionary pages only for the columns of one value per file (did, collection,
+                    # rev): rkey, cid and value are (nearly) unique, their dictionaries wasted work.
+                    writer = pq.ParquetWriter(path + ".part", part.schema, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS)
                     file = files[name] = _ParquetFile(path, writer)
                 file.pending.append(part)
                 file.rows += part.num_rows
