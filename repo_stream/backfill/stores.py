@@ -514,6 +514,7 @@ class _ParquetFile:
     pending: list[Any] = field(default_factory=list)
     rows: int = 0
     bytes: int = 0
+    complete: bool = False  # written, closed and fsynced (the repo's walk is past its collection)
 
 
 class ParquetSink:
@@ -629,6 +630,8 @@ class ParquetSink:
                 part = part.set_column(1, "collection", pa.repeat(pa.scalar(name, pa.string()), end - start))
                 start = end
                 file = files.get(name)
+                if file is not None and file.complete:  # cannot be: a collection's keys are one run
+                    raise SinkError(f"parquet {self.directory}: {did}: the records of {name} are not in key order")
                 if file is None:
                     path = self.path(name, did)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -641,8 +644,23 @@ class ParquetSink:
                 file.bytes += part.column("value").nbytes
                 if file.rows >= self.row_group_rows or file.bytes >= self.row_group_bytes:
                     self._flush(file)
+            # Records come in key order, so the collections before the batch's last are complete:
+            # their files are finished now (in this thread, while the walk goes on), not in finish.
+            for index in runs.values.to_pylist()[:-1]:
+                self._complete(files[names[index]])
         except OSError as exc:
             raise SinkError(f"parquet {self.directory}: {did}: {exc}") from exc
+
+    def _complete(self, file: _ParquetFile) -> None:
+        """Write the file's pending rows, close it and fsync it (renamed in ``finish``)."""
+        self._flush(file)
+        file.writer.close()
+        fd = os.open(file.path + ".part", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        file.complete = True
 
     def _flush(self, file: _ParquetFile) -> None:
         import pyarrow as pa
@@ -655,17 +673,12 @@ class ParquetSink:
         folders = set()
         try:
             for file in files.values():
-                if keep:
-                    self._flush(file)
+                if keep and not file.complete:
+                    self._complete(file)
                 file.writer.close()
             for file in files.values():
                 part = file.path + ".part"
                 if keep:
-                    fd = os.open(part, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
                     os.replace(part, file.path)
                     folders.add(os.path.dirname(file.path))
                 else:
