@@ -327,7 +327,7 @@ class _Run:
             return
         write_batch = getattr(sink, "write_batch", None)
         values = getattr(sink, "batch_values", None)
-        if write_batch is not None and values in ("raw", "json_text"):
+        if write_batch is not None and values in ("raw", "json_text", "json_lines"):
             await self.walk_batches(job, driver, write_batch, values, int(getattr(sink, "batch_rows", _BATCH_ROWS)))
             return
         while (chunk := await driver.next_chunk(_CHUNK)) is not None:
@@ -336,14 +336,17 @@ class _Run:
             await sink(job.source, job.commit, chunk)
 
     async def walk_batches(self, job: _Job, driver: Any, write_batch: Any, values: str, rows: int) -> None:
-        """The walk as the walker's own Arrow batches of up to ``rows`` records (a sink with
-        ``write_batch``: no Python object per record). A record that is not valid DAG-CBOR
+        """The walk as the walker's own Arrow batches of up to ``rows`` records, or its JSON lines
+        (``json_lines``), for a sink with ``write_batch``: no Python object per record. A record that is not valid DAG-CBOR
         (``json_text``) fails the repo with its :class:`RecordDecodeError`, naming the DID."""
         assert job.commit is not None
         taken = 0
         while True:
             try:
-                batch = await driver.next_batch(max(1, rows), values=values)
+                if values == "json_lines":
+                    batch = await driver.next_json_lines(max(1, rows))
+                else:
+                    batch = await driver.next_batch(max(1, rows), values=values)
             except ProcessorError as exc:
                 cause = exc.__cause__
                 if isinstance(cause, RecordDecodeError):  # the transcoder's, as the tuple path's sinks raise it
@@ -351,7 +354,7 @@ class _Run:
                 raise
             if batch is None:
                 return
-            job.records += batch.num_rows
+            job.records += batch.count(b"\n") if values == "json_lines" else batch.num_rows  # a line per record
             job.record_bytes += driver.batch_value_bytes - taken
             taken = driver.batch_value_bytes
             await write_batch(job.source, job.commit, batch)
