@@ -337,8 +337,10 @@ class _Run:
 
     async def walk_batches(self, job: _Job, driver: Any, write_batch: Any, values: str, rows: int) -> None:
         """The walk as the walker's own Arrow batches of up to ``rows`` records, or its JSON lines
-        (``json_lines``), for a sink with ``write_batch``: no Python object per record. A record that is not valid DAG-CBOR
-        (``json_text``) fails the repo with its :class:`RecordDecodeError`, naming the DID."""
+        (``json_lines``), for a sink with ``write_batch``: no Python object per record. Each
+        batch is made in one call (over the in-memory table: on the event loop, like a chunk). A
+        record that is not valid DAG-CBOR (``json_text``, ``json_lines``) fails the repo with its
+        :class:`RecordDecodeError`, naming the DID."""
         assert job.commit is not None
         taken = 0
         while True:
