@@ -11,6 +11,9 @@ Runs (each a fresh process; records/s over the backfill call, peak RSS from ``os
   one transaction; on the first ``--naive-records`` records (default 20,000: row by row is slow);
 - ``naive-lines``: the same walk, a sink writing ``json.dumps`` lines of ``record_json`` values
   (the files baseline);
+- ``duckdb-tuples``, ``parquet-tuples``, ``jsonl-tuples`` (only with ``--runs``): the sink fed
+  tuple chunks (``sink(source, commit, items)``) instead of the walker's own batches
+  (``write_batch``), the way before the batches;
 - ``duckdb-fast``: ``DuckdbSink(compress=False)`` (DuckDB's string compression off: the commit
   of a large repo is mostly that compression);
 - ``dump-duckdb``: ``repo-stream dump CAR --mem-limit-mb 1024 | python -c "duckdb ... CREATE
@@ -58,6 +61,9 @@ BASELINES = {
     "duckdb-fast": ["naive-duckdb", "dump-duckdb"],
     "parquet": ["naive-lines"],
     "jsonl": ["naive-lines"],
+    "duckdb-tuples": ["naive-duckdb"],
+    "parquet-tuples": ["naive-lines"],
+    "jsonl-tuples": ["naive-lines"],
     "postgresql": ["naive-postgresql"],
 }
 
@@ -118,6 +124,9 @@ class NaiveSink:
 def child(kind: str, car: str, target: str, limit: int) -> None:
     import anyio
 
+    tuples = kind.endswith("-tuples") or bool(os.environ.get("SINKS_TUPLES"))
+    kind = kind.removesuffix("-tuples")
+
     from repo_stream.backfill import backfill, open_sink
 
     if kind.startswith("naive"):
@@ -146,7 +155,18 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
             if finish is not None:
                 await finish(source, commit, error)
 
-    timed = Timed()
+    class TimedBatches(Timed):
+        """The same, for a sink that takes the walker's Arrow batches (``write_batch``)."""
+
+        batch_values = getattr(sink, "batch_values", None)
+        batch_rows = getattr(sink, "batch_rows", 65536)
+
+        async def write_batch(self, source: str, commit: Any, batch: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            await sink.write_batch(source, commit, batch)
+
+    timed = TimedBatches() if getattr(sink, "batch_values", None) and not tuples else Timed()
 
     if car.endswith(".txt"):  # the repo set: its CARs, the backfill's defaults (2 memory workers, 64 MiB per repo)
         sources = open(car).read().split()
@@ -228,7 +248,7 @@ def run_once(run: str, car: str, base: str, dsn: str | None, naive_records: int)
         "duckdb": f"duckdb:{base}/out-s.duckdb", "duckdb-fast": f"duckdb:{base}/out-f.duckdb", "naive-duckdb": f"{base}/out-n.duckdb",
         "parquet": f"parquet:{base}/out-pq", "jsonl": f"jsonl:{base}/out-jl", "naive-lines": f"{base}/out-n.jsonl",
         "postgresql": f"postgresql:{dsn}", "naive-postgresql": str(dsn),
-    }[run]  # fmt: skip
+    }[run.removesuffix("-tuples")]  # fmt: skip
     proc = subprocess.Popen([sys.executable, __file__, "--child", run, car, target, str(naive_records)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout is not None
     out = proc.stdout.read()

@@ -76,6 +76,7 @@ typedef struct {
     long long nodes_visited;
     PyObject *failed;
     long long records;
+    long long value_bytes; /* next_batch: the bytes of the values it took (blocks before transcoding) */
     /* scratch for one node */
     Entry *entries;
     size_t cap_entries;
@@ -908,6 +909,7 @@ static int batch_value(Walker *w, const uint8_t *key, size_t key_len, const uint
     }
     Py_XDECREF(utf8);
     if (r < 0) return -1;
+    w->value_bytes += (long long)len;
     return w->value_kind == 2 ? rs_arrow_line_done(b) : rs_arrow_value_done(b);
 }
 
@@ -1578,6 +1580,11 @@ static PyObject *Walker_get_records(Walker *self, void *closure) {
     return PyLong_FromLongLong(self->records);
 }
 
+static PyObject *Walker_get_value_bytes(Walker *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLongLong(self->value_bytes);
+}
+
 static PyMethodDef Walker_methods[] = {
     {"next_chunk", (PyCFunction)Walker_next_chunk, METH_O,
      "next_chunk(n)\n--\n\nUp to n further items in key order; None when the walk is over."},
@@ -1592,6 +1599,8 @@ static PyMethodDef Walker_methods[] = {
 static PyGetSetDef Walker_getset[] = {
     {"done", (getter)Walker_get_done, NULL, "True once every record has been emitted.", NULL},
     {"records", (getter)Walker_get_records, NULL, "Records emitted so far.", NULL},
+    {"value_bytes", (getter)Walker_get_value_bytes, NULL,
+     "Bytes of the values next_batch took so far (each block's length before transcoding; a str value's UTF-8).", NULL},
     {"nodes_visited", (getter)Walker_get_nodes_visited, NULL, "MST nodes expanded so far.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };

@@ -342,3 +342,40 @@ async def test_spilled_windows_carry_over(tmp_path: Path, anyio_backend: str) ->
             rest.append(batch)
         assert disk._walker.done
     assert rows(rest) == expected_rows(records, json_text=False)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("values", "processor"), KINDS)
+@pytest.mark.parametrize("mode", ["memory", "spilled"])
+async def test_batch_value_bytes_counts_the_values_taken(tmp_path: Path, values: str | None, processor: bool, mode: str, anyio_backend: str) -> None:
+    """driver.batch_value_bytes: the blocks' lengths (before transcoding), a str value's UTF-8
+    length (the processor's JSON text), over the batches so far; JSON lines too."""
+    car = generated(tmp_path, 3000)
+    records = await walk_records(car)
+    if processor:
+        want = [len(_dumps(record_json(v)).encode()) for _, _, v in records]
+    else:
+        want = [len(v) for _, _, v in records]
+    builder: Any = DriverBuilder().with_mem_limit_mb(1 if mode == "spilled" else 4096).with_record_cids(True)
+    if processor:
+        builder = builder.with_block_processor(json_text_processor())
+    for lines in (False, True):
+        driver = await builder.load_car(car)
+        store = None
+        if mode == "spilled":
+            assert isinstance(driver, NeedDisk)
+            store = await DiskBuilder().open()
+            _commit, driver = await driver.finish_loading(store)
+        try:
+            assert driver.batch_value_bytes == 0
+            seen = 0
+            while True:
+                got = await (driver.next_json_lines(700) if lines else driver.next_batch(700, values=values))
+                if got is None:
+                    break
+                seen += got.count(b"\n") if lines else got.num_rows
+                assert driver.batch_value_bytes == sum(want[:seen])
+            assert seen == 3000 and driver.batch_value_bytes == sum(want)
+        finally:
+            if store is not None:
+                await store.close()

@@ -283,3 +283,107 @@ async def test_parquet_raw_values_are_the_blocks(tmp_path: Path) -> None:
         for row in table.to_pylist():
             got[f"{row['collection']}/{row['rkey']}"] = row["value"]
     assert got == dict(generate_records(400, seed=5))
+
+
+# --- the walker's Arrow batches (RepoSink's write_batch) against the tuple chunks --------------
+
+
+class Way:
+    """A store sink seen by the backfill through one of its two ways in: ``"batches"`` (its
+    ``write_batch``, counted) or ``"tuples"`` (its ``__call__`` alone, ``write_batch`` hidden)."""
+
+    def __init__(self, sink: Any, way: str) -> None:
+        self.sink, self.way = sink, way
+        self.keyed_by_did = True
+        self.batches = self.chunks = 0
+        if way == "batches":
+            self.batch_values = sink.batch_values
+            self.batch_rows = sink.batch_rows
+
+    async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
+        self.chunks += 1
+        await self.sink(source, commit, items)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "write_batch" and self.way == "batches":
+
+            async def write_batch(source: str, commit: Any, batch: Any) -> None:
+                self.batches += 1
+                await self.sink.write_batch(source, commit, batch)
+
+            return write_batch
+        raise AttributeError(name)
+
+    async def finish(self, source: str, commit: Any, error: BaseException | None) -> None:
+        await self.sink.finish(source, commit, error)
+
+
+async def run_way(store: Store, way: str, sources: list[str], batch_rows: int, **options: Any) -> tuple[list[BackfillResult], Way]:
+    sink = type(open_sink(store.out))(store.out.split(":", 1)[1], batch_rows=batch_rows)
+    wrapped = Way(sink, way)
+    try:
+        async with aclosing(backfill(sources, sink=wrapped, **options)) as results:
+            return [r async for r in results], wrapped
+    finally:
+        sink.close()
+
+
+@pytest.fixture(params=["duckdb", "parquet"])
+def batch_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    return Store(request.param, tmp_path, request)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("way", ["batches", "tuples"])
+@pytest.mark.parametrize("mem_limit_mb", [1024, 0.05], ids=["in-memory", "spilled"])
+async def test_batches_and_tuples_give_the_reference_rows(batch_store: Store, tmp_path: Path, way: str, mem_limit_mb: float) -> None:
+    sources = [str(sample_path(f"{name}.car")) for name in ("signed-k256", "empty")]
+    expected = sample_rows("signed-k256")
+    sizes = {}
+    for seed, n in ((21, 1), (22, 700), (23, 2500)):
+        path = tmp_path / f"gen{seed}.car"
+        generate_repo_car(path, n, seed=seed)
+        sources.append(str(path))
+        expected += generated_rows(n, seed)
+        sizes[default_did(seed)] = (n, sum(len(block) for _, block in generate_records(n, seed=seed)))
+    results, wrapped = await run_way(batch_store, way, sources, 300, mem_limit_mb=mem_limit_mb)
+    assert [r.error for r in results] == [None] * len(sources)
+    assert any(r.spilled for r in results) == (mem_limit_mb < 1)
+    # records and record_bytes (the blocks' lengths) as the reference has them, either way in
+    for result in results:
+        if result.did in sizes:
+            assert (result.records, result.record_bytes) == sizes[result.did]
+    if way == "batches":  # 2500 records in batches of 300: 9 batches, and no tuple chunk
+        assert wrapped.chunks == 0 and wrapped.batches >= 9 + 3 + 1
+    else:
+        assert wrapped.batches == 0 and wrapped.chunks >= 3
+    check_store(batch_store, expected)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("way", ["batches", "tuples"])
+@pytest.mark.parametrize("mem_limit_mb", [1024, 0.05], ids=["in-memory", "spilled"])
+async def test_a_bad_record_mid_repo_writes_nothing_of_it_either_way(batch_store: Store, tmp_path: Path, way: str, mem_limit_mb: float) -> None:
+    did = default_did(31)
+    records = list(generate_records(3000, seed=31))
+    good = sorted(records)[:1]  # the repo's earlier version: one record
+    build_repo_car(good, did=did, rev="3aaaaaaaaaa22", path=tmp_path / "v1.car")
+    generate_repo_car(tmp_path / "other.car", 40, seed=32)
+    results, _ = await run_way(batch_store, way, [str(tmp_path / "v1.car"), str(tmp_path / "other.car")], 250, mem_limit_mb=mem_limit_mb)
+    assert [r.error for r in results] == [None, None]
+    want = [(did, *k.split("/", 1), cid_of(b), "3aaaaaaaaaa22", record_json(b)) for k, b in good] + generated_rows(40, 32)
+    check_store(batch_store, want)
+    # v2: a record in the middle in key order (after several batches went in) is not DAG-CBOR.
+    bad = sorted(records)
+    bad[1700] = (bad[1700][0], b"\xa1\x01\x02")  # a map with an integer key: not atproto's data model
+    build_repo_car(bad, did=did, rev="3aaaaaaaaab22", path=tmp_path / "v2.car")
+    results, wrapped = await run_way(batch_store, way, [str(tmp_path / "v2.car")], 250, mem_limit_mb=mem_limit_mb)
+    assert results[0].error is not None and results[0].error.startswith("RecordDecodeError"), results[0].error
+    assert did in results[0].error
+    assert results[0].spilled == (mem_limit_mb < 1)
+    assert (wrapped.batches if way == "batches" else wrapped.chunks) >= 2  # some of it reached the sink first
+    check_store(batch_store, want)  # v1 whole, nothing of v2
+    if batch_store.kind == "duckdb":
+        assert batch_store.repos()[did] == ("3aaaaaaaaaa22", "active")

@@ -63,7 +63,17 @@ from anyio.streams.memory import MemoryObjectReceiveStream as ObjectReceiveStrea
 from anyio.streams.memory import MemoryObjectSendStream as ObjectSendStream
 
 from ..core.commit import Commit
-from ..errors import FetchError, IdentityError, MissingBlockError, RepoStreamError, SignatureError, SourceError, TruncatedCarError
+from ..errors import (
+    FetchError,
+    IdentityError,
+    MissingBlockError,
+    ProcessorError,
+    RecordDecodeError,
+    RepoStreamError,
+    SignatureError,
+    SourceError,
+    TruncatedCarError,
+)
 from ..read.drivers import DISK_COUNT_CHUNK, DiskDriver, DriverBuilder, NeedDisk
 from ..spill.store import DiskBuilder, DiskStore
 from .checkpoint import Checkpoint, is_done
@@ -87,6 +97,7 @@ DEFAULT_PER_HOST_RPS = 10.0
 """Default getRepo requests started per second per PDS host."""
 
 _CHUNK = 1024  # records per next_chunk
+_BATCH_ROWS = 65536  # records per next_batch, for a batch sink without batch_rows
 #: Fetched repos that may wait for their PDS host (a per-host slot, its rate or its Retry-After)
 #: at once, at least: a busy or rate-limited host holds up other hosts' repos only once this
 #: many of its repos are waiting.
@@ -314,10 +325,41 @@ class _Run:
                 job.records += len(chunk)
                 job.record_bytes += sum(size for _, size in chunk)
             return
+        write_batch = getattr(sink, "write_batch", None)
+        values = getattr(sink, "batch_values", None)
+        if write_batch is not None and values in ("raw", "json_text", "json_lines"):
+            await self.walk_batches(job, driver, write_batch, values, int(getattr(sink, "batch_rows", _BATCH_ROWS)))
+            return
         while (chunk := await driver.next_chunk(_CHUNK)) is not None:
             job.records += len(chunk)
             job.record_bytes += sum(len(value) for _, _, value in chunk)
             await sink(job.source, job.commit, chunk)
+
+    async def walk_batches(self, job: _Job, driver: Any, write_batch: Any, values: str, rows: int) -> None:
+        """The walk as the walker's own Arrow batches of up to ``rows`` records, or its JSON lines
+        (``json_lines``), for a sink with ``write_batch``: no Python object per record. Each
+        batch is made in one call (over the in-memory table: on the event loop, like a chunk). A
+        record that is not valid DAG-CBOR (``json_text``, ``json_lines``) fails the repo with its
+        :class:`RecordDecodeError`, naming the DID."""
+        assert job.commit is not None
+        taken = 0
+        while True:
+            try:
+                if values == "json_lines":
+                    batch = await driver.next_json_lines(max(1, rows))
+                else:
+                    batch = await driver.next_batch(max(1, rows), values=values)
+            except ProcessorError as exc:
+                cause = exc.__cause__
+                if isinstance(cause, RecordDecodeError):  # the transcoder's, as the tuple path's sinks raise it
+                    raise RecordDecodeError(f"{job.commit.did}: {cause}") from exc
+                raise
+            if batch is None:
+                return
+            job.records += batch.count(b"\n") if values == "json_lines" else batch.num_rows  # a line per record
+            job.record_bytes += driver.batch_value_bytes - taken
+            taken = driver.batch_value_bytes
+            await write_batch(job.source, job.commit, batch)
 
     async def finish_sink(self, job: _Job, error: BaseException | None) -> BaseException | None:
         """Tell the sink the repo ended; a sink failing here fails the repo."""

@@ -48,6 +48,22 @@ class RepoSink(Protocol):
       is the repo's result yielded and recorded in the checkpoint, so a checkpoint never names a
       repo the sink has not made durable. A sink raising (in a chunk or in ``finish``) fails that
       repo only; ``finish`` is still called after a chunk raised.
+    - Batches (optional): a sink with an async method ``write_batch(source, commit, batch)`` and
+      an attribute ``batch_values`` (``"raw"`` or ``"json_text"``) gets the repo's records as the
+      walker's own Arrow batches instead of tuple chunks (``await sink.write_batch(...)`` in place
+      of ``await sink(...)``, with the same order, interleaving and ``finish``): ``batch`` is a
+      ``pyarrow.RecordBatch`` of ``driver.next_batch(batch_rows, values=batch_values)``
+      (:mod:`repo_stream.read.arrow`: columns ``key``, ``collection`` (dictionary), ``rkey``,
+      ``cid``, ``value``: the block's bytes, or its atproto JSON text), written by the C walker
+      straight into Arrow buffers (no Python object per record). ``batch_rows`` (optional
+      attribute, default 65536) is the most records a batch holds; a batch ends sooner at the
+      per-repo memory limit's bytes. ``batch_values = "json_lines"``: ``batch`` is instead one
+      ``bytes`` of ``driver.next_json_lines(batch_rows)``, ``repo-stream dump``'s lines (UTF-8
+      ``{"key","cid","value"}`` and a newline per record). A record that is not valid DAG-CBOR
+      (``json_text``, ``json_lines``) fails the repo with a
+      :class:`~repo_stream.errors.RecordDecodeError` naming the DID, before its batch reaches the
+      sink. The store sinks here take batches; such a sink still takes tuple chunks
+      when called as ``sink(source, commit, items)``.
     - ``keyed_by_did = True`` (optional attribute): the sink's output is keyed by DID; the backfill
       then runs each DID once per run (a second source for it gets a ``DuplicateRepoError``).
       Such a sink replaces a DID's earlier output when the repo comes again (a resumed run redoes
@@ -153,12 +169,29 @@ class JsonlSink:
     """
 
     keyed_by_did = True
+    #: Records per batch of JSON lines (:meth:`write_batch`).
+    batch_rows = 4096
 
     def __init__(self, directory: str | os.PathLike[str], value: Callable[[bytes], Any] = json_value) -> None:
         self.directory = os.fspath(directory)
         self.value = value
         self._files: dict[tuple[str, str], Any] = {}
         self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    @property
+    def batch_values(self) -> str | None:
+        """``"json_lines"`` with the default ``value`` (:func:`json_value`): the backfill hands
+        :meth:`write_batch` the walker's own lines (:class:`RepoSink`); else None (tuple chunks)."""
+        return "json_lines" if self.value is json_value else None
+
+    async def write_batch(self, source: str, commit: Commit, lines: bytes) -> None:
+        """Append a batch of the repo's lines (``driver.next_json_lines``: the lines :meth:`__call__`
+        writes, made by the C walker) to its file."""
+        key = (source, commit.did)
+        file = self._files.get(key)
+        if file is None:
+            file = self._files[key] = anyio.wrap_file(await anyio.to_thread.run_sync(self._open_locked, commit.did))
+        await anyio.to_thread.run_sync(_write_bytes, file.wrapped, lines)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"directory": self.directory, "value": self.value}
@@ -319,6 +352,12 @@ class JsonlSink:
             raise SinkError(f"{did}: status {status!r} is not one of {', '.join(REPO_STATUSES)}")
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._append, did, f'{{"status":{self._dumps(status)}}}\n')
+
+
+def _write_bytes(file: Any, data: bytes) -> None:
+    """``data`` to a text file's bytes, after what its text layer holds."""
+    file.flush()
+    file.buffer.write(data)
 
 
 def open_sink(out: str, raw: bool = False) -> RepoSink:

@@ -44,16 +44,22 @@ def _pyarrow() -> Any:
 
 def _check_table(did: str, rev: str, items: list[Any], raw: bool) -> Any:
     """:func:`record_table` of a DID and rev."""
-    pa = _pyarrow()
     from ..read.arrow import record_batch
 
-    n = len(items)
     try:
         # The C core's columns (key, collection, rkey, cid, value): with JSON values the blocks are
         # transcoded straight into the value column's buffer (no str per record).
         batch = record_batch(items, json_values=False, transcode=not raw)
     except RepoStreamError as exc:
         raise type(exc)(f"{did}: {exc}") from exc
+    return _batch_table(did, rev, batch)
+
+
+def _batch_table(did: str, rev: str, batch: Any) -> Any:
+    """A walker's batch (``key, collection, rkey, cid, value``) as a table of
+    :data:`RECORD_COLUMNS`: ``did`` and ``rev`` made once for the batch, the rest its buffers."""
+    pa = _pyarrow()
+    n = batch.num_rows
     return pa.table(
         {
             "did": pa.repeat(pa.scalar(did, pa.string()), n),
@@ -229,6 +235,7 @@ class DuckdbSink:
         self.path = os.fspath(path)
         self.raw = raw
         self.compress = compress
+        self.batch_rows = batch_rows
         self._conn: Any = None
         self._open: dict[tuple[str, str], Any] = {}
         self._pending = _Pending(batch_rows)
@@ -285,10 +292,18 @@ class DuckdbSink:
             raise SinkError(f"duckdb {self.path}: {did}: {exc}") from exc
         return cursor
 
+    @property
+    def batch_values(self) -> str:
+        """What the backfill's batches carry as ``value`` (:class:`~repo_stream.backfill.sinks.RepoSink`):
+        ``"raw"`` with ``raw``, else ``"json_text"``."""
+        return "raw" if self.raw else "json_text"
+
     def _insert(self, cursor: Any, did: str, rev: str, items: list[Any], replace: bool = False) -> None:
+        self._insert_table(cursor, did, _check_table(did, rev, items, self.raw), replace)
+
+    def _insert_table(self, cursor: Any, did: str, table: Any, replace: bool = False) -> None:
         import duckdb
 
-        table = _check_table(did, rev, items, self.raw)
         verb = "INSERT OR REPLACE" if replace else "INSERT"
         try:
             cursor.register("repo_stream_chunk", table)
@@ -327,6 +342,20 @@ class DuckdbSink:
         batch = self._pending.add(key, items)
         if batch is not None:
             await self._background.submit(key, self._insert, cursor, commit.did, commit.rev, batch)
+
+    async def write_batch(self, source: str, commit: Commit, batch: Any) -> None:
+        """A walker's Arrow batch of the repo's records (:class:`~repo_stream.backfill.sinks.RepoSink`:
+        ``value`` as :attr:`batch_values` says), inserted in a thread with one ``INSERT ... SELECT``
+        while the walk makes the next batch."""
+        key = (source, commit.did)
+        cursor = self._open.get(key)
+        if cursor is None:
+            async with self._lock:
+                cursor = self._open[key] = await anyio.to_thread.run_sync(self._begin, commit.did)
+        rest = self._pending.take(key)
+        if rest is not None:  # tuple chunks of the repo before (kept in order)
+            await self._background.submit(key, self._insert, cursor, commit.did, commit.rev, rest)
+        await self._background.submit(key, self._insert_table, cursor, commit.did, _batch_table(commit.did, commit.rev, batch))
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
         """Commit the repo's transaction with its ``repos`` row (success), or roll it back.
@@ -465,6 +494,9 @@ class DuckdbSink:
 
 # -- Parquet ----------------------------------------------------------------------------------
 
+#: The Parquet files' dictionary-encoded columns (the others: plain, then zstd).
+_DICTIONARY_COLUMNS = ["did", "collection", "rev"]
+
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 
 
@@ -482,6 +514,7 @@ class _ParquetFile:
     pending: list[Any] = field(default_factory=list)
     rows: int = 0
     bytes: int = 0
+    complete: bool = False  # written, closed and fsynced (the repo's walk is past its collection)
 
 
 class ParquetSink:
@@ -571,12 +604,20 @@ class ParquetSink:
     def _repo_path(self, did: str) -> str:
         return os.path.join(self.directory, "_sync", "repos", _file_name(did) + ".parquet")
 
+    @property
+    def batch_values(self) -> str:
+        """What the backfill's batches carry as ``value`` (:class:`~repo_stream.backfill.sinks.RepoSink`):
+        ``"raw"`` with ``raw``, else ``"json_text"``."""
+        return "raw" if self.raw else "json_text"
+
     def _write(self, files: dict[str, _ParquetFile], did: str, rev: str, items: list[Any]) -> None:
+        self._write_table(files, did, _check_table(did, rev, items, self.raw))
+
+    def _write_table(self, files: dict[str, _ParquetFile], did: str, table: Any) -> None:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        table = _check_table(did, rev, items, self.raw)
         collection = table.column("collection").combine_chunks()
         names = collection.dictionary.to_pylist()
         # Each collection is one run in key order: the dictionary's indices are runs 0, 1, 2, ...
@@ -589,18 +630,37 @@ class ParquetSink:
                 part = part.set_column(1, "collection", pa.repeat(pa.scalar(name, pa.string()), end - start))
                 start = end
                 file = files.get(name)
+                if file is not None and file.complete:  # cannot be: a collection's keys are one run
+                    raise SinkError(f"parquet {self.directory}: {did}: the records of {name} are not in key order")
                 if file is None:
                     path = self.path(name, did)
                     os.makedirs(os.path.dirname(path), exist_ok=True)
-                    writer = pq.ParquetWriter(path + ".part", part.schema, compression="zstd")
+                    # Dictionary pages only for the columns of one value per file (did, collection,
+                    # rev): rkey, cid and value are (nearly) unique, their dictionaries wasted work.
+                    writer = pq.ParquetWriter(path + ".part", part.schema, compression="zstd", use_dictionary=_DICTIONARY_COLUMNS)
                     file = files[name] = _ParquetFile(path, writer)
                 file.pending.append(part)
                 file.rows += part.num_rows
                 file.bytes += part.column("value").nbytes
                 if file.rows >= self.row_group_rows or file.bytes >= self.row_group_bytes:
                     self._flush(file)
+            # Records come in key order, so the collections before the batch's last are complete:
+            # their files are finished now (in this thread, while the walk goes on), not in finish.
+            for index in runs.values.to_pylist()[:-1]:
+                self._complete(files[names[index]])
         except OSError as exc:
             raise SinkError(f"parquet {self.directory}: {did}: {exc}") from exc
+
+    def _complete(self, file: _ParquetFile) -> None:
+        """Write the file's pending rows, close it and fsync it (renamed in ``finish``)."""
+        self._flush(file)
+        file.writer.close()
+        fd = os.open(file.path + ".part", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        file.complete = True
 
     def _flush(self, file: _ParquetFile) -> None:
         import pyarrow as pa
@@ -613,17 +673,12 @@ class ParquetSink:
         folders = set()
         try:
             for file in files.values():
-                if keep:
-                    self._flush(file)
+                if keep and not file.complete:
+                    self._complete(file)
                 file.writer.close()
             for file in files.values():
                 part = file.path + ".part"
                 if keep:
-                    fd = os.open(part, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
                     os.replace(part, file.path)
                     folders.add(os.path.dirname(file.path))
                 else:
@@ -710,6 +765,17 @@ class ParquetSink:
         batch = self._pending.add(key, items)
         if batch is not None:
             await self._background.submit(key, self._write, files, commit.did, commit.rev, batch)
+
+    async def write_batch(self, source: str, commit: Commit, batch: Any) -> None:
+        """A walker's Arrow batch of the repo's records (:class:`~repo_stream.backfill.sinks.RepoSink`:
+        ``value`` as :attr:`batch_values` says), written to its files in a thread while the walk
+        makes the next batch."""
+        key = (source, commit.did)
+        files = self._open.setdefault(key, {})
+        rest = self._pending.take(key)
+        if rest is not None:  # tuple chunks of the repo before (kept in order)
+            await self._background.submit(key, self._write, files, commit.did, commit.rev, rest)
+        await self._background.submit(key, self._write_table, files, commit.did, _batch_table(commit.did, commit.rev, batch))
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
         """Complete and rename the repo's files (success), or remove them.

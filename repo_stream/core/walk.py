@@ -456,7 +456,7 @@ class Walker:
 
     __slots__ = (
         "_stack", "_last", "_nodes", "_values", "_max_depth", "_strict", "_record_cids", "_record_type", "_failed", "_decoder",
-        "_collections", "_ranges", "records", "nodes_visited", "_carry", "_carry_at",
+        "_collections", "_ranges", "records", "value_bytes", "nodes_visited", "_carry", "_carry_at",
     )
 
     def __init__(
@@ -493,6 +493,9 @@ class Walker:
         self._decoder = StrictDecoder(max_depth=8, all_tags=True)  # nodes allow no tag but 42
         #: Records emitted so far.
         self.records = 0
+        #: Bytes of the values :meth:`next_batch` took so far: each record block's length before
+        #: any transcoding (a ``str`` value's UTF-8 length).
+        self.value_bytes = 0
         # next_batch over a store other than MemoryBlocks: a window's records not yet in a batch.
         self._carry: list[tuple[tuple[str, bytes], tuple[Any, ...]]] = []
         self._carry_at = 0
@@ -612,6 +615,7 @@ class Walker:
                     self._carry = list(zip(pairs, values.values(pairs, True, None), strict=True))
                 (key, cid), (_key, text, value) = self._carry[self._carry_at]
                 self._carry_at += 1
+            taken = len(value) if type(value) is bytes else len(value.encode()) if type(value) is str else 0
             if value_kind >= 1 and type(value) is bytes:
                 if transcode is None:
                     from ..records.json_text import _python_transcode_json  # records imports core: lazily
@@ -625,6 +629,7 @@ class Walker:
                 raise TypeError(
                     f"next_batch: the value of record {key!r} is {type(value).__name__}, not {'str or bytes' if value_kind else 'bytes'}"
                 )
+            self.value_bytes += taken
             if value_kind == 2:  # the JSON line (key and CID text need no escaping: module docstring of read.arrow)
                 line = f'{{"key":"{key}","cid":"{text}","value":{value}}}\n'
                 c.keys.append(key)

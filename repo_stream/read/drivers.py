@@ -311,6 +311,14 @@ class _Driver(Generic[Item]):
         """MST nodes expanded by the walk so far (fewer with ``with_collections``)."""
         return int(self._walker.nodes_visited)
 
+    @property
+    def batch_value_bytes(self) -> int:
+        """Bytes of the record values the walker's batches took so far (:meth:`next_batch`,
+        :meth:`next_json_lines`): each record block's length before transcoding (a ``str``
+        value's UTF-8 length). Not counted: :meth:`next_chunk`'s items, and batches made of
+        a block processor's items."""
+        return int(self._walker.value_bytes)
+
     async def next_chunk(self, n: int = 256) -> list[Item] | None:  # pragma: no cover - abstract
         raise NotImplementedError
 
