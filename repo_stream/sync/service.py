@@ -308,6 +308,7 @@ class Sync:
         self._in_memory_bytes = 0
         self._seq_done: int | None = None
         self._pending: _Effect = None
+        self._last: SyncEvent | None = None  # the last item delivered
         self._acks = 0
         self._last_commit = time.monotonic()
         self._iterator: AsyncIterator[SyncEvent] | None = None
@@ -361,6 +362,7 @@ class Sync:
             if self._iterator is not None:
                 with anyio.CancelScope(shield=True):
                     await self._iterator.aclose()  # type: ignore[attr-defined]
+            self._mark_unacknowledged()
             self._commit()  # what was acknowledged, whatever ended the run
             if self.state is not None:
                 self.final_counts = self.state.counts()
@@ -388,6 +390,16 @@ class Sync:
                     await effect()
             self._acks += 1
 
+    def _mark_unacknowledged(self) -> None:
+        """A record of a fetch delivered and not acknowledged when the service stops is stored
+        with an empty CID: the next run's fetch of that repo (redone: it was not finished) then
+        sends it again if the repo still has it, or a delete if not, so the consumer is never
+        left with a record the repo no longer has."""
+        last, state = self._last, self.state
+        if self._pending is None or state is None or not isinstance(last, RecordEvent) or last.live or last.action == "delete":
+            return
+        state.put_record(last.did, f"{last.collection}/{last.rkey}", "")
+
     def commit(self) -> None:
         """Commit what was acknowledged to the state file now."""
         self._commit()
@@ -409,13 +421,18 @@ class Sync:
     # ------------------------------------------------------------------------------ tasks
 
     async def _pump(self) -> None:
-        """Firehose items into the consumer's stream."""
+        """Firehose items into the consumer's stream, a list at a time (all those waiting in the
+        firehose's buffer: one hand-over per list, not per event). The next list is taken once
+        the consumer has started on this one, so at most two lists (each at most the firehose's
+        ``max_buffer`` items and ``max_buffer_bytes``) are held outside its buffer."""
         assert self.firehose is not None and self._send is not None
         send = self._send.clone()
         async with send:
             try:
-                async for item in self.firehose:
-                    await send.send(("firehose", item, None, None))
+                async for batch in self.firehose.batches():
+                    taken = anyio.Event()
+                    await send.send(("firehose", batch, taken, None))
+                    await taken.wait()
             except Exception as exc:
                 await send.send(("firehose-error", exc, None, None))
 
@@ -553,20 +570,25 @@ class Sync:
             except anyio.EndOfStream:
                 return
             kind = item[0]
-            if kind == "firehose":  # the hot path: a list, no generator
-                for event, effect in await self._on_firehose(item[1]):
-                    if event is None:
-                        if effect is not None:
-                            await effect()
-                            self._acks += 1
-                        continue
-                    if self._pending is not None:
-                        await self.ack()
-                    self._pending = effect
-                    self.stats.delivered += 1
-                    yield event
-                    if self._pending is not None:
-                        await self.ack()
+            if kind == "firehose":  # the hot path: lists, no generator
+                item[2].set()
+                stats = self.stats
+                for message in item[1]:
+                    for event, effect in await self._on_firehose(message):
+                        if event is None:
+                            if effect is not None:
+                                await effect()
+                                self._acks += 1
+                            continue
+                        if self._pending is not None:
+                            await self.ack()
+                        self._pending, self._last = effect, event
+                        stats.delivered += 1
+                        yield event
+                        if self._pending is not None:
+                            await self.ack()
+                    if self._acks >= self.commit_every:
+                        self._commit()
                 continue
             if kind == "chunk":
                 handler = self._on_chunk(item[1], item[2], item[3])
@@ -585,7 +607,7 @@ class Sync:
                         continue
                     if self._pending is not None:
                         await self.ack()
-                    self._pending = effect
+                    self._pending, self._last = effect, event
                     self.stats.delivered += 1
                     yield event
                     if self._pending is not None:
