@@ -299,7 +299,7 @@ async def test_signal_collection_tracks_listed_repos_and_repos_found_live(tmp_pa
     dids = list(STREAM.accounts)
     with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
         serve(host, STREAM)
-        host.route("*", "/xrpc/com.atproto.sync.listReposByCollection", json_reply({"repos": [{"did": dids[0]}]}))
+        host.collection_listing("app.bsky.graph.block", [[{"did": dids[0]}]])
         run = Run()
         with anyio.fail_after(60):
             async with Sync(

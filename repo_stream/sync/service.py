@@ -59,7 +59,6 @@ Synchronization"; lexicons ``com.atproto.sync.subscribeRepos``, ``getRepo``, ``l
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -74,6 +73,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..backfill.sources import list_repos_by_collection
 from ..core.cid import cid_text
 from ..errors import CommitVerifyError, FetchError, IdentityError, OutOfSyncError
 from ..firehose import Event, Firehose, KeyCache, Problem
@@ -308,7 +308,6 @@ class Sync:
         self._in_memory_bytes = 0
         self._seq_done: int | None = None
         self._pending: _Effect = None
-        self._last: SyncEvent | None = None  # the last item delivered
         self._acks = 0
         self._last_commit = time.monotonic()
         self._iterator: AsyncIterator[SyncEvent] | None = None
@@ -362,7 +361,6 @@ class Sync:
             if self._iterator is not None:
                 with anyio.CancelScope(shield=True):
                     await self._iterator.aclose()  # type: ignore[attr-defined]
-            self._mark_unacknowledged()
             self._commit()  # what was acknowledged, whatever ended the run
             if self.state is not None:
                 self.final_counts = self.state.counts()
@@ -389,16 +387,6 @@ class Sync:
                 with anyio.CancelScope(shield=True):
                     await effect()
             self._acks += 1
-
-    def _mark_unacknowledged(self) -> None:
-        """A record of a fetch delivered and not acknowledged when the service stops is stored
-        with an empty CID: the next run's fetch of that repo (redone: it was not finished) then
-        sends it again if the repo still has it, or a delete if not, so the consumer is never
-        left with a record the repo no longer has."""
-        last, state = self._last, self.state
-        if self._pending is None or state is None or not isinstance(last, RecordEvent) or last.live or last.action == "delete":
-            return
-        state.put_record(last.did, f"{last.collection}/{last.rkey}", "")
 
     def commit(self) -> None:
         """Commit what was acknowledged to the state file now."""
@@ -582,7 +570,7 @@ class Sync:
                             continue
                         if self._pending is not None:
                             await self.ack()
-                        self._pending, self._last = effect, event
+                        self._pending = effect
                         stats.delivered += 1
                         yield event
                         if self._pending is not None:
@@ -607,7 +595,7 @@ class Sync:
                         continue
                     if self._pending is not None:
                         await self.ack()
-                    self._pending, self._last = effect, event
+                    self._pending = effect
                     self.stats.delivered += 1
                     yield event
                     if self._pending is not None:
@@ -826,6 +814,7 @@ class Sync:
         upto = items[-1][0]
         if fetch.fresh:
             staged = self.sink is not None and callable(self.sink)
+            self._mark(did, [k for k, _, _ in new])
             for key, cid, block in new:
                 yield self._backfilled(fetch, "create", key, cid, block, staged)
             if staged and new:
@@ -839,6 +828,18 @@ class Sync:
             return
         async for delivery in self._difference(fetch, new, upto):
             yield delivery
+
+    def _mark(self, did: str, keys: list[str]) -> None:
+        """Before a fetch's creates are delivered: store their keys with an empty CID and commit
+        (with what was acknowledged), so that if the service stops (even ``kill -9``) before
+        they are acknowledged, the fetch redone by the next run sends each again if the repo
+        still has it (as an update: its CID differs) or a delete if not, and a consumer is never
+        left with a record the repo no longer has. Acknowledging a create stores its CID."""
+        if not keys:
+            return
+        assert self.state is not None
+        self.state.put_records(did, [(key, "") for key in keys])
+        self._commit()
 
     def _backfilled(
         self, fetch: _Fetch, action: Literal["create", "update", "delete"], key: str, cid: str | None, block: bytes | None, staged: bool = False
@@ -885,6 +886,7 @@ class Sync:
                     out.append((key, "update", cid, block))
             out += [(key, "delete", None, None) for key in stored]
             out.sort(key=lambda x: x[0].encode())
+            self._mark(fetch.did, [key for key, action, _, _ in out if action == "create"])
             ops: list[RecordOp] = []
             for key, action, cid, block in out:
                 yield self._backfilled(fetch, action, key, cid, block)
@@ -916,8 +918,11 @@ class Sync:
         if fetch is None or fetch.failed:
             return
         if error is not None:
-            async for delivery in self._failed(fetch, f"{type(error).__name__}: {' '.join(str(error).split())}"):
-                yield delivery
+            # The executor tells the sink a repo ended with an error before it fetches it again
+            # (a truncated or incomplete CAR: MissingBlockError, TruncatedCarError) and before
+            # its result says it failed: start the comparison over (what was delivered is
+            # stored, so the next fetch sends only the difference); the result reports a failure.
+            await self._restart(fetch, commit, error)
             return
         if fetch.commit is None:  # an empty repo
             fetch.commit = commit
@@ -957,6 +962,21 @@ class Sync:
         if did not in self._fetching:
             self._drop_buffer(did)
 
+    async def _restart(self, fetch: _Fetch, commit: Commit, error: BaseException) -> None:
+        state = self.state
+        assert state is not None
+        if fetch.fresh and self.sink is not None and callable(self.sink):
+            state.clear_staged(fetch.did)
+            finish = getattr(self.sink, "finish", None)
+            if finish is not None:
+                try:
+                    await finish(fetch.did, commit, error)
+                except Exception:
+                    pass
+        fetch.commit = None
+        fetch.fresh = False
+        fetch.position = ""
+
     async def _failed(self, fetch: _Fetch, error: str) -> AsyncGenerator[_Delivery, None]:
         state = self.state
         assert state is not None
@@ -992,80 +1012,3 @@ def _http_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = {"wss": "https", "ws": "http"}.get(parts.scheme.lower(), parts.scheme)
     return f"{scheme}://{parts.netloc}"
-
-
-async def list_repos_by_collection(
-    host: str,
-    collection: str,
-    *,
-    client: httpx.AsyncClient | None = None,
-    page_size: int = 1000,
-    timeout: float = 30.0,
-    allow_private_hosts: bool = False,
-) -> AsyncIterator[str]:
-    """Yield the DID of every repo ``host`` lists as having a record in ``collection``
-    (``com.atproto.sync.listReposByCollection``), page by page.
-
-    Each page is read up to :data:`repo_stream.backfill.sources.MAX_PAGE_BYTES` bytes (decoded)
-    within ``timeout`` seconds; a page with more repos than asked, or a cursor seen before (a
-    cycle), ends the listing with an error.
-
-    Raises:
-        FetchError: a page fails (status, connection, timeout, size, not JSON, wrong shape), or
-            a cursor repeats; the message names the URL and cursor.
-
-    Spec: lexicon ``com.atproto.sync.listReposByCollection`` (``{repos: [{did}], cursor?}``).
-    """
-    import httpx
-
-    from ..backfill.sources import MAX_PAGE_BYTES
-    from ..net.http import BodyError, describe_error, read_body, read_snippet, send
-    from ..net.identity import _client_scope
-
-    base = host.rstrip("/") + "/xrpc/com.atproto.sync.listReposByCollection"
-    cursor: str | None = None
-    cursors: set[str] = set()
-    async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(base,)) as http:
-        while True:
-            params: dict[str, str | int] = {"collection": collection, "limit": page_size}
-            if cursor is not None:
-                params["cursor"] = cursor
-            where = f"listReposByCollection {base}" + (f" (cursor {cursor!r})" if cursor is not None else "")
-
-            def fail(message: str, where: str = where) -> FetchError:
-                return FetchError(f"{where}: {message}", url=base)
-
-            try:
-                with anyio.fail_after(timeout):
-                    response = await send(http, base, params=params, timeout=timeout, fail=fail)
-                    try:
-                        if response.status_code != 200:
-                            text = " ".join((await read_snippet(response, 4096, timeout)).decode("utf-8", "replace").split())[:200]
-                            raise FetchError(f"{where}: HTTP {response.status_code}: {text}", url=base, status=response.status_code)
-                        body = await read_body(response, MAX_PAGE_BYTES)
-                    finally:
-                        await response.aclose()
-            except TimeoutError:
-                raise FetchError(f"{where}: no complete page within {timeout:g} s", url=base) from None
-            except BodyError as exc:
-                raise FetchError(f"{where}: {exc}", url=base, status=200) from None
-            except httpx.HTTPError as exc:
-                raise FetchError(f"{where}: {describe_error(exc)}", url=base) from exc
-            try:
-                page = json.loads(body)
-            except (ValueError, RecursionError):
-                raise FetchError(f"{where}: the answer is not JSON", url=base, status=200) from None
-            repos = page.get("repos") if isinstance(page, dict) else None
-            if not isinstance(page, dict) or not isinstance(repos, list) or len(repos) > page_size:
-                raise FetchError(f"{where}: the answer has no 'repos' list of at most {page_size} entries", url=base, status=200)
-            for repo in repos:
-                if not isinstance(repo, dict) or not isinstance(repo.get("did"), str):
-                    raise FetchError(f"{where}: a 'repos' entry has no 'did' string: {str(repo)[:100]}", url=base, status=200)
-                yield repo["did"]
-            next_cursor = page.get("cursor")
-            if not repos or not isinstance(next_cursor, str) or not next_cursor:
-                return
-            if next_cursor in cursors or len(next_cursor) > 4096 or len(cursors) > 1_000_000:
-                raise FetchError(f"{where}: the host sent the cursor {next_cursor[:100]!r} again: a cycle, the listing stops", url=base, status=200)
-            cursors.add(next_cursor)
-            cursor = next_cursor
