@@ -59,6 +59,7 @@ Synchronization"; lexicons ``com.atproto.sync.subscribeRepos``, ``getRepo``, ``l
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -78,6 +79,7 @@ from ..core.cid import cid_text
 from ..errors import CommitVerifyError, FetchError, IdentityError, OutOfSyncError
 from ..firehose import Event, Firehose, KeyCache, Problem
 from ..firehose.items import parse_message
+from ..net.hosts import DEFAULT_HOST_CONCURRENCY, DEFAULT_HOST_RPS, HostLimiter
 from ..records.values import record_json
 from .follow import RecordEvent, RepoEvent, collection_filter
 from .state import StateStore
@@ -89,6 +91,7 @@ if TYPE_CHECKING:
     from ..backfill.results import BackfillResult
     from ..backfill.sinks import RecordOp
     from ..core.commit import Commit
+    from ..net.fetch import FetchOptions
 
 __all__ = ["DEFAULT_STATE_PATH", "Sync", "SyncStats", "list_repos_by_collection"]
 
@@ -223,6 +226,17 @@ class Sync:
             backfill as a repo (its chunks, then ``finish``). Written when the consumer
             acknowledges the items, as the state.
         memory_workers: the backfill executor's repos loaded and walked at once.
+        per_host_concurrency: getRepo fetches (backfills and resyncs alike) open at once per PDS
+            host (default 4; None: no limit).
+        per_host_rps: getRepo requests started per second per PDS host, retries included
+            (default 10.0; None: no limit). A 429 or 503 with ``Retry-After`` pauses that host
+            only (see :mod:`repo_stream.net.hosts`); repos of other hosts go on.
+        host_limiter: a :class:`~repo_stream.net.hosts.HostLimiter` to use instead of one made from
+            the two above (to share the limits with other fetches of the program).
+        fetch_options: the getRepo fetches' :class:`~repo_stream.net.fetch.FetchOptions`
+            (deadlines, size cap, ``retries``: also how often a truncated or incomplete CAR,
+            ``MissingBlockError`` or ``TruncatedCarError``, is fetched again before the repo is
+            reported as ``error``).
         mem_limit_mb: the backfill's per-repo memory limit, MiB (bigger repos spill to disk).
         max_buffered: firehose messages of repos being fetched kept in memory at most (across
             all repos); more are spilled to the state file.
@@ -257,6 +271,10 @@ class Sync:
         allow_private_hosts: bool = False,
         sink: Any = None,
         memory_workers: int = 4,
+        per_host_concurrency: int | None = DEFAULT_HOST_CONCURRENCY,
+        per_host_rps: float | None = DEFAULT_HOST_RPS,
+        host_limiter: HostLimiter | None = None,
+        fetch_options: FetchOptions | None = None,
         mem_limit_mb: float = 64,
         max_buffered: int = 10_000,
         max_buffered_bytes: int = 64 * 1024 * 1024,
@@ -282,6 +300,19 @@ class Sync:
         self.allow_private_hosts = allow_private_hosts
         self.sink = sink
         self.memory_workers = memory_workers
+        if per_host_concurrency is not None and per_host_concurrency < 1:
+            raise ValueError(f"per_host_concurrency must be at least 1, got {per_host_concurrency}")
+        if per_host_rps is not None and not per_host_rps > 0:
+            raise ValueError(f"per_host_rps must be positive, got {per_host_rps}")
+        self.fetch_options = fetch_options
+        if host_limiter is None and (per_host_concurrency is not None or per_host_rps is not None):
+            host_limiter = HostLimiter(
+                per_host_concurrency if per_host_concurrency is not None else 2**31 - 1,
+                per_host_rps if per_host_rps is not None else math.inf,
+                max_retry_after=fetch_options.max_retry_after if fetch_options is not None else 60.0,
+            )
+        #: The per-host limits of every getRepo fetch of the service (backfills and resyncs), or None.
+        self.host_limiter = host_limiter
         self.mem_limit_mb = mem_limit_mb
         self.max_buffered = max_buffered
         self.max_buffered_bytes = max_buffered_bytes
@@ -441,6 +472,10 @@ class Sync:
                     verify="signature",
                     plc_url=self.plc_url,
                     allow_private_hosts=self.allow_private_hosts,
+                    fetch_options=self.fetch_options,
+                    per_host_concurrency=None,
+                    per_host_rps=None,
+                    host_limiter=self.host_limiter,
                 )
                 async with aclosing(results):
                     async for result in results:
