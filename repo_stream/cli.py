@@ -778,7 +778,7 @@ async def _sync(args: argparse.Namespace) -> int:
                 count += 1
                 if sink is None:
                     if args.json:
-                        _write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
+                        _write(event.to_json_line())
                     elif isinstance(event, RecordEvent):
                         where = f"seq {event.seq}" if event.seq is not None else "backfill"
                         _write(f"{event.did} {event.action} {event.collection}/{event.rkey} {event.cid or '-'} rev {event.rev} ({where})\n")

@@ -80,7 +80,6 @@ from ..errors import CommitVerifyError, FetchError, IdentityError, OutOfSyncErro
 from ..firehose import Event, Firehose, KeyCache, Problem
 from ..firehose.items import parse_message
 from ..net.hosts import DEFAULT_HOST_CONCURRENCY, DEFAULT_HOST_RPS, HostLimiter
-from ..records.values import record_json
 from .follow import RecordEvent, RepoEvent, collection_filter
 from .state import StateStore
 from .verify import RepoState, verify_commit, verify_sync
@@ -322,6 +321,10 @@ class Sync:
         self.on_problem = on_problem
         self._client = client
         self.stats = SyncStats()
+        from ..records.json_text import json_text_processor
+
+        #: Record blocks to their JSON text (the C core's transcoder, or the reference).
+        self._transcode = json_text_processor()
         self.state: StateStore | None = None
         self.keys: KeyCache | None = None
         self.firehose: Firehose | None = None
@@ -774,7 +777,7 @@ class Sync:
             self.stats.stale += 1
             return []
         try:
-            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, row.data))
+            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, row.data), process=self._transcode)
         except OutOfSyncError as exc:
             return self._desynchronized(item, str(exc))
         except CommitVerifyError as exc:
@@ -789,7 +792,7 @@ class Sync:
                 continue
             action: Literal["create", "update", "delete"] = "create" if op.action == "create" else "update" if op.action == "update" else "delete"
             cid = None if op.cid is None else str(op.cid)
-            events.append(RecordEvent(did, commit.rev, seq, action, op.collection, op.rkey, cid, op.value, True))
+            events.append(RecordEvent(did, commit.rev, seq, action, op.collection, op.rkey, cid, live=True, value_text=op.value))
             if self.sink is not None:
                 from ..backfill.sinks import RecordOp
 
@@ -890,13 +893,13 @@ class Sync:
         else:
             fetch.deleted += 1
         self.stats.backfilled += 1
-        value = None if block is None else record_json(block)
+        text = None if block is None else self._transcode(block)
         state = self.state
 
         async def put(did: str = fetch.did) -> None:
             state.put_record(did, key, cid, staged=staged)
 
-        return RecordEvent(fetch.did, fetch.commit.rev, None, action, collection, rkey, cid, value, False), put
+        return RecordEvent(fetch.did, fetch.commit.rev, None, action, collection, rkey, cid, live=False, value_text=text), put
 
     async def _difference(self, fetch: _Fetch, new: Sequence[tuple[str, str, bytes]], upto: str | None) -> AsyncGenerator[_Delivery, None]:
         """Compare ``new`` (the fetched records with ``position < key <= upto``, in key order)
