@@ -17,6 +17,7 @@ Writes of repo rows and of record CIDs are kept in memory until the next commit 
 :data:`MAX_PENDING` of them, or a read that needs them) and then written with one
 ``executemany`` per table, the last write of each key winning; repo rows read are cached
 (:data:`MAX_CACHED_ROWS` at most), so following the firehose costs no SQL statement per event.
+SQLite's page cache is 16 MiB.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS repos (did TEXT PRIMARY KEY, status TEXT NOT NULL, rev TEXT, data TEXT, updated REAL)")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # 16 MiB of page cache (records land all over the records table) and a checkpoint
+            # every 4,000 pages (16 MiB) of log rather than 1,000: fewer page reads and writes.
+            self._db.execute("PRAGMA cache_size=-16384")
+            self._db.execute("PRAGMA wal_autocheckpoint=4000")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             for table in ("records", "staged"):
                 self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (did TEXT, key TEXT, cid TEXT NOT NULL, PRIMARY KEY (did, key)) WITHOUT ROWID")
