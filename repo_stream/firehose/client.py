@@ -6,9 +6,10 @@ stream); lexicon ``com.atproto.sync.subscribeRepos``.
 
 :class:`Firehose` runs one reader task that receives messages, decodes them and puts
 :class:`~repo_stream.firehose.items.Event` and :class:`~repo_stream.firehose.items.Problem` items
-into a bounded anyio memory object stream of ``max_buffer`` items, holding at most
-``max_buffer_bytes`` of message bytes (one message is let in whatever its size when the buffer is
-empty); the consumer iterates over it. A slow consumer fills the buffer, the reader then waits,
+into a buffer of at most ``max_buffer`` items, holding at most ``max_buffer_bytes`` of message
+bytes (one message is let in whatever its size when the buffer is empty); the consumer iterates
+over it, one item at a time or (:meth:`Firehose.batches`) every item waiting at once. Handing an
+item over needs no wait; a reader waiting for space is woken once the buffer is down to half. A slow consumer fills the buffer, the reader then waits,
 stops reading the socket, and TCP's flow control slows the server down: the messages buffered
 stay within ``min(max_buffer * max_message_bytes, max(max_buffer_bytes, max_message_bytes))``
 bytes, plus the one being read. A relay that will not wait drops the connection
