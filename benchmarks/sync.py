@@ -20,7 +20,7 @@ event) served over loopback WebSocket by the tests' server, with a PLC directory
 accounts with 20-80 records each, and commits made at ``--rate`` per second by a producer
 thread while the service runs (a WebSocket stream that grows; getRepo answers the repo as it is
 at that moment). The service backfills every repo (4 memory workers) while following the
-stream from its start. Reported: seconds until caught up (every repo fetched and its buffered
+stream from its start, per-host limits lifted (the local PDS is one host). Reported: seconds until caught up (every repo fetched and its buffered
 events applied), firehose messages buffered at the peak and spilled, resyncs, events, peak RSS;
 then, once the producer stops, that every repo's stored rev is its final one.
 
@@ -317,7 +317,8 @@ def backfill_client(dids_path: str, ws: int, http: int, finals_path: str) -> dic
 
     async def run() -> None:
         async with Sync(
-            dids, relay=f"ws://127.0.0.1:{ws}", plc_url=f"http://127.0.0.1:{http}", state=state_path, cursor=0, allow_private_hosts=True
+            dids, relay=f"ws://127.0.0.1:{ws}", plc_url=f"http://127.0.0.1:{http}", state=state_path, cursor=0, allow_private_hosts=True,
+            per_host_concurrency=None, per_host_rps=None,  # the local server is one host: measure the service, not the limits
         ) as sync:
             async with anyio.create_task_group() as tg:
 
