@@ -706,6 +706,15 @@ def _add_sync(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per event, one a line")
     p.add_argument("--out", metavar="SINK", help="write the records to a store: duckdb:FILE, parquet:DIR, postgresql://... (its extra)")
     p.add_argument("--memory-workers", type=_positive_int, default=4, metavar="N", help="repos backfilled at once (default 4)")
+    p.add_argument(
+        "--per-host-concurrency", type=_positive_int, default=4, metavar="N",
+        help="repo fetches (backfills and resyncs) open at once per PDS host (default 4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--per-host-rps", type=_positive_float, default=10.0, metavar="R",
+        help="repo requests started per second per PDS host, retries included (default 10); a host's 429 or 503 "
+        "with Retry-After pauses that host only (up to 60 s)",
+    )  # fmt: skip
     p.add_argument("--max-buffered", type=_non_negative_int, default=10_000, metavar="N",
                    help="firehose messages of repos being backfilled kept in memory; more go to the state file (default 10000)")  # fmt: skip
     p.add_argument("--max-events", type=_positive_int, metavar="N", help="stop after N events")
@@ -754,6 +763,8 @@ async def _sync(args: argparse.Namespace) -> int:
             allow_private_hosts=args.allow_private_hosts,
             sink=sink,
             memory_workers=args.memory_workers,
+            per_host_concurrency=args.per_host_concurrency,
+            per_host_rps=args.per_host_rps,
             max_buffered=args.max_buffered,
             on_problem=problem,
         )
@@ -768,7 +779,7 @@ async def _sync(args: argparse.Namespace) -> int:
                 count += 1
                 if sink is None:
                     if args.json:
-                        _write(json.dumps(event.to_json(), ensure_ascii=False) + "\n")
+                        _write(event.to_json_line())
                     elif isinstance(event, RecordEvent):
                         where = f"seq {event.seq}" if event.seq is not None else "backfill"
                         _write(f"{event.did} {event.action} {event.collection}/{event.rkey} {event.cid or '-'} rev {event.rev} ({where})\n")

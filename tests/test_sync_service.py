@@ -299,7 +299,7 @@ async def test_signal_collection_tracks_listed_repos_and_repos_found_live(tmp_pa
     dids = list(STREAM.accounts)
     with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
         serve(host, STREAM)
-        host.route("*", "/xrpc/com.atproto.sync.listReposByCollection", json_reply({"repos": [{"did": dids[0]}]}))
+        host.collection_listing("app.bsky.graph.block", [[{"did": dids[0]}]])
         run = Run()
         with anyio.fail_after(60):
             async with Sync(
@@ -494,3 +494,74 @@ async def test_a_sink_takes_backfills_live_commits_and_resync_differences(tmp_pa
     assert sink.rows == {d: a.records() for d, a in STREAM.accounts.items()}
     assert sink.revs == {d: a.generator.rev for d, a in STREAM.accounts.items()}
     assert sorted(sink.statuses) == sorted((d, "active") for d in STREAM.accounts) and not sink.parts
+
+
+# --- per-host politeness of the service's fetches ----------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.once
+async def test_fetches_are_polite_per_host_and_a_truncated_repo_is_refetched_then_reported(tmp_path: Path) -> None:
+    from repo_stream.net.fetch import FetchOptions
+    from tests.servers import Reply
+    from tests.sync_server import did_document
+    from tests.test_backfill_hosts import cut_on_a_block_boundary
+
+    stream = make_sync_stream(accounts=4, commits=40, seed=21, snapshot=0)
+    busy_dids, (heals, stays) = list(stream.accounts)[:2], list(stream.accounts)[2:]
+    with FirehoseServer(stream.messages) as relay, RepoHost() as plc, RepoHost() as busy, RepoHost() as calm:
+        for did, account in stream.accounts.items():
+            pds = busy if did in busy_dids else calm
+            plc.route("*", f"/{did}", json_reply(did_document(did, account.did_key, pds.base)))
+        for did in busy_dids:  # a 429 with Retry-After: 2 on this host, then the repo
+            busy.repo(did, [Reply(status=429, headers={"Retry-After": "2"}), car_reply(stream.accounts[did].final)])
+        cut = cut_on_a_block_boundary(stream.accounts[heals].final)
+        calm.repo(heals, [car_reply(cut), car_reply(stream.accounts[heals].final)])  # truncated once, then whole
+        calm.repo(stays, car_reply(cut_on_a_block_boundary(stream.accounts[stays].final)))  # truncated every time
+        run = Run()
+        errors: list[RepoEvent] = []
+        with anyio.fail_after(60):
+            async with Sync(
+                list(stream.accounts), relay=relay.url, plc_url=plc.base, state=tmp_path / "s.sqlite", allow_private_hosts=True,
+                per_host_concurrency=1, per_host_rps=50, memory_workers=2,
+                fetch_options=FetchOptions(connect_timeout=2, read_timeout=2, retries=2, backoff=0.01, max_backoff=0.02, max_retry_after=5),
+                firehose_options={"backoff_base": 0.01, "backoff_cap": 0.05},
+            ) as sync:  # fmt: skip
+                assert sync.host_limiter is not None
+
+                def settled() -> bool:
+                    assert sync.state is not None
+                    rows = {did: sync.state.get(did) for did in stream.accounts}
+                    good = all(
+                        (row := rows[did]) is not None and row.status == "active" and row.rev == stream.accounts[did].generator.rev
+                        for did in (*busy_dids, heals)
+                    )
+                    row = rows[stays]
+                    return good and row is not None and row.status == "error"
+
+                async with anyio.create_task_group() as tg:
+
+                    async def watch() -> None:
+                        while not settled():
+                            await anyio.sleep(0.02)
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(watch)
+                    async for event in sync:
+                        if isinstance(event, RecordEvent):
+                            apply(run.records, event)
+                        elif event.event == "error":
+                            errors.append(event)
+                    run.stats = sync.stats
+        # The 429 held up only its host: the other host's repos were fetched meanwhile.
+        busy_first = min(r.at for r in busy.fetches())
+        busy_again = max(r.at for r in busy.fetches())
+        assert busy_again - busy_first >= 1.9
+        assert max(r.at for r in calm.fetches()) < busy_first + 1.9
+        # One fetch at a time per host, counted by the servers.
+        assert busy.serving_peak == 1 and calm.serving_peak == 1
+        assert len(calm.fetches(heals)) == 2 and len(calm.fetches(stays)) == 3  # 1 + retries
+    check_final(run, stream, [*busy_dids, heals])
+    assert [e.did for e in errors] == [stays] and str(errors[0].detail["error"]).startswith("MissingBlockError"), errors
+    final = stream.accounts[stays].records()  # what the consumer has of it are records it has
+    assert all(final.get(key) == cid for key, cid in run.records.get(stays, {}).items())

@@ -6,9 +6,10 @@ stream); lexicon ``com.atproto.sync.subscribeRepos``.
 
 :class:`Firehose` runs one reader task that receives messages, decodes them and puts
 :class:`~repo_stream.firehose.items.Event` and :class:`~repo_stream.firehose.items.Problem` items
-into a bounded anyio memory object stream of ``max_buffer`` items, holding at most
-``max_buffer_bytes`` of message bytes (one message is let in whatever its size when the buffer is
-empty); the consumer iterates over it. A slow consumer fills the buffer, the reader then waits,
+into a buffer of at most ``max_buffer`` items, holding at most ``max_buffer_bytes`` of message
+bytes (one message is let in whatever its size when the buffer is empty); the consumer iterates
+over it, one item at a time or (:meth:`Firehose.batches`) every item waiting at once. Handing an
+item over needs no wait; a reader waiting for space is woken once the buffer is down to half. A slow consumer fills the buffer, the reader then waits,
 stops reading the socket, and TCP's flow control slows the server down: the messages buffered
 stay within ``min(max_buffer * max_message_bytes, max(max_buffer_bytes, max_message_bytes))``
 bytes, plus the one being read. A relay that will not wait drops the connection
@@ -150,7 +151,9 @@ class Firehose:
         self.max_buffer = max_buffer
         self.max_buffer_bytes = max_buffer_bytes
         self._buffered_bytes = 0
+        self._buffered_items = 0
         self._space: anyio.Event | None = None
+        self._stashed: BaseException | None = None
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
         self.backoff_base = backoff_base
@@ -171,7 +174,9 @@ class Firehose:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> Self:
-        self._send, self._receive = anyio.create_memory_object_stream[Event | Problem | BaseException](self.max_buffer)
+        # The stream itself is unbounded: the reader counts items and bytes (``_put``) and waits
+        # for space there, so handing an item over needs no wait and no task switch.
+        self._send, self._receive = anyio.create_memory_object_stream[Event | Problem | BaseException](math.inf)
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         self._group.start_soon(self._run)
@@ -193,41 +198,95 @@ class Firehose:
         return self._items()
 
     async def _items(self) -> AsyncIterator[Event | Problem]:
-        if self._receive is None:
+        # One at a time: an item's place in the buffer is freed when it is taken, so the reader
+        # is never more than max_buffer items ahead of the consumer.
+        async for batch in self.batches(1):
+            yield batch[0]
+
+    async def batches(self, max_items: int | None = None) -> AsyncIterator[list[Event | Problem]]:
+        """The stream's items as lists: each list holds every item waiting in the buffer when it
+        is taken (at least one, at most ``max_items``), in order; the same items as iterating.
+        Taking them frees their place in the buffer, so a consumer holding a list holds up to
+        ``max_buffer`` items (``max_buffer_bytes`` of messages) outside it.
+
+        Raises:
+            ErrorFrameError, FirehoseError: as iterating (after the items before the error).
+        """
+        receive = self._receive
+        if receive is None:
             raise RuntimeError("iterate a Firehose inside `async with`")
-        async for item in self._receive:
-            if isinstance(item, BaseException):
-                raise item
+        limit = max_items if max_items is not None and max_items > 0 else math.inf
+        while True:
+            if self._stashed is not None:
+                error, self._stashed = self._stashed, None
+                raise error
+            try:
+                first = receive.receive_nowait()
+            except anyio.WouldBlock:
+                try:
+                    first = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            except anyio.EndOfStream:
+                return
+            batch: list[Event | Problem] = []
+            item = first
+            while True:
+                if isinstance(item, BaseException):
+                    if not batch:
+                        raise item
+                    self._stashed = item
+                    break
+                batch.append(item)
+                if len(batch) >= limit:
+                    break
+                try:
+                    item = receive.receive_nowait()
+                except (anyio.WouldBlock, anyio.EndOfStream):
+                    break
+            self._taken(batch)
+            yield batch
+
+    def _taken(self, batch: list[Event | Problem]) -> None:
+        """Free the places of ``batch`` in the buffer; wake the reader once the buffer is down to
+        half (not per item: one task switch per half buffer, not per message)."""
+        size = 0
+        for item in batch:
             if isinstance(item, Event):
-                self._buffered_bytes -= len(item.message)
-                if self._space is not None:
-                    self._space.set()
+                size += len(item.message)
                 if item.seq is not None:
                     self.cursor = item.seq
-            yield item
+        self._buffered_items -= len(batch)
+        self._buffered_bytes -= size
+        space = self._space
+        if space is not None and (
+            self._buffered_items == 0 or (self._buffered_items <= self.max_buffer // 2 and self._buffered_bytes <= self.max_buffer_bytes // 2)
+        ):
+            space.set()
 
     @property
     def buffered(self) -> int:
         """Items waiting in the buffer now."""
-        return 0 if self._receive is None else self._receive.statistics().current_buffer_used
+        return self._buffered_items
 
     # ------------------------------------------------------------------------------ reader
 
     async def _put(self, item: Event | Problem | BaseException) -> None:
         assert self._send is not None
-        if isinstance(item, Event):
-            size = len(item.message)
-            while self._buffered_bytes and self._buffered_bytes + size > self.max_buffer_bytes:
-                self._space = anyio.Event()
-                await self._space.wait()
-            self._space = None
-            self._buffered_bytes += size
-            if self._buffered_bytes > self.stats.max_buffered_bytes:
-                self.stats.max_buffered_bytes = self._buffered_bytes
-        await self._send.send(item)
-        used = self._send.statistics().current_buffer_used
-        if used > self.stats.max_buffered:
-            self.stats.max_buffered = used
+        size = len(item.message) if isinstance(item, Event) else 0
+        # At most max_buffer items and max_buffer_bytes of messages (one message whatever its
+        # size when the buffer is empty); the consumer wakes this once it is down to half.
+        while self._buffered_items and (self._buffered_items >= self.max_buffer or (size and self._buffered_bytes + size > self.max_buffer_bytes)):
+            self._space = anyio.Event()
+            await self._space.wait()
+        self._space = None
+        self._buffered_bytes += size
+        self._buffered_items += 1
+        if self._buffered_bytes > self.stats.max_buffered_bytes:
+            self.stats.max_buffered_bytes = self._buffered_bytes
+        if self._buffered_items > self.stats.max_buffered:
+            self.stats.max_buffered = self._buffered_items
+        self._send.send_nowait(item)
         if isinstance(item, Problem):
             self.stats.problems += 1
         elif isinstance(item, Event):
@@ -264,7 +323,7 @@ class Firehose:
                 await self._put(Problem("disconnected", error, self.read_cursor, round(wait, 3)))
                 await anyio.sleep(wait)
         except (FirehoseError, ErrorFrameError) as exc:
-            await self._send.send(exc)
+            self._send.send_nowait(exc)
         finally:
             self._send.close()
 

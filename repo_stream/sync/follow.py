@@ -33,6 +33,7 @@ Spec: atproto sync, "Commit Validation", "Repository Synchronization".
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -64,7 +65,11 @@ def collection_filter(collections: Iterable[str] | None) -> Callable[[str], bool
     return lambda collection: collection in exact or collection.startswith(prefixes)
 
 
-@dataclass(frozen=True, slots=True)
+_UNSET: Any = object()
+_text: Callable[[str], str] = json.encoder.encode_basestring
+_compact: Callable[[object], str] = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 class RecordEvent:
     """A record created, updated or deleted.
 
@@ -73,7 +78,16 @@ class RecordEvent:
         records). action: ``"create"``, ``"update"`` or ``"delete"``. collection and rkey: the
         record's key. cid: the record's base32 CID (None for a delete). value: the record in the
         atproto JSON form (None for a delete). live: True when it came from the firehose.
+        value_text: the record's JSON text when the event was made from it (the sync service
+        makes its events so: ``value`` is then parsed from it when first read), else None.
+
+    Made with ``RecordEvent(did, rev, seq, action, collection, rkey, cid, value, live)``, or
+    with ``value_text=`` (the JSON text of :func:`repo_stream.records.json_text.transcode_json`)
+    instead of ``value``. Events are equal when their attributes are. Read-only by convention.
     """
+
+    __slots__ = ("did", "rev", "seq", "action", "collection", "rkey", "cid", "live", "_value", "value_text")
+    __match_args__ = ("did", "rev", "seq", "action", "collection", "rkey", "cid", "value", "live")
 
     did: str
     rev: str
@@ -82,8 +96,55 @@ class RecordEvent:
     collection: str
     rkey: str
     cid: str | None
-    value: JsonValue | None
     live: bool
+    value_text: str | None
+
+    def __init__(
+        self,
+        did: str,
+        rev: str,
+        seq: int | None,
+        action: Literal["create", "update", "delete"],
+        collection: str,
+        rkey: str,
+        cid: str | None,
+        value: JsonValue | None = _UNSET,
+        live: bool = False,
+        *,
+        value_text: str | None = None,
+    ) -> None:
+        self.did = did
+        self.rev = rev
+        self.seq = seq
+        self.action = action
+        self.collection = collection
+        self.rkey = rkey
+        self.cid = cid
+        self.live = live
+        self._value = None if value is _UNSET and value_text is None else value
+        self.value_text = value_text
+
+    @property
+    def value(self) -> JsonValue | None:
+        """The record in the atproto JSON form (None for a delete)."""
+        if self._value is _UNSET:
+            self._value = None if self.value_text is None else json.loads(self.value_text)
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RecordEvent):
+            return NotImplemented
+        return (self.did, self.rev, self.seq, self.action, self.collection, self.rkey, self.cid, self.live, self.value) == (
+            other.did, other.rev, other.seq, other.action, other.collection, other.rkey, other.cid, other.live, other.value,
+        )  # fmt: skip
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"RecordEvent(did={self.did!r}, rev={self.rev!r}, seq={self.seq!r}, action={self.action!r}, collection={self.collection!r}, "
+            f"rkey={self.rkey!r}, cid={self.cid!r}, value={self.value!r}, live={self.live!r})"
+        )
 
     def to_json(self) -> dict[str, Any]:
         """``{"did", "rev", "seq", "action", "collection", "rkey", "cid", "value", "live"}``."""
@@ -91,6 +152,22 @@ class RecordEvent:
             "did": self.did, "rev": self.rev, "seq": self.seq, "action": self.action, "collection": self.collection,
             "rkey": self.rkey, "cid": self.cid, "value": self.value, "live": self.live,
         }  # fmt: skip
+
+    def to_json_line(self) -> str:
+        """:meth:`to_json` as one line of compact JSON text and a newline: equal to
+        ``json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":")) + "\\n"``, made
+        from ``value_text`` when the event has it (no Python object per value)."""
+        text = self.value_text
+        if text is None:
+            value = self._value
+            text = "null" if value is None else _compact(value) if value is not _UNSET else "null"
+        seq = self.seq
+        cid = self.cid
+        return (
+            f'{{"did":{_text(self.did)},"rev":{_text(self.rev)},"seq":{"null" if seq is None else int(seq)},'
+            f'"action":{_text(self.action)},"collection":{_text(self.collection)},"rkey":{_text(self.rkey)},'
+            f'"cid":{"null" if cid is None else _text(cid)},"value":{text},"live":{"true" if self.live else "false"}}}\n'
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +185,10 @@ class RepoEvent:
     def to_json(self) -> dict[str, Any]:
         """``{"did", "event", "seq", ...detail}``."""
         return {"did": self.did, "event": self.event, "seq": self.seq, **self.detail}
+
+    def to_json_line(self) -> str:
+        """:meth:`to_json` as one line of compact JSON text and a newline."""
+        return _compact(self.to_json()) + "\n"
 
 
 async def follow(

@@ -59,7 +59,7 @@ Synchronization"; lexicons ``com.atproto.sync.subscribeRepos``, ``getRepo``, ``l
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -74,11 +74,12 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..backfill.sources import list_repos_by_collection
 from ..core.cid import cid_text
 from ..errors import CommitVerifyError, FetchError, IdentityError, OutOfSyncError
 from ..firehose import Event, Firehose, KeyCache, Problem
 from ..firehose.items import parse_message
-from ..records.values import record_json
+from ..net.hosts import DEFAULT_HOST_CONCURRENCY, DEFAULT_HOST_RPS, HostLimiter
 from .follow import RecordEvent, RepoEvent, collection_filter
 from .state import StateStore
 from .verify import RepoState, verify_commit, verify_sync
@@ -89,6 +90,7 @@ if TYPE_CHECKING:
     from ..backfill.results import BackfillResult
     from ..backfill.sinks import RecordOp
     from ..core.commit import Commit
+    from ..net.fetch import FetchOptions
 
 __all__ = ["DEFAULT_STATE_PATH", "Sync", "SyncStats", "list_repos_by_collection"]
 
@@ -223,6 +225,17 @@ class Sync:
             backfill as a repo (its chunks, then ``finish``). Written when the consumer
             acknowledges the items, as the state.
         memory_workers: the backfill executor's repos loaded and walked at once.
+        per_host_concurrency: getRepo fetches (backfills and resyncs alike) open at once per PDS
+            host (default 4; None: no limit).
+        per_host_rps: getRepo requests started per second per PDS host, retries included
+            (default 10.0; None: no limit). A 429 or 503 with ``Retry-After`` pauses that host
+            only (see :mod:`repo_stream.net.hosts`); repos of other hosts go on.
+        host_limiter: a :class:`~repo_stream.net.hosts.HostLimiter` to use instead of one made from
+            the two above (to share the limits with other fetches of the program).
+        fetch_options: the getRepo fetches' :class:`~repo_stream.net.fetch.FetchOptions`
+            (deadlines, size cap, ``retries``: also how often a truncated or incomplete CAR,
+            ``MissingBlockError`` or ``TruncatedCarError``, is fetched again before the repo is
+            reported as ``error``).
         mem_limit_mb: the backfill's per-repo memory limit, MiB (bigger repos spill to disk).
         max_buffered: firehose messages of repos being fetched kept in memory at most (across
             all repos); more are spilled to the state file.
@@ -257,6 +270,10 @@ class Sync:
         allow_private_hosts: bool = False,
         sink: Any = None,
         memory_workers: int = 4,
+        per_host_concurrency: int | None = DEFAULT_HOST_CONCURRENCY,
+        per_host_rps: float | None = DEFAULT_HOST_RPS,
+        host_limiter: HostLimiter | None = None,
+        fetch_options: FetchOptions | None = None,
         mem_limit_mb: float = 64,
         max_buffered: int = 10_000,
         max_buffered_bytes: int = 64 * 1024 * 1024,
@@ -282,6 +299,19 @@ class Sync:
         self.allow_private_hosts = allow_private_hosts
         self.sink = sink
         self.memory_workers = memory_workers
+        if per_host_concurrency is not None and per_host_concurrency < 1:
+            raise ValueError(f"per_host_concurrency must be at least 1, got {per_host_concurrency}")
+        if per_host_rps is not None and not per_host_rps > 0:
+            raise ValueError(f"per_host_rps must be positive, got {per_host_rps}")
+        self.fetch_options = fetch_options
+        if host_limiter is None and (per_host_concurrency is not None or per_host_rps is not None):
+            host_limiter = HostLimiter(
+                per_host_concurrency if per_host_concurrency is not None else 2**31 - 1,
+                per_host_rps if per_host_rps is not None else math.inf,
+                max_retry_after=fetch_options.max_retry_after if fetch_options is not None else 60.0,
+            )
+        #: The per-host limits of every getRepo fetch of the service (backfills and resyncs), or None.
+        self.host_limiter = host_limiter
         self.mem_limit_mb = mem_limit_mb
         self.max_buffered = max_buffered
         self.max_buffered_bytes = max_buffered_bytes
@@ -291,6 +321,10 @@ class Sync:
         self.on_problem = on_problem
         self._client = client
         self.stats = SyncStats()
+        from ..records.json_text import json_text_processor
+
+        #: Record blocks to their JSON text (the C core's transcoder, or the reference).
+        self._transcode = json_text_processor()
         self.state: StateStore | None = None
         self.keys: KeyCache | None = None
         self.firehose: Firehose | None = None
@@ -409,13 +443,18 @@ class Sync:
     # ------------------------------------------------------------------------------ tasks
 
     async def _pump(self) -> None:
-        """Firehose items into the consumer's stream."""
+        """Firehose items into the consumer's stream, a list at a time (all those waiting in the
+        firehose's buffer: one hand-over per list, not per event). The next list is taken once
+        the consumer has started on this one, so at most two lists (each at most the firehose's
+        ``max_buffer`` items and ``max_buffer_bytes``) are held outside its buffer."""
         assert self.firehose is not None and self._send is not None
         send = self._send.clone()
         async with send:
             try:
-                async for item in self.firehose:
-                    await send.send(("firehose", item, None, None))
+                async for batch in self.firehose.batches():
+                    taken = anyio.Event()
+                    await send.send(("firehose", batch, taken, None))
+                    await taken.wait()
             except Exception as exc:
                 await send.send(("firehose-error", exc, None, None))
 
@@ -436,6 +475,10 @@ class Sync:
                     verify="signature",
                     plc_url=self.plc_url,
                     allow_private_hosts=self.allow_private_hosts,
+                    fetch_options=self.fetch_options,
+                    per_host_concurrency=None,
+                    per_host_rps=None,
+                    host_limiter=self.host_limiter,
                 )
                 async with aclosing(results):
                     async for result in results:
@@ -553,20 +596,25 @@ class Sync:
             except anyio.EndOfStream:
                 return
             kind = item[0]
-            if kind == "firehose":  # the hot path: a list, no generator
-                for event, effect in await self._on_firehose(item[1]):
-                    if event is None:
-                        if effect is not None:
-                            await effect()
-                            self._acks += 1
-                        continue
-                    if self._pending is not None:
-                        await self.ack()
-                    self._pending = effect
-                    self.stats.delivered += 1
-                    yield event
-                    if self._pending is not None:
-                        await self.ack()
+            if kind == "firehose":  # the hot path: lists, no generator
+                item[2].set()
+                stats = self.stats
+                for message in item[1]:
+                    for event, effect in await self._on_firehose(message):
+                        if event is None:
+                            if effect is not None:
+                                await effect()
+                                self._acks += 1
+                            continue
+                        if self._pending is not None:
+                            await self.ack()
+                        self._pending = effect
+                        stats.delivered += 1
+                        yield event
+                        if self._pending is not None:
+                            await self.ack()
+                    if self._acks >= self.commit_every:
+                        self._commit()
                 continue
             if kind == "chunk":
                 handler = self._on_chunk(item[1], item[2], item[3])
@@ -729,7 +777,7 @@ class Sync:
             self.stats.stale += 1
             return []
         try:
-            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, row.data))
+            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, row.data), process=self._transcode)
         except OutOfSyncError as exc:
             return self._desynchronized(item, str(exc))
         except CommitVerifyError as exc:
@@ -744,7 +792,7 @@ class Sync:
                 continue
             action: Literal["create", "update", "delete"] = "create" if op.action == "create" else "update" if op.action == "update" else "delete"
             cid = None if op.cid is None else str(op.cid)
-            events.append(RecordEvent(did, commit.rev, seq, action, op.collection, op.rkey, cid, op.value, True))
+            events.append(RecordEvent(did, commit.rev, seq, action, op.collection, op.rkey, cid, live=True, value_text=op.value))
             if self.sink is not None:
                 from ..backfill.sinks import RecordOp
 
@@ -804,6 +852,7 @@ class Sync:
         upto = items[-1][0]
         if fetch.fresh:
             staged = self.sink is not None and callable(self.sink)
+            self._mark(did, [k for k, _, _ in new])
             for key, cid, block in new:
                 yield self._backfilled(fetch, "create", key, cid, block, staged)
             if staged and new:
@@ -817,6 +866,18 @@ class Sync:
             return
         async for delivery in self._difference(fetch, new, upto):
             yield delivery
+
+    def _mark(self, did: str, keys: list[str]) -> None:
+        """Before a fetch's creates are delivered: store their keys with an empty CID and commit
+        (with what was acknowledged), so that if the service stops (even ``kill -9``) before
+        they are acknowledged, the fetch redone by the next run sends each again if the repo
+        still has it (as an update: its CID differs) or a delete if not, and a consumer is never
+        left with a record the repo no longer has. Acknowledging a create stores its CID."""
+        if not keys:
+            return
+        assert self.state is not None
+        self.state.put_records(did, [(key, "") for key in keys])
+        self._commit()
 
     def _backfilled(
         self, fetch: _Fetch, action: Literal["create", "update", "delete"], key: str, cid: str | None, block: bytes | None, staged: bool = False
@@ -832,13 +893,13 @@ class Sync:
         else:
             fetch.deleted += 1
         self.stats.backfilled += 1
-        value = None if block is None else record_json(block)
+        text = None if block is None else self._transcode(block)
         state = self.state
 
         async def put(did: str = fetch.did) -> None:
             state.put_record(did, key, cid, staged=staged)
 
-        return RecordEvent(fetch.did, fetch.commit.rev, None, action, collection, rkey, cid, value, False), put
+        return RecordEvent(fetch.did, fetch.commit.rev, None, action, collection, rkey, cid, live=False, value_text=text), put
 
     async def _difference(self, fetch: _Fetch, new: Sequence[tuple[str, str, bytes]], upto: str | None) -> AsyncGenerator[_Delivery, None]:
         """Compare ``new`` (the fetched records with ``position < key <= upto``, in key order)
@@ -863,6 +924,7 @@ class Sync:
                     out.append((key, "update", cid, block))
             out += [(key, "delete", None, None) for key in stored]
             out.sort(key=lambda x: x[0].encode())
+            self._mark(fetch.did, [key for key, action, _, _ in out if action == "create"])
             ops: list[RecordOp] = []
             for key, action, cid, block in out:
                 yield self._backfilled(fetch, action, key, cid, block)
@@ -894,8 +956,11 @@ class Sync:
         if fetch is None or fetch.failed:
             return
         if error is not None:
-            async for delivery in self._failed(fetch, f"{type(error).__name__}: {' '.join(str(error).split())}"):
-                yield delivery
+            # The executor tells the sink a repo ended with an error before it fetches it again
+            # (a truncated or incomplete CAR: MissingBlockError, TruncatedCarError) and before
+            # its result says it failed: start the comparison over (what was delivered is
+            # stored, so the next fetch sends only the difference); the result reports a failure.
+            await self._restart(fetch, commit, error)
             return
         if fetch.commit is None:  # an empty repo
             fetch.commit = commit
@@ -935,6 +1000,21 @@ class Sync:
         if did not in self._fetching:
             self._drop_buffer(did)
 
+    async def _restart(self, fetch: _Fetch, commit: Commit, error: BaseException) -> None:
+        state = self.state
+        assert state is not None
+        if fetch.fresh and self.sink is not None and callable(self.sink):
+            state.clear_staged(fetch.did)
+            finish = getattr(self.sink, "finish", None)
+            if finish is not None:
+                try:
+                    await finish(fetch.did, commit, error)
+                except Exception:
+                    pass
+        fetch.commit = None
+        fetch.fresh = False
+        fetch.position = ""
+
     async def _failed(self, fetch: _Fetch, error: str) -> AsyncGenerator[_Delivery, None]:
         state = self.state
         assert state is not None
@@ -970,80 +1050,3 @@ def _http_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = {"wss": "https", "ws": "http"}.get(parts.scheme.lower(), parts.scheme)
     return f"{scheme}://{parts.netloc}"
-
-
-async def list_repos_by_collection(
-    host: str,
-    collection: str,
-    *,
-    client: httpx.AsyncClient | None = None,
-    page_size: int = 1000,
-    timeout: float = 30.0,
-    allow_private_hosts: bool = False,
-) -> AsyncIterator[str]:
-    """Yield the DID of every repo ``host`` lists as having a record in ``collection``
-    (``com.atproto.sync.listReposByCollection``), page by page.
-
-    Each page is read up to :data:`repo_stream.backfill.sources.MAX_PAGE_BYTES` bytes (decoded)
-    within ``timeout`` seconds; a page with more repos than asked, or a cursor seen before (a
-    cycle), ends the listing with an error.
-
-    Raises:
-        FetchError: a page fails (status, connection, timeout, size, not JSON, wrong shape), or
-            a cursor repeats; the message names the URL and cursor.
-
-    Spec: lexicon ``com.atproto.sync.listReposByCollection`` (``{repos: [{did}], cursor?}``).
-    """
-    import httpx
-
-    from ..backfill.sources import MAX_PAGE_BYTES
-    from ..net.http import BodyError, describe_error, read_body, read_snippet, send
-    from ..net.identity import _client_scope
-
-    base = host.rstrip("/") + "/xrpc/com.atproto.sync.listReposByCollection"
-    cursor: str | None = None
-    cursors: set[str] = set()
-    async with _client_scope(client, allow_private_hosts=allow_private_hosts, trusted=(base,)) as http:
-        while True:
-            params: dict[str, str | int] = {"collection": collection, "limit": page_size}
-            if cursor is not None:
-                params["cursor"] = cursor
-            where = f"listReposByCollection {base}" + (f" (cursor {cursor!r})" if cursor is not None else "")
-
-            def fail(message: str, where: str = where) -> FetchError:
-                return FetchError(f"{where}: {message}", url=base)
-
-            try:
-                with anyio.fail_after(timeout):
-                    response = await send(http, base, params=params, timeout=timeout, fail=fail)
-                    try:
-                        if response.status_code != 200:
-                            text = " ".join((await read_snippet(response, 4096, timeout)).decode("utf-8", "replace").split())[:200]
-                            raise FetchError(f"{where}: HTTP {response.status_code}: {text}", url=base, status=response.status_code)
-                        body = await read_body(response, MAX_PAGE_BYTES)
-                    finally:
-                        await response.aclose()
-            except TimeoutError:
-                raise FetchError(f"{where}: no complete page within {timeout:g} s", url=base) from None
-            except BodyError as exc:
-                raise FetchError(f"{where}: {exc}", url=base, status=200) from None
-            except httpx.HTTPError as exc:
-                raise FetchError(f"{where}: {describe_error(exc)}", url=base) from exc
-            try:
-                page = json.loads(body)
-            except (ValueError, RecursionError):
-                raise FetchError(f"{where}: the answer is not JSON", url=base, status=200) from None
-            repos = page.get("repos") if isinstance(page, dict) else None
-            if not isinstance(page, dict) or not isinstance(repos, list) or len(repos) > page_size:
-                raise FetchError(f"{where}: the answer has no 'repos' list of at most {page_size} entries", url=base, status=200)
-            for repo in repos:
-                if not isinstance(repo, dict) or not isinstance(repo.get("did"), str):
-                    raise FetchError(f"{where}: a 'repos' entry has no 'did' string: {str(repo)[:100]}", url=base, status=200)
-                yield repo["did"]
-            next_cursor = page.get("cursor")
-            if not repos or not isinstance(next_cursor, str) or not next_cursor:
-                return
-            if next_cursor in cursors or len(next_cursor) > 4096 or len(cursors) > 1_000_000:
-                raise FetchError(f"{where}: the host sent the cursor {next_cursor[:100]!r} again: a cycle, the listing stops", url=base, status=200)
-            cursors.add(next_cursor)
-            cursor = next_cursor
