@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar, overload
 
 from cbrrr import CID as _CbrrrCID
-from cbrrr import decode_dag_cbor as _cbrrr_decode
+from cbrrr import _cbrrr
 from cbrrr import encode_dag_cbor as _cbrrr_encode
 
 from ..core import implementation
@@ -319,6 +319,7 @@ def _verifier(key: str | PublicKey | VerifyingKey, did: str, rev: str) -> Verify
         raise CommitSignatureError(f"commit of {did} at rev {rev}: {exc}", did=did, rev=rev) from exc
 
 
+_cbrrr_decode_c: Callable[[bytes, type[_CbrrrCID], bool], tuple[Any, int]] = _cbrrr.decode_dag_cbor
 _COMMIT_KEYS: Final = frozenset(("did", "version", "data", "rev", "prev", "sig"))
 
 
@@ -329,8 +330,8 @@ def _fast_commit(block: bytes, commit_cid: bytes) -> tuple[Commit, bytes, bytes]
     own error. The result is what ``decode_commit(block, cid, strict=True)`` and
     ``Commit.unsigned_bytes()`` give (tested on every generated commit and fuzzed)."""
     try:
-        obj = _cbrrr_decode(block)
-        if type(obj) is not dict or obj.keys() != _COMMIT_KEYS or _cbrrr_encode(obj) != block:
+        obj, length = _cbrrr_decode_c(block, _CbrrrCID, False)  # cbrrr's C decoder (not its wrapper)
+        if length != len(block) or type(obj) is not dict or obj.keys() != _COMMIT_KEYS or _cbrrr_encode(obj) != block:
             return None
     except Exception:
         return None
