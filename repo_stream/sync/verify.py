@@ -303,6 +303,9 @@ def _field(body: Mapping[str, object], name: str, kind: type, what: str, *, opti
     return value
 
 
+_verifying_key: list[Callable[[str | PublicKey | VerifyingKey], VerifyingKey]] = []
+
+
 def _cid_field(value: object, what: str) -> bytes:
     try:
         return parse_cid(value)
@@ -311,10 +314,12 @@ def _cid_field(value: object, what: str) -> bytes:
 
 
 def _verifier(key: str | PublicKey | VerifyingKey, did: str, rev: str) -> VerifyingKey:
-    from ..crypto.signature import verifying_key
+    if not _verifying_key:
+        from ..crypto.signature import verifying_key  # imports cryptography: on first use
 
+        _verifying_key.append(verifying_key)
     try:
-        return verifying_key(key)
+        return _verifying_key[0](key)
     except SignatureError as exc:
         raise CommitSignatureError(f"commit of {did} at rev {rev}: {exc}", did=did, rev=rev) from exc
 
@@ -481,8 +486,16 @@ def verify_commit(
         since = _field(body, "since", str, where, optional=True)
         blocks_bytes = _field(body, "blocks", bytes, where)
         raw_ops = _field(body, "ops", list, where)
-        commit_cid = _cid_field(body.get("commit"), f"{where}: field 'commit'")
-        prev_data = None if body.get("prevData") is None else _cid_field(body["prevData"], f"{where}: field 'prevData'")
+        commit_value = body.get("commit")
+        prev_data_value = body.get("prevData")
+        # Links decoded from the message are used as they are (their bytes checked when made).
+        commit_cid = commit_value.cid_bytes if type(commit_value) is Link else _cid_field(commit_value, f"{where}: field 'commit'")
+        if prev_data_value is None:
+            prev_data = None
+        elif type(prev_data_value) is Link:
+            prev_data = prev_data_value.cid_bytes
+        else:
+            prev_data = _cid_field(prev_data_value, f"{where}: field 'prevData'")
         seq = body.get("seq")
         seq = seq if type(seq) is int else None
         when = body.get("time")
@@ -632,7 +645,16 @@ def verify_commit(
         raise MalformedTreeError(f"{where}: {exc}", did=did, rev=rev) from exc
 
     result: VerifiedCommit[Any] = VerifiedCommit(
-        did, rev, since, Link(data), Link(commit_cid), None if prev_data is None else Link(prev_data), inverted, tuple(verified), seq, when
+        did,
+        rev,
+        since,
+        Link(data),
+        commit_value if type(commit_value) is Link else Link(commit_cid),
+        None if prev_data is None else prev_data_value if type(prev_data_value) is Link else Link(prev_data),
+        inverted,
+        tuple(verified),
+        seq,
+        when,
     )
 
     # 7. Continuity.
