@@ -310,6 +310,41 @@ static PyObject *next_sections(CarParser *self) {
     }
 }
 
+/* Every complete section buffered put into `blocks` (a dict: raw CID bytes -> block bytes; a CID
+ * given twice keeps its first block, as dict.setdefault): read_car_slice's loop over
+ * next_sections() without a list and a tuple per section. The number of sections read, or NULL. */
+static PyObject *sections_into(CarParser *self, PyObject *blocks) {
+    Py_ssize_t read = 0;
+    for (;;) {
+        const uint8_t *cid, *block;
+        Py_ssize_t cid_len, block_len;
+        int got = next_section(self, &cid, &cid_len, &block, &block_len);
+        if (got < 0) return NULL;
+        if (got == 0) return PyLong_FromSsize_t(read);
+        read++;
+        PyObject *key = PyBytes_FromStringAndSize((const char *)cid, cid_len);
+        if (key == NULL) return NULL;
+        int has = PyDict_Contains(blocks, key);
+        if (has < 0) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        if (has) { /* the first block stays (both hash to the CID when CIDs are checked) */
+            Py_DECREF(key);
+            continue;
+        }
+        PyObject *value = PyBytes_FromStringAndSize((const char *)block, block_len);
+        if (value == NULL) {
+            Py_DECREF(key);
+            return NULL;
+        }
+        int failed = PyDict_SetItem(blocks, key, value);
+        Py_DECREF(key);
+        Py_DECREF(value);
+        if (failed < 0) return NULL;
+    }
+}
+
 /* A hint, no check: start fetching the table slot of the next section's CID if it is buffered
  * and plain (a varint of 1 or 2 bytes, then the usual 36-byte CID), so that its look-up overlaps
  * this section's copy into the table. */
@@ -341,6 +376,17 @@ static PyObject *parser_next_sections(CarParser *self, PyObject *unused) {
     (void)unused;
     rs_verifier_quiesce(self->verifier);
     PyObject *out = next_sections(self);
+    rs_verifier_quiesce(self->verifier);
+    return out;
+}
+
+static PyObject *parser_sections_into(CarParser *self, PyObject *blocks) {
+    if (!PyDict_CheckExact(blocks)) {
+        PyErr_SetString(PyExc_TypeError, "sections_into(blocks): blocks must be a dict");
+        return NULL;
+    }
+    rs_verifier_quiesce(self->verifier);
+    PyObject *out = sections_into(self, blocks);
     rs_verifier_quiesce(self->verifier);
     return out;
 }
@@ -416,6 +462,13 @@ static PyObject *CarParser_next_sections(CarParser *self, PyObject *unused) {
     return out;
 }
 
+static PyObject *CarParser_sections_into(CarParser *self, PyObject *blocks) {
+    if (enter(self) < 0) return NULL;
+    PyObject *out = parser_sections_into(self, blocks);
+    self->busy = 0;
+    return out;
+}
+
 static PyObject *CarParser_load_into(CarParser *self, PyObject *args) {
     if (enter(self) < 0) return NULL;
     PyObject *out = parser_load_into(self, args);
@@ -431,6 +484,9 @@ static PyMethodDef CarParser_methods[] = {
      "finish()\n--\n\nThe input has ended: raise TruncatedCarError inside the header or a section."},
     {"next_sections", (PyCFunction)CarParser_next_sections, METH_NOARGS,
      "next_sections()\n--\n\nEvery complete (cid, block) section buffered, as a list."},
+    {"sections_into", (PyCFunction)CarParser_sections_into, METH_O,
+     "sections_into(blocks)\n--\n\nPut every complete section buffered into the dict blocks (raw CID -> block; "
+     "a CID already there keeps its block); the number of sections read."},
     {"load_into", (PyCFunction)CarParser_load_into, METH_VARARGS,
      "load_into(table, limit)\n--\n\nMove complete sections into a BlockTable until table.used reaches limit "
      "or just after the table's root block (True), or until no complete section is left (False)."},

@@ -5,6 +5,8 @@ key layers against the interop file of known MST heights."""
 
 from __future__ import annotations
 
+import random
+
 import cbor2
 import pytest
 
@@ -71,6 +73,25 @@ EDGE_NSIDS = {
 def test_nsid_segment_lengths(nsid: str) -> None:
     assert spec_nsid(nsid) is EDGE_NSIDS[nsid]
     assert is_valid_collection(nsid) is EDGE_NSIDS[nsid]
+
+
+def _key_by_parts(key: str) -> bool:
+    """The key rule as its parts (what is_valid_key's single match must equal)."""
+    collection, sep, rkey = key.partition("/")
+    return len(key) <= 1024 and bool(sep) and is_valid_collection(collection) and is_valid_rkey(rkey)
+
+
+def test_one_match_key_check_equals_the_parts() -> None:
+    rng = random.Random(20)
+    alphabet = "aZ09.-_:~/\u00e9\x00 "
+    cases = ["a.b.c/.", "a.b.c/..", "a.b.c/...", "a.b.c//x", "a.b.c/x/y", "a.b.c/", "/x", "a.b/x", "app.bsky.feed.post/.a"]
+    cases += ["a.b.c/" + "x" * n for n in (511, 512, 513)] + ["a." * n + "bc/x" for n in (150, 157, 158, 159)]
+    segment = "a" * 61 + "."
+    cases += [((segment * 6)[: n - 2] + ".x").replace("..", ".a") + "/r" for n in range(312, 322)]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 14))) for _ in range(20_000)]
+    cases += ["app.bsky." + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 9))) for _ in range(20_000)]
+    assert sum(map(_key_by_parts, cases)) > 80  # valid ones among them, not only refusals
+    assert [c for c in cases if is_valid_key(c) != _key_by_parts(c)] == []
 
 
 def test_spec_key_bounds() -> None:

@@ -181,6 +181,12 @@ async def test_malformed_signatures_are_refused(name: str) -> None:
         r + bytes(32): "r and s must be in 1..n-1",
         r + n.to_bytes(32, "big"): "r and s must be in 1..n-1",
         r + b"\xff" * 32: "r and s must be in 1..n-1",
+        n.to_bytes(32, "big") + commit.sig[32:]: "r and s must be in 1..n-1",
+        (n - 1).to_bytes(32, "big") + commit.sig[32:]: "does not verify",
+        r + (n // 2 + 1).to_bytes(32, "big"): "high-S",
+        r + (n - 1).to_bytes(32, "big"): "high-S",
+        r + (n // 2).to_bytes(32, "big"): "does not verify",  # the highest low S: checked, and wrong
+        r + (1).to_bytes(32, "big"): "does not verify",
         commit.sig[:-1] + bytes([commit.sig[-1] ^ 1]): "does not verify",
     }
     for sig, message in cases.items():

@@ -351,3 +351,45 @@ def test_sha256_both_ways() -> None:
     msgs = [rng.randbytes(rng.randrange(0, 3000)) for _ in range(40)] + [rng.randbytes(30) for _ in range(40)]
     for lanes in (1, 8, 16):
         assert _native.sha256_many(msgs, lanes) == [hashlib.sha256(m).digest() for m in msgs]
+
+
+def _sections_into(parser_type: Any, car: bytes, chunk: int, verify: bool) -> tuple[Any, ...]:
+    parser = parser_type(1024, verify)
+    blocks: dict[bytes, bytes] = {}
+    counts = []
+    header = None
+    try:
+        for at in range(0, len(car), chunk):
+            parser.feed(car[at : at + chunk])
+            if header is None:
+                header = parser.read_header()
+            if header is not None:
+                counts.append(parser.sections_into(blocks))
+        parser.finish()
+    except RepoStreamError as exc:
+        return ("error", comparable(exc), counts, list(blocks.items()))
+    return ("ok", counts, list(blocks.items()))
+
+
+def test_car_parser_sections_into_both_ways() -> None:
+    """CarParser.sections_into (read_car_slice's loop in one call): the C parser's and the
+    reference's give the same dict (first block of a CID given twice kept, insertion order) and
+    counts, fed whole or in pieces, and the same error with the same sections before it."""
+    from repo_stream.core.car import CarParser as PyCarParser
+    from repo_stream.records.writer import car_bytes
+
+    blocks = [(dag_cbor_cid(b), b) for b in POOL[:12]]
+    twice = [*blocks[:3], (blocks[1][0], b"another block"), *blocks[3:]]  # CID given twice: the first stays
+    good = car_bytes([blocks[0][0]], blocks)
+    cases = [good, car_bytes([blocks[0][0]], twice), good[:-5], good + b"\x05\x01", good[:200] + b"\xff" + good[201:]]
+    big = car_bytes([blocks[0][0]], [*blocks[:2], (dag_cbor_cid(b"x" * 2000), b"x" * 2000)])  # over the 1024-byte limit
+    cases.append(big)
+    for car in cases:
+        for chunk in (len(car), 97, 7):
+            for verify in (True, False):
+                got = _sections_into(_native.CarParser, car, chunk, verify)
+                assert got == _sections_into(PyCarParser, car, chunk, verify)
+    ok = _sections_into(_native.CarParser, car_bytes([blocks[0][0]], twice), 50, False)  # unchecked: the twin is kept out
+    assert ok[0] == "ok" and sum(ok[1]) == len(twice) and ok[2] == blocks
+    with pytest.raises(TypeError):
+        _native.CarParser(1024, False).sections_into([])  # type: ignore[arg-type]

@@ -397,6 +397,18 @@ class CarParser:
             append(section)
         return out
 
+    def sections_into(self, blocks: dict[bytes, bytes]) -> int:
+        """Put every complete section buffered into ``blocks`` (raw CID -> block; a CID already
+        there keeps its block, as ``dict.setdefault``); return how many sections were read.
+
+        Raises: as :meth:`next_sections` (``blocks`` then holds the sections before the bad one)."""
+        read = 0
+        setdefault = blocks.setdefault
+        while (section := self._section()) is not None:
+            setdefault(*section)
+            read += 1
+        return read
+
     def load_into(self, table: BlockSink, limit: int) -> bool:
         """Move complete sections into ``table`` until ``table.used`` reaches ``limit`` bytes.
 

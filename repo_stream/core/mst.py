@@ -51,9 +51,14 @@ def is_valid_rkey(rkey: str) -> bool:
     return _RKEY_RE.fullmatch(rkey) is not None and rkey != "." and rkey != ".."
 
 
+# A whole key in one match: neither part holds a "/", so the NSID is what comes before the only
+# "/" (the length limits, and "." and "..", are checked apart: ~3x faster than three matches).
+_KEY_RE = re.compile(f"(?:{_NSID_RE.pattern})/{_RKEY_RE.pattern}")
+
+
 def is_valid_key(key: str) -> bool:
     """Return whether ``key`` is a valid MST key ``<collection NSID>/<record key>`` of <= 1024 bytes."""
-    if len(key) > MAX_KEY_BYTES:
+    if len(key) > MAX_KEY_BYTES or _KEY_RE.fullmatch(key) is None:
         return False
-    collection, sep, rkey = key.partition("/")
-    return bool(sep) and is_valid_collection(collection) and is_valid_rkey(rkey)
+    slash = key.index("/")
+    return slash <= 317 and (len(key) - slash > 3 or key[slash + 1 :] not in (".", ".."))

@@ -537,7 +537,6 @@ def read_car_slice(car: bytes, *, max_block_size: int = DEFAULT_MAX_BLOCK_SIZE, 
         raise AssertionError("unreachable")  # pragma: no cover
     roots = decode_header(raw, parser.offset - len(raw))
     blocks: dict[bytes, bytes] = {}
-    for cid, block in parser.next_sections():
-        blocks.setdefault(bytes(cid), bytes(block))
+    parser.sections_into(blocks)
     parser.finish()
     return CarSlice(roots, blocks)

@@ -42,12 +42,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Generic, NamedTuple, TypeVar, overload
 
 from cbrrr import CID as _CbrrrCID
-from cbrrr import decode_dag_cbor as _cbrrr_decode
+from cbrrr import _cbrrr
 from cbrrr import encode_dag_cbor as _cbrrr_encode
 
+from ..core import implementation
 from ..core.cid import cid_str, cid_text, is_plain_cid
 from ..core.commit import Commit, decode_commit
 from ..core.mst import is_valid_key
+from ..core.walk import DEFAULT_MAX_DEPTH
 from ..errors import (
     BlocksTooLargeError,
     CarError,
@@ -85,8 +87,13 @@ from ..errors import (
 )
 from ..records.values import JsonValue, Link, record_json
 from .events import DEFAULT_MAX_MESSAGE_BYTES, decode_frame
-from .invert import ACTIONS, Op, lookup_and_invert
+from .invert import _CODES, ACTIONS, Op, lookup_and_invert
 from .partial import read_car_slice
+
+try:
+    from .. import _native
+except ImportError:  # the C core is not built: the reference runs
+    _native = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
     from ..crypto.didkey import PublicKey
@@ -115,7 +122,8 @@ DEFAULT_MAX_CLOCK_SKEW: Final = 300.0
 
 V = TypeVar("V")
 _TID_RE: Final = re.compile(r"[234567abcdefghij][234567abcdefghijklmnopqrstuvwxyz]{12}")
-_S32: Final = {c: i for i, c in enumerate("234567abcdefghijklmnopqrstuvwxyz")}
+# base32-sortable digits to those int(..., 32) reads, the same values
+_S32_TO_B32: Final = str.maketrans("234567abcdefghijklmnopqrstuvwxyz", "0123456789abcdefghijklmnopqrstuv")
 
 
 def tid_timestamp(tid: str) -> int | None:
@@ -126,10 +134,7 @@ def tid_timestamp(tid: str) -> int | None:
     """
     if type(tid) is not str or len(tid) != 13 or not _TID_RE.fullmatch(tid):
         return None
-    value = 0
-    for c in tid:
-        value = value << 5 | _S32[c]
-    return value >> 10
+    return int(tid.translate(_S32_TO_B32), 32) >> 10
 
 
 def parse_cid(value: object) -> bytes:
@@ -298,6 +303,9 @@ def _field(body: Mapping[str, object], name: str, kind: type, what: str, *, opti
     return value
 
 
+_verifying_key: list[Callable[[str | PublicKey | VerifyingKey], VerifyingKey]] = []
+
+
 def _cid_field(value: object, what: str) -> bytes:
     try:
         return parse_cid(value)
@@ -306,14 +314,17 @@ def _cid_field(value: object, what: str) -> bytes:
 
 
 def _verifier(key: str | PublicKey | VerifyingKey, did: str, rev: str) -> VerifyingKey:
-    from ..crypto.signature import verifying_key
+    if not _verifying_key:
+        from ..crypto.signature import verifying_key  # imports cryptography: on first use
 
+        _verifying_key.append(verifying_key)
     try:
-        return verifying_key(key)
+        return _verifying_key[0](key)
     except SignatureError as exc:
         raise CommitSignatureError(f"commit of {did} at rev {rev}: {exc}", did=did, rev=rev) from exc
 
 
+_cbrrr_decode_c: Callable[[bytes, type[_CbrrrCID], bool], tuple[Any, int]] = _cbrrr.decode_dag_cbor
 _COMMIT_KEYS: Final = frozenset(("did", "version", "data", "rev", "prev", "sig"))
 
 
@@ -324,8 +335,8 @@ def _fast_commit(block: bytes, commit_cid: bytes) -> tuple[Commit, bytes, bytes]
     own error. The result is what ``decode_commit(block, cid, strict=True)`` and
     ``Commit.unsigned_bytes()`` give (tested on every generated commit and fuzzed)."""
     try:
-        obj = _cbrrr_decode(block)
-        if type(obj) is not dict or obj.keys() != _COMMIT_KEYS or _cbrrr_encode(obj) != block:
+        obj, length = _cbrrr_decode_c(block, _CbrrrCID, False)  # cbrrr's C decoder (not its wrapper)
+        if length != len(block) or type(obj) is not dict or obj.keys() != _COMMIT_KEYS or _cbrrr_encode(obj) != block:
             return None
     except Exception:
         return None
@@ -475,8 +486,16 @@ def verify_commit(
         since = _field(body, "since", str, where, optional=True)
         blocks_bytes = _field(body, "blocks", bytes, where)
         raw_ops = _field(body, "ops", list, where)
-        commit_cid = _cid_field(body.get("commit"), f"{where}: field 'commit'")
-        prev_data = None if body.get("prevData") is None else _cid_field(body["prevData"], f"{where}: field 'prevData'")
+        commit_value = body.get("commit")
+        prev_data_value = body.get("prevData")
+        # Links decoded from the message are used as they are (their bytes checked when made).
+        commit_cid = commit_value.cid_bytes if type(commit_value) is Link else _cid_field(commit_value, f"{where}: field 'commit'")
+        if prev_data_value is None:
+            prev_data = None
+        elif type(prev_data_value) is Link:
+            prev_data = prev_data_value.cid_bytes
+        else:
+            prev_data = _cid_field(prev_data_value, f"{where}: field 'prevData'")
         seq = body.get("seq")
         seq = seq if type(seq) is int else None
         when = body.get("time")
@@ -493,21 +512,22 @@ def verify_commit(
     if prev_data is None and require_prev_data:
         raise MissingPrevDataError(f"{where}: no prevData (the PDS predates sync 1.1); pass require_prev_data=False to accept it on its signature alone", did=did, rev=rev)
 
-    # 2. The ops.
-    ops: list[Op] = []
-    keys: list[bytes] = []
+    # 2. The ops. Each is kept as (action, path, key, cid, prev, cid link, prev link): links
+    # decoded from the message (Link) are reused for the result, not parsed and made again.
+    items: list[tuple[str, str, bytes, bytes | None, bytes | None, Link | None, Link | None]] = []
     seen: set[str] = set()
+    valid_key = is_valid_key if check_keys else None
     for i, raw in enumerate(raw_ops):
         if type(raw) is not dict:
             raise InvalidOpError(f"{where}: op {i} is a {type(raw).__name__}, not a map", did=did, rev=rev)
         action = raw.get("action")
         path = raw.get("path")
-        if type(path) is not str or (check_keys and not is_valid_key(path)) or len(path) > 1024:
+        if type(path) is not str or (valid_key is not None and not valid_key(path)) or len(path) > 1024:
             raise InvalidOpError(f"{where}: op {i} has path {str(path)[:200]!r}, not a valid repo key", did=did, rev=rev)
-        if action not in ACTIONS or type(action) is not str:
+        if type(action) is not str or action not in ACTIONS:
             raise InvalidOpError(f"{where}: op {i} ({path!r}) has action {str(action)[:50]!r}, not create, update or delete", did=did, rev=rev)
         try:
-            keys.append(path.encode())
+            op_key = path.encode()
         except UnicodeEncodeError:
             raise InvalidOpError(f"{where}: op {i} has path {path[:200]!r}, not a valid repo key", did=did, rev=rev) from None
         if path in seen:
@@ -515,18 +535,33 @@ def verify_commit(
         seen.add(path)
         cid_value = raw.get("cid")
         prev_value = raw.get("prev")
-        cid = None if cid_value is None else _op_cid(cid_value, f"{where}: op {i} ({action} {path!r}) field 'cid'", did, rev)
-        op_prev = None if prev_value is None else _op_cid(prev_value, f"{where}: op {i} ({action} {path!r}) field 'prev'", did, rev)
+        cid_link: Link | None = None
+        prev_link: Link | None = None
+        if cid_value is None:
+            cid = None
+        elif type(cid_value) is Link:
+            cid_link = cid_value
+            cid = cid_value.cid_bytes
+        else:
+            cid = _op_cid(cid_value, f"{where}: op {i} ({action} {path!r}) field 'cid'", did, rev)
+        if prev_value is None:
+            op_prev = None
+        elif type(prev_value) is Link:
+            prev_link = prev_value
+            op_prev = prev_value.cid_bytes
+        else:
+            op_prev = _op_cid(prev_value, f"{where}: op {i} ({action} {path!r}) field 'prev'", did, rev)
         if action == "delete":
             if cid is not None:
                 raise InvalidOpError(f"{where}: delete of {path!r} has a cid ({cid_str(cid)}); a delete's cid is null", did=did, rev=rev)
         elif cid is None:
             raise InvalidOpError(f"{where}: {action} of {path!r} has no cid", did=did, rev=rev)
-        if action == "create" and op_prev is not None:
-            raise InvalidOpError(f"{where}: create of {path!r} has a prev ({cid_str(op_prev)}): the key was there already", did=did, rev=rev)
-        if action != "create" and op_prev is None and prev_data is not None:
+        if action == "create":
+            if op_prev is not None:
+                raise InvalidOpError(f"{where}: create of {path!r} has a prev ({cid_str(op_prev)}): the key was there already", did=did, rev=rev)
+        elif op_prev is None and prev_data is not None:
             raise OpPrevMissingError(f"{where}: {action} of {path!r} has no prev: a {action} of a key that was not there", did=did, rev=rev)
-        ops.append(Op(action, path, cid, op_prev))
+        items.append((action, path, op_key, cid, op_prev, cid_link, prev_link))
 
     # 3. The CAR and the commit.
     blocks, commit, data, _, unsigned = _load_commit(blocks_bytes, commit_cid, did, rev, where)
@@ -553,40 +588,45 @@ def verify_commit(
     got: bytes | RepoStreamError | None = None
     if prev_data is not None:
         # The tree's whole work at once (in C when the C core is in use); its errors come back
-        # as values, raised below in the order the checks come.
-        helds, got = lookup_and_invert(data, blocks, keys, ops, check_keys=check_keys)
+        # as values, raised below in the order the checks come. The ops passed the checks the
+        # reference's lookup_and_invert makes of them (above), so C is called directly.
+        keys = [item[2] for item in items]
+        if _native is not None and type(blocks) is dict and implementation.backend().name == "c":
+            helds, got = _native.lookup_and_invert(
+                data, blocks, keys, [(_CODES[a], p, k, c, v) for a, p, k, c, v, _, _ in items], check_keys, DEFAULT_MAX_DEPTH
+            )
+        else:
+            helds, got = lookup_and_invert(data, blocks, keys, [Op(a, p, c, v) for a, p, _, c, v, _, _ in items], check_keys=check_keys)
     try:
-        for i, op in enumerate(ops):
+        for i, (action, path, _, cid, op_prev, cid_link, prev_link) in enumerate(items):
             value: Any = None
             block: bytes | None = None
             if prev_data is not None:
                 held = helds[i]
-                if isinstance(held, RepoStreamError):
+                if type(held) is not bytes and isinstance(held, RepoStreamError):
                     raise held
-                if op.action == "delete":
+                if action == "delete":
                     if held is not None:
-                        raise DeletedKeyPresentError(f"{where}: deleted path {op.path!r} still holds {cid_str(held)}", did=did, rev=rev)
-                elif held != op.cid:
-                    assert op.cid is not None
+                        raise DeletedKeyPresentError(f"{where}: deleted path {path!r} still holds {cid_str(held)}", did=did, rev=rev)
+                elif held != cid:
+                    assert cid is not None
                     found = "nothing" if held is None else cid_str(held)
-                    raise OpCidMismatchError(
-                        f"{where}: {op.action} of {op.path!r} names {cid_str(op.cid)} but the tree holds {found}", did=did, rev=rev
-                    )
-            if op.cid is not None:
-                block = blocks.get(op.cid)
+                    raise OpCidMismatchError(f"{where}: {action} of {path!r} names {cid_str(cid)} but the tree holds {found}", did=did, rev=rev)
+            if cid is not None:
+                block = blocks.get(cid)
                 if block is None:
                     if prev_data is not None:
-                        raise MissingRecordBlockError(f"{where}: record block {cid_str(op.cid)} of {op.path!r} is not in the CAR", did=did, rev=rev)
+                        raise MissingRecordBlockError(f"{where}: record block {cid_str(cid)} of {path!r} is not in the CAR", did=did, rev=rev)
                 else:
                     try:
                         value = process(block)
                     except Exception as exc:
-                        raise MalformedRecordError(f"{where}: record {cid_str(op.cid)} of {op.path!r}: {exc}", did=did, rev=rev) from exc
-            verified.append(
-                VerifiedOp(
-                    op.action, op.path, None if op.cid is None else Link(op.cid), None if op.prev is None else Link(op.prev), value, block
-                )
-            )
+                        raise MalformedRecordError(f"{where}: record {cid_str(cid)} of {path!r}: {exc}", did=did, rev=rev) from exc
+                if cid_link is None:
+                    cid_link = Link(cid)
+            if prev_link is None and op_prev is not None:
+                prev_link = Link(op_prev)
+            verified.append(VerifiedOp(action, path, cid_link, prev_link, value, block))
         if prev_data is not None:
             if isinstance(got, RepoStreamError):
                 raise got
@@ -605,7 +645,16 @@ def verify_commit(
         raise MalformedTreeError(f"{where}: {exc}", did=did, rev=rev) from exc
 
     result: VerifiedCommit[Any] = VerifiedCommit(
-        did, rev, since, Link(data), Link(commit_cid), None if prev_data is None else Link(prev_data), inverted, tuple(verified), seq, when
+        did,
+        rev,
+        since,
+        Link(data),
+        commit_value if type(commit_value) is Link else Link(commit_cid),
+        None if prev_data is None else prev_data_value if type(prev_data_value) is Link else Link(prev_data),
+        inverted,
+        tuple(verified),
+        seq,
+        when,
     )
 
     # 7. Continuity.
