@@ -354,8 +354,8 @@ class Sync:
         self._in_memory_bytes = 0
         self._seq_done: int | None = None
         self._pending: _Effect = None
-        self._marks_open: list[tuple[str, str]] = []  # marked, their group not all acknowledged
-        self._marks_done: list[tuple[str, str]] = []  # marked, acknowledged: unmarked at the next commit
+        self._marks_open = False  # marks of a group not all acknowledged are in the state
+        self._marks_done = False  # marks are in the state, all acknowledged: removed at the next commit
         self._acks = 0
         self._last_commit = time.monotonic()
         self._iterator: AsyncIterator[SyncEvent] | None = None
@@ -453,9 +453,9 @@ class Sync:
             state.set_cursor(cursor)
         if self.before_commit is not None:
             self.before_commit()
-        if self._marks_done:
-            state.unmark(self._marks_done)  # their changes are committed with this
-            self._marks_done = []
+        if self._marks_done and not self._marks_open:
+            state.unmark()  # every mark is acknowledged: their changes are committed with this
+            self._marks_done = False
         state.commit()
         self._acks = 0
         self._last_commit = time.monotonic()
@@ -468,8 +468,10 @@ class Sync:
         records with an empty CID (:meth:`StateStore.fold_marks`), so a refetch of the repo sends
         each again (an update if the repo has it, a delete if not) and the consumer's records
         end equal to the repo's. The marks are removed by the first commit after the group is
-        acknowledged (:meth:`_close_marks`). The ops are not verified yet: a mark of an op that
-        is then dropped costs at most a needless update or delete after a restart."""
+        acknowledged (:meth:`_close_marks`), all at once (the table holds only marks of groups
+        not acknowledged, or acknowledged and not committed). The ops are not verified yet: a
+        mark of an op that is then dropped costs at most a needless update or delete after a
+        restart."""
         state = self.state
         assert state is not None
         fetching, wanted = self._fetching, self._wanted
@@ -489,15 +491,17 @@ class Sync:
                 if isinstance(path, str) and wanted(path.partition("/")[0]):
                     keys.append((item.did, path))
         if keys:
+            if self._marks_done and not self._marks_open:
+                state.unmark()
+                self._marks_done = False
             state.mark(keys)
-            self._marks_open += keys
+            self._marks_open = True
             self._commit()
 
     def _close_marks(self) -> None:
         """The group marked last is acknowledged: its marks go with the next commit."""
         if self._marks_open:
-            self._marks_done += self._marks_open
-            self._marks_open = []
+            self._marks_done, self._marks_open = True, False
 
     # ------------------------------------------------------------------------------ tasks
 

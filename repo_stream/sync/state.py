@@ -235,12 +235,10 @@ class StateStore:
         except sqlite3.Error as exc:
             raise DiskError(f"sync state {self.path}: {exc}") from None
 
-    def unmark(self, keys: list[tuple[str, str]]) -> None:
-        """Remove ``(did, key)`` marks (their changes are committed with them)."""
-        try:
-            self._db.executemany("DELETE FROM marks WHERE did = ? AND key = ?", keys)
-        except sqlite3.Error as exc:
-            raise DiskError(f"sync state {self.path}: {exc}") from None
+    def unmark(self) -> None:
+        """Remove every mark (their changes are committed with this; SQLite empties the table
+        without visiting its rows)."""
+        self._run("DELETE FROM marks")
 
     def fold_marks(self) -> int:
         """Turn every mark left by an earlier run into a record with an empty CID (stored or
