@@ -767,6 +767,7 @@ async def _sync(args: argparse.Namespace) -> int:
             per_host_rps=args.per_host_rps,
             max_buffered=args.max_buffered,
             on_problem=problem,
+            before_commit=sys.stdout.flush if sink is None else None,  # a line acknowledged is written before it is committed
         )
     except ValueError as exc:
         _error(f"sync: {exc}")
@@ -786,7 +787,7 @@ async def _sync(args: argparse.Namespace) -> int:
                     else:
                         detail = " ".join(f"{k}={v}" for k, v in event.detail.items())
                         _write(f"{event.did} {event.event} {detail}\n")
-                await sync.ack()  # written out: taken
+                await sync.ack()  # taken: written out (flushed before the state is committed)
                 if bar is not None and time.monotonic() - shown >= 0.5:
                     shown = time.monotonic()
                     bar.n = count

@@ -18,6 +18,8 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -109,12 +111,14 @@ class Plan:
         insert: raw messages sent before the message at this index (of this connection).
         end_with: raw messages sent after the replay (e.g. an error frame), then close.
         close_at_end: close (a WebSocket close) after the replay instead of staying open.
+        wait_for: send nothing until this holds (polled every 10 ms, 30 s at most).
     """
 
     drop_after: int | None = None
     insert: dict[int, list[bytes]] = field(default_factory=dict)
     end_with: list[bytes] = field(default_factory=list)
     close_at_end: bool = False
+    wait_for: Callable[[], bool] | None = None
 
 
 class FirehoseServer:
@@ -172,6 +176,10 @@ class FirehoseServer:
                 if cursor is not None:
                     start = next((i for i, (seq, _) in enumerate(self.messages) if seq is not None and seq > cursor), len(self.messages))
                 count = 0
+                waited = 0
+                while plan.wait_for is not None and not plan.wait_for() and waited < 3000:
+                    time.sleep(0.01)
+                    waited += 1
                 for position, (_, message) in enumerate(self.messages[start:]):
                     for raw in plan.insert.get(position, []):
                         conn.sendall(ws.send(BytesMessage(raw)))

@@ -79,10 +79,12 @@ async def run_sync(
     *,
     stop_after: int | None = None,
     on_event: Callable[[RecordEvent | RepoEvent], Any] | None = None,
+    stop_when: Callable[[RecordEvent | RepoEvent], bool] | None = None,
     timeout: float = 60,
     **options: Any,
 ) -> Run:
-    """Sync every account of ``stream`` until caught up (or ``stop_after`` events)."""
+    """Sync every account of ``stream`` until caught up (or ``stop_after`` events, or the first
+    event ``stop_when`` holds for, which is taken)."""
     run = run or Run()
     options.setdefault("firehose_options", {"backoff_base": 0.01, "backoff_cap": 0.05})
     with anyio.fail_after(timeout):
@@ -94,7 +96,7 @@ async def run_sync(
                         await anyio.sleep(0.02)
                     tg.cancel_scope.cancel()
 
-                if stop_after is None:
+                if stop_after is None and stop_when is None:
                     tg.start_soon(watch)
                 taken = 0
                 async for event in sync:
@@ -106,9 +108,19 @@ async def run_sync(
                     taken += 1
                     if stop_after is not None and taken >= stop_after:
                         break
+                    if stop_when is not None and stop_when(event):
+                        break
                 tg.cancel_scope.cancel()
             run.stats = sync.stats
     return run
+
+
+def after_the_fetches(host: RepoHost, stream: SyncStream) -> list[Plan]:
+    """A relay script that starts the stream once every repo's fetch has started. Events of a
+    repo whose fetch has not started are skipped (the fetch covers them), which the snapshot
+    (made at 30% of the stream) served by the first getRepo would not: a repo could be resynced
+    or, with no commit left to show the gap, left at its snapshot (timing, under load)."""
+    return [Plan(wait_for=lambda: all(host.fetches(did) for did in stream.accounts))]
 
 
 def check_final(run: Run, stream: SyncStream, dids: list[str] | None = None) -> None:
@@ -120,7 +132,7 @@ def check_final(run: Run, stream: SyncStream, dids: list[str] | None = None) -> 
 async def test_backfill_then_follow_with_events_during_the_backfill(tmp_path: Path) -> None:
     # getRepo answers slowly: the whole stream arrives while the repos are backfilled, is
     # buffered (past 40 messages spilled to the state file) and applied after each backfill.
-    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+    with RepoHost() as host, FirehoseServer(STREAM.messages, after_the_fetches(host, STREAM)) as relay:
         serve(host, STREAM)
         for did, account in STREAM.accounts.items():
             host.repo(did, car_reply(account.snapshot, head_delay=0.5))
@@ -160,7 +172,7 @@ async def test_a_gap_triggers_a_resync_that_emits_the_difference(tmp_path: Path)
     commits = STREAM.accounts[did].commits
     gap = commits[len(commits) // 2]  # after the snapshot
     messages = [m for i, m in enumerate(STREAM.messages) if i != gap]
-    with FirehoseServer(messages) as relay, RepoHost() as host:
+    with RepoHost() as host, FirehoseServer(messages, after_the_fetches(host, STREAM)) as relay:
         serve(host, STREAM)
         run = await run_sync(STREAM, relay.url, host, tmp_path / "state.sqlite")
         assert len(host.fetches(did)) == 2 and all(len(host.fetches(d)) == 1 for d in STREAM.accounts if d != did)
@@ -355,6 +367,15 @@ class Child:
 
         threading.Thread(target=read, daemon=True).start()
 
+    def rest(self, timeout: float = 10) -> list[dict[str, Any]]:
+        """The lines left (as JSON) once the child has ended: what it wrote is delivered."""
+        import json
+
+        out: list[dict[str, Any]] = []
+        while (line := self.lines.get(timeout=timeout)) is not None:
+            out.append(json.loads(line))
+        return out
+
     def take(self, until: Callable[[dict[str, Any]], bool], timeout: float = 60) -> list[dict[str, Any]]:
         """Lines (as JSON) until ``until(line)`` holds after one."""
         import json
@@ -381,6 +402,28 @@ def apply_json(records: dict[str, dict[str, str]], line: dict[str, Any]) -> None
         repo[key] = line["cid"]
 
 
+def committed_cursor(path: Path, until: int, revs: dict[str, str] | None = None, timeout: float = 30) -> int:
+    """The cursor committed to the state file ``path`` once it is at least ``until`` and every
+    repo of ``revs`` (DID -> rev) is committed active at that rev (or when ``timeout`` seconds
+    have passed), read by another, read-only, connection."""
+    import sqlite3
+    import time
+    from contextlib import closing
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+                row = db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
+                rows = dict(db.execute("SELECT did, rev FROM repos WHERE status = 'active'").fetchall())
+        except sqlite3.OperationalError:  # not made yet
+            row, rows = None, {}
+        cursor = -1 if row is None else int(row[0])
+        if (cursor >= until and all(rows.get(did) == rev for did, rev in (revs or {}).items())) or time.monotonic() > end:
+            return cursor
+        time.sleep(0.05)
+
+
 @pytest.mark.once
 def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
     import signal
@@ -390,7 +433,7 @@ def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path:
     state = tmp_path / "state.sqlite"
     records: dict[str, dict[str, str]] = {}
     final = {did: account.records() for did, account in STREAM.accounts.items()}
-    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+    with RepoHost() as host, FirehoseServer(STREAM.messages, after_the_fetches(host, STREAM)) as relay:
         serve(host, STREAM)
         args = ["--repos", str(dids), "--relay", relay.url, "--plc-url", host.base, "--state", str(state), "--json", "--allow-private-hosts"]
         first = Child(args)
@@ -404,6 +447,7 @@ def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path:
         lines = first.take(enough)
         first.process.send_signal(signal.SIGKILL)
         assert first.process.wait(10) == -signal.SIGKILL
+        lines += first.rest()  # what it wrote before it was killed is the consumer's
         for line in lines:
             apply_json(records, line)
         assert records != final
@@ -414,13 +458,22 @@ def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path:
             return records == final
 
         more = second.take(done)
-        assert {line.get("event", "record") for line in lines + more} >= {"record", "identity", "account"}
+        # The records are the final ones (maybe by refetches): wait until the child has taken the
+        # rest of the stream (stale events) and committed its cursor (it commits when idle).
+        last = max(seq for seq, _ in STREAM.messages if seq is not None)
+        assert committed_cursor(state, until=last, revs={did: a.generator.rev for did, a in STREAM.accounts.items()}) >= last
+        second.process.send_signal(signal.SIGTERM)
+        assert second.process.wait(20) == 143
+        more += second.rest()
+        for line in more:
+            apply_json(records, line)
+        assert records == final
+        # (an #identity of a repo waiting for its fetch is left out: the fetch covers it)
+        assert {line.get("event", "record") for line in lines + more} >= {"record", "account"}
         for line in lines + more:
             if "action" in line:
                 assert set(line) == {"did", "rev", "seq", "action", "collection", "rkey", "cid", "value", "live"}
                 assert (line["seq"] is None) == (not line["live"])
-        second.process.send_signal(signal.SIGTERM)
-        assert second.process.wait(20) == 143
         assert second.process.stderr is not None
         err = second.process.stderr.read()
         assert "sync: " in err and "repos: 4 active" in err, err
@@ -428,7 +481,29 @@ def test_cli_kill_9_and_restart_lose_nothing_and_sigterm_stops_cleanly(tmp_path:
         for did, account in STREAM.accounts.items():
             row = store.get(did)
             assert row is not None and row.status == "active" and row.rev == account.generator.rev
-        assert store.cursor is not None and store.cursor >= max(account.commits[-1] for account in STREAM.accounts.values())
+        assert store.cursor == last
+
+
+@pytest.mark.once
+def test_cli_writes_a_line_out_before_the_state_commits_it(tmp_path: Path) -> None:
+    # Killed once it has committed the whole stream (idle: it commits what it took): every line
+    # whose event is committed was written out, not left in a buffer that the kill loses.
+    import signal
+
+    dids = tmp_path / "dids.txt"
+    dids.write_text("\n".join(STREAM.accounts) + "\n")
+    state = tmp_path / "state.sqlite"
+    last = max(seq for seq, _ in STREAM.messages if seq is not None)
+    with RepoHost() as host, FirehoseServer(STREAM.messages, after_the_fetches(host, STREAM)) as relay:
+        serve(host, STREAM)
+        child = Child(["--repos", str(dids), "--relay", relay.url, "--plc-url", host.base, "--state", str(state), "--json", "--allow-private-hosts"])
+        assert committed_cursor(state, until=last, revs={did: a.generator.rev for did, a in STREAM.accounts.items()}) == last
+        child.process.send_signal(signal.SIGKILL)
+        assert child.process.wait(10) == -signal.SIGKILL
+        records: dict[str, dict[str, str]] = {}
+        for line in child.rest():
+            apply_json(records, line)
+    assert records == {did: walk_final(STREAM, did) for did in STREAM.accounts}
 
 
 @pytest.mark.once
@@ -565,3 +640,133 @@ async def test_fetches_are_polite_per_host_and_a_truncated_repo_is_refetched_the
     assert [e.did for e in errors] == [stays] and str(errors[0].detail["error"]).startswith("MissingBlockError"), errors
     final = stream.accounts[stays].records()  # what the consumer has of it are records it has
     assert all(final.get(key) == cid for key, cid in run.records.get(stays, {}).items())
+
+
+# --- at least once across kill -9: the consumer's records equal the repo's after any resync ----
+
+
+def committed_copy(path: Path, to: Path) -> None:
+    """What a ``kill -9`` now would leave of the state file: what is committed (another
+    connection's view, copied with SQLite's backup)."""
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(path)) as source, closing(sqlite3.connect(to)) as copy:
+        source.backup(copy)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("kill_after_live", "commit_every"), [(3, 100_000), (25, 100_000), (60, 100_000), (110, 100_000), (40, 7)])
+async def test_kill_9_in_a_live_stream_then_a_resync_leaves_the_consumer_with_the_repos_records(
+    tmp_path: Path, kill_after_live: int, commit_every: int
+) -> None:
+    # The first run is "killed" after the consumer took its Nth live record event: the state file
+    # is what was committed then, the consumer has what it took. The second run's relay lacks the
+    # events from the committed cursor to the last one the first run delivered (they are not
+    # delivered again), and every repo is refetched (as after a gap: the final repo), its
+    # records compared with the state.
+    path, killed = tmp_path / "state.sqlite", tmp_path / "killed.sqlite"
+    live = last_seq = 0
+
+    def kill(event: RecordEvent | RepoEvent) -> bool:
+        nonlocal live, last_seq
+        last_seq = max(last_seq, event.seq or 0)
+        if isinstance(event, RecordEvent) and event.live:
+            live += 1
+        if live < kill_after_live:
+            return False
+        committed_copy(path, killed)
+        return True
+
+    with FirehoseServer(STREAM.messages) as relay, RepoHost() as host:
+        serve(host, STREAM)
+        first = await run_sync(STREAM, relay.url, host, path, stop_when=kill, commit_every=commit_every, commit_interval=3600)
+        assert live == kill_after_live
+        with StateStore(killed) as state:
+            cursor = state.cursor or 0
+            for did in STREAM.accounts:  # a repo without commits after the gap is refetched too
+                row = state.get(did)
+                if row is not None and row.status == "active":
+                    state.set(did, "desynchronized")
+            state.commit()
+        gap = {i for i, (seq, _) in enumerate(STREAM.messages) if seq is not None and cursor < seq <= last_seq}
+        fetched = {did: len(host.fetches(did)) for did in STREAM.accounts}
+        with FirehoseServer([m for i, m in enumerate(STREAM.messages) if i not in gap]) as relay2:
+            second = await run_sync(STREAM, relay2.url, host, killed)
+        assert all(len(host.fetches(did)) > fetched[did] for did in STREAM.accounts)  # every repo was fetched
+    records: dict[str, dict[str, str]] = {}
+    for event in first.events + second.events:
+        if isinstance(event, RecordEvent):
+            apply(records, event)
+    for did in STREAM.accounts:
+        assert records.get(did, {}) == walk_final(STREAM, did), did
+    with StateStore(killed) as state:  # no mark is left once all was committed
+        assert state._run("SELECT COUNT(*) FROM marks").fetchone()[0] == 0
+
+
+def make_revert_stream() -> tuple[SyncStream, str, str]:
+    """One account of 20 records and six commits: the first deletes a record and updates
+    another, the third creates the first again and updates the second back (both to their old
+    CIDs), the others only create. Returns the stream and the two keys."""
+    from repo_stream.sync.generate import CommitGenerator, make_signer
+    from tests.firehose_server import with_seq
+    from tests.sync_server import SyncAccount
+
+    sign, did_key = make_signer("k256", 4242)
+    did = "did:plc:" + "reverts".ljust(24, "a")
+    generator = CommitGenerator(did, sign, seed=4242, engine="edit")
+    generator.commit(generator.random_ops(20, creates=1.0))
+    account = SyncAccount(did, did_key, generator, snapshot=generator.repo_car(), snapshot_rev=generator.rev)
+    keys = sorted(generator.pairs)
+    gone, changed = keys[3].decode(), keys[11].decode()
+    gone_block, changed_block = (generator.records[generator.pairs[k]] for k in (keys[3], keys[11]))
+    other = next(b for b in generator.pool if b not in (gone_block, changed_block))
+    messages: list[tuple[int | None, bytes]] = []
+
+    def add(message: bytes) -> None:
+        account.commits.append(len(messages))
+        messages.append((len(messages) + 1, with_seq(message, len(messages) + 1)))
+
+    add(generator.commit([("delete", gone, None), ("update", changed, other)]))
+    add(generator.commit(generator.random_ops(2, creates=1.0)))
+    add(generator.commit([("create", gone, gone_block), ("update", changed, changed_block)]))
+    for _ in range(3):
+        add(generator.commit(generator.random_ops(2, creates=1.0)))
+    account.final = generator.repo_car()
+    return SyncStream(messages, {did: account}), gone, changed
+
+
+@pytest.mark.anyio
+async def test_a_delete_and_an_update_delivered_not_committed_then_reverted_are_sent_again(tmp_path: Path) -> None:
+    # The first run delivers a commit deleting a record and updating another and is killed before
+    # that commit is committed (commit_every=1: all before it is); the record is then created
+    # again and the other updated back, both to the CIDs the state holds: without the marks the
+    # refetch sees no difference and the consumer keeps neither.
+    stream, gone, changed = make_revert_stream()
+    did = next(iter(stream.accounts))
+    path, killed = tmp_path / "state.sqlite", tmp_path / "killed.sqlite"
+    seen: list[str] = []
+
+    def kill(event: RecordEvent | RepoEvent) -> bool:
+        if isinstance(event, RecordEvent) and event.live:
+            seen.append(f"{event.collection}/{event.rkey}")
+        if len(seen) < 2:
+            return False
+        committed_copy(path, killed)
+        return True
+
+    with FirehoseServer(stream.messages) as relay, RepoHost() as host:
+        serve(host, stream)
+        first = await run_sync(stream, relay.url, host, path, stop_when=kill, commit_every=1)
+        assert sorted(seen) == sorted([gone, changed])
+        with FirehoseServer(stream.messages[1:]) as relay2:  # the commit is not sent again: a gap
+            second = await run_sync(stream, relay2.url, host, killed)
+        assert len(host.fetches(did)) == 2
+    final = walk_final(stream, did)
+    again = {f"{e.collection}/{e.rkey}": (e.action, e.cid) for e in second.events if isinstance(e, RecordEvent)}
+    assert again.get(gone) == ("update", final[gone]) and again.get(changed) == ("update", final[changed])
+    records: dict[str, dict[str, str]] = {}
+    for event in first.events + second.events:
+        if isinstance(event, RecordEvent):
+            apply(records, event)
+    assert records[did] == final

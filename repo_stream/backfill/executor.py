@@ -936,8 +936,11 @@ async def _pipeline(
                     yield result
     except BaseExceptionGroup as group:
         # Closing this generator early (``aclose``) throws GeneratorExit in at the ``yield``,
-        # inside the task group, which wraps it: hand ``aclose`` back the GeneratorExit.
-        if group.split(GeneratorExit)[1] is None:
+        # inside the task group, which wraps it: hand ``aclose`` back the GeneratorExit. When
+        # it is closed because its caller is cancelled, the group also holds the cancellation
+        # (an outer cancel scope would strip that and let a group of GeneratorExit escape).
+        closing, rest = group.split(GeneratorExit)
+        if closing is not None and (rest is None or rest.split(anyio.get_cancelled_exc_class())[1] is None):
             raise GeneratorExit from None
         raise
     finally:

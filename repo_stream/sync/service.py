@@ -50,7 +50,13 @@ is the seq of the last firehose event handled, held back before the first event 
 so after a ``kill -9`` a restart with the same state file replays from there, drops what it
 already applied (rev not above the stored one) and re-delivers only items not acknowledged or
 acknowledged after the last commit (``commit_every=1`` commits every acknowledgement). An
-interrupted fetch is redone and emits only the difference with what was delivered.
+interrupted fetch is redone and emits only the difference with what was delivered. Keys that
+may have been delivered and not committed are committed first: a fetch's creates as records
+with an empty CID, live events' ops as marks (one commit per group of firehose events, see
+:meth:`Sync._mark_live`) that a restart turns into such records; so a refetch after a restart
+sends each again (an update, or a delete if the repo no longer has it), and after a restart and
+any resync a consumer applying the events holds the repo's records (updates as upserts).
+``before_commit`` lets a consumer that buffers its output write it out before each commit.
 
 Spec: atproto sync (https://atproto.com/specs/sync), "Commit Validation", "Repository
 Synchronization"; lexicons ``com.atproto.sync.subscribeRepos``, ``getRepo``, ``listRepos``,
@@ -248,6 +254,10 @@ class Sync:
             (``max_buffer``, ``backoff_base``, ``max_reconnects``...).
         on_problem: called with each :class:`~repo_stream.firehose.Problem` of the stream (a
             lost connection, a malformed message, an error frame, a seq out of order).
+        before_commit: called (no arguments) before each commit of the state: a consumer that
+            buffers what it does with the items (an output stream, a transaction) makes it
+            durable here, as what it acknowledged is about to be (the CLI flushes standard
+            output). An exception it raises stops the commit and ends the iteration.
 
     Raises (from iteration):
         ErrorFrameError: the relay sent ``FutureCursor``.
@@ -282,6 +292,7 @@ class Sync:
         client: httpx.AsyncClient | None = None,
         firehose_options: dict[str, Any] | None = None,
         on_problem: Callable[[Problem], None] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
         if max_buffered < 0 or commit_every < 1:
             raise ValueError("max_buffered must be at least 0 and commit_every at least 1")
@@ -319,6 +330,7 @@ class Sync:
         self.commit_interval = commit_interval
         self.firehose_options = dict(firehose_options or {})
         self.on_problem = on_problem
+        self.before_commit = before_commit
         self._client = client
         self.stats = SyncStats()
         from ..records.json_text import json_text_processor
@@ -342,6 +354,8 @@ class Sync:
         self._in_memory_bytes = 0
         self._seq_done: int | None = None
         self._pending: _Effect = None
+        self._marks_open = False  # marks of a group not all acknowledged are in the state
+        self._marks_done = False  # marks are in the state, all acknowledged: removed at the next commit
         self._acks = 0
         self._last_commit = time.monotonic()
         self._iterator: AsyncIterator[SyncEvent] | None = None
@@ -365,6 +379,7 @@ class Sync:
             self.state.reset_statuses(("backfilling", "desynchronized", "error"), "pending")
             self.state.clear_spilled()
             self.state.clear_staged()
+            self.state.fold_marks()  # live events a killed run may have delivered: unknown CIDs
             self.state.commit()
             if self._client is None:
                 self._client = await stack.enter_async_context(make_client(allow_private_hosts=self.allow_private_hosts, max_connections=32))
@@ -436,9 +451,57 @@ class Sync:
             cursor = held if cursor is None else min(cursor, held)
         if cursor is not None and cursor >= 0:
             state.set_cursor(cursor)
+        if self.before_commit is not None:
+            self.before_commit()
+        if self._marks_done and not self._marks_open:
+            state.unmark()  # every mark is acknowledged: their changes are committed with this
+            self._marks_done = False
         state.commit()
         self._acks = 0
         self._last_commit = time.monotonic()
+
+    def _mark_live(self, items: Iterable[Event | Problem]) -> None:
+        """Before a group of firehose events is delivered: mark the keys of their ops (creates,
+        updates and deletes alike, of tracked repos not being fetched, rev above the stored one)
+        and commit (with what was acknowledged): one commit per group. If the service stops
+        (even ``kill -9``) before their changes are committed, the next run turns the marks into
+        records with an empty CID (:meth:`StateStore.fold_marks`), so a refetch of the repo sends
+        each again (an update if the repo has it, a delete if not) and the consumer's records
+        end equal to the repo's. The marks are removed by the first commit after the group is
+        acknowledged (:meth:`_close_marks`), all at once (the table holds only marks of groups
+        not acknowledged, or acknowledged and not committed). The ops are not verified yet: a
+        mark of an op that is then dropped costs at most a needless update or delete after a
+        restart."""
+        state = self.state
+        assert state is not None
+        fetching, wanted = self._fetching, self._wanted
+        keys: list[tuple[str, str]] = []
+        for item in items:
+            if isinstance(item, Problem) or item.type != "#commit" or item.did is None or item.did in fetching:
+                continue
+            row = state.get(item.did)
+            if row is None or row.rev is None:
+                continue
+            rev = item.body.get("rev")
+            ops = item.body.get("ops")
+            if (isinstance(rev, str) and rev <= row.rev) or not isinstance(ops, list):
+                continue
+            for op in ops:
+                path = op.get("path") if isinstance(op, dict) else None
+                if isinstance(path, str) and wanted(path.partition("/")[0]):
+                    keys.append((item.did, path))
+        if keys:
+            if self._marks_done and not self._marks_open:
+                state.unmark()
+                self._marks_done = False
+            state.mark(keys)
+            self._marks_open = True
+            self._commit()
+
+    def _close_marks(self) -> None:
+        """The group marked last is acknowledged: its marks go with the next commit."""
+        if self._marks_open:
+            self._marks_done, self._marks_open = True, False
 
     # ------------------------------------------------------------------------------ tasks
 
@@ -599,6 +662,7 @@ class Sync:
             if kind == "firehose":  # the hot path: lists, no generator
                 item[2].set()
                 stats = self.stats
+                self._mark_live(item[1])
                 for message in item[1]:
                     for event, effect in await self._on_firehose(message):
                         if event is None:
@@ -615,6 +679,7 @@ class Sync:
                             await self.ack()
                     if self._acks >= self.commit_every:
                         self._commit()
+                self._close_marks()
                 continue
             if kind == "chunk":
                 handler = self._on_chunk(item[1], item[2], item[3])
@@ -638,6 +703,7 @@ class Sync:
                     yield event
                     if self._pending is not None:
                         await self.ack()
+            self._close_marks()
 
     async def _on_firehose(self, item: Event | Problem) -> list[_Delivery]:
         if isinstance(item, Problem):
@@ -990,11 +1056,20 @@ class Sync:
             yield RepoEvent(did, "resync", None, detail), finished
         else:
             yield None, finished
-        # Then the events buffered while it was fetched, in order, until one needs a refetch.
+        # Then the events buffered while it was fetched, in order, until one needs a refetch;
+        # those in memory marked as one group, the spilled ones one by one.
+        queue = self._buffers.get(did)
+        in_memory = len(queue) if queue else 0
+        if queue:
+            self._mark_live(list(queue))
         while did not in self._fetching:
             item = self._unbuffer(did)
             if item is None:
                 break
+            if in_memory:
+                in_memory -= 1
+            else:
+                self._mark_live([item])
             for delivery in await self._on_event(item):
                 yield delivery
         if did not in self._fetching:

@@ -9,7 +9,11 @@ holds the record CIDs delivered for each tracked repo (``key`` is ``collection/r
 sync service compares them with a refetched repo to emit the difference), ``staged`` the same
 for a backfill written to a sink and not finished yet, and ``buffer(did, seq, message)`` the
 firehose messages of repos still backfilling past the in-memory limit (emptied at start: a
-restart replays them from the cursor). Writes become durable at
+restart replays them from the cursor). Table ``marks(did, key)`` holds the keys of live events
+that may have been delivered and whose changes may not be committed yet (written and committed
+before they are delivered, removed once their changes are committed): at start they become
+records with an empty CID (:meth:`StateStore.fold_marks`), so a refetch sends each of them again
+(an update if the repo has it, a delete if not). Writes become durable at
 :meth:`StateStore.commit` (one SQLite transaction), so a crash loses only what was not
 committed, and a restart re-delivers it.
 
@@ -82,6 +86,7 @@ class StateStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             for table in ("records", "staged"):
                 self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (did TEXT, key TEXT, cid TEXT NOT NULL, PRIMARY KEY (did, key)) WITHOUT ROWID")
+            self._db.execute("CREATE TABLE IF NOT EXISTS marks (did TEXT, key TEXT, PRIMARY KEY (did, key)) WITHOUT ROWID")
             self._db.execute("CREATE TABLE IF NOT EXISTS buffer (did TEXT, seq INTEGER, message BLOB NOT NULL, PRIMARY KEY (did, seq)) WITHOUT ROWID")
             self._db.commit()
         except sqlite3.Error as exc:
@@ -221,6 +226,29 @@ class StateStore:
             pending[(did, key)] = cid
         if len(pending) >= MAX_PENDING:
             self.flush()
+
+    def mark(self, keys: list[tuple[str, str]]) -> None:
+        """Note ``(did, key)`` pairs as maybe delivered and not committed (durable at the next
+        :meth:`commit`; see the module docstring)."""
+        try:
+            self._db.executemany("INSERT OR IGNORE INTO marks (did, key) VALUES (?, ?)", keys)
+        except sqlite3.Error as exc:
+            raise DiskError(f"sync state {self.path}: {exc}") from None
+
+    def unmark(self) -> None:
+        """Remove every mark (their changes are committed with this; SQLite empties the table
+        without visiting its rows)."""
+        self._run("DELETE FROM marks")
+
+    def fold_marks(self) -> int:
+        """Turn every mark left by an earlier run into a record with an empty CID (stored or
+        not, the repo's CID of it is unknown) and remove the marks; the number of marks."""
+        self.flush()
+        count = int(self._run("SELECT COUNT(*) FROM marks").fetchone()[0])
+        if count:
+            self._run("INSERT INTO records (did, key, cid) SELECT did, key, '' FROM marks WHERE true ON CONFLICT(did, key) DO UPDATE SET cid = ''")
+            self._run("DELETE FROM marks")
+        return count
 
     def unstage(self, did: str) -> None:
         """Move ``did``'s staged records into ``records`` (its backfill reached the sink)."""
