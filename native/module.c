@@ -53,8 +53,6 @@ int rs_reentered(const char *type) {
     return -1;
 }
 
-static const char B32[] = "abcdefghijklmnopqrstuvwxyz234567";
-
 PyObject *rs_cid_text_of(const uint8_t *cid, size_t len) {
     if (len == 0 || cid[0] != 0x01 || len > 256) {
         PyObject *raw = PyBytes_FromStringAndSize((const char *)cid, (Py_ssize_t)len);
@@ -63,20 +61,8 @@ PyObject *rs_cid_text_of(const uint8_t *cid, size_t len) {
         Py_DECREF(raw);
         return text;
     }
-    char out[1 + (256 * 8 + 4) / 5];
-    size_t n = 0;
-    out[n++] = 'b';
-    uint32_t acc = 0;
-    int bits = 0;
-    for (size_t i = 0; i < len; i++) {
-        acc = (acc << 8) | cid[i];
-        bits += 8;
-        while (bits >= 5) {
-            bits -= 5;
-            out[n++] = B32[(acc >> bits) & 31];
-        }
-    }
-    if (bits > 0) out[n++] = B32[(acc << (5 - bits)) & 31];
+    char out[RS_CID_TEXT_MAX];
+    size_t n = rs_cid_b32(out, cid, len); /* a CIDv1 of at most 256 bytes: never 0 here */
     return PyUnicode_FromStringAndSize(out, (Py_ssize_t)n);
 }
 

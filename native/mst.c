@@ -187,16 +187,7 @@ static size_t bisect(const TNode *x, Bytes key) {
 static int key_layer_of(Bytes key) {
     uint8_t d[32];
     rs_sha256(key.p, key.n, d);
-    int zeros = 0;
-    for (int i = 0; i < 32; i++) {
-        if (d[i] == 0) {
-            zeros += 8;
-            continue;
-        }
-        zeros += __builtin_clz((unsigned)d[i]) - 24;
-        break;
-    }
-    return zeros >> 1;
+    return rs_digest_layer(d);
 }
 
 /* --- loading a node ---------------------------------------------------------------------------- */

@@ -239,6 +239,8 @@ typedef struct {
     size_t collection_len;
     uint8_t collection[320];
 } RsKeys;
+/* A key's MST layer from its SHA-256 digest: leading zero bits, halved (two bits a layer). */
+int rs_digest_layer(const uint8_t d[32]);
 void rs_keys_start(RsKeys *r, int32_t expected, int check_keys);
 /* known_layer: the key's layer if already hashed, else -1. 0, or -1 with the rule's error. */
 int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry *e, int known_layer);

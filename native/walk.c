@@ -277,7 +277,7 @@ int rs_decode_node(RsNodeEntry **entries_out, size_t *cap_entries, int strict, c
 
 /* A key's MST layer from its SHA-256: leading zero bits, halved (atproto repository, "Merkle
  * Search Tree": two bits per layer). */
-static int digest_layer(const uint8_t d[32]) {
+int rs_digest_layer(const uint8_t d[32]) {
     int zeros = 0;
     for (int i = 0; i < 32; i++) {
         if (d[i] == 0) {
@@ -293,7 +293,7 @@ static int digest_layer(const uint8_t d[32]) {
 static int key_layer(const uint8_t *key, size_t len) {
     uint8_t d[32];
     rs_sha256(key, len, d);
-    return digest_layer(d);
+    return rs_digest_layer(d);
 }
 
 /* The layers of entries j, j+1, ... of the node being expanded, hashed side by side into
@@ -323,7 +323,7 @@ static size_t layers_ahead(Walker *w, size_t j, size_t count) {
     }
     uint8_t digests[LAYERS_AHEAD][32];
     rs_sha256_many(n, data, lens, digests, 0);
-    for (size_t i = 0; i < n; i++) w->layers[i] = (int8_t)digest_layer(digests[i]);
+    for (size_t i = 0; i < n; i++) w->layers[i] = (int8_t)rs_digest_layer(digests[i]);
     return j + n;
 }
 
