@@ -542,6 +542,20 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _host_arguments(p: argparse.ArgumentParser, fetches: str) -> None:
+    """The per-PDS-host limits of a command that fetches many repos (see
+    :class:`repo_stream.net.hosts.HostLimiter`); ``fetches`` names what the concurrency counts."""
+    p.add_argument(
+        "--per-host-concurrency", type=_positive_int, default=4, metavar="N",
+        help=f"{fetches} open at once per PDS host (default 4)",
+    )  # fmt: skip
+    p.add_argument(
+        "--per-host-rps", type=_positive_float, default=10.0, metavar="R",
+        help="repo requests started per second per PDS host, retries included (default 10); a host's 429 or 503 "
+        "with Retry-After pauses that host only (up to 60 s)",
+    )  # fmt: skip
+
+
 def _fetch_arguments(p: argparse.ArgumentParser) -> None:
     """The limits of every command that fetches (see :class:`repo_stream.net.fetch.FetchOptions`)."""
     p.add_argument(
@@ -706,15 +720,7 @@ def _add_sync(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per event, one a line")
     p.add_argument("--out", metavar="SINK", help="write the records to a store: duckdb:FILE, parquet:DIR, postgresql://... (its extra)")
     p.add_argument("--memory-workers", type=_positive_int, default=4, metavar="N", help="repos backfilled at once (default 4)")
-    p.add_argument(
-        "--per-host-concurrency", type=_positive_int, default=4, metavar="N",
-        help="repo fetches (backfills and resyncs) open at once per PDS host (default 4)",
-    )  # fmt: skip
-    p.add_argument(
-        "--per-host-rps", type=_positive_float, default=10.0, metavar="R",
-        help="repo requests started per second per PDS host, retries included (default 10); a host's 429 or 503 "
-        "with Retry-After pauses that host only (up to 60 s)",
-    )  # fmt: skip
+    _host_arguments(p, "repo fetches (backfills and resyncs)")
     p.add_argument("--max-buffered", type=_non_negative_int, default=10_000, metavar="N",
                    help="firehose messages of repos being backfilled kept in memory; more go to the state file (default 10000)")  # fmt: skip
     p.add_argument("--max-events", type=_positive_int, metavar="N", help="stop after N events")
@@ -998,15 +1004,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--mem-limit-mb", type=_positive_float, default=64, metavar="X", help="per-repo memory limit before spilling, MiB (default 64)")
     b.add_argument("--fetch-concurrency", type=_positive_int, default=None, metavar="K", help="sources opened ahead of the memory workers (default: --memory-workers)")
-    b.add_argument(
-        "--per-host-concurrency", type=_positive_int, default=4, metavar="N",
-        help="repo fetches open at once per PDS host (default 4)",
-    )  # fmt: skip
-    b.add_argument(
-        "--per-host-rps", type=_positive_float, default=10.0, metavar="R",
-        help="repo requests started per second per PDS host, retries included (default 10); a host's 429 or 503 "
-        "with Retry-After pauses that host only (up to 60 s)",
-    )  # fmt: skip
+    _host_arguments(b, "repo fetches")
     b.add_argument("--spill-dir", metavar="DIR", help="folder for spill files (default: the system's temporary folder)")
     b.add_argument(
         "--checkpoint",
