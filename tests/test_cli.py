@@ -591,6 +591,14 @@ def test_backfill_an_unreadable_repo_list_is_one_line() -> None:
     assert done.stderr == "error: cannot read repo list /nonexistent/repos.txt: No such file or directory\n"
 
 
+def test_sync_an_unreadable_repo_list_is_one_line_before_the_firehose_starts(tmp_path: Path) -> None:
+    # the relay is a closed port: reaching it would print a connection warning and a summary first
+    done = run("sync", "--repos", "/nonexistent/repos.txt", "--relay", "ws://127.0.0.1:9", "--state", str(tmp_path / "state.sqlite"))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == "error: cannot read repo list /nonexistent/repos.txt: No such file or directory\n"
+    assert not (tmp_path / "state.sqlite").exists()
+
+
 def test_backfill_help_documents_the_columns_and_the_checks() -> None:
     done = run("backfill", "--help")
     assert done.returncode == 0
