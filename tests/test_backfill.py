@@ -315,11 +315,61 @@ async def test_a_listing_that_fails_part_way_raises_after_the_repos_read(host: R
     host.route("*", LIST_REPOS, json_reply({"repos": [{"did": did}], "cursor": "next"}))
     host.route("*", f"{LIST_REPOS}?cursor=next", Reply(status=502))
     seen = []
-    with pytest.raises(FetchError, match="HTTP 502"):
-        async with aclosing(backfill(host_sources(host.base), fetch_options=FAST)) as results:
+    with pytest.raises(FetchError, match=r"HTTP 502 .*\(after 2 attempts\)$"):
+        async with aclosing(backfill(host_sources(host.base, retries=1, backoff=0.01), fetch_options=FAST)) as results:
             async for result in results:
                 seen.append(result)
     assert [(r.did, r.records) for r in seen] == [(did, 2)]
+    assert [r.query for r in host.requests if r.path == LIST_REPOS] == ["limit=1000", "limit=1000&cursor=next", "limit=1000&cursor=next"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Reply(status=429, headers={"Retry-After": "0"}),
+        Reply(status=429, headers={"RateLimit-Reset": "0"}),
+        Reply(status=503),
+        Reply(drop=True),
+    ],
+    ids=["429-retry-after", "429-ratelimit-reset", "503", "dropped"],
+)
+async def test_a_listing_page_that_fails_transiently_is_asked_again(host: RepoHost, failure: Reply) -> None:
+    dids = [did_of(310 + i) for i in range(3)]
+    host.route("*", LIST_REPOS, json_reply({"repos": [{"did": dids[0]}], "cursor": "next"}))
+    host.route("*", f"{LIST_REPOS}?cursor=next", [failure, failure, json_reply({"repos": [{"did": d} for d in dids[1:]]})])
+    listed = [d async for d in list_repos(host.base, retries=2, backoff=0.01)]
+    assert listed == dids
+    assert [r.query for r in host.requests if r.path == LIST_REPOS] == ["limit=1000"] + ["limit=1000&cursor=next"] * 3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "headers",
+    [{"Retry-After": "120"}, {"RateLimit-Reset": "120"}, {"RateLimit-Reset": str(int(time.time()) + 3600)}],
+    ids=["retry-after", "ratelimit-reset-seconds", "ratelimit-reset-unix-time"],
+)
+async def test_a_listing_host_asking_for_a_long_wait_fails_at_once(host: RepoHost, headers: dict[str, str]) -> None:
+    host.route("*", LIST_REPOS, Reply(status=429, headers=headers))
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"listRepos .*: HTTP 429 \(application/octet-stream\); the host asks to retry after [\d.]+ s, more than the 60 s allowed$") as caught:
+        [d async for d in list_repos(host.base, retries=3, backoff=5)]
+    assert time.monotonic() - started < 3
+    assert caught.value.retry_after is not None and caught.value.retry_after > 60 and caught.value.status == 429
+    assert len([r for r in host.requests if r.path == LIST_REPOS]) == 1
+
+
+@pytest.mark.anyio
+async def test_a_listing_page_that_keeps_failing_fails_after_the_retries(host: RepoHost) -> None:
+    host.route("*", LIST_REPOS, Reply(status=503, body=b"overloaded", content_type="text/plain"))
+    with pytest.raises(FetchError, match=r"listRepos .*: HTTP 503 \(text/plain\): overloaded \(after 3 attempts\)$") as caught:
+        [d async for d in list_repos(host.base, retries=2, backoff=0.01)]
+    assert caught.value.status == 503
+    assert len([r for r in host.requests if r.path == LIST_REPOS]) == 3
+    host.route("*", LIST_REPOS, Reply(status=400, body=b"bad", content_type="text/plain"))
+    with pytest.raises(FetchError, match=r"HTTP 400 \(text/plain\): bad$"):  # not transient: no second try
+        [d async for d in list_repos(host.base, retries=2, backoff=0.01)]
+    assert len([r for r in host.requests if r.path == LIST_REPOS]) == 4
 
 
 @pytest.mark.anyio

@@ -41,6 +41,7 @@ from repo_stream.net.fetch import (
     CarStream,
     FetchOptions,
     fetch_car,
+    parse_ratelimit_reset,
     parse_retry_after,
     repo_url,
 )
@@ -223,6 +224,19 @@ async def test_retry_after_seconds_is_honoured(server: LocalHTTPServer) -> None:
 
 
 @pytest.mark.anyio
+async def test_ratelimit_reset_is_honoured_on_a_429_without_retry_after(server: LocalHTTPServer) -> None:
+    reset = str(int(time.time()) + 2)  # Bluesky's hosts send the Unix time of the reset
+    server.route("*", GET_REPO, [Reply(status=429, headers={"RateLimit-Reset": reset, "RateLimit-Remaining": "0"}), car_reply(CAR)])
+    options = FetchOptions(retries=1, backoff=0.001, max_retry_after=5)
+    with anyio.fail_after(10):
+        async with fetch_car(f"{server.base}{GET_REPO}", options=options) as stream:
+            _, records = await walk(stream)
+    assert records == RECORDS
+    first, second = (hit.at for hit in server.hits(GET_REPO))
+    assert 0.9 <= second - first < 4
+
+
+@pytest.mark.anyio
 async def test_retry_after_date_in_the_past_retries_at_once(server: LocalHTTPServer) -> None:
     past = format_datetime(datetime.now(UTC) - timedelta(hours=1), usegmt=True)
     server.route("*", GET_REPO, [Reply(status=503, headers={"Retry-After": past}), car_reply(CAR)])
@@ -246,6 +260,16 @@ async def test_retry_after_over_the_cap_fails_at_once(server: LocalHTTPServer) -
         assert info.value.status == 429 and info.value.retry_after is not None and 3590 < info.value.retry_after <= 3600
         assert "the server asks to retry after" in str(info.value) and "more than the 1 s allowed (max_retry_after)" in str(info.value)
         assert len(server.hits(GET_REPO)) == 1
+
+
+def test_parse_ratelimit_reset() -> None:
+    now = 1_750_000_000.0
+    assert parse_ratelimit_reset("1750000030", now=now) == 30.0  # a Unix time (Bluesky)
+    assert parse_ratelimit_reset("1749999000", now=now) == 0.0  # already past
+    assert parse_ratelimit_reset(" 45 ", now=now) == 45.0  # seconds (the IETF draft)
+    assert parse_ratelimit_reset("0", now=now) == 0.0
+    for bad in ("soon", "-5", "1.5", "", "9" * 16, None):
+        assert parse_ratelimit_reset(bad, now=now) is None
 
 
 def test_parse_retry_after() -> None:

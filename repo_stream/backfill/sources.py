@@ -8,6 +8,7 @@ Spec: atproto.com/specs/sync (``com.atproto.sync.listRepos``), lexicon
 from __future__ import annotations
 
 import json
+import random
 import re
 import sqlite3
 import sys
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import httpx
 
 __all__ = [
+    "MAX_LISTING_WAIT",
     "MAX_PAGE_BYTES",
     "SeenDids",
     "collection_sources",
@@ -101,6 +103,8 @@ async def list_repos(
     timeout: float = 30.0,
     include_inactive: bool = False,
     allow_private_hosts: bool = False,
+    retries: int = 3,
+    backoff: float = 1.0,
 ) -> AsyncIterator[str]:
     """Yield the DID of every repo a PDS or relay hosts, from ``com.atproto.sync.listRepos``,
     page by page (following ``cursor`` until a page comes back without one or empty).
@@ -112,6 +116,13 @@ async def list_repos(
     asked, or a ``cursor`` that was already followed (a cycle), fails the listing; a DID listed
     again is left out (DIDs and cursors are kept in :class:`SeenDids`, on disk past 2 MiB).
 
+    A page that fails in a way another try may fix (HTTP 429, 500, 502, 503 or 504, a dropped
+    or refused connection, no complete page within ``timeout``) is asked again, up to
+    ``retries`` times, after ``backoff`` seconds doubled per try (with jitter, at most 30 s) or
+    as long as the host asks if longer: ``Retry-After`` (seconds or an HTTP date), or on a 429
+    without it ``RateLimit-Reset`` (seconds, or the Unix time of the reset as Bluesky's hosts
+    send it). A host asking for more than :data:`MAX_LISTING_WAIT` (60 s) fails the listing.
+
     Args:
         host: the host's base URL, e.g. ``https://pds.example.com`` (named by the user: connected
             as given, even on a private address).
@@ -120,19 +131,23 @@ async def list_repos(
         timeout: seconds allowed per page, redirects and body included.
         allow_private_hosts: let redirects lead to private addresses (see
             :mod:`repo_stream.net.guard`).
+        retries: tries after the first for a page that failed transiently, >= 0.
+        backoff: seconds before the first retry (doubled for each next), >= 0.
 
     Raises:
         FetchError: a page fails (status, connection, timeout, over the size cap, not JSON, wrong
-            shape, more repos than asked), or a cursor repeats; the message names the URL and cursor.
-        ValueError: ``page_size`` out of 1..1000.
+            shape, more repos than asked; transient failures after ``retries`` more tries), or a
+            cursor repeats; the message names the URL and cursor.
+        ValueError: ``page_size`` out of 1..1000, ``retries`` or ``backoff`` negative.
 
     Spec: atproto.com/specs/sync ("com.atproto.sync.listRepos"), lexicon ``com.atproto.sync.listRepos``.
     """
     if not 1 <= page_size <= 1000:
         raise ValueError(f"page_size must be within 1..1000, got {page_size}")
+    _check_retries(retries, backoff)
     async for did in _list_pages(
         host, "com.atproto.sync.listRepos", {}, client=client, page_size=page_size, timeout=timeout,
-        include_inactive=include_inactive, allow_private_hosts=allow_private_hosts,
+        include_inactive=include_inactive, allow_private_hosts=allow_private_hosts, retries=retries, backoff=backoff,
     ):  # fmt: skip
         yield did
 
@@ -155,6 +170,8 @@ async def list_repos_by_collection(
     page_size: int = 1000,
     timeout: float = 30.0,
     allow_private_hosts: bool = False,
+    retries: int = 3,
+    backoff: float = 1.0,
 ) -> AsyncIterator[str]:
     """Yield the DID of every repo that has at least one record in ``collection``, as ``host``
     (a relay or collection directory that serves it) lists them with
@@ -164,7 +181,9 @@ async def list_repos_by_collection(
     The same caps as :func:`list_repos`: one page at a time, each read up to
     :data:`MAX_PAGE_BYTES` as decoded within ``timeout`` seconds; more repos than the ``limit``
     asked, an entry without a ``did`` string, a cursor over 4096 characters or one already
-    followed (a cycle) fail the listing; a DID listed again is left out.
+    followed (a cycle) fail the listing; a DID listed again is left out. Transient failures are
+    retried as :func:`list_repos` says (``retries``, ``backoff``, ``Retry-After``,
+    ``RateLimit-Reset``).
 
     Args:
         host: the host's base URL, e.g. ``https://relay1.us-east.bsky.network`` (named by the
@@ -174,12 +193,15 @@ async def list_repos_by_collection(
         page_size: the ``limit`` asked per page (1..2000, the lexicon's range).
         timeout: seconds allowed per page, redirects and body included.
         allow_private_hosts: let redirects lead to private addresses.
+        retries: tries after the first for a page that failed transiently, >= 0.
+        backoff: seconds before the first retry (doubled for each next), >= 0.
 
     Raises:
         UnsupportedMethodError: the host does not serve ``listReposByCollection`` (HTTP 404 or
             501, or an XRPC ``MethodNotImplemented``): ask a relay or collection directory.
         FetchError: a page fails otherwise, as for :func:`list_repos`.
-        ValueError: ``collection`` is not an NSID, or ``page_size`` out of 1..2000.
+        ValueError: ``collection`` is not an NSID, ``page_size`` out of 1..2000, ``retries`` or
+            ``backoff`` negative.
 
     Spec: lexicon ``com.atproto.sync.listReposByCollection``.
     """
@@ -187,11 +209,19 @@ async def list_repos_by_collection(
         raise ValueError(f"{collection!r} is not a collection NSID (e.g. app.bsky.feed.post; atproto.com/specs/nsid)")
     if not 1 <= page_size <= 2000:
         raise ValueError(f"page_size must be within 1..2000, got {page_size}")
+    _check_retries(retries, backoff)
     async for did in _list_pages(
         host, "com.atproto.sync.listReposByCollection", {"collection": collection}, client=client, page_size=page_size,
-        timeout=timeout, include_inactive=True, allow_private_hosts=allow_private_hosts,
+        timeout=timeout, include_inactive=True, allow_private_hosts=allow_private_hosts, retries=retries, backoff=backoff,
     ):  # fmt: skip
         yield did
+
+
+def _check_retries(retries: int, backoff: float) -> None:
+    if retries < 0:
+        raise ValueError(f"retries must be at least 0, got {retries}")
+    if not backoff >= 0:
+        raise ValueError(f"backoff must be at least 0 seconds, got {backoff}")
 
 
 async def _list_pages(
@@ -204,13 +234,11 @@ async def _list_pages(
     timeout: float,
     include_inactive: bool,
     allow_private_hosts: bool,
+    retries: int,
+    backoff: float,
 ) -> AsyncIterator[str]:
     """The DIDs of the ``{"repos": [{"did"}], "cursor"}`` pages of the XRPC ``method`` at
     ``host``, asked with ``fixed`` params plus ``limit`` and ``cursor`` (see :func:`list_repos`)."""
-    import httpx
-
-    from ..errors import UnsupportedMethodError
-    from ..net.http import BodyError, describe_error, read_body, read_snippet, send
     from ..net.identity import _client_scope
 
     name = method.rsplit(".", 1)[-1]
@@ -225,35 +253,7 @@ async def _list_pages(
                     params["cursor"] = cursor
                 where = f"{name} {base}" + "".join(f" ({k} {v})" for k, v in fixed.items()) + (f" (cursor {cursor!r})" if cursor is not None else "")
 
-                def fail(message: str, where: str = where) -> FetchError:
-                    return FetchError(f"{where}: {message}", url=base)
-
-                try:
-                    with anyio.fail_after(timeout):
-                        response = await send(http, base, params=params, timeout=timeout, fail=fail)
-                        try:
-                            status = response.status_code
-                            content_type = response.headers.get("content-type", "no content type")
-                            if status != 200:
-                                raw = (await read_snippet(response, 4096, timeout)).decode("utf-8", "replace")
-                                xrpc_error = _xrpc_error(raw)
-                                text = " ".join(raw.split())[:200]
-                                snippet = "".join(ch if ch.isprintable() else "?" for ch in text)
-                                message = f"{where}: HTTP {status} ({content_type}): {snippet}"
-                                if status in (404, 501) or xrpc_error in ("MethodNotImplemented", "MethodNotFound"):
-                                    raise UnsupportedMethodError(
-                                        f"{message}: the host does not serve {method}", method=method, url=base, status=status, xrpc_error=xrpc_error
-                                    )
-                                raise FetchError(message, url=base, status=status, xrpc_error=xrpc_error)
-                            body = await read_body(response, MAX_PAGE_BYTES)
-                        finally:
-                            await response.aclose()
-                except TimeoutError:
-                    raise FetchError(f"{where}: no complete page within {timeout:g} s", url=base) from None
-                except BodyError as exc:
-                    raise FetchError(f"{where}: {exc}", url=base, status=200) from None
-                except httpx.HTTPError as exc:
-                    raise FetchError(f"{where}: {describe_error(exc)}", url=base) from exc
+                body, content_type = await _page_with_retries(http, base, params, where, method, timeout, retries, backoff)
                 try:
                     page = json.loads(body)
                 except (ValueError, RecursionError):
@@ -285,6 +285,97 @@ async def _list_pages(
         seen.close()
 
 
+#: Statuses after which a listing page is asked again (rate limited, or the host is overloaded).
+_TRANSIENT_STATUSES = (429, 500, 502, 503, 504)
+#: The longest wait a host may ask for (``Retry-After`` or ``RateLimit-Reset``), seconds; a longer one fails the listing.
+MAX_LISTING_WAIT = 60.0
+
+
+class _TransientPage(Exception):
+    """A page failed in a way another try may fix: ``error`` to raise if none is left, and the
+    seconds the host asked to wait (or None)."""
+
+    def __init__(self, error: FetchError, wait: float | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.wait = wait
+
+
+async def _page_with_retries(
+    http: httpx.AsyncClient, base: str, params: dict[str, str | int], where: str, method: str, timeout: float, retries: int, backoff: float
+) -> tuple[bytes, str]:
+    """One listing page's body and content type, asked again up to ``retries`` times after a
+    transient failure (see :func:`list_repos`), waiting ``backoff`` seconds doubled per try (with
+    jitter, at most 30 s) or as long as the host asks, if longer."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await _page(http, base, params, where, method, timeout)
+        except _TransientPage as failure:
+            error, wait = failure.error, failure.wait
+            if wait is not None and wait > MAX_LISTING_WAIT:
+                raise FetchError(
+                    f"{error}; the host asks to retry after {wait:g} s, more than the {MAX_LISTING_WAIT:g} s allowed",
+                    url=base, status=error.status, retry_after=wait, xrpc_error=error.xrpc_error,
+                ) from None  # fmt: skip
+            if attempt > retries:
+                tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise FetchError(f"{error}{tries}", url=base, status=error.status, retry_after=wait, xrpc_error=error.xrpc_error) from error.__cause__
+            delay = min(30.0, backoff * 2.0 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            await anyio.sleep(max(delay, wait or 0.0))
+
+
+async def _page(http: httpx.AsyncClient, base: str, params: dict[str, str | int], where: str, method: str, timeout: float) -> tuple[bytes, str]:
+    """One try at a listing page: its body (read up to :data:`MAX_PAGE_BYTES` as decoded) and
+    content type. Raises :class:`_TransientPage` for a failure worth another try, else
+    :class:`~repo_stream.errors.UnsupportedMethodError` or :class:`~repo_stream.errors.FetchError`."""
+    import httpx
+
+    from ..errors import UnsupportedMethodError
+    from ..net.fetch import _retryable, parse_ratelimit_reset, parse_retry_after
+    from ..net.http import BodyError, describe_error, read_body, read_snippet, send
+
+    def fail(message: str) -> FetchError:
+        return FetchError(f"{where}: {message}", url=base)
+
+    try:
+        with anyio.fail_after(timeout):
+            response = await send(http, base, params=params, timeout=timeout, fail=fail)
+            try:
+                status = response.status_code
+                content_type = response.headers.get("content-type", "no content type")
+                if status != 200:
+                    raw = (await read_snippet(response, 4096, timeout)).decode("utf-8", "replace")
+                    xrpc_error = _xrpc_error(raw)
+                    text = " ".join(raw.split())[:200]
+                    snippet = "".join(ch if ch.isprintable() else "?" for ch in text)
+                    message = f"{where}: HTTP {status} ({content_type})" + (f": {snippet}" if snippet else "")
+                    if status in (404, 501) or xrpc_error in ("MethodNotImplemented", "MethodNotFound"):
+                        raise UnsupportedMethodError(
+                            f"{message}: the host does not serve {method}", method=method, url=base, status=status, xrpc_error=xrpc_error
+                        )
+                    error = FetchError(message, url=base, status=status, xrpc_error=xrpc_error)
+                    if status in _TRANSIENT_STATUSES:
+                        wait = parse_retry_after(response.headers.get("retry-after"))
+                        if wait is None and status == 429:
+                            wait = parse_ratelimit_reset(response.headers.get("ratelimit-reset"))
+                        raise _TransientPage(error, wait)
+                    raise error
+                return await read_body(response, MAX_PAGE_BYTES), content_type
+            finally:
+                await response.aclose()
+    except TimeoutError:
+        raise _TransientPage(FetchError(f"{where}: no complete page within {timeout:g} s", url=base), None) from None
+    except BodyError as exc:
+        raise FetchError(f"{where}: {exc}", url=base, status=200) from None
+    except httpx.HTTPError as exc:
+        error = FetchError(f"{where}: {describe_error(exc)}", url=base)
+        if _retryable(exc):
+            raise _TransientPage(error, None) from exc
+        raise error from exc
+
+
 def _xrpc_error(text: str) -> str | None:
     """The ``error`` name of an XRPC error body, or None."""
     try:
@@ -296,23 +387,40 @@ def _xrpc_error(text: str) -> str | None:
 
 
 async def host_sources(
-    host: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000, allow_private_hosts: bool = False
+    host: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    page_size: int = 1000,
+    allow_private_hosts: bool = False,
+    retries: int = 3,
+    backoff: float = 1.0,
 ) -> AsyncIterator[str]:
     """Every active repo of ``host`` (:func:`list_repos`) as its getRepo URL on that host
     (``{host}/xrpc/com.atproto.sync.getRepo?did=DID``), so repos are fetched from the host
     itself with no identity look-ups, and each commit's DID is still checked."""
     from ..net.fetch import repo_url
 
-    async for did in list_repos(host, client=client, page_size=page_size, allow_private_hosts=allow_private_hosts):
+    async for did in list_repos(
+        host, client=client, page_size=page_size, allow_private_hosts=allow_private_hosts, retries=retries, backoff=backoff
+    ):
         yield repo_url(host, did)
 
 
 async def collection_sources(
-    host: str, collection: str, *, client: httpx.AsyncClient | None = None, page_size: int = 1000, allow_private_hosts: bool = False
+    host: str,
+    collection: str,
+    *,
+    client: httpx.AsyncClient | None = None,
+    page_size: int = 1000,
+    allow_private_hosts: bool = False,
+    retries: int = 3,
+    backoff: float = 1.0,
 ) -> AsyncIterator[str]:
     """The DIDs of every repo with a record in ``collection`` (:func:`list_repos_by_collection`
     at ``host``, a relay or collection directory), as backfill sources: each is resolved to its
     own PDS (the host that lists them does not serve their repos). Same errors as
     :func:`list_repos_by_collection`."""
-    async for did in list_repos_by_collection(host, collection, client=client, page_size=page_size, allow_private_hosts=allow_private_hosts):
+    async for did in list_repos_by_collection(
+        host, collection, client=client, page_size=page_size, allow_private_hosts=allow_private_hosts, retries=retries, backoff=backoff
+    ):
         yield did

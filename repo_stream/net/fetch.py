@@ -48,6 +48,7 @@ __all__ = [
     "fetch_car",
     "PROOF_MAX_BYTES",
     "fetch_record_proof",
+    "parse_ratelimit_reset",
     "parse_retry_after",
     "record_url",
     "repo_url",
@@ -143,6 +144,23 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def parse_ratelimit_reset(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``RateLimit-Reset`` header, read on a 429 answer without
+    ``Retry-After``: Bluesky's hosts send the Unix time (seconds) of the window's reset, the IETF
+    draft (draft-ietf-httpapi-ratelimit-headers) a number of seconds; a value over 10^9 is read
+    as a Unix time. A time in the past gives 0.0; a missing or unparsable value gives None.
+    ``now`` (Unix seconds) defaults to the current time."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > 15:
+        return None
+    seconds = int(value)
+    if seconds > 1_000_000_000:
+        return max(0.0, seconds - (time.time() if now is None else now))
+    return float(seconds)
 
 
 def _describe(url: str, did: str | None) -> str:
@@ -354,6 +372,8 @@ async def _attempts(
             detail, xrpc_error = await _error_detail(response, options.read_timeout)
             failure = f"HTTP {status}{detail}"
             retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if retry_after is None and status == 429:
+                retry_after = parse_ratelimit_reset(response.headers.get("ratelimit-reset"))
             if slot is not None and retry_after is not None and status in (429, 503):
                 slot.retry_after(retry_after)  # capped at the limiter's max_retry_after
             if (status != 429 and status < 500) or status in unsupported:
