@@ -348,24 +348,19 @@ class SilentServer:
 
 
 @pytest.mark.anyio
-async def test_the_connect_deadline_applies_to_the_upgrade() -> None:
-    server = SilentServer(upgrade=False)
+@pytest.mark.parametrize(
+    ("upgrade", "options", "message"),
+    [
+        (False, {"connect_timeout": 0.3}, r"no WebSocket connection within 0\.3 seconds"),  # the deadline covers the upgrade
+        (True, {"ping_interval": 0.2}, r"no data for 0\.4 seconds"),  # an unanswered ping drops the connection
+    ],
+    ids=["connect-deadline-covers-the-upgrade", "unanswered-ping"],
+)
+async def test_a_silent_server_is_dropped_and_retried(upgrade: bool, options: dict[str, float], message: str) -> None:
+    server = SilentServer(upgrade=upgrade)
     try:
-        with anyio.fail_after(10), pytest.raises(FirehoseError, match=r"no WebSocket connection within 0\.3 seconds"):
-            async with Firehose(server.url, connect_timeout=0.3, max_reconnects=1, backoff_base=0.01) as client:
-                async for item in client:
-                    assert isinstance(item, Problem) and item.kind == "disconnected"
-        assert server.connections == 2
-    finally:
-        server.close()
-
-
-@pytest.mark.anyio
-async def test_an_unanswered_ping_drops_the_connection() -> None:
-    server = SilentServer(upgrade=True)
-    try:
-        with anyio.fail_after(10), pytest.raises(FirehoseError, match=r"no data for 0\.4 seconds"):
-            async with Firehose(server.url, ping_interval=0.2, max_reconnects=1, backoff_base=0.01) as client:
+        with anyio.fail_after(10), pytest.raises(FirehoseError, match=message):
+            async with Firehose(server.url, max_reconnects=1, backoff_base=0.01, **options) as client:
                 async for item in client:
                     assert isinstance(item, Problem) and item.kind == "disconnected"
         assert server.connections == 2
