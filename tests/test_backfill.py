@@ -8,6 +8,7 @@ are in milliseconds.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -36,7 +37,7 @@ from repo_stream.backfill import (
 )
 from repo_stream.cli import main
 from repo_stream.core.cid import cid_str, dag_cbor_cid
-from repo_stream.errors import FetchError, SignatureError
+from repo_stream.errors import FetchError, SignatureError, SourceError
 from repo_stream.net.fetch import FetchOptions
 
 from .backfill_server import LIST_REPOS, RepoHost, car_reply, repo_car_of, repo_records
@@ -377,6 +378,14 @@ async def test_read_repo_list_skips_blanks_and_comments(tmp_path: Path) -> None:
     listing = tmp_path / "list.txt"
     listing.write_text("# header\n\n  did:plc:a  \n#x\nalice.test\n")
     assert [s async for s in read_repo_list(str(listing))] == ["did:plc:a", "alice.test"]
+
+
+@pytest.mark.anyio
+async def test_read_repo_list_from_standard_input() -> None:
+    listed = [s async for s in read_repo_list("-", stdin=io.BytesIO(b"# header\n did:plc:a \n\nalice.test"))]
+    assert listed == ["did:plc:a", "alice.test"]
+    with pytest.raises(SourceError, match=r"^cannot read repo list standard input: not UTF-8 text \(invalid start byte\)$"):
+        [s async for s in read_repo_list("-", stdin=io.BytesIO(b"did:plc:a\n\xff\n"))]
 
 
 # --- verify ----------------------------------------------------------------------------------

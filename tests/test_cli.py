@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -518,10 +519,8 @@ def test_interrupted_is_one_line_and_130() -> None:
         writer.join(timeout=60)
         assert not writer.is_alive(), "the child did not read its input within 60 s"
         child.send_signal(signal.SIGINT)
-        # Then the input ends, as Ctrl-C in a terminal also ends the command feeding the pipe: the
-        # child's read of stdin runs in a worker thread, which is not abandoned, so the child
-        # exits only once that read returns (the signal is handled first all the same).
-        stdin.close()
+        # The input stays open and idle (its writer is alive but quiet): the child still exits at
+        # once, its wait for stdin is cancelled, not a read blocked in a thread.
         child.wait(timeout=30)
         out, err = child.stdout.read(), child.stderr.read()
     finally:
@@ -532,6 +531,34 @@ def test_interrupted_is_one_line_and_130() -> None:
             except BrokenPipeError:
                 pass
     assert (child.returncode, out, err) == (130, b"", b"error: interrupted\n")
+
+
+@pytest.mark.parametrize("command", [["stats", "-"], ["backfill", "--repos", "-"]], ids=["car-on-stdin", "repo-list-on-stdin"])
+def test_ctrl_c_stops_a_command_waiting_on_an_idle_stdin(command: list[str], tmp_path: Path) -> None:
+    """Ctrl-C while a command waits for input that does not come (the writer is alive, quiet):
+    one line, exit 130, at once."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "repo_stream", *command],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    )  # fmt: skip
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    try:
+        child.stdin.write(b"\xa2" if command[0] == "stats" else b"# nothing yet\n")  # part of a CAR header / a comment
+        child.stdin.flush()
+        time.sleep(3)  # past start-up, waiting for more input
+        assert child.poll() is None
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=10)
+        out, err = child.stdout.read(), child.stderr.read()
+    finally:
+        child.kill()
+        for stream in (child.stdin, child.stdout, child.stderr):
+            try:
+                stream.close()
+            except BrokenPipeError:
+                pass
+    assert (child.returncode, out) == (130, b"")
+    assert err.endswith(b"error: interrupted\n"), err
 
 
 # A CLI whose C core cannot be imported (as where it was not built): None in sys.modules makes the

@@ -36,7 +36,7 @@ __all__ = [
 
 
 async def read_repo_list(path: str, *, stdin: Any = None) -> AsyncIterator[str]:
-    """Yield the identifiers of a file, one a line (``-``: standard input, or the text file
+    """Yield the identifiers of a file, one a line (``-``: standard input, or the binary file
     ``stdin``); blank lines and lines starting with ``#`` are skipped, spaces trimmed.
 
     Raises:
@@ -46,8 +46,10 @@ async def read_repo_list(path: str, *, stdin: Any = None) -> AsyncIterator[str]:
     name = "standard input" if path == "-" else path
     try:
         if path == "-":
-            lines: Any = anyio.wrap_file(stdin if stdin is not None else sys.stdin)
-            async for line in lines:
+            from ..read.pipe import PipeReader
+
+            reader = PipeReader(stdin if stdin is not None else sys.stdin.buffer)  # Ctrl-C stops an idle pipe
+            async for line in reader.lines():
                 if entry := _entry(line):
                     yield entry
             return

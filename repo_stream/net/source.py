@@ -77,7 +77,8 @@ class OpenedSource:
     """An opened SOURCE, from :func:`open_source`.
 
     Attributes:
-        source: what to pass to ``DriverBuilder.load_car``: an anyio ``AsyncFile`` (path, stdin)
+        source: what to pass to ``DriverBuilder.load_car``: an anyio ``AsyncFile`` (path), a
+            :class:`~repo_stream.read.pipe.PipeReader` (stdin)
             or a :class:`repo_stream.net.fetch.CarStream` (url, did, handle).
         kind: ``"path"``, ``"stdin"``, ``"url"``, ``"did"`` or ``"handle"``.
         name: the SOURCE string as given.
@@ -234,8 +235,10 @@ async def open_source(
         located = None
         kind = classify_source(source)
     if isinstance(source, str) and kind == "stdin":
+        from ..read.pipe import PipeReader
+
         handle = stdin if stdin is not None else sys.stdin.buffer
-        yield OpenedSource(source=anyio.wrap_file(handle), kind=kind, name=source)
+        yield OpenedSource(source=PipeReader(handle), kind=kind, name=source)  # Ctrl-C stops an idle pipe
         return
     if isinstance(source, str) and kind == "path":
         try:
