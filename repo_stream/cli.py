@@ -755,12 +755,6 @@ async def _sync(args: argparse.Namespace) -> int:
         else:
             print(line, file=sys.stderr, flush=True)
 
-    if args.repos and args.repos != "-":
-        try:  # the list is read as the backfill goes: refuse a missing one before the firehose starts
-            open(args.repos, "rb").close()
-        except OSError as exc:
-            _error(f"cannot read repo list {args.repos}: {exc.strerror or exc}")
-            return 1
     repos = read_repo_list(args.repos) if args.repos else None
     try:
         sync = Sync(
@@ -784,6 +778,12 @@ async def _sync(args: argparse.Namespace) -> int:
     except ValueError as exc:
         _error(f"sync: {exc}")
         return 2
+    if args.repos and args.repos != "-":
+        try:  # the list is read as the backfill goes: refuse a missing one before the firehose starts
+            open(args.repos, "rb").close()
+        except OSError as exc:
+            _error(f"cannot read repo list {args.repos}: {exc.strerror or exc}")
+            return 1
     count = 0
     shown = time.monotonic()
     try:
