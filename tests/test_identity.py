@@ -483,6 +483,44 @@ async def test_did_document_failures(http_server: LocalHTTPServer, reply: Reply,
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "failure",
+    [
+        Reply(status=429, headers={"Retry-After": "0"}),
+        Reply(status=429, headers={"RateLimit-Reset": "0"}),
+        Reply(status=503),
+        Reply(drop=True),
+    ],
+    ids=["429-retry-after", "429-ratelimit-reset", "503", "dropped"],
+)
+async def test_a_did_document_lookup_that_fails_transiently_is_tried_again(http_server: LocalHTTPServer, failure: Reply) -> None:
+    http_server.route("*", f"/{ALICE}", [failure, failure, json_reply(document(ALICE))])
+    with anyio.fail_after(10):
+        assert await resolve_did(ALICE, plc_url=http_server.base) == document(ALICE)
+    assert len(http_server.hits(f"/{ALICE}")) == 3
+
+
+@pytest.mark.anyio
+async def test_a_did_document_lookup_gives_up_after_the_retries_or_a_long_wait(http_server: LocalHTTPServer) -> None:
+    url = f"{http_server.base}/{ALICE}"
+    http_server.route("*", f"/{ALICE}", Reply(status=503, body=b"busy"))
+    with anyio.fail_after(10), pytest.raises(IdentityError, match=re.escape(f"DID {ALICE}: GET {url} answered HTTP 503")):
+        await resolve_did(ALICE, plc_url=http_server.base)
+    assert len(http_server.hits(f"/{ALICE}")) == 3  # the first try and RETRIES (2) more
+    http_server.requests.clear()
+    http_server.route("*", f"/{ALICE}", Reply(status=429, headers={"Retry-After": "3600"}))
+    started = time.monotonic()
+    with pytest.raises(IdentityError, match=re.escape(f"DID {ALICE}: GET {url} answered HTTP 429")):
+        await resolve_did(ALICE, plc_url=http_server.base)
+    assert time.monotonic() - started < 2 and len(http_server.hits(f"/{ALICE}")) == 1  # not waited for
+    http_server.requests.clear()
+    http_server.route("*", f"/{ALICE}", Reply(status=400, body=b"bad"))  # not transient: one try
+    with pytest.raises(IdentityError, match=re.escape(f"DID {ALICE}: GET {url} answered HTTP 400")):
+        await resolve_did(ALICE, plc_url=http_server.base)
+    assert len(http_server.hits(f"/{ALICE}")) == 1
+
+
+@pytest.mark.anyio
 async def test_did_web_localhost_port_out_of_range() -> None:
     with pytest.raises(IdentityError, match=re.escape("'http://localhost:99999/.well-known/did.json' is not a valid http")):
         await resolve_did("did:web:localhost%3A99999")

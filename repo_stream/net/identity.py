@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import re
 import ssl
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -72,6 +73,20 @@ MAX_DOCUMENT_BYTES = 1024 * 1024
 
 MAX_WELL_KNOWN_BYTES = 4096
 """Largest ``/.well-known/atproto-did`` body read (bytes): a DID is at most 2048 characters."""
+
+RETRIES = 2
+"""Tries after the first for an identity GET that failed transiently: HTTP 429, 500, 502, 503 or
+504, or a connection refused or dropped (a PLC directory rate-limiting a large backfill)."""
+
+RETRY_BACKOFF = 0.25
+"""Seconds before the first retry of an identity GET, doubled for each next (with jitter), or as
+long as the host asks (``Retry-After``, or ``RateLimit-Reset`` on a 429) if longer."""
+
+MAX_RETRY_WAIT = 60.0
+"""The longest wait an identity host may ask for, seconds; a longer one is not waited for: the
+answer stands (the lookup fails, naming the status)."""
+
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 DISALLOWED_TLDS = frozenset({"alt", "arpa", "example", "internal", "invalid", "local", "localhost", "onion"})
 """TLDs that are valid handle syntax but must fail resolution (spec: handle, "Non-Syntax Restrictions")."""
@@ -285,12 +300,46 @@ async def _get_small(client: httpx.AsyncClient, url: str, *, timeout: float, max
     """GET ``url`` following redirects (:func:`repo_stream.net.http.send`); ``(status, content
     type, body)`` with the decoded body capped at ``max_bytes``, read in bounded steps.
 
-    The whole exchange, redirects and body included, must end within ``timeout`` seconds.
+    The whole exchange, redirects and body included, must end within ``timeout`` seconds. A
+    transient failure (HTTP 429, 500, 502, 503, 504; a connection refused or dropped) is tried
+    again up to :data:`RETRIES` times (see :data:`RETRY_BACKOFF`, :data:`MAX_RETRY_WAIT`); the
+    last answer's status is returned as any other.
     """
-    from .http import BodyError, describe_error, read_body, send
+    from .fetch import parse_ratelimit_reset, parse_retry_after
 
     if _http_url(url) is None:
         raise IdentityError(f"{what}: {url!r} is not a valid http(s) URL")
+    attempt = 0
+    while True:
+        attempt += 1
+        wait: float | None = None
+        try:
+            status, content_type, body, headers = await _get_once(client, url, timeout=timeout, max_bytes=max_bytes, what=what)
+        except _TransientIdentityError as exc:
+            if attempt > RETRIES:
+                raise IdentityError(f"{exc} (after {attempt} attempts)") from exc.__cause__
+        else:
+            if status not in _TRANSIENT_STATUSES or attempt > RETRIES:
+                return status, content_type, body
+            wait = parse_retry_after(headers.get("retry-after"))
+            if wait is None and status == 429:
+                wait = parse_ratelimit_reset(headers.get("ratelimit-reset"))
+            if wait is not None and wait > MAX_RETRY_WAIT:
+                return status, content_type, body
+        await anyio.sleep(max(RETRY_BACKOFF * 2.0 ** (attempt - 1) * random.uniform(0.5, 1.0), wait or 0.0))
+
+
+class _TransientIdentityError(IdentityError):
+    """An identity GET that another try may fix (a connection refused or dropped)."""
+
+
+async def _get_once(
+    client: httpx.AsyncClient, url: str, *, timeout: float, max_bytes: int, what: str
+) -> tuple[int, str, bytes, httpx.Headers]:
+    """One try of :func:`_get_small`; also the answer's headers. Raises
+    :class:`_TransientIdentityError` for a connection refused or dropped."""
+    from .fetch import _retryable
+    from .http import BodyError, describe_error, read_body, send
 
     def fail(message: str) -> IdentityError:
         return IdentityError(f"{what}: GET {url}: {message}")
@@ -302,7 +351,7 @@ async def _get_small(client: httpx.AsyncClient, url: str, *, timeout: float, max
                 body = await read_body(response, max_bytes)
             finally:
                 await response.aclose()
-            return response.status_code, response.headers.get("content-type", ""), body
+            return response.status_code, response.headers.get("content-type", ""), body, response.headers
     except TimeoutError:
         raise IdentityError(f"{what}: GET {url} did not complete within {timeout:g} s") from None
     except BodyError as exc:
@@ -310,6 +359,8 @@ async def _get_small(client: httpx.AsyncClient, url: str, *, timeout: float, max
             raise IdentityError(f"{what}: GET {url} answered more than {max_bytes} bytes (as decoded)") from None
         raise IdentityError(f"{what}: GET {url}: {exc}") from None
     except httpx.HTTPError as exc:
+        if _retryable(exc):
+            raise _TransientIdentityError(f"{what}: GET {url} failed: {describe_error(exc)}") from exc
         raise IdentityError(f"{what}: GET {url} failed: {describe_error(exc)}") from exc
 
 
