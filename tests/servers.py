@@ -31,6 +31,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import httpx
+import pytest
 
 
 @dataclass
@@ -62,6 +63,16 @@ class Reply:
     send: int | None = None
     length: int | None = None
     drop: bool = False
+
+
+#: Answers after which a client should try again: rate limited (with the wait in either header),
+#: overloaded, or a connection dropped without an answer. For ``parametrize("failure", ...)``.
+TRANSIENT_FAILURES = [
+    pytest.param(Reply(status=429, headers={"Retry-After": "0"}), id="429-retry-after"),
+    pytest.param(Reply(status=429, headers={"RateLimit-Reset": "0"}), id="429-ratelimit-reset"),
+    pytest.param(Reply(status=503), id="503"),
+    pytest.param(Reply(drop=True), id="dropped"),
+]
 
 
 def json_reply(value: Any, status: int = 200) -> Reply:

@@ -42,7 +42,7 @@ from repo_stream.net.fetch import FetchOptions
 
 from .backfill_server import LIST_REPOS, RepoHost, car_reply, repo_car_of, repo_records
 from .helpers import sqlite_temp_files
-from .servers import Reply, json_reply
+from .servers import TRANSIENT_FAILURES, Reply, json_reply
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_2000 = ROOT / "fixtures" / "repo-2000-shuffled.car"
@@ -325,16 +325,7 @@ async def test_a_listing_that_fails_part_way_raises_after_the_repos_read(host: R
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(
-    "failure",
-    [
-        Reply(status=429, headers={"Retry-After": "0"}),
-        Reply(status=429, headers={"RateLimit-Reset": "0"}),
-        Reply(status=503),
-        Reply(drop=True),
-    ],
-    ids=["429-retry-after", "429-ratelimit-reset", "503", "dropped"],
-)
+@pytest.mark.parametrize("failure", TRANSIENT_FAILURES)
 async def test_a_listing_page_that_fails_transiently_is_asked_again(host: RepoHost, failure: Reply) -> None:
     dids = [did_of(310 + i) for i in range(3)]
     host.route("*", LIST_REPOS, json_reply({"repos": [{"did": dids[0]}], "cursor": "next"}))

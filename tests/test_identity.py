@@ -35,6 +35,7 @@ from repo_stream.net.identity import (
 )
 
 from .servers import (
+    TRANSIENT_FAILURES,
     LocalDNSServer,
     LocalHTTPServer,
     Reply,
@@ -483,16 +484,7 @@ async def test_did_document_failures(http_server: LocalHTTPServer, reply: Reply,
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(
-    "failure",
-    [
-        Reply(status=429, headers={"Retry-After": "0"}),
-        Reply(status=429, headers={"RateLimit-Reset": "0"}),
-        Reply(status=503),
-        Reply(drop=True),
-    ],
-    ids=["429-retry-after", "429-ratelimit-reset", "503", "dropped"],
-)
+@pytest.mark.parametrize("failure", TRANSIENT_FAILURES)
 async def test_a_did_document_lookup_that_fails_transiently_is_tried_again(http_server: LocalHTTPServer, failure: Reply) -> None:
     http_server.route("*", f"/{ALICE}", [failure, failure, json_reply(document(ALICE))])
     with anyio.fail_after(10):
