@@ -246,8 +246,11 @@ void rs_keys_start(RsKeys *r, int32_t expected, int check_keys);
 int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry *e, int known_layer);
 void rs_keys_advance(RsKeys *r);
 void rs_keys_free(RsKeys *r);
+/* A repo key <collection>/<rkey>, as repo_stream.core.mst.is_valid_key: 1 or 0. In walk.c. */
+int rs_valid_key(const uint8_t *key, size_t n);
 PyObject *rs_load_node(PyObject *self, PyObject *args);   /* mst.c */
 PyObject *rs_encode_node(PyObject *self, PyObject *args); /* mst.c */
 PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args); /* mst.c */
+PyObject *rs_commit_event(PyObject *self, PyObject *args);     /* event.c */
 
 #endif

@@ -404,6 +404,16 @@ static int valid_rkey(const uint8_t *s, size_t n) {
     return 1;
 }
 
+/* A repo key <collection NSID>/<record key> of at most RS_MAX_KEY_BYTES bytes, as
+ * repo_stream.core.mst.is_valid_key (the NSID before the only "/": a record key holds none). */
+int rs_valid_key(const uint8_t *key, size_t n) {
+    if (n > RS_MAX_KEY_BYTES) return 0;
+    const uint8_t *slash = memchr(key, '/', n);
+    if (slash == NULL) return 0;
+    size_t clen = (size_t)(slash - key);
+    return valid_collection(key, clen) && valid_rkey(slash + 1, n - clen - 1);
+}
+
 /* --- the key rules of a node's entries (shared with mst.c) ------------------------------------- */
 
 void rs_keys_start(RsKeys *r, int32_t expected, int check_keys) {
