@@ -697,11 +697,13 @@ typedef struct {
 } Out;
 
 static int put(Out *o, const void *p, size_t n) {
-    if (n > ((size_t)1 << 40) - o->len) {
-        PyErr_NoMemory();
-        return -1;
+    if (n > o->cap - o->len) { /* grow (rarely: the buffer is kept for the whole call) */
+        if (n > ((size_t)1 << 40) - o->len) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (rs_reserve((void **)&o->buf, &o->cap, o->len + n, 1) < 0) return -1;
     }
-    if (rs_reserve((void **)&o->buf, &o->cap, o->len + n, 1) < 0) return -1;
     if (n) memcpy(o->buf + o->len, p, n);
     o->len += n;
     return 0;

@@ -180,9 +180,8 @@ class RepoState(NamedTuple):
     data: object
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedOp(Generic[V]):
-    """One op of a verified commit.
+class VerifiedOp(NamedTuple, Generic[V]):
+    """One op of a verified commit (a named tuple: cheap to make, one per op).
 
     Attributes:
         action: ``"create"``, ``"update"`` or ``"delete"``.
