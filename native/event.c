@@ -209,18 +209,28 @@ static int check_ops(const Body *b, int check_keys) {
     return 0;
 }
 
-/* The CAR in blocks: its blocks put into `out` (a CID given twice keeps its first block), the
- * commit's block in *commit_block. 0, or -1 (not the usual CAR, or an error set). */
-static int read_car(const Body *b, Py_ssize_t max_block, PyObject *out, const uint8_t **commit_block, size_t *commit_n) {
+/* The CAR's sections in CID order, the earlier first among equal CIDs (then dropped). */
+static int by_cid(const void *a, const void *b) {
+    const RsSliceBlock *x = a, *y = b;
+    int c = memcmp(x->cid, y->cid, RS_SLICE_CID);
+    if (c) return c;
+    return x->cid < y->cid ? -1 : x->cid > y->cid ? 1 : 0;
+}
+
+/* The CAR in blocks: its sections indexed in *slice (PyMem, sorted by CID, a CID given twice
+ * keeping its first block, as read_car_slice does), *n set. 0, or -1 (not the usual CAR, or an
+ * error set). */
+static int read_car(const Body *b, Py_ssize_t max_block, RsSliceBlock **slice, size_t *n_slice) {
     static const uint8_t ROOTS[13] = {0xa2, 0x65, 'r', 'o', 'o', 't', 's', 0x81, 0xd8, 0x2a, 0x58, 0x25, 0x00};
     static const uint8_t VERSION[9] = {0x67, 'v', 'e', 'r', 's', 'i', 'o', 'n', 0x01};
     Cur c = {b->blocks, b->blocks + b->blocks_n};
     uint64_t n;
+    size_t count = 0, cap = 0;
     if (varint(&c, &n) < 0 || n != 58 || c.end - c.p < 58) return -1;
     if (memcmp(c.p, ROOTS, 13) != 0 || memcmp(c.p + 13, b->commit, 36) != 0 || memcmp(c.p + 49, VERSION, 9) != 0) return -1;
     c.p += 58;
-    *commit_block = NULL;
     while (c.p < c.end) {
+        /* each section takes at least 37 bytes: count <= blocks_n / 37, the index is bounded */
         if (varint(&c, &n) < 0 || n < 36 || n > (uint64_t)(c.end - c.p) || n - 36 > (uint64_t)max_block) return -1;
         const uint8_t *cid = c.p, *block = c.p + 36;
         size_t block_n = (size_t)n - 36;
@@ -229,23 +239,15 @@ static int read_car(const Body *b, Py_ssize_t max_block, PyObject *out, const ui
         uint8_t digest[32];
         rs_sha256(block, block_n, digest);
         if (memcmp(digest, cid + 4, 32) != 0) return -1;
-        PyObject *key = PyBytes_FromStringAndSize((const char *)cid, 36);
-        if (key == NULL) return -1;
-        PyObject *value = PyBytes_FromStringAndSize((const char *)block, (Py_ssize_t)block_n);
-        if (value == NULL) {
-            Py_DECREF(key);
-            return -1;
-        }
-        PyObject *kept = PyDict_SetDefault(out, key, value); /* borrowed */
-        Py_DECREF(key);
-        Py_DECREF(value);
-        if (kept == NULL) return -1;
-        if (*commit_block == NULL && memcmp(cid, b->commit, 36) == 0) {
-            *commit_block = block;
-            *commit_n = block_n;
-        }
+        if (rs_reserve((void **)slice, &cap, count + 1, sizeof(RsSliceBlock)) < 0) return -1;
+        (*slice)[count++] = (RsSliceBlock){cid, block, block_n};
     }
-    return *commit_block == NULL ? -1 : 0;
+    if (count > 1) qsort(*slice, count, sizeof(RsSliceBlock), by_cid);
+    size_t kept = 0;
+    for (size_t i = 0; i < count; i++)
+        if (kept == 0 || memcmp((*slice)[kept - 1].cid, (*slice)[i].cid, RS_SLICE_CID) != 0) (*slice)[kept++] = (*slice)[i];
+    *n_slice = kept;
+    return 0;
 }
 
 /* The commit block {did, rev, sig, data, prev, version: 3}, exactly, canonical, its did and rev
@@ -326,21 +328,23 @@ done:
 }
 
 static PyObject *event(const uint8_t *msg, size_t len, int check_keys, PyObject *link_type, Py_ssize_t max_ops, Py_ssize_t max_blocks,
-                       Py_ssize_t max_block) {
+                       Py_ssize_t max_block, int max_depth) {
     if (len < sizeof HEADER || memcmp(msg, HEADER, sizeof HEADER) != 0) Py_RETURN_NONE;
     Cur c = {msg + sizeof HEADER, msg + len};
     Body b;
     memset(&b, 0, sizeof b);
+    RsSliceBlock *slice = NULL;
+    RsTreeOp *tree_ops = NULL;
+    size_t n_slice = 0;
     PyObject *out = NULL, *did = NULL, *rev = NULL, *since = NULL, *when = NULL, *seq = NULL, *items = NULL, *blocks = NULL;
     PyObject *commit = NULL, *commit_link = NULL, *prev_data = NULL, *prev_data_link = NULL, *sig = NULL, *unsigned_bytes = NULL;
-    PyObject *data_cid = NULL;
-    const uint8_t *commit_block, *data;
-    size_t commit_n = 0;
+    PyObject *data_cid = NULL, *tree = NULL;
+    const uint8_t *data;
     if (read_body(&c, &b, max_ops) < 0 || b.repo_n > 2048 || b.rev_n > 200 || b.blocks_n > (size_t)max_blocks || check_ops(&b, check_keys) < 0)
         goto fallback;
-    if ((blocks = PyDict_New()) == NULL) goto fallback;
-    if (read_car(&b, max_block, blocks, &commit_block, &commit_n) < 0) goto fallback;
-    if (read_commit(&b, commit_block, commit_n, &sig, &data, &unsigned_bytes) < 0) goto fallback;
+    if (read_car(&b, max_block, &slice, &n_slice) < 0) goto fallback;
+    const RsSliceBlock *commit_block = rs_slice_find(slice, n_slice, b.commit, 36);
+    if (commit_block == NULL || read_commit(&b, commit_block->block, commit_block->len, &sig, &data, &unsigned_bytes) < 0) goto fallback;
     if ((did = text(b.repo, b.repo_n)) == NULL || (rev = text(b.rev, b.rev_n)) == NULL) goto fallback;
     if (b.since == NULL)
         since = Py_NewRef(Py_None);
@@ -354,13 +358,40 @@ static PyObject *event(const uint8_t *msg, size_t len, int check_keys, PyObject 
     if ((commit = raw_cid(b.commit)) == NULL || (commit_link = make_link(link_type, commit)) == NULL) goto fallback;
     if ((prev_data = raw_cid(b.prev_data)) == NULL || (prev_data_link = make_link(link_type, prev_data)) == NULL) goto fallback;
     if ((data_cid = raw_cid(data)) == NULL) goto fallback;
-    if ((items = PyList_New((Py_ssize_t)b.n_ops)) == NULL) goto fallback;
+    if ((items = PyList_New((Py_ssize_t)b.n_ops)) == NULL || (blocks = PyDict_New()) == NULL) goto fallback;
     for (size_t i = 0; i < b.n_ops; i++) {
         PyObject *item = op_item(&b.ops[i], link_type);
         if (item == NULL) goto fallback;
         PyList_SET_ITEM(items, (Py_ssize_t)i, item);
+        /* the record blocks the ops name (the only blocks verify_commit reads from Python) */
+        const RsSliceBlock *record = b.ops[i].cid ? rs_slice_find(slice, n_slice, b.ops[i].cid, 36) : NULL;
+        if (record != NULL) {
+            PyObject *block = PyBytes_FromStringAndSize((const char *)record->block, (Py_ssize_t)record->len);
+            if (block == NULL) goto fallback;
+            int bad = PyDict_SetItem(blocks, PyTuple_GET_ITEM(item, 3), block);
+            Py_DECREF(block);
+            if (bad < 0) goto fallback;
+        }
     }
-    out = PyTuple_Pack(12, did, rev, since, commit_link, prev_data_link, seq, when, items, blocks, data_cid, sig, unsigned_bytes);
+    if (b.prev_data == NULL) {
+        tree = Py_NewRef(Py_None);
+    } else {
+        /* the tree work, its errors as values (raised by verify_commit in the order of the checks) */
+        if ((tree_ops = PyMem_Calloc(b.n_ops + 1, sizeof(RsTreeOp))) == NULL) goto fallback;
+        for (size_t i = 0; i < b.n_ops; i++) {
+            const EventOp *op = &b.ops[i];
+            RsTreeOp *t = &tree_ops[i];
+            t->code = op->code;
+            t->path = PyTuple_GET_ITEM(PyList_GET_ITEM(items, (Py_ssize_t)i), 1);
+            t->key = (RsBytes){op->path, op->path_n};
+            t->has_cid = op->cid != NULL;
+            t->has_prev = op->prev != NULL;
+            t->cid = (RsBytes){op->cid, t->has_cid ? 36 : 0};
+            t->prev = (RsBytes){op->prev, t->has_prev ? 36 : 0};
+        }
+        if ((tree = rs_tree_work(data, 36, slice, n_slice, tree_ops, b.n_ops, check_keys, max_depth)) == NULL) goto fallback;
+    }
+    out = PyTuple_Pack(13, did, rev, since, commit_link, prev_data_link, seq, when, items, blocks, data_cid, sig, unsigned_bytes, tree);
     goto done;
 fallback:
     /* Not the usual message (or an error making its values, such as text that is not UTF-8): the
@@ -369,6 +400,8 @@ fallback:
     out = Py_NewRef(Py_None);
 done:
     PyMem_Free(b.ops);
+    PyMem_Free(slice);
+    PyMem_Free(tree_ops);
     Py_XDECREF(did);
     Py_XDECREF(rev);
     Py_XDECREF(since);
@@ -383,6 +416,7 @@ done:
     Py_XDECREF(data_cid);
     Py_XDECREF(sig);
     Py_XDECREF(unsigned_bytes);
+    Py_XDECREF(tree);
     return out;
 }
 
@@ -391,7 +425,9 @@ PyObject *rs_commit_event(PyObject *self, PyObject *args) {
     PyObject *message, *link_type;
     int check_keys;
     Py_ssize_t max_ops, max_blocks, max_block;
-    if (!PyArg_ParseTuple(args, "SpOnnn:commit_event", &message, &check_keys, &link_type, &max_ops, &max_blocks, &max_block)) return NULL;
+    int max_depth;
+    if (!PyArg_ParseTuple(args, "SpOnnni:commit_event", &message, &check_keys, &link_type, &max_ops, &max_blocks, &max_block, &max_depth))
+        return NULL;
     if (max_ops < 0 || max_ops > 100000 || max_blocks < 0 || max_block < 1) {
         PyErr_SetString(PyExc_ValueError, "commit_event(): max_ops is 0..100000, max_blocks >= 0, max_block >= 1");
         return NULL;
@@ -410,7 +446,7 @@ PyObject *rs_commit_event(PyObject *self, PyObject *args) {
     Py_INCREF(message);
     Py_INCREF(link_type);
     PyObject *out = event((const uint8_t *)PyBytes_AS_STRING(message), (size_t)PyBytes_GET_SIZE(message), check_keys, link_type, max_ops,
-                          max_blocks, max_block);
+                          max_blocks, max_block, max_depth);
     Py_DECREF(message);
     Py_DECREF(link_type);
     return out;

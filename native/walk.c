@@ -459,7 +459,8 @@ int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry
     if (e->neg || e->p > r->prev_len) {
         PyObject *p = p_object(e->neg, e->p);
         if (p == NULL) return -1;
-        return rs_raise("prefix_outside", "(y#Ny#)", (const char *)cid, (Py_ssize_t)cid_len, p, (const char *)r->prev,
+        /* before the first key the previous key is b"" (its buffer not yet made: y# of NULL is None) */
+        return rs_raise("prefix_outside", "(y#Ny#)", (const char *)cid, (Py_ssize_t)cid_len, p, r->prev ? (const char *)r->prev : "",
                         (Py_ssize_t)r->prev_len);
     }
     key_len = (size_t)e->p + e->k_len;

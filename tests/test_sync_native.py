@@ -151,6 +151,19 @@ def test_load_node_rules() -> None:
         _native.load_node(root, nodes[root], 0, KEYS[10], None, True)
 
 
+def test_load_node_first_entry_prefix_outside() -> None:
+    """A first entry with a prefix length other than 0 (here -13): both name the previous key b"" (the C
+    core said None once: found by the fuzzer)."""
+    # {e: [{k: b"zzz.zzzz.edge/222gaptmdeedq", p: -13, t: null, v: <link>}], l: null}
+    link = b"\xd8\x2aX%\x00\x01q\x12 " + bytes(32)
+    block = b"\xa2ae\x81\xa4akX\x1bzzz.zzzz.edge/222gaptmdeedqap\x2cat\xf6av" + link + b"al\xf6"
+    cid = dag_cbor_cid(block)
+    for expected in (-1, 0, 2):
+        _both_load(cid, block, expected, None, None, True)
+    with pytest.raises(RepoStreamError, match="outside the previous key b''"):
+        _native.load_node(cid, block, -1, None, None, True)
+
+
 def test_load_node_argument_errors() -> None:
     root, nodes = TREES[1]
     with pytest.raises(ValueError):
@@ -426,7 +439,7 @@ def _both_verify(message: bytes, **kwargs: Any) -> tuple[Any, ...]:
 def _fast(message: bytes, check_keys: bool = True) -> Any:
     from repo_stream.records.values import Link
 
-    return _native.commit_event(message, check_keys, Link, 200, 2_000_000, 2 * 1024 * 1024)
+    return _native.commit_event(message, check_keys, Link, 200, 2_000_000, 2 * 1024 * 1024, 256)
 
 
 _HEADER = b"\xa2\x61t\x67#commit\x62op\x01"
@@ -569,11 +582,11 @@ def test_commit_event_guards() -> None:
 
     message = _generated(1, 1)[0]
     with pytest.raises(TypeError):
-        _native.commit_event(bytearray(message), True, Link, 200, 2_000_000, 1 << 21)  # type: ignore[arg-type]
+        _native.commit_event(bytearray(message), True, Link, 200, 2_000_000, 1 << 21, 256)  # type: ignore[arg-type]
     with pytest.raises(TypeError):
-        _native.commit_event(message, True, None, 200, 2_000_000, 1 << 21)  # type: ignore[arg-type]
+        _native.commit_event(message, True, None, 200, 2_000_000, 1 << 21, 256)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        _native.commit_event(message, True, Link, -1, 2_000_000, 1 << 21)
-    assert _native.commit_event(message, True, Link, 0, 2_000_000, 1 << 21) is None  # over max_ops: the reference decides
-    assert _native.commit_event(message, True, Link, 200, 10, 1 << 21) is None  # over max_blocks
-    assert _native.commit_event(message, True, Link, 200, 2_000_000, 1) is None  # a block over max_block
+        _native.commit_event(message, True, Link, -1, 2_000_000, 1 << 21, 256)
+    assert _native.commit_event(message, True, Link, 0, 2_000_000, 1 << 21, 256) is None  # over max_ops: the reference decides
+    assert _native.commit_event(message, True, Link, 200, 10, 1 << 21, 256) is None  # over max_blocks
+    assert _native.commit_event(message, True, Link, 200, 2_000_000, 1, 256) is None  # a block over max_block

@@ -476,10 +476,13 @@ def verify_commit(
     fast = None
     if _native is not None and type(message) is bytes and len(message) <= max_message_bytes and implementation.backend().name == "c":
         # The usual message read in one pass in C; None for any other, which the reference reads.
-        fast = _native.commit_event(message, check_keys, Link, MAX_OPS, MAX_BLOCKS_BYTES, DEFAULT_MAX_BLOCK_SIZE)
+        fast = _native.commit_event(message, check_keys, Link, MAX_OPS, MAX_BLOCKS_BYTES, DEFAULT_MAX_BLOCK_SIZE, DEFAULT_MAX_DEPTH)
     commit: Commit | None = None
+    tree: tuple[list[bytes | RepoStreamError | None], bytes | RepoStreamError | None] | None = None
     if fast is not None:
-        did, rev, since, commit_value, prev_data_value, seq, when, items, blocks, data, sig, unsigned = fast
+        # blocks: only the records the ops name; tree: the tree work of step 6, done in the same
+        # pass (over the CAR's bytes in place), its errors as values, raised below in order.
+        did, rev, since, commit_value, prev_data_value, seq, when, items, blocks, data, sig, unsigned, tree = fast
         where = f"#commit of {did} at rev {rev}"
         commit_cid = commit_value.cid_bytes
         prev_data = None if prev_data_value is None else prev_data_value.cid_bytes
@@ -519,7 +522,9 @@ def verify_commit(
         # as values, raised below in the order the checks come. The ops passed the checks the
         # reference's lookup_and_invert makes of them (above), so C is called directly.
         keys = [item[2] for item in items]
-        if _native is not None and type(blocks) is dict and implementation.backend().name == "c":
+        if tree is not None:
+            helds, got = tree
+        elif _native is not None and type(blocks) is dict and implementation.backend().name == "c":
             helds, got = _native.lookup_and_invert(
                 data, blocks, keys, [(_CODES[a], p, k, c, v) for a, p, k, c, v, _, _ in items], check_keys, DEFAULT_MAX_DEPTH
             )
