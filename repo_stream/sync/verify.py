@@ -30,6 +30,16 @@ the DID, rev, key or CID):
 7. continuity, last: with ``prev`` (the state held), ``since`` must be ``prev.rev`` and
    ``prevData`` ``prev.data``, else :class:`~repo_stream.errors.OutOfSyncError`, whose
    ``.result`` is the commit verified on its own (refetch the repo).
+
+With the C core, a message of the usual shape (the known ``#commit`` fields only, in canonical
+DAG-CBOR; well-formed ops; a CAR with the usual one-root header whose blocks all have dag-cbor
+sha2-256 CIDs and hash to them; a commit block of the six usual fields whose did and rev are the
+event's) is read in one C pass (``_native.commit_event``: the frame, the ops, the CAR and its
+CID checks, the commit, and step 6's tree work over the CAR's bytes in place, its errors kept as
+values and raised here in the order of the checks). Any other message, and every one without the
+C core, goes the reference way below (:func:`_read_event`), which gives its result or its error:
+the C pass accepts only messages the reference accepts, with the same values (tested on both,
+and fuzzed).
 """
 
 from __future__ import annotations
@@ -521,14 +531,15 @@ def verify_commit(
         # The tree's whole work at once (in C when the C core is in use); its errors come back
         # as values, raised below in the order the checks come. The ops passed the checks the
         # reference's lookup_and_invert makes of them (above), so C is called directly.
-        keys = [item[2] for item in items]
         if tree is not None:
             helds, got = tree
         elif _native is not None and type(blocks) is dict and implementation.backend().name == "c":
+            keys = [item[2] for item in items]
             helds, got = _native.lookup_and_invert(
                 data, blocks, keys, [(_CODES[a], p, k, c, v) for a, p, k, c, v, _, _ in items], check_keys, DEFAULT_MAX_DEPTH
             )
         else:
+            keys = [item[2] for item in items]
             helds, got = lookup_and_invert(data, blocks, keys, [Op(a, p, c, v) for a, p, _, c, v, _, _ in items], check_keys=check_keys)
     try:
         for i, (action, path, _, cid, op_prev, cid_link, prev_link) in enumerate(items):
