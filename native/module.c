@@ -214,6 +214,11 @@ static PyMethodDef methods[] = {
      "lookup_and_invert(root, blocks, keys, ops, check_keys, max_depth)\n--\n\nA commit's tree work held in C: (held, "
      "inverted) (see repo_stream.sync.invert.lookup_and_invert; ops are (code, path, key, cid, prev), code 0 create, 1 "
      "update, 2 delete)."},
+    {"commit_event", rs_commit_event, METH_VARARGS,
+     "commit_event(message, check_keys, link, max_ops, max_blocks, max_block, max_depth)\n--\n\nThe usual #commit message "
+     "read in one pass: (did, rev, since, commit, prevData, seq, time, items, record blocks, data, sig, unsigned, (held, "
+     "inverted) or None), or None for any other message (see repo_stream.sync.verify.verify_commit, whose reference path "
+     "then decides)."},
     {"arrow_batch", rs_arrow_batch, METH_VARARGS,
      "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
      "(schema, array) of a record batch (see repo_stream.read.arrow)."},

@@ -83,10 +83,7 @@ static void arena_free(Arena *a) {
 
 /* --- nodes ---------------------------------------------------------------------------------------- */
 
-typedef struct {
-    const uint8_t *p;
-    size_t n;
-} Bytes;
+typedef RsBytes Bytes;
 
 typedef struct TNode TNode;
 
@@ -112,7 +109,9 @@ struct TNode {
  * may switch threads: another call may run meanwhile), so no call can disturb another. */
 typedef struct {
     Arena arena;
-    PyObject *blocks; /* dict: raw CID bytes -> block bytes */
+    PyObject *blocks; /* dict: raw CID bytes -> block bytes (when slice is NULL) */
+    const RsSliceBlock *slice; /* or the blocks of a buffer the caller holds, sorted by CID, distinct */
+    size_t n_slice;
     Bytes root_cid;
     TNode *root;
     int check_keys, max_depth;
@@ -287,6 +286,15 @@ static TNode *load(Tree *t, Bytes cid, int expected, const Bytes *lo, const Byte
     if (cid.n < 2 || cid.p[0] != 0x01 || cid.p[1] != 0x71) {
         rs_raise("node_link_codec", "(y#)", (const char *)cid.p, (Py_ssize_t)cid.n);
         return NULL;
+    }
+    if (t->slice != NULL) {
+        const RsSliceBlock *found = rs_slice_find(t->slice, t->n_slice, cid.p, cid.n);
+        if (found == NULL) {
+            rs_raise("unknown_subtree", "(y#i)", (const char *)cid.p, (Py_ssize_t)cid.n, expected);
+            return NULL;
+        }
+        /* the caller holds the buffer (a message builder may run Python code meanwhile) */
+        return decode_checked(t, cid.p, cid.n, found->block, found->len, expected, lo, hi);
     }
     PyObject *key = PyBytes_FromStringAndSize((const char *)cid.p, (Py_ssize_t)cid.n);
     if (key == NULL) return NULL;
@@ -697,11 +705,13 @@ typedef struct {
 } Out;
 
 static int put(Out *o, const void *p, size_t n) {
-    if (n > ((size_t)1 << 40) - o->len) {
-        PyErr_NoMemory();
-        return -1;
+    if (n > o->cap - o->len) { /* grow (rarely: the buffer is kept for the whole call) */
+        if (n > ((size_t)1 << 40) - o->len) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (rs_reserve((void **)&o->buf, &o->cap, o->len + n, 1) < 0) return -1;
     }
-    if (rs_reserve((void **)&o->buf, &o->cap, o->len + n, 1) < 0) return -1;
     if (n) memcpy(o->buf + o->len, p, n);
     o->len += n;
     return 0;
@@ -890,7 +900,7 @@ PyObject *rs_load_node(PyObject *self, PyObject *args) {
     } else if (expected < -1 || expected > 128) {
         PyErr_Format(PyExc_ValueError, "load_node(): layer %d is outside -1..128", expected);
     } else if (ready() == 0) {
-        Tree t = {{NULL, 0}, NULL, {NULL, 0}, NULL, check_keys, 0, NULL, 0, {0}};
+        Tree t = {{NULL, 0}, NULL, NULL, 0, {NULL, 0}, NULL, check_keys, 0, NULL, 0, {0}};
         TNode *x = decode_checked(&t, (const uint8_t *)cid.buf, (size_t)cid.len, (const uint8_t *)block.buf, (size_t)block.len, expected, lo, hi);
         if (x != NULL) out = node_tuple(x);
         tree_free(&t);
@@ -989,12 +999,7 @@ static PyObject *take_error(void) {
 
 /* One op: (code, path, key, cid, prev); code 0 create, 1 update, 2 delete. Checked by the caller
  * (repo_stream.sync.invert.lookup_and_invert) for the CIDs each needs; checked again here for types. */
-typedef struct {
-    int code;
-    PyObject *path;
-    Bytes key, cid, prev;
-    int has_cid, has_prev;
-} Op;
+typedef RsTreeOp Op;
 
 static int parse_op(PyObject *item, Op *op) {
     PyObject *key, *cid, *prev;
@@ -1018,29 +1023,16 @@ static int parse_op(PyObject *item, Op *op) {
     return 0;
 }
 
-static PyObject *run(Tree *t, PyObject *keys, PyObject *ops) {
-    Py_ssize_t nk = PyList_GET_SIZE(keys), no = PyList_GET_SIZE(ops);
+/* The tree work on parsed arguments: keys[0..nk) looked up, ops[0..no) undone, the root. */
+static PyObject *run_parsed(Tree *t, const Bytes *keys, size_t nk, const Op *parsed, size_t no) {
     PyObject *held = PyList_New(0);
     if (held == NULL) return NULL;
-    /* the ops' bytes are the caller's (kept alive by the ops list, which the caller holds) */
-    Op *parsed = PyMem_Calloc((size_t)no + 1, sizeof(Op));
-    if (parsed == NULL) {
-        Py_DECREF(held);
-        return PyErr_NoMemory();
-    }
     PyObject *result = NULL;
-    for (Py_ssize_t i = 0; i < no; i++)
-        if (parse_op(PyList_GET_ITEM(ops, i), &parsed[i]) < 0) goto done;
-    for (Py_ssize_t i = 0; i < nk; i++) {
-        PyObject *k = PyList_GET_ITEM(keys, i);
-        if (!PyBytes_Check(k)) {
-            PyErr_SetString(PyExc_TypeError, "lookup_and_invert(): keys must be bytes");
-            goto done;
-        }
+    for (size_t i = 0; i < nk; i++) {
         int found;
         Bytes val;
         PyObject *v;
-        if (get(t, bytes_obj(k), &found, &val) < 0) {
+        if (get(t, keys[i], &found, &val) < 0) {
             PyObject *err = take_error();
             if (err == NULL) goto done;
             int bad = PyList_Append(held, err);
@@ -1059,8 +1051,8 @@ static PyObject *run(Tree *t, PyObject *keys, PyObject *ops) {
         Py_DECREF(v);
         if (bad < 0) goto done;
     }
-    for (Py_ssize_t i = no - 1; i >= 0; i--) {
-        Op *op = &parsed[i];
+    for (size_t i = no; i-- > 0;) {
+        const Op *op = &parsed[i];
         Bytes old = {NULL, 0};
         int rc;
         const char *action = op->code == 0 ? "create" : "update";
@@ -1088,9 +1080,63 @@ static PyObject *run(Tree *t, PyObject *keys, PyObject *ops) {
     }
     result = Py_BuildValue("(Oy#)", held, (const char *)root.p, (Py_ssize_t)root.n);
 done:
-    PyMem_Free(parsed);
     Py_DECREF(held);
     return result;
+}
+
+static PyObject *run(Tree *t, PyObject *keys, PyObject *ops) {
+    Py_ssize_t nk = PyList_GET_SIZE(keys), no = PyList_GET_SIZE(ops);
+    /* the ops' and keys' bytes are the caller's (kept alive by the lists, which the caller holds) */
+    Op *parsed = PyMem_Calloc((size_t)no + 1, sizeof(Op));
+    Bytes *kb = PyMem_Calloc((size_t)nk + 1, sizeof(Bytes));
+    PyObject *result = NULL;
+    if (parsed == NULL || kb == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < no; i++)
+        if (parse_op(PyList_GET_ITEM(ops, i), &parsed[i]) < 0) goto done;
+    for (Py_ssize_t i = 0; i < nk; i++) {
+        PyObject *k = PyList_GET_ITEM(keys, i);
+        if (!PyBytes_Check(k)) {
+            PyErr_SetString(PyExc_TypeError, "lookup_and_invert(): keys must be bytes");
+            goto done;
+        }
+        kb[i] = bytes_obj(k);
+    }
+    result = run_parsed(t, kb, (size_t)nk, parsed, (size_t)no);
+done:
+    PyMem_Free(parsed);
+    PyMem_Free(kb);
+    return result;
+}
+
+const RsSliceBlock *rs_slice_find(const RsSliceBlock *slice, size_t n, const uint8_t *cid, size_t cid_len) {
+    if (cid_len != RS_SLICE_CID) return NULL;
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        int c = memcmp(slice[mid].cid, cid, RS_SLICE_CID);
+        if (c == 0) return &slice[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
+PyObject *rs_tree_work(const uint8_t *root, size_t root_len, const RsSliceBlock *slice, size_t n_slice, const RsTreeOp *ops, size_t n_ops,
+                       int check_keys, int max_depth) {
+    if (ready() < 0) return NULL;
+    Bytes *keys = PyMem_Calloc(n_ops + 1, sizeof(Bytes));
+    if (keys == NULL) return PyErr_NoMemory();
+    for (size_t i = 0; i < n_ops; i++) keys[i] = ops[i].key;
+    Tree t = {{NULL, 0}, NULL, slice, n_slice, {root, root_len}, NULL, check_keys, max_depth, NULL, 0, {0}};
+    PyObject *out = run_parsed(&t, keys, n_ops, ops, n_ops);
+    tree_free(&t);
+    PyMem_Free(keys);
+    return out;
 }
 
 PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args) {
@@ -1106,7 +1152,7 @@ PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args) {
     Py_INCREF(blocks);
     Py_INCREF(keys);
     Py_INCREF(ops);
-    Tree t = {{NULL, 0}, blocks, bytes_obj(root), NULL, check_keys, max_depth, NULL, 0, {0}};
+    Tree t = {{NULL, 0}, blocks, NULL, 0, bytes_obj(root), NULL, check_keys, max_depth, NULL, 0, {0}};
     PyObject *out = run(&t, keys, ops);
     tree_free(&t);
     Py_DECREF(root);

@@ -246,8 +246,37 @@ void rs_keys_start(RsKeys *r, int32_t expected, int check_keys);
 int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry *e, int known_layer);
 void rs_keys_advance(RsKeys *r);
 void rs_keys_free(RsKeys *r);
+/* A repo key <collection>/<rkey>, as repo_stream.core.mst.is_valid_key: 1 or 0. In walk.c. */
+int rs_valid_key(const uint8_t *key, size_t n);
+/* mst.c: a commit's tree work (lookup_and_invert) over blocks held in a buffer the caller keeps
+ * alive, indexed by their 36-byte CIDs (sorted, distinct), for event.c. */
+typedef struct {
+    const uint8_t *p;
+    size_t n;
+} RsBytes;
+#define RS_SLICE_CID 36
+typedef struct {
+    const uint8_t *cid; /* RS_SLICE_CID bytes */
+    const uint8_t *block;
+    size_t len;
+} RsSliceBlock;
+/* One op: code 0 create, 1 update, 2 delete; path (a str, for messages); the key; cid and prev
+ * (set when has_cid, has_prev: a create has a cid, an update both, a delete a prev). */
+typedef struct {
+    int code;
+    PyObject *path;
+    RsBytes key, cid, prev;
+    int has_cid, has_prev;
+} RsTreeOp;
+/* The block of cid in slice[0..n) (sorted by CID), or NULL. */
+const RsSliceBlock *rs_slice_find(const RsSliceBlock *slice, size_t n, const uint8_t *cid, size_t cid_len);
+/* lookup_and_invert(root, slice, [op keys], ops, check_keys, max_depth): (held, inverted), errors
+ * of the tree as values; NULL with any other error set. */
+PyObject *rs_tree_work(const uint8_t *root, size_t root_len, const RsSliceBlock *slice, size_t n_slice, const RsTreeOp *ops, size_t n_ops,
+                       int check_keys, int max_depth);
 PyObject *rs_load_node(PyObject *self, PyObject *args);   /* mst.c */
 PyObject *rs_encode_node(PyObject *self, PyObject *args); /* mst.c */
 PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args); /* mst.c */
+PyObject *rs_commit_event(PyObject *self, PyObject *args);     /* event.c */
 
 #endif

@@ -393,15 +393,33 @@ static int valid_collection(const uint8_t *s, size_t n) {
     return segments >= 3;
 }
 
+/* The characters of a record key: A-Z a-z 0-9 . - _ : ~ */
+static const uint8_t RKEY_CHARS[256] = {
+    ['-'] = 1, ['.'] = 1, ['0'] = 1, ['1'] = 1, ['2'] = 1, ['3'] = 1, ['4'] = 1, ['5'] = 1, ['6'] = 1, ['7'] = 1, ['8'] = 1, ['9'] = 1,
+    [':'] = 1, ['A'] = 1, ['B'] = 1, ['C'] = 1, ['D'] = 1, ['E'] = 1, ['F'] = 1, ['G'] = 1, ['H'] = 1, ['I'] = 1, ['J'] = 1, ['K'] = 1,
+    ['L'] = 1, ['M'] = 1, ['N'] = 1, ['O'] = 1, ['P'] = 1, ['Q'] = 1, ['R'] = 1, ['S'] = 1, ['T'] = 1, ['U'] = 1, ['V'] = 1, ['W'] = 1,
+    ['X'] = 1, ['Y'] = 1, ['Z'] = 1, ['_'] = 1, ['a'] = 1, ['b'] = 1, ['c'] = 1, ['d'] = 1, ['e'] = 1, ['f'] = 1, ['g'] = 1, ['h'] = 1,
+    ['i'] = 1, ['j'] = 1, ['k'] = 1, ['l'] = 1, ['m'] = 1, ['n'] = 1, ['o'] = 1, ['p'] = 1, ['q'] = 1, ['r'] = 1, ['s'] = 1, ['t'] = 1,
+    ['u'] = 1, ['v'] = 1, ['w'] = 1, ['x'] = 1, ['y'] = 1, ['z'] = 1, ['~'] = 1,
+};
+
 /* Record key (https://atproto.com/specs/record-key), as the walker's rkey pattern. */
 static int valid_rkey(const uint8_t *s, size_t n) {
     if (n < 1 || n > 512) return 0;
     if ((n == 1 && s[0] == '.') || (n == 2 && s[0] == '.' && s[1] == '.')) return 0;
-    for (size_t i = 0; i < n; i++) {
-        uint8_t c = s[i];
-        if (!(is_alnum(c) || c == '.' || c == '_' || c == ':' || c == '~' || c == '-')) return 0;
-    }
+    for (size_t i = 0; i < n; i++)
+        if (!RKEY_CHARS[s[i]]) return 0;
     return 1;
+}
+
+/* A repo key <collection NSID>/<record key> of at most RS_MAX_KEY_BYTES bytes, as
+ * repo_stream.core.mst.is_valid_key (the NSID before the only "/": a record key holds none). */
+int rs_valid_key(const uint8_t *key, size_t n) {
+    if (n > RS_MAX_KEY_BYTES) return 0;
+    const uint8_t *slash = memchr(key, '/', n);
+    if (slash == NULL) return 0;
+    size_t clen = (size_t)(slash - key);
+    return valid_collection(key, clen) && valid_rkey(slash + 1, n - clen - 1);
 }
 
 /* --- the key rules of a node's entries (shared with mst.c) ------------------------------------- */
@@ -441,7 +459,8 @@ int rs_node_key(RsKeys *r, const uint8_t *cid, size_t cid_len, const RsNodeEntry
     if (e->neg || e->p > r->prev_len) {
         PyObject *p = p_object(e->neg, e->p);
         if (p == NULL) return -1;
-        return rs_raise("prefix_outside", "(y#Ny#)", (const char *)cid, (Py_ssize_t)cid_len, p, (const char *)r->prev,
+        /* before the first key the previous key is b"" (its buffer not yet made: y# of NULL is None) */
+        return rs_raise("prefix_outside", "(y#Ny#)", (const char *)cid, (Py_ssize_t)cid_len, p, r->prev ? (const char *)r->prev : "",
                         (Py_ssize_t)r->prev_len);
     }
     key_len = (size_t)e->p + e->k_len;

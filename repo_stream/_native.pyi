@@ -31,6 +31,12 @@ def lookup_and_invert(
 ) -> tuple[list[Any], Any]:
     """A commit's tree work held in C: (held, inverted) (see repo_stream.sync.invert.lookup_and_invert)."""
 
+def commit_event(
+    message: bytes, check_keys: bool, link: Callable[[bytes], Any], max_ops: int, max_blocks: int, max_block: int, max_depth: int, /
+) -> tuple[Any, ...] | None:
+    """The usual #commit message read in one pass: (did, rev, since, commit, prevData, seq, time, items, record blocks,
+    data, sig, unsigned, tree work or None), or None for any other message (see repo_stream.sync.verify.verify_commit)."""
+
 def sha256_portable(data: bytes | bytearray | memoryview, /) -> bytes:
     """The same with the portable rounds only, not the CPU's SHA extensions (for tests)."""
 

@@ -151,6 +151,19 @@ def test_load_node_rules() -> None:
         _native.load_node(root, nodes[root], 0, KEYS[10], None, True)
 
 
+def test_load_node_first_entry_prefix_outside() -> None:
+    """A first entry with a prefix length other than 0 (here -13): both name the previous key b"" (the C
+    core said None once: found by the fuzzer)."""
+    # {e: [{k: b"zzz.zzzz.edge/222gaptmdeedq", p: -13, t: null, v: <link>}], l: null}
+    link = b"\xd8\x2aX%\x00\x01q\x12 " + bytes(32)
+    block = b"\xa2ae\x81\xa4akX\x1bzzz.zzzz.edge/222gaptmdeedqap\x2cat\xf6av" + link + b"al\xf6"
+    cid = dag_cbor_cid(block)
+    for expected in (-1, 0, 2):
+        _both_load(cid, block, expected, None, None, True)
+    with pytest.raises(RepoStreamError, match="outside the previous key b''"):
+        _native.load_node(cid, block, -1, None, None, True)
+
+
 def test_load_node_argument_errors() -> None:
     root, nodes = TREES[1]
     with pytest.raises(ValueError):
@@ -393,3 +406,187 @@ def test_car_parser_sections_into_both_ways() -> None:
     assert ok[0] == "ok" and sum(ok[1]) == len(twice) and ok[2] == blocks
     with pytest.raises(TypeError):
         _native.CarParser(1024, False).sections_into([])  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ commit_event (verify_commit's fast path)
+
+
+def _verify_outcome(message: bytes, **kwargs: Any) -> tuple[Any, ...]:
+    """verify_commit's result (JSON form and record blocks) or error (class, message, cid, did, rev)."""
+    from repo_stream.sync.verify import verify_commit
+
+    try:
+        result = verify_commit(message, key=_KEY, now=2e9, **kwargs)
+    except RepoStreamError as exc:
+        got = exc.result if hasattr(exc, "result") else None  # OutOfSyncError carries the result
+        return ("error", type(exc).__name__, str(exc), getattr(exc, "cid", None), getattr(exc, "did", None), getattr(exc, "rev", None),
+                None if got is None else got.to_json())
+    return ("ok", result.to_json(), [(op.block, type(op.cid).__name__, type(op.prev).__name__) for op in result.ops])
+
+
+def _both_verify(message: bytes, **kwargs: Any) -> tuple[Any, ...]:
+    got = []
+    for name in ("c", "python"):
+        implementation.use(name)
+        try:
+            got.append(_verify_outcome(message, **kwargs))
+        finally:
+            implementation.use("c")
+    assert got[0] == got[1]
+    return got[0]
+
+
+def _fast(message: bytes, check_keys: bool = True) -> Any:
+    from repo_stream.records.values import Link
+
+    return _native.commit_event(message, check_keys, Link, 200, 2_000_000, 2 * 1024 * 1024, 256)
+
+
+_HEADER = b"\xa2\x61t\x67#commit\x62op\x01"
+
+
+def _message(body: dict[str, Any]) -> bytes:
+    import cbrrr
+
+    from repo_stream.records.values import Link
+
+    return _HEADER + cbrrr.encode_dag_cbor(body, cid_type=Link)
+
+
+def _generated(seed: int, n: int = 4) -> list[bytes]:
+    rng = random.Random(seed)
+    gen = CommitGenerator("did:plc:native", SIGN, generate_records(40, seed=seed, profile="small"), seed=seed, pool=POOL)  # type: ignore[arg-type]
+    return [gen.commit(gen.random_ops(rng.randint(1, 8), creates=0.5, updates=0.25)) for _ in range(n)]
+
+
+def test_commit_event_reads_generated_commits_as_the_reference() -> None:
+    from repo_stream.sync.verify import RepoState
+
+    for seed in range(6):
+        for message in _generated(seed):
+            assert _fast(message) is not None  # the usual message: read in C
+            assert _both_verify(message)[0] == "ok"
+            assert _both_verify(message, check_keys=False)[0] == "ok"
+            body: Any = decode_frame(message).body
+            assert _both_verify(message, prev=RepoState(body["since"], body["prevData"]))[0] == "ok"
+            assert _both_verify(message, prev=RepoState(body["since"], CIDS[0]))[1] == "OutOfSyncError"
+            assert _both_verify(message, prev=RepoState(body["rev"], body["prevData"]))[1] == "StaleRevError"
+
+
+def _variants(body: dict[str, Any]) -> list[tuple[str, dict[str, Any], bool]]:
+    """(what, body, read in C) for bodies changed one way each."""
+    from repo_stream.records.values import Link
+
+    def op_changed(i: int, **changes: Any) -> dict[str, Any]:
+        ops = [dict(op) for op in body["ops"]]
+        ops[i].update(changes)
+        for k in [k for k, v in changes.items() if v is _DROP]:
+            del ops[i][k]
+        return {**body, "ops": ops}
+
+    first = body["ops"][0]
+    raw_link = Link(b"\x01\x55" + first["cid"].cid_bytes[2:]) if first["cid"] is not None else Link(b"\x01\x55" + CIDS[0][2:])
+    blocks = body["blocks"]
+    out = [
+        ("since null", {**body, "since": None}, True),
+        ("no since", {k: v for k, v in body.items() if k != "since"}, True),
+        ("no seq, no time", {k: v for k, v in body.items() if k not in ("seq", "time")}, True),
+        ("rebase", {**body, "rebase": True}, True),
+        ("a blob", {**body, "blobs": [Link(CIDS[3])]}, True),
+        ("prevData null", {**body, "prevData": None}, True),
+        ("no prevData", {k: v for k, v in body.items() if k != "prevData"}, True),
+        ("an unknown field", {**body, "zzz": 1}, False),
+        ("tooBig", {**body, "tooBig": True}, False),
+        ("time null", {**body, "time": None}, False),
+        ("seq negative", {**body, "seq": -1}, False),
+        ("repo not text", {**body, "repo": b"did:plc:native"}, False),
+        ("another repo", {**body, "repo": "did:plc:other"}, False),
+        ("another rev", {**body, "rev": "3kaaaaaaaaaaa"}, False),
+        ("a long rev", {**body, "rev": "3" * 201}, False),
+        ("blocks not bytes", {**body, "blocks": "x"}, False),
+        ("ops not a list", {**body, "ops": {}}, False),
+        ("commit a raw CID", {**body, "commit": raw_link}, False),
+        ("commit not the root", {**body, "commit": Link(CIDS[2])}, False),
+        ("a block changed", {**body, "blocks": blocks[:-1] + bytes([blocks[-1] ^ 1])}, False),
+        ("blocks cut", {**body, "blocks": blocks[:-5]}, False),
+        ("blocks of another CAR header", {**body, "blocks": b"\x00" + blocks}, False),
+        ("op with an unknown key", op_changed(0, zzz=1), False),
+        ("op action unknown", op_changed(0, action="frobnicate"), False),
+        ("op path invalid", op_changed(0, path="not a key"), False),
+        ("op path long", op_changed(0, path="app.bsky.feed.like/" + "a" * 1100), False),
+        ("op without action", op_changed(0, action=_DROP), False),
+        ("op cid raw", op_changed(0, cid=raw_link), False),
+        ("op prev null", op_changed(0, prev=None), first["action"] == "create"),
+        ("op duplicate path", {**body, "ops": [*body["ops"], body["ops"][0]]}, False),
+    ]
+    if first["action"] == "create":
+        out.append(("create with prev", op_changed(0, prev=Link(CIDS[4])), False))
+        out.append(("create without cid", op_changed(0, cid=None), False))
+    else:
+        out.append((f"{first['action']} without prev", op_changed(0, prev=_DROP), False))
+    return out
+
+
+_DROP = object()
+
+
+def test_commit_event_falls_back_on_anything_unusual() -> None:
+    """Each variant: read in C or not as expected, and verify_commit gives what the reference gives."""
+    seen = set()
+    for seed in range(3):
+        for message in _generated(seed, 2):
+            body: Any = decode_frame(message).body
+            for what, changed, fast in _variants(body):
+                changed_message = _message(changed)
+                assert (_fast(changed_message) is not None) == fast, what
+                for kwargs in ({}, {"require_prev_data": False}, {"check_keys": False}):
+                    got = _both_verify(changed_message, **kwargs)
+                    seen.add((got[0], got[1] if got[0] == "error" else ""))
+    assert {o[0] for o in seen} == {"ok", "error"}
+    assert {o[1] for o in seen if o[0] == "error"} >= {
+        "MalformedEventError", "BlocksTooLargeError", "CommitDidMismatchError", "RevMismatchError", "MalformedCarError",
+        "CommitNotRootError", "InvalidOpError", "DuplicateOpPathError", "MissingPrevDataError",
+    }
+
+
+def test_commit_event_not_canonical_or_other_headers() -> None:
+    message = _generated(7, 1)[0]
+    assert _fast(message) is not None
+    assert _fast(b"\xa2\x61t\x65#sync\x62op\x01" + message[15:]) is None  # another type
+    assert _fast(b"\xa2\x62op\x01\x61t\x67#commit" + message[15:]) is None  # keys out of order (cbrrr refuses it too)
+    assert _fast(message + b"\x00") is None  # bytes after the body
+    assert _fast(message[:-1]) is None
+    assert _fast(b"") is None
+    for cut in range(0, len(message), max(1, len(message) // 50)):
+        assert _fast(message[:cut]) is None
+    assert _both_verify(b"\xa2\x62op\x01\x61t\x67#commit" + message[15:])[1] == "MalformedEventError"
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 5), position=st.integers(0, 1 << 20), byte=st.integers(0, 255), how=st.sampled_from(["set", "insert", "delete"]),
+       check_keys=st.booleans())
+def test_commit_event_mutated_messages(seed: int, position: int, byte: int, how: str, check_keys: bool) -> None:
+    message = bytearray(_generated(seed, 1)[0])
+    at = position % len(message)
+    if how == "set":
+        message[at] = byte
+    elif how == "insert":
+        message.insert(at, byte)
+    else:
+        del message[at]
+    _both_verify(bytes(message), check_keys=check_keys, require_prev_data=False)
+
+
+def test_commit_event_guards() -> None:
+    from repo_stream.records.values import Link
+
+    message = _generated(1, 1)[0]
+    with pytest.raises(TypeError):
+        _native.commit_event(bytearray(message), True, Link, 200, 2_000_000, 1 << 21, 256)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _native.commit_event(message, True, None, 200, 2_000_000, 1 << 21, 256)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        _native.commit_event(message, True, Link, -1, 2_000_000, 1 << 21, 256)
+    assert _native.commit_event(message, True, Link, 0, 2_000_000, 1 << 21, 256) is None  # over max_ops: the reference decides
+    assert _native.commit_event(message, True, Link, 200, 10, 1 << 21, 256) is None  # over max_blocks
+    assert _native.commit_event(message, True, Link, 200, 2_000_000, 1, 256) is None  # a block over max_block

@@ -30,6 +30,16 @@ the DID, rev, key or CID):
 7. continuity, last: with ``prev`` (the state held), ``since`` must be ``prev.rev`` and
    ``prevData`` ``prev.data``, else :class:`~repo_stream.errors.OutOfSyncError`, whose
    ``.result`` is the commit verified on its own (refetch the repo).
+
+With the C core, a message of the usual shape (the known ``#commit`` fields only, in canonical
+DAG-CBOR; well-formed ops; a CAR with the usual one-root header whose blocks all have dag-cbor
+sha2-256 CIDs and hash to them; a commit block of the six usual fields whose did and rev are the
+event's) is read in one C pass (``_native.commit_event``: the frame, the ops, the CAR and its
+CID checks, the commit, and step 6's tree work over the CAR's bytes in place, its errors kept as
+values and raised here in the order of the checks). Any other message, and every one without the
+C core, goes the reference way below (:func:`_read_event`), which gives its result or its error:
+the C pass accepts only messages the reference accepts, with the same values (tested on both,
+and fuzzed).
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from cbrrr import _cbrrr
 from cbrrr import encode_dag_cbor as _cbrrr_encode
 
 from ..core import implementation
+from ..core.car import DEFAULT_MAX_BLOCK_SIZE
 from ..core.cid import cid_str, cid_text, is_plain_cid
 from ..core.commit import Commit, decode_commit
 from ..core.mst import is_valid_key
@@ -179,9 +190,8 @@ class RepoState(NamedTuple):
     data: object
 
 
-@dataclass(frozen=True, slots=True)
-class VerifiedOp(Generic[V]):
-    """One op of a verified commit.
+class VerifiedOp(NamedTuple, Generic[V]):
+    """One op of a verified commit (a named tuple: cheap to make, one per op).
 
     Attributes:
         action: ``"create"``, ``"update"`` or ``"delete"``.
@@ -387,18 +397,14 @@ def _load_commit(
     return blocks, commit, data, commit_cid, unsigned
 
 
-def _check_signature(
-    commit: Commit, commit_cid: bytes, verifier: VerifyingKey, where: str, did: str, rev: str, unsigned: bytes | None = None
-) -> None:
-    if unsigned is None:
-        unsigned = commit.unsigned_bytes()
+def _check_signature(sig: bytes, unsigned: bytes, commit_cid: bytes, verifier: VerifyingKey, where: str, did: str, rev: str) -> None:
     try:
-        verifier.verify(unsigned, commit.sig, where=where)
+        verifier.verify(unsigned, sig, where=where)
         return
     except SignatureError:
         pass
     try:  # the message names the commit's CID: made only for a failure (base32 costs ~7 us)
-        verifier.verify(unsigned, commit.sig, where=f"{where}: commit {cid_str(commit_cid)}")
+        verifier.verify(unsigned, sig, where=f"{where}: commit {cid_str(commit_cid)}")
     except SignatureError as exc:
         raise CommitSignatureError(str(exc), did=did, rev=rev) from exc
     raise AssertionError("unreachable: a signature check failed once and passed again")  # pragma: no cover
@@ -477,94 +483,26 @@ def verify_commit(
 
     Spec: atproto sync, "Commit Validation"; lexicon com.atproto.sync.subscribeRepos#commit.
     """
-    body = _body(message, "#commit", max_message_bytes)
-    did = _field(body, "repo", str, "#commit event")
-    did = did[:2048]
-    rev = _field(body, "rev", str, f"#commit of {did}")[:200]
-    where = f"#commit of {did} at rev {rev}"
-    try:
-        since = _field(body, "since", str, where, optional=True)
-        blocks_bytes = _field(body, "blocks", bytes, where)
-        raw_ops = _field(body, "ops", list, where)
-        commit_value = body.get("commit")
-        prev_data_value = body.get("prevData")
-        # Links decoded from the message are used as they are (their bytes checked when made).
-        commit_cid = commit_value.cid_bytes if type(commit_value) is Link else _cid_field(commit_value, f"{where}: field 'commit'")
-        if prev_data_value is None:
-            prev_data = None
-        elif type(prev_data_value) is Link:
-            prev_data = prev_data_value.cid_bytes
-        else:
-            prev_data = _cid_field(prev_data_value, f"{where}: field 'prevData'")
-        seq = body.get("seq")
-        seq = seq if type(seq) is int else None
-        when = body.get("time")
-        when = when if type(when) is str else None
-    except MalformedEventError as exc:
-        exc.did, exc.rev = did, rev
-        raise
-    if body.get("tooBig") is True:
-        raise BlocksTooLargeError(f"{where}: the event says tooBig (its blocks were left out)", did=did, rev=rev)
-    if len(raw_ops) > MAX_OPS:
-        raise TooManyOpsError(f"{where}: {len(raw_ops)} ops, over the limit of {MAX_OPS}", did=did, rev=rev)
-    if len(blocks_bytes) > MAX_BLOCKS_BYTES:
-        raise BlocksTooLargeError(f"{where}: blocks of {len(blocks_bytes)} bytes, over the limit of {MAX_BLOCKS_BYTES}", did=did, rev=rev)
-    if prev_data is None and require_prev_data:
-        raise MissingPrevDataError(f"{where}: no prevData (the PDS predates sync 1.1); pass require_prev_data=False to accept it on its signature alone", did=did, rev=rev)
-
-    # 2. The ops. Each is kept as (action, path, key, cid, prev, cid link, prev link): links
-    # decoded from the message (Link) are reused for the result, not parsed and made again.
-    items: list[tuple[str, str, bytes, bytes | None, bytes | None, Link | None, Link | None]] = []
-    seen: set[str] = set()
-    valid_key = is_valid_key if check_keys else None
-    for i, raw in enumerate(raw_ops):
-        if type(raw) is not dict:
-            raise InvalidOpError(f"{where}: op {i} is a {type(raw).__name__}, not a map", did=did, rev=rev)
-        action = raw.get("action")
-        path = raw.get("path")
-        if type(path) is not str or (valid_key is not None and not valid_key(path)) or len(path) > 1024:
-            raise InvalidOpError(f"{where}: op {i} has path {str(path)[:200]!r}, not a valid repo key", did=did, rev=rev)
-        if type(action) is not str or action not in ACTIONS:
-            raise InvalidOpError(f"{where}: op {i} ({path!r}) has action {str(action)[:50]!r}, not create, update or delete", did=did, rev=rev)
-        try:
-            op_key = path.encode()
-        except UnicodeEncodeError:
-            raise InvalidOpError(f"{where}: op {i} has path {path[:200]!r}, not a valid repo key", did=did, rev=rev) from None
-        if path in seen:
-            raise DuplicateOpPathError(f"{where}: path {path!r} is named by more than one op", did=did, rev=rev)
-        seen.add(path)
-        cid_value = raw.get("cid")
-        prev_value = raw.get("prev")
-        cid_link: Link | None = None
-        prev_link: Link | None = None
-        if cid_value is None:
-            cid = None
-        elif type(cid_value) is Link:
-            cid_link = cid_value
-            cid = cid_value.cid_bytes
-        else:
-            cid = _op_cid(cid_value, f"{where}: op {i} ({action} {path!r}) field 'cid'", did, rev)
-        if prev_value is None:
-            op_prev = None
-        elif type(prev_value) is Link:
-            prev_link = prev_value
-            op_prev = prev_value.cid_bytes
-        else:
-            op_prev = _op_cid(prev_value, f"{where}: op {i} ({action} {path!r}) field 'prev'", did, rev)
-        if action == "delete":
-            if cid is not None:
-                raise InvalidOpError(f"{where}: delete of {path!r} has a cid ({cid_str(cid)}); a delete's cid is null", did=did, rev=rev)
-        elif cid is None:
-            raise InvalidOpError(f"{where}: {action} of {path!r} has no cid", did=did, rev=rev)
-        if action == "create":
-            if op_prev is not None:
-                raise InvalidOpError(f"{where}: create of {path!r} has a prev ({cid_str(op_prev)}): the key was there already", did=did, rev=rev)
-        elif op_prev is None and prev_data is not None:
-            raise OpPrevMissingError(f"{where}: {action} of {path!r} has no prev: a {action} of a key that was not there", did=did, rev=rev)
-        items.append((action, path, op_key, cid, op_prev, cid_link, prev_link))
-
-    # 3. The CAR and the commit.
-    blocks, commit, data, _, unsigned = _load_commit(blocks_bytes, commit_cid, did, rev, where)
+    fast = None
+    if _native is not None and type(message) is bytes and len(message) <= max_message_bytes and implementation.backend().name == "c":
+        # The usual message read in one pass in C; None for any other, which the reference reads.
+        fast = _native.commit_event(message, check_keys, Link, MAX_OPS, MAX_BLOCKS_BYTES, DEFAULT_MAX_BLOCK_SIZE, DEFAULT_MAX_DEPTH)
+    commit: Commit | None = None
+    tree: tuple[list[bytes | RepoStreamError | None], bytes | RepoStreamError | None] | None = None
+    if fast is not None:
+        # blocks: only the records the ops name; tree: the tree work of step 6, done in the same
+        # pass (over the CAR's bytes in place), its errors as values, raised below in order.
+        did, rev, since, commit_value, prev_data_value, seq, when, items, blocks, data, sig, unsigned, tree = fast
+        where = f"#commit of {did} at rev {rev}"
+        commit_cid = commit_value.cid_bytes
+        prev_data = None if prev_data_value is None else prev_data_value.cid_bytes
+        if prev_data is None and require_prev_data:
+            raise MissingPrevDataError(f"{where}: no prevData (the PDS predates sync 1.1); pass require_prev_data=False to accept it on its signature alone", did=did, rev=rev)
+    else:
+        did, rev, where, since, commit_value, commit_cid, prev_data_value, prev_data, seq, when, items, blocks, data, commit, unsigned = _read_event(
+            message, require_prev_data, check_keys, max_message_bytes
+        )
+        sig = commit.sig
 
     # 4. The rev.
     stamp = tid_timestamp(rev)
@@ -579,7 +517,10 @@ def verify_commit(
         raise StaleRevError(f"{where}: rev {rev!r} does not follow the held rev {prev.rev[:100]!r} (replayed or older)", did=did, rev=rev)
 
     # 5. The signature.
-    _check_signature(commit, commit_cid, _verifier(key, did, rev), where, did, rev, unsigned)
+    if unsigned is None:
+        assert commit is not None
+        unsigned = commit.unsigned_bytes()
+    _check_signature(sig, unsigned, commit_cid, _verifier(key, did, rev), where, did, rev)
 
     # 6. The ops against the new tree, and inversion.
     verified: list[VerifiedOp[Any]] = []
@@ -590,12 +531,15 @@ def verify_commit(
         # The tree's whole work at once (in C when the C core is in use); its errors come back
         # as values, raised below in the order the checks come. The ops passed the checks the
         # reference's lookup_and_invert makes of them (above), so C is called directly.
-        keys = [item[2] for item in items]
-        if _native is not None and type(blocks) is dict and implementation.backend().name == "c":
+        if tree is not None:
+            helds, got = tree
+        elif _native is not None and type(blocks) is dict and implementation.backend().name == "c":
+            keys = [item[2] for item in items]
             helds, got = _native.lookup_and_invert(
                 data, blocks, keys, [(_CODES[a], p, k, c, v) for a, p, k, c, v, _, _ in items], check_keys, DEFAULT_MAX_DEPTH
             )
         else:
+            keys = [item[2] for item in items]
             helds, got = lookup_and_invert(data, blocks, keys, [Op(a, p, c, v) for a, p, _, c, v, _, _ in items], check_keys=check_keys)
     try:
         for i, (action, path, _, cid, op_prev, cid_link, prev_link) in enumerate(items):
@@ -672,6 +616,107 @@ def verify_commit(
     return result
 
 
+_Item = tuple[str, str, bytes, bytes | None, bytes | None, Link | None, Link | None]
+
+
+def _read_event(
+    message: bytes | bytearray | memoryview | Mapping[str, object], require_prev_data: bool, check_keys: bool, max_message_bytes: int
+) -> tuple[str, str, str, str | None, object, bytes, object, bytes | None, int | None, str | None, list[_Item], dict[bytes, bytes], bytes, Commit, bytes | None]:
+    """Steps 1 to 3 of :func:`verify_commit` (the reference): the message, its ops, its CAR and its
+    commit. Returns ``(did, rev, where, since, commit value, commit CID, prevData value, prevData
+    CID, seq, time, items, blocks, data CID, commit, the bytes its signature signs or None: ask the
+    commit)``; raises the rule's error."""
+    body = _body(message, "#commit", max_message_bytes)
+    did = _field(body, "repo", str, "#commit event")
+    did = did[:2048]
+    rev = _field(body, "rev", str, f"#commit of {did}")[:200]
+    where = f"#commit of {did} at rev {rev}"
+    try:
+        since = _field(body, "since", str, where, optional=True)
+        blocks_bytes = _field(body, "blocks", bytes, where)
+        raw_ops = _field(body, "ops", list, where)
+        commit_value = body.get("commit")
+        prev_data_value = body.get("prevData")
+        # Links decoded from the message are used as they are (their bytes checked when made).
+        commit_cid = commit_value.cid_bytes if type(commit_value) is Link else _cid_field(commit_value, f"{where}: field 'commit'")
+        if prev_data_value is None:
+            prev_data = None
+        elif type(prev_data_value) is Link:
+            prev_data = prev_data_value.cid_bytes
+        else:
+            prev_data = _cid_field(prev_data_value, f"{where}: field 'prevData'")
+        seq = body.get("seq")
+        seq = seq if type(seq) is int else None
+        when = body.get("time")
+        when = when if type(when) is str else None
+    except MalformedEventError as exc:
+        exc.did, exc.rev = did, rev
+        raise
+    if body.get("tooBig") is True:
+        raise BlocksTooLargeError(f"{where}: the event says tooBig (its blocks were left out)", did=did, rev=rev)
+    if len(raw_ops) > MAX_OPS:
+        raise TooManyOpsError(f"{where}: {len(raw_ops)} ops, over the limit of {MAX_OPS}", did=did, rev=rev)
+    if len(blocks_bytes) > MAX_BLOCKS_BYTES:
+        raise BlocksTooLargeError(f"{where}: blocks of {len(blocks_bytes)} bytes, over the limit of {MAX_BLOCKS_BYTES}", did=did, rev=rev)
+    if prev_data is None and require_prev_data:
+        raise MissingPrevDataError(f"{where}: no prevData (the PDS predates sync 1.1); pass require_prev_data=False to accept it on its signature alone", did=did, rev=rev)
+
+    # 2. The ops. Each is kept as (action, path, key, cid, prev, cid link, prev link): links
+    # decoded from the message (Link) are reused for the result, not parsed and made again.
+    items: list[_Item] = []
+    seen: set[str] = set()
+    valid_key = is_valid_key if check_keys else None
+    for i, raw in enumerate(raw_ops):
+        if type(raw) is not dict:
+            raise InvalidOpError(f"{where}: op {i} is a {type(raw).__name__}, not a map", did=did, rev=rev)
+        action = raw.get("action")
+        path = raw.get("path")
+        if type(path) is not str or (valid_key is not None and not valid_key(path)) or len(path) > 1024:
+            raise InvalidOpError(f"{where}: op {i} has path {str(path)[:200]!r}, not a valid repo key", did=did, rev=rev)
+        if type(action) is not str or action not in ACTIONS:
+            raise InvalidOpError(f"{where}: op {i} ({path!r}) has action {str(action)[:50]!r}, not create, update or delete", did=did, rev=rev)
+        try:
+            op_key = path.encode()
+        except UnicodeEncodeError:
+            raise InvalidOpError(f"{where}: op {i} has path {path[:200]!r}, not a valid repo key", did=did, rev=rev) from None
+        if path in seen:
+            raise DuplicateOpPathError(f"{where}: path {path!r} is named by more than one op", did=did, rev=rev)
+        seen.add(path)
+        cid_value = raw.get("cid")
+        prev_value = raw.get("prev")
+        cid_link: Link | None = None
+        prev_link: Link | None = None
+        if cid_value is None:
+            cid = None
+        elif type(cid_value) is Link:
+            cid_link = cid_value
+            cid = cid_value.cid_bytes
+        else:
+            cid = _op_cid(cid_value, f"{where}: op {i} ({action} {path!r}) field 'cid'", did, rev)
+        if prev_value is None:
+            op_prev = None
+        elif type(prev_value) is Link:
+            prev_link = prev_value
+            op_prev = prev_value.cid_bytes
+        else:
+            op_prev = _op_cid(prev_value, f"{where}: op {i} ({action} {path!r}) field 'prev'", did, rev)
+        if action == "delete":
+            if cid is not None:
+                raise InvalidOpError(f"{where}: delete of {path!r} has a cid ({cid_str(cid)}); a delete's cid is null", did=did, rev=rev)
+        elif cid is None:
+            raise InvalidOpError(f"{where}: {action} of {path!r} has no cid", did=did, rev=rev)
+        if action == "create":
+            if op_prev is not None:
+                raise InvalidOpError(f"{where}: create of {path!r} has a prev ({cid_str(op_prev)}): the key was there already", did=did, rev=rev)
+        elif op_prev is None and prev_data is not None:
+            raise OpPrevMissingError(f"{where}: {action} of {path!r} has no prev: a {action} of a key that was not there", did=did, rev=rev)
+        items.append((action, path, op_key, cid, op_prev, cid_link, prev_link))
+
+    # 3. The CAR and the commit.
+    blocks, commit, data, _, unsigned = _load_commit(blocks_bytes, commit_cid, did, rev, where)
+    return did, rev, where, since, commit_value, commit_cid, prev_data_value, prev_data, seq, when, items, blocks, data, commit, unsigned
+
+
 def _op_cid(value: object, what: str, did: str, rev: str) -> bytes:
     try:
         return parse_cid(value)
@@ -721,7 +766,7 @@ def verify_sync(
     _, commit, data, commit_cid, unsigned = _load_commit(blocks_bytes, None, did, rev, where)
     if tid_timestamp(rev) is None:
         raise InvalidRevError(f"{where}: rev {rev!r} is not a valid TID", did=did, rev=rev)
-    _check_signature(commit, commit_cid, _verifier(key, did, rev), where, did, rev, unsigned)
+    _check_signature(commit.sig, commit.unsigned_bytes() if unsigned is None else unsigned, commit_cid, _verifier(key, did, rev), where, did, rev)
     seq = body.get("seq")
     when = body.get("time")
     return VerifiedSync(did, rev, Link(data), Link(commit_cid), seq if type(seq) is int else None, when if type(when) is str else None)
