@@ -105,6 +105,10 @@ DEFAULT_STATE_PATH: Final = "repo-stream-sync.sqlite"
 _INACTIVE: Final = ("takendown", "suspended", "deleted", "deactivated")
 _PAGE: Final = 500  # stored records compared per query
 _IDLE: Final = 0.02  # seconds without input before what was taken is committed
+#: Seconds the pump waits for the firehose reader's next read before it hands a group over (see
+#: Firehose.batches: a busy stream then comes in groups of up to max_buffer events, one commit
+#: each, rather than one per read of the connection).
+_GATHER: Final = 0.001
 _Item = tuple[str, Any, Any, Any]
 _Effect = Callable[[], Awaitable[None]] | None
 _Delivery = tuple["RecordEvent | RepoEvent | None", _Effect]
@@ -514,7 +518,7 @@ class Sync:
         send = self._send.clone()
         async with send:
             try:
-                async for batch in self.firehose.batches():
+                async for batch in self.firehose.batches(gather=_GATHER):
                     taken = anyio.Event()
                     await send.send(("firehose", batch, taken, None))
                     await taken.wait()
