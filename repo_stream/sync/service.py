@@ -105,10 +105,12 @@ DEFAULT_STATE_PATH: Final = "repo-stream-sync.sqlite"
 _INACTIVE: Final = ("takendown", "suspended", "deleted", "deactivated")
 _PAGE: Final = 500  # stored records compared per query
 _IDLE: Final = 0.02  # seconds without input before what was taken is committed
-#: Seconds the pump waits for the firehose reader's next read before it hands a group over (see
-#: Firehose.batches: a busy stream then comes in groups of up to max_buffer events, one commit
-#: each, rather than one per read of the connection).
+#: Seconds the pump waits for the firehose reader's next read before it hands a group over, and
+#: the most firehose items in a group (see Firehose.batches): a busy stream comes in groups of up
+#: to _GROUP events, one commit of their marks each, rather than one per read of the connection.
 _GATHER: Final = 0.001
+_GROUP: Final = 128
+_MAX_ROOTS: Final = 100_000  # repos whose verified MST root is kept as bytes too (then forgotten at once)
 _Item = tuple[str, Any, Any, Any]
 _Effect = Callable[[], Awaitable[None]] | None
 _Delivery = tuple["RecordEvent | RepoEvent | None", _Effect]
@@ -341,6 +343,11 @@ class Sync:
 
         #: Record blocks to their JSON text (the C core's transcoder, or the reference).
         self._transcode = json_text_processor()
+        from ..core.implementation import backend
+
+        #: Binary CIDs to their base32 text (the C core's, or the reference).
+        self._cid_text: Callable[[bytes], str] = backend().cid_text
+        self._roots: dict[str, tuple[str, bytes]] = {}  # did -> (the root this service verified last: text, bytes)
         self.state: StateStore | None = None
         self.keys: KeyCache | None = None
         self.firehose: Firehose | None = None
@@ -518,7 +525,7 @@ class Sync:
         send = self._send.clone()
         async with send:
             try:
-                async for batch in self.firehose.batches(gather=_GATHER):
+                async for batch in self.firehose.batches(_GROUP, gather=_GATHER):
                     taken = anyio.Event()
                     await send.send(("firehose", batch, taken, None))
                     await taken.wait()
@@ -846,8 +853,11 @@ class Sync:
         if isinstance(rev, str) and rev <= row.rev:
             self.stats.stale += 1
             return []
+        # The stored root as bytes when this service verified it last (no base32 decoding).
+        held = self._roots.get(did)
+        prev_data: str | bytes = held[1] if held is not None and held[0] == row.data else row.data
         try:
-            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, row.data), process=self._transcode)
+            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, prev_data), process=self._transcode)
         except OutOfSyncError as exc:
             return self._desynchronized(item, str(exc))
         except CommitVerifyError as exc:
@@ -855,22 +865,34 @@ class Sync:
             self.stats.repo_events += 1
             return [(RepoEvent(did, "error", seq, {"error": f"{type(exc).__name__}: {exc}"}), None)]
         self.stats.commits += 1
-        events: list[RecordEvent] = []
+        cid_text = self._cid_text
+        wanted = self._wanted
+        rev_now = commit.rev
+        data_bytes = commit.data.cid_bytes
+        data_now = cid_text(data_bytes)
+        roots = self._roots
+        if len(roots) >= _MAX_ROOTS and did not in roots:
+            roots.clear()
+        roots[did] = (data_now, data_bytes)
+        out: list[_Delivery] = []
+        records: list[tuple[str, str | None]] = []
         ops: list[RecordOp] = []
+        sink = self.sink
         for op in commit.ops:
-            if not self._wanted(op.collection):
+            path = op.path
+            collection, _, rkey = path.partition("/")
+            if not wanted(collection):
                 continue
-            action: Literal["create", "update", "delete"] = "create" if op.action == "create" else "update" if op.action == "update" else "delete"
-            cid = None if op.cid is None else str(op.cid)
-            events.append(RecordEvent(did, commit.rev, seq, action, op.collection, op.rkey, cid, live=True, value_text=op.value))
-            if self.sink is not None:
+            kind = op.action
+            action: Literal["create", "update", "delete"] = "create" if kind == "create" else "update" if kind == "update" else "delete"
+            cid = None if op.cid is None else cid_text(op.cid.cid_bytes)
+            out.append((RecordEvent(did, rev_now, seq, action, collection, rkey, cid, live=True, value_text=op.value), None))
+            records.append((path, cid))
+            if sink is not None:
                 from ..backfill.sinks import RecordOp
 
-                ops.append(RecordOp(action, op.collection, op.rkey, cid, op.block))
-        rev_now, data_now = commit.rev, str(commit.data)
-
-        self.stats.live += len(events)
-        records = [(f"{e.collection}/{e.rkey}", e.cid) for e in events]
+                ops.append(RecordOp(action, collection, rkey, cid, op.block))
+        self.stats.live += len(out)
 
         async def applied(did: str = did, rev: str = rev_now, data: str = data_now, ops: list[RecordOp] = ops) -> None:
             # The commit is the unit: its records, rev and root are written once its last event
@@ -880,10 +902,9 @@ class Sync:
             if self.sink is not None:
                 await self.sink.apply(did, rev, data, ops)
 
-        if not events:
+        if not out:
             return [(None, applied)]
-        out: list[_Delivery] = [(event, None) for event in events]
-        out[-1] = (events[-1], applied)
+        out[-1] = (out[-1][0], applied)
         return out
 
     def _signals(self, item: Event) -> bool:
