@@ -215,7 +215,8 @@ class Firehose:
         message it completes at once), up to ``max_items`` (default ``max_buffer``) and
         ``max_buffer_bytes`` of messages: a busy stream comes in lists of the data the
         connection already holds rather than of one read each; an idle one waits ``gather``
-        longer for its list.
+        longer for its list. The places of the items gathered are freed as they are taken, so
+        the consumer then holds up to ``max_items`` items outside the buffer.
 
         Raises:
             ErrorFrameError, FirehoseError: as iterating (after the items before the error).
@@ -239,6 +240,7 @@ class Firehose:
                 return
             batch: list[Event | Problem] = []
             size = 0
+            freed = 0
             item: Event | Problem | BaseException | None = first
             while item is not None:
                 while True:
@@ -258,8 +260,11 @@ class Firehose:
                         break
                 item = None
                 if gather > 0 and self._stashed is None and len(batch) < limit and size < self.max_buffer_bytes:
+                    # Free the places of what was taken so the reader can go on reading.
+                    self._taken(batch[freed:])
+                    freed = len(batch)
                     item = await self._gather(receive, gather)
-            self._taken(batch)
+            self._taken(batch[freed:])
             yield batch
 
     async def _gather(self, receive: MemoryObjectReceiveStream[Event | Problem | BaseException], wait: float) -> Event | Problem | BaseException | None:

@@ -109,7 +109,7 @@ _IDLE: Final = 0.02  # seconds without input before what was taken is committed
 #: the most firehose items in a group (see Firehose.batches): a busy stream comes in groups of up
 #: to _GROUP events, one commit of their marks each, rather than one per read of the connection.
 _GATHER: Final = 0.001
-_GROUP: Final = 128
+_GROUP: Final = 256
 _MAX_ROOTS: Final = 100_000  # repos whose verified MST root is kept as bytes too (then forgotten at once)
 _Item = tuple[str, Any, Any, Any]
 _Effect = Callable[[], Awaitable[None]] | None
