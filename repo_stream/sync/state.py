@@ -101,9 +101,9 @@ class StateStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS marks (did TEXT, key TEXT)")
             self._db.execute("CREATE TABLE IF NOT EXISTS buffer (did TEXT, seq INTEGER, message BLOB NOT NULL, PRIMARY KEY (did, seq)) WITHOUT ROWID")
             self._db.execute("CREATE TABLE IF NOT EXISTS changes (did TEXT NOT NULL, key TEXT NOT NULL, cid TEXT)")
-            self._changes = 1  # whatever an earlier run committed there: folded now
-            self._deletes = True
-            self._fold()
+            self._changes = 0
+            self._deleted: dict[tuple[str, str], bool] = {}  # (did, key) deleted since the fold -> its last change is a delete
+            self._fold_left()
             self._db.commit()
         except sqlite3.Error as exc:
             raise DiskError(f"sync state {self.path}: {exc}") from None
@@ -122,6 +122,7 @@ class StateStore:
         self._rows.clear()
         self._dirty.clear()
         self._records.clear()
+        self._deleted.clear()
         self._db.close()
 
     def flush(self) -> None:
@@ -133,8 +134,13 @@ class StateStore:
                 self._dirty.clear()
             if self._records:
                 records = self._records
-                if None in records.values():
-                    self._deletes = True
+                deleted = self._deleted
+                if deleted or None in records.values():
+                    for key, cid in records.items():
+                        if cid is None:
+                            deleted[key] = True
+                        elif key in deleted:
+                            deleted[key] = False
                 self._db.executemany("INSERT INTO changes (did, key, cid) VALUES (?, ?, ?)", [(did, key, cid) for (did, key), cid in records.items()])
                 self._changes += len(records)
                 records.clear()
@@ -145,18 +151,32 @@ class StateStore:
 
     def _fold(self) -> None:
         """Apply the record changes appended to ``changes`` to ``records`` (not committed): the
-        last change of each key, in key order; then empty ``changes``."""
+        CIDs in key order, the last change of each key winning, then the keys whose last change
+        is a delete (noted as they are written); then empty ``changes``."""
         if not self._changes:
+            return
+        self._db.execute(
+            "INSERT INTO records (did, key, cid) SELECT did, key, cid FROM changes WHERE cid IS NOT NULL ORDER BY did, key, rowid "
+            "ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
+        )
+        gone = [key for key, last in self._deleted.items() if last]
+        if gone:
+            self._db.executemany("DELETE FROM records WHERE did = ? AND key = ?", gone)
+        self._db.execute("DELETE FROM changes")
+        self._changes = 0
+        self._deleted.clear()
+
+    def _fold_left(self) -> None:
+        """At open: fold the changes an earlier run committed and did not fold (the last change
+        of each key found in SQL, as the deletes were noted by that run)."""
+        if self._db.execute("SELECT 1 FROM changes LIMIT 1").fetchone() is None:
             return
         self._db.execute(
             f"INSERT INTO records (did, key, cid) SELECT did, key, cid FROM ({_LATEST}) WHERE cid IS NOT NULL ORDER BY did, key "
             "ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
         )
-        if self._deletes:
-            self._db.execute(f"DELETE FROM records WHERE (did, key) IN (SELECT did, key FROM ({_LATEST}) WHERE cid IS NULL)")
+        self._db.execute(f"DELETE FROM records WHERE (did, key) IN (SELECT did, key FROM ({_LATEST}) WHERE cid IS NULL)")
         self._db.execute("DELETE FROM changes")
-        self._changes = 0
-        self._deletes = False
 
     def _settle(self) -> None:
         """Write what is held in memory and fold the record changes: ``records`` is then current."""
