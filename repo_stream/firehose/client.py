@@ -392,8 +392,8 @@ class Firehose:
                 return delivered, exc
             pinged = False
             delivered = True
-            for message in (message, *socket.received()):
-                await self._handle(socket, message)
+            for each in (message, *socket.received()):
+                await self._handle(socket, each)
 
     async def _handle(self, socket: WebSocket, message: bytes | MessageTooLarge) -> None:
         """Decode one message and buffer it (or the problem it is).
