@@ -309,6 +309,7 @@ class Sync:
         self.start_cursor = cursor
         self.collections = list(collections or ())
         self._wanted = collection_filter(self.collections)
+        self._every_collection = not self.collections  # no filter: the hot path skips the calls
         self.host = host
         self.signal_collection = signal_collection
         if signal_collection is not None and ("*" in signal_collection or "/" in signal_collection):
@@ -485,22 +486,26 @@ class Sync:
         restart."""
         state = self.state
         assert state is not None
-        fetching, wanted = self._fetching, self._wanted
+        fetching, wanted, every = self._fetching, self._wanted, self._every_collection
         keys: list[tuple[str, str]] = []
         for item in items:
-            if isinstance(item, Problem) or item.type != "#commit" or item.did is None or item.did in fetching:
+            if isinstance(item, Problem) or item.type != "#commit":
                 continue
-            row = state.get(item.did)
+            did = item.did
+            if did is None or did in fetching:
+                continue
+            row = state.get(did)
             if row is None or row.rev is None:
                 continue
-            rev = item.body.get("rev")
-            ops = item.body.get("ops")
+            body = item.body
+            rev = body.get("rev")
+            ops = body.get("ops")
             if (isinstance(rev, str) and rev <= row.rev) or not isinstance(ops, list):
                 continue
             for op in ops:
                 path = op.get("path") if isinstance(op, dict) else None
-                if isinstance(path, str) and wanted(path.partition("/")[0]):
-                    keys.append((item.did, path))
+                if isinstance(path, str) and (every or wanted(path.partition("/")[0])):
+                    keys.append((did, path))
         if keys:
             if self._marks_done and not self._marks_open:
                 state.unmark()
@@ -866,7 +871,7 @@ class Sync:
             return [(RepoEvent(did, "error", seq, {"error": f"{type(exc).__name__}: {exc}"}), None)]
         self.stats.commits += 1
         cid_text = self._cid_text
-        wanted = self._wanted
+        wanted, every = self._wanted, self._every_collection
         rev_now = commit.rev
         data_bytes = commit.data.cid_bytes
         data_now = cid_text(data_bytes)
@@ -881,7 +886,7 @@ class Sync:
         for op in commit.ops:
             path = op.path
             collection, _, rkey = path.partition("/")
-            if not wanted(collection):
+            if not every and not wanted(collection):
                 continue
             kind = op.action
             action: Literal["create", "update", "delete"] = "create" if kind == "create" else "update" if kind == "update" else "delete"
