@@ -522,15 +522,17 @@ class Sync:
     # ------------------------------------------------------------------------------ tasks
 
     async def _pump(self) -> None:
-        """Firehose items into the consumer's stream, a list at a time (all those waiting in the
-        firehose's buffer: one hand-over per list, not per event). The next list is taken once
-        the consumer has started on this one, so at most two lists (each at most the firehose's
-        ``max_buffer`` items and ``max_buffer_bytes``) are held outside its buffer."""
+        """Firehose items into the consumer's stream, a list at a time (those waiting in the
+        firehose's buffer and those its reader decodes within ``_GATHER`` seconds of the last:
+        one hand-over and one commit of marks per list, not per event). The next list is taken
+        once the consumer has started on this one, so at most two lists (each at most
+        ``_GROUP`` and the firehose's ``max_buffer`` items, about ``max_buffer_bytes``) are held
+        outside its buffer."""
         assert self.firehose is not None and self._send is not None
         send = self._send.clone()
         async with send:
             try:
-                async for batch in self.firehose.batches(_GROUP, gather=_GATHER):
+                async for batch in self.firehose.batches(min(_GROUP, self.firehose.max_buffer), gather=_GATHER):
                     taken = anyio.Event()
                     await send.send(("firehose", batch, taken, None))
                     await taken.wait()
