@@ -66,6 +66,21 @@ PyObject *rs_cid_text_of(const uint8_t *cid, size_t len) {
     return PyUnicode_FromStringAndSize(out, (Py_ssize_t)n);
 }
 
+/* cid_text(raw): repo_stream.core.cid.cid_text in C (base32 for a CIDv1 of at most 256 bytes,
+ * that function itself for anything else). Guarded: setup() must have run (the fallback). */
+static PyObject *cid_text(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (rs_cid_text == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "repo_stream._native.setup() was not called");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) return NULL;
+    PyObject *text = rs_cid_text_of((const uint8_t *)view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return text;
+}
+
 static PyObject *setup(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *names[] = {"messages", "not_a_node", "cid_text", NULL};
@@ -191,6 +206,8 @@ static PyMethodDef methods[] = {
      "repo_stream.core.implementation)."},
     {"pack_run", rs_pack_run, METH_VARARGS,
      "pack_run(rows, next_large)\n--\n\nPack spill rows into one sorted run: (run, large) (see repo_stream.core.runs.pack_run)."},
+    {"cid_text", cid_text, METH_O,
+     "cid_text(raw)\n--\n\nThe usual text of a binary CID, as repo_stream.core.cid.cid_text (base32 for CIDv1)."},
     {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
     {"sha256_portable", sha256_portable, METH_O,
      "sha256_portable(data)\n--\n\nThe same with the portable rounds only, not the CPU's SHA extensions (for tests)."},

@@ -40,6 +40,9 @@ def commit_event(
 def sha256_portable(data: bytes | bytearray | memoryview, /) -> bytes:
     """The same with the portable rounds only, not the CPU's SHA extensions (for tests)."""
 
+def cid_text(raw: bytes | bytearray | memoryview, /) -> str:
+    """The usual text of a binary CID, as repo_stream.core.cid.cid_text (base32 for a CIDv1)."""
+
 def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
     """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
 

@@ -199,6 +199,30 @@ async def test_a_slow_consumer_gets_backpressure_within_the_buffer_bound() -> No
 
 
 @pytest.mark.anyio
+async def test_batches_gather_what_the_reader_decodes_within_the_wait() -> None:
+    # The whole stream is there at once (loopback): with gather, the lists are full ones of
+    # max_items (not one read's worth each) but the last, with every event once, in order; the
+    # places are freed as they are gathered (the reader goes on past max_buffer); a dropped
+    # connection's problem comes in its place in a list.
+    plans = [Plan(drop_after=150), Plan()]
+    with FirehoseServer(STREAM.messages, plans) as server, anyio.fail_after(60):
+        async with Firehose(server.url, max_buffer=16, backoff_base=0.01, backoff_cap=0.05, max_reconnects=5) as client:
+            lists: list[list[Event | Problem]] = []
+            events = 0
+            async for batch in client.batches(64, gather=0.5):
+                lists.append(batch)
+                events += sum(isinstance(item, Event) for item in batch)
+                if events == len(STREAM.messages):
+                    break
+    items = [item for batch in lists for item in batch]
+    assert [(e.seq, e.message) for e in items if isinstance(e, Event)] == STREAM.messages
+    assert [p.kind for p in items if isinstance(p, Problem)] == ["disconnected"]
+    assert all(len(batch) <= 64 for batch in lists)
+    assert sum(len(batch) == 64 for batch in lists) >= len(items) // 64 - 1  # full lists, over max_buffer (16)
+    assert client.cursor == STREAM.messages[-1][0]
+
+
+@pytest.mark.anyio
 async def test_the_buffer_holds_at_most_max_buffer_bytes() -> None:
     sizes = [len(m) for _, m in STREAM.messages]
     budget = 3 * max(sizes)

@@ -366,6 +366,27 @@ def test_sha256_both_ways() -> None:
         assert _native.sha256_many(msgs, lanes) == [hashlib.sha256(m).digest() for m in msgs]
 
 
+@given(st.one_of(st.binary(max_size=300), st.binary(min_size=35, max_size=300).map(lambda b: b"\x01" + b), st.sampled_from([b"\x01q\x12 ", b"\x01U\x12 "]).flatmap(lambda p: st.binary(min_size=32, max_size=32).map(lambda d: p + d))))
+@settings(max_examples=300, deadline=None)
+def test_cid_text_both_ways(raw: bytes) -> None:
+    """_native.cid_text (the sync service's record and root CIDs) gives the reference's text
+    (repo_stream.core.cid.cid_text) for any bytes: base32 for a CIDv1, the reference's own
+    answer for anything else (CIDv0, no CID, over 256 bytes), from any bytes-like object."""
+    from repo_stream.core.cid import cid_text
+
+    want = cid_text(raw)
+    assert _native.cid_text(raw) == want
+    assert _native.cid_text(bytearray(raw)) == want and _native.cid_text(memoryview(raw)) == want
+    assert implementation.C is not None and implementation.C.cid_text(raw) == implementation.PYTHON.cid_text(raw)
+
+
+def test_cid_text_argument_errors() -> None:
+    with pytest.raises(TypeError):
+        _native.cid_text("bafy")  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _native.cid_text(None)  # type: ignore[arg-type]
+
+
 def _sections_into(parser_type: Any, car: bytes, chunk: int, verify: bool) -> tuple[Any, ...]:
     parser = parser_type(1024, verify)
     blocks: dict[bytes, bytes] = {}

@@ -342,6 +342,41 @@ def test_state_records_pages_in_key_order(tmp_path: Path) -> None:
         assert [k for k, _ in state.records_page("did:plc:a", "a.b.c/y", "a.b/a", 10)] == ["a.b/a"]
 
 
+@pytest.mark.once
+@pytest.mark.parametrize("reopen", [False, True])
+@pytest.mark.parametrize("max_changes", [3, 100_000])
+def test_state_record_changes_fold_to_the_last_change_of_each_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reopen: bool, max_changes: int) -> None:
+    # Changes of one key across flushes (puts, deletes, puts after deletes), folded during the
+    # writes (max_changes=3), before a read, or by the next open of the file (reopen: the
+    # changes were committed and not folded).
+    import repo_stream.sync.state as state_module
+
+    monkeypatch.setattr(state_module, "MAX_CHANGES", max_changes)
+    cids = [cid_text(b"\x01q\x12 " + bytes([i]) * 32) for i in range(6)]
+    steps: list[list[tuple[str, str | None]]] = [
+        [("a/1", cids[0]), ("a/2", cids[0]), ("a/3", cids[0]), ("a/4", cids[0])],
+        [("a/1", None), ("a/2", cids[1]), ("a/5", cids[1])],
+        [("a/1", cids[2]), ("a/3", None), ("a/5", None)],
+        [("a/2", None), ("a/3", cids[3]), ("a/6", cids[3])],
+        [("a/2", cids[4]), ("a/6", None)],
+    ]
+    path = tmp_path / "s.sqlite"
+    with StateStore(path) as state:
+        state.put_records("did:plc:b", [("a/1", cids[5])])
+        for step in steps:
+            state.put_records("did:plc:a", step)
+            state.flush()
+        state.commit()
+        if reopen:
+            state.close()
+            state = StateStore(path)
+        page = state.records_page("did:plc:a", "", None, 10)
+        assert page == [("a/1", cids[2]), ("a/2", cids[4]), ("a/3", cids[3]), ("a/4", cids[0])]
+        assert state.records_page("did:plc:b", "", None, 10) == [("a/1", cids[5])]
+        assert state._run("SELECT COUNT(*) FROM changes").fetchone()[0] == 0
+        state.close()
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 

@@ -28,8 +28,9 @@ class Backend:
     record_cids)``, with the methods of :class:`repo_stream.core.car.CarParser`,
     :class:`repo_stream.core.blocks.MemoryBlocks` and :class:`repo_stream.core.walk.Walker`; and the spill
     store's sorted runs, :func:`repo_stream.core.runs.pack_run` and ``RunMerge`` (whose ``index()``
-    gives a ``RunIndex``), the same bytes from both; and ``transcode_json(block) -> str``, a record
-    block as its atproto JSON text (:mod:`repo_stream.records.json_text`)."""
+    gives a ``RunIndex``), the same bytes from both; ``transcode_json(block) -> str``, a record
+    block as its atproto JSON text (:mod:`repo_stream.records.json_text`); and ``cid_text(raw) ->
+    str``, a binary CID's usual text (:func:`repo_stream.core.cid.cid_text`)."""
 
     name: str
     CarParser: Any
@@ -38,6 +39,7 @@ class Backend:
     pack_run: Any
     RunMerge: Any
     transcode_json: Any
+    cid_text: Any
 
 
 def _python_transcode_json(block: bytes) -> str:
@@ -46,7 +48,7 @@ def _python_transcode_json(block: bytes) -> str:
     return transcode(block)
 
 
-PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker, runs.pack_run, runs.RunMerge, _python_transcode_json)
+PYTHON = Backend("python", car.CarParser, blocks.MemoryBlocks, walk.Walker, runs.pack_run, runs.RunMerge, _python_transcode_json, cid.cid_text)
 C: Backend | None
 #: Why the C core could not be imported (``None`` when it was): the ImportError's message.
 NATIVE_IMPORT_ERROR: str | None = None
@@ -59,7 +61,7 @@ except ImportError as exc:  # not built (or not loadable): the reference runs
     NATIVE_IMPORT_ERROR = str(exc) or type(exc).__name__
 else:
     _native.setup(messages=messages, not_a_node=blocks.NOT_A_NODE, cid_text=cid.cid_text)
-    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge, _native.transcode_json)
+    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge, _native.transcode_json, _native.cid_text)
 
 _BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
 _active: Backend = PYTHON if C is None or PURE_PYTHON_ASKED else C

@@ -153,6 +153,7 @@ class Firehose:
         self._buffered_bytes = 0
         self._buffered_items = 0
         self._space: anyio.Event | None = None
+        self._arrival: anyio.Event | None = None  # batches() waiting for the reader's next item
         self._stashed: BaseException | None = None
         self.connect_timeout = connect_timeout
         self.ping_interval = ping_interval
@@ -203,11 +204,19 @@ class Firehose:
         async for batch in self.batches(1):
             yield batch[0]
 
-    async def batches(self, max_items: int | None = None) -> AsyncIterator[list[Event | Problem]]:
+    async def batches(self, max_items: int | None = None, *, gather: float = 0.0) -> AsyncIterator[list[Event | Problem]]:
         """The stream's items as lists: each list holds every item waiting in the buffer when it
         is taken (at least one, at most ``max_items``), in order; the same items as iterating.
         Taking them frees their place in the buffer, so a consumer holding a list holds up to
         ``max_buffer`` items (``max_buffer_bytes`` of messages) outside it.
+
+        ``gather`` (seconds): after the items waiting, keep taking those the reader buffers
+        within ``gather`` seconds of the last ones (each read of the connection decodes every
+        message it completes at once), up to ``max_items`` (default ``max_buffer``) and
+        ``max_buffer_bytes`` of messages: a busy stream comes in lists of the data the
+        connection already holds rather than of one read each; an idle one waits ``gather``
+        longer for its list. The places of the items gathered are freed as they are taken, so
+        the consumer then holds up to ``max_items`` items outside the buffer.
 
         Raises:
             ErrorFrameError, FirehoseError: as iterating (after the items before the error).
@@ -215,7 +224,7 @@ class Firehose:
         receive = self._receive
         if receive is None:
             raise RuntimeError("iterate a Firehose inside `async with`")
-        limit = max_items if max_items is not None and max_items > 0 else math.inf
+        limit = max_items if max_items is not None and max_items > 0 else (self.max_buffer if gather > 0 else math.inf)
         while True:
             if self._stashed is not None:
                 error, self._stashed = self._stashed, None
@@ -230,22 +239,50 @@ class Firehose:
             except anyio.EndOfStream:
                 return
             batch: list[Event | Problem] = []
-            item = first
-            while True:
-                if isinstance(item, BaseException):
-                    if not batch:
-                        raise item
-                    self._stashed = item
-                    break
-                batch.append(item)
-                if len(batch) >= limit:
-                    break
-                try:
-                    item = receive.receive_nowait()
-                except (anyio.WouldBlock, anyio.EndOfStream):
-                    break
-            self._taken(batch)
+            size = 0
+            freed = 0
+            item: Event | Problem | BaseException | None = first
+            while item is not None:
+                while True:
+                    if isinstance(item, BaseException):
+                        if not batch:
+                            raise item
+                        self._stashed = item
+                        break
+                    batch.append(item)
+                    if gather > 0 and isinstance(item, Event):
+                        size += len(item.message)
+                    if len(batch) >= limit:
+                        break
+                    try:
+                        item = receive.receive_nowait()
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                item = None
+                if gather > 0 and self._stashed is None and len(batch) < limit and size < self.max_buffer_bytes:
+                    # Free the places of what was taken so the reader can go on reading.
+                    self._taken(batch[freed:])
+                    freed = len(batch)
+                    item = await self._gather(receive, gather)
+            self._taken(batch[freed:])
             yield batch
+
+    async def _gather(self, receive: MemoryObjectReceiveStream[Event | Problem | BaseException], wait: float) -> Event | Problem | BaseException | None:
+        """The next item if the reader buffers one within ``wait`` seconds, else None."""
+        try:
+            return receive.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        except anyio.EndOfStream:
+            return None
+        arrival = self._arrival = anyio.Event()
+        with anyio.move_on_after(wait):
+            await arrival.wait()
+        self._arrival = None
+        try:
+            return receive.receive_nowait()
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            return None
 
     def _taken(self, batch: list[Event | Problem]) -> None:
         """Free the places of ``batch`` in the buffer; wake the reader once the buffer is down to
@@ -287,6 +324,8 @@ class Firehose:
         if self._buffered_items > self.stats.max_buffered:
             self.stats.max_buffered = self._buffered_items
         self._send.send_nowait(item)
+        if self._arrival is not None:
+            self._arrival.set()
         if isinstance(item, Problem):
             self.stats.problems += 1
         elif isinstance(item, Event):
@@ -312,6 +351,8 @@ class Firehose:
                     self.stats.connections += 1
                     try:
                         delivered, error = await self._read(socket)
+                    except _Reconnect as exc:
+                        delivered, error = True, exc.error
                     finally:
                         await socket.aclose()
                     if delivered:
@@ -328,7 +369,8 @@ class Firehose:
             self._send.close()
 
     async def _read(self, socket: WebSocket) -> tuple[bool, FirehoseError]:
-        """Read until the connection fails; return (a message came, the error that ended it)."""
+        """Read until the connection fails; return (a message came, the error that ended it).
+        Every message a read completes is decoded and buffered before the next read."""
         delivered = False
         pinged = False
         while True:
@@ -350,31 +392,50 @@ class Firehose:
                 return delivered, exc
             pinged = False
             delivered = True
-            self.stats.messages += 1
-            if isinstance(message, MessageTooLarge):
-                what = "a text message" if message.text else f"a message of {message.size} bytes, over the {self.max_message_bytes}-byte limit"
-                error = EventDecodeError(f"{socket.url}: {what}, after seq {self.read_cursor}: dropped")
-                await self._put(Problem("malformed", error, self.read_cursor))
-                continue
-            self.stats.bytes += len(message)
-            try:
-                event = parse_message(message, max_bytes=self.max_message_bytes)
-            except ErrorFrameError as exc:
-                await self._put(Problem("error-frame", exc, self.read_cursor))
-                if exc.error == "FutureCursor":
-                    raise
-                return delivered, FirehoseError(f"{socket.url}: the server sent error frame {exc.error!r}", url=socket.url)
-            except EventDecodeError as exc:
-                exc.args = (f"{exc} (after seq {self.read_cursor})",)
-                await self._put(Problem("malformed", exc, self.read_cursor))
-                continue
-            if event.seq is not None:
-                previous = self.read_cursor
-                if previous is not None and event.seq <= previous:
-                    text = f"{socket.url}: seq {event.seq} of a {event.type[:50]} is not above the previous seq {previous}"
-                    await self._put(Problem("seq-backwards", SeqOrderError(text, url=socket.url, previous=previous, seq=event.seq), previous))
-                elif previous is not None and event.seq > previous + 1:
-                    text = f"{socket.url}: seq jumps from {previous} to {event.seq} ({event.seq - previous - 1} missing)"
-                    await self._put(Problem("seq-gap", SeqOrderError(text, url=socket.url, previous=previous, seq=event.seq), previous))
-                self.read_cursor = event.seq
-            await self._put(event)
+            for each in (message, *socket.received()):
+                await self._handle(socket, each)
+
+    async def _handle(self, socket: WebSocket, message: bytes | MessageTooLarge) -> None:
+        """Decode one message and buffer it (or the problem it is).
+
+        Raises:
+            ErrorFrameError: a ``FutureCursor`` error frame.
+            _Reconnect: another error frame (the connection is to be dropped).
+        """
+        self.stats.messages += 1
+        if isinstance(message, MessageTooLarge):
+            what = "a text message" if message.text else f"a message of {message.size} bytes, over the {self.max_message_bytes}-byte limit"
+            error = EventDecodeError(f"{socket.url}: {what}, after seq {self.read_cursor}: dropped")
+            await self._put(Problem("malformed", error, self.read_cursor))
+            return
+        self.stats.bytes += len(message)
+        try:
+            event = parse_message(message, max_bytes=self.max_message_bytes)
+        except ErrorFrameError as exc:
+            await self._put(Problem("error-frame", exc, self.read_cursor))
+            if exc.error == "FutureCursor":
+                raise
+            raise _Reconnect(FirehoseError(f"{socket.url}: the server sent error frame {exc.error!r}", url=socket.url)) from None
+        except EventDecodeError as exc:
+            exc.args = (f"{exc} (after seq {self.read_cursor})",)
+            await self._put(Problem("malformed", exc, self.read_cursor))
+            return
+        if event.seq is not None:
+            previous = self.read_cursor
+            if previous is not None and event.seq <= previous:
+                text = f"{socket.url}: seq {event.seq} of a {event.type[:50]} is not above the previous seq {previous}"
+                await self._put(Problem("seq-backwards", SeqOrderError(text, url=socket.url, previous=previous, seq=event.seq), previous))
+            elif previous is not None and event.seq > previous + 1:
+                text = f"{socket.url}: seq jumps from {previous} to {event.seq} ({event.seq - previous - 1} missing)"
+                await self._put(Problem("seq-gap", SeqOrderError(text, url=socket.url, previous=previous, seq=event.seq), previous))
+            self.read_cursor = event.seq
+        await self._put(event)
+
+
+class _Reconnect(Exception):
+    """An error frame other than ``FutureCursor``: drop the connection and reconnect (carries the
+    error that ended it)."""
+
+    def __init__(self, error: FirehoseError) -> None:
+        super().__init__(str(error))
+        self.error = error

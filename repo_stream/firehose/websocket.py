@@ -16,6 +16,7 @@ the upgrade is a :class:`~repo_stream.errors.FirehoseError` naming the status.
 from __future__ import annotations
 
 import ssl
+from collections import deque
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
@@ -38,7 +39,10 @@ from ..errors import FirehoseError
 
 __all__ = ["MessageTooLarge", "WebSocket", "connect", "split_url"]
 
-_READ_BYTES: Final = 65536
+_READ_BYTES: Final = 65536  # the upgrade's answer
+#: Bytes asked for per read of an open connection: whatever the transport holds (asyncio hands
+#: over up to 256 KiB at a time), so that one read gives every message it completes.
+_RECEIVE_BYTES: Final = 1 << 20
 _MAX_REJECT_BODY: Final = 4096
 
 
@@ -84,7 +88,7 @@ class WebSocket:
         self._parts: list[bytes] = []
         self._size = 0
         self._text = False
-        self._pending: list[bytes | MessageTooLarge] = []
+        self._pending: deque[bytes | MessageTooLarge] = deque()
         self._closed = False
         self._close_error: FirehoseError | None = None
         #: Bytes received on this connection (frames and headers).
@@ -107,7 +111,7 @@ class WebSocket:
             if self._closed:
                 raise FirehoseError(f"{self.url}: the WebSocket is closed", url=self.url)
             try:
-                data = await self._stream.receive(_READ_BYTES)
+                data = await self._stream.receive(_RECEIVE_BYTES)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError) as exc:
                 self._closed = True
                 detail = "the server closed the connection" if isinstance(exc, anyio.EndOfStream) else f"the connection failed ({type(exc).__name__}: {exc})"
@@ -115,7 +119,14 @@ class WebSocket:
             self.bytes_received += len(data)
             self._ws.receive_data(data)
             await self._process()
-        return self._pending.pop(0)
+        return self._pending.popleft()
+
+    def received(self) -> list[bytes | MessageTooLarge]:
+        """Take every whole message already received (as :meth:`receive` would return them one
+        by one), without reading: none when the last read completed no more."""
+        pending = list(self._pending)
+        self._pending.clear()
+        return pending
 
     async def _process(self) -> None:
         for event in self._ws.events():
@@ -123,6 +134,10 @@ class WebSocket:
                 chunk = event.data if isinstance(event, BytesMessage) else event.data.encode()
                 self._size += len(chunk)
                 self._text = self._text or isinstance(event, TextMessage)
+                if event.message_finished and not self._parts and self._size <= self.max_message_bytes and not self._text:
+                    self._pending.append(bytes(chunk))  # a message in one piece: one copy
+                    self._size = 0
+                    continue
                 if self._size <= self.max_message_bytes and not self._text:
                     self._parts.append(bytes(chunk))
                 else:

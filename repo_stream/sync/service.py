@@ -105,6 +105,12 @@ DEFAULT_STATE_PATH: Final = "repo-stream-sync.sqlite"
 _INACTIVE: Final = ("takendown", "suspended", "deleted", "deactivated")
 _PAGE: Final = 500  # stored records compared per query
 _IDLE: Final = 0.02  # seconds without input before what was taken is committed
+#: Seconds the pump waits for the firehose reader's next read before it hands a group over, and
+#: the most firehose items in a group (see Firehose.batches): a busy stream comes in groups of up
+#: to _GROUP events, one commit of their marks each, rather than one per read of the connection.
+_GATHER: Final = 0.001
+_GROUP: Final = 256
+_MAX_ROOTS: Final = 100_000  # repos whose verified MST root is kept as bytes too (then forgotten at once)
 _Item = tuple[str, Any, Any, Any]
 _Effect = Callable[[], Awaitable[None]] | None
 _Delivery = tuple["RecordEvent | RepoEvent | None", _Effect]
@@ -303,6 +309,7 @@ class Sync:
         self.start_cursor = cursor
         self.collections = list(collections or ())
         self._wanted = collection_filter(self.collections)
+        self._every_collection = not self.collections  # no filter: the hot path skips the calls
         self.host = host
         self.signal_collection = signal_collection
         if signal_collection is not None and ("*" in signal_collection or "/" in signal_collection):
@@ -337,6 +344,11 @@ class Sync:
 
         #: Record blocks to their JSON text (the C core's transcoder, or the reference).
         self._transcode = json_text_processor()
+        from ..core.implementation import backend
+
+        #: Binary CIDs to their base32 text (the C core's, or the reference).
+        self._cid_text: Callable[[bytes], str] = backend().cid_text
+        self._roots: dict[str, tuple[str, bytes]] = {}  # did -> (the root this service verified last: text, bytes)
         self.state: StateStore | None = None
         self.keys: KeyCache | None = None
         self.firehose: Firehose | None = None
@@ -474,22 +486,26 @@ class Sync:
         restart."""
         state = self.state
         assert state is not None
-        fetching, wanted = self._fetching, self._wanted
+        fetching, wanted, every = self._fetching, self._wanted, self._every_collection
         keys: list[tuple[str, str]] = []
         for item in items:
-            if isinstance(item, Problem) or item.type != "#commit" or item.did is None or item.did in fetching:
+            if isinstance(item, Problem) or item.type != "#commit":
                 continue
-            row = state.get(item.did)
+            did = item.did
+            if did is None or did in fetching:
+                continue
+            row = state.get(did)
             if row is None or row.rev is None:
                 continue
-            rev = item.body.get("rev")
-            ops = item.body.get("ops")
+            body = item.body
+            rev = body.get("rev")
+            ops = body.get("ops")
             if (isinstance(rev, str) and rev <= row.rev) or not isinstance(ops, list):
                 continue
             for op in ops:
                 path = op.get("path") if isinstance(op, dict) else None
-                if isinstance(path, str) and wanted(path.partition("/")[0]):
-                    keys.append((item.did, path))
+                if isinstance(path, str) and (every or wanted(path.partition("/")[0])):
+                    keys.append((did, path))
         if keys:
             if self._marks_done and not self._marks_open:
                 state.unmark()
@@ -506,15 +522,17 @@ class Sync:
     # ------------------------------------------------------------------------------ tasks
 
     async def _pump(self) -> None:
-        """Firehose items into the consumer's stream, a list at a time (all those waiting in the
-        firehose's buffer: one hand-over per list, not per event). The next list is taken once
-        the consumer has started on this one, so at most two lists (each at most the firehose's
-        ``max_buffer`` items and ``max_buffer_bytes``) are held outside its buffer."""
+        """Firehose items into the consumer's stream, a list at a time (those waiting in the
+        firehose's buffer and those its reader decodes within ``_GATHER`` seconds of the last:
+        one hand-over and one commit of marks per list, not per event). The next list is taken
+        once the consumer has started on this one, so at most two lists (each at most
+        ``_GROUP`` and the firehose's ``max_buffer`` items, about ``max_buffer_bytes``) are held
+        outside its buffer."""
         assert self.firehose is not None and self._send is not None
         send = self._send.clone()
         async with send:
             try:
-                async for batch in self.firehose.batches():
+                async for batch in self.firehose.batches(min(_GROUP, self.firehose.max_buffer), gather=_GATHER):
                     taken = anyio.Event()
                     await send.send(("firehose", batch, taken, None))
                     await taken.wait()
@@ -842,8 +860,11 @@ class Sync:
         if isinstance(rev, str) and rev <= row.rev:
             self.stats.stale += 1
             return []
+        # The stored root as bytes when this service verified it last (no base32 decoding).
+        held = self._roots.get(did)
+        prev_data: str | bytes = held[1] if held is not None and held[0] == row.data else row.data
         try:
-            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, row.data), process=self._transcode)
+            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, prev_data), process=self._transcode)
         except OutOfSyncError as exc:
             return self._desynchronized(item, str(exc))
         except CommitVerifyError as exc:
@@ -851,22 +872,34 @@ class Sync:
             self.stats.repo_events += 1
             return [(RepoEvent(did, "error", seq, {"error": f"{type(exc).__name__}: {exc}"}), None)]
         self.stats.commits += 1
-        events: list[RecordEvent] = []
+        cid_text = self._cid_text
+        wanted, every = self._wanted, self._every_collection
+        rev_now = commit.rev
+        data_bytes = commit.data.cid_bytes
+        data_now = cid_text(data_bytes)
+        roots = self._roots
+        if len(roots) >= _MAX_ROOTS and did not in roots:
+            roots.clear()
+        roots[did] = (data_now, data_bytes)
+        out: list[_Delivery] = []
+        records: list[tuple[str, str | None]] = []
         ops: list[RecordOp] = []
+        sink = self.sink
         for op in commit.ops:
-            if not self._wanted(op.collection):
+            path = op.path
+            collection, _, rkey = path.partition("/")
+            if not every and not wanted(collection):
                 continue
-            action: Literal["create", "update", "delete"] = "create" if op.action == "create" else "update" if op.action == "update" else "delete"
-            cid = None if op.cid is None else str(op.cid)
-            events.append(RecordEvent(did, commit.rev, seq, action, op.collection, op.rkey, cid, live=True, value_text=op.value))
-            if self.sink is not None:
+            kind = op.action
+            action: Literal["create", "update", "delete"] = "create" if kind == "create" else "update" if kind == "update" else "delete"
+            cid = None if op.cid is None else cid_text(op.cid.cid_bytes)
+            out.append((RecordEvent(did, rev_now, seq, action, collection, rkey, cid, live=True, value_text=op.value), None))
+            records.append((path, cid))
+            if sink is not None:
                 from ..backfill.sinks import RecordOp
 
-                ops.append(RecordOp(action, op.collection, op.rkey, cid, op.block))
-        rev_now, data_now = commit.rev, str(commit.data)
-
-        self.stats.live += len(events)
-        records = [(f"{e.collection}/{e.rkey}", e.cid) for e in events]
+                ops.append(RecordOp(action, collection, rkey, cid, op.block))
+        self.stats.live += len(out)
 
         async def applied(did: str = did, rev: str = rev_now, data: str = data_now, ops: list[RecordOp] = ops) -> None:
             # The commit is the unit: its records, rev and root are written once its last event
@@ -876,10 +909,9 @@ class Sync:
             if self.sink is not None:
                 await self.sink.apply(did, rev, data, ops)
 
-        if not events:
+        if not out:
             return [(None, applied)]
-        out: list[_Delivery] = [(event, None) for event in events]
-        out[-1] = (events[-1], applied)
+        out[-1] = (out[-1][0], applied)
         return out
 
     def _signals(self, item: Event) -> bool:

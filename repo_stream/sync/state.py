@@ -21,7 +21,11 @@ Writes of repo rows and of record CIDs are kept in memory until the next commit 
 :data:`MAX_PENDING` of them, or a read that needs them) and then written with one
 ``executemany`` per table, the last write of each key winning; repo rows read are cached
 (:data:`MAX_CACHED_ROWS` at most), so following the firehose costs no SQL statement per event.
-SQLite's page cache is 16 MiB.
+Record CIDs are written by appending them to table ``changes(did, key, cid)`` (``cid`` NULL: a
+delete), a few new pages per commit, and folded into ``records`` in key order, the last change
+of each key winning, once :data:`MAX_CHANGES` are there or before ``records`` is read or written
+otherwise (and at open): each page of ``records`` is then written once per fold rather than once
+per commit that touches it. SQLite's page cache is 16 MiB.
 """
 
 from __future__ import annotations
@@ -34,18 +38,23 @@ from typing import Final, NamedTuple, Self
 
 from ..errors import DiskError
 
-__all__ = ["MAX_CACHED_ROWS", "MAX_PENDING", "STATUSES", "RepoRow", "StateStore"]
+__all__ = ["MAX_CACHED_ROWS", "MAX_CHANGES", "MAX_PENDING", "STATUSES", "RepoRow", "StateStore"]
 
 #: Repo rows kept in memory at most (the oldest read are dropped first).
 MAX_CACHED_ROWS: Final = 100_000
 #: Row and record writes held in memory at most before they are written (not committed).
 MAX_PENDING: Final = 20_000
+#: Record changes appended to table ``changes`` at most before they are folded into ``records``.
+MAX_CHANGES: Final = 100_000
+#: The last change of each key in ``changes`` (the latest appended wins).
+_LATEST: Final = (
+    "SELECT did, key, cid FROM (SELECT did, key, cid, row_number() OVER (PARTITION BY did, key ORDER BY rowid DESC) AS n FROM changes) WHERE n = 1"
+)
 _UPSERT_ROW: Final = (
     "INSERT INTO repos (did, status, rev, data, updated) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT(did) DO UPDATE SET status = excluded.status, rev = COALESCE(excluded.rev, rev), "
     "data = COALESCE(excluded.data, data), updated = excluded.updated"
 )
-_UPSERT_RECORD: Final = "INSERT INTO records (did, key, cid) VALUES (?, ?, ?) ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
 
 #: The statuses of a repo: waiting for its backfill, being backfilled, followed live, out of
 #: sync (to refetch), not active on its host (the ``#account`` statuses), or failed.
@@ -86,8 +95,15 @@ class StateStore:
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             for table in ("records", "staged"):
                 self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (did TEXT, key TEXT, cid TEXT NOT NULL, PRIMARY KEY (did, key)) WITHOUT ROWID")
-            self._db.execute("CREATE TABLE IF NOT EXISTS marks (did TEXT, key TEXT, PRIMARY KEY (did, key)) WITHOUT ROWID")
+            # Marks are appended (a rowid table, no key order: a group's marks fill a few new
+            # pages rather than one page each) and removed all at once. (Files made before keep
+            # their (did, key) table: the same statements work on it.)
+            self._db.execute("CREATE TABLE IF NOT EXISTS marks (did TEXT, key TEXT)")
             self._db.execute("CREATE TABLE IF NOT EXISTS buffer (did TEXT, seq INTEGER, message BLOB NOT NULL, PRIMARY KEY (did, seq)) WITHOUT ROWID")
+            self._db.execute("CREATE TABLE IF NOT EXISTS changes (did TEXT NOT NULL, key TEXT NOT NULL, cid TEXT)")
+            self._changes = 0
+            self._deleted: dict[tuple[str, str], bool] = {}  # (did, key) deleted since the fold -> its last change is a delete
+            self._fold_left()
             self._db.commit()
         except sqlite3.Error as exc:
             raise DiskError(f"sync state {self.path}: {exc}") from None
@@ -106,6 +122,7 @@ class StateStore:
         self._rows.clear()
         self._dirty.clear()
         self._records.clear()
+        self._deleted.clear()
         self._db.close()
 
     def flush(self) -> None:
@@ -117,13 +134,55 @@ class StateStore:
                 self._dirty.clear()
             if self._records:
                 records = self._records
-                deletes = [key for key, cid in records.items() if cid is None]
-                if deletes:
-                    self._db.executemany("DELETE FROM records WHERE did = ? AND key = ?", deletes)
-                puts = [(did, key, cid) for (did, key), cid in records.items() if cid is not None]
-                if puts:
-                    self._db.executemany(_UPSERT_RECORD, puts)
+                deleted = self._deleted
+                if deleted or None in records.values():
+                    for key, cid in records.items():
+                        if cid is None:
+                            deleted[key] = True
+                        elif key in deleted:
+                            deleted[key] = False
+                self._db.executemany("INSERT INTO changes (did, key, cid) VALUES (?, ?, ?)", [(did, key, cid) for (did, key), cid in records.items()])
+                self._changes += len(records)
                 records.clear()
+                if self._changes >= MAX_CHANGES:
+                    self._fold()
+        except sqlite3.Error as exc:
+            raise DiskError(f"sync state {self.path}: {exc}") from None
+
+    def _fold(self) -> None:
+        """Apply the record changes appended to ``changes`` to ``records`` (not committed): the
+        CIDs in key order, the last change of each key winning, then the keys whose last change
+        is a delete (noted as they are written); then empty ``changes``."""
+        if not self._changes:
+            return
+        self._db.execute(
+            "INSERT INTO records (did, key, cid) SELECT did, key, cid FROM changes WHERE cid IS NOT NULL ORDER BY did, key, rowid "
+            "ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
+        )
+        gone = [key for key, last in self._deleted.items() if last]
+        if gone:
+            self._db.executemany("DELETE FROM records WHERE did = ? AND key = ?", gone)
+        self._db.execute("DELETE FROM changes")
+        self._changes = 0
+        self._deleted.clear()
+
+    def _fold_left(self) -> None:
+        """At open: fold the changes an earlier run committed and did not fold (the last change
+        of each key found in SQL, as the deletes were noted by that run)."""
+        if self._db.execute("SELECT 1 FROM changes LIMIT 1").fetchone() is None:
+            return
+        self._db.execute(
+            f"INSERT INTO records (did, key, cid) SELECT did, key, cid FROM ({_LATEST}) WHERE cid IS NOT NULL ORDER BY did, key "
+            "ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
+        )
+        self._db.execute(f"DELETE FROM records WHERE (did, key) IN (SELECT did, key FROM ({_LATEST}) WHERE cid IS NULL)")
+        self._db.execute("DELETE FROM changes")
+
+    def _settle(self) -> None:
+        """Write what is held in memory and fold the record changes: ``records`` is then current."""
+        self.flush()
+        try:
+            self._fold()
         except sqlite3.Error as exc:
             raise DiskError(f"sync state {self.path}: {exc}") from None
 
@@ -192,13 +251,13 @@ class StateStore:
 
     def has_records(self, did: str) -> bool:
         """True when any record of ``did`` is stored."""
-        self.flush()
+        self._settle()
         return self._run("SELECT 1 FROM records WHERE did = ? LIMIT 1", (did,)).fetchone() is not None
 
     def records_page(self, did: str, after: str, upto: str | None, limit: int) -> list[tuple[str, str]]:
         """Up to ``limit`` ``(key, cid)`` of ``did`` with ``after < key <= upto`` (no upper bound
         when ``upto`` is None), in key order (bytewise, the MST's order)."""
-        self.flush()
+        self._settle()
         if upto is None:
             sql, args = "SELECT key, cid FROM records WHERE did = ? AND key > ? ORDER BY key LIMIT ?", (did, after, limit)
         else:
@@ -243,7 +302,7 @@ class StateStore:
     def fold_marks(self) -> int:
         """Turn every mark left by an earlier run into a record with an empty CID (stored or
         not, the repo's CID of it is unknown) and remove the marks; the number of marks."""
-        self.flush()
+        self._settle()
         count = int(self._run("SELECT COUNT(*) FROM marks").fetchone()[0])
         if count:
             self._run("INSERT INTO records (did, key, cid) SELECT did, key, '' FROM marks WHERE true ON CONFLICT(did, key) DO UPDATE SET cid = ''")
@@ -252,7 +311,7 @@ class StateStore:
 
     def unstage(self, did: str) -> None:
         """Move ``did``'s staged records into ``records`` (its backfill reached the sink)."""
-        self.flush()
+        self._settle()
         self._run("DELETE FROM records WHERE did = ?", (did,))
         self._run("INSERT INTO records (did, key, cid) SELECT did, key, cid FROM staged WHERE did = ?", (did,))
         self._run("DELETE FROM staged WHERE did = ?", (did,))
