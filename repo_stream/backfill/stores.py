@@ -192,6 +192,24 @@ def _check_status(did: str, status: str) -> None:
 
 # -- DuckDB -----------------------------------------------------------------------------------
 
+#: DuckDB's row group (rows): the default batch of :class:`DuckdbSink`.
+_DUCKDB_ROW_GROUP = 122880
+
+
+def _json_column(table: Any) -> Any:
+    """``table`` with its ``value`` column (JSON texts, ``string``) typed as Arrow's JSON
+    extension type (``arrow.json``, pyarrow 19 and later), which DuckDB takes as its ``JSON``
+    type as it is: the texts, made by the transcoder, are not parsed again to be validated.
+    Unchanged with an older pyarrow (DuckDB then casts the strings to ``JSON``, validating them)."""
+    pa = _pyarrow()
+    json_type = getattr(pa, "json_", None)
+    if json_type is None:
+        return table
+    index = table.schema.get_field_index("value")
+    kind = json_type()
+    column = pa.chunked_array([pa.ExtensionArray.from_storage(kind, chunk) for chunk in table.column(index).chunks], type=kind)
+    return table.set_column(index, pa.field("value", kind, nullable=table.schema.field(index).nullable), column)
+
 
 class DuckdbSink:
     """Writes records into a DuckDB database file (``--out duckdb:FILE``).
@@ -220,10 +238,16 @@ class DuckdbSink:
     Args:
         path: the database file (created if missing).
         raw: store the DAG-CBOR bytes instead of the JSON text.
-        batch_rows: records gathered (per repo) into one insert.
-        compress: let DuckDB compress the string columns (its default, ``DICT_FSST``: a file
-            about half the size). ``False`` stores them uncompressed: commits about 2x faster
-            (the compression is most of a large repo's commit time), the file about 1.9x larger.
+        batch_rows: records gathered (per repo) into one insert (default 122,880: DuckDB's
+            row group, so that each insert fills whole row groups, which DuckDB writes to the
+            file during the insert, in the sink's thread beside the walk, rather than all at
+            ``COMMIT``).
+        compress: compress ``value`` with zstd (``USING COMPRESSION zstd``). ``False``: store
+            it uncompressed (commits faster, the file about 1.7x larger). Either way ``rkey``
+            and ``cid`` are stored uncompressed (nearly unique: DuckDB's default ``DICT_FSST``
+            costs more time at ``COMMIT`` than it saves space) and ``did``, ``collection`` and
+            ``rev`` get DuckDB's default (one value per run: nearly free). Applies when the
+            ``records`` table is created (DuckDB keeps a column's compression in its catalog).
 
     A context manager: leaving it (or :meth:`close`) closes the database, so that other
     connections with other settings (``read_only=True``) can open it.
@@ -231,7 +255,9 @@ class DuckdbSink:
 
     keyed_by_did = True
 
-    def __init__(self, path: str | os.PathLike[str], raw: bool = False, batch_rows: int = 65536, compress: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], raw: bool = False, batch_rows: int = _DUCKDB_ROW_GROUP, compress: bool = True
+    ) -> None:
         self.path = os.fspath(path)
         self.raw = raw
         self.compress = compress
@@ -250,13 +276,17 @@ class DuckdbSink:
                 raise SinkError("--out duckdb: needs the duckdb extra: pip install 'repo-stream[duckdb]'") from None
             try:
                 conn = duckdb.connect(self.path)
-                if not self.compress:
-                    conn.execute("SET disabled_compression_methods = 'dict_fsst,fsst'")
                 value = "BLOB" if self.raw else "JSON"
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS records (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, rkey VARCHAR NOT NULL, "
-                    f"cid VARCHAR NOT NULL, rev VARCHAR NOT NULL, value {value}, PRIMARY KEY (did, collection, rkey))"
+                plain, packed = " USING COMPRESSION uncompressed", f" USING COMPRESSION {'zstd' if self.compress else 'uncompressed'}"
+                create = (
+                    "CREATE TABLE IF NOT EXISTS records (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, "
+                    "rkey VARCHAR NOT NULL{plain}, cid VARCHAR NOT NULL{plain}, rev VARCHAR NOT NULL, value {value}{packed}, "
+                    "PRIMARY KEY (did, collection, rkey))"
                 )
+                try:
+                    conn.execute(create.format(plain=plain, value=value, packed=packed))
+                except duckdb.Error:  # a DuckDB before 1.2 (no zstd for strings): its defaults
+                    conn.execute(create.format(plain="", value=value, packed=""))
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS repos (did VARCHAR PRIMARY KEY, rev VARCHAR, data VARCHAR, status VARCHAR, updated TIMESTAMPTZ)"
                 )
@@ -305,6 +335,8 @@ class DuckdbSink:
         import duckdb
 
         verb = "INSERT OR REPLACE" if replace else "INSERT"
+        if not self.raw:
+            table = _json_column(table)
         try:
             cursor.register("repo_stream_chunk", table)
             try:
