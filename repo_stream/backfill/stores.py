@@ -1160,16 +1160,18 @@ class PostgresSink:
         return repo
 
     def _copy(self, conn: Any, payload: bytes, merge: bool = False) -> None:
-        """``COPY`` the rows of ``payload``: straight into ``records`` (a backfilled repo, whose
-        rows this transaction deleted: no key can clash), or (``merge``, a sync commit) into the
-        staging table and merged into ``records`` with one upsert."""
+        """``COPY`` the binary rows of ``payload`` (:func:`pg_copy_rows`; the header and trailer
+        are written around them): straight into ``records`` (a backfilled repo, whose rows this
+        transaction deleted: no key can clash), or (``merge``, a sync commit) into the staging
+        table and merged into ``records`` with one upsert."""
         with conn.cursor() as cursor:
+            target = "repo_stream_staging" if merge else "records (did, collection, rkey, cid, rev, value)"
+            with cursor.copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(_PG_HEADER)
+                copy.write(payload)  # not concatenated: a batch's rows are tens of MB
+                copy.write(_PG_TRAILER)
             if not merge:
-                with cursor.copy("COPY records (did, collection, rkey, cid, rev, value) FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.write(payload)
                 return
-            with cursor.copy("COPY repo_stream_staging FROM STDIN (FORMAT BINARY)") as copy:
-                copy.write(payload)
             cursor.execute(
                 "INSERT INTO records SELECT did, collection, rkey, cid, rev, value FROM repo_stream_staging "
                 "ON CONFLICT (did, collection, rkey) DO UPDATE SET cid = excluded.cid, rev = excluded.rev, value = excluded.value"
@@ -1177,7 +1179,13 @@ class PostgresSink:
             cursor.execute("TRUNCATE repo_stream_staging")
 
     def _send(self, repo: _PgRepo, did: str, rev: str, items: list[Any]) -> None:
-        payload = _PG_HEADER + pg_copy_rows(items, did, rev, not self.raw) + _PG_TRAILER
+        self._send_payload(repo, did, self._payload(did, rev, items))
+
+    def _payload(self, did: str, rev: str, items: list[Any]) -> bytes:
+        """A batch's binary ``COPY`` rows (:func:`pg_copy_rows`)."""
+        return pg_copy_rows(items, did, rev, not self.raw)
+
+    def _send_payload(self, repo: _PgRepo, did: str, payload: bytes) -> None:
         repo.spool.write(payload)
         repo.sizes.append(len(payload))
         done = len(repo.sizes) - 1
@@ -1229,7 +1237,10 @@ class PostgresSink:
         repo.record_bytes += sum(len(v) for _, _, v in items)
         batch = self._pending.add(key, items)
         if batch is not None:
-            await self._background.submit(key, self._send, repo, commit.did, commit.rev, batch)
+            # The batch's rows are made here, while the thread's COPY of the one before keeps the
+            # server busy (the server, not the client, is what limits a large repo's ingest).
+            payload = self._payload(commit.did, commit.rev, batch)
+            await self._background.submit(key, self._send_payload, repo, commit.did, payload)
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
         """Commit the repo's transaction with its ``repos`` and checkpoint rows (success), or
@@ -1302,7 +1313,7 @@ class PostgresSink:
 
     def _apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp], cursor: tuple[str, int] | None) -> None:
         upserts, deletes = _op_items(ops, did)
-        payload = _PG_HEADER + pg_copy_rows(upserts, did, rev, not self.raw) + _PG_TRAILER if upserts else b""
+        payload = pg_copy_rows(upserts, did, rev, not self.raw) if upserts else b""
 
         def body(conn: Any) -> None:
             if payload:
