@@ -160,11 +160,12 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
 
         batch_values = getattr(sink, "batch_values", None)
         batch_rows = getattr(sink, "batch_rows", 65536)
+        batch_block_bytes = getattr(sink, "batch_block_bytes", False)
 
-        async def write_batch(self, source: str, commit: Any, batch: Any) -> None:
+        async def write_batch(self, source: str, commit: Any, batch: Any, **kwargs: Any) -> None:
             if not first:
                 first.append(time.perf_counter())
-            await sink.write_batch(source, commit, batch)
+            await sink.write_batch(source, commit, batch, **kwargs)
 
     timed = TimedBatches() if getattr(sink, "batch_values", None) and not tuples else Timed()
 

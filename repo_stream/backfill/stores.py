@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint
 from .results import BackfillResult
 from .sinks import REPO_STATUSES, RecordOp
 
-__all__ = ["DuckdbSink", "ParquetSink", "PostgresCheckpoint", "PostgresSink", "pg_copy_rows", "record_table"]
+__all__ = ["DuckdbSink", "ParquetSink", "PostgresCheckpoint", "PostgresSink", "pg_copy_batch", "pg_copy_rows", "record_table"]
 
 
 def _pyarrow() -> Any:
@@ -988,6 +988,74 @@ def pg_copy_rows(items: list[Any], did: str, rev: str, jsonb: bool) -> bytes:
         raise type(exc)(f"{did}: {exc}") from exc
 
 
+def pg_copy_batch(batch: Any, did: str, rev: str, jsonb: bool) -> Any:
+    """:func:`pg_copy_rows`'s rows (the same bytes) of a walker's Arrow batch
+    (:mod:`repo_stream.read.arrow`: ``key, collection, rkey, cid, value``), made column by column
+    with pyarrow's compute kernels (one concatenation per row over the columns' buffers, the
+    length prefixes computed as arrays: no Python object per record, and the GIL released).
+
+    Args:
+        batch: a ``pyarrow.RecordBatch`` of ``driver.next_batch``: ``value`` the records' JSON
+            text (``utf8``) with ``jsonb``, else their blocks (``binary``).
+        did, rev: the repo's DID and rev (the same in every row).
+        jsonb: ``value`` as ``jsonb`` (format version 1, then the text); else ``bytea``.
+
+    Returns:
+        The rows as a bytes-like object (a ``memoryview`` of the Arrow buffer that holds them).
+
+    Raises:
+        TypeError: ``value`` is not ``utf8`` with ``jsonb``, or not ``binary`` without.
+
+    Spec: PostgreSQL, COPY, "Binary Format".
+    """
+    import array
+    import struct
+    import sys
+
+    pa = _pyarrow()
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    value = batch.column(4)
+    if value.type != (pa.utf8() if jsonb else pa.binary()):
+        raise TypeError(f"pg_copy_batch: value is {value.type}, not {'utf8' if jsonb else 'binary'}")
+    if n == 0:
+        return b""
+
+    def prefixed(column: Any, plus: int = 0) -> list[Any]:
+        """The column's big-endian int32 length prefixes (plus ``plus``) and its bytes."""
+        lengths = pc.binary_length(column)
+        if plus:
+            lengths = pc.add(lengths, pa.scalar(plus, pa.int32()))
+        be = array.array("i")
+        be.frombytes(memoryview(lengths.buffers()[1])[lengths.offset * 4 : (lengths.offset + n) * 4])
+        if sys.byteorder == "little":
+            be.byteswap()
+        prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4), n, [None, pa.py_buffer(be)])
+        return [prefix.cast(pa.binary()), column.cast(pa.binary())]
+
+    did_bytes, rev_bytes = did.encode("utf-8", "surrogatepass"), rev.encode("utf-8", "surrogatepass")
+    collection = batch.column(1)
+    if pa.types.is_dictionary(collection.type):
+        collection = collection.dictionary_decode()
+    parts = [
+        pa.scalar(struct.pack(">hi", 6, len(did_bytes)) + did_bytes, pa.binary()),
+        *prefixed(collection),
+        *prefixed(batch.column(2)),
+        *prefixed(batch.column(3)),
+        pa.scalar(struct.pack(">i", len(rev_bytes)) + rev_bytes, pa.binary()),
+    ]
+    if jsonb:
+        length, text = prefixed(value, 1)
+        parts += [length, pa.scalar(b"\x01", pa.binary()), text]
+    else:
+        parts += prefixed(value)
+    rows = pc.binary_join_element_wise(*parts, pa.scalar(b"", pa.binary()))
+    offsets = array.array("i")
+    offsets.frombytes(memoryview(rows.buffers()[1])[rows.offset * 4 : (rows.offset + n + 1) * 4])
+    return memoryview(rows.buffers()[2])[offsets[0] : offsets[n]]
+
+
 @dataclass
 class _PgRepo:
     """A repo's open transaction: its connection (None after a connection loss) and every
@@ -1009,14 +1077,14 @@ class PostgresSink:
 
     Same tables as :class:`DuckdbSink` (``value`` is ``jsonb``, or ``bytea`` with ``raw``), and
     ``sync_cursor(stream, seq, updated)``. Each repo is one transaction on a connection of its
-    own (kept for the next repo): its earlier rows are deleted; its records are gathered into
-    batches of ``batch_rows``; the C core writes each batch as binary ``COPY`` rows
-    (:func:`pg_copy_rows`: JSON texts as ``jsonb``, no Python object per record), which a thread
-    ``COPY``-es straight into ``records`` while the walk gathers the next batch (the repo's
+    own (kept for the next repo): its earlier rows are deleted; the backfill hands the sink the
+    walker's Arrow batches of ``batch_rows`` records (the C walker writes the JSON texts into
+    them), whose binary ``COPY`` rows are made with pyarrow's kernels (:func:`pg_copy_batch`; JSON
+    texts as ``jsonb``, no Python object per record; tuple chunks: :func:`pg_copy_rows`, the C
+    core) while a thread ``COPY``-es the batch before straight into ``records`` (the repo's
     rows were deleted in the same transaction and its keys are unique, so no row can clash; a
     staging table and a merge, as a sync commit's upserts take, cost about twice the server's
-    time); and
-    ``finish`` upserts its ``repos`` row, records it in ``backfill_checkpoint`` and commits: a
+    time); and ``finish`` upserts its ``repos`` row, records it in ``backfill_checkpoint`` and commits: a
     crash leaves each repo fully in or not at all, and recorded exactly when its rows are. JSON
     texts PostgreSQL's ``jsonb`` refuses (a ``\\u0000`` in a string) fail their repo.
 
@@ -1185,7 +1253,7 @@ class PostgresSink:
         """A batch's binary ``COPY`` rows (:func:`pg_copy_rows`)."""
         return pg_copy_rows(items, did, rev, not self.raw)
 
-    def _send_payload(self, repo: _PgRepo, did: str, payload: bytes) -> None:
+    def _send_payload(self, repo: _PgRepo, did: str, payload: Any) -> None:
         repo.spool.write(payload)
         repo.sizes.append(len(payload))
         done = len(repo.sizes) - 1
@@ -1241,6 +1309,38 @@ class PostgresSink:
             # server busy (the server, not the client, is what limits a large repo's ingest).
             payload = self._payload(commit.did, commit.rev, batch)
             await self._background.submit(key, self._send_payload, repo, commit.did, payload)
+
+    @property
+    def batch_values(self) -> str:
+        """What the backfill's batches carry as ``value`` (:class:`~repo_stream.backfill.sinks.RepoSink`):
+        ``"raw"`` with ``raw``, else ``"json_text"``."""
+        return "raw" if self.raw else "json_text"
+
+    #: :meth:`write_batch` takes ``block_bytes`` (:class:`~repo_stream.backfill.sinks.RepoSink`).
+    batch_block_bytes = True
+
+    async def write_batch(self, source: str, commit: Commit, batch: Any, block_bytes: int | None = None) -> None:
+        """A walker's Arrow batch of the repo's records (:class:`~repo_stream.backfill.sinks.RepoSink`:
+        ``value`` as :attr:`batch_values` says): its ``COPY`` rows made here
+        (:func:`pg_copy_batch`) while the thread's ``COPY`` of the batch before keeps the server
+        busy, then ``COPY``-ed by the thread. ``block_bytes``: the batch's record blocks' bytes
+        (the checkpoint row's ``record_bytes``; without it, the values' bytes)."""
+        key = (source, commit.did)
+        repo = self._open.get(key)
+        if repo is None:
+            repo = self._open[key] = await anyio.to_thread.run_sync(self._begin, commit.did)
+        rest = self._pending.take(key)
+        if rest is not None:  # tuple chunks of the repo before (kept in order)
+            payload = self._payload(commit.did, commit.rev, rest)
+            await self._background.submit(key, self._send_payload, repo, commit.did, payload)
+        repo.records += batch.num_rows
+        if block_bytes is None:
+            import pyarrow.compute as pc
+
+            block_bytes = int(pc.sum(pc.binary_length(batch.column(4))).as_py() or 0)
+        repo.record_bytes += block_bytes
+        payload = pg_copy_batch(batch, commit.did, commit.rev, not self.raw)
+        await self._background.submit(key, self._send_payload, repo, commit.did, payload)
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
         """Commit the repo's transaction with its ``repos`` and checkpoint rows (success), or
