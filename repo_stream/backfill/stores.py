@@ -1221,10 +1221,22 @@ class PostgresSink:
 
         repo = _PgRepo(None, tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024))
         try:
-            self._retrying("begin", did, lambda: self._open_repo(repo, did, 0), lambda: None)
+            self._connect_repo(repo, did)
         except BaseException:
             repo.spool.close()
             raise
+        return repo
+
+    def _connect_repo(self, repo: _PgRepo, did: str) -> None:
+        self._retrying("begin", did, lambda: self._open_repo(repo, did, 0), lambda: None)
+
+    async def _start(self, key: tuple[str, str], did: str) -> _PgRepo:
+        """A repo's first records: its transaction begun by the thread (a connection, the repo's
+        rows deleted) while the walk makes its first batch; an error comes with the next step."""
+        import tempfile
+
+        repo = self._open[key] = _PgRepo(None, tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024))
+        await self._background.submit(key, self._connect_repo, repo, did)
         return repo
 
     def _copy(self, conn: Any, payload: bytes, merge: bool = False) -> None:
@@ -1300,7 +1312,7 @@ class PostgresSink:
         key = (source, commit.did)
         repo = self._open.get(key)
         if repo is None:
-            repo = self._open[key] = await anyio.to_thread.run_sync(self._begin, commit.did)
+            repo = await self._start(key, commit.did)
         repo.records += len(items)
         repo.record_bytes += sum(len(v) for _, _, v in items)
         batch = self._pending.add(key, items)
@@ -1328,7 +1340,7 @@ class PostgresSink:
         key = (source, commit.did)
         repo = self._open.get(key)
         if repo is None:
-            repo = self._open[key] = await anyio.to_thread.run_sync(self._begin, commit.did)
+            repo = await self._start(key, commit.did)
         rest = self._pending.take(key)
         if rest is not None:  # tuple chunks of the repo before (kept in order)
             payload = self._payload(commit.did, commit.rev, rest)
