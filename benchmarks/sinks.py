@@ -79,6 +79,13 @@ class NaiveSink:
         self.kind, self.target, self.limit, self.count = kind, target, limit, 0
         self.conn: Any = None
         self.file: Any = None
+        # Imported here, as a script would at its top: not in the timed part (the sinks do the same).
+        from repo_stream.records.values import record_json  # noqa: F401
+
+        if kind == "naive-duckdb":
+            import duckdb  # noqa: F401
+        elif kind == "naive-postgresql":
+            import psycopg  # noqa: F401
 
     async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
         if self.count >= self.limit:

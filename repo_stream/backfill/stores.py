@@ -196,6 +196,14 @@ def _check_status(did: str, status: str) -> None:
 _DUCKDB_ROW_GROUP = 122880
 
 
+def _duckdb() -> Any:
+    try:
+        import duckdb
+    except ImportError:
+        raise SinkError("--out duckdb: needs the duckdb extra: pip install 'repo-stream[duckdb]'") from None
+    return duckdb
+
+
 def _json_column(table: Any) -> Any:
     """``table`` with its ``value`` column (JSON texts, ``string``) typed as Arrow's JSON
     extension type (``arrow.json``, pyarrow 19 and later), which DuckDB takes as its ``JSON``
@@ -267,13 +275,12 @@ class DuckdbSink:
         self._pending = _Pending(batch_rows)
         self._background = _Background()
         self._lock = anyio.Lock()
+        _duckdb()  # a missing extra fails here; and the module is loaded before the walk, not in it
+        _pyarrow()
 
     def _db(self) -> Any:
         if self._conn is None:
-            try:
-                import duckdb
-            except ImportError:
-                raise SinkError("--out duckdb: needs the duckdb extra: pip install 'repo-stream[duckdb]'") from None
+            duckdb = _duckdb()
             try:
                 conn = duckdb.connect(self.path)
                 value = "BLOB" if self.raw else "JSON"
@@ -613,6 +620,8 @@ class ParquetSink:
         self._pending = _Pending(batch_rows)
         self._background = _Background()
         self._repo_lock = threading.Lock()
+        _pyarrow()  # a missing extra fails here; and the modules are loaded before the walk, not in it
+        import pyarrow.parquet  # noqa: F401
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -1056,6 +1065,14 @@ def pg_copy_batch(batch: Any, did: str, rev: str, jsonb: bool) -> Any:
     return memoryview(rows.buffers()[2])[offsets[0] : offsets[n]]
 
 
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise SinkError("--out postgresql: needs the postgresql extra: pip install 'repo-stream[postgresql]'") from None
+    return psycopg
+
+
 @dataclass
 class _PgRepo:
     """A repo's open transaction: its connection (None after a connection loss) and every
@@ -1131,6 +1148,12 @@ class PostgresSink:
         self._open: dict[tuple[str, str], _PgRepo] = {}
         self._schema_made = False
         self._schema_lock = threading.Lock()
+        # A missing extra fails here, not at the first repo; and the modules are loaded before
+        # the walk, not in it (psycopg's import alone takes ~0.2 s, holding the GIL).
+        _pyarrow()
+        import pyarrow.compute  # noqa: F401  (pg_copy_batch's kernels)
+
+        _psycopg()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"dsn": self.dsn, "raw": self.raw, "batch_rows": self.batch_rows, "retries": self.retries, "backoff": self.backoff}
@@ -1143,10 +1166,7 @@ class PostgresSink:
         return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", re.sub(r"password=\S+", "password=***", self.dsn))
 
     def _connect(self) -> Any:
-        try:
-            import psycopg
-        except ImportError:
-            raise SinkError("--out postgresql: needs the postgresql extra: pip install 'repo-stream[postgresql]'") from None
+        psycopg = _psycopg()
         with self._free_lock:
             while self._free:
                 conn = self._free.pop()
