@@ -207,8 +207,9 @@ def _duckdb() -> Any:
 def _json_column(table: Any) -> Any:
     """``table`` with its ``value`` column (JSON texts, ``string``) typed as Arrow's JSON
     extension type (``arrow.json``, pyarrow 19 and later), which DuckDB takes as its ``JSON``
-    type as it is: the texts, made by the transcoder, are not parsed again to be validated.
-    Unchanged with an older pyarrow (DuckDB then casts the strings to ``JSON``, validating them)."""
+    type as it is (DuckDB 1.2 and later): the texts, made by the transcoder, are not parsed again
+    to be validated. Unchanged with an older pyarrow (DuckDB then casts the strings to ``JSON``,
+    validating them)."""
     pa = _pyarrow()
     json_type = getattr(pa, "json_", None)
     if json_type is None:
@@ -275,8 +276,11 @@ class DuckdbSink:
         self._pending = _Pending(batch_rows)
         self._background = _Background()
         self._lock = anyio.Lock()
-        _duckdb()  # a missing extra fails here; and the module is loaded before the walk, not in it
+        duckdb = _duckdb()  # a missing extra fails here; and the module is loaded before the walk, not in it
         _pyarrow()
+        # Arrow's JSON extension type as DuckDB's JSON: DuckDB 1.2 and later (with pyarrow 19+).
+        version = tuple(int(part) for part in re.findall(r"\d+", duckdb.__version__)[:2])
+        self._json_extension = version >= (1, 2)
 
     def _db(self) -> Any:
         if self._conn is None:
@@ -342,7 +346,7 @@ class DuckdbSink:
         import duckdb
 
         verb = "INSERT OR REPLACE" if replace else "INSERT"
-        if not self.raw:
+        if not self.raw and self._json_extension:
             table = _json_column(table)
         try:
             cursor.register("repo_stream_chunk", table)
