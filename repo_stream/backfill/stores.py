@@ -1045,27 +1045,28 @@ def pg_copy_batch(batch: Any, did: str, rev: str, jsonb: bool) -> Any:
         if sys.byteorder == "little":
             be.byteswap()
         prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4), n, [None, pa.py_buffer(be)])
-        return [prefix.cast(pa.binary()), column.cast(pa.binary())]
+        return [prefix.cast(pa.large_binary()), column.cast(pa.large_binary())]
 
     did_bytes, rev_bytes = did.encode("utf-8", "surrogatepass"), rev.encode("utf-8", "surrogatepass")
     collection = batch.column(1)
     if pa.types.is_dictionary(collection.type):
         collection = collection.dictionary_decode()
     parts = [
-        pa.scalar(struct.pack(">hi", 6, len(did_bytes)) + did_bytes, pa.binary()),
+        pa.scalar(struct.pack(">hi", 6, len(did_bytes)) + did_bytes, pa.large_binary()),
         *prefixed(collection),
         *prefixed(batch.column(2)),
         *prefixed(batch.column(3)),
-        pa.scalar(struct.pack(">i", len(rev_bytes)) + rev_bytes, pa.binary()),
+        pa.scalar(struct.pack(">i", len(rev_bytes)) + rev_bytes, pa.large_binary()),
     ]
     if jsonb:
         length, text = prefixed(value, 1)
-        parts += [length, pa.scalar(b"\x01", pa.binary()), text]
+        parts += [length, pa.scalar(b"\x01", pa.large_binary()), text]
     else:
         parts += prefixed(value)
-    rows = pc.binary_join_element_wise(*parts, pa.scalar(b"", pa.binary()))
-    offsets = array.array("i")
-    offsets.frombytes(memoryview(rows.buffers()[1])[rows.offset * 4 : (rows.offset + n + 1) * 4])
+    # large_binary (int64 offsets): a batch's rows may pass 2 GiB, as pg_copy_rows' bytes may
+    rows = pc.binary_join_element_wise(*parts, pa.scalar(b"", pa.large_binary()))
+    offsets = array.array("q")
+    offsets.frombytes(memoryview(rows.buffers()[1])[rows.offset * 8 : (rows.offset + n + 1) * 8])
     return memoryview(rows.buffers()[2])[offsets[0] : offsets[n]]
 
 
