@@ -79,6 +79,13 @@ class NaiveSink:
         self.kind, self.target, self.limit, self.count = kind, target, limit, 0
         self.conn: Any = None
         self.file: Any = None
+        # Imported here, as a script would at its top: not in the timed part (the sinks do the same).
+        from repo_stream.records.values import record_json  # noqa: F401
+
+        if kind == "naive-duckdb":
+            import duckdb  # noqa: F401
+        elif kind == "naive-postgresql":
+            import psycopg  # noqa: F401
 
     async def __call__(self, source: str, commit: Any, items: list[Any]) -> None:
         if self.count >= self.limit:
@@ -160,11 +167,12 @@ def child(kind: str, car: str, target: str, limit: int) -> None:
 
         batch_values = getattr(sink, "batch_values", None)
         batch_rows = getattr(sink, "batch_rows", 65536)
+        batch_block_bytes = getattr(sink, "batch_block_bytes", False)
 
-        async def write_batch(self, source: str, commit: Any, batch: Any) -> None:
+        async def write_batch(self, source: str, commit: Any, batch: Any, **kwargs: Any) -> None:
             if not first:
                 first.append(time.perf_counter())
-            await sink.write_batch(source, commit, batch)
+            await sink.write_batch(source, commit, batch, **kwargs)
 
     timed = TimedBatches() if getattr(sink, "batch_values", None) and not tuples else Timed()
 

@@ -419,3 +419,29 @@ def test_pg_copy_rows_are_the_binary_format_of_the_records(jsonb: bool) -> None:
         pg_copy_rows([("a/b", "c", "not bytes")], DID, "r", jsonb)  # type: ignore[list-item]
     with pytest.raises(ValueError, match="has no '/'"):
         pg_copy_rows([("ab", "c", b"\xa0")], DID, "r", jsonb)
+
+
+@pytest.mark.parametrize("jsonb", [True, False])
+def test_pg_copy_batch_gives_the_rows_of_pg_copy_rows(jsonb: bool) -> None:
+    """The rows made with pyarrow's kernels from a walker-shaped batch are pg_copy_rows' bytes,
+    read back field by field too; slices, an empty batch and the wrong value type."""
+    from repo_stream.backfill.stores import pg_copy_batch, pg_copy_rows
+    from repo_stream.read.arrow import record_batch
+
+    items = _items(2000, 52)
+    items[7] = (items[7][0], items[7][1], _items(1, 53)[0][2])
+    batch = record_batch(items, json_values=False, transcode=jsonb)
+    rev = "3aaaaaaaaaa2é"  # non-ASCII: lengths are bytes
+    rows = bytes(pg_copy_batch(batch, DID, rev, jsonb))
+    assert rows == pg_copy_rows(items, DID, rev, jsonb)
+    parsed = _parse_copy_rows(rows)
+    assert len(parsed) == len(items)
+    for (key, cid, block), fields in zip(items, parsed, strict=True):
+        collection, rkey = key.split("/", 1)
+        value = b"\x01" + transcode_json_reference(block).encode() if jsonb else block
+        assert fields == [DID.encode(), collection.encode(), rkey.encode(), cid.encode(), rev.encode(), value]
+    part = batch.slice(300, 500)
+    assert bytes(pg_copy_batch(part, DID, rev, jsonb)) == pg_copy_rows(items[300:800], DID, rev, jsonb)
+    assert bytes(pg_copy_batch(batch.slice(0, 0), DID, rev, jsonb)) == b""
+    with pytest.raises(TypeError, match="pg_copy_batch: value is"):
+        pg_copy_batch(record_batch(items[:3], json_values=False, transcode=not jsonb), DID, rev, jsonb)

@@ -328,7 +328,7 @@ async def run_way(store: Store, way: str, sources: list[str], batch_rows: int, *
         sink.close()
 
 
-@pytest.fixture(params=["duckdb", "parquet"])
+@pytest.fixture(params=KINDS)
 def batch_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return Store(request.param, tmp_path, request)
 

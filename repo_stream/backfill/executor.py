@@ -328,19 +328,21 @@ class _Run:
         write_batch = getattr(sink, "write_batch", None)
         values = getattr(sink, "batch_values", None)
         if write_batch is not None and values in ("raw", "json_text", "json_lines"):
-            await self.walk_batches(job, driver, write_batch, values, int(getattr(sink, "batch_rows", _BATCH_ROWS)))
+            rows = int(getattr(sink, "batch_rows", _BATCH_ROWS))
+            await self.walk_batches(job, driver, write_batch, values, rows, getattr(sink, "batch_block_bytes", False) is True)
             return
         while (chunk := await driver.next_chunk(_CHUNK)) is not None:
             job.records += len(chunk)
             job.record_bytes += sum(len(value) for _, _, value in chunk)
             await sink(job.source, job.commit, chunk)
 
-    async def walk_batches(self, job: _Job, driver: Any, write_batch: Any, values: str, rows: int) -> None:
+    async def walk_batches(self, job: _Job, driver: Any, write_batch: Any, values: str, rows: int, block_bytes: bool = False) -> None:
         """The walk as the walker's own Arrow batches of up to ``rows`` records, or its JSON lines
         (``json_lines``), for a sink with ``write_batch``: no Python object per record. Each
         batch is made in one call (over the in-memory table: on the event loop, like a chunk). A
         record that is not valid DAG-CBOR (``json_text``, ``json_lines``) fails the repo with its
-        :class:`RecordDecodeError`, naming the DID."""
+        :class:`RecordDecodeError`, naming the DID. ``block_bytes``: the sink's ``write_batch``
+        also takes each batch's record block bytes (keyword ``block_bytes``)."""
         assert job.commit is not None
         taken = 0
         while True:
@@ -357,9 +359,13 @@ class _Run:
             if batch is None:
                 return
             job.records += batch.count(b"\n") if values == "json_lines" else batch.num_rows  # a line per record
-            job.record_bytes += driver.batch_value_bytes - taken
+            grown = driver.batch_value_bytes - taken
+            job.record_bytes += grown
             taken = driver.batch_value_bytes
-            await write_batch(job.source, job.commit, batch)
+            if block_bytes:
+                await write_batch(job.source, job.commit, batch, block_bytes=grown)
+            else:
+                await write_batch(job.source, job.commit, batch)
 
     async def finish_sink(self, job: _Job, error: BaseException | None) -> BaseException | None:
         """Tell the sink the repo ended; a sink failing here fails the repo."""

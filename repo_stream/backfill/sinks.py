@@ -62,8 +62,10 @@ class RepoSink(Protocol):
       ``{"key","cid","value"}`` and a newline per record). A record that is not valid DAG-CBOR
       (``json_text``, ``json_lines``) fails the repo with a
       :class:`~repo_stream.errors.RecordDecodeError` naming the DID, before its batch reaches the
-      sink. The store sinks here take batches; such a sink still takes tuple chunks
-      when called as ``sink(source, commit, items)``.
+      sink. ``batch_block_bytes = True`` (optional attribute): ``write_batch`` is called with the
+      keyword ``block_bytes``, the bytes of the batch's record blocks (before transcoding).
+      The store sinks here take batches; such a sink still takes tuple chunks when called as
+      ``sink(source, commit, items)``.
     - ``keyed_by_did = True`` (optional attribute): the sink's output is keyed by DID; the backfill
       then runs each DID once per run (a second source for it gets a ``DuplicateRepoError``).
       Such a sink replaces a DID's earlier output when the repo comes again (a resumed run redoes

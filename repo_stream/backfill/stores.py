@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint
 from .results import BackfillResult
 from .sinks import REPO_STATUSES, RecordOp
 
-__all__ = ["DuckdbSink", "ParquetSink", "PostgresCheckpoint", "PostgresSink", "pg_copy_rows", "record_table"]
+__all__ = ["DuckdbSink", "ParquetSink", "PostgresCheckpoint", "PostgresSink", "pg_copy_batch", "pg_copy_rows", "record_table"]
 
 
 def _pyarrow() -> Any:
@@ -192,6 +192,33 @@ def _check_status(did: str, status: str) -> None:
 
 # -- DuckDB -----------------------------------------------------------------------------------
 
+#: DuckDB's row group (rows): the default batch of :class:`DuckdbSink`.
+_DUCKDB_ROW_GROUP = 122880
+
+
+def _duckdb() -> Any:
+    try:
+        import duckdb
+    except ImportError:
+        raise SinkError("--out duckdb: needs the duckdb extra: pip install 'repo-stream[duckdb]'") from None
+    return duckdb
+
+
+def _json_column(table: Any) -> Any:
+    """``table`` with its ``value`` column (JSON texts, ``string``) typed as Arrow's JSON
+    extension type (``arrow.json``, pyarrow 19 and later), which DuckDB takes as its ``JSON``
+    type as it is (DuckDB 1.2 and later): the texts, made by the transcoder, are not parsed again
+    to be validated. Unchanged with an older pyarrow (DuckDB then casts the strings to ``JSON``,
+    validating them)."""
+    pa = _pyarrow()
+    json_type = getattr(pa, "json_", None)
+    if json_type is None:
+        return table
+    index = table.schema.get_field_index("value")
+    kind = json_type()
+    column = pa.chunked_array([pa.ExtensionArray.from_storage(kind, chunk) for chunk in table.column(index).chunks], type=kind)
+    return table.set_column(index, pa.field("value", kind, nullable=table.schema.field(index).nullable), column)
+
 
 class DuckdbSink:
     """Writes records into a DuckDB database file (``--out duckdb:FILE``).
@@ -220,10 +247,16 @@ class DuckdbSink:
     Args:
         path: the database file (created if missing).
         raw: store the DAG-CBOR bytes instead of the JSON text.
-        batch_rows: records gathered (per repo) into one insert.
-        compress: let DuckDB compress the string columns (its default, ``DICT_FSST``: a file
-            about half the size). ``False`` stores them uncompressed: commits about 2x faster
-            (the compression is most of a large repo's commit time), the file about 1.9x larger.
+        batch_rows: records gathered (per repo) into one insert (default 122,880: DuckDB's
+            row group, so that each insert fills whole row groups, which DuckDB writes to the
+            file during the insert, in the sink's thread beside the walk, rather than all at
+            ``COMMIT``).
+        compress: compress ``value`` with zstd (``USING COMPRESSION zstd``). ``False``: store
+            it uncompressed (commits faster, the file about 1.7x larger). Either way ``rkey``
+            and ``cid`` are stored uncompressed (nearly unique: DuckDB's default ``DICT_FSST``
+            costs more time at ``COMMIT`` than it saves space) and ``did``, ``collection`` and
+            ``rev`` get DuckDB's default (one value per run: nearly free). Applies when the
+            ``records`` table is created (DuckDB keeps a column's compression in its catalog).
 
     A context manager: leaving it (or :meth:`close`) closes the database, so that other
     connections with other settings (``read_only=True``) can open it.
@@ -231,7 +264,9 @@ class DuckdbSink:
 
     keyed_by_did = True
 
-    def __init__(self, path: str | os.PathLike[str], raw: bool = False, batch_rows: int = 65536, compress: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], raw: bool = False, batch_rows: int = _DUCKDB_ROW_GROUP, compress: bool = True
+    ) -> None:
         self.path = os.fspath(path)
         self.raw = raw
         self.compress = compress
@@ -241,22 +276,28 @@ class DuckdbSink:
         self._pending = _Pending(batch_rows)
         self._background = _Background()
         self._lock = anyio.Lock()
+        duckdb = _duckdb()  # a missing extra fails here; and the module is loaded before the walk, not in it
+        _pyarrow()
+        # Arrow's JSON extension type as DuckDB's JSON: DuckDB 1.2 and later (with pyarrow 19+).
+        version = tuple(int(part) for part in re.findall(r"\d+", duckdb.__version__)[:2])
+        self._json_extension = version >= (1, 2)
 
     def _db(self) -> Any:
         if self._conn is None:
-            try:
-                import duckdb
-            except ImportError:
-                raise SinkError("--out duckdb: needs the duckdb extra: pip install 'repo-stream[duckdb]'") from None
+            duckdb = _duckdb()
             try:
                 conn = duckdb.connect(self.path)
-                if not self.compress:
-                    conn.execute("SET disabled_compression_methods = 'dict_fsst,fsst'")
                 value = "BLOB" if self.raw else "JSON"
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS records (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, rkey VARCHAR NOT NULL, "
-                    f"cid VARCHAR NOT NULL, rev VARCHAR NOT NULL, value {value}, PRIMARY KEY (did, collection, rkey))"
+                plain, packed = " USING COMPRESSION uncompressed", f" USING COMPRESSION {'zstd' if self.compress else 'uncompressed'}"
+                create = (
+                    "CREATE TABLE IF NOT EXISTS records (did VARCHAR NOT NULL, collection VARCHAR NOT NULL, "
+                    "rkey VARCHAR NOT NULL{plain}, cid VARCHAR NOT NULL{plain}, rev VARCHAR NOT NULL, value {value}{packed}, "
+                    "PRIMARY KEY (did, collection, rkey))"
                 )
+                try:
+                    conn.execute(create.format(plain=plain, value=value, packed=packed))
+                except duckdb.Error:  # a DuckDB before 1.2 (no zstd for strings): its defaults
+                    conn.execute(create.format(plain="", value=value, packed=""))
                 conn.execute(
                     "CREATE TABLE IF NOT EXISTS repos (did VARCHAR PRIMARY KEY, rev VARCHAR, data VARCHAR, status VARCHAR, updated TIMESTAMPTZ)"
                 )
@@ -305,6 +346,8 @@ class DuckdbSink:
         import duckdb
 
         verb = "INSERT OR REPLACE" if replace else "INSERT"
+        if not self.raw and self._json_extension:
+            table = _json_column(table)
         try:
             cursor.register("repo_stream_chunk", table)
             try:
@@ -581,6 +624,8 @@ class ParquetSink:
         self._pending = _Pending(batch_rows)
         self._background = _Background()
         self._repo_lock = threading.Lock()
+        _pyarrow()  # a missing extra fails here; and the modules are loaded before the walk, not in it
+        import pyarrow.parquet  # noqa: F401
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -956,6 +1001,83 @@ def pg_copy_rows(items: list[Any], did: str, rev: str, jsonb: bool) -> bytes:
         raise type(exc)(f"{did}: {exc}") from exc
 
 
+def pg_copy_batch(batch: Any, did: str, rev: str, jsonb: bool) -> Any:
+    """:func:`pg_copy_rows`'s rows (the same bytes) of a walker's Arrow batch
+    (:mod:`repo_stream.read.arrow`: ``key, collection, rkey, cid, value``), made column by column
+    with pyarrow's compute kernels (one concatenation per row over the columns' buffers, the
+    length prefixes computed as arrays: no Python object per record, and the GIL released).
+
+    Args:
+        batch: a ``pyarrow.RecordBatch`` of ``driver.next_batch``: ``value`` the records' JSON
+            text (``utf8``) with ``jsonb``, else their blocks (``binary``).
+        did, rev: the repo's DID and rev (the same in every row).
+        jsonb: ``value`` as ``jsonb`` (format version 1, then the text); else ``bytea``.
+
+    Returns:
+        The rows as a bytes-like object (a ``memoryview`` of the Arrow buffer that holds them).
+
+    Raises:
+        TypeError: ``value`` is not ``utf8`` with ``jsonb``, or not ``binary`` without.
+
+    Spec: PostgreSQL, COPY, "Binary Format".
+    """
+    import array
+    import struct
+    import sys
+
+    pa = _pyarrow()
+    import pyarrow.compute as pc
+
+    n = batch.num_rows
+    value = batch.column(4)
+    if value.type != (pa.utf8() if jsonb else pa.binary()):
+        raise TypeError(f"pg_copy_batch: value is {value.type}, not {'utf8' if jsonb else 'binary'}")
+    if n == 0:
+        return b""
+
+    def prefixed(column: Any, plus: int = 0) -> list[Any]:
+        """The column's big-endian int32 length prefixes (plus ``plus``) and its bytes."""
+        lengths = pc.binary_length(column)
+        if plus:
+            lengths = pc.add(lengths, pa.scalar(plus, pa.int32()))
+        be = array.array("i")
+        be.frombytes(memoryview(lengths.buffers()[1])[lengths.offset * 4 : (lengths.offset + n) * 4])
+        if sys.byteorder == "little":
+            be.byteswap()
+        prefix = pa.FixedSizeBinaryArray.from_buffers(pa.binary(4), n, [None, pa.py_buffer(be)])
+        return [prefix.cast(pa.large_binary()), column.cast(pa.large_binary())]
+
+    did_bytes, rev_bytes = did.encode("utf-8", "surrogatepass"), rev.encode("utf-8", "surrogatepass")
+    collection = batch.column(1)
+    if pa.types.is_dictionary(collection.type):
+        collection = collection.dictionary_decode()
+    parts = [
+        pa.scalar(struct.pack(">hi", 6, len(did_bytes)) + did_bytes, pa.large_binary()),
+        *prefixed(collection),
+        *prefixed(batch.column(2)),
+        *prefixed(batch.column(3)),
+        pa.scalar(struct.pack(">i", len(rev_bytes)) + rev_bytes, pa.large_binary()),
+    ]
+    if jsonb:
+        length, text = prefixed(value, 1)
+        parts += [length, pa.scalar(b"\x01", pa.large_binary()), text]
+    else:
+        parts += prefixed(value)
+    # large_binary (int64 offsets): a batch's rows may pass 2 GiB, as pg_copy_rows' bytes may
+    rows = pc.binary_join_element_wise(*parts, pa.scalar(b"", pa.large_binary()))
+    offsets = array.array("q")
+    offsets.frombytes(memoryview(rows.buffers()[1])[rows.offset * 8 : (rows.offset + n + 1) * 8])
+    return memoryview(rows.buffers()[2])[offsets[0] : offsets[n]]
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise SinkError("--out postgresql: needs the postgresql extra: pip install 'repo-stream[postgresql]'") from None
+    return psycopg
+
+
 @dataclass
 class _PgRepo:
     """A repo's open transaction: its connection (None after a connection loss) and every
@@ -977,14 +1099,14 @@ class PostgresSink:
 
     Same tables as :class:`DuckdbSink` (``value`` is ``jsonb``, or ``bytea`` with ``raw``), and
     ``sync_cursor(stream, seq, updated)``. Each repo is one transaction on a connection of its
-    own (kept for the next repo): its earlier rows are deleted; its records are gathered into
-    batches of ``batch_rows``; the C core writes each batch as binary ``COPY`` rows
-    (:func:`pg_copy_rows`: JSON texts as ``jsonb``, no Python object per record), which a thread
-    ``COPY``-es straight into ``records`` while the walk gathers the next batch (the repo's
+    own (kept for the next repo): its earlier rows are deleted; the backfill hands the sink the
+    walker's Arrow batches of ``batch_rows`` records (the C walker writes the JSON texts into
+    them), whose binary ``COPY`` rows are made with pyarrow's kernels (:func:`pg_copy_batch`; JSON
+    texts as ``jsonb``, no Python object per record; tuple chunks: :func:`pg_copy_rows`, the C
+    core) while a thread ``COPY``-es the batch before straight into ``records`` (the repo's
     rows were deleted in the same transaction and its keys are unique, so no row can clash; a
     staging table and a merge, as a sync commit's upserts take, cost about twice the server's
-    time); and
-    ``finish`` upserts its ``repos`` row, records it in ``backfill_checkpoint`` and commits: a
+    time); and ``finish`` upserts its ``repos`` row, records it in ``backfill_checkpoint`` and commits: a
     crash leaves each repo fully in or not at all, and recorded exactly when its rows are. JSON
     texts PostgreSQL's ``jsonb`` refuses (a ``\\u0000`` in a string) fail their repo.
 
@@ -1031,6 +1153,12 @@ class PostgresSink:
         self._open: dict[tuple[str, str], _PgRepo] = {}
         self._schema_made = False
         self._schema_lock = threading.Lock()
+        # A missing extra fails here, not at the first repo; and the modules are loaded before
+        # the walk, not in it (psycopg's import alone takes ~0.2 s, holding the GIL).
+        _pyarrow()
+        import pyarrow.compute  # noqa: F401  (pg_copy_batch's kernels)
+
+        _psycopg()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"dsn": self.dsn, "raw": self.raw, "batch_rows": self.batch_rows, "retries": self.retries, "backoff": self.backoff}
@@ -1043,10 +1171,7 @@ class PostgresSink:
         return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", re.sub(r"password=\S+", "password=***", self.dsn))
 
     def _connect(self) -> Any:
-        try:
-            import psycopg
-        except ImportError:
-            raise SinkError("--out postgresql: needs the postgresql extra: pip install 'repo-stream[postgresql]'") from None
+        psycopg = _psycopg()
         with self._free_lock:
             while self._free:
                 conn = self._free.pop()
@@ -1121,23 +1246,37 @@ class PostgresSink:
 
         repo = _PgRepo(None, tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024))
         try:
-            self._retrying("begin", did, lambda: self._open_repo(repo, did, 0), lambda: None)
+            self._connect_repo(repo, did)
         except BaseException:
             repo.spool.close()
             raise
         return repo
 
+    def _connect_repo(self, repo: _PgRepo, did: str) -> None:
+        self._retrying("begin", did, lambda: self._open_repo(repo, did, 0), lambda: None)
+
+    async def _start(self, key: tuple[str, str], did: str) -> _PgRepo:
+        """A repo's first records: its transaction begun by the thread (a connection, the repo's
+        rows deleted) while the walk makes its first batch; an error comes with the next step."""
+        import tempfile
+
+        repo = self._open[key] = _PgRepo(None, tempfile.SpooledTemporaryFile(max_size=64 * 1024 * 1024))
+        await self._background.submit(key, self._connect_repo, repo, did)
+        return repo
+
     def _copy(self, conn: Any, payload: bytes, merge: bool = False) -> None:
-        """``COPY`` the rows of ``payload``: straight into ``records`` (a backfilled repo, whose
-        rows this transaction deleted: no key can clash), or (``merge``, a sync commit) into the
-        staging table and merged into ``records`` with one upsert."""
+        """``COPY`` the binary rows of ``payload`` (:func:`pg_copy_rows`; the header and trailer
+        are written around them): straight into ``records`` (a backfilled repo, whose rows this
+        transaction deleted: no key can clash), or (``merge``, a sync commit) into the staging
+        table and merged into ``records`` with one upsert."""
         with conn.cursor() as cursor:
+            target = "repo_stream_staging" if merge else "records (did, collection, rkey, cid, rev, value)"
+            with cursor.copy(f"COPY {target} FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(_PG_HEADER)
+                copy.write(payload)  # not concatenated: a batch's rows are tens of MB
+                copy.write(_PG_TRAILER)
             if not merge:
-                with cursor.copy("COPY records (did, collection, rkey, cid, rev, value) FROM STDIN (FORMAT BINARY)") as copy:
-                    copy.write(payload)
                 return
-            with cursor.copy("COPY repo_stream_staging FROM STDIN (FORMAT BINARY)") as copy:
-                copy.write(payload)
             cursor.execute(
                 "INSERT INTO records SELECT did, collection, rkey, cid, rev, value FROM repo_stream_staging "
                 "ON CONFLICT (did, collection, rkey) DO UPDATE SET cid = excluded.cid, rev = excluded.rev, value = excluded.value"
@@ -1145,7 +1284,13 @@ class PostgresSink:
             cursor.execute("TRUNCATE repo_stream_staging")
 
     def _send(self, repo: _PgRepo, did: str, rev: str, items: list[Any]) -> None:
-        payload = _PG_HEADER + pg_copy_rows(items, did, rev, not self.raw) + _PG_TRAILER
+        self._send_payload(repo, did, self._payload(did, rev, items))
+
+    def _payload(self, did: str, rev: str, items: list[Any]) -> bytes:
+        """A batch's binary ``COPY`` rows (:func:`pg_copy_rows`)."""
+        return pg_copy_rows(items, did, rev, not self.raw)
+
+    def _send_payload(self, repo: _PgRepo, did: str, payload: Any) -> None:
         repo.spool.write(payload)
         repo.sizes.append(len(payload))
         done = len(repo.sizes) - 1
@@ -1192,12 +1337,47 @@ class PostgresSink:
         key = (source, commit.did)
         repo = self._open.get(key)
         if repo is None:
-            repo = self._open[key] = await anyio.to_thread.run_sync(self._begin, commit.did)
+            repo = await self._start(key, commit.did)
         repo.records += len(items)
         repo.record_bytes += sum(len(v) for _, _, v in items)
         batch = self._pending.add(key, items)
         if batch is not None:
-            await self._background.submit(key, self._send, repo, commit.did, commit.rev, batch)
+            # The batch's rows are made here, while the thread's COPY of the one before keeps the
+            # server busy (the server, not the client, is what limits a large repo's ingest).
+            payload = self._payload(commit.did, commit.rev, batch)
+            await self._background.submit(key, self._send_payload, repo, commit.did, payload)
+
+    @property
+    def batch_values(self) -> str:
+        """What the backfill's batches carry as ``value`` (:class:`~repo_stream.backfill.sinks.RepoSink`):
+        ``"raw"`` with ``raw``, else ``"json_text"``."""
+        return "raw" if self.raw else "json_text"
+
+    #: :meth:`write_batch` takes ``block_bytes`` (:class:`~repo_stream.backfill.sinks.RepoSink`).
+    batch_block_bytes = True
+
+    async def write_batch(self, source: str, commit: Commit, batch: Any, block_bytes: int | None = None) -> None:
+        """A walker's Arrow batch of the repo's records (:class:`~repo_stream.backfill.sinks.RepoSink`:
+        ``value`` as :attr:`batch_values` says): its ``COPY`` rows made here
+        (:func:`pg_copy_batch`) while the thread's ``COPY`` of the batch before keeps the server
+        busy, then ``COPY``-ed by the thread. ``block_bytes``: the batch's record blocks' bytes
+        (the checkpoint row's ``record_bytes``; without it, the values' bytes)."""
+        key = (source, commit.did)
+        repo = self._open.get(key)
+        if repo is None:
+            repo = await self._start(key, commit.did)
+        rest = self._pending.take(key)
+        if rest is not None:  # tuple chunks of the repo before (kept in order)
+            payload = self._payload(commit.did, commit.rev, rest)
+            await self._background.submit(key, self._send_payload, repo, commit.did, payload)
+        repo.records += batch.num_rows
+        if block_bytes is None:
+            import pyarrow.compute as pc
+
+            block_bytes = int(pc.sum(pc.binary_length(batch.column(4))).as_py() or 0)
+        repo.record_bytes += block_bytes
+        payload = pg_copy_batch(batch, commit.did, commit.rev, not self.raw)
+        await self._background.submit(key, self._send_payload, repo, commit.did, payload)
 
     async def finish(self, source: str, commit: Commit, error: BaseException | None) -> None:
         """Commit the repo's transaction with its ``repos`` and checkpoint rows (success), or
@@ -1270,7 +1450,7 @@ class PostgresSink:
 
     def _apply(self, did: str, rev: str, data: str, ops: Sequence[RecordOp], cursor: tuple[str, int] | None) -> None:
         upserts, deletes = _op_items(ops, did)
-        payload = _PG_HEADER + pg_copy_rows(upserts, did, rev, not self.raw) + _PG_TRAILER if upserts else b""
+        payload = pg_copy_rows(upserts, did, rev, not self.raw) if upserts else b""
 
         def body(conn: Any) -> None:
             if payload:
