@@ -135,8 +135,7 @@ def parse_message(message: bytes, *, max_bytes: int, raw_commits: bool = False) 
     if raw_commits and _native is not None and type(message) is bytes and len(message) <= max_bytes and implementation.backend().name == "c":
         peeked = _native.commit_peek(message, _PEEK_MAX_OPS)
         if peeked is not None:
-            seq, repo, rev, when, ops = peeked
-            return RawCommit("#commit", seq, repo, when, {}, message, True, rev, ops)
+            return RawCommit("#commit", peeked[0], peeked[1], peeked[3], {}, message, True, peeked[2], peeked[4])
     frame = decode_frame(message, max_bytes=max_bytes)
     body = frame.body
     kind = frame.type

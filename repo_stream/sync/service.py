@@ -500,9 +500,9 @@ class Sync:
             if type(item) is RawCommit:  # not decoded: its rev and (action, path) pairs read in C
                 if item.rev <= row.rev:
                     continue
-                for _, path in item.ops:
-                    if every or wanted(path.partition("/")[0]):
-                        keys.append((did, path))
+                for _, op_path in item.ops:
+                    if every or wanted(op_path.partition("/")[0]):
+                        keys.append((did, op_path))
                 continue
             body = item.body
             rev = body.get("rev")
