@@ -27,6 +27,9 @@ What happens, per repo (state in a :class:`~.state.StateStore`):
 - **Following.** As :func:`~.follow.follow`: each ``#commit`` of an ``active`` repo is verified
   (:func:`~.verify.verify_commit`, with the account's key from a :class:`~repo_stream.firehose.KeyCache`
   and continuity with the stored rev and MST root); one ``RecordEvent`` per op (``live=True``).
+  The firehose client runs with ``raw_commits``: the usual ``#commit`` message comes undecoded
+  (a :class:`~repo_stream.firehose.items.RawCommit`) and its bytes go to ``verify_commit``'s one
+  C pass; any other message is decoded as before (the same events and errors either way).
 - **Out of sync.** A commit that does not continue the stored state (a missed commit: ``since``
   or ``prevData`` differ, :class:`~repo_stream.errors.OutOfSyncError`), or a ``#sync`` with another
   MST root, emits ``RepoEvent("desynchronized")`` and ``RepoEvent("resync", phase="started")``,
