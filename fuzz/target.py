@@ -308,7 +308,25 @@ def _frame(data: bytes) -> Any:
         result.append(_outcome(lambda: repr(verify_commit(data, key=_ANY_KEY, check_keys=len(data) % 2 == 0))))
     elif frame.type == "#sync":
         result.append(_outcome(lambda: repr(verify_sync(data, key=_ANY_KEY))))
+    result.append(_raw_commit(data))
     return result
+
+
+def _raw_commit(data: bytes) -> Any:
+    """The firehose's raw_commits reading (C: ``_native.commit_peek``, native/event.c): a message it
+    reads without decoding must decode, to the same values; any other gives what decoding gives."""
+    from repo_stream.firehose.items import RawCommit, parse_message
+
+    raw = _outcome(lambda: parse_message(data, max_bytes=5 << 20, raw_commits=True))
+    decoded = _outcome(lambda: parse_message(data, max_bytes=5 << 20))
+    if raw[0] == "ok" and type(raw[1]) is RawCommit:
+        assert decoded[0] == "ok", (raw, decoded)
+        r, e = raw[1], decoded[1]
+        ops = [(op.get("action"), op.get("path")) for op in e.body["ops"]]
+        assert (r.type, r.seq, r.did, r.time, r.rev, r.ops, r.message) == (e.type, e.seq, e.did, e.time, e.body.get("rev"), ops, e.message)
+    else:
+        assert raw == decoded, (raw, decoded)
+    return decoded if decoded[0] != "ok" else ("ok", repr(decoded[1]))
 
 
 def _comparable(value: Any) -> Any:

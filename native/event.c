@@ -420,6 +420,14 @@ done:
     return out;
 }
 
+/* The interned action names (once): 0, or -1 with an error set. */
+static int init_actions(void) {
+    static const char *names[3] = {"create", "update", "delete"};
+    for (int i = 0; i < 3; i++)
+        if (ACTIONS[i] == NULL && (ACTIONS[i] = PyUnicode_InternFromString(names[i])) == NULL) return -1;
+    return 0;
+}
+
 PyObject *rs_commit_event(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *message, *link_type;
@@ -436,12 +444,7 @@ PyObject *rs_commit_event(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_TypeError, "commit_event(): link must be callable");
         return NULL;
     }
-    for (int i = 0; i < 3; i++) {
-        if (ACTIONS[i] == NULL) {
-            static const char *names[3] = {"create", "update", "delete"};
-            if ((ACTIONS[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
-        }
-    }
+    if (init_actions() < 0) return NULL;
     /* hold the arguments: making a link runs Python code */
     Py_INCREF(message);
     Py_INCREF(link_type);
@@ -449,5 +452,67 @@ PyObject *rs_commit_event(PyObject *self, PyObject *args) {
                           max_blocks, max_block, max_depth);
     Py_DECREF(message);
     Py_DECREF(link_type);
+    return out;
+}
+
+/* The fields a firehose client needs of a #commit before verifying it, without decoding the rest
+ * (repo_stream.firehose.items.parse_message with raw_commits): for a message read_body accepts
+ * (the same subset as above: canonical DAG-CBOR, the known fields only, at most max_ops
+ * well-formed ops) whose seq is at most 2^63 - 1 and whose text fields (repo, rev, since, time,
+ * paths) are UTF-8, (seq, repo, rev, time or None, [(action, path), ...]), the values
+ * decode_frame gives; None for any other message, which the caller decodes the usual way. Every
+ * message it accepts is one decode_frame accepts (cbrrr's rules are a superset of read_body's). */
+static PyObject *peek(const uint8_t *msg, size_t len, Py_ssize_t max_ops) {
+    if (len < sizeof HEADER || memcmp(msg, HEADER, sizeof HEADER) != 0) Py_RETURN_NONE;
+    Cur c = {msg + sizeof HEADER, msg + len};
+    Body b;
+    memset(&b, 0, sizeof b);
+    PyObject *out = NULL, *did = NULL, *rev = NULL, *when = NULL, *since = NULL, *seq = NULL, *ops = NULL;
+    if (read_body(&c, &b, max_ops) < 0 || !b.has_seq || b.seq > (uint64_t)INT64_MAX) goto fallback;
+    if ((did = text(b.repo, b.repo_n)) == NULL || (rev = text(b.rev, b.rev_n)) == NULL) goto fallback;
+    if (b.since != NULL && (since = text(b.since, b.since_n)) == NULL) goto fallback; /* checked as UTF-8 only */
+    if (b.time == NULL)
+        when = Py_NewRef(Py_None);
+    else if ((when = text(b.time, b.time_n)) == NULL)
+        goto fallback;
+    if ((seq = PyLong_FromUnsignedLongLong(b.seq)) == NULL || (ops = PyList_New((Py_ssize_t)b.n_ops)) == NULL) goto fallback;
+    for (size_t i = 0; i < b.n_ops; i++) {
+        PyObject *path = text(b.ops[i].path, b.ops[i].path_n);
+        if (path == NULL) goto fallback;
+        PyObject *pair = PyTuple_Pack(2, ACTIONS[b.ops[i].code], path);
+        Py_DECREF(path);
+        if (pair == NULL) goto fallback;
+        PyList_SET_ITEM(ops, (Py_ssize_t)i, pair);
+    }
+    out = PyTuple_Pack(5, seq, did, rev, when, ops);
+    if (out != NULL) goto done;
+fallback:
+    if (PyErr_Occurred()) PyErr_Clear();
+    out = Py_NewRef(Py_None);
+done:
+    PyMem_Free(b.ops);
+    Py_XDECREF(did);
+    Py_XDECREF(rev);
+    Py_XDECREF(when);
+    Py_XDECREF(since);
+    Py_XDECREF(seq);
+    Py_XDECREF(ops);
+    return out;
+}
+
+PyObject *rs_commit_peek(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *message;
+    Py_ssize_t max_ops;
+    if (!PyArg_ParseTuple(args, "Sn:commit_peek", &message, &max_ops)) return NULL;
+    if (max_ops < 0 || max_ops > 100000) {
+        PyErr_SetString(PyExc_ValueError, "commit_peek(): max_ops is 0..100000");
+        return NULL;
+    }
+    if (init_actions() < 0) return NULL;
+    /* nothing here runs Python code, but hold the message as commit_event does */
+    Py_INCREF(message);
+    PyObject *out = peek((const uint8_t *)PyBytes_AS_STRING(message), (size_t)PyBytes_GET_SIZE(message), max_ops);
+    Py_DECREF(message);
     return out;
 }

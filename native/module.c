@@ -236,6 +236,10 @@ static PyMethodDef methods[] = {
      "read in one pass: (did, rev, since, commit, prevData, seq, time, items, record blocks, data, sig, unsigned, (held, "
      "inverted) or None), or None for any other message (see repo_stream.sync.verify.verify_commit, whose reference path "
      "then decides)."},
+    {"commit_peek", rs_commit_peek, METH_VARARGS,
+     "commit_peek(message, max_ops)\n--\n\nWhat a firehose client needs of the usual #commit message without decoding "
+     "the rest: (seq, repo, rev, time, [(action, path), ...]), the values decode_frame gives, or None for any other "
+     "message (see repo_stream.firehose.items.parse_message, which then decodes it)."},
     {"arrow_batch", rs_arrow_batch, METH_VARARGS,
      "arrow_batch(chunk, value_kind)\n--\n\nA chunk of (key, cid, value) as the Arrow C Data Interface capsules "
      "(schema, array) of a record batch (see repo_stream.read.arrow)."},

@@ -278,5 +278,6 @@ PyObject *rs_load_node(PyObject *self, PyObject *args);   /* mst.c */
 PyObject *rs_encode_node(PyObject *self, PyObject *args); /* mst.c */
 PyObject *rs_lookup_and_invert(PyObject *self, PyObject *args); /* mst.c */
 PyObject *rs_commit_event(PyObject *self, PyObject *args);     /* event.c */
+PyObject *rs_commit_peek(PyObject *self, PyObject *args);      /* event.c */
 
 #endif

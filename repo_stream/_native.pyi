@@ -37,6 +37,11 @@ def commit_event(
     """The usual #commit message read in one pass: (did, rev, since, commit, prevData, seq, time, items, record blocks,
     data, sig, unsigned, tree work or None), or None for any other message (see repo_stream.sync.verify.verify_commit)."""
 
+def commit_peek(message: bytes, max_ops: int, /) -> tuple[int, str, str, str | None, list[tuple[str, str]]] | None:
+    """What a firehose client needs of the usual #commit message without decoding the rest: (seq, repo, rev, time,
+    [(action, path), ...]) as decode_frame gives them, or None for any other message (see
+    repo_stream.firehose.items.parse_message)."""
+
 def sha256_portable(data: bytes | bytearray | memoryview, /) -> bytes:
     """The same with the portable rounds only, not the CPU's SHA extensions (for tests)."""
 

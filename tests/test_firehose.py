@@ -127,6 +127,40 @@ async def test_malformed_and_oversized_messages_are_reported_and_the_stream_goes
 
 
 @pytest.mark.anyio
+async def test_raw_commits_give_the_same_items_with_the_commits_undecoded() -> None:
+    """raw_commits (what Sync turns on): the same events and problems, in order, as decoding
+    every message; with the C core the usual #commit is a RawCommit (rev and ops as decoded, body
+    empty), everything else (a commit that is not canonical, malformed messages, seq disorder)
+    as without."""
+    from repo_stream.core import implementation
+    from repo_stream.firehose.items import RawCommit
+
+    first = STREAM.messages[0][1]
+    unusual = encode_message("#commit", {"seq": 3, "repo": "did:plc:x", "rev": "3kaaaaaaaaaaa", "ops": [], "zzz": 1})
+    garbage = b"\xa2bop\x01at\xff"
+    runs = []
+    for raw in (False, True):
+        plans = [Plan(insert={5: [garbage], 9: [unusual], 12: [first[:-5]], 20: [encode_message("#commit", {"seq": "7"})]})]
+        with FirehoseServer(STREAM.messages, plans) as server, anyio.fail_after(30):
+            async with Firehose(server.url, max_reconnects=0, raw_commits=raw) as client:
+                got, problems = await take(client, len(STREAM.messages) + 1)
+        runs.append((got, [(p.kind, type(p.error), str(p.error).replace(server.url, "URL"), p.seq) for p in problems]))
+    (decoded, problems), (raw_got, raw_problems) = runs
+    assert [(e.type, e.seq, e.did, e.time, e.message, e.known) for e in raw_got] == [(e.type, e.seq, e.did, e.time, e.message, e.known) for e in decoded]
+    assert raw_problems == problems
+    assert [p[0] for p in problems] == ["malformed", "seq-backwards", "seq-gap", "malformed", "malformed"]
+    raws = [(r, e) for r, e in zip(raw_got, decoded, strict=True) if type(r) is RawCommit]
+    assert all(type(e) is not RawCommit for e in decoded)
+    if implementation.backend().name == "c":
+        assert len(raws) == 160  # every generated commit; not the unusual one
+        for r, e in raws:
+            assert r.body == {} and r.rev == e.body["rev"]
+            assert r.ops == [(op["action"], op["path"]) for op in e.body["ops"]]  # type: ignore[attr-defined]
+    else:
+        assert raws == []
+
+
+@pytest.mark.anyio
 async def test_an_unknown_kind_is_delivered_as_not_known() -> None:
     messages = [(1, STREAM.messages[0][1]), (2, encode_message("#labels", {"seq": 2, "labels": []})), (3, encode_message("#identity", {"seq": 3, "did": "did:plc:x", "time": "t"}))]
     with FirehoseServer(messages) as server, anyio.fail_after(30):

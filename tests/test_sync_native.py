@@ -611,3 +611,116 @@ def test_commit_event_guards() -> None:
     assert _native.commit_event(message, True, Link, 0, 2_000_000, 1 << 21, 256) is None  # over max_ops: the reference decides
     assert _native.commit_event(message, True, Link, 200, 10, 1 << 21, 256) is None  # over max_blocks
     assert _native.commit_event(message, True, Link, 200, 2_000_000, 1, 256) is None  # a block over max_block
+
+
+# ------------------------------------------------------------------------------ commit_peek (the firehose's raw #commit)
+
+
+def _peeked(message: bytes) -> tuple[Any, ...]:
+    """parse_message with raw_commits (C: commit_peek) against the decoded message: the same
+    values when it reads it, and it reads only messages that decode (else the same error)."""
+    from repo_stream.firehose.items import RawCommit, parse_message
+
+    try:
+        decoded = parse_message(message, max_bytes=5 << 20)
+    except RepoStreamError as exc:
+        with pytest.raises(type(exc)) as raised:
+            parse_message(message, max_bytes=5 << 20, raw_commits=True)
+        assert str(raised.value) == str(exc)
+        assert _native.commit_peek(message, 200) is None
+        return ("error", type(exc).__name__)
+    raw = parse_message(message, max_bytes=5 << 20, raw_commits=True)
+    if type(raw) is not RawCommit:
+        assert raw == decoded
+        assert _native.commit_peek(message, 200) is None
+        return ("decoded", decoded.type)
+    ops = decoded.body["ops"]
+    assert isinstance(ops, list)
+    assert (raw.type, raw.seq, raw.did, raw.time, raw.rev, raw.ops, raw.message, raw.known) == (
+        decoded.type, decoded.seq, decoded.did, decoded.time, decoded.body["rev"], [(op["action"], op["path"]) for op in ops],
+        decoded.message, decoded.known,
+    )  # fmt: skip
+    return ("raw", raw.seq)
+
+
+def test_commit_peek_reads_generated_commits_as_decoded() -> None:
+    from repo_stream.firehose.items import RawCommit, parse_message
+
+    for seed in range(4):
+        for message in _generated(seed):
+            body: Any = decode_frame(message).body
+            with_seq = _message({**body, "seq": 12345678901, "time": "2026-12-06T09:00:00.000Z"})
+            assert _peeked(with_seq) == ("raw", 12345678901)
+            assert _peeked(message)[0] == ("raw" if "seq" in body else "error")
+            # the reference implementation, or raw_commits off: decoded
+            assert type(parse_message(with_seq, max_bytes=5 << 20)) is not RawCommit
+            implementation.use("python")
+            try:
+                assert type(parse_message(with_seq, max_bytes=5 << 20, raw_commits=True)) is not RawCommit
+            finally:
+                implementation.use("c")
+            # over max_bytes: the usual error
+            assert _peeked(with_seq)[0] == "raw"
+            with pytest.raises(RepoStreamError, match="over the"):
+                parse_message(with_seq, max_bytes=len(with_seq) - 1, raw_commits=True)
+
+
+def test_commit_peek_variants() -> None:
+    seen = set()
+    for seed in range(3):
+        for message in _generated(seed, 2):
+            body: Any = decode_frame(message).body
+            body = {**body, "seq": 7, "time": "2026-12-06T09:00:00Z"}
+            for what, changed, _ in _variants(body):
+                seen.add((what, _peeked(_message(changed))[0]))
+            for what, changed in [
+                ("seq over 2^63", {**body, "seq": 1 << 63}),
+                ("seq 2^63 - 1", {**body, "seq": (1 << 63) - 1}),
+                ("no seq", {k: v for k, v in body.items() if k != "seq"}),
+                ("no time", {k: v for k, v in body.items() if k != "time"}),
+                ("many ops", {**body, "ops": [{**body["ops"][0], "path": f"app.bsky.feed.like/{i:05d}"} for i in range(201)]}),
+            ]:
+                seen.add((what, _peeked(_message(changed))[0]))
+    got = dict(seen)
+    assert got["since null"] == got["rebase"] == got["no time"] == got["seq 2^63 - 1"] == "raw"
+    assert got["an unknown field"] == got["tooBig"] == got["many ops"] == "decoded"
+    assert got["seq negative"] == got["repo not text"] == got["no seq"] == "error"
+    assert got["seq over 2^63"] in ("decoded", "error")  # cbrrr's choice; never read in C
+
+
+def test_commit_peek_not_canonical_text_and_cuts() -> None:
+    message = _message({**decode_frame(_generated(7, 1)[0]).body, "seq": 9})
+    assert _peeked(message) == ("raw", 9)
+    assert _peeked(b"\xa2\x61t\x65#sync\x62op\x01" + message[15:])[0] in ("decoded", "error")
+    assert _peeked(b"\xa2\x62op\x01\x61t\x67#commit" + message[15:])[0] == "error"
+    assert _peeked(message + b"\x00")[0] == "error"
+    for cut in range(0, len(message), max(1, len(message) // 60)):
+        assert _peeked(message[:cut])[0] == "error"
+    # text that is not UTF-8 (repo): refused by both
+    body: Any = decode_frame(message).body
+    bad = _message({**body, "repo": "did:plc:\u00e9"}).replace("\u00e9".encode(), b"\xc3\x28")
+    assert _peeked(bad)[0] == "error"
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 5), position=st.integers(0, 1 << 20), byte=st.integers(0, 255), how=st.sampled_from(["set", "insert", "delete"]))
+def test_commit_peek_mutated_messages(seed: int, position: int, byte: int, how: str) -> None:
+    message = bytearray(_message({**decode_frame(_generated(seed, 1)[0]).body, "seq": 3, "time": "2026-12-06T09:00:00Z"}))
+    at = position % len(message)
+    if how == "set":
+        message[at] = byte
+    elif how == "insert":
+        message.insert(at, byte)
+    else:
+        del message[at]
+    _peeked(bytes(message))
+
+
+def test_commit_peek_guards() -> None:
+    message = _message({**decode_frame(_generated(1, 1)[0]).body, "seq": 3})
+    with pytest.raises(TypeError):
+        _native.commit_peek(bytearray(message), 200)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        _native.commit_peek(message, -1)
+    assert _native.commit_peek(message, 0) is None  # over max_ops: decoded
+    assert _native.commit_peek(message, 200) is not None

@@ -122,6 +122,10 @@ class Firehose:
         backoff_base, backoff_cap: the reconnection backoff, seconds (module docstring).
         max_reconnects: consecutive failed connections before giving up (None: never).
         ssl_context: for ``wss://`` (default: the system's trusted certificates).
+        raw_commits: hand the usual ``#commit`` message over undecoded, as a
+            :class:`~repo_stream.firehose.items.RawCommit` (with the C core; for a consumer that
+            passes ``message`` to :func:`~repo_stream.sync.verify_commit`, as
+            :class:`~repo_stream.sync.Sync` does); every other message as without.
 
     Raises (from iteration):
         ErrorFrameError: a ``FutureCursor`` error frame.
@@ -143,6 +147,7 @@ class Firehose:
         backoff_cap: float = 30.0,
         max_reconnects: int | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        raw_commits: bool = False,
     ) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer must be at least 1, not {max_buffer}")
@@ -161,6 +166,7 @@ class Firehose:
         self.backoff_cap = backoff_cap
         self.max_reconnects = max_reconnects
         self.ssl_context = ssl_context
+        self.raw_commits = raw_commits
         #: The seq of the last event the consumer took (persist it; pass it as ``cursor`` to resume).
         self.cursor: int | None = cursor
         #: The seq of the last event put in the buffer: where a reconnection resumes.
@@ -410,7 +416,7 @@ class Firehose:
             return
         self.stats.bytes += len(message)
         try:
-            event = parse_message(message, max_bytes=self.max_message_bytes)
+            event = parse_message(message, max_bytes=self.max_message_bytes, raw_commits=self.raw_commits)
         except ErrorFrameError as exc:
             await self._put(Problem("error-frame", exc, self.read_cursor))
             if exc.error == "FutureCursor":

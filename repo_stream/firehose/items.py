@@ -7,6 +7,15 @@ Spec: lexicon ``com.atproto.sync.subscribeRepos``: ``#commit`` ``{seq, repo, rev
 ``{seq, did, time, active, status?}``, ``#info`` ``{name, message?}`` (no seq; e.g.
 ``OutdatedCursor``). Other kinds are delivered with ``known=False``: a new kind of the lexicon
 is reported, not fatal.
+
+With ``raw_commits`` (:class:`~repo_stream.firehose.Firehose`'s option, which
+:class:`~repo_stream.sync.Sync` turns on), the usual ``#commit`` message is not decoded: with the
+C core, one pass over its body (``_native.commit_peek``) gives what the client and the service need
+before verifying it (seq, repo, rev, time, the ops' actions and paths), as a :class:`RawCommit`;
+:func:`~repo_stream.sync.verify_commit` then reads the message bytes itself. Any other message
+(and every one without the C core) is decoded as usual, so what is accepted and what is reported
+do not change: ``commit_peek`` accepts only messages :func:`~repo_stream.sync.events.decode_frame`
+accepts, giving the same values (tested, and fuzzed against it).
 """
 
 from __future__ import annotations
@@ -14,11 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from ..core import implementation
 from ..errors import EventDecodeError, RepoStreamError
 from ..records.values import to_json_value
 from ..sync.events import decode_frame
 
-__all__ = ["KNOWN_TYPES", "Event", "Problem", "ProblemKind", "parse_message"]
+try:
+    from .. import _native
+except ImportError:  # pragma: no cover - the pure-Python install
+    _native = None  # type: ignore[assignment]
+
+__all__ = ["KNOWN_TYPES", "Event", "Problem", "ProblemKind", "RawCommit", "parse_message"]
 
 #: The event kinds of the lexicon, as header ``t`` values.
 KNOWN_TYPES: Final = frozenset({"#commit", "#sync", "#identity", "#account", "#info"})
@@ -60,6 +75,27 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class RawCommit(Event):
+    """A ``#commit`` message whose body was not decoded (``Firehose(raw_commits=True)``, module
+    docstring): ``type`` is ``"#commit"``, ``seq``, ``did`` (``repo``) and ``time`` as for an
+    :class:`Event`, ``body`` is empty (:func:`parse_message` without ``raw_commits`` decodes
+    ``message``); pass ``message`` to :func:`~repo_stream.sync.verify_commit`.
+
+    Attributes:
+        rev: the body's ``rev``.
+        ops: the ops' ``(action, path)``, in order (``action`` one of ``"create"``, ``"update"``,
+            ``"delete"``).
+    """
+
+    rev: str
+    ops: list[tuple[str, str]]
+
+
+#: The most ops of a #commit read by ``commit_peek`` (more: decoded as usual).
+_PEEK_MAX_OPS: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
 class Problem:
     """Something reported about the stream; the stream goes on after it (except where the
     client's docs say it stops).
@@ -86,14 +122,20 @@ class Problem:
         return {"problem": self.kind, "error": f"{type(self.error).__name__}: {self.error}", "seq": self.seq, "retryIn": self.retry_in}
 
 
-def parse_message(message: bytes, *, max_bytes: int) -> Event:
-    """Decode one message (:func:`repo_stream.sync.events.decode_frame`) into an :class:`Event`.
+def parse_message(message: bytes, *, max_bytes: int, raw_commits: bool = False) -> Event:
+    """Decode one message (:func:`repo_stream.sync.events.decode_frame`) into an :class:`Event`;
+    with ``raw_commits`` and the C core, the usual ``#commit`` message into a :class:`RawCommit`
+    without decoding its body (module docstring), any other as without.
 
     Raises:
         ErrorFrameError: an error frame.
         EventDecodeError: not a well-formed frame; a known kind whose ``seq`` is not an int,
             or whose ``repo``/``did`` is not text.
     """
+    if raw_commits and _native is not None and type(message) is bytes and len(message) <= max_bytes and implementation.backend().name == "c":
+        peeked = _native.commit_peek(message, _PEEK_MAX_OPS)
+        if peeked is not None:
+            return RawCommit("#commit", peeked[0], peeked[1], peeked[3], {}, message, True, peeked[2], peeked[4])
     frame = decode_frame(message, max_bytes=max_bytes)
     body = frame.body
     kind = frame.type

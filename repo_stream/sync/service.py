@@ -27,6 +27,9 @@ What happens, per repo (state in a :class:`~.state.StateStore`):
 - **Following.** As :func:`~.follow.follow`: each ``#commit`` of an ``active`` repo is verified
   (:func:`~.verify.verify_commit`, with the account's key from a :class:`~repo_stream.firehose.KeyCache`
   and continuity with the stored rev and MST root); one ``RecordEvent`` per op (``live=True``).
+  The firehose client runs with ``raw_commits``: the usual ``#commit`` message comes undecoded
+  (a :class:`~repo_stream.firehose.items.RawCommit`) and its bytes go to ``verify_commit``'s one
+  C pass; any other message is decoded as before (the same events and errors either way).
 - **Out of sync.** A commit that does not continue the stored state (a missed commit: ``since``
   or ``prevData`` differ, :class:`~repo_stream.errors.OutOfSyncError`), or a ``#sync`` with another
   MST root, emits ``RepoEvent("desynchronized")`` and ``RepoEvent("resync", phase="started")``,
@@ -84,7 +87,7 @@ from ..backfill.sources import list_repos_by_collection
 from ..core.cid import cid_text
 from ..errors import CommitVerifyError, FetchError, IdentityError, OutOfSyncError
 from ..firehose import Event, Firehose, KeyCache, Problem
-from ..firehose.items import parse_message
+from ..firehose.items import RawCommit, parse_message
 from ..net.hosts import DEFAULT_HOST_CONCURRENCY, DEFAULT_HOST_RPS, HostLimiter
 from .follow import RecordEvent, RepoEvent, collection_filter
 from .state import StateStore
@@ -400,7 +403,7 @@ class Sync:
             self.keys = KeyCache(client=self._client, plc_url=self.plc_url or DEFAULT_PLC_URL, allow_private_hosts=self.allow_private_hosts)
             cursor = self.start_cursor if self.start_cursor is not None else self.state.cursor
             self._seq_done = cursor
-            self.firehose = await stack.enter_async_context(Firehose(self.relay, cursor=cursor, **self.firehose_options))
+            self.firehose = await stack.enter_async_context(Firehose(self.relay, cursor=cursor, **({"raw_commits": True} | self.firehose_options)))
             self._send, self._receive = anyio.create_memory_object_stream[_Item](16)
             self._group = await stack.enter_async_context(anyio.create_task_group())
             stack.push_async_callback(self._stop)
@@ -496,6 +499,13 @@ class Sync:
                 continue
             row = state.get(did)
             if row is None or row.rev is None:
+                continue
+            if type(item) is RawCommit:  # not decoded: its rev and (action, path) pairs read in C
+                if item.rev <= row.rev:
+                    continue
+                for _, op_path in item.ops:
+                    if every or wanted(op_path.partition("/")[0]):
+                        keys.append((did, op_path))
                 continue
             body = item.body
             rev = body.get("rev")
@@ -856,7 +866,8 @@ class Sync:
             if str(synced.data) != row.data and synced.rev >= row.rev:
                 return self._desynchronized(item, f"#sync to rev {synced.rev} with another data root")
             return []
-        rev = item.body.get("rev")
+        raw = type(item) is RawCommit
+        rev = item.rev if type(item) is RawCommit else item.body.get("rev")
         if isinstance(rev, str) and rev <= row.rev:
             self.stats.stale += 1
             return []
@@ -864,7 +875,14 @@ class Sync:
         held = self._roots.get(did)
         prev_data: str | bytes = held[1] if held is not None and held[0] == row.data else row.data
         try:
-            commit = verify_commit(item.body, key=key, prev=RepoState(row.rev, prev_data), process=self._transcode)
+            # A RawCommit's message is read by verify_commit in one C pass; others were decoded.
+            commit = verify_commit(
+                item.message if raw else item.body,
+                key=key,
+                prev=RepoState(row.rev, prev_data),
+                process=self._transcode,
+                max_message_bytes=len(item.message),
+            )
         except OutOfSyncError as exc:
             return self._desynchronized(item, str(exc))
         except CommitVerifyError as exc:
@@ -916,8 +934,10 @@ class Sync:
 
     def _signals(self, item: Event) -> bool:
         """True when a ``#commit`` creates or updates a record of the signal collection."""
-        ops = item.body.get("ops")
         prefix = f"{self.signal_collection}/"
+        if type(item) is RawCommit:
+            return any(action != "delete" and path.startswith(prefix) for action, path in item.ops)
+        ops = item.body.get("ops")
         return isinstance(ops, list) and any(
             isinstance(op, dict) and op.get("action") in ("create", "update") and str(op.get("path", "")).startswith(prefix) for op in ops
         )
