@@ -587,15 +587,21 @@ def test_commit_event_not_canonical_or_other_headers() -> None:
 @given(seed=st.integers(0, 5), position=st.integers(0, 1 << 20), byte=st.integers(0, 255), how=st.sampled_from(["set", "insert", "delete"]),
        check_keys=st.booleans())
 def test_commit_event_mutated_messages(seed: int, position: int, byte: int, how: str, check_keys: bool) -> None:
-    message = bytearray(_generated(seed, 1)[0])
-    at = position % len(message)
+    message = _mutated(_generated(seed, 1)[0], position, byte, how)
+    _both_verify(message, check_keys=check_keys, require_prev_data=False)
+
+
+def _mutated(message: bytes, position: int, byte: int, how: str) -> bytes:
+    """``message`` with one byte set, inserted or deleted at ``position`` (modulo its length)."""
+    out = bytearray(message)
+    at = position % len(out)
     if how == "set":
-        message[at] = byte
+        out[at] = byte
     elif how == "insert":
-        message.insert(at, byte)
+        out.insert(at, byte)
     else:
-        del message[at]
-    _both_verify(bytes(message), check_keys=check_keys, require_prev_data=False)
+        del out[at]
+    return bytes(out)
 
 
 def test_commit_event_guards() -> None:
@@ -705,15 +711,8 @@ def test_commit_peek_not_canonical_text_and_cuts() -> None:
 @settings(max_examples=300, deadline=None)
 @given(seed=st.integers(0, 5), position=st.integers(0, 1 << 20), byte=st.integers(0, 255), how=st.sampled_from(["set", "insert", "delete"]))
 def test_commit_peek_mutated_messages(seed: int, position: int, byte: int, how: str) -> None:
-    message = bytearray(_message({**decode_frame(_generated(seed, 1)[0]).body, "seq": 3, "time": "2026-12-06T09:00:00Z"}))
-    at = position % len(message)
-    if how == "set":
-        message[at] = byte
-    elif how == "insert":
-        message.insert(at, byte)
-    else:
-        del message[at]
-    _peeked(bytes(message))
+    message = _message({**decode_frame(_generated(seed, 1)[0]).body, "seq": 3, "time": "2026-12-06T09:00:00Z"})
+    _peeked(_mutated(message, position, byte, how))
 
 
 def test_commit_peek_guards() -> None:
