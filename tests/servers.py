@@ -117,6 +117,9 @@ counts the body bytes written for ``path``. Use as a context
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as two writes: with Nagle's algorithm the body waits for
+            # the client's delayed ACK of the headers (~40 ms a kept-alive request).
+            disable_nagle_algorithm = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

@@ -343,6 +343,27 @@ def test_state_records_pages_in_key_order(tmp_path: Path) -> None:
 
 
 @pytest.mark.once
+def test_state_marks_fold_to_records_with_an_empty_cid(tmp_path: Path) -> None:
+    # Marks left by a killed run: a row per DID of a group (keys joined by newlines), a row per
+    # key (files made before), a stored record among them; a key with a newline is not noted.
+    path = tmp_path / "s.sqlite"
+    cid = cid_text(b"\x01q\x12 " + bytes(32))
+    with StateStore(path) as state:
+        state.put_record("did:plc:a", "a/1", cid)
+        state.mark([("did:plc:a", "a/1"), ("did:plc:b", "b/1"), ("did:plc:a", "a/2"), ("did:plc:a", "a/bad\nkey")])
+        state._run("INSERT INTO marks (did, key) VALUES ('did:plc:c', 'c/1')")
+        state.commit()
+        assert state._run("SELECT COUNT(*) FROM marks").fetchone()[0] == 3
+    with StateStore(path) as state:
+        assert state.fold_marks() == 4
+        assert state._run("SELECT COUNT(*) FROM marks").fetchone()[0] == 0
+        assert state.records_page("did:plc:a", "", None, 10) == [("a/1", ""), ("a/2", "")]
+        assert state.records_page("did:plc:b", "", None, 10) == [("b/1", "")]
+        assert state.records_page("did:plc:c", "", None, 10) == [("c/1", "")]
+        assert state.fold_marks() == 0
+
+
+@pytest.mark.once
 @pytest.mark.parametrize("reopen", [False, True])
 @pytest.mark.parametrize("max_changes", [3, 100_000])
 def test_state_record_changes_fold_to_the_last_change_of_each_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reopen: bool, max_changes: int) -> None:
