@@ -135,7 +135,7 @@ async def test_requests_per_second_per_host(host: RepoHost, other: RepoHost) -> 
         gaps = [b - a for a, b in itertools.pairwise(times)]
         # 5 per second: sent 0.2 s apart. The server sees the first one late by the client's
         # first connection (up to ~0.2 s here), so its gaps are judged from the second on.
-        assert len(times) == 6 and min(gaps[1:]) > 0.15 and times[-1] - times[0] > 0.9, gaps
+        assert len(times) == 6 and min(gaps[1:]) > 0.15 and times[-1] - times[1] > 0.7, gaps
     # The two hosts are paced side by side, not one after the other: each host's first request
     # came before the other's last.
     for one, two in ((host, other), (other, host)):
