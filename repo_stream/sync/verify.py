@@ -682,24 +682,8 @@ def _read_event(
         if path in seen:
             raise DuplicateOpPathError(f"{where}: path {path!r} is named by more than one op", did=did, rev=rev)
         seen.add(path)
-        cid_value = raw.get("cid")
-        prev_value = raw.get("prev")
-        cid_link: Link | None = None
-        prev_link: Link | None = None
-        if cid_value is None:
-            cid = None
-        elif type(cid_value) is Link:
-            cid_link = cid_value
-            cid = cid_value.cid_bytes
-        else:
-            cid = _op_cid(cid_value, f"{where}: op {i} ({action} {path!r}) field 'cid'", did, rev)
-        if prev_value is None:
-            op_prev = None
-        elif type(prev_value) is Link:
-            prev_link = prev_value
-            op_prev = prev_value.cid_bytes
-        else:
-            op_prev = _op_cid(prev_value, f"{where}: op {i} ({action} {path!r}) field 'prev'", did, rev)
+        cid_link, cid = _op_link(raw.get("cid"), where, i, action, path, "cid", did, rev)
+        prev_link, op_prev = _op_link(raw.get("prev"), where, i, action, path, "prev", did, rev)
         if action == "delete":
             if cid is not None:
                 raise InvalidOpError(f"{where}: delete of {path!r} has a cid ({cid_str(cid)}); a delete's cid is null", did=did, rev=rev)
@@ -715,6 +699,21 @@ def _read_event(
     # 3. The CAR and the commit.
     blocks, commit, data, _, unsigned = _load_commit(blocks_bytes, commit_cid, did, rev, where)
     return did, rev, where, since, commit_value, commit_cid, prev_data_value, prev_data, seq, when, items, blocks, data, commit, unsigned
+
+
+def _op_link(
+    value: object, where: str, i: int, action: str, path: str, field: str, did: str, rev: str
+) -> tuple[Link | None, bytes | None]:
+    """An op's ``cid`` or ``prev`` field: ``(the Link as given or None, its raw CID or None)``.
+
+    Raises:
+        InvalidOpError: the field is neither null nor a CID (see :func:`_op_cid`).
+    """
+    if value is None:
+        return None, None
+    if type(value) is Link:
+        return value, value.cid_bytes
+    return None, _op_cid(value, f"{where}: op {i} ({action} {path!r}) field '{field}'", did, rev)
 
 
 def _op_cid(value: object, what: str, did: str, rev: str) -> bytes:
