@@ -285,6 +285,31 @@ async def test_parquet_raw_values_are_the_blocks(tmp_path: Path) -> None:
     assert got == dict(generate_records(400, seed=5))
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_postgresql_key_columns_sort_in_atproto_key_order(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """did, collection and rkey are COLLATE "C": ORDER BY gives the repo's key order (bytewise,
+    as the MST sorts), whatever the database's locale, and the primary key compares bytes."""
+    import psycopg
+
+    dsn = new_database(request.getfixturevalue("postgres_server"))
+    blocks = [block for _, block in generate_records(8, seed=9)]
+    # rkeys a locale's collation orders otherwise (case, punctuation): bytewise they are sorted so
+    rkeys = ["A1", "Zz", "a-b", "a.b", "aB", "a_b", "a~b", "b"]
+    records = sorted((f"app.bsky.feed.like/{rkey}", block) for rkey, block in zip(rkeys, blocks, strict=True))
+    build_repo_car(records, did=default_did(3), rev=repo_rev(3), path=tmp_path / "k.car")
+    results = await run_backfill([str(tmp_path / "k.car")], f"postgresql:{dsn}")
+    assert results[0].error is None
+    with psycopg.connect(dsn) as conn:
+        collations = conn.execute(
+            "SELECT column_name, collation_name FROM information_schema.columns WHERE table_name = 'records' "
+            "AND column_name IN ('did', 'collection', 'rkey') ORDER BY column_name"
+        ).fetchall()
+        ordered = [r[0] for r in conn.execute("SELECT rkey FROM records ORDER BY did, collection, rkey").fetchall()]
+    assert collations == [("collection", "C"), ("did", "C"), ("rkey", "C")]
+    assert ordered == rkeys
+
+
 # --- the walker's Arrow batches (RepoSink's write_batch) against the tuple chunks --------------
 
 

@@ -918,7 +918,7 @@ class ParquetSink:
 
 _PG_SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
-    did text NOT NULL, collection text NOT NULL, rkey text NOT NULL, cid text NOT NULL, rev text NOT NULL,
+    did text COLLATE "C" NOT NULL, collection text COLLATE "C" NOT NULL, rkey text COLLATE "C" NOT NULL, cid text NOT NULL, rev text NOT NULL,
     value {value}, PRIMARY KEY (did, collection, rkey)
 );
 CREATE TABLE IF NOT EXISTS repos (did text PRIMARY KEY, rev text, data text, status text, updated timestamptz);
@@ -1097,8 +1097,9 @@ class PostgresSink:
     """Writes records into PostgreSQL (``--out postgresql://...``, or a libpq DSN such as
     ``host=/run/postgresql dbname=x`` for a Unix socket), through psycopg 3.
 
-    Same tables as :class:`DuckdbSink` (``value`` is ``jsonb``, or ``bytea`` with ``raw``), and
-    ``sync_cursor(stream, seq, updated)``. Each repo is one transaction on a connection of its
+    Same tables as :class:`DuckdbSink` (``value`` is ``jsonb``, or ``bytea`` with ``raw``; ``did``,
+    ``collection`` and ``rkey`` are ``COLLATE "C"``, so ``ORDER BY`` gives the MST's bytewise key
+    order in any locale), and ``sync_cursor(stream, seq, updated)``. Each repo is one transaction on a connection of its
     own (kept for the next repo): its earlier rows are deleted; the backfill hands the sink the
     walker's Arrow batches of ``batch_rows`` records (the C walker writes the JSON texts into
     them), whose binary ``COPY`` rows are made with pyarrow's kernels (:func:`pg_copy_batch`; JSON
