@@ -216,23 +216,16 @@ class LiveRelay:
             threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
 
     def serve(self, conn: socket.socket) -> None:
-        from wsproto import ConnectionType, WSConnection
-        from wsproto.events import AcceptConnection, BytesMessage, Request
+        from wsproto.events import BytesMessage
 
-        ws = WSConnection(ConnectionType.SERVER)
-        target = None
+        from tests.firehose_server import accept_websocket
+
         try:
-            while target is None:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                ws.receive_data(data)
-                for event in ws.events():
-                    if isinstance(event, Request):
-                        target = event.target
-            conn.sendall(ws.send(AcceptConnection()))
-            cursor = parse_qs(urlsplit(target).query).get("cursor")
-            i = int(cursor[0]) if cursor else 0  # seq n is messages[n - 1]
+            accepted = accept_websocket(conn)
+            if accepted is None:
+                return
+            ws, cursor = accepted
+            i = cursor or 0  # seq n is messages[n - 1]
             while True:
                 with self.cond:
                     while len(self.messages) <= i:

@@ -52,6 +52,29 @@ def with_seq(message: bytes, seq: int) -> bytes:
     return bytes(cbrrr.encode_dag_cbor(header)) + bytes(cbrrr.encode_dag_cbor(body))
 
 
+def accept_websocket(conn: socket.socket) -> tuple[WSConnection, int | None] | None:
+    """Read a client's WebSocket handshake on ``conn`` and accept it: the server side of the
+    connection and the ``cursor`` query parameter (None without one), or None if the client
+    hung up first.
+
+    Raises:
+        OSError: the socket failed.
+    """
+    ws = WSConnection(ConnectionType.SERVER)
+    target = None
+    while target is None:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, Request):
+                target = event.target
+    conn.sendall(ws.send(AcceptConnection()))
+    cursor = parse_qs(urlsplit(target).query).get("cursor")
+    return ws, int(cursor[0]) if cursor else None
+
+
 @dataclass
 class Account:
     did: str
@@ -152,21 +175,12 @@ class FirehoseServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        ws = WSConnection(ConnectionType.SERVER)
         with conn:
             try:
-                target = None
-                while target is None:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    ws.receive_data(data)
-                    for event in ws.events():
-                        if isinstance(event, Request):
-                            target = event.target
-                conn.sendall(ws.send(AcceptConnection()))
-                cursor_text = parse_qs(urlsplit(target).query).get("cursor")
-                cursor = int(cursor_text[0]) if cursor_text else None
+                accepted = accept_websocket(conn)
+                if accepted is None:
+                    return
+                ws, cursor = accepted
                 with self._lock:
                     index = len(self.cursors)
                     self.cursors.append(cursor)
