@@ -656,7 +656,7 @@ def test_commit_event_links_are_links_made_without_init() -> None:
     links = [fast[3], fast[4]] + [link for item in fast[7] for link in item[5:7] if link is not None]
     raws = [fast[3].cid_bytes, fast[4].cid_bytes] + [raw for item in fast[7] for raw in item[3:5] if raw is not None]
     assert len(links) == len(raws) >= 3
-    for link, raw in zip(links, raws):
+    for link, raw in zip(links, raws, strict=True):
         assert type(link) is Link and link == Link(raw) and hash(link) == hash(Link(raw)) and str(link) == str(Link(raw))
         assert link.cid_bytes is not None and bytes(link) == raw
     calls: list[bytes] = []

@@ -218,7 +218,7 @@ def _k256_checker(key: coincurve.PublicKey) -> Callable[[bytes, bytes], bool] | 
     must not share one)."""
     if not _k256_lib:
         try:
-            from coincurve._libsecp256k1 import ffi, lib  # type: ignore[import-not-found]
+            from coincurve._libsecp256k1 import ffi, lib
             from coincurve.context import GLOBAL_CONTEXT
 
             _k256_lib.append((GLOBAL_CONTEXT.ctx, lib.secp256k1_ecdsa_signature_parse_compact, lib.secp256k1_ecdsa_verify, ffi.new, threading.local()))
@@ -236,7 +236,7 @@ def _k256_checker(key: coincurve.PublicKey) -> Callable[[bytes, bytes], bool] | 
             parsed = local.sig
         except AttributeError:
             parsed = local.sig = new("secp256k1_ecdsa_signature *")
-        return parse(ctx, parsed, sig) == 1 and verify(ctx, parsed, sha256(data).digest(), point) == 1
+        return bool(parse(ctx, parsed, sig)) and bool(verify(ctx, parsed, sha256(data).digest(), point))
 
     return check
 
