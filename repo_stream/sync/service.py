@@ -704,8 +704,14 @@ class Sync:
                         self._pending = effect
                         stats.delivered += 1
                         yield event
-                        if self._pending is not None:
-                            await self.ack()
+                        effect = self._pending
+                        if effect is not None:
+                            if self.sink is None:  # self.ack(), one coroutine less per event
+                                self._pending = None
+                                await effect()  # no await inside: nothing can cancel it half-way
+                                self._acks += 1
+                            else:
+                                await self.ack()
                     if self._acks >= self.commit_every:
                         self._commit()
                 self._close_marks()
