@@ -241,7 +241,6 @@ def _k256_checker(key: coincurve.PublicKey) -> Callable[[bytes, bytes], bool] | 
     return check
 
 
-
 def _k256_verify(key: coincurve.PublicKey, sig: bytes, data: bytes) -> bool:
     """Verify a compact low-S secp256k1 signature of ``data`` (SHA-256) with ``key``."""
     if not _k256_bound:

@@ -97,7 +97,7 @@ _RAW_SLOTS: Final = tuple(getattr(RawCommit, name).__set__ for name in (*Event._
 def _raw_commit(seq: int, did: str, time: str | None, message: bytes, rev: str, ops: list[tuple[str, str]]) -> RawCommit:
     """``RawCommit("#commit", seq, did, time, {}, message, True, rev, ops)`` with its slots set
     directly: the same object, without the frozen dataclass's ``__init__`` (one
-    ``object.__setattr__`` call per field, ~1.3 us a message)."""
+    ``object.__setattr__`` call per field: ~1.6 us a message, this ~0.8 us)."""
     item: RawCommit = object.__new__(RawCommit)
     s_type, s_seq, s_did, s_time, s_body, s_message, s_known, s_rev, s_ops = _RAW_SLOTS
     s_type(item, "#commit")

@@ -281,7 +281,8 @@ def _verified_commit(
     ops: tuple[VerifiedOp[Any], ...], seq: int | None, time: str | None,
 ) -> VerifiedCommit[Any]:
     """``VerifiedCommit(...)`` with its slots set directly: the same object, without the frozen
-    dataclass's ``__init__`` (one ``object.__setattr__`` call per field, ~1.5 us a commit)."""
+    dataclass's ``__init__`` (one ``object.__setattr__`` call per field: ~1.4 us a commit, this
+    ~0.6 us)."""
     result: VerifiedCommit[Any] = object.__new__(VerifiedCommit)
     s_did, s_rev, s_since, s_data, s_commit, s_prev_data, s_inverted, s_ops, s_seq, s_time = _COMMIT_SLOTS
     s_did(result, did)
