@@ -300,10 +300,41 @@ static PyObject *raw_cid(const uint8_t *cid) {
     return PyBytes_FromStringAndSize((const char *)cid, 36);
 }
 
-/* link_type(cid bytes), or None for None; steals nothing. */
+static PyObject *CID_BYTES; /* "cid_bytes", interned once */
+
+/* A link to a CID read here (read_link: 36 bytes, a dag-cbor sha2-256 CIDv1), or None for None;
+ * steals nothing. For a Python class made by object.__new__ (repo_stream's Link: a cbrrr CID
+ * whose __init__ takes such a CID as it is, checking nothing more), the instance is made as
+ * object.__new__ makes it and its cid_bytes set, without the call of __init__ (which costs more
+ * than the rest); any other callable is called with the bytes. */
 static PyObject *make_link(PyObject *link_type, PyObject *cid) {
     if (cid == Py_None) Py_RETURN_NONE;
-    return PyObject_CallOneArg(link_type, cid);
+    PyTypeObject *type = (PyTypeObject *)link_type;
+    if (!PyType_Check(link_type) || !PyType_HasFeature(type, Py_TPFLAGS_HEAPTYPE) || type->tp_new != PyBaseObject_Type.tp_new ||
+        type->tp_alloc == NULL)
+        return PyObject_CallOneArg(link_type, cid);
+    PyObject *link = type->tp_alloc(type, 0);
+    if (link == NULL) return NULL;
+    if (PyObject_SetAttr(link, CID_BYTES, cid) < 0) {
+        Py_DECREF(link);
+        return NULL;
+    }
+    return link;
+}
+
+/* The microseconds since the Unix epoch in a rev that is a TID (13 characters of
+ * base32-sortable, the first one of 234567abcdefghij), as repo_stream.sync.verify.tid_timestamp;
+ * None for any other rev. */
+static PyObject *tid_stamp(const uint8_t *s, size_t n) {
+    static const char DIGITS[] = "234567abcdefghijklmnopqrstuvwxyz";
+    if (n != 13) Py_RETURN_NONE;
+    uint64_t value = 0;
+    for (size_t i = 0; i < 13; i++) {
+        const char *at = s[i] != 0 ? memchr(DIGITS, s[i], 32) : NULL;
+        if (at == NULL || (i == 0 && at - DIGITS >= 16)) Py_RETURN_NONE;
+        value = value << 5 | (uint64_t)(at - DIGITS);
+    }
+    return PyLong_FromUnsignedLongLong(value >> 10);
 }
 
 static PyObject *ACTIONS[3];
@@ -338,7 +369,7 @@ static PyObject *event(const uint8_t *msg, size_t len, int check_keys, PyObject 
     size_t n_slice = 0;
     PyObject *out = NULL, *did = NULL, *rev = NULL, *since = NULL, *when = NULL, *seq = NULL, *items = NULL, *blocks = NULL;
     PyObject *commit = NULL, *commit_link = NULL, *prev_data = NULL, *prev_data_link = NULL, *sig = NULL, *unsigned_bytes = NULL;
-    PyObject *data_cid = NULL, *tree = NULL;
+    PyObject *data_cid = NULL, *tree = NULL, *stamp = NULL;
     const uint8_t *data;
     if (read_body(&c, &b, max_ops) < 0 || b.repo_n > 2048 || b.rev_n > 200 || b.blocks_n > (size_t)max_blocks || check_ops(&b, check_keys) < 0)
         goto fallback;
@@ -391,7 +422,8 @@ static PyObject *event(const uint8_t *msg, size_t len, int check_keys, PyObject 
         }
         if ((tree = rs_tree_work(data, 36, slice, n_slice, tree_ops, b.n_ops, check_keys, max_depth)) == NULL) goto fallback;
     }
-    out = PyTuple_Pack(13, did, rev, since, commit_link, prev_data_link, seq, when, items, blocks, data_cid, sig, unsigned_bytes, tree);
+    if ((stamp = tid_stamp(b.rev, b.rev_n)) == NULL) goto fallback;
+    out = PyTuple_Pack(14, did, rev, since, commit_link, prev_data_link, seq, when, items, blocks, data_cid, sig, unsigned_bytes, tree, stamp);
     goto done;
 fallback:
     /* Not the usual message (or an error making its values, such as text that is not UTF-8): the
@@ -417,14 +449,16 @@ done:
     Py_XDECREF(sig);
     Py_XDECREF(unsigned_bytes);
     Py_XDECREF(tree);
+    Py_XDECREF(stamp);
     return out;
 }
 
-/* The interned action names (once): 0, or -1 with an error set. */
+/* The interned action names and "cid_bytes" (once): 0, or -1 with an error set. */
 static int init_actions(void) {
     static const char *names[3] = {"create", "update", "delete"};
     for (int i = 0; i < 3; i++)
         if (ACTIONS[i] == NULL && (ACTIONS[i] = PyUnicode_InternFromString(names[i])) == NULL) return -1;
+    if (CID_BYTES == NULL && (CID_BYTES = PyUnicode_InternFromString("cid_bytes")) == NULL) return -1;
     return 0;
 }
 

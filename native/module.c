@@ -234,8 +234,9 @@ static PyMethodDef methods[] = {
     {"commit_event", rs_commit_event, METH_VARARGS,
      "commit_event(message, check_keys, link, max_ops, max_blocks, max_block, max_depth)\n--\n\nThe usual #commit message "
      "read in one pass: (did, rev, since, commit, prevData, seq, time, items, record blocks, data, sig, unsigned, (held, "
-     "inverted) or None), or None for any other message (see repo_stream.sync.verify.verify_commit, whose reference path "
-     "then decides)."},
+     "inverted) or None, the rev's TID timestamp or None), or None for any other message (see "
+     "repo_stream.sync.verify.verify_commit, whose reference path then decides). A link that is a Python class made by "
+     "object.__new__ gets its instances so made, cid_bytes set, without __init__."},
     {"commit_peek", rs_commit_peek, METH_VARARGS,
      "commit_peek(message, max_ops)\n--\n\nWhat a firehose client needs of the usual #commit message without decoding "
      "the rest: (seq, repo, rev, time, [(action, path), ...]), the values decode_frame gives, or None for any other "

@@ -35,7 +35,10 @@ def commit_event(
     message: bytes, check_keys: bool, link: Callable[[bytes], Any], max_ops: int, max_blocks: int, max_block: int, max_depth: int, /
 ) -> tuple[Any, ...] | None:
     """The usual #commit message read in one pass: (did, rev, since, commit, prevData, seq, time, items, record blocks,
-    data, sig, unsigned, tree work or None), or None for any other message (see repo_stream.sync.verify.verify_commit)."""
+    data, sig, unsigned, tree work or None, the rev's TID timestamp or None), or None for any other message (see
+    repo_stream.sync.verify.verify_commit). A ``link`` that is a Python class made by ``object.__new__`` (``Link``) gets
+    its instances made so, their ``cid_bytes`` set, without ``__init__`` (each CID is a 36-byte dag-cbor sha2-256
+    CIDv1, which ``Link`` takes as it is); any other callable is called with the CID bytes."""
 
 def commit_peek(message: bytes, max_ops: int, /) -> tuple[int, str, str, str | None, list[tuple[str, str]]] | None:
     """What a firehose client needs of the usual #commit message without decoding the rest: (seq, repo, rev, time,

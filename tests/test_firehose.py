@@ -448,3 +448,19 @@ async def test_a_quiet_server_that_answers_pings_keeps_the_connection() -> None:
                 async for item in client:
                     raise AssertionError(f"unexpected {item}")
             assert client.stats.connections == 1 and client.stats.problems == 0
+
+
+def test_raw_commit_made_fast_is_the_dataclass_one() -> None:
+    """parse_message makes a RawCommit with its slots set directly (no frozen __init__): every
+    field, in the dataclass's order, equal to the one made the usual way."""
+    import dataclasses
+
+    from repo_stream.firehose.items import Event, RawCommit, _raw_commit
+
+    assert (*Event.__slots__, *RawCommit.__slots__) == tuple(field.name for field in dataclasses.fields(RawCommit))
+    made = _raw_commit(5, "did:plc:x", None, b"message", "3kaaaaaaaaaaa", [("create", "app.bsky.feed.post/3kaaaaaaaaaaa")])
+    usual = RawCommit("#commit", 5, "did:plc:x", None, {}, b"message", True, "3kaaaaaaaaaaa", [("create", "app.bsky.feed.post/3kaaaaaaaaaaa")])
+    assert type(made) is RawCommit and made == usual
+    assert [getattr(made, f.name) for f in dataclasses.fields(RawCommit)] == [getattr(usual, f.name) for f in dataclasses.fields(RawCommit)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.seq = 6  # type: ignore[misc]

@@ -194,6 +194,75 @@ async def test_malformed_signatures_are_refused(name: str) -> None:
             dataclasses.replace(commit, sig=sig).verify_signature(info["signing_key"])
 
 
+def test_each_way_in_gives_the_same_verdict_and_message() -> None:
+    """A bytes signature of bytes data takes libsecp256k1's one verdict (no Python checks
+    first); a bytearray or memoryview the checks and then the curve: the same outcome, each
+    error with the same message, over the edge cases of r and s."""
+    from repo_stream.crypto.signature import VerifyingKey
+
+    for curve in (ec.SECP256K1(), ec.SECP256R1()):
+        private = ec.generate_private_key(curve)
+        key = VerifyingKey(private.public_key())
+        n = N[curve.name]
+        data = b"the unsigned commit"
+        good = sign(private, data)
+        r, s = int.from_bytes(good[:32], "big"), int.from_bytes(good[32:], "big")
+        pairs = [(r, s), (r, n - s), (0, s), (r, 0), (n, s), (r, n), (2**256 - 1, s), (r, 2**256 - 1), (r, n // 2), (r, n // 2 + 1), (n - 1, s), (r, 1)]
+        outcomes = []
+        for rr, ss in pairs:
+            sig = rr.to_bytes(32, "big") + ss.to_bytes(32, "big")
+            seen = []
+            for way_sig, way_data in ((sig, data), (bytearray(sig), data), (sig, memoryview(data)), (memoryview(sig), bytearray(data))):
+                try:
+                    key.verify(way_data, way_sig, where="w")
+                    seen.append("ok")
+                except SignatureError as exc:
+                    seen.append(str(exc))
+            assert len(set(seen)) == 1, (curve.name, rr, ss, seen)
+            outcomes.append(seen[0])
+        assert outcomes[0] == "ok"
+        assert [o == "ok" for o in outcomes].count(True) == 1  # only the real signature
+        assert "high-S" in outcomes[1] and "high-S" in outcomes[9]
+        assert all("r and s must be in 1..n-1" in o for o in outcomes[2:8])
+        assert "does not verify" in outcomes[8] and "does not verify" in outcomes[10] and "does not verify" in outcomes[11]
+
+
+def test_signatures_checked_from_many_threads_at_once_keep_their_verdicts() -> None:
+    """The secp256k1 check keeps its parsed signature per thread: threads checking good and bad
+    signatures at once each get their own verdicts."""
+    import threading
+
+    from repo_stream.crypto.signature import VerifyingKey
+
+    private = ec.generate_private_key(ec.SECP256K1())
+    key = VerifyingKey(private.public_key())
+    items = []
+    for i in range(40):
+        data = f"commit {i}".encode()
+        sig = sign(private, data)
+        items.append((data, sig, True))
+        items.append((data, sig[:-1] + bytes([sig[-1] ^ 1]), False))
+    wrong: list[object] = []
+
+    def run() -> None:
+        for _ in range(10):
+            for data, sig, valid in items:
+                try:
+                    key.verify(data, sig)
+                    ok = True
+                except SignatureError:
+                    ok = False
+                if ok != valid:
+                    wrong.append((data, valid))
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+
+
 # ---------------------------------------------------------------------------- generated keys
 
 RECORDS = [(f"app.bsky.feed.post/3k{i:011d}", cbor2.dumps({"$type": "app.bsky.feed.post", "text": f"post {i}"}, canonical=True)) for i in range(40)]

@@ -604,6 +604,71 @@ def _mutated(message: bytes, position: int, byte: int, how: str) -> bytes:
     return bytes(out)
 
 
+def _with_rev(rev: str) -> bytes:
+    """A generated commit whose event and commit block both carry ``rev`` (signed as such)."""
+    gen = CommitGenerator("did:plc:native", SIGN, generate_records(10, seed=3, profile="small"), seed=3, pool=POOL)  # type: ignore[arg-type]
+    gen._next_rev = lambda: rev  # type: ignore[method-assign]
+    return gen.commit(gen.random_ops(2, creates=1.0))
+
+
+_REVS = [
+    "3khuwcck6sey4", "2222222222222", "jzzzzzzzzzzzz", "kzzzzzzzzzzzz", "zzzzzzzzzzzzz", "3khuwcck6sey", "3khuwcck6sey42",
+    "3KHUWCCK6SEY4", "3khuwcck6sey0", "3khuwcck6sey1", "1khuwcck6sey4", "3khuwcck6sey=", "3khuwcck6se\x00y", "3khuwcck6sey\u00e9",
+    "\u00e9khuwcck6sey", "3khuwcck6sé", "", "3",
+]
+
+
+def test_commit_event_reads_the_revs_tid_timestamp_as_tid_timestamp() -> None:
+    """The C pass's timestamp of the rev is tid_timestamp's (a TID's microseconds, None for any
+    other rev), and verify_commit decides the same with it (InvalidRevError, FutureRevError, ok)."""
+    from repo_stream.sync.verify import tid_timestamp
+
+    for rev in _REVS:
+        message = _with_rev(rev)
+        fast = _fast(message)
+        assert fast is not None, rev
+        assert fast[1] == rev
+        assert fast[13] == tid_timestamp(rev), rev
+        assert type(fast[13]) is (int if fast[13] is not None else type(None))
+        outcome = _both_verify(message, require_prev_data=False)
+        assert (outcome[1] == "InvalidRevError") == (tid_timestamp(rev) is None), (rev, outcome[:3])
+    assert tid_timestamp("jzzzzzzzzzzzz") == (1 << 54) - 1  # the largest: 64 bits of TID less the 10 of the clock id
+    assert _fast(_with_rev("jzzzzzzzzzzzz"))[13] == (1 << 54) - 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(rev=st.text(alphabet="0123456789abcdefghijklmnopqrstuvwxyzABZ=é", min_size=12, max_size=14))
+def test_commit_event_tid_timestamp_of_any_rev(rev: str) -> None:
+    from repo_stream.sync.verify import tid_timestamp
+
+    fast = _fast(_with_rev(rev))
+    assert fast is not None and fast[13] == tid_timestamp(rev)
+
+
+def test_commit_event_links_are_links_made_without_init() -> None:
+    """The C pass makes the Link class's instances directly (object.__new__, cid_bytes set): the
+    same values Link(bytes) gives; a callable that is not such a class is called."""
+    from repo_stream.records.values import Link
+
+    message = _generated(2, 1)[0]
+    fast = _fast(message)
+    assert fast is not None
+    links = [fast[3], fast[4]] + [link for item in fast[7] for link in item[5:7] if link is not None]
+    raws = [fast[3].cid_bytes, fast[4].cid_bytes] + [raw for item in fast[7] for raw in item[3:5] if raw is not None]
+    assert len(links) == len(raws) >= 3
+    for link, raw in zip(links, raws, strict=True):
+        assert type(link) is Link and link == Link(raw) and hash(link) == hash(Link(raw)) and str(link) == str(Link(raw))
+        assert link.cid_bytes is not None and bytes(link) == raw
+    calls: list[bytes] = []
+
+    def maker(raw: bytes) -> tuple[str, bytes]:
+        calls.append(raw)
+        return ("made", raw)
+
+    other = _native.commit_event(message, True, maker, 200, 2_000_000, 2 * 1024 * 1024, 256)
+    assert other is not None and other[3] == ("made", fast[3].cid_bytes) and len(calls) == len(raws)
+
+
 def test_commit_event_guards() -> None:
     from repo_stream.records.values import Link
 

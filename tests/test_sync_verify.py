@@ -383,3 +383,20 @@ def test_the_single_decode_of_a_commit_agrees_with_decode_commit(index: int) -> 
     else:
         # extra fields (kept in the signed bytes) and an unusual data CID: decode_commit's path
         assert index in (3, 7)
+
+
+def test_verified_commit_made_fast_is_the_dataclass_one() -> None:
+    """verify_commit makes its result with the slots set directly (no frozen __init__): the same
+    fields in the same order, equal to the dataclass made the usual way."""
+    import dataclasses
+
+    from repo_stream.sync.verify import VerifiedCommit, _verified_commit
+
+    assert VerifiedCommit.__slots__ == tuple(field.name for field in dataclasses.fields(VerifiedCommit))
+    a, b = dag_cbor_cid(b"\xa0"), dag_cbor_cid(b"\x80")
+    values = ("did:plc:x", "3kaaaaaaaaaaa", None, Link(a), Link(b), None, False, (), 7, "2024-01-01T00:00:00Z")
+    made = _verified_commit(*values)
+    assert type(made) is VerifiedCommit and made == VerifiedCommit(*values)
+    assert [getattr(made, field.name) for field in dataclasses.fields(VerifiedCommit)] == list(values)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.rev = "other"  # type: ignore[misc]

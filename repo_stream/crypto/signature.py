@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -86,7 +87,7 @@ class VerifyingKey:
         SignatureError: ``key`` is not such a key.
     """
 
-    __slots__ = ("curve", "_key", "_fast", "_did_key", "_order")
+    __slots__ = ("curve", "_key", "_fast", "_check", "_did_key", "_order")
 
     def __init__(self, key: PublicKey, did_key: str | None = None) -> None:
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in _SUPPORTED:
@@ -97,10 +98,12 @@ class VerifyingKey:
         self._did_key = did_key
         self._order = CURVE_ORDERS[self.curve]
         self._fast: coincurve.PublicKey | None = None
+        self._check: Callable[[bytes, bytes], bool] | None = None
         if self.curve == "secp256k1":
             from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
             self._fast = _k256(key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint))
+            self._check = _k256_checker(self._fast)
 
     @property
     def did_key(self) -> str:
@@ -122,6 +125,15 @@ class VerifyingKey:
 
         Spec: atproto cryptography, "ECDSA Signatures" / low-S.
         """
+        check = self._check
+        verified: bool | None = None  # the verdict when already known (False: go on for the error)
+        if check is not None and type(sig) is bytes and type(data) is bytes and len(sig) == 64:
+            # The usual call, one libsecp256k1 verdict: it accepts exactly the signatures the
+            # checks below accept and that verify (see _k256_checker); a refusal goes on to
+            # them for its error message, without verifying again.
+            if check(sig, data):
+                return
+            verified = False
         if not isinstance(sig, (bytes, bytearray, memoryview)) or len(sig) != 64:
             got = f"{len(sig)} bytes" if isinstance(sig, (bytes, bytearray, memoryview)) else type(sig).__name__
             raise SignatureError(f"{where}: signature must be 64 bytes (r || s), got {got}")
@@ -135,11 +147,13 @@ class VerifyingKey:
         if s > half:
             raise SignatureError(f"{where}: high-S signature refused (atproto requires s <= n/2); key {self.did_key}")
         fast = self._fast
-        if fast is not None:
+        if verified is not None:
+            ok = verified
+        elif fast is not None:
             ok = _k256_verify(fast, sig, bytes(data))
         else:
             try:
-                self._key.verify(encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), bytes(data), ec.ECDSA(hashes.SHA256()))
+                self._key.verify(encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), bytes(data), _ECDSA_SHA256)
                 ok = True
             except InvalidSignature:
                 ok = False
@@ -152,6 +166,7 @@ def _sha256(data: bytes) -> bytes:
 
 
 _ZERO32: Final = bytes(32)
+_ECDSA_SHA256: Final = ec.ECDSA(hashes.SHA256())  # holds no state: one for every P-256 check
 _ORDER_BYTES: Final = {name: (n.to_bytes(32, "big"), (n // 2).to_bytes(32, "big")) for name, n in CURVE_ORDERS.items()}
 
 
@@ -188,6 +203,42 @@ def _k256_direct() -> Callable[[coincurve.PublicKey, bytes, bytes], bool]:
 
 
 _k256_bound: list[Callable[[coincurve.PublicKey, bytes, bytes], bool]] = []
+_k256_lib: list[tuple[Any, Any, Any, Any, threading.local] | None] = []
+
+
+def _k256_checker(key: coincurve.PublicKey) -> Callable[[bytes, bytes], bool] | None:
+    """A check of a 64-byte compact signature of ``data`` (bytes) by ``key`` in two
+    libsecp256k1 calls, or None when this coincurve lacks the cffi binding.
+
+    It is True exactly when :meth:`VerifyingKey.verify` accepts the signature:
+    ``secp256k1_ecdsa_signature_parse_compact`` refuses ``r`` or ``s`` not below the curve
+    order, and ``secp256k1_ecdsa_verify`` refuses ``r`` or ``s`` zero and a high ``s`` (its
+    documented lower-S rule) as well as a signature that does not verify. The parsed-signature
+    struct is allocated once per thread (cffi lets go of the GIL during the calls, so threads
+    must not share one)."""
+    if not _k256_lib:
+        try:
+            from coincurve._libsecp256k1 import ffi, lib
+            from coincurve.context import GLOBAL_CONTEXT
+
+            _k256_lib.append((GLOBAL_CONTEXT.ctx, lib.secp256k1_ecdsa_signature_parse_compact, lib.secp256k1_ecdsa_verify, ffi.new, threading.local()))
+        except (ImportError, AttributeError):  # pragma: no cover - another coincurve
+            _k256_lib.append(None)
+    bound = _k256_lib[0]
+    if bound is None:  # pragma: no cover - another coincurve
+        return None
+    ctx, parse, verify, new, local = bound
+    point = key.public_key
+    sha256 = hashlib.sha256
+
+    def check(sig: bytes, data: bytes) -> bool:
+        try:
+            parsed = local.sig
+        except AttributeError:
+            parsed = local.sig = new("secp256k1_ecdsa_signature *")
+        return bool(parse(ctx, parsed, sig)) and bool(verify(ctx, parsed, sha256(data).digest(), point))
+
+    return check
 
 
 def _k256_verify(key: coincurve.PublicKey, sig: bytes, data: bytes) -> bool:

@@ -91,6 +91,27 @@ class RawCommit(Event):
     ops: list[tuple[str, str]]
 
 
+_RAW_SLOTS: Final = tuple(getattr(RawCommit, name).__set__ for name in (*Event.__slots__, *RawCommit.__slots__))
+
+
+def _raw_commit(seq: int, did: str, time: str | None, message: bytes, rev: str, ops: list[tuple[str, str]]) -> RawCommit:
+    """``RawCommit("#commit", seq, did, time, {}, message, True, rev, ops)`` with its slots set
+    directly: the same object, without the frozen dataclass's ``__init__`` (one
+    ``object.__setattr__`` call per field: ~1.6 us a message, this ~0.8 us)."""
+    item: RawCommit = object.__new__(RawCommit)
+    s_type, s_seq, s_did, s_time, s_body, s_message, s_known, s_rev, s_ops = _RAW_SLOTS
+    s_type(item, "#commit")
+    s_seq(item, seq)
+    s_did(item, did)
+    s_time(item, time)
+    s_body(item, {})
+    s_message(item, message)
+    s_known(item, True)
+    s_rev(item, rev)
+    s_ops(item, ops)
+    return item
+
+
 #: The most ops of a #commit read by ``commit_peek`` (more: decoded as usual).
 _PEEK_MAX_OPS: Final = 200
 
@@ -135,7 +156,7 @@ def parse_message(message: bytes, *, max_bytes: int, raw_commits: bool = False) 
     if raw_commits and _native is not None and type(message) is bytes and len(message) <= max_bytes and implementation.backend().name == "c":
         peeked = _native.commit_peek(message, _PEEK_MAX_OPS)
         if peeked is not None:
-            return RawCommit("#commit", peeked[0], peeked[1], peeked[3], {}, message, True, peeked[2], peeked[4])
+            return _raw_commit(peeked[0], peeked[1], peeked[3], message, peeked[2], peeked[4])
     frame = decode_frame(message, max_bytes=max_bytes)
     body = frame.body
     kind = frame.type

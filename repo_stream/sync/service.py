@@ -115,6 +115,7 @@ _GATHER: Final = 0.001
 _GROUP: Final = 256
 _MAX_ROOTS: Final = 100_000  # repos whose verified MST root is kept as bytes too (then forgotten at once)
 _Item = tuple[str, Any, Any, Any]
+_ACTIONS: Final[dict[str, Literal["create", "update", "delete"]]] = {"create": "create", "update": "update", "delete": "delete"}
 _Effect = Callable[[], Awaitable[None]] | None
 _Delivery = tuple["RecordEvent | RepoEvent | None", _Effect]
 SyncEvent = RecordEvent | RepoEvent
@@ -703,8 +704,14 @@ class Sync:
                         self._pending = effect
                         stats.delivered += 1
                         yield event
-                        if self._pending is not None:
-                            await self.ack()
+                        effect = self._pending
+                        if effect is not None:
+                            if self.sink is None:  # self.ack(), one coroutine less per event
+                                self._pending = None
+                                await effect()  # no await inside: nothing can cancel it half-way
+                                self._acks += 1
+                            else:
+                                await self.ack()
                     if self._acks >= self.commit_every:
                         self._commit()
                 self._close_marks()
@@ -903,20 +910,20 @@ class Sync:
         records: list[tuple[str, str | None]] = []
         ops: list[RecordOp] = []
         sink = self.sink
-        for op in commit.ops:
-            path = op.path
+        if sink is not None:
+            from ..backfill.sinks import RecordOp
+        # The ops as the tuples they are (action, path, cid, prev, value, block): no attribute
+        # lookups; a verified op's action is one of the three, mapped to its Literal.
+        for kind, path, link, _, text, block in commit.ops:
             collection, _, rkey = path.partition("/")
             if not every and not wanted(collection):
                 continue
-            kind = op.action
-            action: Literal["create", "update", "delete"] = "create" if kind == "create" else "update" if kind == "update" else "delete"
-            cid = None if op.cid is None else cid_text(op.cid.cid_bytes)
-            out.append((RecordEvent(did, rev_now, seq, action, collection, rkey, cid, live=True, value_text=op.value), None))
+            action = _ACTIONS[kind]
+            cid = None if link is None else cid_text(link.cid_bytes)
+            out.append((RecordEvent(did, rev_now, seq, action, collection, rkey, cid, live=True, value_text=text), None))
             records.append((path, cid))
             if sink is not None:
-                from ..backfill.sinks import RecordOp
-
-                ops.append(RecordOp(action, collection, rkey, cid, op.block))
+                ops.append(RecordOp(action, collection, rkey, cid, block))
         self.stats.live += len(out)
 
         async def applied(did: str = did, rev: str = rev_now, data: str = data_now, ops: list[RecordOp] = ops) -> None:

@@ -220,6 +220,10 @@ class VerifiedOp(NamedTuple, Generic[V]):
         return self.path.partition("/")[2]
 
 
+# VerifiedOp(*fields) without the named tuple's Python __new__ (the same tuple, made in C)
+_new_op: Callable[[type[VerifiedOp[Any]], tuple[Any, ...]], VerifiedOp[Any]] = tuple.__new__
+
+
 @dataclass(frozen=True, slots=True)
 class VerifiedCommit(Generic[V]):
     """A ``#commit`` event verified by :func:`verify_commit`.
@@ -267,6 +271,31 @@ class VerifiedCommit(Generic[V]):
                 for op in self.ops
             ],
         }
+
+
+_COMMIT_SLOTS: Final = tuple(getattr(VerifiedCommit, name).__set__ for name in VerifiedCommit.__slots__)
+
+
+def _verified_commit(
+    did: str, rev: str, since: str | None, data: Link, commit: Link, prev_data: Link | None, inverted: bool,
+    ops: tuple[VerifiedOp[Any], ...], seq: int | None, time: str | None,
+) -> VerifiedCommit[Any]:
+    """``VerifiedCommit(...)`` with its slots set directly: the same object, without the frozen
+    dataclass's ``__init__`` (one ``object.__setattr__`` call per field: ~1.4 us a commit, this
+    ~0.6 us)."""
+    result: VerifiedCommit[Any] = object.__new__(VerifiedCommit)
+    s_did, s_rev, s_since, s_data, s_commit, s_prev_data, s_inverted, s_ops, s_seq, s_time = _COMMIT_SLOTS
+    s_did(result, did)
+    s_rev(result, rev)
+    s_since(result, since)
+    s_data(result, data)
+    s_commit(result, commit)
+    s_prev_data(result, prev_data)
+    s_inverted(result, inverted)
+    s_ops(result, ops)
+    s_seq(result, seq)
+    s_time(result, time)
+    return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -489,10 +518,11 @@ def verify_commit(
         fast = _native.commit_event(message, check_keys, Link, MAX_OPS, MAX_BLOCKS_BYTES, DEFAULT_MAX_BLOCK_SIZE, DEFAULT_MAX_DEPTH)
     commit: Commit | None = None
     tree: tuple[list[bytes | RepoStreamError | None], bytes | RepoStreamError | None] | None = None
+    stamp: int | None
     if fast is not None:
         # blocks: only the records the ops name; tree: the tree work of step 6, done in the same
         # pass (over the CAR's bytes in place), its errors as values, raised below in order.
-        did, rev, since, commit_value, prev_data_value, seq, when, items, blocks, data, sig, unsigned, tree = fast
+        did, rev, since, commit_value, prev_data_value, seq, when, items, blocks, data, sig, unsigned, tree, stamp = fast
         where = f"#commit of {did} at rev {rev}"
         commit_cid = commit_value.cid_bytes
         prev_data = None if prev_data_value is None else prev_data_value.cid_bytes
@@ -503,9 +533,9 @@ def verify_commit(
             message, require_prev_data, check_keys, max_message_bytes
         )
         sig = commit.sig
+        stamp = tid_timestamp(rev)
 
-    # 4. The rev.
-    stamp = tid_timestamp(rev)
+    # 4. The rev (its TID's timestamp: read by the C pass, as tid_timestamp reads it).
     if stamp is None:
         raise InvalidRevError(f"{where}: rev {rev!r} is not a valid TID", did=did, rev=rev)
     clock = _time.time() if now is None else now
@@ -570,7 +600,7 @@ def verify_commit(
                     cid_link = Link(cid)
             if prev_link is None and op_prev is not None:
                 prev_link = Link(op_prev)
-            verified.append(VerifiedOp(action, path, cid_link, prev_link, value, block))
+            verified.append(_new_op(VerifiedOp, (action, path, cid_link, prev_link, value, block)))
         if prev_data is not None:
             if isinstance(got, RepoStreamError):
                 raise got
@@ -588,7 +618,7 @@ def verify_commit(
     except MstError as exc:
         raise MalformedTreeError(f"{where}: {exc}", did=did, rev=rev) from exc
 
-    result: VerifiedCommit[Any] = VerifiedCommit(
+    result: VerifiedCommit[Any] = _verified_commit(
         did,
         rev,
         since,
