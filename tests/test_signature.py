@@ -382,6 +382,8 @@ BAD_DID_KEYS = {
     "truncated point": (_multikey(b"\xe7\x01", K256_POINT[:-1]), "33-byte compressed point"),
     "bad point prefix": (_multikey(b"\xe7\x01", b"\x04" + K256_POINT[1:]), "33-byte compressed point"),
     "x not on curve": (_multikey(b"\x80\x24", b"\x02" + b"\xff" * 32), "not a point on secp256r1"),
+    # x = 5: 5^3 + 7 has no square root mod p (no point); read by libsecp256k1 first, then refused as above
+    "secp256k1 x not on curve": (_multikey(b"\xe7\x01", b"\x02" + (5).to_bytes(32, "big")), "not a point on secp256k1"),
 }
 
 
@@ -402,6 +404,58 @@ async def test_bad_did_key_through_verify_names_commit_and_key() -> None:
         with pytest.raises(SignatureError, match=message) as caught:
             written.verify_signature(did_key)
         assert f"commit {written.cid} of {DID}" in str(caught.value)
+
+
+@pytest.mark.parametrize("did_key, message", list(BAD_DID_KEYS.values()), ids=list(BAD_DID_KEYS))
+def test_bad_did_keys_give_verifying_key_the_same_error(did_key: str, message: str) -> None:
+    """verifying_key reads secp256k1 did:keys without cryptography: the same errors."""
+    from repo_stream.crypto.signature import verifying_key
+
+    with pytest.raises(SignatureError, match=message) as caught:
+        verifying_key(did_key)
+    with pytest.raises(SignatureError) as parsed:
+        parse_did_key(did_key)
+    assert str(caught.value) == str(parsed.value)
+
+
+def test_a_secp256k1_did_key_parsed_light_checks_as_the_full_key_does() -> None:
+    """A did:key parsed for checking (libsecp256k1 alone) has the same curve, did:key,
+    cryptography key (made when asked) and verdicts as one made from the cryptography key."""
+    from repo_stream.crypto.signature import VerifyingKey, verifying_key
+
+    private = ec.generate_private_key(ec.SECP256K1())
+    did_key = format_did_key(private.public_key())
+    light, full = verifying_key(did_key), VerifyingKey(parse_did_key(did_key), did_key)
+    assert light is verifying_key(did_key)  # cached
+    assert (light.curve, light.did_key) == (full.curve, full.did_key) == ("secp256k1", did_key)
+    data = b"the unsigned commit"
+    good = sign(private, data)
+    n = N["secp256k1"]
+    high = good[:32] + (n - int.from_bytes(good[32:], "big")).to_bytes(32, "big")
+    for sig in (good, high, good[:-1] + bytes([good[-1] ^ 1]), bytes(64), good[:63]):
+        for way in (sig, bytearray(sig)):
+            verdicts = []
+            for key in (light, full):
+                try:
+                    key.verify(data, way, where="w")
+                    verdicts.append("ok")
+                except SignatureError as exc:
+                    verdicts.append(str(exc))
+            assert verdicts[0] == verdicts[1], verdicts
+    assert light.public_key.public_bytes(Encoding.X962, PublicFormat.CompressedPoint) == private.public_key().public_bytes(
+        Encoding.X962, PublicFormat.CompressedPoint
+    )
+
+
+def test_verifying_key_keeps_more_secp256k1_keys_than_a_busy_stream_has_accounts() -> None:
+    """The parsed keys of 5,000 accounts stay cached (a firehose follower with more accounts
+    than the cache holds would parse a key, ~90 us, at nearly every event)."""
+    from repo_stream.crypto.signature import MAX_PARSED_K256, verifying_key
+
+    assert MAX_PARSED_K256 >= 32_768
+    keys = [format_did_key(ec.generate_private_key(ec.SECP256K1()).public_key()) for _ in range(5000)]
+    first = [verifying_key(k) for k in keys]
+    assert all(verifying_key(k) is v for k, v in zip(keys, first, strict=True))
 
 
 def test_keys_of_other_kinds_are_refused() -> None:

@@ -71,7 +71,30 @@ def parse_did_key(did_key: str) -> PublicKey:
     return _parse(did_key[len("did:key:") :], f"did:key {_short(did_key)}")
 
 
+def did_key_point(did_key: str) -> tuple[type[ec.EllipticCurve], bytes]:
+    """The curve and the 33-byte compressed point of a did:key, without reading the point: the
+    checks of :func:`parse_did_key` but the last (that the point is on the curve), with the same
+    errors.
+
+    Raises:
+        SignatureError: as :func:`parse_did_key`, except for a point not on its curve.
+    """
+    if not isinstance(did_key, str):
+        raise SignatureError(f"key of type {type(did_key).__name__}: expected a did:key string")
+    if not did_key.startswith("did:key:"):
+        raise SignatureError(f"key {_short(did_key)}: not a did:key (expected 'did:key:z...')")
+    return _point(did_key[len("did:key:") :], f"did:key {_short(did_key)}")
+
+
 def _parse(multikey: str, where: str) -> PublicKey:
+    curve, point = _point(multikey, where)
+    try:
+        return ec.EllipticCurvePublicKey.from_encoded_point(curve(), point)
+    except ValueError as exc:
+        raise SignatureError(f"{where}: not a point on {curve.name}: {exc}") from exc
+
+
+def _point(multikey: str, where: str) -> tuple[type[ec.EllipticCurve], bytes]:
     if not multikey.startswith("z"):
         raise SignatureError(f"{where}: not base58btc multibase (a Multikey starts with 'z')")
     try:
@@ -87,10 +110,7 @@ def _parse(multikey: str, where: str) -> PublicKey:
         raise SignatureError(f"{where}: multicodec {codec.name} (0x{codec.code:x}) is not an atproto key type (secp256k1-pub, p256-pub)")
     if len(point) != 33 or point[0] not in (2, 3):
         raise SignatureError(f"{where}: a {codec.name} key must be a 33-byte compressed point (02/03 + X), got {len(point)} bytes")
-    try:
-        return ec.EllipticCurvePublicKey.from_encoded_point(curve(), bytes(point))
-    except ValueError as exc:
-        raise SignatureError(f"{where}: not a point on {curve.name}: {exc}") from exc
+    return curve, bytes(point)
 
 
 def format_multikey(key: PublicKey) -> str:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from ..errors import SignatureError
-from .didkey import PublicKey, format_did_key, parse_did_key
+from .didkey import PublicKey, did_key_point, format_did_key, parse_did_key
 
 if TYPE_CHECKING:
     import coincurve
@@ -94,7 +94,7 @@ class VerifyingKey:
             kind = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
             raise SignatureError(f"cannot verify with a {kind} key; atproto keys are secp256k1 or P-256")
         self.curve: str = key.curve.name
-        self._key = key
+        self._key: PublicKey | None = key
         self._did_key = did_key
         self._order = CURVE_ORDERS[self.curve]
         self._fast: coincurve.PublicKey | None = None
@@ -109,12 +109,29 @@ class VerifyingKey:
     def did_key(self) -> str:
         """The key as a did:key string."""
         if self._did_key is None:
-            self._did_key = format_did_key(self._key)
+            self._did_key = format_did_key(self.public_key)
         return self._did_key
+
+    @classmethod
+    def _light(cls, did_key: str, fast: coincurve.PublicKey) -> VerifyingKey:
+        """The secp256k1 key of ``did_key`` from its coincurve key alone: its ``cryptography``
+        key is made when :attr:`public_key` is first read (it costs ~40 us and ~2 KB of OpenSSL
+        memory, and checking signatures never needs it)."""
+        self = cls.__new__(cls)
+        self.curve = "secp256k1"
+        self._key = None
+        self._did_key = did_key
+        self._order = CURVE_ORDERS["secp256k1"]
+        self._fast = fast
+        self._check = _k256_checker(fast)
+        return self
 
     @property
     def public_key(self) -> PublicKey:
         """The ``cryptography`` public key."""
+        if self._key is None:
+            assert self._fast is not None
+            self._key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), self._fast.format(compressed=True))
         return self._key
 
     def verify(self, data: bytes, sig: bytes, *, where: str = "signature") -> None:
@@ -153,7 +170,7 @@ class VerifyingKey:
             ok = _k256_verify(fast, sig, bytes(data))
         else:
             try:
-                self._key.verify(encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), bytes(data), _ECDSA_SHA256)
+                self.public_key.verify(encode_dss_signature(int.from_bytes(r, "big"), int.from_bytes(s, "big")), bytes(data), _ECDSA_SHA256)
                 ok = True
             except InvalidSignature:
                 ok = False
@@ -248,14 +265,45 @@ def _k256_verify(key: coincurve.PublicKey, sig: bytes, data: bytes) -> bool:
     return _k256_bound[0](key, sig, data)
 
 
-@functools.lru_cache(maxsize=4096)
+#: secp256k1 keys parsed from did:key strings kept at most (:func:`verifying_key`): ~1 KB each
+#: (~34 MB when full), so a sync service following many accounts re-parses a key (~80 us) only
+#: past this many.
+MAX_PARSED_K256: Final = 32_768
+#: P-256 keys parsed from did:key strings kept at most: ~3 KB each (OpenSSL's key).
+MAX_PARSED_P256: Final = 4096
+
+
+@functools.lru_cache(maxsize=MAX_PARSED_P256)
 def _parsed(did_key: str) -> VerifyingKey:
     return VerifyingKey(parse_did_key(did_key), did_key)
 
 
+@functools.lru_cache(maxsize=MAX_PARSED_K256)
+def _parsed_k256(did_key: str) -> VerifyingKey:
+    """A did:key that starts as secp256k1 ones do, parsed without ``cryptography`` (base58,
+    then libsecp256k1 reads the point); any other key, and a point libsecp256k1 refuses (for
+    :func:`parse_did_key`'s error), the usual way."""
+    curve, point = did_key_point(did_key)
+    if curve is ec.SECP256K1:
+        try:
+            fast = _k256_key(point)
+        except ValueError:  # not on the curve: parse_did_key says so
+            pass
+        else:
+            return VerifyingKey._light(did_key, fast)
+    return VerifyingKey(parse_did_key(did_key), did_key)
+
+
+def _k256_key(point: bytes) -> coincurve.PublicKey:
+    import coincurve
+
+    return coincurve.PublicKey(point)
+
+
 def verifying_key(key: str | PublicKey | VerifyingKey) -> VerifyingKey:
-    """A :class:`VerifyingKey` for a did:key string (parsed once: the last 4,096 key strings are
-    cached), a ``cryptography`` public key or a :class:`VerifyingKey` (returned as it is).
+    """A :class:`VerifyingKey` for a did:key string (parsed once: the last
+    :data:`MAX_PARSED_K256` secp256k1 and :data:`MAX_PARSED_P256` other key strings are cached),
+    a ``cryptography`` public key or a :class:`VerifyingKey` (returned as it is).
 
     Raises:
         SignatureError: the did:key cannot be parsed, or the key is not secp256k1 or P-256.
@@ -263,7 +311,8 @@ def verifying_key(key: str | PublicKey | VerifyingKey) -> VerifyingKey:
     if isinstance(key, VerifyingKey):
         return key
     if isinstance(key, str):
-        return _parsed(key)
+        # secp256k1 did:keys start "did:key:zQ3s" (the multicodec prefix e7 01 in base58btc)
+        return _parsed_k256(key) if key.startswith("did:key:zQ3s") else _parsed(key)
     return VerifyingKey(key)
 
 
