@@ -91,6 +91,9 @@ class RepoRow(NamedTuple):
     data: str | None
 
 
+_new_row: Final = tuple.__new__  # RepoRow(*fields) without its Python-level __new__
+
+
 class StateStore:
     """The state file (``path``; ``":memory:"`` for a test). Use as a context manager, or call
     :meth:`close`.
@@ -159,7 +162,7 @@ class StateStore:
         try:
             if self._dirty:
                 now = time.time()
-                self._db.executemany(_UPSERT_ROW, [(r.did, r.status, r.rev, r.data, now) for r in self._dirty.values()])
+                self._db.executemany(_UPSERT_ROW, [(*row, now) for row in self._dirty.values()])
                 self._dirty.clear()
             if self._records:
                 text = _json(self._records)
@@ -253,14 +256,20 @@ class StateStore:
         """Set the repo's status and, when given, its rev and data (tracking it if it was not)."""
         if status not in STATUSES:
             self._check(status)
-        old = self.get(did) if rev is None or data is None else None  # both given: nothing to keep
-        if old is not None:
-            rev = old.rev if rev is None else rev
-            data = old.data if data is None else data
-        row = RepoRow(did, status, rev, data)
-        self._cache(row)
-        self._dirty[did] = row
-        if len(self._dirty) >= MAX_PENDING:
+        if rev is None or data is None:  # both given: nothing to keep
+            old = self.get(did)
+            if old is not None:
+                rev = old.rev if rev is None else rev
+                data = old.data if data is None else data
+        row = _new_row(RepoRow, (did, status, rev, data))
+        rows = self._rows
+        if did in rows:
+            rows[did] = row
+        else:
+            self._cache(row)
+        dirty = self._dirty
+        dirty[did] = row
+        if len(dirty) >= MAX_PENDING:
             self.flush()
 
     def dids(self, status: str, after: str = "", limit: int = 1000) -> list[str]:
@@ -308,10 +317,12 @@ class StateStore:
     def put_records(self, did: str, records: list[tuple[str, str | None]]) -> None:
         """Store or remove (CID None) each ``(key, cid)`` of ``did`` (each key named once; a DID
         or key with a NUL character, never a repo's, is not stored)."""
-        held = self._records.get(did)
+        pending = self._records
+        held = pending.get(did)
         if held is None:
-            held = self._records[did] = {}
-        held.update(records)
+            pending[did] = dict(records)
+        else:
+            held.update(records)
         deleted = self._deleted.get(did)
         if deleted is not None:
             for key, cid in records:
@@ -322,7 +333,8 @@ class StateStore:
         else:
             for key, cid in records:
                 if cid is None:
-                    self._deleted.setdefault(did, {})[key] = True
+                    self._deleted[did] = {key: True for key, cid in records if cid is None}
+                    break
         self._held += len(records)
         if self._held >= MAX_PENDING:
             self.flush()
