@@ -19,18 +19,25 @@ records with an empty CID (:meth:`StateStore.fold_marks`), so a refetch sends ea
 committed, and a restart re-delivers it.
 
 Writes of repo rows and of record CIDs are kept in memory until the next commit (or
-:data:`MAX_PENDING` of them, or a read that needs them) and then written with one
-``executemany`` per table, the last write of each key winning; repo rows read are cached
-(:data:`MAX_CACHED_ROWS` at most), so following the firehose costs no SQL statement per event.
-Record CIDs are written by appending them to table ``changes(did, key, cid)`` (``cid`` NULL: a
-delete), a few new pages per commit, and folded into ``records`` in key order, the last change
-of each key winning, once :data:`MAX_CHANGES` are there or before ``records`` is read or written
-otherwise (and at open): each page of ``records`` is then written once per fold rather than once
-per commit that touches it. SQLite's page cache is 16 MiB.
+:data:`MAX_PENDING` of them, or a read that needs them) and then written, the last write of
+each key winning: the repo rows with one ``executemany``, the record CIDs as one row appended to
+table ``journal(id, batch)``, ``batch`` a JSON object ``{did: {key: cid or null}}`` (null: a
+delete; one SQL row and one JSON encoding per commit rather than one row per record, a few new
+pages per commit); repo rows read are cached (:data:`MAX_CACHED_ROWS` at most), so following
+the firehose costs no SQL statement per event. The journal is folded into ``records`` in key
+order (SQLite's JSON functions read it), the last change of each key winning, once
+:data:`MAX_CHANGES` are there or before ``records`` is read or written otherwise (and at open):
+each page of ``records`` is then written once per fold rather than once per commit that touches
+it. Files made before the journal hold the changes as a row each in table
+``changes(did, key, cid)``: they are folded at open and the table dropped. A new file has 16
+KiB pages; SQLite's page cache is 16 MiB, and the log (WAL, ``synchronous=NORMAL``: a commit
+survives the process being killed; an operating system crash may lose the last commits, never
+the file) is copied into the file every 64 MiB.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -45,12 +52,22 @@ __all__ = ["MAX_CACHED_ROWS", "MAX_CHANGES", "MAX_PENDING", "STATUSES", "RepoRow
 MAX_CACHED_ROWS: Final = 100_000
 #: Row and record writes held in memory at most before they are written (not committed).
 MAX_PENDING: Final = 20_000
-#: Record changes appended to table ``changes`` at most before they are folded into ``records``.
+#: Record changes written to table ``journal`` at most before they are folded into ``records``.
 MAX_CHANGES: Final = 100_000
-#: The last change of each key in ``changes`` (the latest appended wins).
-_LATEST: Final = (
+#: Every record change in ``journal``, one row each: ``did``, ``key``, ``cid`` (NULL: a delete) and
+#: ``b``, its batch (a key changes once in a batch: the latest batch wins).
+_FLAT: Final = "SELECT c.key AS did, r.key AS key, r.value AS cid, j.id AS b FROM journal AS j, json_each(j.batch) AS c, json_each(c.value) AS r"
+#: Remove the records of a JSON object ``{did: [key, ...]}``.
+_DELETE: Final = "DELETE FROM records WHERE (did, key) IN (SELECT c.key, r.value FROM json_each(?) AS c, json_each(c.value) AS r)"
+#: The last change of each key in ``journal``.
+_LATEST: Final = f"SELECT did, key, cid FROM (SELECT did, key, cid, row_number() OVER (PARTITION BY did, key ORDER BY b DESC) AS n FROM ({_FLAT})) WHERE n = 1"
+#: The last change of each key in table ``changes`` of files made before ``journal`` (the
+#: latest appended wins).
+_LATEST_V1: Final = (
     "SELECT did, key, cid FROM (SELECT did, key, cid, row_number() OVER (PARTITION BY did, key ORDER BY rowid DESC) AS n FROM changes) WHERE n = 1"
 )
+#: JSON text of a value, compact (the journal's batches).
+_json: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _UPSERT_ROW: Final = (
     "INSERT INTO repos (did, status, rev, data, updated) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT(did) DO UPDATE SET status = excluded.status, rev = COALESCE(excluded.rev, rev), "
@@ -74,6 +91,9 @@ class RepoRow(NamedTuple):
     data: str | None
 
 
+_new_row: Final = tuple.__new__  # RepoRow(*fields) without its Python-level __new__
+
+
 class StateStore:
     """The state file (``path``; ``":memory:"`` for a test). Use as a context manager, or call
     :meth:`close`.
@@ -86,13 +106,21 @@ class StateStore:
         self.path = str(path)
         try:
             self._db = sqlite3.connect(self.path, isolation_level="DEFERRED")
+            # 16 KiB pages for a new file (an existing one keeps its own): a commit writes
+            # fewer, fuller pages to the log, and a fold visits fewer.
+            self._db.execute("PRAGMA page_size=16384")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS repos (did TEXT PRIMARY KEY, status TEXT NOT NULL, rev TEXT, data TEXT, updated REAL)")
             self._db.execute("PRAGMA synchronous=NORMAL")
             # 16 MiB of page cache (records land all over the records table) and a checkpoint
-            # every 4,000 pages (16 MiB) of log rather than 1,000: fewer page reads and writes.
+            # every 64 MiB of log (SQLite's default is 1,000 pages): fewer page reads and writes.
             self._db.execute("PRAGMA cache_size=-16384")
-            self._db.execute("PRAGMA wal_autocheckpoint=4000")
+            # Deleted rows zeroed only where that costs no page write (some SQLite builds, as
+            # Debian's, zero every freed page: the journal and marks emptied would each be
+            # written again as zeros). The state holds public records' keys and CIDs.
+            self._db.execute("PRAGMA secure_delete=FAST")
+            page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+            self._db.execute(f"PRAGMA wal_autocheckpoint={(64 << 20) // page_size}")
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             for table in ("records", "staged"):
                 self._db.execute(f"CREATE TABLE IF NOT EXISTS {table} (did TEXT, key TEXT, cid TEXT NOT NULL, PRIMARY KEY (did, key)) WITHOUT ROWID")
@@ -101,16 +129,23 @@ class StateStore:
             # their (did, key) table: the same statements work on it.)
             self._db.execute("CREATE TABLE IF NOT EXISTS marks (did TEXT, key TEXT)")
             self._db.execute("CREATE TABLE IF NOT EXISTS buffer (did TEXT, seq INTEGER, message BLOB NOT NULL, PRIMARY KEY (did, seq)) WITHOUT ROWID")
-            self._db.execute("CREATE TABLE IF NOT EXISTS changes (did TEXT NOT NULL, key TEXT NOT NULL, cid TEXT)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY, batch TEXT NOT NULL)")
+            try:
+                self._db.execute("SELECT json_valid('{}')").fetchone()
+            except sqlite3.OperationalError:
+                raise DiskError(
+                    f"sync state {self.path}: the SQLite library (version {sqlite3.sqlite_version}) has no JSON functions (built in from 3.38 on)"
+                ) from None
             self._changes = 0
-            self._deleted: dict[tuple[str, str], bool] = {}  # (did, key) deleted since the fold -> its last change is a delete
+            self._deleted: dict[str, dict[str, bool]] = {}  # did -> key deleted since the fold -> its last change is a delete
             self._fold_left()
             self._db.commit()
         except sqlite3.Error as exc:
             raise DiskError(f"sync state {self.path}: {exc}") from None
         self._rows: dict[str, RepoRow] = {}  # cache: did -> its row as written last
         self._dirty: dict[str, RepoRow] = {}  # rows set since the last flush
-        self._records: dict[tuple[str, str], str | None] = {}  # (did, key) -> CID (None: delete) since the last flush
+        self._records: dict[str, dict[str, str | None]] = {}  # did -> key -> CID (None: delete) since the last flush
+        self._held = 0  # record changes in self._records
 
     def __enter__(self) -> Self:
         return self
@@ -131,53 +166,53 @@ class StateStore:
         try:
             if self._dirty:
                 now = time.time()
-                self._db.executemany(_UPSERT_ROW, [(r.did, r.status, r.rev, r.data, now) for r in self._dirty.values()])
+                self._db.executemany(_UPSERT_ROW, [(*row, now) for row in self._dirty.values()])
                 self._dirty.clear()
             if self._records:
-                records = self._records
-                deleted = self._deleted
-                if deleted or None in records.values():
-                    for key, cid in records.items():
-                        if cid is None:
-                            deleted[key] = True
-                        elif key in deleted:
-                            deleted[key] = False
-                self._db.executemany("INSERT INTO changes (did, key, cid) VALUES (?, ?, ?)", [(did, key, cid) for (did, key), cid in records.items()])
-                self._changes += len(records)
-                records.clear()
+                text = _json(self._records)
+                if "\\u0000" in text:  # a NUL in a DID or key (never a repo's): not stored (SQLite's JSON strings end at NUL)
+                    text = _json({did: {k: c for k, c in held.items() if "\0" not in k} for did, held in self._records.items() if "\0" not in did})
+                self._db.execute("INSERT INTO journal (batch) VALUES (?)", (text,))
+                self._changes += self._held
+                self._records = {}
+                self._held = 0
                 if self._changes >= MAX_CHANGES:
                     self._fold()
         except sqlite3.Error as exc:
             raise DiskError(f"sync state {self.path}: {exc}") from None
 
     def _fold(self) -> None:
-        """Apply the record changes appended to ``changes`` to ``records`` (not committed): the
-        CIDs in key order, the last change of each key winning, then the keys whose last change
-        is a delete (noted as they are written); then empty ``changes``."""
+        """Apply the record changes in ``journal`` to ``records`` (not committed): the CIDs in
+        key order, the last change of each key winning, then the keys whose last change is a
+        delete (noted as they are written), in key order; then empty ``journal``."""
         if not self._changes:
             return
         self._db.execute(
-            "INSERT INTO records (did, key, cid) SELECT did, key, cid FROM changes WHERE cid IS NOT NULL ORDER BY did, key, rowid "
+            f"INSERT INTO records (did, key, cid) SELECT did, key, cid FROM ({_FLAT}) WHERE cid IS NOT NULL ORDER BY did, key, b "
             "ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
         )
-        gone = [key for key, last in self._deleted.items() if last]
-        if gone:
-            self._db.executemany("DELETE FROM records WHERE did = ? AND key = ?", gone)
-        self._db.execute("DELETE FROM changes")
+        gone = {did: [key for key, last in keys.items() if last and "\0" not in key] for did, keys in self._deleted.items() if "\0" not in did}
+        if any(gone.values()):
+            self._db.execute(_DELETE, (_json(gone),))
+        self._db.execute("DELETE FROM journal")
         self._changes = 0
         self._deleted.clear()
 
     def _fold_left(self) -> None:
         """At open: fold the changes an earlier run committed and did not fold (the last change
-        of each key found in SQL, as the deletes were noted by that run)."""
-        if self._db.execute("SELECT 1 FROM changes LIMIT 1").fetchone() is None:
-            return
-        self._db.execute(
-            f"INSERT INTO records (did, key, cid) SELECT did, key, cid FROM ({_LATEST}) WHERE cid IS NOT NULL ORDER BY did, key "
-            "ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
-        )
-        self._db.execute(f"DELETE FROM records WHERE (did, key) IN (SELECT did, key FROM ({_LATEST}) WHERE cid IS NULL)")
-        self._db.execute("DELETE FROM changes")
+        of each key found in SQL, as the deletes were noted by that run); a file made before
+        table ``journal`` has them in table ``changes`` (a row per change), dropped then."""
+        db = self._db
+        for latest, table in ((_LATEST_V1, "changes"), (_LATEST, "journal")):
+            if table == "changes" and db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone() is None:
+                continue
+            if db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is not None:
+                db.execute(
+                    f"INSERT INTO records (did, key, cid) SELECT did, key, cid FROM ({latest}) WHERE cid IS NOT NULL ORDER BY did, key "
+                    "ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid"
+                )
+                db.execute(f"DELETE FROM records WHERE (did, key) IN (SELECT did, key FROM ({latest}) WHERE cid IS NULL)")
+            db.execute("DROP TABLE changes" if table == "changes" else "DELETE FROM journal")
 
     def _settle(self) -> None:
         """Write what is held in memory and fold the record changes: ``records`` is then current."""
@@ -225,14 +260,20 @@ class StateStore:
         """Set the repo's status and, when given, its rev and data (tracking it if it was not)."""
         if status not in STATUSES:
             self._check(status)
-        old = self.get(did) if rev is None or data is None else None  # both given: nothing to keep
-        if old is not None:
-            rev = old.rev if rev is None else rev
-            data = old.data if data is None else data
-        row = RepoRow(did, status, rev, data)
-        self._cache(row)
-        self._dirty[did] = row
-        if len(self._dirty) >= MAX_PENDING:
+        if rev is None or data is None:  # both given: nothing to keep
+            old = self.get(did)
+            if old is not None:
+                rev = old.rev if rev is None else rev
+                data = old.data if data is None else data
+        row = _new_row(RepoRow, (did, status, rev, data))
+        rows = self._rows
+        if did in rows:
+            rows[did] = row
+        else:
+            self._cache(row)
+        dirty = self._dirty
+        dirty[did] = row
+        if len(dirty) >= MAX_PENDING:
             self.flush()
 
     def dids(self, status: str, after: str = "", limit: int = 1000) -> list[str]:
@@ -269,9 +310,7 @@ class StateStore:
         """Store (``cid`` given) or remove (None) the record ``key`` of ``did``; ``staged``: in
         the staging table (see :meth:`unstage`)."""
         if not staged:
-            self._records[(did, key)] = cid
-            if len(self._records) >= MAX_PENDING:
-                self.flush()
+            self.put_records(did, [(key, cid)])
             return
         table = "staged"
         if cid is None:
@@ -280,11 +319,28 @@ class StateStore:
             self._run(f"INSERT INTO {table} (did, key, cid) VALUES (?, ?, ?) ON CONFLICT(did, key) DO UPDATE SET cid = excluded.cid", (did, key, cid))
 
     def put_records(self, did: str, records: list[tuple[str, str | None]]) -> None:
-        """Store or remove (CID None) each ``(key, cid)`` of ``did`` (each key named once)."""
+        """Store or remove (CID None) each ``(key, cid)`` of ``did`` (each key named once; a DID
+        or key with a NUL character, never a repo's, is not stored)."""
         pending = self._records
-        for key, cid in records:
-            pending[(did, key)] = cid
-        if len(pending) >= MAX_PENDING:
+        held = pending.get(did)
+        if held is None:
+            pending[did] = dict(records)
+        else:
+            held.update(records)
+        deleted = self._deleted.get(did)
+        if deleted is not None:
+            for key, cid in records:
+                if cid is None:
+                    deleted[key] = True
+                elif key in deleted:
+                    deleted[key] = False
+        else:
+            for key, cid in records:
+                if cid is None:
+                    self._deleted[did] = {key: True for key, cid in records if cid is None}
+                    break
+        self._held += len(records)
+        if self._held >= MAX_PENDING:
             self.flush()
 
     def mark(self, keys: list[tuple[str, str]]) -> None:
