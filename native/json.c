@@ -562,3 +562,107 @@ fail:
     rs_json_out_free(j);
     return NULL;
 }
+
+/* --- record_line: a sync RecordEvent's JSON line ---------------------------------------------- */
+
+/* The length of s if every character is printable ASCII other than '"' and '\\' (written as it
+ * is in a JSON string), else -1 (the caller falls back to the Python way, which escapes). */
+static Py_ssize_t plain_ascii(PyObject *s) {
+    if (!PyUnicode_CheckExact(s) || !PyUnicode_IS_ASCII(s)) return -1;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    const uint8_t *p = PyUnicode_1BYTE_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (p[i] < 0x20 || p[i] == 0x7f || p[i] == '"' || p[i] == '\\') return -1;
+    return n;
+}
+
+/* record_line(did, rev, seq, action, collection, rkey, cid, value_text, live): the line
+ * RecordEvent.to_json_line makes (repo_stream/sync/follow.py, the reference), or None when an
+ * argument is not the usual kind (a str needing an escape, seq not an int of 64 bits or None, cid
+ * not a str or None, value_text not a str, live not a bool): the caller then makes it in Python.
+ * Only reads its arguments; runs no Python code. */
+PyObject *rs_record_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 9) {
+        PyErr_Format(PyExc_TypeError, "record_line() takes 9 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *did = args[0], *rev = args[1], *seq = args[2], *action = args[3], *collection = args[4], *rkey = args[5], *cid = args[6],
+             *value = args[7], *live = args[8];
+    Py_ssize_t n_did = plain_ascii(did), n_rev = plain_ascii(rev), n_action = plain_ascii(action), n_collection = plain_ascii(collection),
+               n_rkey = plain_ascii(rkey), n_cid = cid == Py_None ? 0 : plain_ascii(cid);
+    if (n_did < 0 || n_rev < 0 || n_action < 0 || n_collection < 0 || n_rkey < 0 || n_cid < 0) Py_RETURN_NONE;
+    if (!PyUnicode_CheckExact(value) || !PyBool_Check(live)) Py_RETURN_NONE;
+    char seq_text[24] = "null";
+    if (seq != Py_None) {
+        if (!PyLong_CheckExact(seq)) Py_RETURN_NONE;
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(seq, &overflow);
+        if (overflow != 0 || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        snprintf(seq_text, sizeof seq_text, "%lld", v);
+    }
+    /* The ASCII head up to "value": and the tail after the value, built in C buffers; each
+     * piece's length is bounded by its str's (checked above), so the sums cannot overflow
+     * Py_ssize_t by more than a constant: checked against PY_SSIZE_T_MAX / 2 below. */
+    Py_ssize_t n_value = PyUnicode_GET_LENGTH(value);
+    if (n_did > PY_SSIZE_T_MAX / 16 || n_rev > PY_SSIZE_T_MAX / 16 || n_action > PY_SSIZE_T_MAX / 16 || n_collection > PY_SSIZE_T_MAX / 16 ||
+        n_rkey > PY_SSIZE_T_MAX / 16 || n_cid > PY_SSIZE_T_MAX / 16 || n_value > PY_SSIZE_T_MAX / 16)
+        Py_RETURN_NONE;
+    const char *tail = live == Py_True ? ",\"live\":true}\n" : ",\"live\":false}\n";
+    Py_ssize_t n_tail = (Py_ssize_t)strlen(tail), n_seq = (Py_ssize_t)strlen(seq_text);
+    /* {"did":"D","rev":"R","seq":S,"action":"A","collection":"C","rkey":"K","cid":"X"|null,"value": */
+    Py_ssize_t n_head = 8 + n_did + 9 + n_rev + 8 + n_seq + 11 + n_action + 16 + n_collection + 10 + n_rkey + 8 + (cid == Py_None ? 4 : n_cid + 2) + 9;
+    Py_UCS4 maxchar = PyUnicode_MAX_CHAR_VALUE(value);
+    if (maxchar < 127) maxchar = 127;
+    PyObject *line = PyUnicode_New(n_head + n_value + n_tail, maxchar);
+    if (line == NULL) return NULL;
+    int kind = PyUnicode_KIND(line);
+    void *data = PyUnicode_DATA(line);
+    Py_ssize_t at = 0;
+    /* ASCII pieces: copied as they are into a one-byte string, widened one by one otherwise */
+#define PUT_N(p, n)                                                                                \
+    do {                                                                                           \
+        const uint8_t *s_ = (const uint8_t *)(p);                                                  \
+        Py_ssize_t n_ = (n);                                                                       \
+        if (kind == PyUnicode_1BYTE_KIND)                                                          \
+            memcpy((uint8_t *)data + at, s_, (size_t)n_);                                          \
+        else                                                                                       \
+            for (Py_ssize_t i_ = 0; i_ < n_; i_++) PyUnicode_WRITE(kind, data, at + i_, (Py_UCS4)s_[i_]); \
+        at += n_;                                                                                  \
+    } while (0)
+#define PUT_C(text) PUT_N(text, (Py_ssize_t)strlen(text))
+#define PUT_S(obj, n) PUT_N(PyUnicode_1BYTE_DATA(obj), n)
+    PUT_C("{\"did\":\"");
+    PUT_S(did, n_did);
+    PUT_C("\",\"rev\":\"");
+    PUT_S(rev, n_rev);
+    PUT_C("\",\"seq\":");
+    PUT_C(seq_text);
+    PUT_C(",\"action\":\"");
+    PUT_S(action, n_action);
+    PUT_C("\",\"collection\":\"");
+    PUT_S(collection, n_collection);
+    PUT_C("\",\"rkey\":\"");
+    PUT_S(rkey, n_rkey);
+    if (cid == Py_None) {
+        PUT_C("\",\"cid\":null,\"value\":");
+    } else {
+        PUT_C("\",\"cid\":\"");
+        PUT_S(cid, n_cid);
+        PUT_C("\",\"value\":");
+    }
+    if (PyUnicode_CopyCharacters(line, at, value, 0, n_value) < 0) {
+        Py_DECREF(line);
+        return NULL;
+    }
+    at += n_value;
+    PUT_C(tail);
+#undef PUT_N
+#undef PUT_C
+#undef PUT_S
+    assert(at == n_head + n_value + n_tail);
+    return line;
+}

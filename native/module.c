@@ -199,6 +199,7 @@ static PyObject *trim_memory(PyObject *self, PyObject *unused) {
 PyObject *rs_transcode_json(PyObject *self, PyObject *block); /* json.c */
 PyObject *rs_arrow_batch(PyObject *self, PyObject *args);      /* arrow.c */
 PyObject *rs_pg_copy_rows(PyObject *self, PyObject *args);     /* json.c */
+PyObject *rs_record_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* json.c */
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
@@ -218,6 +219,10 @@ static PyMethodDef methods[] = {
      "sha256_lanes()\n--\n\nThe most messages the core hashes side by side on this CPU: 16, 8 or 1."},
     {"trim_memory", trim_memory, METH_NOARGS,
      "trim_memory()\n--\n\nHand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."},
+    {"record_line", (PyCFunction)(void (*)(void))rs_record_line, METH_FASTCALL,
+     "record_line(did, rev, seq, action, collection, rkey, cid, value_text, live)\n--\n\nA sync RecordEvent's JSON line, "
+     "as repo_stream.sync.follow.RecordEvent.to_json_line makes it, or None when an argument is not the usual kind (a "
+     "string needing an escape, a seq beyond 64 bits...): the caller makes it in Python then."},
     {"transcode_json", rs_transcode_json, METH_O,
      "transcode_json(block)\n--\n\nA record block (strict DAG-CBOR) as its atproto JSON text (see "
      "repo_stream.records.json_text.transcode_json)."},

@@ -29,8 +29,10 @@ class Backend:
     :class:`repo_stream.core.blocks.MemoryBlocks` and :class:`repo_stream.core.walk.Walker`; and the spill
     store's sorted runs, :func:`repo_stream.core.runs.pack_run` and ``RunMerge`` (whose ``index()``
     gives a ``RunIndex``), the same bytes from both; ``transcode_json(block) -> str``, a record
-    block as its atproto JSON text (:mod:`repo_stream.records.json_text`); and ``cid_text(raw) ->
-    str``, a binary CID's usual text (:func:`repo_stream.core.cid.cid_text`)."""
+    block as its atproto JSON text (:mod:`repo_stream.records.json_text`); ``cid_text(raw) ->
+    str``, a binary CID's usual text (:func:`repo_stream.core.cid.cid_text`); and
+    ``record_line``, a sync record event's JSON line made in C (``None`` for the reference, which
+    makes it in Python: :meth:`repo_stream.sync.follow.RecordEvent.to_json_line`)."""
 
     name: str
     CarParser: Any
@@ -40,6 +42,7 @@ class Backend:
     RunMerge: Any
     transcode_json: Any
     cid_text: Any
+    record_line: Any = None
 
 
 def _python_transcode_json(block: bytes) -> str:
@@ -61,7 +64,7 @@ except ImportError as exc:  # not built (or not loadable): the reference runs
     NATIVE_IMPORT_ERROR = str(exc) or type(exc).__name__
 else:
     _native.setup(messages=messages, not_a_node=blocks.NOT_A_NODE, cid_text=cid.cid_text)
-    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge, _native.transcode_json, _native.cid_text)
+    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge, _native.transcode_json, _native.cid_text, _native.record_line)
 
 _BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
 _active: Backend = PYTHON if C is None or PURE_PYTHON_ASKED else C

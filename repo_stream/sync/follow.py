@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..core.implementation import backend as _backend
 from ..errors import CommitVerifyError, IdentityError, OutOfSyncError
 from ..firehose import Event, Firehose, KeyCache
 from ..records.values import JsonValue
@@ -156,18 +157,28 @@ class RecordEvent:
     def to_json_line(self) -> str:
         """:meth:`to_json` as one line of compact JSON text and a newline: equal to
         ``json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":")) + "\\n"``, made
-        from ``value_text`` when the event has it (no Python object per value)."""
+        from ``value_text`` when the event has it (no Python object per value); in C when the C
+        core is in use and the fields need no escaping (:func:`record_line` otherwise)."""
         text = self.value_text
         if text is None:
             value = self._value
             text = "null" if value is None else _compact(value) if value is not _UNSET else "null"
-        seq = self.seq
-        cid = self.cid
-        return (
-            f'{{"did":{_text(self.did)},"rev":{_text(self.rev)},"seq":{"null" if seq is None else int(seq)},'
-            f'"action":{_text(self.action)},"collection":{_text(self.collection)},"rkey":{_text(self.rkey)},'
-            f'"cid":{"null" if cid is None else _text(cid)},"value":{text},"live":{"true" if self.live else "false"}}}\n'
-        )
+        fast = _backend().record_line
+        if fast is not None:
+            line: str | None = fast(self.did, self.rev, self.seq, self.action, self.collection, self.rkey, self.cid, text, self.live)
+            if line is not None:
+                return line
+        return record_line(self.did, self.rev, self.seq, self.action, self.collection, self.rkey, self.cid, text, self.live)
+
+
+def record_line(did: str, rev: str, seq: int | None, action: str, collection: str, rkey: str, cid: str | None, value_text: str, live: bool) -> str:
+    """A record event's JSON line (:meth:`RecordEvent.to_json_line`), ``value_text`` its value's
+    JSON text: the reference the C core's ``record_line`` gives byte for byte."""
+    return (
+        f'{{"did":{_text(did)},"rev":{_text(rev)},"seq":{"null" if seq is None else int(seq)},'
+        f'"action":{_text(action)},"collection":{_text(collection)},"rkey":{_text(rkey)},'
+        f'"cid":{"null" if cid is None else _text(cid)},"value":{value_text},"live":{"true" if live else "false"}}}\n'
+    )
 
 
 @dataclass(frozen=True, slots=True)
