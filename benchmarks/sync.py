@@ -1,6 +1,9 @@
 """The sync service (repo_stream.sync.Sync): a pipeline replay and a backfill-then-follow run.
 
-Two figures, each way in its own fresh process (peak RSS is its own), the servers in another:
+Two figures, each way in its own fresh process (peak RSS is its own), the servers in another.
+The replay runs each way ``--rounds`` times (default 3), alternated, and reports the medians and
+the round-by-round ratio: on a shared machine the speed of a core drifts by tens of percent from
+one minute to the next, and the ratio of runs made side by side drifts far less.
 
 ``--part replay`` (default ``--events 50000``): the ``#commit`` stream of
 ``benchmarks/firehose.py`` (generated once, cached under ``.cache/``: 500 accounts, 1-10 ops per
@@ -11,7 +14,8 @@ event) served over loopback WebSocket by the tests' server, with a PLC directory
   continuity, the state (record CIDs, rev, root, cursor) in SQLite, and each event written as its
   JSON line (``event.to_json_line()``: compact JSON, the record value as the C transcoder's
   text) to a buffered file (``/dev/null``). ``verify_commit``'s own CPU time is measured around
-  each call and reported apart (the rest is the pipeline: WebSocket, decode, state, JSON).
+  each call in one more run, reported apart (the rest is the pipeline: WebSocket, decode,
+  state, JSON); the clock reads are not in the rounds' figures.
 - ``sdk``: the atproto Python SDK's firehose client (``AsyncFirehoseSubscribeReposClient``):
   ``parse_subscribe_repos_message``, ``CAR.from_bytes`` of the blocks, each op's record looked up
   and written as JSON (``json.dumps(..., default=str)``). It verifies nothing and keeps no state.
@@ -26,7 +30,7 @@ then, once the producer stops, that every repo's stored rev is its final one.
 
 Usage::
 
-    .venv/bin/python benchmarks/sync.py [--part replay|backfill|both] [--events 50000] [--repos 1000] [--rate 300]
+    .venv/bin/python benchmarks/sync.py [--part replay|backfill|both] [--events 50000] [--rounds 3] [--repos 1000] [--rate 300]
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import os
 import random
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,7 +86,7 @@ def replay_server(path: str) -> None:
         sys.stdin.read()
 
 
-def replay_sync(path: str, ws: int, http: int, events: int, timed_state: bool = False) -> dict[str, Any]:
+def replay_sync(path: str, ws: int, http: int, events: int, timed_state: bool = False, timed_verify: bool = False) -> dict[str, Any]:
     import anyio
 
     from repo_stream.sync import Sync
@@ -96,14 +101,15 @@ def replay_sync(path: str, ws: int, http: int, events: int, timed_state: bool = 
         state.commit()
     out = open(os.devnull, "w", buffering=1 << 16)
     count = 0
-    # verify_commit's own CPU time, measured around each call (two clock reads, ~1 us), so the
-    # rest of the pipeline can be reported apart from it.
+    # With ``timed_verify`` (--verify-cpu), verify_commit's own CPU time, measured around each
+    # call (two clock reads and a wrapper, ~1.5 us an event, counted in cpu: the events per CPU
+    # second are read from runs without it), so the rest of the pipeline can be told apart.
     import repo_stream.sync.service as service
 
     real_verify = service.verify_commit
     verify_cpu = 0.0
 
-    def timed_verify(*a: Any, **k: Any) -> Any:
+    def timed_verify_commit(*a: Any, **k: Any) -> Any:
         nonlocal verify_cpu
         t0 = time.process_time()
         try:
@@ -111,7 +117,8 @@ def replay_sync(path: str, ws: int, http: int, events: int, timed_state: bool = 
         finally:
             verify_cpu += time.process_time() - t0
 
-    service.verify_commit = timed_verify  # type: ignore[assignment]
+    if timed_verify:
+        service.verify_commit = timed_verify_commit  # type: ignore[assignment]
 
     # With ``timed_state`` (--state-cpu), the state file's own CPU time (StateStore), measured
     # the same way around each call of its methods from outside it (a call from one method to
@@ -159,7 +166,7 @@ def replay_sync(path: str, ws: int, http: int, events: int, timed_state: bool = 
     stats = anyio.run(run)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     out.close()
-    return {"way": "sync", "events": stats.commits, "records": count, "broken": stats.broken, "wall": wall, "cpu": cpu, "verify_cpu": verify_cpu, **({"state_cpu": state_cpu, "state_calls": state_calls} if timed_state else {}), "rss": peak_rss_mib()}
+    return {"way": "sync", "events": stats.commits, "records": count, "broken": stats.broken, "wall": wall, "cpu": cpu, **({"verify_cpu": verify_cpu} if timed_verify else {}), **({"state_cpu": state_cpu, "state_calls": state_calls} if timed_state else {}), "rss": peak_rss_mib()}
 
 
 def replay_sdk(path: str, ws: int, http: int, events: int) -> dict[str, Any]:
@@ -205,22 +212,47 @@ def part_replay(args: argparse.Namespace) -> None:
     try:
         assert server.stdout is not None
         ws, http = server.stdout.readline().split()
-        rows = []
-        for way in args.ways.split(","):
+        def child(way: str, *extra: str) -> dict[str, Any]:
             done = subprocess.run(
-                [sys.executable, __file__, "--child", f"replay-{way}", "--path", str(path), "--ws", ws, "--http", http, "--events", str(args.events)],
+                [sys.executable, __file__, "--child", f"replay-{way}", "--path", str(path), "--ws", ws, "--http", http, "--events", str(args.events), *extra],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+        # The ways alternate, round after round, so that they meet the same minutes of a shared
+        # machine; then one sync run timing verify_commit apart (its clock reads cost ~1.5 us an
+        # event: not in the rounds).
+        ways = args.ways.split(",")
+        runs: dict[str, list[dict[str, Any]]] = {way: [] for way in ways}
+        for _ in range(args.rounds):
+            for way in ways:
+                runs[way].append(child(way))
+        timed = child("sync", "--verify-cpu") if "sync" in ways else None
     finally:
         server.kill()
-    print(f"\nReplay of {args.events:,} #commit events ({args.accounts} accounts) over loopback WebSocket:\n")
-    print("| way | events | records out | wall s | CPU s | events/s per CPU s | verify_commit CPU s | events/s per CPU s without it | peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        verify = r.get("verify_cpu")
-        rest = "" if verify is None else f"{verify:.1f} | {r['events'] / (r['cpu'] - verify):,.0f}"
-        print(f"| {r['way']} | {r['events']:,} | {r['records']:,} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['events'] / r['cpu']:,.0f} | {rest or ' | '} | {r['rss']:.0f} |")
+
+    def rate(r: dict[str, Any]) -> float:
+        return float(r["events"] / r["cpu"])
+
+    print(f"\nReplay of {args.events:,} #commit events ({args.accounts} accounts) over loopback WebSocket, {args.rounds} round(s), medians:\n")
+    print("| way | events | records out | wall s | CPU s | events/s per CPU s | range | peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for way, rows in runs.items():
+        rates = sorted(rate(r) for r in rows)
+        print(
+            f"| {way} | {rows[0]['events']:,} | {rows[0]['records']:,} | {statistics.median(r['wall'] for r in rows):.1f} | "
+            f"{statistics.median(r['cpu'] for r in rows):.1f} | {statistics.median(rates):,.0f} | {rates[0]:,.0f}-{rates[-1]:,.0f} | "
+            f"{max(r['rss'] for r in rows):.0f} |"
+        )
+    if "sync" in runs and "sdk" in runs:
+        ratios = sorted(rate(a) / rate(b) for a, b in zip(runs["sync"], runs["sdk"], strict=True))
+        print(f"\nsync / sdk, round by round: median {statistics.median(ratios):.2f} (range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    if timed is not None:
+        verify = timed["verify_cpu"]
+        print(
+            f"verify_commit (one more sync run, timed apart): {verify:.1f} of {timed['cpu']:.1f} CPU s ({verify / timed['cpu']:.0%}); "
+            f"the rest of the pipeline alone: {timed['events'] / (timed['cpu'] - verify):,.0f} events per CPU s"
+        )
 
 
 # ------------------------------------------------------------------------------ backfill
@@ -429,13 +461,15 @@ def main() -> None:
     parser.add_argument("--finals", default="")
     parser.add_argument("--ws", type=int, default=0)
     parser.add_argument("--http", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="replay: runs of each way, alternated (medians reported)")
+    parser.add_argument("--verify-cpu", action="store_true", help="replay-sync child: also time verify_commit (verify_cpu; ~1.5 us an event)")
     parser.add_argument("--state-cpu", action="store_true", help="replay-sync child: also time the StateStore's methods (state_cpu; adds ~1 us a call)")
     args = parser.parse_args()
     if args.child == "replay-server":
         replay_server(args.path)
     elif args.child in ("replay-sync", "replay-sdk"):
         if args.child == "replay-sync":
-            print(json.dumps(replay_sync(args.path, args.ws, args.http, args.events, args.state_cpu)))
+            print(json.dumps(replay_sync(args.path, args.ws, args.http, args.events, args.state_cpu, args.verify_cpu)))
         else:
             print(json.dumps(replay_sdk(args.path, args.ws, args.http, args.events)))
     elif args.child == "backfill-server":
