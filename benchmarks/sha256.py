@@ -76,6 +76,7 @@ def sha256_rates(mod: ModuleType) -> dict[str, float]:
 def commit_event_us(mod: ModuleType, events: int) -> float:
     """Microseconds per event of mod.commit_event over the first `events` messages (median of 5)."""
     from firehose import load
+
     from repo_stream.records.values import Link
     from repo_stream.sync.verify import DEFAULT_MAX_BLOCK_SIZE, DEFAULT_MAX_DEPTH, MAX_BLOCKS_BYTES, MAX_OPS
 

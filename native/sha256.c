@@ -392,8 +392,8 @@ int rs_sha256_lanes(void) {
 void rs_sha256_many(size_t n, const uint8_t *const *data, const size_t *len, uint8_t (*out)[32], int lanes) {
     if (lanes <= 0 || lanes > rs_sha256_lanes()) lanes = rs_sha256_lanes();
 #ifdef RS_SHA_NI
-    /* One message at a time with the SHA extensions beats the vector lanes but on short messages
-     * (~1 us per KiB against ~1.2; a 30-byte key ~0.2 us against ~0.12): blocks go one by one. */
+    /* The SHA extensions (two messages at a time) beat the vector lanes but on short messages
+     * (~1 us per KiB against ~1.2; a 30-byte key ~0.2 us against ~0.12): blocks go two by two. */
     if (lanes > 1 && have_sha_ni()) {
         size_t total = 0;
         for (size_t i = 0; i < n; i++) total += len[i];
@@ -410,5 +410,7 @@ void rs_sha256_many(size_t n, const uint8_t *const *data, const size_t *len, uin
         return;
     }
 #endif
-    for (size_t i = 0; i < n; i++) rs_sha256(data[i], len[i], out[i]);
+    size_t i = 0;
+    for (; i + 1 < n; i += 2) rs_sha256_x2(data[i], len[i], data[i + 1], len[i + 1], out[i], out[i + 1]);
+    if (i < n) rs_sha256(data[i], len[i], out[i]);
 }
