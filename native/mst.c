@@ -191,43 +191,6 @@ static int key_layer_of(Bytes key) {
 
 /* --- loading a node ---------------------------------------------------------------------------- */
 
-#define LAYERS_AHEAD 32
-#define LAYERS_AHEAD_BYTES 4096
-/* The layers of a node's first entries, hashed two at a time ahead of rs_node_key (which checks
- * each key in order, and hashes alone any entry not done here): keys built as rs_node_key builds
- * them from the empty key, stopping before one whose prefix it refuses or that does not fit in
- * `buf` (LAYERS_AHEAD_BYTES). Returns how many entries have their layer in layers[]. */
-static size_t layers_ahead(const RsNodeEntry *entries, size_t count, uint8_t *buf, int layers[LAYERS_AHEAD]) {
-    const uint8_t *data[LAYERS_AHEAD];
-    size_t lens[LAYERS_AHEAD], prev_len = 0, used = 0, n = 0;
-    const uint8_t *prev = buf;
-    for (; n < LAYERS_AHEAD && n < count; n++) {
-        const RsNodeEntry *e = &entries[n];
-        if (e->neg || e->p > prev_len || e->k_len > LAYERS_AHEAD_BYTES) break;
-        size_t key_len = (size_t)e->p + e->k_len;
-        if (key_len > LAYERS_AHEAD_BYTES - used) break;
-        uint8_t *key = buf + used;
-        if (e->p) memmove(key, prev, (size_t)e->p);
-        if (e->k_len) memcpy(key + e->p, e->k, e->k_len);
-        data[n] = key;
-        lens[n] = key_len;
-        prev = key;
-        prev_len = key_len;
-        used += key_len;
-    }
-    for (size_t i = 0; i < n; i += 2) {
-        uint8_t d[2][32];
-        if (i + 1 < n) {
-            rs_sha256_x2(data[i], lens[i], data[i + 1], lens[i + 1], d[0], d[1]);
-            layers[i + 1] = rs_digest_layer(d[1]);
-        } else {
-            rs_sha256(data[i], lens[i], d[0]);
-        }
-        layers[i] = rs_digest_layer(d[0]);
-    }
-    return n;
-}
-
 /* KeyOrderError(key, last): each decoded strictly, or with "replace" when asked (a bound from the
  * caller). -1. */
 static int key_order(const uint8_t *key, size_t key_len, int replace_key, const uint8_t *last, size_t last_len, int replace_last) {
@@ -281,12 +244,9 @@ static TNode *decode_checked(Tree *t, const uint8_t *cid, size_t cid_len, const 
     if (left && copy_bytes(t, &x->kids[0].cid, left, left_len) < 0) return NULL;
     RsKeys *r = &t->keys;
     rs_keys_start(r, expected, t->check_keys);
-    uint8_t ahead_keys[LAYERS_AHEAD_BYTES];
-    int layers[LAYERS_AHEAD];
-    size_t ahead = layers_ahead(t->entries, count, ahead_keys, layers);
     for (size_t j = 0; j < count; j++) {
         const RsNodeEntry *e = &t->entries[j];
-        if (rs_node_key(r, cid, cid_len, e, j < ahead ? layers[j] : -1) < 0) return NULL;
+        if (rs_node_key(r, cid, cid_len, e, -1) < 0) return NULL;
         if (j > 0 && bytes_cmp(r->key, r->key_len, r->prev, r->prev_len) <= 0) {
             key_order(r->key, r->key_len, 0, r->prev, r->prev_len, 0);
             return NULL;
