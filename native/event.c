@@ -217,6 +217,13 @@ static int by_cid(const void *a, const void *b) {
     return x->cid < y->cid ? -1 : x->cid > y->cid ? 1 : 0;
 }
 
+/* Blocks x[0] and x[1] against their CIDs (hashed at once): 0, or -1 if either differs. */
+static int check_pair(const RsSliceBlock *x) {
+    uint8_t digest[2][32];
+    rs_sha256_x2(x[0].block, x[0].len, x[1].block, x[1].len, digest[0], digest[1]);
+    return memcmp(digest[0], x[0].cid + 4, 32) != 0 || memcmp(digest[1], x[1].cid + 4, 32) != 0 ? -1 : 0;
+}
+
 /* The CAR in blocks: its sections indexed in *slice (PyMem, sorted by CID, a CID given twice
  * keeping its first block, as read_car_slice does), *n set. 0, or -1 (not the usual CAR, or an
  * error set). */
@@ -236,11 +243,17 @@ static int read_car(const Body *b, Py_ssize_t max_block, RsSliceBlock **slice, s
         size_t block_n = (size_t)n - 36;
         c.p += n;
         if (memcmp(cid, RS_CID_PREFIX, 4) != 0) return -1;
-        uint8_t digest[32];
-        rs_sha256(block, block_n, digest);
-        if (memcmp(digest, cid + 4, 32) != 0) return -1;
         if (rs_reserve((void **)slice, &cap, count + 1, sizeof(RsSliceBlock)) < 0) return -1;
         (*slice)[count++] = (RsSliceBlock){cid, block, block_n};
+        /* Blocks checked against their CIDs two at a time (their rounds interleaved): this one
+         * and the one before it. */
+        if (count % 2 == 0 && check_pair(&(*slice)[count - 2]) < 0) return -1;
+    }
+    if (count % 2 == 1) {
+        const RsSliceBlock *x = &(*slice)[count - 1];
+        uint8_t digest[32];
+        rs_sha256(x->block, x->len, digest);
+        if (memcmp(digest, x->cid + 4, 32) != 0) return -1;
     }
     if (count > 1) qsort(*slice, count, sizeof(RsSliceBlock), by_cid);
     size_t kept = 0;

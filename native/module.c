@@ -139,6 +139,17 @@ static PyObject *sha256_portable(PyObject *self, PyObject *arg) {
     return PyBytes_FromStringAndSize((const char *)out, 32);
 }
 
+static PyObject *sha256_x2(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer a, b;
+    if (!PyArg_ParseTuple(args, "y*y*:sha256_x2", &a, &b)) return NULL;
+    uint8_t out_a[32], out_b[32];
+    rs_sha256_x2((const uint8_t *)a.buf, (size_t)a.len, (const uint8_t *)b.buf, (size_t)b.len, out_a, out_b);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return Py_BuildValue("(y#y#)", (const char *)out_a, (Py_ssize_t)32, (const char *)out_b, (Py_ssize_t)32);
+}
+
 static PyObject *sha256_many(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *seq;
@@ -212,6 +223,8 @@ static PyMethodDef methods[] = {
     {"sha256", sha256, METH_O, "sha256(data)\n--\n\nThe core's SHA-256 digest of a bytes-like object (for tests)."},
     {"sha256_portable", sha256_portable, METH_O,
      "sha256_portable(data)\n--\n\nThe same with the portable rounds only, not the CPU's SHA extensions (for tests)."},
+    {"sha256_x2", sha256_x2, METH_VARARGS,
+     "sha256_x2(a, b)\n--\n\nThe core's SHA-256 digests of two bytes-like objects hashed at once, as a pair (for tests)."},
     {"sha256_many", sha256_many, METH_VARARGS,
      "sha256_many(messages, lanes=0)\n--\n\nThe core's SHA-256 digests of a sequence of bytes, hashed side by side "
      "in up to `lanes` vector lanes (0: the widest this CPU has; for tests)."},

@@ -363,11 +363,10 @@ static Kid kid_node(TNode *x) {
 /* --- reading ------------------------------------------------------------------------------------- */
 
 /* PartialTree.get_bytes: *found 1 and *val set, or *found 0 (proven absent). */
-static int get(Tree *t, Bytes key, int *found, Bytes *val) {
+static int get(Tree *t, Bytes key, int layer, int *found, Bytes *val) {
     *found = 0;
     TNode *x = root_node(t);
     if (x == NULL) return -1;
-    int layer = key_layer_of(key);
     const Bytes *lo = NULL, *hi = NULL;
     while (x != NULL) {
         if (x->layer < layer) return 0;
@@ -540,8 +539,7 @@ static int grow(Tree *t, TNode *x) {
     return 0;
 }
 
-static int insert(Tree *t, Bytes key, Bytes cid) {
-    int layer = key_layer_of(key);
+static int insert(Tree *t, Bytes key, int layer, Bytes cid) {
     TNode *root = root_node(t);
     if (root == NULL) return -1;
     if (root->layer < 0) { /* the empty tree */
@@ -618,8 +616,7 @@ static int insert(Tree *t, Bytes key, Bytes cid) {
 }
 
 /* _find: the path to the node holding key (nodes and slots), and that node's bounds. */
-static int find(Tree *t, Bytes key, TNode **path, size_t *slots, size_t *np, const Bytes **lo_out, const Bytes **hi_out) {
-    int layer = key_layer_of(key);
+static int find(Tree *t, Bytes key, int layer, TNode **path, size_t *slots, size_t *np, const Bytes **lo_out, const Bytes **hi_out) {
     TNode *x = root_node(t);
     if (x == NULL) return -1;
     const Bytes *lo = NULL, *hi = NULL;
@@ -647,11 +644,11 @@ static int find(Tree *t, Bytes key, TNode **path, size_t *slots, size_t *np, con
     return -1;
 }
 
-static int update(Tree *t, Bytes key, Bytes cid, Bytes *old) {
+static int update(Tree *t, Bytes key, int layer, Bytes cid, Bytes *old) {
     TNode *path[MAX_PATH];
     size_t slots[MAX_PATH], np;
     const Bytes *lo, *hi;
-    if (find(t, key, path, slots, &np, &lo, &hi) < 0) return -1;
+    if (find(t, key, layer, path, slots, &np, &lo, &hi) < 0) return -1;
     TNode *x = path[np - 1];
     size_t i = slots[np - 1];
     *old = x->vals[i];
@@ -660,11 +657,11 @@ static int update(Tree *t, Bytes key, Bytes cid, Bytes *old) {
     return 0;
 }
 
-static int delete(Tree *t, Bytes key, Bytes *old) {
+static int delete(Tree *t, Bytes key, int layer, Bytes *old) {
     TNode *path[MAX_PATH];
     size_t slots[MAX_PATH], np;
     const Bytes *lo, *hi;
-    if (find(t, key, path, slots, &np, &lo, &hi) < 0) return -1;
+    if (find(t, key, layer, path, slots, &np, &lo, &hi) < 0) return -1;
     TNode *x = path[np - 1];
     size_t i = slots[np - 1];
     *old = x->vals[i];
@@ -1023,16 +1020,23 @@ static int parse_op(PyObject *item, Op *op) {
     return 0;
 }
 
-/* The tree work on parsed arguments: keys[0..nk) looked up, ops[0..no) undone, the root. */
+/* The tree work on parsed arguments: keys[0..nk) looked up, ops[0..no) undone, the root. Each
+ * key's layer is hashed once: op i reuses keys[i]'s when it is the same bytes (rs_tree_work's). */
 static PyObject *run_parsed(Tree *t, const Bytes *keys, size_t nk, const Op *parsed, size_t no) {
+    int *layers = PyMem_Malloc((nk + 1) * sizeof(int));
+    if (layers == NULL) return PyErr_NoMemory();
     PyObject *held = PyList_New(0);
-    if (held == NULL) return NULL;
+    if (held == NULL) {
+        PyMem_Free(layers);
+        return NULL;
+    }
     PyObject *result = NULL;
     for (size_t i = 0; i < nk; i++) {
         int found;
         Bytes val;
         PyObject *v;
-        if (get(t, keys[i], &found, &val) < 0) {
+        layers[i] = key_layer_of(keys[i]);
+        if (get(t, keys[i], layers[i], &found, &val) < 0) {
             PyObject *err = take_error();
             if (err == NULL) goto done;
             int bad = PyList_Append(held, err);
@@ -1056,12 +1060,13 @@ static PyObject *run_parsed(Tree *t, const Bytes *keys, size_t nk, const Op *par
         Bytes old = {NULL, 0};
         int rc;
         const char *action = op->code == 0 ? "create" : "update";
+        int layer = i < nk && keys[i].p == op->key.p && keys[i].n == op->key.n ? layers[i] : key_layer_of(op->key);
         if (op->code == 0)
-            rc = delete(t, op->key, &old);
+            rc = delete(t, op->key, layer, &old);
         else if (op->code == 1)
-            rc = update(t, op->key, op->prev, &old);
+            rc = update(t, op->key, layer, op->prev, &old);
         else
-            rc = insert(t, op->key, op->prev);
+            rc = insert(t, op->key, layer, op->prev);
         if (rc == 0 && op->code != 2 && !bytes_eq(old, op->cid))
             rc = rs_raise("inverse_mismatch", "(sOy#y#)", action, op->path, (const char *)old.p, (Py_ssize_t)old.n, (const char *)op->cid.p,
                           (Py_ssize_t)op->cid.n);
@@ -1081,6 +1086,7 @@ static PyObject *run_parsed(Tree *t, const Bytes *keys, size_t nk, const Op *par
     result = Py_BuildValue("(Oy#)", held, (const char *)root.p, (Py_ssize_t)root.n);
 done:
     Py_DECREF(held);
+    PyMem_Free(layers);
     return result;
 }
 

@@ -63,6 +63,10 @@ int rs_reentered(const char *type);   /* "<type> is already running (called agai
 void rs_sha256(const uint8_t *data, size_t len, uint8_t out[32]);
 /* The same with the portable rounds only (rs_sha256 uses the SHA extensions where the CPU has them). */
 void rs_sha256_portable(const uint8_t *data, size_t len, uint8_t out[32]);
+/* Two messages' digests at once (their rounds interleaved where the CPU has the SHA extensions: two
+ * 1-block messages in ~0.7x the time of two rs_sha256 calls, two of 1 KB in ~0.55x); the same
+ * digests as rs_sha256 of each. */
+void rs_sha256_x2(const uint8_t *data_a, size_t len_a, const uint8_t *data_b, size_t len_b, uint8_t out_a[32], uint8_t out_b[32]);
 /* The digests of n messages (out[i] of data[i], len[i] bytes), hashed side by side in vector lanes
  * where the CPU has them (AVX-512: 16, AVX2: 8). `lanes` caps the width (0: the widest; 1: one
  * at a time), for tests and for callers with few messages. */

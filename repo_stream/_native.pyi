@@ -48,6 +48,9 @@ def commit_peek(message: bytes, max_ops: int, /) -> tuple[int, str, str, str | N
 def sha256_portable(data: bytes | bytearray | memoryview, /) -> bytes:
     """The same with the portable rounds only, not the CPU's SHA extensions (for tests)."""
 
+def sha256_x2(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview, /) -> tuple[bytes, bytes]:
+    """The core's SHA-256 digests of two messages hashed at once, as a pair (for tests)."""
+
 def cid_text(raw: bytes | bytearray | memoryview, /) -> str:
     """The usual text of a binary CID, as repo_stream.core.cid.cid_text (base32 for a CIDv1)."""
 

@@ -366,6 +366,26 @@ def test_sha256_both_ways() -> None:
         assert _native.sha256_many(msgs, lanes) == [hashlib.sha256(m).digest() for m in msgs]
 
 
+def test_sha256_two_at_once() -> None:
+    """The core's two-message SHA-256 (both messages' rounds interleaved; read_car's CID checks)
+    gives hashlib's digest for each, in order: both lanes at every length 0..300 against lengths
+    shorter, longer and equal (each side empty too), and at random lengths up to 1 MiB."""
+    import hashlib
+
+    rng = random.Random(3)
+    pairs = [(a, b) for a in range(301) for b in (0, 1, 55, 56, 63, 64, 65, 119, 120, 127, 128, 300, a, 300 - a)]
+    pairs += [(rng.randrange(0, 1 << 20), rng.randrange(0, 70_000)) for _ in range(20)]
+    for len_a, len_b in pairs:
+        a, b = rng.randbytes(len_a), rng.randbytes(len_b)
+        want = (hashlib.sha256(a).digest(), hashlib.sha256(b).digest())
+        assert _native.sha256_x2(a, b) == want, (len_a, len_b)
+        assert _native.sha256_x2(b, a) == want[::-1], (len_b, len_a)
+    same = rng.randbytes(1000)
+    assert _native.sha256_x2(same, memoryview(same)) == (hashlib.sha256(same).digest(),) * 2
+    with pytest.raises(TypeError):
+        _native.sha256_x2(b"", "text")  # type: ignore[arg-type]
+
+
 @given(st.one_of(st.binary(max_size=300), st.binary(min_size=35, max_size=300).map(lambda b: b"\x01" + b), st.sampled_from([b"\x01q\x12 ", b"\x01U\x12 "]).flatmap(lambda p: st.binary(min_size=32, max_size=32).map(lambda d: p + d))))
 @settings(max_examples=300, deadline=None)
 def test_cid_text_both_ways(raw: bytes) -> None:
