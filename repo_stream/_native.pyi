@@ -57,6 +57,12 @@ def cid_text(raw: bytes | bytearray | memoryview, /) -> str:
 def transcode_json(block: bytes | bytearray | memoryview, /) -> str:
     """A record block (strict DAG-CBOR) as its atproto JSON text (see repo_stream.records.json_text.transcode_json)."""
 
+def record_line(
+    did: str, rev: str, seq: int | None, action: str, collection: str, rkey: str, cid: str | None, value_text: str, live: bool, /
+) -> str | None:
+    """A sync RecordEvent's JSON line, as repo_stream.sync.follow.record_line makes it, or None when an argument is
+    not the usual kind (a string needing an escape, a seq beyond 64 bits...): the caller makes it in Python then."""
+
 def arrow_batch(chunk: list[tuple[str, str, Any]], value_kind: int, /) -> tuple[object, object]:
     """A chunk of (key, cid, value) as the Arrow C Data Interface capsules (schema, array) of a record batch."""
 
