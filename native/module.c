@@ -211,6 +211,7 @@ PyObject *rs_transcode_json(PyObject *self, PyObject *block); /* json.c */
 PyObject *rs_arrow_batch(PyObject *self, PyObject *args);      /* arrow.c */
 PyObject *rs_pg_copy_rows(PyObject *self, PyObject *args);     /* json.c */
 PyObject *rs_record_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* json.c */
+PyObject *rs_record_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* record_event.c */
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_VARARGS | METH_KEYWORDS,
@@ -232,6 +233,11 @@ static PyMethodDef methods[] = {
      "sha256_lanes()\n--\n\nThe most messages the core hashes side by side on this CPU: 16, 8 or 1."},
     {"trim_memory", trim_memory, METH_NOARGS,
      "trim_memory()\n--\n\nHand freed heap memory back to the OS now (glibc's malloc_trim; nothing elsewhere)."},
+    {"record_events", (PyCFunction)(void (*)(void))rs_record_events, METH_FASTCALL,
+     "record_events(cls, unset, did, rev, seq, ops)\n--\n\nA verified commit's record events, as "
+     "repo_stream.sync.service.record_events makes them: (deliveries, records), deliveries a list of (cls instance, "
+     "None), records of (path, CID text or None); cls a class with RecordEvent's slots (set, its __init__ not "
+     "called), unset the marker of a value not decoded yet."},
     {"record_line", (PyCFunction)(void (*)(void))rs_record_line, METH_FASTCALL,
      "record_line(did, rev, seq, action, collection, rkey, cid, value_text, live)\n--\n\nA sync RecordEvent's JSON line, "
      "as repo_stream.sync.follow.RecordEvent.to_json_line makes it, or None when an argument is not the usual kind (a "

@@ -63,6 +63,12 @@ def record_line(
     """A sync RecordEvent's JSON line, as repo_stream.sync.follow.record_line makes it, or None when an argument is
     not the usual kind (a string needing an escape, a seq beyond 64 bits...): the caller makes it in Python then."""
 
+def record_events(
+    cls: type[Any], unset: object, did: str, rev: str, seq: int | None, ops: tuple[Any, ...] | list[Any], /
+) -> tuple[list[tuple[Any, None]], list[tuple[str, str | None]]]:
+    """A verified commit's record events, as repo_stream.sync.service.record_events makes them: (deliveries,
+    records); cls a class with RecordEvent's slots (set, its __init__ not called)."""
+
 def arrow_batch(chunk: list[tuple[str, str, Any]], value_kind: int, /) -> tuple[object, object]:
     """A chunk of (key, cid, value) as the Arrow C Data Interface capsules (schema, array) of a record batch."""
 

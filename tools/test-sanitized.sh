@@ -23,6 +23,6 @@ export REPO_STREAM_TEST_IMPLEMENTATIONS=c REPO_STREAM_SAMPLES="$here/../shared/c
 "$py" -m pytest -q -p no:cacheprovider tests/test_hostile.py tests/test_walk_rules.py tests/test_properties.py \
     tests/test_differential.py tests/test_samples.py tests/test_processor.py tests/test_runs.py tests/test_disk.py \
     tests/test_native_guards.py tests/test_memory_promise.py tests/test_json_text.py tests/test_arrow.py tests/test_arrow_walk.py \
-    tests/test_sync_native.py tests/test_sync_mst.py tests/test_sync_verify.py tests/test_sync_proof.py tests/test_sync_lines.py
+    tests/test_sync_native.py tests/test_sync_mst.py tests/test_sync_verify.py tests/test_sync_proof.py tests/test_sync_lines.py tests/test_sync_record_events.py
 # The C core's bulk builders of the store sinks (Arrow value column transcoded in place, PostgreSQL COPY rows).
 "$py" -m pytest -q -p no:cacheprovider tests/test_sink_events.py -k "pg_copy_rows or transcodes_values"

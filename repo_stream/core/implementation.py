@@ -31,8 +31,10 @@ class Backend:
     gives a ``RunIndex``), the same bytes from both; ``transcode_json(block) -> str``, a record
     block as its atproto JSON text (:mod:`repo_stream.records.json_text`); ``cid_text(raw) ->
     str``, a binary CID's usual text (:func:`repo_stream.core.cid.cid_text`); and
-    ``record_line``, a sync record event's JSON line made in C (``None`` for the reference, which
-    makes it in Python: :meth:`repo_stream.sync.follow.RecordEvent.to_json_line`)."""
+    ``record_line`` and ``record_events``, a sync record event's JSON line and a verified
+    commit's record events made in C (``None`` for the reference, which makes them in Python:
+    :meth:`repo_stream.sync.follow.RecordEvent.to_json_line`,
+    :func:`repo_stream.sync.service.record_events`)."""
 
     name: str
     CarParser: Any
@@ -43,6 +45,7 @@ class Backend:
     transcode_json: Any
     cid_text: Any
     record_line: Any = None
+    record_events: Any = None
 
 
 def _python_transcode_json(block: bytes) -> str:
@@ -64,7 +67,7 @@ except ImportError as exc:  # not built (or not loadable): the reference runs
     NATIVE_IMPORT_ERROR = str(exc) or type(exc).__name__
 else:
     _native.setup(messages=messages, not_a_node=blocks.NOT_A_NODE, cid_text=cid.cid_text)
-    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge, _native.transcode_json, _native.cid_text, _native.record_line)
+    C = Backend("c", _native.CarParser, _native.BlockTable, _native.Walker, _native.pack_run, _native.RunMerge, _native.transcode_json, _native.cid_text, _native.record_line, _native.record_events)
 
 _BACKENDS = {"python": PYTHON, **({"c": C} if C is not None else {})}
 _active: Backend = PYTHON if C is None or PURE_PYTHON_ASKED else C

@@ -89,9 +89,9 @@ from ..errors import CommitVerifyError, FetchError, IdentityError, OutOfSyncErro
 from ..firehose import Event, Firehose, KeyCache, Problem
 from ..firehose.items import RawCommit, parse_message
 from ..net.hosts import DEFAULT_HOST_CONCURRENCY, DEFAULT_HOST_RPS, HostLimiter
-from .follow import RecordEvent, RepoEvent, collection_filter
+from .follow import _UNSET, RecordEvent, RepoEvent, collection_filter
 from .state import StateStore
-from .verify import RepoState, verify_commit, verify_sync
+from .verify import RepoState, VerifiedOp, verify_commit, verify_sync
 
 if TYPE_CHECKING:
     import httpx
@@ -118,6 +118,25 @@ _Item = tuple[str, Any, Any, Any]
 _ACTIONS: Final[dict[str, Literal["create", "update", "delete"]]] = {"create": "create", "update": "update", "delete": "delete"}
 _Effect = Callable[[], Awaitable[None]] | None
 _Delivery = tuple["RecordEvent | RepoEvent | None", _Effect]
+
+
+def record_events(
+    cls: type[RecordEvent], unset: object, did: str, rev: str, seq: int | None, ops: Sequence[VerifiedOp[str]]
+) -> tuple[list[_Delivery], list[tuple[str, str | None]]]:
+    """A verified commit's record events, every op one (no collection filter): ``(deliveries,
+    records)``, deliveries a list of ``(cls(did, rev, seq, action, collection, rkey, cid text,
+    live=True, value_text=value), None)``, records of ``(path, cid text or None)``; ``ops`` are
+    :class:`~repo_stream.sync.verify.VerifiedOp` with their value as JSON text. The reference of
+    the C core's ``record_events`` (which sets the events' slots itself, ``unset`` the marker
+    ``__init__`` stores for a value not decoded yet)."""
+    deliveries: list[_Delivery] = []
+    records: list[tuple[str, str | None]] = []
+    for action, path, link, _, text, _ in ops:
+        collection, _, rkey = path.partition("/")
+        cid = None if link is None else cid_text(link.cid_bytes)
+        deliveries.append((cls(did, rev, seq, action, collection, rkey, cid, live=True, value_text=text), None))  # type: ignore[arg-type]
+        records.append((path, cid))
+    return deliveries, records
 SyncEvent = RecordEvent | RepoEvent
 
 
@@ -352,6 +371,8 @@ class Sync:
 
         #: Binary CIDs to their base32 text (the C core's, or the reference).
         self._cid_text: Callable[[bytes], str] = backend().cid_text
+        #: A verified commit's record events made in C (:func:`record_events` otherwise).
+        self._record_events: Callable[..., tuple[list[_Delivery], list[tuple[str, str | None]]]] | None = backend().record_events
         self._roots: dict[str, tuple[str, bytes]] = {}  # did -> (the root this service verified last: text, bytes)
         self.state: StateStore | None = None
         self.keys: KeyCache | None = None
@@ -912,18 +933,22 @@ class Sync:
         sink = self.sink
         if sink is not None:
             from ..backfill.sinks import RecordOp
-        # The ops as the tuples they are (action, path, cid, prev, value, block): no attribute
-        # lookups; a verified op's action is one of the three, mapped to its Literal.
-        for kind, path, link, _, text, block in commit.ops:
-            collection, _, rkey = path.partition("/")
-            if not every and not wanted(collection):
-                continue
-            action = _ACTIONS[kind]
-            cid = None if link is None else cid_text(link.cid_bytes)
-            out.append((RecordEvent(did, rev_now, seq, action, collection, rkey, cid, live=True, value_text=text), None))
-            records.append((path, cid))
-            if sink is not None:
-                ops.append(RecordOp(action, collection, rkey, cid, block))
+        if every and sink is None:  # the usual case: every op an event, no sink
+            make = self._record_events
+            out, records = (make or record_events)(RecordEvent, _UNSET, did, rev_now, seq, commit.ops)
+        else:
+            # The ops as the tuples they are (action, path, cid, prev, value, block): no
+            # attribute lookups; a verified op's action is one of the three, mapped to its Literal.
+            for kind, path, link, _, text, block in commit.ops:
+                collection, _, rkey = path.partition("/")
+                if not every and not wanted(collection):
+                    continue
+                action = _ACTIONS[kind]
+                cid = None if link is None else cid_text(link.cid_bytes)
+                out.append((RecordEvent(did, rev_now, seq, action, collection, rkey, cid, live=True, value_text=text), None))
+                records.append((path, cid))
+                if sink is not None:
+                    ops.append(RecordOp(action, collection, rkey, cid, block))
         self.stats.live += len(out)
 
         async def applied(did: str = did, rev: str = rev_now, data: str = data_now, ops: list[RecordOp] = ops) -> None:
