@@ -137,6 +137,8 @@ def record_events(
         deliveries.append((cls(did, rev, seq, action, collection, rkey, cid, live=True, value_text=text), None))  # type: ignore[arg-type]
         records.append((path, cid))
     return deliveries, records
+
+
 SyncEvent = RecordEvent | RepoEvent
 
 
